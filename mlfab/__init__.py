@@ -1,0 +1,31 @@
+"""mlfab: try out machine-learning ideas fast. This file is the table of contents."""
+
+from mlfab.config import Config, field
+from mlfab.errors import ConfigError, DatasetError, MlfabError, SettingsError, TaskDefinitionError
+from mlfab.loggers.base import MlfabLogger
+from mlfab.loggers.stdout import StdoutLogger
+from mlfab.loggers.tensorboard import TensorboardLogger
+from mlfab.settings import get_data_dir, get_pretrained_models_dir, get_run_dir
+from mlfab.state import Phase, State
+from mlfab.task import Task
+
+__version__ = "0.3.0.dev0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DatasetError",
+    "MlfabError",
+    "MlfabLogger",
+    "Phase",
+    "SettingsError",
+    "State",
+    "StdoutLogger",
+    "Task",
+    "TaskDefinitionError",
+    "TensorboardLogger",
+    "field",
+    "get_data_dir",
+    "get_pretrained_models_dir",
+    "get_run_dir",
+]

@@ -1,0 +1,223 @@
+"""The training config: `mlfab.field`, `mlfab.Config`, and how several config sources become one.
+
+A config is resolved from, in order (later wins): the Config class defaults, each dataclass, mapping
+or YAML file given to `launch`, then `key=value` overrides from the command line. All problems in the
+result (unknown keys, wrong types, missing required fields) are reported together in one error.
+"""
+
+import copy
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from mlfab.errors import ConfigError
+
+T = TypeVar("T")
+ConfigT = TypeVar("ConfigT", bound="Config")
+
+HELP_KEY = "help"
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str) -> Any:  # noqa: A002
+    """A dataclass field with help text (shown by `--help`).
+
+    A callable default becomes a default factory; a mutable default (list, dict, set, dataclass) is
+    deep-copied for every instance, so two configs never share it.
+    """
+    metadata = {HELP_KEY: help}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=metadata)
+    if callable(default) and not isinstance(default, type):
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    if isinstance(default, list | dict | set) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get(HELP_KEY, "")
+
+
+Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The knobs every mlfab task has. Subclass it (also `kw_only=True`) to add your own."""
+
+    # Data
+    batch_size: int = field(help="Number of samples in each batch (per device)")
+    num_dataloader_workers: int = field(0, help="Dataloader worker processes (0 loads in the training process)")
+
+    # Optimizer (the default one: schedule-free AdamW with linear warmup)
+    learning_rate: float = field(1e-3, help="Peak learning rate of the default optimizer")
+    betas: tuple[float, float] = field((0.9, 0.999), help="Adam beta values of the default optimizer")
+    weight_decay: float = field(1e-5, help="Weight decay, applied to weight matrices only")
+    warmup_steps: int = field(100, help="Linear learning-rate warmup, in optimizer steps")
+    clip_grad_norm: float | None = field(10.0, help="Clip the gradient norm to this value (null disables clipping)")
+    batches_per_step: int = field(1, help="Batches accumulated into each optimizer step (gradient accumulation)")
+
+    # Training length and validation
+    max_steps: int | None = field(None, help="Stop after this many optimizer steps (null trains until stopped)")
+    valid_every_n_steps: int | None = field(100, help="Validate every N optimizer steps (null disables)")
+    valid_every_n_seconds: float | None = field(None, help="Validate every N seconds of wall-clock time (null disables)")
+    valid_batches: int = field(10, help="Number of batches in each validation run")
+
+    # Checkpoints
+    save_every_n_steps: int | None = field(None, help="Save a checkpoint every N optimizer steps (null disables)")
+    save_every_n_seconds: float | None = field(60.0 * 60.0, help="Save a checkpoint every N seconds (null disables)")
+    keep_last_n_checkpoints: int = field(2, help="How many periodic checkpoints to keep (the final one is kept too)")
+
+    # Hardware and reproducibility
+    precision: Precision = field("auto", help="Numeric precision; auto is bf16-mixed on GPUs that support it, else 32")
+    seed: int = field(1337, help="Random seed for torch, numpy and random")
+
+    # Where the run lives
+    run_dir: str | None = field(None, help="Root of all runs (default: mlfab settings, RUN_DIR, then ./runs)")
+    exp_dir: str | None = field(None, help="This run's directory (default: <run_dir>/<task name>/run_<N>)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resolution: sources -> one nested dict -> a typed, validated Config.
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"Cannot read config file {path}: {e.strerror}. Check the path.") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file {path} is not valid YAML:\n{e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"Config file {path} must hold a mapping of config keys (like `batch_size: 16`), "
+            f"but it holds a {type(data).__name__}."
+        )
+    return dict(data)
+
+
+def to_dict(source: Any) -> dict[str, Any]:
+    """A dataclass instance, mapping or YAML path as a plain nested dict."""
+    if dataclasses.is_dataclass(source) and not isinstance(source, type):
+        return {f.name: _plain(getattr(source, f.name)) for f in dataclasses.fields(source)}
+    if isinstance(source, Mapping):
+        return {k: _plain(v) for k, v in source.items()}
+    if isinstance(source, str | Path):
+        return load_yaml(source)
+    raise ConfigError(f"Cannot use {source!r} as a config: give a Config dataclass, a dict or a YAML file path.")
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merges `over` into a copy of `base`; nested mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(arg: str) -> dict[str, Any]:
+    """`a.b=3` -> {"a": {"b": 3}}; the value is read as YAML, so lists, numbers and null work."""
+    key, sep, raw = arg.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"Cannot read command-line argument {arg!r}: expected key=value or a YAML file path.")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def resolve_config(cls: type[ConfigT], *sources: Any) -> ConfigT:
+    merged: dict[str, Any] = {}
+    for source in sources:
+        merged = merge(merged, to_dict(source))
+    return build_config(cls, merged)
+
+
+def build_config(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
+    """Builds the typed config, reporting every unknown key, wrong type and missing field at once."""
+    import pydantic  # deferred: only needed when a config is built
+
+    problems = list(_unknown_keys(cls, data, prefix=""))
+    try:
+        config = pydantic.TypeAdapter(cls).validate_python(_known_only(cls, data))
+    except pydantic.ValidationError as e:
+        problems.extend(_describe(err) for err in e.errors())
+        config = None
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"Invalid config for {cls.__name__} ({len(problems)} problem(s)):\n{listing}")
+    assert config is not None
+    return config
+
+
+def _unknown_keys(cls: type, data: Mapping[str, Any], prefix: str) -> Sequence[str]:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems = []
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
+            problems.append(f"unknown key {prefix + str(key)!r}{hint}")
+            continue
+        sub = _dataclass_type(fields[key].type)
+        if sub is not None and isinstance(value, Mapping):
+            problems.extend(_unknown_keys(sub, value, prefix=f"{prefix}{key}."))
+    return problems
+
+
+def _known_only(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        if key not in fields:
+            continue
+        sub = _dataclass_type(fields[key].type)
+        out[key] = _known_only(sub, value) if sub is not None and isinstance(value, Mapping) else value
+    return out
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "missing":
+        return f"missing required key {key!r}: set it in the config or pass {key}=<value>"
+    return f"key {key!r}: {err['msg']} (got {err.get('input')!r})"
+
+
+def config_to_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

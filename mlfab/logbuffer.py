@@ -1,0 +1,124 @@
+"""Lazy log buffer: `log_*` calls store values or zero-argument callables; nothing runs until a logger writes.
+
+What is written when several values arrive between two writes:
+- scalars: the mean of the values logged since the last flush. The training buffer is flushed at every
+  optimizer step, so a written training scalar is the value of the step it is written at (averaged over
+  that step's accumulated micro-batches); a validation scalar is the mean over the validation run's batches.
+- everything else (strings, images, audio, ...): the last value logged.
+Values of steps that no logger writes are dropped without being computed.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mlfab.state import Phase
+
+Kind = str  # "scalar", "string", "image", "audio", "video", "histogram", "point_cloud"
+
+
+@dataclass
+class Logs:
+    """Resolved values for one write, grouped by kind; tags are `<namespace>/<key>`."""
+
+    phase: Phase
+    step: int
+    max_steps: int | None
+    elapsed_time_s: float
+    num_samples: int
+    values: dict[Kind, dict[str, Any]] = field(default_factory=dict)
+
+    def of(self, kind: Kind) -> dict[str, Any]:
+        return self.values.get(kind, {})
+
+    @property
+    def scalars(self) -> dict[str, float]:
+        return self.of("scalar")
+
+
+def resolve(value: Any) -> Any:
+    return value() if callable(value) else value
+
+
+def _to_float(value: Any) -> float:
+    value = resolve(value)
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean().item()) if value.numel() != 1 else float(value.item())
+    return float(value)
+
+
+class LogBuffer:
+    """Per-phase pending values. `add` is the hot path: it only stores a reference."""
+
+    def __init__(self) -> None:
+        self._pending: dict[Kind, dict[str, list[Any]]] = {}
+
+    def add(self, kind: Kind, tag: str, value: Any) -> None:
+        by_tag = self._pending.setdefault(kind, {})
+        if kind == "scalar":
+            by_tag.setdefault(tag, []).append(value)
+        else:
+            by_tag[tag] = [value]
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def clear(self) -> None:
+        self._pending = {}
+
+    def resolve(self) -> dict[Kind, dict[str, Any]]:
+        """Runs each pending callable exactly once and returns plain values."""
+        out: dict[Kind, dict[str, Any]] = {}
+        for kind, by_tag in self._pending.items():
+            if kind == "scalar":
+                out[kind] = {tag: sum(_to_float(v) for v in vals) / len(vals) for tag, vals in by_tag.items()}
+            else:
+                out[kind] = {tag: resolve(vals[-1]) for tag, vals in by_tag.items()}
+        return out
+
+
+class Cadence:
+    """Decides, per logger and phase, whether this flush is written (the first of each phase always is)."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[int, Phase], float] = {}
+
+    def due(self, logger: Any, phase: Phase, step: int, every_n_steps: int, now: float) -> bool:
+        key = (id(logger), phase)
+        last = self._last.get(key)
+        interval = getattr(logger, "log_interval_seconds", None)
+        if last is None:
+            due = True
+        elif interval is not None:
+            seconds = interval.get(phase, 0.0) if isinstance(interval, dict) else float(interval)
+            due = now - last >= seconds
+        else:  # A plain Lightning logger: the Trainer's `log_every_n_steps` for training, every validation run.
+            due = phase != "train" or step % max(every_n_steps, 1) == 0
+        if due:
+            self._last[key] = now
+        return due
+
+
+def flush(
+    buffer: LogBuffer,
+    cadence: Cadence,
+    loggers: list[Any],
+    write: Callable[[Any, Logs], None],
+    make_logs: Callable[[dict[Kind, dict[str, Any]]], Logs],
+    *,
+    phase: Phase,
+    step: int,
+    every_n_steps: int,
+) -> None:
+    """Writes the buffer to every logger that is due, resolving values at most once, then clears it."""
+    if buffer and loggers:
+        now = time.monotonic()
+        due = [lg for lg in loggers if cadence.due(lg, phase, step, every_n_steps, now)]
+        if due:
+            logs = make_logs(buffer.resolve())
+            for logger in due:
+                write(logger, logs)
+    buffer.clear()

@@ -1,0 +1,37 @@
+"""What an mlfab logger is: a Lightning `Logger` that also takes mlfab's resolved `Logs`, with a write interval."""
+
+from abc import abstractmethod
+from typing import Any
+
+from mlfab.logbuffer import Logs
+from mlfab.state import Phase
+
+
+class MlfabLogger:
+    """Mixin for Lightning loggers that understand every kind mlfab logs.
+
+    `log_interval_seconds` is per phase: a flush is written when that many seconds passed since this
+    logger's last write of the same phase (its first write of each phase always happens).
+    """
+
+    log_interval_seconds: dict[Phase, float]
+
+    def _set_interval(self, seconds: float | dict[Phase, float], valid_seconds: float = 0.0) -> None:
+        if isinstance(seconds, dict):
+            self.log_interval_seconds = {"train": 0.0, "valid": valid_seconds, "test": 0.0, **seconds}
+        else:
+            self.log_interval_seconds = {"train": float(seconds), "valid": valid_seconds, "test": 0.0}
+
+    @abstractmethod
+    def write(self, logs: Logs) -> None:
+        """Writes one flush of resolved values."""
+
+    def write_config(self, config_yaml: str) -> None:  # noqa: B027 - optional hook
+        """Called once per run with the resolved config as YAML."""
+
+
+def scalar_logs(metrics: dict[str, Any], step: int | None) -> Logs:
+    """Logs for metrics that arrive through Lightning's own `self.log` / `log_metrics`."""
+    values = {k: float(v) for k, v in metrics.items() if k != "epoch"}
+    return Logs(phase="train", step=step or 0, max_steps=None, elapsed_time_s=0.0, num_samples=0,
+                values={"scalar": values})

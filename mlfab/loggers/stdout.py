@@ -1,0 +1,109 @@
+"""`mlfab.StdoutLogger`: progress and scalars on the terminal.
+
+On a TTY the training line is redrawn in place (phase, step / max_steps, steps/s, ETA, scalars) and each
+validation result is printed as a line of its own. Otherwise (a log file, CI) every write is one plain
+line with no escape codes.
+"""
+
+import datetime
+import sys
+import time
+from typing import Any, TextIO
+
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from mlfab.logbuffer import Logs
+from mlfab.loggers.base import MlfabLogger, scalar_logs
+from mlfab.state import Phase
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+
+
+class StdoutLogger(MlfabLogger, Logger):
+    def __init__(
+        self,
+        log_interval_seconds: float | dict[Phase, float] = 1.0,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self._stream = stream
+        self._tty = tty
+        self._set_interval(log_interval_seconds)
+        self._last_step: int | None = None
+        self._last_time = 0.0
+        self._live_line = False
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout
+
+    @property
+    def is_tty(self) -> bool:
+        return self._tty if self._tty is not None else self.stream.isatty()
+
+    @property
+    @override
+    def name(self) -> str:
+        return "stdout"
+
+    @property
+    @override
+    def version(self) -> str:
+        return ""
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.write(scalar_logs(metrics, step))
+
+    def _rate(self, logs: Logs) -> tuple[float | None, str | None]:
+        now = time.monotonic()
+        rate = None
+        if self._last_step is not None and logs.step > self._last_step and now > self._last_time:
+            rate = (logs.step - self._last_step) / (now - self._last_time)
+        self._last_step, self._last_time = logs.step, now
+        eta = None
+        if rate and logs.max_steps:
+            eta = str(datetime.timedelta(seconds=int(max(logs.max_steps - logs.step, 0) / rate)))
+        return rate, eta
+
+    def format(self, logs: Logs, rate: float | None = None, eta: str | None = None) -> str:
+        parts = [f"[{logs.phase}] step {logs.step}" + (f"/{logs.max_steps}" if logs.max_steps else "")]
+        if rate is not None:
+            parts.append(f"{rate:.1f} steps/s")
+        if eta is not None:
+            parts.append(f"ETA {eta}")
+        parts.extend(f"{tag}={_fmt(v)}" for tag, v in sorted(logs.scalars.items()))
+        parts.extend(f"{tag}={text!r}" for tag, text in sorted(logs.of("string").items()))
+        return " | ".join(parts)
+
+    def write(self, logs: Logs) -> None:
+        rate, eta = self._rate(logs) if logs.phase == "train" else (None, None)
+        line = self.format(logs, rate, eta)
+        if self.is_tty and logs.phase == "train":
+            self.stream.write("\r\033[K" + line)
+            self._live_line = True
+        else:
+            if self._live_line and self.is_tty:
+                self.stream.write("\n")
+            self._live_line = False
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._live_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._live_line = False

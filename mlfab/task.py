@@ -1,0 +1,343 @@
+"""`mlfab.Task`: a LightningModule you configure with a dataclass and fill in with four methods.
+
+A task implements `get_dataset(phase)`, `forward` and/or `get_loss(batch, state)`, and optionally
+`log_train_step` / `log_valid_step`. mlfab turns those into Lightning's dataloader and step hooks,
+builds the default optimizer from the config, and writes everything passed to `log_*` lazily to every
+attached logger. `Task.launch(Config(...))` runs it; `lightning.pytorch.Trainer().fit(task)` works too.
+"""
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Generic, get_args, get_origin
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from mlfab import media
+from mlfab.config import Config, ConfigT, build_config, to_dict
+from mlfab.data import build_dataloader, check_dataset, explain_dataset_failure
+from mlfab.errors import TaskDefinitionError
+from mlfab.logbuffer import Cadence, LogBuffer, Logs, flush, resolve
+from mlfab.loggers.dispatch import write_logs
+from mlfab.optim import schedule_free_adamw, set_optimizer_mode
+from mlfab.state import Phase, State
+
+
+def find_config_class(cls: type) -> type[Config] | None:
+    """The dataclass in `class MyTask(mlfab.Task[MyConfig])`, searched through the class hierarchy."""
+    for klass in cls.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            origin = get_origin(base)
+            if isinstance(origin, type) and issubclass(origin, Task):
+                for arg in get_args(base):
+                    if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+                        return arg
+    return None
+
+
+class Task(pl.LightningModule, Generic[ConfigT]):
+    default_namespace = "value"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        config_cls = find_config_class(cls)
+        if config_cls is not None and "__init__" not in cls.__dict__:
+            # jsonargparse reads `__init__`'s annotation to know the config's fields; an inherited
+            # `__init__` would show the parent's config, so give this class one naming its own.
+            parent_init = cls.__mro__[1].__init__
+
+            def __init__(self: Task, config: Any) -> None:
+                parent_init(self, config)
+
+            __init__.__annotations__ = {"config": config_cls, "return": None}
+            cls.__init__ = __init__  # type: ignore[method-assign]
+
+    @classmethod
+    def config_class(cls) -> type[Config]:
+        config_cls = find_config_class(cls)
+        if config_cls is None:
+            raise TaskDefinitionError(
+                f"{cls.__name__} does not say which config it uses, so mlfab cannot build one. Declare it "
+                f"with the config class as the generic argument, e.g.\n\n"
+                f"    @dataclass(kw_only=True)\n    class Config(mlfab.Config):\n        ...\n\n"
+                f"    class {cls.__name__}(mlfab.Task[Config]):\n        ..."
+            )
+        return config_cls
+
+    def __init__(self, config: ConfigT) -> None:
+        super().__init__()
+        config_cls = self.config_class()
+        if isinstance(config, Mapping):  # Plain data, e.g. hyperparameters from a checkpoint.
+            config = build_config(config_cls, config)
+        self.config: ConfigT = config
+        # Plain data only, so checkpoints load under torch's `weights_only=True`.
+        self.save_hyperparameters({"config": to_dict(config)})
+        self._exp_dir: Path | None = None
+        self._mlfab_loggers: list[Any] = []
+        self._log_buffer = LogBuffer()
+        self._log_cadence = Cadence()
+        self._num_samples = 0
+        self._num_valid_steps = 0
+        self._start_time_s = time.time()
+        self._elapsed_before_s = 0.0  # Time spent in earlier sessions of this run (restored on resume).
+        self._session_start_s = time.monotonic()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # What a task implements.
+
+    def get_dataset(self, phase: Phase) -> Any:
+        """Returns the dataset for `phase`: a dpshdl Dataset, a torch Dataset or a torch IterableDataset."""
+        raise TaskDefinitionError(
+            f"{type(self).__name__} must implement `get_dataset(self, phase)`, returning the dataset for "
+            f"phase 'train' and 'valid' (a dpshdl Dataset, a torch Dataset or a torch IterableDataset)."
+        )
+
+    def get_loss(self, batch: Any, state: State) -> Tensor | dict[str, Tensor]:
+        """Returns the loss: a scalar Tensor, or a dict of them (summed for backward, each logged)."""
+        output = self(batch)
+        self.log_step(batch, output, state)
+        return output
+
+    def log_step(self, batch: Any, output: Any, state: State) -> None:
+        if state.phase == "train":
+            self.log_train_step(batch, output, state)
+        else:
+            self.log_valid_step(batch, output, state)
+
+    def log_train_step(self, batch: Any, output: Any, state: State) -> None:
+        """Override to log values on training steps (`self.log_scalar(...)`, ...)."""
+
+    def log_valid_step(self, batch: Any, output: Any, state: State) -> None:
+        """Override to log values on validation steps."""
+
+    def set_loggers(self) -> None:
+        """Attaches loggers with `add_logger`; by default stdout and TensorBoard under `exp_dir`."""
+        from mlfab.loggers.stdout import StdoutLogger
+        from mlfab.loggers.tensorboard import TensorboardLogger
+
+        self.add_logger(StdoutLogger(), TensorboardLogger(self.exp_dir))
+
+    def add_logger(self, *loggers: Any) -> None:
+        self._mlfab_loggers.extend(loggers)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer used by `configure_optimizers`: schedule-free AdamW from the config."""
+        c = self.config
+        return schedule_free_adamw(
+            self, lr=c.learning_rate, betas=c.betas, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Run information.
+
+    @property
+    def exp_dir(self) -> Path:
+        """This run's directory (checkpoints, logs, config.yaml)."""
+        if self._exp_dir is not None:
+            return self._exp_dir
+        if self._trainer is not None:
+            return Path(self.trainer.default_root_dir)
+        raise RuntimeError(
+            f"{type(self).__name__}.exp_dir is only known once the task runs: use it in set_loggers or later, "
+            "or set exp_dir in the config."
+        )
+
+    def state(self, phase: Phase) -> State:
+        return State(
+            num_steps=self.global_step,
+            num_samples=self._num_samples,
+            num_valid_steps=self._num_valid_steps,
+            phase=phase,
+            start_time_s=self._start_time_s,
+            elapsed_time_s=self.elapsed_time_s,
+        )
+
+    @property
+    def elapsed_time_s(self) -> float:
+        return self._elapsed_before_s + time.monotonic() - self._session_start_s
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Logging API: each call stores a value or a zero-argument callable; nothing is computed unless written.
+
+    def _log(self, kind: str, key: str, value: Any, namespace: str | None) -> None:
+        self._log_buffer.add(kind, f"{namespace or self.default_namespace}/{key}", value)
+
+    def log_scalar(self, key: str, value: Any, *, namespace: str | None = None) -> None:
+        self._log("scalar", key, value, namespace)
+
+    def log_string(self, key: str, value: Any, *, namespace: str | None = None) -> None:
+        self._log("string", key, lambda: str(resolve(value)), namespace)
+
+    def log_image(self, key: str, value: Any, *, namespace: str | None = None, keep_resolution: bool = False) -> None:
+        self._log("image", key, lambda: media.make_image(resolve(value), key, keep_resolution=keep_resolution),
+                  namespace)
+
+    def log_labeled_image(
+        self, key: str, value: Any, *, namespace: str | None = None, keep_resolution: bool = False
+    ) -> None:
+        """`value` is `(image, label)` or a callable returning it."""
+
+        def make() -> Any:
+            image, label = resolve(value)
+            return media.make_labeled_image(image, str(label), key, keep_resolution=keep_resolution)
+
+        self._log("image", key, make, namespace)
+
+    def log_images(
+        self, key: str, value: Any, *, namespace: str | None = None, max_images: int | None = None,
+        sep: int = 2, keep_resolution: bool = False,
+    ) -> None:
+        """A batch of images tiled into one near-square grid."""
+        self._log("image", key, lambda: media.make_images(
+            resolve(value), key, max_images=max_images, sep=sep, keep_resolution=keep_resolution), namespace)
+
+    def log_labeled_images(
+        self, key: str, value: Any, *, namespace: str | None = None, max_images: int | None = None,
+        sep: int = 2, keep_resolution: bool = False,
+    ) -> None:
+        """`value` is `(images, labels)` or a callable returning it; each image gets its caption."""
+
+        def make() -> Any:
+            images, labels = resolve(value)
+            return media.make_labeled_images(images, [str(x) for x in labels], key, max_images=max_images, sep=sep,
+                                             keep_resolution=keep_resolution)
+
+        self._log("image", key, make, namespace)
+
+    def _loss_total(self, loss: Any) -> Tensor:
+        parts = {"loss": loss} if isinstance(loss, Tensor) else loss
+        if not isinstance(parts, Mapping) or not parts:
+            raise TaskDefinitionError(
+                f"{type(self).__name__}.get_loss returned {type(loss).__name__}; it must return a scalar Tensor "
+                "or a non-empty dict of scalar Tensors."
+            )
+        for name, part in parts.items():
+            if not isinstance(part, Tensor) or part.numel() != 1:
+                what = f"a tensor of shape {tuple(part.shape)}" if isinstance(part, Tensor) else type(part).__name__
+                raise TaskDefinitionError(
+                    f"{type(self).__name__}.get_loss returned {what} for loss {name!r}; each loss must be a scalar "
+                    "Tensor (reduce it, e.g. with .mean())."
+                )
+            self._log_buffer.add("scalar", f"loss/{name}", part.detach())
+        values = list(parts.values())
+        return values[0] if len(values) == 1 else torch.stack([v.reshape(()) for v in values]).sum()
+
+    def _flush_logs(self, phase: Phase, step: int) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            self._log_buffer.clear()
+            return
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+
+        def make_logs(values: dict[str, dict[str, Any]]) -> Logs:
+            return Logs(phase, step, max_steps, self.elapsed_time_s, self._num_samples, values)
+
+        flush(self._log_buffer, self._log_cadence, trainer.loggers, write_logs, make_logs,
+              phase=phase, step=step, every_n_steps=trainer.log_every_n_steps)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Lightning hooks.
+
+    def _dataloader(self, phase: Phase) -> DataLoader:
+        try:
+            dataset = self.get_dataset(phase)
+        except Exception as e:
+            explain_dataset_failure(e, type(self).__name__, phase)
+            raise
+        dataset = check_dataset(dataset, phase, type(self).__name__)
+        return build_dataloader(
+            dataset,
+            phase=phase,
+            batch_size=self.config.batch_size,
+            num_workers=self.config.num_dataloader_workers,
+            pin_memory=self._trainer is not None and self.trainer.strategy.root_device.type == "cuda",
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train")
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader("valid")
+
+    @override
+    def configure_optimizers(self) -> Any:
+        return self.build_optimizer()
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self._loss_total(self.get_loss(batch, self.state("train")))
+        self._num_samples += self.config.batch_size * self.trainer.world_size
+        return loss
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self._loss_total(self.get_loss(batch, self.state("valid")))
+        self._num_valid_steps += 1
+        return loss
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # An optimizer step just ended.
+            self._flush_logs("train", self.global_step - 1)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._flush_logs("valid", self.global_step)
+
+    @override
+    def on_train_start(self) -> None:
+        set_optimizer_mode(self.trainer.optimizers, train=True)
+
+    @override
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        set_optimizer_mode(self.trainer.optimizers, train=False)
+
+    @override
+    def on_validation_model_train(self) -> None:
+        super().on_validation_model_train()
+        set_optimizer_mode(self.trainer.optimizers, train=True)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self.trainer
+        was_training = any(g.get("train_mode") for opt in trainer.optimizers for g in opt.param_groups)
+        if was_training:
+            # Schedule-free optimizers must be in eval mode when saved: store the evaluation weights
+            # with the optimizer state that matches them, then go back to the training weights.
+            set_optimizer_mode(trainer.optimizers, train=False)
+            checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
+            checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
+            set_optimizer_mode(trainer.optimizers, train=True)
+        checkpoint["mlfab"] = {
+            "num_samples": self._num_samples,
+            "num_valid_steps": self._num_valid_steps,
+            "start_time_s": self._start_time_s,
+            "elapsed_time_s": self.elapsed_time_s,
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("mlfab", {})
+        self._num_samples = int(saved.get("num_samples", 0))
+        self._num_valid_steps = int(saved.get("num_valid_steps", 0))
+        self._start_time_s = float(saved.get("start_time_s", self._start_time_s))
+        self._elapsed_before_s = float(saved.get("elapsed_time_s", 0.0))
+        self._session_start_s = time.monotonic()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Running.
+
+    @classmethod
+    def launch(cls, *configs: Any, launcher: Any = None, argv: list[str] | None = None) -> None:
+        """Resolves the config (defaults <- `configs` <- YAML files and key=value on the command line) and trains."""
+        from mlfab.launch import launch
+
+        launch(cls, *configs, launcher=launcher, argv=argv)
