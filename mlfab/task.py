@@ -7,6 +7,7 @@ attached logger. `Task.launch(Config(...))` runs it; `lightning.pytorch.Trainer(
 """
 
 import dataclasses
+import functools
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,22 +41,41 @@ def find_config_class(cls: type) -> type[Config] | None:
     return None
 
 
+def _typed_config_init(init: Any) -> Any:
+    """Wraps a task's `__init__` so a plain mapping (e.g. hyperparameters read back from a checkpoint)
+    arrives as the typed Config, before the user's code reads `config.some_field`."""
+    if getattr(init, "_mlfab_typed", False):
+        return init
+
+    @functools.wraps(init)
+    def wrapper(self: "Task", config: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(config, Mapping):
+            config = build_config(type(self).config_class(), config)
+        init(self, config, *args, **kwargs)
+
+    wrapper._mlfab_typed = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class Task(pl.LightningModule, Generic[ConfigT]):
     default_namespace = "value"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        config_cls = find_config_class(cls)
-        if config_cls is not None and "__init__" not in cls.__dict__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            config_cls = find_config_class(cls)
+            if config_cls is None:
+                return
             # jsonargparse reads `__init__`'s annotation to know the config's fields; an inherited
             # `__init__` would show the parent's config, so give this class one naming its own.
             parent_init = cls.__mro__[1].__init__
 
-            def __init__(self: Task, config: Any) -> None:
+            def init(self: Task, config: Any) -> None:
                 parent_init(self, config)
 
-            __init__.__annotations__ = {"config": config_cls, "return": None}
-            cls.__init__ = __init__  # type: ignore[method-assign]
+            init.__annotations__ = {"config": config_cls, "return": None}
+        cls.__init__ = _typed_config_init(init)  # type: ignore[method-assign]
 
     @classmethod
     def config_class(cls) -> type[Config]:
@@ -71,7 +91,7 @@ class Task(pl.LightningModule, Generic[ConfigT]):
 
     def __init__(self, config: ConfigT) -> None:
         super().__init__()
-        config_cls = self.config_class()
+        config_cls = self.config_class()  # Fails early, with the fix, if the task names no config.
         if isinstance(config, Mapping):  # Plain data, e.g. hyperparameters from a checkpoint.
             config = build_config(config_cls, config)
         self.config: ConfigT = config
@@ -279,7 +299,7 @@ class Task(pl.LightningModule, Generic[ConfigT]):
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self._loss_total(self.get_loss(batch, self.state("valid")))
-        self._num_valid_steps += 1
+        self._num_valid_steps += 0 if self.trainer.sanity_checking else 1
         return loss
 
     @override
@@ -289,6 +309,9 @@ class Task(pl.LightningModule, Generic[ConfigT]):
 
     @override
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # Like Lightning, nothing from the sanity check is logged.
+            self._log_buffer.clear()
+            return
         self._flush_logs("valid", self.global_step)
 
     @override
