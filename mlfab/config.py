@@ -8,6 +8,8 @@ result (unknown keys, wrong types, missing required fields) are reported togethe
 import copy
 import dataclasses
 import difflib
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ def field(default: Any = dataclasses.MISSING, *, help: str) -> Any:  # noqa: A00
     metadata = {HELP_KEY: help}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=metadata)
-    if callable(default) and not isinstance(default, type):
+    if callable(default):  # Includes classes: `field(ModelConfig, ...)` gives each instance a fresh one.
         return dataclasses.field(default_factory=default, metadata=metadata)
     if isinstance(default, list | dict | set) or dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
@@ -65,7 +67,9 @@ class Config:
     # Training length and validation
     max_steps: int | None = field(None, help="Stop after this many optimizer steps (null trains until stopped)")
     valid_every_n_steps: int | None = field(100, help="Validate every N optimizer steps (null disables)")
-    valid_every_n_seconds: float | None = field(None, help="Validate every N seconds of wall-clock time (null disables)")
+    valid_every_n_seconds: float | None = field(
+        None, help="Validate every N seconds of wall-clock time (null disables)"
+    )
     valid_batches: int = field(10, help="Number of batches in each validation run")
 
     # Checkpoints
@@ -182,34 +186,49 @@ def build_config(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
     return config
 
 
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> type, with string annotations (`from __future__ import annotations`) evaluated."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # An annotation that cannot be evaluated: fall back to what the dataclass holds.
+        hints = {}
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
+
+
 def _unknown_keys(cls: type, data: Mapping[str, Any], prefix: str) -> Sequence[str]:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    ftypes = _field_types(cls)
     problems = []
     for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.6)
+        if key not in ftypes:
+            close = difflib.get_close_matches(str(key), list(ftypes), n=3, cutoff=0.6)
             hint = f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
             problems.append(f"unknown key {prefix + str(key)!r}{hint}")
             continue
-        sub = _dataclass_type(fields[key].type)
+        sub = _dataclass_type(ftypes[key])
         if sub is not None and isinstance(value, Mapping):
             problems.extend(_unknown_keys(sub, value, prefix=f"{prefix}{key}."))
     return problems
 
 
 def _known_only(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    ftypes = _field_types(cls)
     out = {}
     for key, value in data.items():
-        if key not in fields:
+        if key not in ftypes:
             continue
-        sub = _dataclass_type(fields[key].type)
+        sub = _dataclass_type(ftypes[key])
         out[key] = _known_only(sub, value) if sub is not None and isinstance(value, Mapping) else value
     return out
 
 
 def _dataclass_type(tp: Any) -> type | None:
-    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+    """The dataclass in `Model`, `Model | None` or `Optional[Model]`, else None."""
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
 
 
 def _describe(err: Mapping[str, Any]) -> str:

@@ -65,7 +65,13 @@ def load_settings() -> dict[str, Any]:
 
 
 def _directory(key: str, required: bool = True) -> Path | None:
-    value = (load_settings().get("directories") or {}).get(key)
+    directories = load_settings().get("directories") or {}
+    if not isinstance(directories, dict):
+        raise SettingsError(
+            f"`directories` in {settings_path()} must be a mapping with keys run, data and pretrained_models "
+            f"(e.g. `directories:\n  data: /path/to/data`), not a {type(directories).__name__}."
+        )
+    value = directories.get(key)
     env = _ENV_VARS[key]
     if value in (None, ""):
         value = os.environ.get(env)

@@ -123,10 +123,6 @@ def test_field_without_default_is_required() -> None:
         MyConfig()  # type: ignore[call-arg]
 
 
-@pytest.mark.xfail(
-    reason="bug: field(SomeDataclass, ...) makes the class itself the default instead of calling it per instance",
-    strict=True,
-)
 def test_dataclass_class_default_is_a_factory() -> None:
     @dataclass(kw_only=True)
     class C(mlfab.Config):
@@ -138,10 +134,6 @@ def test_dataclass_class_default_is_a_factory() -> None:
     assert resolve_config(C, {"batch_size": 1}).model == ModelConfig()
 
 
-@pytest.mark.xfail(
-    reason="bug: field(list, ...) / field(dict, ...) make the builtin type the default instead of [] / {}",
-    strict=True,
-)
 def test_builtin_class_default_is_a_factory() -> None:
     @dataclass
     class C:
@@ -283,7 +275,6 @@ def test_unknown_nested_key_uses_dotted_path() -> None:
     assert "did you mean 'model.hidden'?" in message
 
 
-@pytest.mark.xfail(reason="bug: unknown keys under an Optional dataclass field are silently dropped", strict=True)
 def test_unknown_key_under_optional_nested_field_is_reported() -> None:
     @dataclass(kw_only=True)
     class C(mlfab.Config):
@@ -293,9 +284,6 @@ def test_unknown_key_under_optional_nested_field_is_reported() -> None:
         resolve_config(C, {"batch_size": 1, "model": {"hiden": 3}})
 
 
-@pytest.mark.xfail(
-    reason="bug: with `from __future__ import annotations` unknown nested keys are silently dropped", strict=True
-)
 def test_unknown_nested_key_with_string_annotations_is_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

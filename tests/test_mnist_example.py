@@ -17,7 +17,8 @@ def test_seed_mnist_trains_and_logs_loss_and_images(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("DATA_DIR", str(data))
     monkeypatch.setenv("RUN_DIR", str(tmp_path / "runs"))
 
-    MnistClassification.launch(Config(batch_size=16), argv=["max_steps=40", "valid_every_n_steps=20", "valid_batches=2"])
+    argv = ["max_steps=40", "valid_every_n_steps=20", "valid_batches=2"]
+    MnistClassification.launch(Config(batch_size=16), argv=argv)
 
     (exp,) = (tmp_path / "runs" / "mnist_classification").iterdir()
     valid = read_scalars(exp / "tensorboard" / "valid")["loss/loss"]

@@ -168,9 +168,6 @@ def test_non_mapping_settings_file_names_the_file(rc: Path) -> None:
     assert "must hold a mapping" in message
 
 
-@pytest.mark.xfail(
-    reason="bug: a non-mapping `directories` section raises AttributeError, not SettingsError", strict=True
-)
 def test_non_mapping_directories_section_is_a_settings_error(rc: Path) -> None:
     rc.parent.mkdir(parents=True)
     rc.write_text("directories:\n  - /data\n")

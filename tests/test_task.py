@@ -46,7 +46,8 @@ def test_get_dataset_returning_non_dataset(tmp_path: Path) -> None:
         def get_dataset(self, phase: mlfab.Phase) -> object:
             return 42
 
-    with pytest.raises(mlfab.DatasetError, match=r"BadData.get_dataset\('train'\) returned int, which is not a dataset"):
+    message = r"BadData.get_dataset\('train'\) returned int, which is not a dataset"
+    with pytest.raises(mlfab.DatasetError, match=message):
         BadData.launch(BoringConfig(run_dir=run_dir(tmp_path)), argv=[])
 
 
