@@ -13,11 +13,43 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from mlfab.state import Phase
 
-Kind = str  # "scalar", "string", "image", "audio", "video", "histogram", "point_cloud"
+Kind = str  # One of KINDS.
+KINDS = ("scalar", "string", "image", "audio", "video", "histogram", "point_cloud")
+
+
+@dataclass
+class Audio:
+    """float32 samples in [-1, 1], shape (T,) for mono or (T, C)."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+
+@dataclass
+class Video:
+    """uint8 frames, shape (T, H, W, 3)."""
+
+    frames: np.ndarray
+    fps: int
+
+
+@dataclass
+class PointCloud:
+    """float32 points (N, 3) and optional uint8 colors (N, 3)."""
+
+    points: np.ndarray
+    colors: np.ndarray | None = None
+
+
+# Resolved value of each kind, as loggers receive it:
+#   scalar: float          string: str                image: uint8 HWC RGB np.ndarray
+#   audio: Audio           video: Video               histogram: float np.ndarray (the raw values, flattened)
+#   point_cloud: PointCloud
 
 
 @dataclass
