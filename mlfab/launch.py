@@ -61,9 +61,8 @@ def resolve_precision(precision: str) -> str:
     return "32-true"
 
 
-def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callbacks: list[Any]) -> "pl.Trainer":
-    """The Lightning Trainer for a config (mapping in design.md)."""
-    import lightning.pytorch as pl
+def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
+    """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from mlfab.callbacks import FinalCheckpoint, GracefulStop, ValidationCadence
@@ -71,7 +70,7 @@ def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callb
     ckpt_dir = exp_dir / "checkpoints"
     periodic = {"monitor": "step", "mode": "max", "save_top_k": config.keep_last_n_checkpoints,
                 "dirpath": ckpt_dir, "auto_insert_metric_name": False}
-    callbacks: list[Any] = [ValidationCadence(config.valid_every_n_seconds), GracefulStop(), *extra_callbacks]
+    callbacks: list[Any] = [ValidationCadence(config.valid_every_n_seconds), GracefulStop()]
     if config.save_every_n_steps:
         callbacks.append(ModelCheckpoint(filename="step_{step:08.0f}", every_n_train_steps=config.save_every_n_steps,
                                          **periodic))
@@ -80,26 +79,40 @@ def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callb
                                          train_time_interval=timedelta(seconds=config.save_every_n_seconds),
                                          **periodic))
     callbacks.append(FinalCheckpoint(ckpt_dir / "last.ckpt"))
+    return callbacks
 
+
+def trainer_kwargs(config: Config) -> dict[str, Any]:
+    """The Lightning Trainer arguments a config maps to (the mapping table in design.md)."""
     k = config.batches_per_step
-    return pl.Trainer(
-        accelerator="auto",
-        devices=1,
-        precision=resolve_precision(config.precision),  # type: ignore[arg-type]
-        max_steps=config.max_steps if config.max_steps is not None else -1,
-        max_epochs=-1,
-        accumulate_grad_batches=k,
-        gradient_clip_val=config.clip_grad_norm,
-        gradient_clip_algorithm="norm",
+    return {
+        "accelerator": "auto",
+        "devices": 1,
+        "precision": resolve_precision(config.precision),
+        "max_steps": config.max_steps if config.max_steps is not None else -1,
+        "max_epochs": -1,
+        "accumulate_grad_batches": k,
+        "gradient_clip_val": config.clip_grad_norm,
+        "gradient_clip_algorithm": "norm",
         # Lightning counts batches, not optimizer steps: scale by the accumulation.
-        val_check_interval=config.valid_every_n_steps * k if config.valid_every_n_steps else NEVER,
-        check_val_every_n_epoch=None,
-        limit_val_batches=config.valid_batches,
-        num_sanity_val_steps=0,
+        "val_check_interval": config.valid_every_n_steps * k if config.valid_every_n_steps else NEVER,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": config.valid_batches,
+        "num_sanity_val_steps": 0,
+        "enable_progress_bar": False,
+    }
+
+
+def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callbacks: list[Any]) -> "pl.Trainer":
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [*trainer_callbacks(config, exp_dir), *extra_callbacks]
+    return pl.Trainer(
+        **trainer_kwargs(config),
         logger=loggers,
         callbacks=callbacks,
         default_root_dir=exp_dir,
-        enable_progress_bar=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
     )
 

@@ -124,6 +124,7 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         return output
 
     def log_step(self, batch: Any, output: Any, state: State) -> None:
+        """Calls `log_train_step` in training, `log_valid_step` in validation and testing."""
         if state.phase == "train":
             self.log_train_step(batch, output, state)
         else:
@@ -266,6 +267,8 @@ class Task(pl.LightningModule, Generic[ConfigT]):
     def _dataloader(self, phase: Phase) -> DataLoader:
         try:
             dataset = self.get_dataset(phase)
+            if dataset is None and phase == "test":
+                phase, dataset = "valid", self.get_dataset("valid")
         except Exception as e:
             explain_dataset_failure(e, type(self).__name__, phase)
             raise
@@ -287,6 +290,11 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         return self._dataloader("valid")
 
     @override
+    def test_dataloader(self) -> DataLoader:
+        """The "test" dataset; a task whose `get_dataset` does not handle "test" is tested on "valid"."""
+        return self._dataloader("test")
+
+    @override
     def configure_optimizers(self) -> Any:
         return self.build_optimizer()
 
@@ -301,6 +309,14 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         loss = self._loss_total(self.get_loss(batch, self.state("valid")))
         self._num_valid_steps += 0 if self.trainer.sanity_checking else 1
         return loss
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._loss_total(self.get_loss(batch, self.state("test")))
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._flush_logs("test", self.global_step)
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
