@@ -10,6 +10,7 @@ from typing import Any
 
 from mlfab.logbuffer import Logs
 from mlfab.loggers.base import MlfabLogger
+from mlfab.loggers.tensorboard import KINDS, write_summaries
 
 _warned: set[tuple[str, str]] = set()
 
@@ -25,25 +26,20 @@ def _warn_once(logger: Any, kind: str) -> None:
         )
 
 
-def _write_tensorboard(writer: Any, logs: Logs, prefix: str) -> set[str]:
-    for tag, value in logs.scalars.items():
-        writer.add_scalar(prefix + tag, value, logs.step)
-    for tag, text in logs.of("string").items():
-        writer.add_text(prefix + tag, text, logs.step)
-    for tag, image in logs.of("image").items():
-        writer.add_image(prefix + tag, image, logs.step, dataformats="HWC")
-    return {"scalar", "string", "image"}
-
-
 def write_logs(logger: Any, logs: Logs) -> None:
     if isinstance(logger, MlfabLogger):
         logger.write(logs)
         return
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     prefix = f"{logs.phase}/"
     if isinstance(logger, TensorBoardLogger):
-        handled = _write_tensorboard(logger.experiment, logs, prefix)
+        handled = write_summaries(logger.experiment, logs, prefix)
+    elif isinstance(logger, WandbLogger):
+        from mlfab.loggers.wandb import write_wandb
+
+        write_wandb(logger.experiment, logs, prefix)
+        handled = KINDS
     else:
         if logs.scalars:
             logger.log_metrics({prefix + k: v for k, v in logs.scalars.items()}, step=logs.step)

@@ -4,16 +4,60 @@ One directory per phase, so TensorBoard overlays the training and validation cur
 It is Lightning's `TensorBoardLogger` (`experiment` is the training writer), so it works in any Trainer.
 """
 
+import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
 from typing_extensions import override
 
 from mlfab.logbuffer import Logs
 from mlfab.loggers.base import MlfabLogger
 from mlfab.state import Phase
+
+KINDS = {"scalar", "string", "image", "audio", "video", "histogram", "point_cloud"}
+
+
+def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
+    """Animated GIF of uint8 (T, H, W, 3) frames. Written here with Pillow because torch's `add_video`
+    needs `moviepy.editor`, which moviepy 2 removed (it then silently writes nothing)."""
+    out = io.BytesIO()
+    pictures = [Image.fromarray(f) for f in frames]
+    pictures[0].save(out, format="GIF", save_all=True, append_images=pictures[1:],
+                     duration=max(int(1000 / max(fps, 1)), 20), loop=0)
+    return out.getvalue()
+
+
+def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> set[str]:
+    """Writes every kind of `logs` to a torch SummaryWriter; returns the kinds it handled."""
+    from torch.utils.tensorboard.summary import Summary
+
+    step = logs.step
+    for tag, value in logs.scalars.items():
+        writer.add_scalar(prefix + tag, value, step)
+    for tag, text in logs.of("string").items():
+        writer.add_text(prefix + tag, text, step)
+    for tag, image in logs.of("image").items():
+        writer.add_image(prefix + tag, image, step, dataformats="HWC")
+    for tag, audio in logs.of("audio").items():
+        mono = audio.samples if audio.samples.ndim == 1 else audio.samples.mean(axis=1)
+        writer.add_audio(prefix + tag, torch.from_numpy(mono).reshape(1, -1), step, sample_rate=audio.sample_rate)
+    for tag, video in logs.of("video").items():
+        _, h, w, c = video.frames.shape
+        image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif_bytes(video.frames, video.fps))
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=prefix + tag, image=image)]), step)
+    for tag, values in logs.of("histogram").items():
+        if values.size:
+            writer.add_histogram(prefix + tag, values, step)
+    for tag, cloud in logs.of("point_cloud").items():
+        colors = None if cloud.colors is None else torch.from_numpy(cloud.colors).unsqueeze(0)
+        writer.add_mesh(prefix + tag, vertices=torch.from_numpy(cloud.points).unsqueeze(0), colors=colors,
+                        global_step=step)
+    return KINDS
 
 
 class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
@@ -43,13 +87,7 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
         return self._phase_writers[phase]
 
     def write(self, logs: Logs) -> None:
-        w = self.writer(logs.phase)
-        for tag, value in logs.scalars.items():
-            w.add_scalar(tag, value, logs.step)
-        for tag, text in logs.of("string").items():
-            w.add_text(tag, text, logs.step)
-        for tag, image in logs.of("image").items():
-            w.add_image(tag, image, logs.step, dataformats="HWC")
+        write_summaries(self.writer(logs.phase), logs)
 
     def write_config(self, config_yaml: str) -> None:
         self.experiment.add_text("config", f"```yaml\n{config_yaml}\n```", 0)

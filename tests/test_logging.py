@@ -1,0 +1,186 @@
+"""Every log_* kind, read back the way a user sees it: TensorBoard's own reader, a real TensorBoard server,
+stdout, and Lightning's own loggers."""
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor
+
+import mlfab
+from mlfab.testing import BoringConfig, BoringTask, read_images, read_scalars
+
+
+class EveryKind(BoringTask):
+    def log_valid_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
+        t = torch.linspace(0, 1, 8000)
+        self.log_scalar("step_seen", float(state.num_steps))
+        self.log_string("note", lambda: f"valid at {state.num_steps}")
+        self.log_image("chw", torch.rand(3, 20, 40))
+        self.log_labeled_image("one", (torch.rand(16, 16), "a label"))
+        self.log_images("grid", torch.rand(5, 8, 8), keep_resolution=True, sep=1)
+        self.log_labeled_images("captioned", (torch.rand(4, 1, 8, 8), ["a", "b", "c", "a much longer caption"]))
+        self.log_audio("tone", torch.sin(2 * torch.pi * 440 * t), sample_rate=8000)
+        self.log_audios("tones", torch.stack([torch.sin(2 * torch.pi * f * t) for f in (220, 880)]), sample_rate=8000)
+        self.log_video("clip", torch.rand(30, 3, 16, 16), fps=30, target_fps=10)
+        self.log_videos("clips", torch.rand(2, 10, 16, 16, 3), fps=10)
+        self.log_histogram("weights", self.layer.weight)
+        self.log_point_cloud("cloud", torch.rand(500, 3), max_points=100)
+
+
+def test_every_kind_reaches_tensorboard(tmp_path: Path) -> None:
+    EveryKind.launch(BoringConfig(max_steps=4, valid_every_n_steps=2, run_dir=str(tmp_path)), argv=[])
+    (exp,) = (tmp_path / "every_kind").iterdir()
+    valid_dir = exp / "tensorboard" / "valid"
+    acc = EventAccumulator(str(valid_dir), size_guidance={"images": 0, "audio": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+
+    assert [e.step for e in acc.Scalars("value/step_seen")] == [1, 2, 4]
+    assert [e.value for e in acc.Scalars("value/step_seen")] == [1.0, 2.0, 4.0]
+    assert "value/note/text_summary" in tags["tensors"]
+
+    images = read_images(valid_dir)
+    assert [s for s, _ in images["value/chw"]] == [1, 2, 4]
+    chw = images["value/chw"][0][1]
+    assert abs(chw.shape[1] / chw.shape[0] - 2.0) < 0.05 and 250 * 250 < chw.shape[0] * chw.shape[1] < 260 * 260
+    grid = images["value/grid"][0][1]
+    assert grid.shape[:2] == (3 * 8 + 2, 2 * 8 + 1) or grid.shape[:2] == (2 * 8 + 1, 3 * 8 + 2)
+    one = images["value/one"][0][1]
+    assert one.shape[0] > one.shape[1]  # The caption strip sits under the square image.
+    strip = one[one.shape[1]:]  # Below the (square) image.
+    assert (strip < 100).any() and (strip > 200).mean() > 0.5  # Dark text on a light strip.
+    assert "value/tone_spectrogram" in images and "value/tones_spectrogram" in images
+
+    (tone,) = [a for a in acc.Audio("value/tone") if a.step == 1]
+    assert tone.sample_rate == 8000 and tone.length_frames == 8000
+    (tones,) = [a for a in acc.Audio("value/tones") if a.step == 1]
+    assert tones.length_frames == 2 * 8000 + 800  # Two clips and 0.1 s of silence between them.
+
+    clip = Image.open(io.BytesIO([e for e in acc.Images("value/clip")][0].encoded_image_string))
+    assert clip.format == "GIF" and clip.n_frames == 10  # 30 frames at 30 fps resampled to 10 fps.
+    clips = Image.open(io.BytesIO(acc.Images("value/clips")[0].encoded_image_string))
+    assert clips.n_frames == 10 and clips.size[0] > 16
+
+    histogram = acc.Histograms("value/weights")
+    assert [h.step for h in histogram] == [1, 2, 4] and histogram[0].histogram_value.num == 4
+    assert any(tag.startswith("value/cloud") for tag in tags["tensors"])
+
+
+def test_callables_run_only_on_written_steps_and_once_per_step(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    class Counting(BoringTask):
+        def set_loggers(self) -> None:
+            # Two loggers that both write only their first line of each phase.
+            self.add_logger(mlfab.StdoutLogger(log_interval_seconds=1e6),
+                            mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=1e6))
+
+        def log_train_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
+            self.log_scalar("expensive", lambda: calls.append(state.num_steps) or 1.0)
+
+    Counting.launch(BoringConfig(max_steps=30, valid_every_n_steps=None, run_dir=str(tmp_path)), argv=[])
+    assert calls == [0]
+    (exp,) = (tmp_path / "counting").iterdir()
+    assert [s for s, _ in read_scalars(exp / "tensorboard" / "train")["value/expensive"]] == [0]
+
+
+def test_lightning_csv_logger_gets_scalars_and_one_warning_per_kind(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    class WithImage(BoringTask):
+        def log_train_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
+            self.log_image("picture", torch.rand(8, 8))
+
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = pl.Trainer(max_steps=6, logger=logger, log_every_n_steps=2, limit_val_batches=0,
+                         enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match="CSVLogger cannot show logged image values") as record:
+        trainer.fit(WithImage(BoringConfig()))
+    assert sum("cannot show logged image" in str(w.message) for w in record) == 1
+    lines = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert "train/loss/loss" in lines[0].split(",")
+    assert len(lines) == 1 + 3  # Steps 0, 2 and 4.
+
+
+def test_stdout_plain_lines_without_escape_codes() -> None:
+    from mlfab.logbuffer import Logs
+
+    out = io.StringIO()
+    logger = mlfab.StdoutLogger(stream=out, tty=False)
+    logger.write(Logs("train", 0, 100, 0.0, 0, {"scalar": {"loss/loss": 1.5}}))
+    logger.write(Logs("train", 10, 100, 1.0, 0, {"scalar": {"loss/loss": 0.25}}))
+    logger.write(Logs("valid", 10, 100, 1.0, 0, {"scalar": {"loss/loss": 0.5}}))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[train] step 0/100 | loss/loss=1.5"
+    assert lines[1].startswith("[train] step 10/100 | ") and "steps/s | ETA " in lines[1]
+    assert lines[2] == "[valid] step 10/100 | loss/loss=0.5"
+    assert "\033" not in out.getvalue() and "\r" not in out.getvalue()
+
+
+def test_stdout_live_line_on_a_terminal() -> None:
+    from mlfab.logbuffer import Logs
+
+    out = io.StringIO()
+    logger = mlfab.StdoutLogger(stream=out, tty=True)
+    logger.write(Logs("train", 1, None, 0.0, 0, {"scalar": {"loss/loss": 1.0}}))
+    logger.write(Logs("train", 2, None, 0.0, 0, {"scalar": {"loss/loss": 0.5}}))
+    logger.write(Logs("valid", 2, None, 0.0, 0, {"scalar": {"loss/loss": 0.7}}))
+    text = out.getvalue()
+    assert text.startswith("\r\033[K[train] step 1 | loss/loss=1")
+    assert "\r\033[K[train] step 2" in text and text.endswith("\n[valid] step 2 | loss/loss=0.7\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_server_lists_scalar_and_image_tags(tmp_path: Path) -> None:
+    EveryKind.launch(BoringConfig(max_steps=2, valid_every_n_steps=2, run_dir=str(tmp_path)), argv=[])
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1",
+         "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        scalars = images = {}
+        while time.monotonic() < deadline:
+            try:
+                base = f"http://127.0.0.1:{port}/data/plugin"
+                scalars = json.loads(urllib.request.urlopen(f"{base}/scalars/tags", timeout=5).read())
+                images = json.loads(urllib.request.urlopen(f"{base}/images/tags", timeout=5).read())
+                if any("valid" in run for run in scalars) and any("valid" in run for run in images):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        valid_run = next(run for run in scalars if run.endswith("tensorboard/valid"))
+        assert "loss/loss" in scalars[valid_run] and "value/step_seen" in scalars[valid_run]
+        assert "value/chw" in images[valid_run] and "value/one" in images[valid_run]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_bad_image_shape_names_the_key(tmp_path: Path) -> None:
+    class BadImage(BoringTask):
+        def log_train_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
+            self.log_image("broken", np.zeros((2, 5, 5, 5)))
+
+    with pytest.raises(ValueError, match=r"log_image\('broken'\): cannot read an image of shape \(2, 5, 5, 5\)"):
+        BadImage.launch(BoringConfig(max_steps=1, run_dir=str(tmp_path)), argv=[])
