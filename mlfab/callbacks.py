@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -67,34 +68,57 @@ class FinalCheckpoint(Callback):
 
 
 class GracefulStop(Callback):
-    """The first Ctrl-C stops training at the end of the current optimizer step (then the final checkpoint
-    is written and the process exits non-zero); a second Ctrl-C aborts at once."""
+    """Signals act at the end of the current optimizer step, never inside the handler:
+
+    - SIGINT (Ctrl-C) and SIGTERM stop training; the final checkpoint is written and the process exits
+      with 128 + the signal number. A second SIGINT aborts at once.
+    - SIGUSR1 writes a checkpoint and training goes on.
+    """
 
     def __init__(self) -> None:
         self.signal_received: int | None = None
-        self._previous: Any = None
+        self._save_requested = False
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.signal_received is not None:
+        if signum == signal.SIGUSR1:
+            self._save_requested = True
+            return
+        if self.signal_received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_received = signum
-        print("\nInterrupted: stopping after this step and saving a checkpoint (Ctrl-C again to abort).",
-              file=sys.stderr, flush=True)
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step and saving a checkpoint"
+              + (" (Ctrl-C again to abort)." if signum == signal.SIGINT else "."), file=sys.stderr, flush=True)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                self._previous[signum] = signal.signal(signum, self._handler)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.signal_received is not None and at_step_boundary(trainer, batch_idx):
+        if not at_step_boundary(trainer, batch_idx):
+            return
+        stop, save = self.signal_received is not None, self._save_requested
+        if trainer.world_size > 1:  # Every rank must act at the same step: one all-reduce for both flags.
+            flags = torch.tensor([float(stop), float(save)], device=trainer.strategy.root_device)
+            flags = trainer.strategy.reduce(flags, reduce_op="max")
+            stop, save = bool(flags[0]), bool(flags[1])
+        if stop:
             trainer.should_stop = True
+        elif save:
+            self._save_requested = False
+            path = Path(trainer.default_root_dir) / "checkpoints" / f"signal_step_{trainer.global_step:08d}.ckpt"
+            trainer.save_checkpoint(path, weights_only=False)
+            if trainer.is_global_zero:
+                print(f"SIGUSR1: saved checkpoint {path}", file=sys.stderr, flush=True)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}

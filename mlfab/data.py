@@ -5,7 +5,12 @@ whose workers each get `worker_init(global_worker_id, global_num_workers)` over 
 Batches reach the task as torch tensors with their dtypes kept (uint8 images stay uint8).
 """
 
-from collections.abc import Callable, Mapping
+import collections
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -16,6 +21,8 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data._utils.collate import default_collate
 
 from mlfab.errors import DatasetError
+
+log = logging.getLogger(__name__)
 
 
 def to_torch(value: Any) -> Any:
@@ -39,30 +46,163 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+class BadSamples:
+    """Counts samples whose loading raised, by exception type and place; stops past `max_in_a_row`."""
+
+    def __init__(self, name: str, max_in_a_row: int | None, summary_every_s: float = 60.0) -> None:
+        self.name = name
+        self.max_in_a_row = max_in_a_row
+        self.summary_every_s = summary_every_s
+        self.total = 0
+        self.in_a_row = 0
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._last_summary = time.monotonic()
+        self._since_summary = 0
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+    def failed(self, exc: Exception) -> None:
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "unknown"
+        self.counts[f"{type(exc).__name__} at {where}"] += 1
+        self.total += 1
+        self.in_a_row += 1
+        self._since_summary += 1
+        if self.max_in_a_row is not None and self.in_a_row > self.max_in_a_row:
+            raise DatasetError(
+                f"{self.in_a_row} samples in a row from {self.name} failed to load (max_bad_samples_in_a_row="
+                f"{self.max_in_a_row}); most frequent:\n{self.summary()}\nLast error: {type(exc).__name__}: {exc}"
+            ) from exc
+        if time.monotonic() - self._last_summary >= self.summary_every_s:
+            log.warning("%d bad samples from %s in the last %.0f s (%d in all):\n%s", self._since_summary,
+                        self.name, self.summary_every_s, self.total, self.summary())
+            self._last_summary, self._since_summary = time.monotonic(), 0
+
+    def summary(self, top: int = 5) -> str:
+        return "\n".join(f"  {n:6d} x {what}" for what, n in self.counts.most_common(top))
+
+
+def _rng_attributes(obj: Any, depth: int = 2) -> dict[str, Any]:
+    """Random generators held by a dataset (and datasets it wraps), found by attribute."""
+    found: dict[str, Any] = {}
+    for name, value in vars(obj).items():
+        if isinstance(value, np.random.Generator | np.random.RandomState | random.Random | torch.Generator):
+            found[name] = value
+        elif depth > 0 and isinstance(value, DpshdlDataset):
+            found.update({f"{name}.{k}": v for k, v in _rng_attributes(value, depth - 1).items()})
+    return found
+
+
+def _get_rng(gen: Any) -> Any:
+    from mlfab.checkpoints import plain_rng_state
+
+    if isinstance(gen, np.random.Generator):
+        return gen.bit_generator.state
+    if isinstance(gen, np.random.RandomState | torch.Generator):
+        return plain_rng_state(gen.get_state())
+    return gen.getstate()
+
+
+def _set_rng(gen: Any, state: Any) -> None:
+    if isinstance(gen, np.random.Generator):
+        gen.bit_generator.state = state
+    elif isinstance(gen, np.random.RandomState):
+        from mlfab.checkpoints import numpy_rng_state
+
+        gen.set_state(numpy_rng_state(tuple(state)))
+    elif isinstance(gen, torch.Generator):
+        gen.set_state(state)
+    else:
+        gen.setstate(state)
+
+
 class DpshdlIterable(IterableDataset):
-    """Runs a dpshdl dataset inside torch's DataLoader; each (rank, worker) is one dpshdl worker."""
+    """Runs a dpshdl dataset inside torch's DataLoader; each (rank, worker) is one dpshdl worker.
 
-    def __init__(self, dataset: DpshdlDataset) -> None:
+    Its state (for exact resume) is the dataset's own `state_dict()` when it has one, otherwise every
+    random generator it holds, plus (in a worker process) the worker's global random states. A sample
+    whose loading raises is skipped and counted.
+    """
+
+    def __init__(self, dataset: DpshdlDataset, max_bad_in_a_row: int | None = 100) -> None:
         self.dataset = dataset
+        self.bad = BadSamples(type(dataset).__name__, max_bad_in_a_row)
+        self._pending_state: dict[str, Any] | None = None
 
-    def __iter__(self) -> DpshdlDataset:
+    def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank, world = _rank_and_world()
         self.dataset.worker_init(rank * num_workers + worker_id, world * num_workers)
-        return self.dataset
+        if self._pending_state is not None:
+            self._apply(self._pending_state)
+            self._pending_state = None
+        return self._samples()
+
+    def _samples(self) -> Iterator[Any]:
+        while True:
+            try:
+                item = self.dataset.next()
+            except StopIteration:
+                return
+            except Exception as e:
+                self.bad.failed(e)
+                continue
+            self.bad.ok()
+            yield item
+
+    def state_dict(self) -> dict[str, Any]:
+        own = getattr(self.dataset, "state_dict", None)
+        state: dict[str, Any] = {"bad_total": self.bad.total, "bad_counts": dict(self.bad.counts)}
+        gens = _rng_attributes(self.dataset)
+        state["dataset"] = own() if callable(own) else {k: _get_rng(g) for k, g in gens.items()}
+        if get_worker_info() is not None:  # The main process's global state is saved with the task.
+            from lightning.fabric.utilities.seed import _collect_rng_states
+
+            from mlfab.checkpoints import plain_rng_state
+
+            state["global_rng"] = plain_rng_state(_collect_rng_states(include_cuda=False))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending_state = state  # Applied after `worker_init`, which may reset the dataset's generators.
+
+    def _apply(self, state: dict[str, Any]) -> None:
+        self.bad.total = state.get("bad_total", 0)
+        self.bad.counts.update(state.get("bad_counts", {}))
+        own = getattr(self.dataset, "load_state_dict", None)
+        if callable(own):
+            own(state["dataset"])
+        else:
+            gens = _rng_attributes(self.dataset)
+            for name, value in state.get("dataset", {}).items():
+                if name in gens:
+                    _set_rng(gens[name], value)
+        if "global_rng" in state and get_worker_info() is not None:
+            from lightning.fabric.utilities.seed import _set_rng_states
+
+            from mlfab.checkpoints import numpy_rng_state
+
+            _set_rng_states(numpy_rng_state(state["global_rng"]))
 
 
 class Collate:
-    """Uses the dataset's own `collate` when it has one, then turns numpy arrays into tensors."""
+    """Uses the dataset's own `collate` when it has one, then turns numpy arrays into tensors.
+
+    A batch that fails to collate becomes None, which the training loader skips and counts."""
 
     def __init__(self, collate: Callable[[list[Any]], Any] | None) -> None:
         self.collate = collate
 
     def __call__(self, items: list[Any]) -> Any:
-        if self.collate is None:
-            return default_collate(items)
-        return to_torch(self.collate(items))
+        try:
+            if self.collate is None:
+                return default_collate(items)
+            return to_torch(self.collate(items))
+        except Exception as e:
+            log.warning("Skipping a batch that failed to collate: %s: %s", type(e).__name__, e)
+            return None
 
 
 def check_dataset(dataset: Any, phase: str, task_name: str) -> Any:
@@ -83,7 +223,12 @@ def build_dataloader(
     batch_size: int,
     num_workers: int,
     pin_memory: bool = False,
+    max_bad_in_a_row: int | None = 100,
+    consumed: Any = None,
 ) -> DataLoader:
+    """The training loader is resumable (see `mlfab.loader`); validation loaders are plain DataLoaders."""
+    from mlfab.loader import MlfabLoader
+
     own_collate = getattr(dataset, "collate", None)
     collate = Collate(own_collate if callable(own_collate) else None)
     is_train = phase == "train"
@@ -94,13 +239,16 @@ def build_dataloader(
         "pin_memory": pin_memory,
         "persistent_workers": num_workers > 0,
     }
+    loader_cls: Any = DataLoader
+    if is_train:
+        loader_cls, kwargs["consumed"] = MlfabLoader, consumed
     if isinstance(dataset, DpshdlDataset):
-        return DataLoader(DpshdlIterable(dataset), **kwargs)
+        return loader_cls(DpshdlIterable(dataset, max_bad_in_a_row), **kwargs)
     if isinstance(dataset, IterableDataset):
-        return DataLoader(dataset, **kwargs)
+        return loader_cls(dataset, **kwargs)
     # Map-style: shuffle for training, full equal-size batches so accumulation matches one big batch;
     # validation sees the same leading batches every time, so its curve is comparable over time.
-    return DataLoader(dataset, shuffle=is_train, drop_last=is_train, **kwargs)
+    return loader_cls(dataset, shuffle=is_train, drop_last=is_train, **kwargs)
 
 
 def _failed_download(exc: BaseException) -> tuple[str, str] | None:

@@ -3,6 +3,7 @@
 Command line (mlfab style): `python -m examples.mnist [config.yaml ...] [key=value ...] [--help]`.
 """
 
+import os
 import re
 import sys
 from datetime import timedelta
@@ -48,7 +49,18 @@ def new_exp_dir(task_cls: type, config: Config) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"Cannot create the run directory {path} ({e.strerror}). Set run_dir or exp_dir.") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"The run directory {path} is not writable. Fix its permissions, or set run_dir or exp_dir "
+                          "to a directory you can write to.")
     return path.resolve()
+
+
+def newest_checkpoint(exp_dir: Path) -> Path | None:
+    """The checkpoint a relaunch into `exp_dir` resumes from: the most recently written one."""
+    from mlfab.checkpoints import checkpoint_files
+
+    files = checkpoint_files(exp_dir / "checkpoints")
+    return files[-1] if files else None
 
 
 def resolve_precision(precision: str) -> str:
@@ -107,9 +119,12 @@ def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callb
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from mlfab.checkpoints import AtomicCheckpointIO
+
     callbacks = [*trainer_callbacks(config, exp_dir), *extra_callbacks]
     return pl.Trainer(
         **trainer_kwargs(config),
+        plugins=[AtomicCheckpointIO()],
         logger=loggers,
         callbacks=callbacks,
         default_root_dir=exp_dir,
@@ -174,19 +189,27 @@ def run(task_cls: type["Task"], config: Config) -> int:
     import lightning.pytorch as pl
 
     from mlfab.callbacks import GracefulStop
+    from mlfab.checkpoints import check_compatible, load_checkpoint
+    from mlfab.provenance import write_provenance
 
     pl.seed_everything(config.seed, workers=True, verbose=False)
     exp_dir = new_exp_dir(task_cls, config)
+    resume_from = newest_checkpoint(exp_dir)
     (exp_dir / "config.yaml").write_text(config_to_yaml(config))
     task = task_cls(config)
     task._exp_dir = exp_dir
+    if resume_from is not None:
+        check_compatible(load_checkpoint(resume_from), resume_from, task)
+    write_provenance(exp_dir, task_cls, resumed=resume_from is not None)
     task.set_loggers()
     trainer = build_trainer(config, exp_dir, task._mlfab_loggers, [])
     for logger in task._mlfab_loggers:
         if hasattr(logger, "write_config"):
             logger.write_config(config_to_yaml(config))
     print(f"Run directory: {exp_dir}", flush=True)
-    trainer.fit(task)
+    if resume_from is not None:
+        print(f"Resuming from {resume_from}", flush=True)
+    trainer.fit(task, ckpt_path=resume_from)
     print(f"Finished. Run directory: {exp_dir}", flush=True)
     stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStop))  # type: ignore[attr-defined]
     return 128 + stop.signal_received if stop.signal_received else 0

@@ -20,11 +20,14 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from mlfab import log_values as lv
+from mlfab.checkpoints import gather_rng_states, restore_rng_states, task_id
 from mlfab.config import Config, ConfigT, build_config, to_dict
 from mlfab.data import build_dataloader, check_dataset, explain_dataset_failure
 from mlfab.errors import TaskDefinitionError
+from mlfab.loader import Consumed
 from mlfab.logbuffer import Cadence, LogBuffer, Logs, flush, resolve
 from mlfab.loggers.dispatch import write_logs
+from mlfab.nonfinite import NonFiniteGuard, SkipStep
 from mlfab.optim import schedule_free_adamw, set_optimizer_mode
 from mlfab.state import Phase, State
 
@@ -103,6 +106,9 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self._log_cadence = Cadence()
         self._num_samples = 0
         self._num_valid_steps = 0
+        self._consumed = Consumed()  # Batches trained, so the loader knows which ones are still in flight.
+        self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
+        self._last_losses: dict[str, Tensor] = {}
         self._start_time_s = time.time()
         self._elapsed_before_s = 0.0  # Time spent in earlier sessions of this run (restored on resume).
         self._session_start_s = time.monotonic()
@@ -278,6 +284,7 @@ class Task(pl.LightningModule, Generic[ConfigT]):
                     "Tensor (reduce it, e.g. with .mean())."
                 )
             self._log_buffer.add("scalar", f"loss/{name}", part.detach())
+        self._last_losses = parts
         values = list(parts.values())
         return values[0] if len(values) == 1 else torch.stack([v.reshape(()) for v in values]).sum()
 
@@ -312,6 +319,8 @@ class Task(pl.LightningModule, Generic[ConfigT]):
             batch_size=self.config.batch_size,
             num_workers=self.config.num_dataloader_workers,
             pin_memory=self._trainer is not None and self.trainer.strategy.root_device.type == "cuda",
+            max_bad_in_a_row=self.config.max_bad_samples_in_a_row,
+            consumed=self._consumed,
         )
 
     @override
@@ -352,7 +361,29 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self._flush_logs("test", self.global_step)
 
     @override
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        if gradient_clip_algorithm not in (None, "norm"):  # Value clipping: Lightning's own, no finiteness check.
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # fp16 loss scaling skips steps with inf gradients itself; there only the loss is checked.
+        scaled = str(self.trainer.precision).startswith("16")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._nonfinite.clip_and_check(params, self._last_losses, gradient_clip_val, check_grads=not scaled)
+
+    @override
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        try:
+            optimizer.step(closure=optimizer_closure)
+        except SkipStep:  # Raised before the optimizer changed anything.
+            optimizer.zero_grad()
+            self.log_string("skipped_step", f"{self._nonfinite.last_reason} not finite", namespace="nonfinite")
+            self._nonfinite.skipped(self.global_step)
+        if self._nonfinite.total:
+            self.log_scalar("skipped_steps", self._nonfinite.total, namespace="nonfinite")
+
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._consumed.count += 1
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # An optimizer step just ended.
             self._flush_logs("train", self.global_step - 1)
 
@@ -380,20 +411,25 @@ class Task(pl.LightningModule, Generic[ConfigT]):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = self.trainer
-        was_training = any(g.get("train_mode") for opt in trainer.optimizers for g in opt.param_groups)
-        if was_training:
-            # Schedule-free optimizers must be in eval mode when saved: store the evaluation weights
-            # with the optimizer state that matches them, then go back to the training weights.
-            set_optimizer_mode(trainer.optimizers, train=False)
-            checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
-            checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
-            set_optimizer_mode(trainer.optimizers, train=True)
-        checkpoint["mlfab"] = {
+        saved: dict[str, Any] = {
+            "task": task_id(type(self)),
             "num_samples": self._num_samples,
             "num_valid_steps": self._num_valid_steps,
             "start_time_s": self._start_time_s,
             "elapsed_time_s": self.elapsed_time_s,
+            "rng": gather_rng_states(trainer),  # Every rank's, so each resumes its own stream.
         }
+        if any(g.get("train_mode") for opt in trainer.optimizers for g in opt.param_groups):
+            # Schedule-free optimizers must be saved in eval mode: the checkpoint holds the evaluation
+            # weights with the optimizer state that matches them. The training weights are kept too, so a
+            # resume continues from exactly the same numbers instead of re-deriving them.
+            saved["train_state_dict"] = checkpoint["state_dict"]
+            saved["train_optimizer_states"] = checkpoint["optimizer_states"]
+            set_optimizer_mode(trainer.optimizers, train=False)
+            checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
+            checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
+            set_optimizer_mode(trainer.optimizers, train=True)
+        checkpoint["mlfab"] = saved
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -403,6 +439,11 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self._start_time_s = float(saved.get("start_time_s", self._start_time_s))
         self._elapsed_before_s = float(saved.get("elapsed_time_s", 0.0))
         self._session_start_s = time.monotonic()
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            if "train_state_dict" in saved:  # Resuming training: continue from the exact training weights.
+                checkpoint["state_dict"] = saved["train_state_dict"]
+                checkpoint["optimizer_states"] = saved["train_optimizer_states"]
+            restore_rng_states(self.trainer, saved.get("rng"))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Running.

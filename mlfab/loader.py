@@ -1,0 +1,89 @@
+"""The training DataLoader: torchdata's StatefulDataLoader, made exact across a checkpoint.
+
+StatefulDataLoader saves where the data stream is (each worker's dataset state, which worker is next).
+Lightning fetches one batch ahead, so when a checkpoint is written the loader has already produced a
+batch that was not trained on; restoring the loader alone would skip it. This loader remembers the batches
+it produced that were not consumed yet and stores them in its state, and a restored loader yields them
+first. Nothing is replayed from the start, so resuming costs the same at step 10 and at step 100000.
+
+A batch whose collation failed (None) is skipped here and counted.
+"""
+
+import collections
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from torchdata.stateful_dataloader import StatefulDataLoader
+from typing_extensions import override
+
+from mlfab.errors import DatasetError
+
+# torchdata calls a deprecated torch function on every iterator start; the warning is not the user's concern.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+
+
+class Consumed:
+    """How many batches the training loop finished; shared between the task and its loader."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class MlfabLoader(StatefulDataLoader):
+    def __init__(self, *args: Any, consumed: Consumed | None = None, **kwargs: Any) -> None:  # noqa: D107
+        kwargs.setdefault("snapshot_every_n_steps", 1)
+        super().__init__(*args, **kwargs)
+        self.consumed = consumed or Consumed()
+        self._recent: collections.deque[Any] = collections.deque(maxlen=8)
+        self._yielded = 0
+        self._replay: list[Any] = []
+        self.skipped_batches = 0
+
+    @override
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        replay, self._replay = self._replay, []
+        produced = 0
+        for batch in replay:
+            produced += 1
+            yield self._note(batch)
+        for batch in super().__iter__():
+            if batch is None:  # The dataset's collate failed for this batch.
+                self.skipped_batches += 1
+                continue
+            produced += 1
+            yield self._note(batch)
+        if produced == 0:  # Lightning would start a new epoch forever.
+            name = type(getattr(self.dataset, "dataset", self.dataset)).__name__
+            raise DatasetError(f"The training dataset ({name}) produced no batches. Check that get_dataset('train') "
+                               "returns a dataset with at least batch_size samples.")
+
+    def _note(self, batch: Any) -> Any:
+        self._recent.append(batch)
+        self._yielded += 1
+        return batch
+
+    def in_flight(self) -> list[Any]:
+        """Batches produced but not yet trained on (normally the one Lightning prefetched)."""
+        pending = self._yielded - self.consumed.count
+        return list(self._recent)[-pending:] if pending > 0 else []
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": super().state_dict(), "in_flight": self.in_flight(), "skipped": self.skipped_batches}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict["loader"])
+        self._replay = list(state_dict.get("in_flight", []))
+        self.skipped_batches = int(state_dict.get("skipped", 0))
+        self._yielded = self.consumed.count = 0
+        self._recent.clear()
+
+    def dataset_states(self) -> list[dict[str, Any]]:
+        """The dataset state of the main process or of each worker, as last reported."""
+        state = super().state_dict()
+        if "dataset_state" in state:
+            return [state["dataset_state"] or {}]
+        workers = state.get("_snapshot", {}).get("_worker_snapshots", {})
+        return [w.get("dataset_state") or {} for w in workers.values()]

@@ -1,0 +1,60 @@
+"""Skipping optimizer steps whose loss or gradient is not finite, and stopping when it keeps happening.
+
+The check runs where Lightning clips gradients (after backward, before the optimizer updates anything):
+one total gradient norm, which clipping needs anyway, and one device sync per step to read it.
+"""
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from mlfab.errors import MlfabError
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(MlfabError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class SkipStep(Exception):  # noqa: N818 - control flow, never reaches the user
+    """Raised inside the optimizer closure to abandon this step before any parameter changes."""
+
+
+class NonFiniteGuard:
+    def __init__(self, max_in_a_row: int | None) -> None:
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.total = 0
+        self.last_reason = ""
+
+    def clip_and_check(
+        self, params: Iterable[Tensor], losses: Mapping[str, Tensor], max_norm: float | None, check_grads: bool = True
+    ) -> None:
+        grads = [p for p in params if p.grad is not None]
+        if max_norm:
+            norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in grads]) if grads else torch.zeros(())
+        total = sum((v.detach().float().sum() for v in losses.values()), torch.zeros((), device=norm.device))
+        if check_grads:
+            total = total + norm.to(total.device)
+        if bool(torch.isfinite(total)):
+            self.in_a_row = 0
+            return
+        bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
+        self.last_reason = f"loss {', '.join(repr(k) for k in bad)}" if bad else "the gradient"
+        raise SkipStep
+
+    def skipped(self, step: int) -> None:
+        self.in_a_row += 1
+        self.total += 1
+        log.warning("Step %d skipped: %s is not finite (%d skipped so far)", step, self.last_reason, self.total)
+        if self.max_in_a_row is not None and self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(
+                f"{self.in_a_row} optimizer steps in a row had a non-finite {self.last_reason} (last at step {step}); "
+                "stopping (max_nonfinite_steps_in_a_row). The checkpoints written so far are intact. Lower the "
+                "learning rate, check the data, or raise max_nonfinite_steps_in_a_row."
+            )
