@@ -18,40 +18,45 @@ def at_step_boundary(trainer: pl.Trainer, batch_idx: int) -> bool:
 
 
 class ValidationCadence(Callback):
-    """Validates after the first optimizer step, then every N steps (Lightning's own `val_check_interval`)
-    and/or every N seconds of wall-clock time.
+    """Validates after the first optimizer step of a new run (or once `first_n_seconds` have passed), then
+    every N steps (Lightning's own `val_check_interval`) and/or every N seconds of wall-clock time.
 
     Lightning validates on a step cadence or a time cadence, not both, and not after the first step,
-    so this wraps the training loop's validation decision with the extra conditions.
+    so this wraps the training loop's validation decision with the extra conditions. A resumed run does
+    not add a validation of its own, so it validates at the same steps as an uninterrupted one.
     """
 
-    def __init__(self, every_n_seconds: float | None) -> None:
+    def __init__(self, every_n_seconds: float | None, first_n_seconds: float | None = None) -> None:
         self.every_n_seconds = every_n_seconds
-        self._last_valid = time.monotonic()
-        self._validated_this_run = False
+        self.first_n_seconds = first_n_seconds
+        self._start = self._last_valid = time.monotonic()
+        self._validated = False
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loop = trainer.fit_loop.epoch_loop
         lightning_decision = loop._should_check_val_fx
-        self._last_valid = time.monotonic()
-        self._validated_this_run = False
+        self._start = self._last_valid = time.monotonic()
+        self._validated = trainer.global_step > 0  # Resumed: the first validation already happened.
 
         def should_check_val(data_fetcher: Any) -> bool:
+            if trainer.should_stop:  # Stopping (a signal, or max_steps): no extra validation on the way out.
+                return False
             if lightning_decision(data_fetcher):
                 return True
             if not at_step_boundary(trainer, loop.batch_idx) or trainer.limit_val_batches == 0:
                 return False
-            if not self._validated_this_run:
-                return True
-            return self.every_n_seconds is not None and time.monotonic() - self._last_valid >= self.every_n_seconds
+            now = time.monotonic()
+            if not self._validated:
+                return self.first_n_seconds is None or now - self._start >= self.first_n_seconds
+            return self.every_n_seconds is not None and now - self._last_valid >= self.every_n_seconds
 
         loop._should_check_val_fx = should_check_val  # type: ignore[method-assign]
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_valid = time.monotonic()
-        self._validated_this_run = True
+        self._validated = True
 
 
 class FinalCheckpoint(Callback):

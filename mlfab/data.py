@@ -225,8 +225,13 @@ def build_dataloader(
     pin_memory: bool = False,
     max_bad_in_a_row: int | None = 100,
     consumed: Any = None,
+    seed: int = 0,
 ) -> DataLoader:
-    """The training loader is resumable (see `mlfab.loader`); validation loaders are plain DataLoaders."""
+    """The training loader is resumable (see `mlfab.loader`); validation loaders are plain DataLoaders.
+
+    Each loader draws its shuffling and worker seeds from a generator of its own, never from torch's
+    global one, so how often validation runs cannot change the training run's random numbers.
+    """
     from mlfab.loader import MlfabLoader
 
     own_collate = getattr(dataset, "collate", None)
@@ -238,6 +243,7 @@ def build_dataloader(
         "collate_fn": collate,
         "pin_memory": pin_memory,
         "persistent_workers": num_workers > 0,
+        "generator": torch.Generator().manual_seed(seed + (0 if is_train else 1)),
     }
     loader_cls: Any = DataLoader
     if is_train:

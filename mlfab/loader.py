@@ -42,12 +42,17 @@ class MlfabLoader(StatefulDataLoader):
 
     @override
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        # The underlying iterator is made now, not at the first `next`: making it draws from torch's
+        # generator, and that must happen before a resumed run restores the generators' states.
         replay, self._replay = self._replay, []
+        return self._batches(replay, super().__iter__())
+
+    def _batches(self, replay: list[Any], inner: Iterator[Any]) -> Iterator[Any]:
         produced = 0
         for batch in replay:
             produced += 1
             yield self._note(batch)
-        for batch in super().__iter__():
+        for batch in inner:
             if batch is None:  # The dataset's collate failed for this batch.
                 self.skipped_batches += 1
                 continue

@@ -109,6 +109,7 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self._consumed = Consumed()  # Batches trained, so the loader knows which ones are still in flight.
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._last_losses: dict[str, Tensor] = {}
+        self._pending_rng: list[dict[str, Any]] | None = None
         self._start_time_s = time.time()
         self._elapsed_before_s = 0.0  # Time spent in earlier sessions of this run (restored on resume).
         self._session_start_s = time.monotonic()
@@ -321,6 +322,7 @@ class Task(pl.LightningModule, Generic[ConfigT]):
             pin_memory=self._trainer is not None and self.trainer.strategy.root_device.type == "cuda",
             max_bad_in_a_row=self.config.max_bad_samples_in_a_row,
             consumed=self._consumed,
+            seed=self.config.seed,
         )
 
     @override
@@ -342,6 +344,7 @@ class Task(pl.LightningModule, Generic[ConfigT]):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self._consumed.count += 1  # Counted now: checkpoint callbacks run before this task's batch-end hook.
         loss = self._loss_total(self.get_loss(batch, self.state("train")))
         self._num_samples += self.config.batch_size * self.trainer.world_size
         return loss
@@ -383,7 +386,6 @@ class Task(pl.LightningModule, Generic[ConfigT]):
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._consumed.count += 1
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # An optimizer step just ended.
             self._flush_logs("train", self.global_step - 1)
 
@@ -397,6 +399,9 @@ class Task(pl.LightningModule, Generic[ConfigT]):
     @override
     def on_train_start(self) -> None:
         set_optimizer_mode(self.trainer.optimizers, train=True)
+        if self._pending_rng is not None:
+            restore_rng_states(self.trainer, self._pending_rng)
+            self._pending_rng = None
 
     @override
     def on_validation_model_eval(self) -> None:
@@ -423,12 +428,18 @@ class Task(pl.LightningModule, Generic[ConfigT]):
             # Schedule-free optimizers must be saved in eval mode: the checkpoint holds the evaluation
             # weights with the optimizer state that matches them. The training weights are kept too, so a
             # resume continues from exactly the same numbers instead of re-deriving them.
-            saved["train_state_dict"] = checkpoint["state_dict"]
-            saved["train_optimizer_states"] = checkpoint["optimizer_states"]
+            train_weights = {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()}
             set_optimizer_mode(trainer.optimizers, train=False)
-            checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
+            checkpoint["state_dict"] = {k: v.detach().clone() for k, v in
+                                        trainer.strategy.lightning_module_state_dict().items()}
             checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
-            set_optimizer_mode(trainer.optimizers, train=True)
+            # Back to training mode without the round trip's rounding, so saving never changes the run.
+            self.load_state_dict(train_weights)
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["train_mode"] = True
+            saved["train_state_dict"] = train_weights
+            saved["train_optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
         checkpoint["mlfab"] = saved
 
     @override
@@ -443,7 +454,9 @@ class Task(pl.LightningModule, Generic[ConfigT]):
             if "train_state_dict" in saved:  # Resuming training: continue from the exact training weights.
                 checkpoint["state_dict"] = saved["train_state_dict"]
                 checkpoint["optimizer_states"] = saved["train_optimizer_states"]
-            restore_rng_states(self.trainer, saved.get("rng"))
+            # Restored when training starts: Lightning creates the data iterator in between, which draws
+            # from torch's generator once; the uninterrupted run did that draw at step 0.
+            self._pending_rng = saved.get("rng")
 
     # ----------------------------------------------------------------------------------------------------------------
     # Running.

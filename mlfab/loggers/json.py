@@ -1,0 +1,197 @@
+"""`mlfab.JsonLogger(exp_dir)`: `<exp_dir>/json/log.jsonl`, one JSON object per write, media as files beside it.
+
+Why: a record any script can read without TensorBoard or W&B (`json.loads` per line, `pandas.read_json(path,
+lines=True)`, `jq`), that loses nothing on a crash (each line is flushed as it is written) and keeps every kind
+mlfab logs. A write is one line:
+
+    {"phase": "train", "step": 10, "elapsed_time_s": 1.5, "num_samples": 80,
+     "scalars": {"loss/loss": 0.25}, "strings": {"text/sample": "..."},
+     "histograms": {"hist/w": {"min": ..., "max": ..., "mean": ..., "std": ..., "count": ...}},
+     "media": {"image/x": "media/train/image__x/10.png", "hist/w": "media/train/hist__w/10.npy"}}
+
+Media paths are relative to `<exp_dir>/json`: `media/<phase>/<tag, "/" written as "__">/<step>.<ext>`, with
+images as .png, audio as .wav (16-bit PCM), video as .gif (every frame, looping, frame time from fps),
+histograms as .npy (the raw values; the line has their summary) and point clouds as .npy ((N, 6) xyz + rgb, or
+(N, 3) without colours). Non-finite scalars are written as NaN / Infinity, which Python and pandas read.
+
+Lightning's `log_hyperparams` adds a line {"phase": "hparams", "hparams": {...}} (for an mlfab task, its config);
+`write_config` writes nothing, since `<exp_dir>/config.yaml` and that line already hold the config.
+`log_metrics` (Lightning's `self.log` path) writes scalar lines like any other write.
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from mlfab.logbuffer import Audio, Logs, PointCloud, Video
+from mlfab.loggers.base import MlfabLogger, scalar_logs
+from mlfab.state import Phase
+
+
+def _safe_name(tag: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", tag.replace("/", "__"))
+
+
+def _save_image(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    image = np.asarray(image, dtype=np.uint8)
+    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(path)
+
+
+def _save_audio(path: Path, audio: Audio) -> None:
+    import soundfile
+
+    samples = np.clip(np.asarray(audio.samples, dtype=np.float32), -1.0, 1.0)
+    soundfile.write(str(path), samples, int(audio.sample_rate), subtype="PCM_16")
+
+
+def _save_video(path: Path, video: Video) -> None:
+    from PIL import Image
+
+    frames = [Image.fromarray(f) for f in np.asarray(video.frames, dtype=np.uint8)]
+    duration_ms = max(round(1000 / max(video.fps, 1)), 10)  # GIF frame times are in units of 10 ms.
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+
+
+def _save_histogram(path: Path, values: np.ndarray) -> None:
+    np.save(path, np.asarray(values).ravel())
+
+
+def _save_point_cloud(path: Path, cloud: PointCloud) -> None:
+    points = np.asarray(cloud.points, dtype=np.float32).reshape(-1, 3)
+    if cloud.colors is not None:
+        points = np.concatenate([points, np.asarray(cloud.colors, dtype=np.float32).reshape(-1, 3)], axis=1)
+    np.save(path, points)
+
+
+_MEDIA = {  # kind: (file extension, writer)
+    "image": ("png", _save_image),
+    "audio": ("wav", _save_audio),
+    "video": ("gif", _save_video),
+    "histogram": ("npy", _save_histogram),
+    "point_cloud": ("npy", _save_point_cloud),
+}
+
+
+def histogram_summary(values: np.ndarray) -> dict[str, float | int | None]:
+    """min / max / mean / std over the finite values; `count` is every value, NaN and inf included."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return {"min": None, "max": None, "mean": None, "std": None, "count": int(values.size)}
+    return {"min": float(finite.min()), "max": float(finite.max()), "mean": float(finite.mean()),
+            "std": float(finite.std()), "count": int(values.size)}
+
+
+def _plain(value: Any) -> Any:
+    """json.dumps fallback for hyperparameters: numbers and arrays as numbers, anything else as its str."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "item") and callable(value.item):  # Scalar tensors.
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
+class JsonLogger(MlfabLogger, Logger):
+    def __init__(
+        self,
+        exp_dir: str | Path,
+        log_interval_seconds: float | dict[Phase, float] = 0.0,
+        file_name: str = "log.jsonl",
+    ) -> None:
+        super().__init__()
+        self._exp_dir = Path(exp_dir)
+        self._dir = self._exp_dir / "json"
+        self._file_name = file_name
+        self._set_interval(log_interval_seconds)
+        self._file: IO[str] | None = None
+
+    @property
+    @override
+    def name(self) -> str:
+        return "json"
+
+    @property
+    @override
+    def version(self) -> str:
+        return ""
+
+    @property
+    @override
+    def save_dir(self) -> str:
+        return str(self._exp_dir)
+
+    @property
+    @override
+    def log_dir(self) -> str:
+        """`<exp_dir>/json`: the JSON-lines file and its media."""
+        return str(self._dir)
+
+    @property
+    def path(self) -> Path:
+        """The JSON-lines file."""
+        return self._dir / self._file_name
+
+    def _write_line(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps(record, default=_plain) + "\n")
+        self._file.flush()  # A crash loses nothing already written.
+
+    @rank_zero_only
+    def write(self, logs: Logs) -> None:
+        media: dict[str, str] = {}
+        for kind, (ext, save) in _MEDIA.items():
+            for tag, value in logs.of(kind).items():
+                relative = Path("media") / logs.phase / _safe_name(tag) / f"{logs.step}.{ext}"
+                (self._dir / relative).parent.mkdir(parents=True, exist_ok=True)
+                save(self._dir / relative, value)
+                media[tag] = relative.as_posix()
+        self._write_line({
+            "phase": logs.phase,
+            "step": logs.step,
+            "elapsed_time_s": logs.elapsed_time_s,
+            "num_samples": logs.num_samples,
+            "scalars": {tag: float(v) for tag, v in logs.scalars.items()},
+            "strings": {tag: str(v) for tag, v in logs.of("string").items()},
+            "histograms": {tag: histogram_summary(v) for tag, v in logs.of("histogram").items()},
+            "media": media,
+        })
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        params = vars(params) if isinstance(params, argparse.Namespace) else params
+        self._write_line({"phase": "hparams", "hparams": dict(params)})
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.write(scalar_logs(metrics, step))
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_file"] = None  # An open file cannot be pickled (DDP spawn); it is reopened for appending.
+        return state
+

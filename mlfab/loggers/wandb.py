@@ -1,0 +1,231 @@
+"""`mlfab.WandbLogger(exp_dir)`: a Weights & Biases run whose files live under `<exp_dir>/wandb`.
+
+Why it is built this way:
+- Offline unless credentials are configured: a machine without a W&B key (CI, a fresh cluster node) must never
+  stop at a login prompt or wait on W&B's servers. The run is written to disk; `wandb sync <run dir>` uploads it.
+- One history row per write, never `run.log(..., step=)`: W&B drops (with a warning) any row whose `step=` is
+  below the run's current step, which happens as soon as two writers disagree (Lightning's own `self.log` path
+  logs without `step=`, a resumed run restarts below the last logged step). Instead every row carries the
+  training step as the value `trainer/global_step`, the x-axis of every chart (the key Lightning's W&B logger
+  already plots against), so no write can be dropped, whatever its order. W&B's own `_step` then counts
+  writes; media panels' sliders may show it rather than the training step.
+- `wandb` is imported inside functions: importing it costs about a second, and `import mlfab` must stay fast.
+"""
+
+import configparser
+import html
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from mlfab.logbuffer import Logs
+from mlfab.loggers.base import MlfabLogger
+from mlfab.state import Phase
+
+STEP_METRIC = "trainer/global_step"  # The x-axis of every chart; Lightning's WandbLogger uses the same key.
+
+
+def define_step_axis(run: Any) -> None:
+    """Plots every metric of `run` against `trainer/global_step` (what `write_wandb` logs in each row)."""
+    run.define_metric(STEP_METRIC)
+    run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)
+
+
+def _text(value: str) -> Any:
+    import wandb
+
+    # Html rather than a one-cell Table: Html is media, shown like images in a media panel with a step
+    # slider, so a sample written every few hundred steps can be scrubbed through; <pre> keeps newlines and
+    # indentation, and escaping shows `<` and `&` literally. A Table is a JSON table file built for many rows:
+    # for one string it only adds a column header and a grid around it.
+    return wandb.Html(f'<pre style="white-space: pre-wrap">{html.escape(value)}</pre>', data_is_not_path=True)
+
+
+def _video(frames: np.ndarray, fps: int) -> Any:
+    import wandb
+
+    # MP4 (H.264, through moviepy's bundled ffmpeg): a few times smaller and faster to encode than GIF (measured
+    # on 60 frames of 128x128), and full colour where GIF has 256. moviepy only asks for the 4:2:0 pixel format
+    # that browsers play when both sides are even (its docs warn other formats fail in some players), so an odd
+    # height or width is padded by repeating the last row or column.
+    _, h, w, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    return wandb.Video(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), fps=max(int(fps), 1), format="mp4")
+
+
+def _point_cloud(points: np.ndarray, colors: np.ndarray | None) -> Any:
+    import wandb
+
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    if colors is not None:
+        points = np.concatenate([points, np.asarray(colors, dtype=np.float32).reshape(-1, 3)], axis=1)
+    return wandb.Object3D(points)
+
+
+def write_wandb(run: Any, logs: Logs, prefix: str = "") -> None:
+    """Writes every kind in `logs` as ONE history row of `run`, each tag as `prefix + tag`.
+
+    The row also holds `trainer/global_step` (= `logs.step`), `trainer/num_samples` and
+    `trainer/elapsed_time_s`; call `define_step_axis(run)` once so charts use the step as their x-axis.
+    """
+    import wandb
+
+    row: dict[str, Any] = {
+        STEP_METRIC: logs.step,
+        "trainer/num_samples": logs.num_samples,
+        "trainer/elapsed_time_s": logs.elapsed_time_s,
+    }
+    for tag, value in logs.scalars.items():
+        row[prefix + tag] = float(value)
+    for tag, text in logs.of("string").items():
+        row[prefix + tag] = _text(str(text))
+    for tag, image in logs.of("image").items():
+        image = np.asarray(image)
+        row[prefix + tag] = wandb.Image(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+    for tag, audio in logs.of("audio").items():
+        row[prefix + tag] = wandb.Audio(np.asarray(audio.samples, dtype=np.float32), sample_rate=audio.sample_rate)
+    for tag, video in logs.of("video").items():
+        row[prefix + tag] = _video(np.asarray(video.frames, dtype=np.uint8), video.fps)
+    for tag, values in logs.of("histogram").items():
+        values = np.asarray(values, dtype=np.float64).ravel()
+        values = values[np.isfinite(values)]  # np.histogram fails on NaN / inf; an all-NaN tensor is skipped.
+        if values.size:
+            row[prefix + tag] = wandb.Histogram(values)
+    for tag, cloud in logs.of("point_cloud").items():
+        row[prefix + tag] = _point_cloud(cloud.points, cloud.colors)
+    run.log(row)
+
+
+def _wandb_settings_file() -> dict[str, str]:
+    path = Path(os.environ.get("WANDB_CONFIG_DIR", "~/.config/wandb")).expanduser() / "settings"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+    except configparser.Error:
+        return {}
+    return dict(parser["default"]) if parser.has_section("default") else {}
+
+
+def has_wandb_credentials() -> bool:
+    """True when `wandb.init` would find an API key without asking: the environment or a .netrc entry.
+
+    Follows where wandb itself looks (WANDB_API_KEY / WANDB_IDENTITY_TOKEN_FILE, then $NETRC, ~/.netrc or
+    ~/_netrc for the server's host), without importing wandb or touching the network.
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    base_url = os.environ.get("WANDB_BASE_URL") or _wandb_settings_file().get("base_url") or "https://api.wandb.ai"
+    host = urlsplit(base_url).netloc
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for candidate in candidates:
+        path = Path(candidate).expanduser()
+        if path.is_file():
+            try:
+                auth = netrc.netrc(path).authenticators(host)
+            except (OSError, netrc.NetrcParseError):
+                return False
+            return bool(auth and auth[2])
+    return False
+
+
+def resolve_mode(mode: str | None = None) -> str | None:
+    """`mode` if given, else WANDB_MODE, else "offline" without credentials, else None (wandb decides: online
+    unless `wandb offline` was run)."""
+    if mode:
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return None if has_wandb_credentials() else "offline"
+
+
+class WandbLogger(MlfabLogger, LightningWandbLogger):
+    """A W&B run in `<exp_dir>/wandb`, written with mlfab's every kind (scalars, text, images, audio, video,
+    histograms, point clouds).
+
+    Train and valid values go to one W&B history, so tags are written as `train/<tag>` and `valid/<tag>`
+    (`train/loss/loss`, `valid/loss/loss`; the names `dispatch` gives any single-stream logger), which W&B shows
+    as one section per phase. Every row carries `trainer/global_step`, the charts' x-axis (see the module
+    docstring for why no `step=` is passed). Lightning's `self.log` metrics (`log_metrics`) keep their own
+    names and the same x-axis. `finalize` finishes the run (W&B's service writes its last records to disk a
+    moment later), so the next launch in the same process gets a run of its own instead of reusing this one.
+
+    Mode: `mode` if given; else WANDB_MODE; else offline when no W&B credentials are configured
+    (WANDB_API_KEY or a .netrc entry), online otherwise. Project: `project`, else WANDB_PROJECT, else "mlfab";
+    name: `<task>/<run_N>` from `exp_dir`. Other keyword arguments go to Lightning's WandbLogger / `wandb.init`.
+    """
+
+    def __init__(
+        self,
+        exp_dir: str | Path,
+        project: str | None = None,
+        name: str | None = None,
+        log_interval_seconds: float | dict[Phase, float] = 2.0,
+        mode: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        exp_dir = Path(exp_dir)
+        resolved = resolve_mode(mode)
+        if resolved is not None:
+            kwargs["mode"] = resolved
+        super().__init__(
+            name=name or "/".join(exp_dir.resolve().parts[-2:]),
+            save_dir=str(exp_dir),  # wandb.init(dir=...) writes into <dir>/wandb.
+            project=project or os.environ.get("WANDB_PROJECT") or "mlfab",
+            **kwargs,
+        )
+        if self._wandb_init.get("anonymous") is None:  # wandb 0.31 warns about the setting even when it is None.
+            self._wandb_init.pop("anonymous", None)
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        self._set_interval(log_interval_seconds)
+        self.mode = resolved  # What wandb.init gets; None: wandb's own choice (online unless `wandb offline`).
+        self._axis_run: Any = None
+
+    def _run(self) -> Any:
+        run = self.experiment
+        if run is not self._axis_run:  # Also for a run passed in as `experiment=`, which Lightning leaves alone.
+            define_step_axis(run)
+            self._axis_run = run
+        return run
+
+    @rank_zero_only
+    def write(self, logs: Logs) -> None:
+        write_wandb(self._run(), logs, prefix=f"{logs.phase}/")
+
+    @rank_zero_only
+    def write_config(self, config_yaml: str) -> None:
+        """The config becomes the run's config (filterable columns in W&B) and a file of the run."""
+        import yaml
+
+        run = self._run()
+        config = yaml.safe_load(config_yaml)
+        if isinstance(config, dict):
+            run.config.update(config, allow_val_change=True)
+        if Path(run.dir).is_dir():  # A disabled run (WANDB_MODE=disabled) has no files directory.
+            path = Path(run.dir) / "mlfab_config.yaml"
+            path.write_text(config_yaml)
+            run.save(str(path), base_path=run.dir, policy="now")
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        # An mlfab task's hyperparameters are {"config": {...}}: flatten them, so they match `write_config`'s
+        # keys instead of repeating the whole config under "config.".
+        if isinstance(params, dict) and set(params) == {"config"} and isinstance(params["config"], dict):
+            params = params["config"]
+        super().log_hyperparams(params)
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None and hasattr(self._experiment, "finish"):
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
+            self._axis_run = None

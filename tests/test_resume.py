@@ -1,0 +1,184 @@
+"""Exact resume: an interrupted and resumed run has the uninterrupted run's losses at every later step."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlfab
+from mlfab.testing import BoringConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A task whose data samples at random (dpshdl, per-worker generators) and whose model uses dropout, so any
+# lost or repeated batch, or any RNG state not restored, changes the losses. It records every step's loss
+# and can interrupt itself at a given step: with SIGTERM (graceful) or SIGKILL (nothing saved at that moment).
+SCRIPT = """
+import json, os, signal, sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+import mlfab
+from mlfab.testing import BoringConfig, BoringTask
+
+class Recorded(BoringTask):
+    def __init__(self, config):
+        super().__init__(config)
+        self.drop = nn.Dropout(0.3)
+
+    def get_loss(self, batch, state):
+        x, y = batch
+        loss = F.mse_loss(self.layer(self.drop(x)).squeeze(-1), y)
+        if state.phase == "train":
+            with open(os.environ["LOSS_FILE"], "a") as f:
+                f.write(json.dumps([state.num_steps, loss.item()]) + "\\n")
+            stop = os.environ.get("STOP_AT")
+            if stop and state.num_steps == int(stop):
+                os.kill(os.getpid(), getattr(signal, os.environ["STOP_WITH"]))
+        return loss
+
+if __name__ == "__main__":
+    Recorded.launch(BoringConfig(), argv=sys.argv[1:])
+"""
+
+
+def run_task(tmp_path: Path, losses: Path, *args: str, stop_at: int | None = None, stop_with: str = "SIGTERM") -> int:
+    script = tmp_path / "recorded.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOSS_FILE": str(losses), "STOP_WITH": stop_with}
+    if stop_at is not None:
+        env["STOP_AT"] = str(stop_at)
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode not in (0, 143, -9):
+        raise AssertionError(proc.stderr[-3000:])
+    return proc.returncode
+
+
+def read_losses(path: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        step, loss = json.loads(line)
+        out[step] = loss  # A resumed run rewrites the steps after its checkpoint.
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_interrupted_run_resumes_exactly(tmp_path: Path, workers: int, how: str) -> None:
+    common = ["max_steps=40", "batch_size=4", "valid_every_n_steps=15", f"num_dataloader_workers={workers}",
+              "save_every_n_steps=10", "save_every_n_seconds=null"]
+    reference = tmp_path / "reference.jsonl"
+    assert run_task(tmp_path, reference, *common, f"exp_dir={tmp_path / 'ref'}") == 0
+
+    resumed = tmp_path / "resumed.jsonl"
+    exp_dir = f"exp_dir={tmp_path / 'run'}"
+    code = run_task(tmp_path, resumed, *common, exp_dir, stop_at=23, stop_with=how)
+    assert code == (143 if how == "SIGTERM" else -9)
+    ckpts = {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    # SIGTERM saves at the step boundary; SIGKILL leaves only the periodic checkpoint of step 20.
+    assert "last.ckpt" in ckpts if how == "SIGTERM" else "last.ckpt" not in ckpts
+    first = read_losses(resumed)
+    assert max(first) == 23
+
+    assert run_task(tmp_path, resumed, *common, exp_dir) == 0
+    expected, got = read_losses(reference), read_losses(resumed)
+    assert sorted(got) == list(range(40))
+    resumed_from = 24 if how == "SIGTERM" else 20
+    for step in range(resumed_from, 40):
+        assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
+    # The comparison can fail: a run with another seed has other losses.
+    other = tmp_path / "other.jsonl"
+    run_task(tmp_path, other, *common, "seed=7", f"exp_dir={tmp_path / 'other'}")
+    assert read_losses(other)[30] != expected[30]
+
+    log = (tmp_path / "run" / "provenance" / "launches.yaml").read_text()
+    assert log.count("resumed: true") == 1 and log.count("resumed: false") == 1
+
+
+def launch_boring(tmp_path: Path, **overrides: object) -> None:
+    config = BoringConfig(exp_dir=str(tmp_path / "run"), max_steps=6, save_every_n_steps=2,
+                          save_every_n_seconds=None)
+    mlfab.testing.BoringTask.launch(config, argv=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_state_counters_and_elapsed_time_continue(tmp_path: Path) -> None:
+    launch_boring(tmp_path)
+    first = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["mlfab"]
+    launch_boring(tmp_path, max_steps=10)
+    second = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert second["global_step"] == 10
+    assert second["mlfab"]["num_samples"] == 10 * 8
+    assert second["mlfab"]["elapsed_time_s"] > first["elapsed_time_s"]
+    assert second["mlfab"]["start_time_s"] == first["start_time_s"]
+
+
+def test_corrupt_checkpoint_names_the_file_and_the_good_one(tmp_path: Path) -> None:
+    launch_boring(tmp_path)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    others = sorted(p.name for p in last.parent.iterdir())
+    with pytest.raises(mlfab.MlfabError, match=r"last.ckpt is corrupt or truncated .* previous checkpoint .*step_"):
+        launch_boring(tmp_path, max_steps=8)
+    assert sorted(p.name for p in last.parent.iterdir()) == others  # Nothing deleted or overwritten.
+
+
+def test_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
+    launch_boring(tmp_path)
+
+    class OtherTask(mlfab.testing.BoringTask):
+        pass
+
+    with pytest.raises(mlfab.MlfabError, match=r"was written by task mlfab.testing.BoringTask, not .*OtherTask"):
+        OtherTask.launch(BoringConfig(exp_dir=str(tmp_path / "run")), argv=[])
+
+
+def test_incompatible_config_is_refused_with_the_difference(tmp_path: Path) -> None:
+    launch_boring(tmp_path)
+    with pytest.raises(mlfab.MlfabError, match=r"does not fit this model(.|\n)*layer.weight(.|\n)*in_dim: 4 -> 3"):
+        launch_boring(tmp_path, in_dim=3)
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from mlfab import checkpoints
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj: object, f: object) -> None:
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoints.torch, "save", failing_save)
+    with pytest.raises(mlfab.MlfabError, match=r"Could not write checkpoint .*step_00000004.ckpt: the disk is full\. "
+                                               r"Earlier checkpoints are intact: step_00000002.ckpt"):
+        launch_boring(tmp_path)
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
+    files = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert files == ["step_00000002.ckpt"]  # No temporary file left behind.
+    assert torch.load(tmp_path / "run" / "checkpoints" / files[0], weights_only=True)["global_step"] == 2
+
+
+def test_run_directory_that_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(mlfab.ConfigError, match=r"Cannot create the run directory .*file/run.*Set run_dir or exp_dir"):
+        mlfab.testing.BoringTask.launch(BoringConfig(exp_dir=str(blocker / "run")), argv=[])
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_run_directory_not_writable(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(mlfab.ConfigError, match="is not writable"):
+        mlfab.testing.BoringTask.launch(BoringConfig(exp_dir=str(locked)), argv=[])
