@@ -3,8 +3,10 @@
 from mlfab.config import Config, field
 from mlfab.errors import ConfigError, DatasetError, MlfabError, SettingsError, TaskDefinitionError
 from mlfab.loggers.base import MlfabLogger
+from mlfab.loggers.json import JsonLogger
 from mlfab.loggers.stdout import StdoutLogger
 from mlfab.loggers.tensorboard import TensorboardLogger
+from mlfab.loggers.wandb import WandbLogger
 from mlfab.settings import get_data_dir, get_pretrained_models_dir, get_run_dir
 from mlfab.state import Phase, State
 from mlfab.task import Task
@@ -15,6 +17,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DatasetError",
+    "JsonLogger",
     "MlfabError",
     "MlfabLogger",
     "Phase",
@@ -24,6 +27,7 @@ __all__ = [
     "Task",
     "TaskDefinitionError",
     "TensorboardLogger",
+    "WandbLogger",
     "field",
     "get_data_dir",
     "get_pretrained_models_dir",
