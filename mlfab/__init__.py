@@ -1,6 +1,7 @@
 """mlfab: try out machine-learning ideas fast. This file is the table of contents."""
 
 from mlfab.config import Config, field
+from mlfab.data import worker_shard
 from mlfab.errors import ConfigError, DatasetError, MlfabError, SettingsError, TaskDefinitionError
 from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.json import JsonLogger
@@ -32,4 +33,5 @@ __all__ = [
     "get_data_dir",
     "get_pretrained_models_dir",
     "get_run_dir",
+    "worker_shard",
 ]

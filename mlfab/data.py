@@ -7,6 +7,7 @@ Batches reach the task as torch tensors with their dtypes kept (uint8 images sta
 
 import collections
 import logging
+import os
 import random
 import time
 import traceback
@@ -40,10 +41,20 @@ def to_torch(value: Any) -> Any:
     return value
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+_RANK_ENV, _WORLD_ENV = "MLFAB_GLOBAL_RANK", "MLFAB_WORLD_SIZE"
+
+
+def worker_shard() -> tuple[int, int]:
+    """(index, count) of this data shard: one shard per (rank, dataloader worker) pair over all ranks.
+
+    Call it inside a torch IterableDataset's `__iter__` to read only your share of the data, e.g.
+    `index, count = mlfab.worker_shard(); yield from items[index::count]`. mlfab's dataloaders set the rank
+    for their workers (inherited through the environment, so it works with fork and spawn alike).
+    """
+    info = get_worker_info()
+    worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    rank, world = int(os.environ.get(_RANK_ENV, 0)), int(os.environ.get(_WORLD_ENV, 1))
+    return rank * num_workers + worker_id, world * num_workers
 
 
 class BadSamples:
@@ -131,10 +142,7 @@ class DpshdlIterable(IterableDataset):
         self._pending_state: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        info = get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rank, world = _rank_and_world()
-        self.dataset.worker_init(rank * num_workers + worker_id, world * num_workers)
+        self.dataset.worker_init(*worker_shard())
         if self._pending_state is not None:
             self._apply(self._pending_state)
             self._pending_state = None
@@ -226,6 +234,8 @@ def build_dataloader(
     max_bad_in_a_row: int | None = 100,
     consumed: Any = None,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """The training loader is resumable (see `mlfab.loader`); validation loaders are plain DataLoaders.
 
@@ -234,6 +244,7 @@ def build_dataloader(
     """
     from mlfab.loader import MlfabLoader
 
+    os.environ[_RANK_ENV], os.environ[_WORLD_ENV] = str(rank), str(world_size)
     own_collate = getattr(dataset, "collate", None)
     collate = Collate(own_collate if callable(own_collate) else None)
     is_train = phase == "train"
@@ -243,7 +254,8 @@ def build_dataloader(
         "collate_fn": collate,
         "pin_memory": pin_memory,
         "persistent_workers": num_workers > 0,
-        "generator": torch.Generator().manual_seed(seed + (0 if is_train else 1)),
+        # Its own stream per rank and per phase (workers' seeds derive from it, with Lightning's worker init).
+        "generator": torch.Generator().manual_seed(seed + 2 * rank + (0 if is_train else 1)),
     }
     loader_cls: Any = DataLoader
     if is_train:

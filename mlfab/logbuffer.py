@@ -134,23 +134,15 @@ class Cadence:
         return due
 
 
-def flush(
-    buffer: LogBuffer,
-    cadence: Cadence,
-    loggers: list[Any],
-    write: Callable[[Any, Logs], None],
-    make_logs: Callable[[dict[Kind, dict[str, Any]]], Logs],
-    *,
-    phase: Phase,
-    step: int,
-    every_n_steps: int,
-) -> None:
-    """Writes the buffer to every logger that is due, resolving values at most once, then clears it."""
-    if buffer and loggers:
-        now = time.monotonic()
-        due = [lg for lg in loggers if cadence.due(lg, phase, step, every_n_steps, now)]
-        if due:
-            logs = make_logs(buffer.resolve())
-            for logger in due:
-                write(logger, logs)
-    buffer.clear()
+def due_loggers(cadence: Cadence, loggers: list[Any], *, phase: Phase, step: int, every_n_steps: int) -> list[Any]:
+    now = time.monotonic()
+    return [lg for lg in loggers if cadence.due(lg, phase, step, every_n_steps, now)]
+
+
+def mean_across_ranks(scalars: dict[str, float], reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Every rank's scalars averaged, in one collective (all ranks log the same keys)."""
+    keys = sorted(scalars)
+    if not keys:
+        return scalars
+    mean = reduce(torch.tensor([scalars[k] for k in keys], dtype=torch.float64))
+    return dict(zip(keys, mean.tolist(), strict=True))

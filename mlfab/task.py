@@ -8,12 +8,14 @@ attached logger. `Task.launch(Config(...))` runs it; `lightning.pytorch.Trainer(
 
 import dataclasses
 import functools
+import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Generic, get_args, get_origin
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -23,9 +25,10 @@ from mlfab import log_values as lv
 from mlfab.checkpoints import gather_rng_states, restore_rng_states, task_id
 from mlfab.config import Config, ConfigT, build_config, to_dict
 from mlfab.data import build_dataloader, check_dataset, explain_dataset_failure
+from mlfab.distributed import broadcast_exp_dir
 from mlfab.errors import TaskDefinitionError
 from mlfab.loader import Consumed
-from mlfab.logbuffer import Cadence, LogBuffer, Logs, flush, resolve
+from mlfab.logbuffer import Cadence, LogBuffer, Logs, due_loggers, mean_across_ranks, resolve
 from mlfab.loggers.dispatch import write_logs
 from mlfab.nonfinite import NonFiniteGuard, SkipStep
 from mlfab.optim import schedule_free_adamw, set_optimizer_mode
@@ -290,17 +293,32 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         return values[0] if len(values) == 1 else torch.stack([v.reshape(()) for v in values]).sum()
 
     def _flush_logs(self, phase: Phase, step: int) -> None:
-        trainer = self.trainer
-        if not trainer.is_global_zero:
-            self._log_buffer.clear()
+        """Writes the buffer to the loggers that are due (rank zero only), then clears it.
+
+        In multi-process training, validation scalars are averaged over ranks first: rank zero decides
+        whether anything is written and only then do the ranks compute and reduce their values."""
+        trainer, buffer = self.trainer, self._log_buffer
+        averaged = trainer.world_size > 1 and phase != "train"
+        if not (trainer.is_global_zero or averaged) or not buffer:
+            buffer.clear()
             return
-        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-
-        def make_logs(values: dict[str, dict[str, Any]]) -> Logs:
-            return Logs(phase, step, max_steps, self.elapsed_time_s, self._num_samples, values)
-
-        flush(self._log_buffer, self._log_cadence, trainer.loggers, write_logs, make_logs,
-              phase=phase, step=step, every_n_steps=trainer.log_every_n_steps)
+        due = due_loggers(self._log_cadence, trainer.loggers, phase=phase, step=step,
+                          every_n_steps=trainer.log_every_n_steps) if trainer.is_global_zero else []
+        if averaged:
+            due_anywhere = trainer.strategy.broadcast(bool(due), src=0)
+            values = buffer.resolve() if due_anywhere else {}
+            if due_anywhere:
+                device = trainer.strategy.root_device
+                values["scalar"] = mean_across_ranks(values.get("scalar", {}), lambda t: trainer.strategy.reduce(
+                    t.to(device), reduce_op="mean").cpu())
+        else:
+            values = buffer.resolve() if due else {}
+        buffer.clear()
+        if due:
+            max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+            logs = Logs(phase, step, max_steps, self.elapsed_time_s, self._num_samples, values)
+            for logger in due:
+                write_logs(logger, logs)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks.
@@ -323,7 +341,18 @@ class Task(pl.LightningModule, Generic[ConfigT]):
             max_bad_in_a_row=self.config.max_bad_samples_in_a_row,
             consumed=self._consumed,
             seed=self.config.seed,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size if self._trainer is not None else 1,
         )
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            # Ranks started by torchrun, Slurm or by hand each made their own guess: rank zero's wins.
+            self._exp_dir = broadcast_exp_dir(self.trainer, self._exp_dir)
+            # Data code that draws from numpy's or Python's global generator gets a stream per rank.
+            np.random.seed((self.config.seed + self.global_rank) % 2**32)
+            random.seed(self.config.seed + self.global_rank)
 
     @override
     def train_dataloader(self) -> DataLoader:

@@ -14,7 +14,7 @@ def test_public_surface_is_exactly_what_is_meant() -> None:
     assert sorted(mlfab.__all__) == sorted([
         "Config", "ConfigError", "DatasetError", "JsonLogger", "MlfabError", "MlfabLogger", "Phase",
         "SettingsError", "State", "StdoutLogger", "Task", "TaskDefinitionError", "TensorboardLogger",
-        "WandbLogger", "field", "get_data_dir", "get_pretrained_models_dir", "get_run_dir",
+        "WandbLogger", "field", "get_data_dir", "get_pretrained_models_dir", "get_run_dir", "worker_shard",
     ])
     assert all(hasattr(mlfab, name) for name in mlfab.__all__)
 

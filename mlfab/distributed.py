@@ -1,0 +1,63 @@
+"""Devices, strategies and ranks: the config's hardware settings as Lightning Trainer arguments, and what a
+process can know about its rank before and after the process group exists.
+
+Lightning's launchers do the work: its DDP launcher starts the other local processes by re-running the
+command line, and its cluster environments read torchrun's, Slurm's and the MASTER_ADDR / MASTER_PORT /
+NODE_RANK variables. mlfab adds the two things they leave out: every rank agrees on one run directory,
+and each rank (and each dataloader worker) gets its own share of the data.
+"""
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXP_DIR_ENV = "MLFAB_EXP_DIR"  # Set by rank zero so the processes Lightning starts use its run directory.
+
+
+def under_torchrun() -> bool:
+    return all(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE"))
+
+
+def env_rank_zero() -> bool:
+    """Whether the launch environment makes this process global rank zero (true when nothing says otherwise).
+
+    Read before the process group exists, to decide which process creates the run directory."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:  # Inside `srun`.
+        return int(os.environ["SLURM_PROCID"]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: str) -> dict[str, Any]:
+    """Trainer arguments for the config's hardware keys."""
+    import torch
+
+    if under_torchrun():  # torchrun started the processes: match what it started.
+        devices = int(os.environ["LOCAL_WORLD_SIZE"])
+        num_nodes = max(int(os.environ["WORLD_SIZE"]) // devices, 1)
+    if accelerator == "auto":
+        if torch.cuda.is_available():
+            accelerator = "cuda"
+        elif torch.backends.mps.is_available():
+            accelerator = "mps"
+        else:
+            accelerator = "cpu"
+    if devices == "auto":
+        devices = torch.cuda.device_count() if accelerator == "cuda" else 1
+    if accelerator == "mps" and devices not in (1, "1"):
+        log.warning("MPS supports one device; training on one instead of devices=%s.", devices)
+        devices = 1
+    many = int(devices) * num_nodes > 1 if str(devices).isdigit() else True
+    if strategy == "auto" and many:
+        strategy = "ddp"
+    return {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy}
+
+
+def broadcast_exp_dir(trainer: Any, exp_dir: Any) -> Any:
+    """Rank zero's run directory, on every rank (after the process group exists)."""
+    if trainer.world_size == 1:
+        return exp_dir
+    return trainer.strategy.broadcast(exp_dir, src=0)
