@@ -70,6 +70,9 @@ class Config:
     valid_every_n_seconds: float | None = field(
         None, help="Validate every N seconds of wall-clock time (null disables)"
     )
+    valid_first_n_seconds: float | None = field(
+        None, help="Run the first validation after N seconds instead of after the first step"
+    )
     valid_batches: int = field(10, help="Number of batches in each validation run")
 
     # Checkpoints
@@ -77,7 +80,19 @@ class Config:
     save_every_n_seconds: float | None = field(60.0 * 60.0, help="Save a checkpoint every N seconds (null disables)")
     keep_last_n_checkpoints: int = field(2, help="How many periodic checkpoints to keep (the final one is kept too)")
 
+    # Bad data
+    max_bad_samples_in_a_row: int | None = field(
+        100, help="Stop when this many samples in a row fail to load (failed samples are skipped and counted)"
+    )
+    max_nonfinite_steps_in_a_row: int | None = field(
+        10, help="Stop when this many optimizer steps in a row have a non-finite loss or gradient (each is skipped)"
+    )
+
     # Hardware and reproducibility
+    accelerator: str = field("auto", help="cpu, cuda, mps or auto (CUDA, then MPS, then CPU)")
+    devices: int | str = field("auto", help="Devices per node: a number, or auto (every GPU; one CPU process)")
+    num_nodes: int = field(1, help="Machines to train on (with MASTER_ADDR, MASTER_PORT and NODE_RANK, or Slurm)")
+    strategy: str = field("auto", help="auto (DDP when there is more than one device), ddp, ddp_spawn, fsdp, ...")
     precision: Precision = field("auto", help="Numeric precision; auto is bf16-mixed on GPUs that support it, else 32")
     seed: int = field(1337, help="Random seed for torch, numpy and random")
 
@@ -163,10 +178,46 @@ def parse_override(arg: str) -> dict[str, Any]:
 
 
 def resolve_config(cls: type[ConfigT], *sources: Any) -> ConfigT:
+    return build_config(cls, merge_sources(cls, *sources))
+
+
+def merge_sources(cls: type, *sources: Any) -> dict[str, Any]:
+    """The sources as one nested dict, later winning, not yet validated; run files give their `model.config`."""
     merged: dict[str, Any] = {}
     for source in sources:
-        merged = merge(merged, to_dict(source))
-    return build_config(cls, merged)
+        data = to_dict(source)
+        if isinstance(source, str | Path):
+            data = read_run_file(cls, data, source)
+        merged = merge(merged, data)
+    return merged
+
+
+# A run file (every run's `config.yaml`) has LightningCLI's layout: `model: {config: {...}}` and `trainer: {...}`
+# (the Trainer arguments given explicitly). `fit --config FILE` reads all of it; the mlfab form reads
+# `model.config` and refuses a file that needs more, rather than silently train with other settings.
+
+
+def read_run_file(cls: type, data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """A run file's `model.config`; any other file unchanged."""
+    model = data.get("model")
+    own = _dataclass_type(_field_types(cls).get("model"))  # The config's own `model` field, if it has a `config`.
+    if not isinstance(model, Mapping) or "config" not in model or (own and "config" in _field_types(own)):
+        return data
+    unused = [f"model.{k}" for k in data["model"] if k != "config"]
+    for key, value in data.items():
+        if key != "model" and not (value is None or value is False or value == {}):
+            unused += [f"{key}.{k}" for k in value] if isinstance(value, Mapping) else [key]
+    if unused:
+        raise ConfigError(
+            f"Config file {path} sets {', '.join(unused)}, which only the Lightning form applies. Run it with "
+            f"`fit --config {path}` (e.g. `python -m my_package.my_task fit --config {path}`), or delete those "
+            "entries to train with the config alone."
+        )
+    config = data["model"]["config"]
+    if config is not None and not isinstance(config, Mapping):
+        raise ConfigError(f"Config file {path}: model.config must hold a mapping of config keys, not a "
+                          f"{type(config).__name__}.")
+    return dict(config or {})
 
 
 def build_config(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
@@ -177,7 +228,7 @@ def build_config(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
     try:
         config = pydantic.TypeAdapter(cls).validate_python(_known_only(cls, data))
     except pydantic.ValidationError as e:
-        problems.extend(_describe(err) for err in e.errors())
+        problems.extend(_describe(cls, data, e.errors()))
         config = None
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
@@ -231,11 +282,50 @@ def _dataclass_type(tp: Any) -> type | None:
     return None
 
 
-def _describe(err: Mapping[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "missing":
-        return f"missing required key {key!r}: set it in the config or pass {key}=<value>"
-    return f"key {key!r}: {err['msg']} (got {err.get('input')!r})"
+def type_name(tp: Any) -> str:
+    """An annotation as a user reads it: `float | None`, `tuple[float, float]`, `'auto' | '32-true'`."""
+    if tp is type(None):
+        return "None"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None and args:
+        inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _describe(cls: type, data: Mapping[str, Any], errors: list[Any]) -> list[str]:
+    """One line per config key (a union fails once per member), naming the expected type and the value given."""
+    by_key: dict[str, tuple[Any, list[Any]]] = {}
+    for err in errors:
+        parts, tp = [], cls
+        for item in err["loc"]:  # The leading field names; then list indices, dict keys or union members.
+            sub = _dataclass_type(tp)
+            if sub is None or item not in _field_types(sub):
+                break
+            parts.append(str(item))
+            tp = _field_types(sub)[item]
+        by_key.setdefault(".".join(parts) or str(err["loc"][0]), (tp, []))[1].append(err)
+    lines = []
+    for key, (tp, errs) in by_key.items():
+        if errs[0]["type"] == "missing":
+            lines.append(f"missing required key {key!r}: set it in the config or pass {key}=<value>")
+            continue
+        value: Any = data
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        why = "; ".join(dict.fromkeys(_why(key, e) for e in errs if e["type"] != "literal_error"))
+        lines.append(f"key {key!r}: expected {type_name(tp)}{'; ' + why if why else ''} (got {value!r})")
+    return lines
+
+
+def _why(key: str, err: Mapping[str, Any]) -> str:
+    msg = str(err["msg"])
+    index = [str(p) for p in err["loc"][len(key.split(".")):] if isinstance(p, int)]
+    return f"item {'.'.join(index)}: {msg[:1].lower()}{msg[1:]}" if index else f"{msg[:1].lower()}{msg[1:]}"
 
 
 def config_to_yaml(config: Any) -> str:

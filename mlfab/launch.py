@@ -6,6 +6,7 @@ Command line (mlfab style): `python -m examples.mnist [config.yaml ...] [key=val
 import os
 import re
 import sys
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 
 # Lightning needs an int `val_check_interval` for endless data; this one never comes due.
 NEVER = 2**62
+
+# A first argument naming one of these runs Lightning's CLI (mlfab.cli) instead of the mlfab form.
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def snake_case(name: str) -> str:
@@ -55,6 +59,25 @@ def new_exp_dir(task_cls: type, config: Config) -> Path:
     return path.resolve()
 
 
+def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
+    """(run directory, whether this process writes its files): one directory for every rank of a run.
+
+    Rank zero creates it and passes it on to the processes Lightning starts (through the environment);
+    ranks started by torchrun, Slurm or by hand without `exp_dir` take rank zero's once the process
+    group exists (`Task.setup`), and meanwhile write nothing."""
+    from mlfab.distributed import EXP_DIR_ENV, env_rank_zero
+
+    if EXP_DIR_ENV in os.environ:
+        return Path(os.environ[EXP_DIR_ENV]), False
+    if not env_rank_zero():
+        if config.exp_dir:
+            return Path(config.exp_dir).expanduser().resolve(), False
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="mlfab-rank-")), False
+    return new_exp_dir(task_cls, config), True
+
+
 def newest_checkpoint(exp_dir: Path) -> Path | None:
     """The checkpoint a relaunch into `exp_dir` resumes from: the most recently written one."""
     from mlfab.checkpoints import checkpoint_files
@@ -82,7 +105,8 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     ckpt_dir = exp_dir / "checkpoints"
     periodic = {"monitor": "step", "mode": "max", "save_top_k": config.keep_last_n_checkpoints,
                 "dirpath": ckpt_dir, "auto_insert_metric_name": False}
-    callbacks: list[Any] = [ValidationCadence(config.valid_every_n_seconds), GracefulStop()]
+    callbacks: list[Any] = [ValidationCadence(config.valid_every_n_seconds, config.valid_first_n_seconds),
+                            GracefulStop()]
     if config.save_every_n_steps:
         callbacks.append(ModelCheckpoint(filename="step_{step:08.0f}", every_n_train_steps=config.save_every_n_steps,
                                          **periodic))
@@ -96,10 +120,11 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
 
 def trainer_kwargs(config: Config) -> dict[str, Any]:
     """The Lightning Trainer arguments a config maps to (the mapping table in design.md)."""
+    from mlfab.distributed import resolve_hardware
+
     k = config.batches_per_step
     return {
-        "accelerator": "auto",
-        "devices": 1,
+        **resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy),
         "precision": resolve_precision(config.precision),
         "max_steps": config.max_steps if config.max_steps is not None else -1,
         "max_epochs": -1,
@@ -132,21 +157,75 @@ def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callb
     )
 
 
-def print_help(task_cls: type["Task"]) -> None:
-    import dataclasses
+def command_name() -> str:
+    """How the user started this program, for messages: `python -m examples.mnist` or `python train.py`."""
+    if Path(sys.argv[0]).name == "mlfab":
+        return "mlfab"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    return f"python {Path(sys.argv[0]).name}" if sys.argv and sys.argv[0] else "python my_script.py"
 
-    from mlfab.config import field_help
 
-    config_cls = task_cls.config_class()
-    print(f"usage: python {sys.argv[0]} [config.yaml ...] [key=value ...]\n")
-    print(f"Train {task_cls.__name__}. Later arguments override earlier ones; dotted keys set nested fields.\n")
+def _show(value: Any) -> str:
+    """A value as it is typed on the command line (YAML): null, [0.9, 0.999], auto."""
+    import yaml
+
+    try:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+    except yaml.YAMLError:
+        return repr(value)
+
+
+def _help_rows(cls: type, script: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:
+    """`name (type, default: ...)` and the help text of every field, nested dataclass fields by dotted name. The
+    default is the script's (class defaults <- what it gives `launch`); `current` also has the arguments applied."""
+    from dataclasses import MISSING, fields
+
+    from mlfab.config import _dataclass_type, _field_types, field_help, merge, type_name
+
+    rows = []
+    for f in fields(cls):
+        tp, name = _field_types(cls)[f.name], prefix + f.name
+        default, value = script.get(f.name, MISSING), current.get(f.name, MISSING)
+        sub = _dataclass_type(tp)
+        if sub is not None and (value is MISSING or isinstance(value, dict)):
+            sub_script = merge(_defaults(sub), default if isinstance(default, dict) else {})
+            rows += _help_rows(sub, sub_script, merge(sub_script, value or {}), f"{name}.")  # type: ignore[arg-type]
+            continue
+        was = "required" if default is MISSING else f"default: {_show(default)}"
+        shown = was if value == default else f"{was}, current: {_show(value)}"
+        rows.append(f"  {name} ({type_name(tp)}, {shown})\n      {field_help(f)}")
+    return rows
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's field defaults as plain data; required fields left out."""
+    from dataclasses import MISSING, fields
+
+    from mlfab.config import to_dict
+
+    values = {f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+              for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+    return to_dict(values)
+
+
+def print_help(task_cls: type["Task"], configs: Sequence[Any] = (), argv: Sequence[str] = ()) -> None:
+    """Every config key with its type, value and help text: the values after `configs` (what the script passes to
+    `launch`) and the command-line arguments `argv` are applied."""
+    from mlfab.config import merge, merge_sources
+
+    cls = task_cls.config_class()
+    script = merge(_defaults(cls), merge_sources(cls, *configs))
+    current = merge(script, merge_sources(cls, *parse_argv(task_cls, list(argv))))
+    cmd = command_name()
+    print(f"usage: {cmd} [config.yaml ...] [key=value ...]\n"
+          f"       {cmd} {{fit,validate,test,predict}} [--help] ...   (Lightning's CLI, see its --help)\n")
+    print(f"Trains {task_cls.__name__}. The arguments apply in order, later ones winning, over the defaults shown: "
+          "YAML files (a bare file name is also looked up next to the task's source file) and key=value (the value "
+          "is read as YAML, so betas=[0.9,0.95] and max_steps=null work; dotted keys set nested fields).\n")
     print("config keys:")
-    for f in dataclasses.fields(config_cls):
-        default = "(required)" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING else (
-            f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        )
-        tp = getattr(f.type, "__name__", None) or str(f.type)
-        print(f"  {f.name} ({tp}, default: {default})\n      {field_help(f)}")
+    print("\n".join(_help_rows(cls, script, current, "")))
 
 
 def parse_argv(task_cls: type["Task"], argv: list[str]) -> list[Any]:
@@ -155,6 +234,13 @@ def parse_argv(task_cls: type["Task"], argv: list[str]) -> list[Any]:
 
     sources: list[Any] = []
     for arg in argv:
+        if arg.startswith("-"):
+            key = arg.lstrip("-").partition("=")[0]
+            raise ConfigError(
+                f"Unknown option {arg!r}: this form takes YAML files and key=value arguments (e.g. {key}=...). "
+                f"Flags such as --model.config.{key} and --trainer.{key} need a subcommand first, as in "
+                f"`{command_name()} fit --model.config.{key} ...`; see `{command_name()} --help`."
+            )
         if "=" in arg:
             sources.append(parse_override(arg))
             continue
@@ -174,14 +260,43 @@ def parse_argv(task_cls: type["Task"], argv: list[str]) -> list[Any]:
 
 
 def launch(task_cls: type["Task"], *configs: Any, launcher: Any = None, argv: list[str] | None = None) -> None:
+    """`argv` (default: the command line) in the mlfab form, or Lightning's CLI when it starts with a subcommand."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--help" in argv or "-h" in argv:
-        print_help(task_cls)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        from mlfab.cli import run_cli  # Imports LightningCLI and jsonargparse: only when asked for.
+
+        code = run_cli(task_cls, argv, configs)
+    elif "--help" in argv or "-h" in argv:
+        print_help(task_cls, configs, [a for a in argv if a not in ("--help", "-h")])
         raise SystemExit(0)
-    config = resolve_config(task_cls.config_class(), *configs, *parse_argv(task_cls, argv))
-    code = run(task_cls, config)
+    else:
+        code = run(task_cls, resolve_config(task_cls.config_class(), *configs, *parse_argv(task_cls, argv)))
     if code:
         raise SystemExit(code)
+
+
+def run_file_text(task_cls: type, config: Config, trainer: dict[str, Any], path: Path,
+                  extra: dict[str, Any] | None = None) -> str:
+    """`config.yaml` of a run: LightningCLI's layout (so both `fit --config` and the mlfab form read it), the config
+    in full and the Trainer arguments given explicitly; a header says how to rerun it and lists the Trainer
+    settings that followed from the config."""
+    import yaml
+
+    from mlfab.config import to_dict
+
+    cmd, module = command_name(), task_cls.__module__
+    if module == "__main__" and cmd.startswith("python -m "):
+        module = cmd.removeprefix("python -m ")
+    lines = [f"# mlfab run config of {task_cls.__qualname__}: the config and the Trainer arguments given explicitly.",
+             "# Train again with the same settings:"]
+    if cmd != "mlfab":
+        lines += [f"#   {cmd} {path}", f"#   {cmd} fit --config {path}"]
+    if module != "__main__" and "<locals>" not in task_cls.__qualname__:
+        lines.append(f"#   mlfab fit --model {module}.{task_cls.__qualname__} --config {path}")
+    lines.append("# Trainer settings that followed from model.config (a `trainer` entry overrides its setting):")
+    lines += [f"#   {k}: {_show(v)}" for k, v in trainer_kwargs(config).items() if k not in trainer]
+    body = yaml.safe_dump({**(extra or {}), "model": {"config": to_dict(config)}, "trainer": trainer}, sort_keys=False)
+    return "\n".join(lines) + "\n" + body
 
 
 def run(task_cls: type["Task"], config: Config) -> int:
@@ -193,23 +308,34 @@ def run(task_cls: type["Task"], config: Config) -> int:
     from mlfab.provenance import write_provenance
 
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    exp_dir = new_exp_dir(task_cls, config)
+    exp_dir, writer = agreed_exp_dir(task_cls, config)
     resume_from = newest_checkpoint(exp_dir)
-    (exp_dir / "config.yaml").write_text(config_to_yaml(config))
+    if writer:
+        (exp_dir / "config.yaml").write_text(run_file_text(task_cls, config, {}, exp_dir / "config.yaml"))
     task = task_cls(config)
     task._exp_dir = exp_dir
     if resume_from is not None:
         check_compatible(load_checkpoint(resume_from), resume_from, task)
-    write_provenance(exp_dir, task_cls, resumed=resume_from is not None)
+    if writer:
+        write_provenance(exp_dir, task_cls, resumed=resume_from is not None)
     task.set_loggers()
     trainer = build_trainer(config, exp_dir, task._mlfab_loggers, [])
     for logger in task._mlfab_loggers:
         if hasattr(logger, "write_config"):
             logger.write_config(config_to_yaml(config))
-    print(f"Run directory: {exp_dir}", flush=True)
-    if resume_from is not None:
-        print(f"Resuming from {resume_from}", flush=True)
-    trainer.fit(task, ckpt_path=resume_from)
-    print(f"Finished. Run directory: {exp_dir}", flush=True)
+    from mlfab.distributed import EXP_DIR_ENV
+
+    if writer:
+        print(f"Run directory: {exp_dir}", flush=True)
+        if resume_from is not None:
+            print(f"Resuming from {resume_from}", flush=True)
+        os.environ[EXP_DIR_ENV] = str(exp_dir)  # For the processes Lightning's DDP launcher starts.
+    try:
+        trainer.fit(task, ckpt_path=resume_from)
+    finally:
+        if writer:
+            os.environ.pop(EXP_DIR_ENV, None)
+    if writer:
+        print(f"Finished. Run directory: {exp_dir}", flush=True)
     stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStop))  # type: ignore[attr-defined]
     return 128 + stop.signal_received if stop.signal_received else 0

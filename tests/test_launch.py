@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import mlfab
 from mlfab.testing import BoringConfig, BoringTask, read_scalars
@@ -40,7 +41,7 @@ if __name__ == "__main__":
 def run_script(tmp_path: Path, *args: str) -> subprocess.Popen:
     script = tmp_path / "tasks.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=tmp_path)
 
@@ -89,8 +90,8 @@ def test_key_value_overrides_and_yaml_files(tmp_path: Path) -> None:
     BoringTask.launch(BoringConfig(), argv=[str(tmp_path / "a.yaml"), "batch_size=2", f"run_dir={tmp_path / 'r'}",
                                             "betas=[0.5, 0.6]"])
     (exp,) = (tmp_path / "r" / "boring_task").iterdir()
-    text = (exp / "config.yaml").read_text()
-    assert "batch_size: 2\n" in text and "max_steps: 3\n" in text and "- 0.5\n- 0.6\n" in text
+    config = yaml.safe_load((exp / "config.yaml").read_text())["model"]["config"]
+    assert config["batch_size"] == 2 and config["max_steps"] == 3 and config["betas"] == [0.5, 0.6]
 
 
 def test_bad_override_reports_every_problem(tmp_path: Path) -> None:

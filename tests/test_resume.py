@@ -49,7 +49,7 @@ if __name__ == "__main__":
 def run_task(tmp_path: Path, losses: Path, *args: str, stop_at: int | None = None, stop_with: str = "SIGTERM") -> int:
     script = tmp_path / "recorded.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOSS_FILE": str(losses), "STOP_WITH": stop_with}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "LOSS_FILE": str(losses), "STOP_WITH": stop_with}
     if stop_at is not None:
         env["STOP_AT"] = str(stop_at)
     proc = subprocess.run([sys.executable, str(script), *args], env=env, cwd=tmp_path, capture_output=True,

@@ -71,7 +71,7 @@ def test_training_writes_run_directory_and_loss_goes_down(tmp_path: Path) -> Non
     BoringTask.launch(BoringConfig(max_steps=60, valid_every_n_steps=20, run_dir=run_dir(tmp_path)), argv=[])
     exp = only_exp_dir(tmp_path)
     assert exp.name == "run_0"
-    assert (exp / "config.yaml").read_text().startswith("batch_size: 8\n")
+    assert "\nmodel:\n  config:\n    batch_size: 8\n" in (exp / "config.yaml").read_text()
     assert (exp / "checkpoints" / "last.ckpt").is_file()
     valid = read_scalars(exp / "tensorboard" / "valid")["loss/loss"]
     # Validation after the first step, then every 20 steps, and at the end.

@@ -1,0 +1,376 @@
+"""The command line as a product: the mlfab form, Lightning's CLI (`fit`, `validate`, `test`), the `mlfab` script,
+config.yaml as the one record of a run, and the messages a user sees."""
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import Tensor, nn
+
+import mlfab
+from mlfab.cli import import_task, main, run_cli
+from mlfab.config import resolve_config
+from mlfab.launch import parse_argv
+from mlfab.testing import BoringConfig, BoringTask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Layers:
+    hidden: int = mlfab.field(32, help="Hidden units of each layer")
+    depth: int = mlfab.field(2, help="Number of layers")
+
+
+@dataclass(kw_only=True)
+class NestedConfig(BoringConfig):
+    model: Layers = mlfab.field(Layers, help="The network")
+
+
+class NestedTask(BoringTask, mlfab.Task[NestedConfig]):
+    pass
+
+
+@dataclass(kw_only=True)
+class RequiredConfig(mlfab.Config):
+    width: int = mlfab.field(help="A field without a default")
+
+
+class RequiredTask(BoringTask, mlfab.Task[RequiredConfig]):
+    def __init__(self, config: RequiredConfig) -> None:
+        mlfab.Task.__init__(self, config)
+        self.layer = nn.Linear(4, 1)
+
+
+@dataclass(kw_only=True)
+class ChildConfig(BoringConfig):
+    extra: int = mlfab.field(7, help="A field only the child config has")
+
+
+class ChildTask(BoringTask, mlfab.Task[ChildConfig]):  # No __init__ of its own.
+    pass
+
+
+def fit(tmp_path: Path, *args: str, task: type = BoringTask, command: str = "fit") -> Path:
+    """Runs Lightning's CLI in this process; returns the new run directory."""
+    root = tmp_path / "runs" / "boring_task"
+    before = set(root.iterdir()) if root.is_dir() else set()
+    assert run_cli(task, [command, f"--model.config.run_dir={tmp_path / 'runs'}", *args]) == 0
+    (exp,) = set(root.iterdir()) - before
+    return exp
+
+
+def run_file(exp: Path) -> dict:
+    return yaml.safe_load((exp / "config.yaml").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The mlfab form: python -m my.task [file.yaml ...] [key=value ...] [--help]
+
+
+def test_help_shows_types_current_values_and_nested_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        NestedTask.launch(NestedConfig(batch_size=3), argv=["model.hidden=64", "max_steps=7", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "  batch_size (int, default: 3)\n      Samples per batch\n" in out  # The script's value, not the class's.
+    assert "  max_steps (int | None, default: 20, current: 7)\n      Training steps\n" in out
+    assert "  model.hidden (int, default: 32, current: 64)\n      Hidden units of each layer\n" in out
+    assert "  model.depth (int, default: 2)\n      Number of layers\n" in out
+    assert "  betas (tuple[float, float], default: [0.9, 0.999])" in out
+    assert "  clip_grad_norm (float | None, default: 10.0)" in out
+    assert "  precision ('auto' | '32-true' | 'bf16-mixed'" in out
+    assert "{fit,validate,test,predict}" in out
+
+
+def test_help_applies_yaml_files_and_marks_required(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.yaml").write_text("width: 5\n")
+    with pytest.raises(SystemExit):
+        RequiredTask.launch(argv=["--help"])
+    assert "  width (int, required)\n      A field without a default\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        RequiredTask.launch(argv=[str(tmp_path / "a.yaml"), "--help"])
+    assert "  width (int, required, current: 5)\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["max_steps=abc"], ["key 'max_steps': expected int | None;", "(got 'abc')"]),
+        (["betas=[0.5, x]"], ["key 'betas': expected tuple[float, float]; item 1:", "(got [0.5, 'x'])"]),
+        (["precision=fp8"], ["key 'precision': expected 'auto' | '32-true'", "(got 'fp8')"]),
+        (["bach_size=3"], ["unknown key 'bach_size'; did you mean 'batch_size'?"]),
+        (["model.hiden=3"], ["unknown key 'model.hiden'; did you mean 'model.hidden'?"]),
+        (["model.depth=deep"], ["key 'model.depth': expected int;", "(got 'deep')"]),
+    ],
+)
+def test_config_errors_name_key_expected_type_and_value(tmp_path: Path, args: list[str], expected: list[str]) -> None:
+    with pytest.raises(mlfab.ConfigError) as info:
+        NestedTask.launch(NestedConfig(), argv=[*args, f"run_dir={tmp_path}"])
+    for text in expected:
+        assert text in str(info.value)
+
+
+def test_missing_required_key_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(mlfab.ConfigError, match=r"missing required key 'width': set it in the config or pass width="):
+        RequiredTask.launch(argv=[f"run_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("batch_size: [1\n", "is not valid YAML"), ("- 1\n- 2\n", "must hold a mapping of config keys")],
+)
+def test_bad_yaml_file_is_reported(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(mlfab.ConfigError, match=expected):
+        BoringTask.launch(argv=[str(tmp_path / "bad.yaml")])
+
+
+def test_missing_yaml_file_is_reported() -> None:
+    with pytest.raises(mlfab.ConfigError, match=r"Config file 'nope.yaml' not found"):
+        BoringTask.launch(argv=["nope.yaml"])
+
+
+def test_lightning_flag_in_mlfab_form_points_to_both_forms() -> None:
+    with pytest.raises(mlfab.ConfigError) as info:
+        BoringTask.launch(argv=["--max_steps=3"])
+    assert "e.g. max_steps=..." in str(info.value)
+    assert "fit --model.config.max_steps" in str(info.value)
+
+
+def test_flat_file_and_run_file_give_the_same_config(tmp_path: Path) -> None:
+    (tmp_path / "flat.yaml").write_text("in_dim: 3\nbetas: [0.5, 0.6]\n")
+    (tmp_path / "run.yaml").write_text("model:\n  config:\n    in_dim: 3\n    betas: [0.5, 0.6]\ntrainer: {}\n")
+    flat = resolve_config(BoringConfig, *parse_argv(BoringTask, [str(tmp_path / "flat.yaml")]))
+    assert resolve_config(BoringConfig, *parse_argv(BoringTask, [str(tmp_path / "run.yaml")])) == flat
+    assert flat.in_dim == 3 and flat.betas == (0.5, 0.6)
+
+
+def test_run_file_needing_the_lightning_form_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  config:\n    in_dim: 3\ntrainer:\n  max_time: '00:00:01:00'\n")
+    with pytest.raises(mlfab.ConfigError) as info:
+        BoringTask.launch(argv=[str(path)])
+    assert "sets trainer.max_time, which only the Lightning form applies" in str(info.value)
+    assert f"fit --config {path}" in str(info.value)
+
+
+def test_config_with_its_own_model_config_field_reads_flat() -> None:
+    @dataclass
+    class Inner:
+        config: int = mlfab.field(1, help="A field named config")
+
+    @dataclass(kw_only=True)
+    class Own(BoringConfig):
+        model: Inner = mlfab.field(Inner, help="Nested")
+
+    assert resolve_config(Own, {"model": {"config": 5}}).model.config == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Lightning form: python -m my.task fit|validate|test ...
+
+
+def test_fit_help_shows_field_help_and_precedence(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        BoringTask.launch(BoringConfig(in_dim=6), argv=["fit", "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # The help is wrapped to the terminal width.
+    assert "--model.config.batch_size BATCH_SIZE Samples per batch (type: int, default: 8)" in out
+    assert "--model.config.in_dim IN_DIM Input features (type: int, default: 6)" in out
+    assert "Validate every N seconds of wall-clock time" in out
+    assert "values you give are never replaced by the checkpoint's" in out
+    assert "--trainer.max_steps" in out and "--ckpt_path" in out
+
+
+def test_fit_help_of_subclass_without_init_shows_its_own_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run_cli(ChildTask, ["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model.config.extra EXTRA A field only the child config has (type: int, default: 7)" in out
+
+
+def test_fit_runs_like_launch_and_explicit_trainer_args_win(tmp_path: Path) -> None:
+    exp = fit(tmp_path, "--model.config.max_steps=5", "--trainer.max_steps=3", "--model.config.in_dim=3")
+    assert exp == tmp_path / "runs" / "boring_task" / "run_0"
+    data = run_file(exp)
+    assert data["model"]["config"]["max_steps"] == 5 and data["model"]["config"]["in_dim"] == 3
+    assert data["trainer"] == {"max_steps": 3}  # Only what was given: the rest follows from the config.
+    assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert (exp / "tensorboard" / "train").is_dir()  # The task's default loggers.
+    assert "#   val_check_interval: 10\n" in (exp / "config.yaml").read_text()  # Derived settings, for the record.
+
+
+def test_config_yaml_reruns_the_same_settings_in_both_forms(tmp_path: Path) -> None:
+    first = fit(tmp_path, "--model.config.max_steps=2", "--model.config.learning_rate=0.01", "--model.config.in_dim=3",
+                "--model.config.betas=[0.5,0.6]")
+    again = fit(tmp_path, "--config", str(first / "config.yaml"))
+    assert run_file(again) == run_file(first)
+    BoringTask.launch(argv=[str(first / "config.yaml")])
+    (mlfab_form,) = {p for p in (tmp_path / "runs" / "boring_task").iterdir()} - {first, again}
+    assert run_file(mlfab_form) == run_file(first)
+
+
+def test_trainer_args_from_a_config_file_are_kept(tmp_path: Path) -> None:
+    first = fit(tmp_path, "--trainer.max_steps=2", "--trainer.gradient_clip_val=null")
+    assert run_file(first)["trainer"] == {"max_steps": 2, "gradient_clip_val": None}
+    again = fit(tmp_path, "--config", str(first / "config.yaml"))
+    assert run_file(again)["trainer"] == {"max_steps": 2, "gradient_clip_val": None}
+    assert torch.load(again / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_print_config_prints_the_run_file_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_cli(BoringTask, ["fit", "--model.config.in_dim=3", "--trainer.max_time=00:00:01:00", "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"] == {"max_time": "00:00:01:00"}
+    assert printed["model"]["config"]["in_dim"] == 3 and printed["model"]["config"]["batch_size"] == 8
+    (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
+    with pytest.raises(SystemExit):
+        run_cli(BoringTask, ["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == printed
+    assert not (tmp_path / "work" / "runs").exists()  # Printing starts no run.
+
+
+def test_seed_everything_becomes_the_config_seed(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run_cli(BoringTask, ["fit", "--seed_everything=5", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["config"]["seed"] == 5
+
+
+def test_unknown_key_in_the_script_config_is_reported() -> None:
+    with pytest.raises(mlfab.ConfigError, match=r"unknown key 'bach_size'; did you mean 'batch_size'\?"):
+        BoringTask.launch({"bach_size": 1}, argv=["fit", "--print_config"])
+
+
+def test_ckpt_path_keeps_the_checkpoint_config_except_what_is_given(tmp_path: Path) -> None:
+    first = fit(tmp_path, "--model.config.max_steps=4", "--model.config.in_dim=3", "--model.config.learning_rate=0.01")
+    ckpt = first / "checkpoints" / "last.ckpt"
+    (tmp_path / "more.yaml").write_text("model:\n  config:\n    learning_rate: 0.02\n")
+    more = str(tmp_path / "more.yaml")
+    resumed = fit(tmp_path, f"--ckpt_path={ckpt}", "--model.config.max_steps=6", "--config", more)
+    config = run_file(resumed)["model"]["config"]
+    assert config["in_dim"] == 3  # From the checkpoint (the class default is 4).
+    assert config["max_steps"] == 6  # Given on the command line: wins over the checkpoint's 4.
+    assert config["learning_rate"] == 0.02  # Given in a --config file: wins over the checkpoint's 0.01.
+    saved = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 6 and saved["hyper_parameters"]["config"]["learning_rate"] == 0.02
+
+
+def test_validate_and_test_run_the_task_phases(tmp_path: Path) -> None:
+    phases: list[str] = []
+
+    class NoTestSet(BoringTask):
+        def get_dataset(self, phase: mlfab.Phase) -> object:
+            phases.append(phase)
+            return None if phase == "test" else super().get_dataset(phase)
+
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            phases.append(f"loss:{state.phase}")
+            return super().get_loss(batch, state)
+
+    root = tmp_path / "runs" / "no_test_set"
+    assert run_cli(NoTestSet, ["validate", f"--model.config.run_dir={tmp_path / 'runs'}"]) == 0
+    assert phases == ["valid", "loss:valid", "loss:valid"]  # valid_batches=2 of the endless validation set.
+    phases.clear()
+    assert run_cli(NoTestSet, ["test", f"--model.config.run_dir={tmp_path / 'runs'}"]) == 0
+    assert phases == ["test", "valid", "loss:test", "loss:test"]  # No test set: the validation set, in phase test.
+    assert sorted(p.name for p in root.iterdir()) == ["run_0", "run_1"]
+    assert all((root / r / "config.yaml").is_file() for r in ("run_0", "run_1"))
+
+
+def test_fit_errors_name_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_cli(BoringTask, ["fit", "--model.config.batch_size", "many"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'Parser key "model.config.batch_size"' in err and "int" in err and "many" in err
+    with pytest.raises(SystemExit):
+        run_cli(BoringTask, ["fit", "--model.config.bach_size", "3"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --model.config.bach_size 3" in err
+    assert "did you mean --model.config.batch_size" in err
+    with pytest.raises(SystemExit):
+        run_cli(RequiredTask, ["fit"])
+    assert "model.config.width" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The `mlfab` console script
+
+
+def test_console_script_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit"]) == 2
+    assert "which task? Name it by import path: --model package.module.TaskClass" in capsys.readouterr().err
+    assert main(["fit", "--model", "mlfab.testing.RegressionDataset"]) == 2
+    assert "RegressionDataset is not an mlfab.Task subclass; tasks in mlfab.testing: BoringTask" in (
+        capsys.readouterr().err)
+    assert main(["fit", "--model", "no_such_module.Task"]) == 2
+    assert "cannot import no_such_module" in capsys.readouterr().err
+    assert main(["train", "--model", "mlfab.testing.BoringTask"]) == 2
+    assert "unknown subcommand 'train'" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "mlfab {fit,validate,test,predict}" in capsys.readouterr().out
+    assert import_task("mlfab.testing:BoringTask") is BoringTask
+
+
+def test_console_script_help_shows_the_task_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--model=mlfab.testing.BoringTask", "--help"])
+    assert "Samples per batch" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every YAML config shipped in examples/ loads in both forms.
+
+
+EXAMPLE_TASKS = {"digits": "examples.digits.DigitsClassification", "mnist": "examples.mnist.MnistClassification"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    task = import_task(EXAMPLE_TASKS[path.stem.split("_")[0]])  # <example>_<variant>.yaml
+    config = resolve_config(task.config_class(), {"batch_size": 16}, *parse_argv(task, [path.name]))
+    with pytest.raises(SystemExit):
+        run_cli(task, ["fit", "--model.config.batch_size=16", "--config", str(path), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert resolve_config(task.config_class(), printed["model"]["config"]) == config
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real processes: the three commands a user types.
+
+QUICK = {"max_steps": "2", "valid_batches": "1", "hidden_dim": "8"}
+
+
+def run_example(tmp_path: Path, command: list[str]) -> None:
+    env = {**os.environ, "RUN_DIR": str(tmp_path / "runs"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (exp,) = (tmp_path / "runs" / "digits_classification").iterdir()
+    assert f"Finished. Run directory: {exp}" in proc.stdout
+    assert run_file(exp)["model"]["config"]["max_steps"] == 2
+
+
+def flags() -> list[str]:
+    return [part for key, value in QUICK.items() for part in (f"--model.config.{key}", value)]
+
+
+def test_subprocess_mlfab_form(tmp_path: Path) -> None:
+    run_example(tmp_path, [sys.executable, "-m", "examples.digits", *(f"{k}={v}" for k, v in QUICK.items())])
+
+
+def test_subprocess_fit_form(tmp_path: Path) -> None:
+    run_example(tmp_path, [sys.executable, "-m", "examples.digits", "fit", *flags()])
+
+
+def test_subprocess_console_script(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "mlfab"
+    if not script.is_file():
+        pytest.skip("the mlfab console script is not installed in this environment")
+    run_example(tmp_path, [str(script), "fit", "--model", "examples.digits.DigitsClassification", *flags()])
