@@ -77,7 +77,8 @@ class GracefulStop(Callback):
 
     - SIGINT (Ctrl-C) and SIGTERM stop training; the final checkpoint is written and the process exits
       with 128 + the signal number. A second SIGINT aborts at once.
-    - SIGUSR1 writes a checkpoint and training goes on.
+    - SIGUSR1 writes a checkpoint; inside a Slurm job it then requeues the job and stops (the requeued job
+      resumes from that checkpoint), otherwise training goes on.
     """
 
     def __init__(self) -> None:
@@ -121,6 +122,13 @@ class GracefulStop(Callback):
             trainer.save_checkpoint(path, weights_only=False)
             if trainer.is_global_zero:
                 print(f"SIGUSR1: saved checkpoint {path}", file=sys.stderr, flush=True)
+            from mlfab.slurm import after_signal_checkpoint
+
+            requeued = after_signal_checkpoint(trainer.global_rank)  # In a Slurm job: requeue, then stop.
+            if trainer.world_size > 1:  # Only rank zero knows whether `scontrol requeue` worked.
+                requeued = trainer.strategy.broadcast(requeued, src=0)
+            if requeued:
+                trainer.should_stop = True
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -9,7 +9,6 @@ LightningCLI parses; the run is `Task.launch`'s: run directory, config.yaml, log
 
 import difflib
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,25 +16,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlfab import config as mlfab_config
-from mlfab.callbacks import GracefulStop
-from mlfab.checkpoints import AtomicCheckpointIO, check_compatible, load_checkpoint
-from mlfab.config import build_config, config_to_yaml, field_help, merge_sources, to_dict
-from mlfab.distributed import EXP_DIR_ENV
+from mlfab.config import build_config, field_help, merge_sources, to_dict
 from mlfab.errors import ConfigError
 from mlfab.launch import (
     LIGHTNING_SUBCOMMANDS,
     agreed_exp_dir,
     command_name,
+    execute,
     newest_checkpoint,
     run_file_text,
-    trainer_callbacks,
-    trainer_kwargs,
+    trainer_settings,
 )
-from mlfab.provenance import write_provenance
 
 PRECEDENCE = (
     "Config values, later winning: the Config class defaults, the script's launch() config, the checkpoint's config "
@@ -143,52 +137,27 @@ class MlfabCLI(LightningCLI):
         else:
             task.set_loggers()
             loggers = task._mlfab_loggers
-        callbacks = [*trainer_callbacks(config, exp_dir),
-                     *[self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys],
-                     *(_as_list(values.get("callbacks")) if "callbacks" in trainer_given else [])]
-        settings = {**values, **trainer_kwargs(config), "logger": loggers, "callbacks": callbacks,
-                    "default_root_dir": exp_dir, "plugins": [AtomicCheckpointIO()],
-                    "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks)}
+        extra_callbacks = [*[self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys],
+                           *(_as_list(values.get("callbacks")) if "callbacks" in trainer_given else [])]
+        extra_plugins = _as_list(values.get("plugins")) if "plugins" in trainer_given else []
+        settings = {**values, **trainer_settings(config, exp_dir, loggers, extra_callbacks, extra_plugins)}
         if self.subcommand == "test" and "limit_test_batches" not in trainer_given:
             from lightning.fabric.utilities.data import has_len
 
             self.test_loader = task.test_dataloader()  # A whole test set, but `valid_batches` of an endless one.
             settings["limit_test_batches"] = 1.0 if has_len(self.test_loader) else config.valid_batches
         for key in trainer_given:
-            if key == "plugins":
-                settings["plugins"] += _as_list(values["plugins"])
-            elif key not in ("logger", "callbacks"):
+            if key not in ("logger", "callbacks", "plugins"):
                 settings[key] = values[key]
-        for logger in _as_list(loggers):
-            if hasattr(logger, "write_config"):
-                logger.write_config(config_to_yaml(config))
         return self.trainer_class(**{**settings, **kwargs})
 
     def _mlfab_run(self, subcommand: str, model: Any, kwargs: dict[str, Any]) -> None:
-        """What `launch`'s `run` does around `trainer.fit`, for any subcommand."""
-        ckpt = kwargs.get("ckpt_path")
-        if subcommand == "fit" and ckpt is None:  # Like launch: a run directory with checkpoints is resumed.
-            ckpt = kwargs["ckpt_path"] = newest_checkpoint(self.exp_dir)
-        if ckpt is not None and Path(ckpt).is_file():
-            check_compatible(load_checkpoint(Path(ckpt)), Path(ckpt), model)
+        """`launch`'s run, for any subcommand: a fit into a run directory with checkpoints resumes from them."""
+        if subcommand == "fit" and kwargs.get("ckpt_path") is None:
+            kwargs["ckpt_path"] = newest_checkpoint(self.exp_dir)
         if getattr(self, "test_loader", None) is not None:
             kwargs["dataloaders"] = self.test_loader
-        if self.writer:
-            write_provenance(self.exp_dir, type(model), resumed=subcommand == "fit" and ckpt is not None)
-            print(f"Run directory: {self.exp_dir}", flush=True)
-            if ckpt is not None:
-                print(f"Resuming from {ckpt}" if subcommand == "fit" else f"Weights from {ckpt}", flush=True)
-            os.environ[EXP_DIR_ENV] = str(self.exp_dir)  # For the processes Lightning's DDP launcher starts.
-        try:
-            getattr(self.trainer, subcommand)(model, **kwargs)
-        finally:
-            if self.writer:
-                os.environ.pop(EXP_DIR_ENV, None)
-        if self.writer:
-            print(f"Finished. Run directory: {self.exp_dir}", flush=True)
-        stop = next((c for c in self.trainer.callbacks if isinstance(c, GracefulStop)), None)
-        if stop is not None and stop.signal_received:
-            self.exit_code = 128 + stop.signal_received
+        self.exit_code = execute(self.trainer, subcommand, model, exp_dir=self.exp_dir, writer=self.writer, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         """`fit`, `validate`, `test`, `predict`: LightningCLI runs the subcommand through these when they exist."""

@@ -5,7 +5,6 @@ or YAML file given to `launch`, then `key=value` overrides from the command line
 result (unknown keys, wrong types, missing required fields) are reported together in one error.
 """
 
-import copy
 import dataclasses
 import difflib
 import types
@@ -18,32 +17,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from mlfab.errors import ConfigError
+from mlfab.fields import HELP_KEY, field, field_help  # noqa: F401 - re-exported
+from mlfab.slurm import SlurmConfig
 
 T = TypeVar("T")
 ConfigT = TypeVar("ConfigT", bound="Config")
-
-HELP_KEY = "help"
-
-
-def field(default: Any = dataclasses.MISSING, *, help: str) -> Any:  # noqa: A002
-    """A dataclass field with help text (shown by `--help`).
-
-    A callable default becomes a default factory; a mutable default (list, dict, set, dataclass) is
-    deep-copied for every instance, so two configs never share it.
-    """
-    metadata = {HELP_KEY: help}
-    if default is dataclasses.MISSING:
-        return dataclasses.field(metadata=metadata)
-    if callable(default):  # Includes classes: `field(ModelConfig, ...)` gives each instance a fresh one.
-        return dataclasses.field(default_factory=default, metadata=metadata)
-    if isinstance(default, list | dict | set) or dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def field_help(f: dataclasses.Field) -> str:
-    return f.metadata.get(HELP_KEY, "")
-
 
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
 
@@ -99,6 +77,9 @@ class Config:
     # Where the run lives
     run_dir: str | None = field(None, help="Root of all runs (default: mlfab settings, RUN_DIR, then ./runs)")
     exp_dir: str | None = field(None, help="This run's directory (default: <run_dir>/<task name>/run_<N>)")
+
+    # Slurm
+    slurm: SlurmConfig = field(SlurmConfig, help="The Slurm job that launcher='slurm' submits")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

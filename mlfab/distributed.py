@@ -35,9 +35,13 @@ def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: s
     """Trainer arguments for the config's hardware keys."""
     import torch
 
+    from mlfab.slurm import hardware as slurm_hardware
+
     if under_torchrun():  # torchrun started the processes: match what it started.
         devices = int(os.environ["LOCAL_WORLD_SIZE"])
         num_nodes = max(int(os.environ["WORLD_SIZE"]) // devices, 1)
+    elif (slurm := slurm_hardware()) is not None:  # srun started the processes: match what it started.
+        devices, num_nodes = slurm["devices"], slurm["num_nodes"]
     if accelerator == "auto":
         if torch.cuda.is_available():
             accelerator = "cuda"

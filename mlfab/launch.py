@@ -4,157 +4,27 @@ Command line (mlfab style): `python -m examples.mnist [config.yaml ...] [key=val
 """
 
 import os
-import re
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlfab.config import Config, config_to_yaml, parse_override, resolve_config
 from mlfab.errors import ConfigError
-from mlfab.settings import default_run_dir
+from mlfab.rundir import agreed_exp_dir, new_exp_dir, newest_checkpoint, snake_case
+from mlfab.trainer import build_trainer, trainer_callbacks, trainer_kwargs, trainer_settings
+
+__all__ = [
+    "agreed_exp_dir", "build_trainer", "execute", "launch", "new_exp_dir", "newest_checkpoint", "run",
+    "snake_case", "trainer_callbacks", "trainer_kwargs", "trainer_settings",
+]
 
 if TYPE_CHECKING:
-    import lightning.pytorch as pl
 
     from mlfab.task import Task
 
-# Lightning needs an int `val_check_interval` for endless data; this one never comes due.
-NEVER = 2**62
-
 # A first argument naming one of these runs Lightning's CLI (mlfab.cli) instead of the mlfab form.
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-def snake_case(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
-
-
-def new_exp_dir(task_cls: type, config: Config) -> Path:
-    """`<run_dir>/<snake_case task name>/run_<N>` with the next unused N, or `exp_dir` when given."""
-    if config.exp_dir:
-        path = Path(config.exp_dir).expanduser()
-    else:
-        root = (Path(config.run_dir).expanduser() if config.run_dir else default_run_dir()) / snake_case(
-            task_cls.__name__
-        )
-        root.mkdir(parents=True, exist_ok=True)
-        taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"run_(\d+)", p.name))]
-        n = max(taken, default=-1) + 1
-        while True:  # Two launches at once: the one that creates the directory first gets it.
-            path = root / f"run_{n}"
-            try:
-                path.mkdir()
-                break
-            except FileExistsError:
-                n += 1
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"Cannot create the run directory {path} ({e.strerror}). Set run_dir or exp_dir.") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"The run directory {path} is not writable. Fix its permissions, or set run_dir or exp_dir "
-                          "to a directory you can write to.")
-    return path.resolve()
-
-
-def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
-    """(run directory, whether this process writes its files): one directory for every rank of a run.
-
-    Rank zero creates it and passes it on to the processes Lightning starts (through the environment);
-    ranks started by torchrun, Slurm or by hand without `exp_dir` take rank zero's once the process
-    group exists (`Task.setup`), and meanwhile write nothing."""
-    from mlfab.distributed import EXP_DIR_ENV, env_rank_zero
-
-    if EXP_DIR_ENV in os.environ:
-        return Path(os.environ[EXP_DIR_ENV]), False
-    if not env_rank_zero():
-        if config.exp_dir:
-            return Path(config.exp_dir).expanduser().resolve(), False
-        import tempfile
-
-        return Path(tempfile.mkdtemp(prefix="mlfab-rank-")), False
-    return new_exp_dir(task_cls, config), True
-
-
-def newest_checkpoint(exp_dir: Path) -> Path | None:
-    """The checkpoint a relaunch into `exp_dir` resumes from: the most recently written one."""
-    from mlfab.checkpoints import checkpoint_files
-
-    files = checkpoint_files(exp_dir / "checkpoints")
-    return files[-1] if files else None
-
-
-def resolve_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
-
-
-def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
-    """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from mlfab.callbacks import FinalCheckpoint, GracefulStop, ValidationCadence
-
-    ckpt_dir = exp_dir / "checkpoints"
-    periodic = {"monitor": "step", "mode": "max", "save_top_k": config.keep_last_n_checkpoints,
-                "dirpath": ckpt_dir, "auto_insert_metric_name": False}
-    callbacks: list[Any] = [ValidationCadence(config.valid_every_n_seconds, config.valid_first_n_seconds),
-                            GracefulStop()]
-    if config.save_every_n_steps:
-        callbacks.append(ModelCheckpoint(filename="step_{step:08.0f}", every_n_train_steps=config.save_every_n_steps,
-                                         **periodic))
-    if config.save_every_n_seconds:
-        callbacks.append(ModelCheckpoint(filename="time_step_{step:08.0f}",
-                                         train_time_interval=timedelta(seconds=config.save_every_n_seconds),
-                                         **periodic))
-    callbacks.append(FinalCheckpoint(ckpt_dir / "last.ckpt"))
-    return callbacks
-
-
-def trainer_kwargs(config: Config) -> dict[str, Any]:
-    """The Lightning Trainer arguments a config maps to (the mapping table in design.md)."""
-    from mlfab.distributed import resolve_hardware
-
-    k = config.batches_per_step
-    return {
-        **resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy),
-        "precision": resolve_precision(config.precision),
-        "max_steps": config.max_steps if config.max_steps is not None else -1,
-        "max_epochs": -1,
-        "accumulate_grad_batches": k,
-        "gradient_clip_val": config.clip_grad_norm,
-        "gradient_clip_algorithm": "norm",
-        # Lightning counts batches, not optimizer steps: scale by the accumulation.
-        "val_check_interval": config.valid_every_n_steps * k if config.valid_every_n_steps else NEVER,
-        "check_val_every_n_epoch": None,
-        "limit_val_batches": config.valid_batches,
-        "num_sanity_val_steps": 0,
-        "enable_progress_bar": False,
-    }
-
-
-def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callbacks: list[Any]) -> "pl.Trainer":
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from mlfab.checkpoints import AtomicCheckpointIO
-
-    callbacks = [*trainer_callbacks(config, exp_dir), *extra_callbacks]
-    return pl.Trainer(
-        **trainer_kwargs(config),
-        plugins=[AtomicCheckpointIO()],
-        logger=loggers,
-        callbacks=callbacks,
-        default_root_dir=exp_dir,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-    )
 
 
 def command_name() -> str:
@@ -270,9 +140,23 @@ def launch(task_cls: type["Task"], *configs: Any, launcher: Any = None, argv: li
         print_help(task_cls, configs, [a for a in argv if a not in ("--help", "-h")])
         raise SystemExit(0)
     else:
-        code = run(task_cls, resolve_config(task_cls.config_class(), *configs, *parse_argv(task_cls, argv)))
+        config = resolve_config(task_cls.config_class(), *configs, *parse_argv(task_cls, argv))
+        code = submit_or_run(task_cls, config, launcher, argv)
     if code:
         raise SystemExit(code)
+
+
+def submit_or_run(task_cls: type["Task"], config: Config, launcher: Any, argv: list[str]) -> int:
+    """`launcher="slurm"` on a login node submits a job that runs this same command; anything else trains here."""
+    from mlfab.slurm import current_command, in_slurm_job, submit
+
+    if launcher not in (None, "auto", "local", "slurm"):
+        raise ConfigError(f"Unknown launcher {launcher!r}: use None (train here, on the devices the config asks "
+                          "for; torchrun and multi-node environments are detected) or 'slurm'.")
+    if launcher == "slurm" and not in_slurm_job():
+        submit(config.slurm, exp_dir=new_exp_dir(task_cls, config), command=current_command(argv), workdir=Path.cwd())
+        return 0
+    return run(task_cls, config)
 
 
 def run_file_text(task_cls: type, config: Config, trainer: dict[str, Any], path: Path,
@@ -300,42 +184,47 @@ def run_file_text(task_cls: type, config: Config, trainer: dict[str, Any], path:
 
 
 def run(task_cls: type["Task"], config: Config) -> int:
-    """Trains `task_cls` with a resolved config; returns the process exit code (130 after Ctrl-C)."""
+    """Trains `task_cls` with a resolved config, resuming from the run directory's newest checkpoint if it has
+    one; returns the process exit code (128 + the signal number after Ctrl-C or SIGTERM)."""
     import lightning.pytorch as pl
-
-    from mlfab.callbacks import GracefulStop
-    from mlfab.checkpoints import check_compatible, load_checkpoint
-    from mlfab.provenance import write_provenance
 
     pl.seed_everything(config.seed, workers=True, verbose=False)
     exp_dir, writer = agreed_exp_dir(task_cls, config)
-    resume_from = newest_checkpoint(exp_dir)
     if writer:
         (exp_dir / "config.yaml").write_text(run_file_text(task_cls, config, {}, exp_dir / "config.yaml"))
     task = task_cls(config)
     task._exp_dir = exp_dir
-    if resume_from is not None:
-        check_compatible(load_checkpoint(resume_from), resume_from, task)
-    if writer:
-        write_provenance(exp_dir, task_cls, resumed=resume_from is not None)
     task.set_loggers()
-    trainer = build_trainer(config, exp_dir, task._mlfab_loggers, [])
-    for logger in task._mlfab_loggers:
-        if hasattr(logger, "write_config"):
-            logger.write_config(config_to_yaml(config))
-    from mlfab.distributed import EXP_DIR_ENV
+    trainer = build_trainer(config, exp_dir, task._mlfab_loggers)
+    return execute(trainer, "fit", task, exp_dir=exp_dir, writer=writer, ckpt_path=newest_checkpoint(exp_dir))
 
+
+def execute(trainer: Any, subcommand: str, task: "Task", *, exp_dir: Path, writer: bool, ckpt_path: Any = None,
+            **kwargs: Any) -> int:
+    """What every run does around the Trainer call, in both command-line forms: check the checkpoint fits,
+    record provenance, give the loggers the run's config and origin, share the run directory with the
+    processes Lightning's DDP launcher starts, and turn a signal into the exit code."""
+    from mlfab.callbacks import GracefulStop
+    from mlfab.checkpoints import check_compatible, load_checkpoint
+    from mlfab.distributed import EXP_DIR_ENV
+    from mlfab.loggers.dispatch import write_run_info
+    from mlfab.provenance import provenance_text, write_provenance
+
+    if ckpt_path is not None and Path(ckpt_path).is_file():
+        check_compatible(load_checkpoint(Path(ckpt_path)), Path(ckpt_path), task)
     if writer:
+        write_provenance(exp_dir, type(task), resumed=subcommand == "fit" and ckpt_path is not None)
+        write_run_info(trainer.loggers, config_to_yaml(task.config), provenance_text(exp_dir), exp_dir)
         print(f"Run directory: {exp_dir}", flush=True)
-        if resume_from is not None:
-            print(f"Resuming from {resume_from}", flush=True)
-        os.environ[EXP_DIR_ENV] = str(exp_dir)  # For the processes Lightning's DDP launcher starts.
+        if ckpt_path is not None:
+            print(f"Resuming from {ckpt_path}" if subcommand == "fit" else f"Weights from {ckpt_path}", flush=True)
+        os.environ[EXP_DIR_ENV] = str(exp_dir)
     try:
-        trainer.fit(task, ckpt_path=resume_from)
+        getattr(trainer, subcommand)(task, ckpt_path=ckpt_path, **kwargs)
     finally:
         if writer:
             os.environ.pop(EXP_DIR_ENV, None)
     if writer:
         print(f"Finished. Run directory: {exp_dir}", flush=True)
-    stop = next(c for c in trainer.callbacks if isinstance(c, GracefulStop))  # type: ignore[attr-defined]
-    return 128 + stop.signal_received if stop.signal_received else 0
+    stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+    return 128 + stop.signal_received if stop is not None and stop.signal_received else 0

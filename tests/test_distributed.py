@@ -19,6 +19,7 @@ import torch
 from mlfab.testing import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # Keep the caller's entries.
 
 SCRIPT = """
 import json, os, sys
@@ -79,7 +80,7 @@ def write_script(tmp_path: Path) -> Path:
 
 def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
-    return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OUT_DIR": str(tmp_path / "out"), **extra}
+    return {**env, "PYTHONPATH": PYTHONPATH, "OUT_DIR": str(tmp_path / "out"), **extra}
 
 
 def read_rank(tmp_path: Path, phase: str, rank: int) -> list[tuple[int, list[int], float]]:

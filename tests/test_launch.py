@@ -14,6 +14,7 @@ import mlfab
 from mlfab.testing import BoringConfig, BoringTask, read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # Keep the caller's entries.
 
 SCRIPT = """
 import sys, time
@@ -41,7 +42,7 @@ if __name__ == "__main__":
 def run_script(tmp_path: Path, *args: str) -> subprocess.Popen:
     script = tmp_path / "tasks.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=tmp_path)
 

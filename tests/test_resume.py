@@ -13,6 +13,7 @@ import mlfab
 from mlfab.testing import BoringConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # Keep the caller's entries.
 
 # A task whose data samples at random (dpshdl, per-worker generators) and whose model uses dropout, so any
 # lost or repeated batch, or any RNG state not restored, changes the losses. It records every step's loss
@@ -49,7 +50,7 @@ if __name__ == "__main__":
 def run_task(tmp_path: Path, losses: Path, *args: str, stop_at: int | None = None, stop_with: str = "SIGTERM") -> int:
     script = tmp_path / "recorded.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "LOSS_FILE": str(losses), "STOP_WITH": stop_with}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LOSS_FILE": str(losses), "STOP_WITH": stop_with}
     if stop_at is not None:
         env["STOP_AT"] = str(stop_at)
     proc = subprocess.run([sys.executable, str(script), *args], env=env, cwd=tmp_path, capture_output=True,

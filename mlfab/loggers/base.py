@@ -29,6 +29,15 @@ class MlfabLogger:
     def write_config(self, config_yaml: str) -> None:  # noqa: B027 - optional hook
         """Called once per run with the resolved config as YAML."""
 
+    def write_run_info(self, info: dict[str, str]) -> None:
+        """Called once per run with texts describing it: `config` (YAML), `provenance` (commit, versions),
+        `git_diff` and `source` (the task's file) when known. By default: the config through
+        `write_config`, the rest as strings under `run/<name>` at step 0."""
+        self.write_config(info["config"])
+        texts = {f"run/{name}": text for name, text in info.items() if name != "config"}
+        if texts:
+            self.write(Logs("train", 0, None, 0.0, 0, {"string": texts}))
+
 
 def scalar_logs(metrics: dict[str, Any], step: int | None) -> Logs:
     """Logs for metrics that arrive through Lightning's own `self.log` / `log_metrics`."""

@@ -6,6 +6,7 @@ warning per logger type and kind. Single-stream loggers get the phase as a tag p
 """
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 from mlfab.logbuffer import Logs
@@ -47,3 +48,29 @@ def write_logs(logger: Any, logs: Logs) -> None:
     for kind, values in logs.values.items():
         if values and kind not in handled:
             _warn_once(logger, kind)
+
+
+def run_info(config_yaml: str, provenance: str, exp_dir: Path) -> dict[str, str]:
+    """The texts every logger gets once per run; the git diff and source come from the provenance folder."""
+    info = {"config": config_yaml, "provenance": provenance}
+    prov = exp_dir / "provenance"
+    gits = sorted(prov.glob("git*.txt"), key=lambda p: p.stat().st_mtime_ns)
+    if gits:
+        info["git_diff"] = gits[-1].read_text()
+    sources = sorted((p for p in prov.glob("source*/*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+    if sources:
+        info["source"] = sources[-1].read_text()
+    return info
+
+
+def write_run_info(loggers: list[Any], config_yaml: str, provenance: str, exp_dir: Path) -> None:
+    """Once per run: the config and where the run came from, as text wherever a logger can show text."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    info = run_info(config_yaml, provenance, exp_dir)
+    for logger in loggers:
+        if isinstance(logger, MlfabLogger):
+            logger.write_run_info(info)
+        elif isinstance(logger, TensorBoardLogger):
+            for name, text in info.items():
+                logger.experiment.add_text(f"run/{name}", f"```\n{text}\n```", 0)

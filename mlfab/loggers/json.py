@@ -178,6 +178,10 @@ class JsonLogger(MlfabLogger, Logger):
         params = vars(params) if isinstance(params, argparse.Namespace) else params
         self._write_line({"phase": "hparams", "hparams": dict(params)})
 
+    def write_run_info(self, info: dict[str, str]) -> None:
+        """One line with phase "run": the config and the run's origin (commit, diff, task source)."""
+        self._write_line({"phase": "run", **info})
+
     @override
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:

@@ -61,6 +61,12 @@ class StdoutLogger(MlfabLogger, Logger):
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def write_run_info(self, info: dict[str, str]) -> None:
+        """Only the short provenance summary: the config and sources are in the run directory."""
+        if info.get("provenance"):
+            self.stream.write(info["provenance"].rstrip() + "\n")
+            self.stream.flush()
+
     @override
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:

@@ -89,8 +89,9 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
     def write(self, logs: Logs) -> None:
         write_summaries(self.writer(logs.phase), logs)
 
-    def write_config(self, config_yaml: str) -> None:
-        self.experiment.add_text("config", f"```yaml\n{config_yaml}\n```", 0)
+    def write_run_info(self, info: dict[str, str]) -> None:
+        for name, text in info.items():  # TensorBoard renders text as markdown: keep it verbatim in a code block.
+            self.experiment.add_text(f"run/{name}", f"```\n{text}\n```", 0)
 
     @override
     @rank_zero_only

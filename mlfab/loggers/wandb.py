@@ -212,6 +212,19 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
             path.write_text(config_yaml)
             run.save(str(path), base_path=run.dir, policy="now")
 
+    @rank_zero_only
+    def write_run_info(self, info: dict[str, str]) -> None:
+        """The config as the run's config; provenance, git diff and the task's source as files of the run."""
+        self.write_config(info["config"])
+        run = self._run()
+        if not Path(run.dir).is_dir():
+            return
+        for name, text in info.items():
+            if name != "config":
+                path = Path(run.dir) / f"mlfab_{name}.txt"
+                path.write_text(text)
+                run.save(str(path), base_path=run.dir, policy="now")
+
     @override
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:

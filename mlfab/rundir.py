@@ -1,0 +1,67 @@
+"""Run directories: `<run_dir>/<snake_case task name>/run_<N>`, one per run, agreed on by every rank."""
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from mlfab.config import Config
+from mlfab.errors import ConfigError
+from mlfab.settings import default_run_dir
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def new_exp_dir(task_cls: type, config: Config) -> Path:
+    """`<run_dir>/<snake_case task name>/run_<N>` with the next unused N, or `exp_dir` when given."""
+    if config.exp_dir:
+        path = Path(config.exp_dir).expanduser()
+    else:
+        root = (Path(config.run_dir).expanduser() if config.run_dir else default_run_dir()) / snake_case(
+            task_cls.__name__
+        )
+        root.mkdir(parents=True, exist_ok=True)
+        taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"run_(\d+)", p.name))]
+        n = max(taken, default=-1) + 1
+        while True:  # Two launches at once: the one that creates the directory first gets it.
+            path = root / f"run_{n}"
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"Cannot create the run directory {path} ({e.strerror}). Set run_dir or exp_dir.") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"The run directory {path} is not writable. Fix its permissions, or set run_dir or exp_dir "
+                          "to a directory you can write to.")
+    return path.resolve()
+
+
+def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
+    """(run directory, whether this process writes its files): one directory for every rank of a run.
+
+    Rank zero creates it and passes it on to the processes Lightning starts (through the environment);
+    ranks started by torchrun, Slurm or by hand without `exp_dir` take rank zero's once the process
+    group exists (`Task.setup`), and meanwhile write nothing."""
+    from mlfab.distributed import EXP_DIR_ENV, env_rank_zero
+
+    if EXP_DIR_ENV in os.environ:
+        return Path(os.environ[EXP_DIR_ENV]), False
+    if not env_rank_zero():
+        if config.exp_dir:
+            return Path(config.exp_dir).expanduser().resolve(), False
+        return Path(tempfile.mkdtemp(prefix="mlfab-rank-")), False
+    return new_exp_dir(task_cls, config), True
+
+
+def newest_checkpoint(exp_dir: Path) -> Path | None:
+    """The checkpoint a relaunch into `exp_dir` resumes from: the most recently written one."""
+    from mlfab.checkpoints import checkpoint_files
+
+    files = checkpoint_files(exp_dir / "checkpoints")
+    return files[-1] if files else None

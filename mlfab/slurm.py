@@ -1,0 +1,233 @@
+"""Slurm: submit a run as a batch job, and requeue it when Slurm warns that its time is nearly up.
+
+`launch(..., launcher="slurm")` on a login node writes `<exp_dir>/slurm/job.sbatch` and submits it. The job
+runs the same command under `srun`, with `exp_dir=<exp_dir>` appended, so every task and every requeue of the
+job uses the same run directory. Slurm sends SIGUSR1 `signal_seconds` before the time limit; mlfab saves a
+checkpoint at the next step boundary, calls `scontrol requeue` and stops; the requeued job resumes from that
+checkpoint.
+"""
+
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlfab.errors import MlfabError
+from mlfab.fields import field
+
+log = logging.getLogger(__name__)
+
+# Slurm job names with which Lightning treats the allocation as interactive, not as a job to run in.
+INTERACTIVE_JOB_NAMES = ("bash", "interactive")
+
+
+class SlurmError(MlfabError):
+    """Submitting to Slurm failed, or a Slurm setting is wrong."""
+
+
+@dataclass(kw_only=True)
+class SlurmConfig:
+    """The resources and options of the batch job that `launcher="slurm"` submits."""
+
+    nodes: int = field(1, help="Number of nodes the Slurm job uses")
+    gpus_per_node: int = field(1, help="GPUs per node; one task (training process) is started per GPU")
+    cpus_per_task: int = field(8, help="CPU cores per task (for dataloader workers)")
+    mem: str | None = field(None, help="Memory per node, as sbatch --mem takes it (e.g. 64G; null: cluster default)")
+    time: str | None = field("1-00:00:00", help="Time limit per job (D-HH:MM:SS); the job requeues itself at the end")
+    partition: str | None = field(None, help="Slurm partition (null: the cluster's default)")
+    account: str | None = field(None, help="Slurm account to charge (null: your default)")
+    signal_seconds: int = field(90, help="Seconds before the time limit when Slurm tells the job to save and requeue")
+    extra_sbatch_lines: list[str] = field(
+        list, help="More sbatch options: '--qos=high' becomes '#SBATCH --qos=high'; other lines are copied verbatim"
+    )
+    python: str | None = field(None, help="Python interpreter the job runs (null: the one that submits it)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where this process runs.
+
+
+def _lightning_sees_slurm() -> bool:
+    """What Lightning's `SLURMEnvironment.detect()` checks (without its warning): started by `srun`, not in an
+    interactive allocation."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES
+
+
+def in_slurm_job() -> bool:
+    """Whether this process is a task of a Slurm job (started by `srun` in a batch job, not an interactive shell)."""
+    return "SLURM_JOB_ID" in os.environ and _lightning_sees_slurm()
+
+
+def job_id() -> str | None:
+    """The id `scontrol requeue` takes: `<array job id>_<task id>` for a task of a job array, else the job id."""
+    array_id, task_id = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_id and task_id:
+        return f"{array_id}_{task_id}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def hardware() -> dict[str, int] | None:
+    """Trainer `devices` and `num_nodes` matching the tasks `srun` started, or None outside a Slurm job."""
+    if not in_slurm_job():
+        return None
+    nodes = int(os.environ.get("SLURM_NNODES", "1"))
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    devices = int(per_node) if per_node.isdigit() else max(int(os.environ["SLURM_NTASKS"]) // nodes, 1)
+    return {"devices": devices, "num_nodes": nodes}
+
+
+def cluster_environment() -> Any:
+    """The Trainer plugin for a Slurm job: Lightning's `SLURMEnvironment` without its own SIGUSR1 handler (which
+    saves a checkpoint from inside the handler and requeues); mlfab's `GracefulStop` does both at a step boundary.
+    None where Lightning would not pick `SLURMEnvironment` (torchrun inside Slurm keeps its own environment)."""
+    if not _lightning_sees_slurm():
+        return None
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return None
+    return SLURMEnvironment(auto_requeue=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Submitting.
+
+
+def current_command(argv: Sequence[str]) -> list[str]:
+    """The arguments after `python` that start this program again: `-m package.module ...` or `/abs/script.py ...`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-m", spec.name.removesuffix(".__main__"), *argv]
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is None or not script.is_file():
+        raise SlurmError("launcher='slurm' runs this program again inside the Slurm job, but it was not started "
+                         "from a script or module (an interactive session or `python -c`?). Put the launch call in "
+                         "a script and run `python my_script.py`, or `python -m my_package.my_module`.")
+    return [str(script.resolve()), *argv]
+
+
+def _sbatch_value(value: object) -> str:
+    text = str(value)
+    if "\n" in text or '"' in text:
+        raise SlurmError(f"Slurm option value {text!r} contains a newline or a double quote; sbatch cannot read it.")
+    return f'"{text}"' if any(c.isspace() for c in text) else text
+
+
+def sbatch_script(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str], workdir: Path) -> str:
+    """The batch script of a run: resources, the requeue signal, then `srun <python> <command> exp_dir=<exp_dir>`."""
+    exp_dir, logs = Path(exp_dir), Path(exp_dir) / "slurm"
+    if config.nodes < 1 or config.gpus_per_node < 0 or config.cpus_per_task < 1:
+        raise SlurmError(f"slurm.nodes ({config.nodes}) and slurm.cpus_per_task ({config.cpus_per_task}) must be at "
+                         f"least 1, and slurm.gpus_per_node ({config.gpus_per_node}) at least 0.")
+    options: list[tuple[str, object]] = [
+        ("job-name", f"{exp_dir.parent.name}-{exp_dir.name}".strip("-") or "mlfab"),
+        ("output", logs / "%j.out"),
+        ("error", logs / "%j.err"),
+        ("nodes", config.nodes),
+        ("ntasks-per-node", max(config.gpus_per_node, 1)),
+        ("gpus-per-node", config.gpus_per_node or None),
+        ("cpus-per-task", config.cpus_per_task),
+        ("mem", config.mem),
+        ("time", config.time),
+        ("partition", config.partition),
+        ("account", config.account),
+        ("signal", f"SIGUSR1@{config.signal_seconds}"),
+    ]
+    lines = ["#!/bin/bash", f"# Written by mlfab for the run in {exp_dir}; submit again with: sbatch {exp_dir}/"
+             "slurm/job.sbatch"]
+    lines += [f"#SBATCH --{name}={_sbatch_value(value)}" for name, value in options if value is not None]
+    lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
+    for line in config.extra_sbatch_lines:
+        if "\n" in line:
+            raise SlurmError(f"slurm.extra_sbatch_lines entry {line!r} holds a newline: give one option per entry.")
+        lines.append(f"#SBATCH {line}" if line.startswith("-") else line)
+    python = config.python or sys.executable
+    srun = ["srun", python, *command, f"exp_dir={exp_dir}"]
+    lines += [
+        "",
+        "set -e",
+        'echo "mlfab: Slurm job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname) at $(date)"',
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        "export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))",
+        "export PYTHONUNBUFFERED=1",
+        "unset MLFAB_EXP_DIR  # Set by the submitting process for its own ranks; the job uses exp_dir below.",
+        f"cd {shlex.quote(str(workdir))}",
+        shlex.join(srun),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def submit(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str], workdir: Path) -> str:
+    """Writes `<exp_dir>/slurm/job.sbatch`, submits it with `sbatch` and returns the job id."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise SlurmError("sbatch not found: launcher='slurm' needs a Slurm login node (a machine where `sbatch` "
+                         "is on PATH). Run there, or leave out launcher='slurm' to train on this machine.")
+    slurm_dir = Path(exp_dir) / "slurm"
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    script = slurm_dir / "job.sbatch"
+    script.write_text(sbatch_script(config, exp_dir=Path(exp_dir), command=command, workdir=Path(workdir)))
+    try:
+        proc = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, cwd=workdir,
+                              timeout=300)
+    except subprocess.TimeoutExpired as e:
+        raise SlurmError(f"sbatch did not answer within {e.timeout:.0f} s (is the Slurm controller down?). "
+                         f"The script is {script}; submit it later with `sbatch {script}`.") from e
+    if proc.returncode != 0:
+        raise SlurmError(f"sbatch refused the job (exit status {proc.returncode}):\n{proc.stderr.strip()}\n"
+                         f"The script is {script}: fix the slurm.* settings it came from (e.g. slurm.partition, "
+                         "slurm.account, slurm.time) and launch again.")
+    found = re.match(r"\s*(\d+)", proc.stdout)  # --parsable prints `<id>` or `<id>;<cluster>`.
+    if found is None:
+        raise SlurmError(f"sbatch accepted {script} but printed no job id: {proc.stdout.strip()!r}")
+    jid = found.group(1)
+    with (slurm_dir / "jobs.txt").open("a") as f:
+        f.write(jid + "\n")
+    print(f"Submitted Slurm job {jid} for run directory {exp_dir}. Logs: {slurm_dir / (jid + '.out')} and "
+          f"{slurm_dir / (jid + '.err')}; cancel with `scancel {jid}`.", flush=True)
+    return jid
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Requeueing.
+
+
+def requeue(global_rank: int = 0) -> bool:
+    """Asks Slurm to requeue this job (`scontrol requeue <job id>`), on global rank zero only. Returns whether the
+    job was requeued (False on other ranks). A failure is logged, not raised: training must not crash over it."""
+    if global_rank != 0:
+        return False
+    jid = job_id()
+    if jid is None or not re.fullmatch(r"[0-9_]+", jid):
+        log.warning("Cannot requeue: SLURM_JOB_ID is %r, not a Slurm job id.", jid)
+        return False
+    print(f"Requeueing Slurm job {jid}: it resumes from the checkpoint just saved.", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("Requeueing Slurm job %s failed (%s); training goes on. Relaunch with the same exp_dir to "
+                    "resume from the last checkpoint.", jid, e)
+        return False
+    if proc.returncode != 0:
+        log.warning("Requeueing Slurm job %s failed: `scontrol requeue %s` exited with status %d: %s; training "
+                    "goes on. Relaunch with the same exp_dir to resume from the last checkpoint.",
+                    jid, jid, proc.returncode, proc.stderr.strip())
+        return False
+    return True
+
+
+def after_signal_checkpoint(global_rank: int) -> bool:
+    """Called by every rank after the SIGUSR1 checkpoint was saved at a step boundary. In a Slurm job, rank zero
+    requeues the job; returns True when training should stop so that the requeued job takes over. Other ranks
+    cannot know whether the requeue worked: with several processes, use rank zero's answer (broadcast it)."""
+    if not in_slurm_job():
+        return False
+    return requeue(global_rank) if global_rank == 0 else True

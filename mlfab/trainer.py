@@ -1,0 +1,98 @@
+"""The Lightning Trainer an mlfab config maps to (the mapping table in design.md), with mlfab's callbacks."""
+
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from mlfab.config import Config
+
+# Lightning needs an int `val_check_interval` for endless data; this one never comes due.
+NEVER = 2**62
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
+    """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mlfab.callbacks import FinalCheckpoint, GracefulStop, ValidationCadence
+
+    ckpt_dir = exp_dir / "checkpoints"
+    periodic = {"monitor": "step", "mode": "max", "save_top_k": config.keep_last_n_checkpoints,
+                "dirpath": ckpt_dir, "auto_insert_metric_name": False}
+    callbacks: list[Any] = [ValidationCadence(config.valid_every_n_seconds, config.valid_first_n_seconds),
+                            GracefulStop()]
+    if config.save_every_n_steps:
+        callbacks.append(ModelCheckpoint(filename="step_{step:08.0f}", every_n_train_steps=config.save_every_n_steps,
+                                         **periodic))
+    if config.save_every_n_seconds:
+        callbacks.append(ModelCheckpoint(filename="time_step_{step:08.0f}",
+                                         train_time_interval=timedelta(seconds=config.save_every_n_seconds),
+                                         **periodic))
+    callbacks.append(FinalCheckpoint(ckpt_dir / "last.ckpt"))
+    return callbacks
+
+
+def trainer_kwargs(config: Config) -> dict[str, Any]:
+    """The Lightning Trainer arguments a config maps to (the mapping table in design.md)."""
+    from mlfab.distributed import resolve_hardware
+
+    k = config.batches_per_step
+    return {
+        **resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy),
+        "precision": resolve_precision(config.precision),
+        "max_steps": config.max_steps if config.max_steps is not None else -1,
+        "max_epochs": -1,
+        "accumulate_grad_batches": k,
+        "gradient_clip_val": config.clip_grad_norm,
+        "gradient_clip_algorithm": "norm",
+        # Lightning counts batches, not optimizer steps: scale by the accumulation.
+        "val_check_interval": config.valid_every_n_steps * k if config.valid_every_n_steps else NEVER,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": config.valid_batches,
+        "num_sanity_val_steps": 0,
+        "enable_progress_bar": False,
+    }
+
+
+def trainer_settings(
+    config: Config,
+    exp_dir: Path,
+    loggers: Any,
+    extra_callbacks: Sequence[Any] = (),
+    extra_plugins: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Every Trainer argument of an mlfab run; the Lightning CLI lays explicitly given `--trainer.*` over it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mlfab.checkpoints import AtomicCheckpointIO
+    from mlfab.slurm import cluster_environment
+
+    callbacks = [*trainer_callbacks(config, exp_dir), *extra_callbacks]
+    # Under Slurm, Lightning's own environment would save from inside its SIGUSR1 handler: mlfab's does
+    # it at the step boundary (GracefulStop), so Lightning's requeue handling is switched off.
+    env = cluster_environment()
+    return {
+        **trainer_kwargs(config),
+        "plugins": [AtomicCheckpointIO(), *([env] if env is not None else []), *extra_plugins],
+        "logger": loggers,
+        "callbacks": callbacks,
+        "default_root_dir": exp_dir,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    }
+
+
+def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callbacks: Sequence[Any] = ()) -> Any:
+    import lightning.pytorch as pl
+
+    return pl.Trainer(**trainer_settings(config, exp_dir, loggers, extra_callbacks))

@@ -1,0 +1,364 @@
+"""Slurm: the batch script, submitting with `sbatch`, requeueing with `scontrol`, and (end to end) a run that is
+told by SIGUSR1 that its time is up, checkpoints, requeues itself and resumes.
+
+Fake `sbatch`, `srun` and `scontrol` executables on PATH record how they are called.
+"""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlfab
+from mlfab import slurm
+from mlfab.slurm import SlurmConfig, SlurmError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKES = {
+    # Prints a job id the way `sbatch --parsable` does (`<id>;<cluster>`), or fails like a refused submission.
+    "sbatch": """
+echo "sbatch $*" >> "$FAKE_SLURM_LOG"
+if [ -n "$FAKE_SBATCH_FAIL" ]; then echo "sbatch: error: invalid partition specified: nope" >&2; exit 1; fi
+echo "1234;cluster"
+""",
+    # Starts one task with the variables srun sets for it.
+    "srun": """
+echo "srun $*" >> "$FAKE_SLURM_LOG"
+export SLURM_NTASKS=1 SLURM_NNODES=1 SLURM_NTASKS_PER_NODE=1 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0
+export SLURM_STEP_ID=0
+exec "$@"
+""",
+    "scontrol": """
+echo "scontrol $*" >> "$FAKE_SLURM_LOG"
+if [ "$1" = show ]; then echo node1; echo node2; fi
+exit "${FAKE_SCONTROL_STATUS:-0}"
+""",
+}
+
+# Variables of a Slurm task started by srun in batch job 1234.
+TASK_ENV = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "test", "SLURM_JOB_NODELIST": "node1", "SLURM_NTASKS": "1",
+            "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+            "SLURM_NODEID": "0", "SLURM_STEP_ID": "0"}
+
+
+@pytest.fixture(autouse=True)
+def no_slurm_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start outside any Slurm job (even when pytest itself runs in one)."""
+    for var in list(os.environ):
+        if var.startswith(("SLURM_", "TORCHELASTIC_")) or var in ("MLFAB_EXP_DIR", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+            monkeypatch.delenv(var)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Puts the fake Slurm commands first on PATH; returns the file they append their command lines to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKES.items():
+        path = bin_dir / name
+        path.write_text("#!/bin/bash\n" + body.lstrip())
+        path.chmod(0o755)
+    calls = tmp_path / "slurm_calls.log"
+    calls.touch()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(calls))
+    return calls
+
+
+def in_task(monkeypatch: pytest.MonkeyPatch, **extra: str) -> None:
+    for key, value in {**TASK_ENV, **extra}.items():
+        monkeypatch.setenv(key, value)
+
+
+def sbatch_lines(script: str) -> list[str]:
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The batch script and submitting it.
+
+
+def test_submit_writes_the_script_and_records_the_job(fake_slurm: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    exp_dir, work = tmp_path / "runs" / "my_task" / "run_3", tmp_path / "work"
+    config = SlurmConfig(nodes=2, gpus_per_node=4, cpus_per_task=6, mem="64G", time="0-02:00:00", partition="gpu",
+                         account="lab", extra_sbatch_lines=["--qos=high", "#SBATCH --constraint=a100"])
+    command = ["-m", "examples.mnist", "max_steps=5"]
+    assert slurm.submit(config, exp_dir=exp_dir, command=command, workdir=work) == "1234"
+
+    script_path = exp_dir / "slurm" / "job.sbatch"
+    script = script_path.read_text()
+    assert script.startswith("#!/bin/bash\n")
+    assert sbatch_lines(script) == [
+        "#SBATCH --job-name=my_task-run_3",
+        f"#SBATCH --output={exp_dir}/slurm/%j.out",
+        f"#SBATCH --error={exp_dir}/slurm/%j.err",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --cpus-per-task=6",
+        "#SBATCH --mem=64G",
+        "#SBATCH --time=0-02:00:00",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --signal=SIGUSR1@90",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=a100",
+    ]
+    lines = script.splitlines()
+    assert f"cd {work}" in lines
+    assert lines[-1] == f"srun {sys.executable} -m examples.mnist max_steps=5 exp_dir={exp_dir}"
+    assert "export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))" in lines
+    assert fake_slurm.read_text().splitlines() == [f"sbatch --parsable {script_path}"]
+    assert (exp_dir / "slurm" / "jobs.txt").read_text() == "1234\n"
+    out = capsys.readouterr().out
+    assert "Submitted Slurm job 1234" in out and f"{exp_dir}/slurm/1234.out" in out
+
+    slurm.submit(config, exp_dir=exp_dir, command=command, workdir=work)
+    assert (exp_dir / "slurm" / "jobs.txt").read_text() == "1234\n1234\n"
+
+
+def test_defaults_leave_cluster_defaults_alone(tmp_path: Path) -> None:
+    config = SlurmConfig(gpus_per_node=0, python="/opt/py/bin/python")
+    lines = sbatch_lines(slurm.sbatch_script(config, exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path))
+    assert "#SBATCH --ntasks-per-node=1" in lines and "#SBATCH --time=1-00:00:00" in lines
+    assert not [line for line in lines if line.startswith(("#SBATCH --gpus", "#SBATCH --mem", "#SBATCH --partition",
+                                                           "#SBATCH --account"))]
+    script = slurm.sbatch_script(config, exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path)
+    assert script.splitlines()[-1] == f"srun /opt/py/bin/python t.py exp_dir={tmp_path / 'run'}"
+    assert SlurmConfig().extra_sbatch_lines == [] and SlurmConfig().extra_sbatch_lines is not config.extra_sbatch_lines
+
+
+def test_paths_and_arguments_are_quoted(tmp_path: Path) -> None:
+    exp_dir, work = tmp_path / "my runs" / "run_0", tmp_path / "it's here"
+    command = ["train.py", "name=a b", "tags=[x, y]"]
+    script = slurm.sbatch_script(SlurmConfig(), exp_dir=exp_dir, command=command, workdir=work)
+    lines = script.splitlines()
+    assert shlex.split(lines[-1]) == ["srun", sys.executable, *command, f"exp_dir={exp_dir}"]
+    assert shlex.split(next(line for line in lines if line.startswith("cd "))) == ["cd", str(work)]
+    assert f'#SBATCH --output="{exp_dir}/slurm/%j.out"' in lines
+    with pytest.raises(SlurmError, match="one option per entry"):
+        slurm.sbatch_script(SlurmConfig(extra_sbatch_lines=["--qos=a\n--x"]), exp_dir=exp_dir, command=[], workdir=work)
+    with pytest.raises(SlurmError, match="slurm.nodes"):
+        slurm.sbatch_script(SlurmConfig(nodes=0), exp_dir=exp_dir, command=[], workdir=work)
+
+
+def test_the_script_runs_the_command_in_the_run_directory(fake_slurm: Path, tmp_path: Path) -> None:
+    """What Slurm does with the script: bash runs it with the job's variables; srun starts the task."""
+    exp_dir, work = tmp_path / "run", tmp_path / "job_work"
+    work.mkdir()
+    probe = ("import json, os, sys; print(json.dumps([sys.argv[1:], os.getcwd(), os.environ['MASTER_ADDR'], "
+             "os.environ['MASTER_PORT'], os.environ.get('MLFAB_EXP_DIR'), os.environ['SLURM_PROCID']]))")
+    slurm.submit(SlurmConfig(), exp_dir=exp_dir, command=["-c", probe, "x=1"], workdir=work)
+    env = {**os.environ, "SLURM_JOB_ID": "54321", "SLURM_JOB_NODELIST": "node[1-2]", "MLFAB_EXP_DIR": "/elsewhere"}
+    proc = subprocess.run(["bash", str(exp_dir / "slurm" / "job.sbatch")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    argv, cwd, addr, port, exp_env, rank = json.loads(proc.stdout.splitlines()[-1])
+    assert argv == ["x=1", f"exp_dir={exp_dir}"]
+    assert (cwd, addr, port, exp_env, rank) == (str(work), "node1", str(10000 + 54321 % 20000), None, "0")
+    calls = fake_slurm.read_text().splitlines()
+    assert "scontrol show hostnames node[1-2]" in calls
+    assert any(c.startswith(f"srun {sys.executable} -c ") for c in calls)
+
+
+def test_missing_sbatch_says_where_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(SlurmError, match=r"sbatch not found: launcher='slurm' needs a Slurm login node"):
+        slurm.submit(SlurmConfig(), exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path)
+
+
+def test_refused_submission_shows_sbatch_error(fake_slurm: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_SBATCH_FAIL", "1")
+    with pytest.raises(mlfab.MlfabError, match=r"(?s)status 1.*invalid partition specified: nope.*slurm.partition"):
+        slurm.submit(SlurmConfig(partition="nope"), exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path)
+    assert not (tmp_path / "run" / "slurm" / "jobs.txt").exists()
+
+
+def test_current_command_reruns_the_program(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("__main__")
+    module.__spec__ = types.SimpleNamespace(name="examples.mnist.__main__")  # type: ignore[assignment]
+    monkeypatch.setitem(sys.modules, "__main__", module)
+    assert slurm.current_command(["a=1"]) == ["-m", "examples.mnist", "a=1"]
+    module.__spec__ = None
+    (tmp_path / "train.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", "a=1"])
+    assert slurm.current_command(["a=1"]) == [str(tmp_path / "train.py"), "a=1"]
+    monkeypatch.setattr(sys, "argv", ["-c"])
+    with pytest.raises(SlurmError, match="python my_script.py"):
+        slurm.current_command([])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inside the job.
+
+
+def test_job_detection_and_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not slurm.in_slurm_job() and slurm.job_id() is None and slurm.hardware() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    assert not slurm.in_slurm_job()  # The batch shell, or an allocation: no task started by srun.
+    assert slurm.job_id() == "1234"
+    in_task(monkeypatch, SLURM_JOB_NAME="interactive")
+    assert not slurm.in_slurm_job()  # `srun --job-name=interactive --pty bash`: Lightning ignores it too.
+    in_task(monkeypatch, SLURM_NTASKS="8", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="4")
+    assert slurm.in_slurm_job()
+    assert slurm.hardware() == {"devices": 4, "num_nodes": 2}
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    assert slurm.job_id() == "1200_7"
+
+
+def test_requeue_on_rank_zero_only(fake_slurm: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    in_task(monkeypatch)
+    assert slurm.requeue(1) is False
+    assert fake_slurm.read_text() == ""
+    assert slurm.requeue(0) is True
+    assert fake_slurm.read_text().splitlines() == ["scontrol requeue 1234"]
+    assert "Requeueing Slurm job 1234" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    slurm.requeue(0)
+    assert fake_slurm.read_text().splitlines()[-1] == "scontrol requeue 1200_7"
+
+
+def test_failed_requeue_warns_and_does_not_raise(fake_slurm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    in_task(monkeypatch)
+    monkeypatch.setenv("FAKE_SCONTROL_STATUS", "1")
+    assert slurm.requeue(0) is False
+    assert "exited with status 1" in caplog.text and "same exp_dir" in caplog.text
+    caplog.clear()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert slurm.requeue(0) is False
+    assert "Requeueing Slurm job 1234 failed" in caplog.text
+
+
+def test_after_signal_checkpoint(fake_slurm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert slurm.after_signal_checkpoint(0) is False  # Not in a Slurm job: save and go on.
+    in_task(monkeypatch)
+    assert slurm.after_signal_checkpoint(1) is True
+    assert fake_slurm.read_text() == ""
+    assert slurm.after_signal_checkpoint(0) is True
+    assert fake_slurm.read_text().splitlines() == ["scontrol requeue 1234"]
+    monkeypatch.setenv("FAKE_SCONTROL_STATUS", "1")
+    assert slurm.after_signal_checkpoint(0) is False  # The requeue failed: keep training.
+
+
+def test_cluster_environment_turns_off_lightnings_sigusr1_handler(fake_slurm: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning.pytorch as pl
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    assert slurm.cluster_environment() is None
+    in_task(monkeypatch)
+    env = slurm.cluster_environment()
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
+
+    def sigusr1_handler(plugins: list) -> object:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, plugins=plugins, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        assert isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment)
+        connector = trainer._signal_connector
+        connector.register_signal_handlers()
+        try:
+            return signal.getsignal(signal.SIGUSR1)
+        finally:
+            connector.teardown()
+
+    before = signal.getsignal(signal.SIGUSR1)
+    assert sigusr1_handler([]) is not before  # Lightning's own Slurm environment installs its handler...
+    assert sigusr1_handler([env]) is before  # ...and the one mlfab passes does not.
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun inside Slurm: Lightning's pick stays.
+    assert slurm.cluster_environment() is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end: needs `launch` and `GracefulStop` to use this module.
+
+TASK = """
+import os, signal, sys
+from mlfab.testing import BoringConfig, BoringTask
+
+class Interrupted(BoringTask):
+    def get_loss(self, batch, state):
+        stop = os.environ.get("STOP_AT")
+        if state.phase == "train" and stop and state.num_steps == int(stop):
+            os.kill(os.getpid(), signal.SIGUSR1)  # What Slurm sends signal_seconds before the time limit.
+        return super().get_loss(batch, state)
+
+if __name__ == "__main__":
+    Interrupted.launch(BoringConfig(), launcher=os.environ.get("LAUNCHER"), argv=sys.argv[1:])
+"""
+
+COMMON = ["max_steps=12", "valid_every_n_steps=null", "save_every_n_seconds=null"]
+
+
+def run_task(tmp_path: Path, command: list[str], **env: str) -> subprocess.CompletedProcess:
+    (tmp_path / "task.py").write_text(TASK)
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(command, env=full_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def saved_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+@pytest.mark.slow
+def test_sigusr1_in_a_slurm_job_checkpoints_requeues_and_resumes(fake_slurm: Path, tmp_path: Path) -> None:
+    exp_dir = tmp_path / "run"
+    python = [sys.executable, "task.py", *COMMON, f"exp_dir={exp_dir}"]
+    first = run_task(tmp_path, python, **TASK_ENV, STOP_AT="5")
+    assert first.returncode in (0, 128 + signal.SIGUSR1, 128 + signal.SIGTERM), first.stderr[-3000:]
+    assert "scontrol requeue 1234" in fake_slurm.read_text().splitlines()
+    saved = sorted((exp_dir / "checkpoints").glob("signal_step_*.ckpt"))
+    assert [saved_step(p) for p in saved] == [6]  # Saved at the step boundary after the signal...
+    assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 6  # ...and training stopped there.
+    assert "Requeueing Slurm job 1234" in first.stderr
+
+    second = run_task(tmp_path, python, **TASK_ENV, SLURM_RESTART_COUNT="1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resuming from" in second.stdout
+    assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 12
+    assert fake_slurm.read_text().splitlines().count("scontrol requeue 1234") == 1
+
+
+@pytest.mark.slow
+def test_launcher_slurm_submits_and_the_job_requeues_and_resumes(fake_slurm: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    submitted = run_task(tmp_path, [sys.executable, "task.py", *COMMON, f"run_dir={runs}"], LAUNCHER="slurm")
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert "Submitted Slurm job 1234" in submitted.stdout
+    exp_dir = runs / "interrupted" / "run_0"
+    script = exp_dir / "slurm" / "job.sbatch"
+    assert fake_slurm.read_text().splitlines() == [f"sbatch --parsable {script}"]
+    assert not (exp_dir / "checkpoints").exists()  # Nothing trained on the login node.
+
+    # Slurm starts the job; SIGUSR1 comes at step 5; after the requeue, Slurm starts the same script again.
+    job = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "interrupted-run_0", "SLURM_JOB_NODELIST": "node1",
+           "LAUNCHER": "slurm"}
+    first = run_task(tmp_path, ["bash", str(script)], **job, STOP_AT="5")
+    assert "scontrol requeue 1234" in fake_slurm.read_text().splitlines(), first.stderr[-3000:]
+    assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 6
+    second = run_task(tmp_path, ["bash", str(script)], **job, SLURM_RESTART_COUNT="1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resuming from" in second.stdout
+    assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 12
+    assert [p.name for p in runs.joinpath("interrupted").iterdir()] == ["run_0"]  # Every launch used one directory.
