@@ -85,6 +85,10 @@ class MlfabLoader(StatefulDataLoader):
         self._yielded = self.consumed.count = 0
         self._recent.clear()
 
+    def bad_samples(self) -> int:
+        """Samples skipped because loading them raised, over all workers (as last reported)."""
+        return sum(int(state.get("bad_total", 0)) for state in self.dataset_states())
+
     def dataset_states(self) -> list[dict[str, Any]]:
         """The dataset state of the main process or of each worker, as last reported."""
         state = super().state_dict()

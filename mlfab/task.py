@@ -24,10 +24,10 @@ from typing_extensions import override
 from mlfab import log_values as lv
 from mlfab.checkpoints import gather_rng_states, restore_rng_states, task_id
 from mlfab.config import Config, ConfigT, build_config, to_dict
-from mlfab.data import build_dataloader, check_dataset, explain_dataset_failure
+from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
 from mlfab.distributed import broadcast_exp_dir
 from mlfab.errors import TaskDefinitionError
-from mlfab.loader import Consumed
+from mlfab.loader import Consumed, MlfabLoader
 from mlfab.logbuffer import Cadence, LogBuffer, Logs, due_loggers, mean_across_ranks, resolve
 from mlfab.loggers.dispatch import write_logs
 from mlfab.nonfinite import NonFiniteGuard, SkipStep
@@ -416,7 +416,18 @@ class Task(pl.LightningModule, Generic[ConfigT]):
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # An optimizer step just ended.
+            self._log_bad_data()
             self._flush_logs("train", self.global_step - 1)
+
+    def _log_bad_data(self, every_n_steps: int = 50) -> None:
+        """Every `every_n_steps` steps, how many samples and batches the data pipeline skipped (when any)."""
+        loader = self.trainer.train_dataloader
+        if self.global_step % every_n_steps != 1 or not isinstance(loader, MlfabLoader):
+            return
+        bad = loader.bad_samples() if isinstance(loader.dataset, DpshdlIterable) else 0
+        if bad or loader.skipped_batches:
+            self.log_scalar("bad_samples", bad, namespace="data")
+            self.log_scalar("skipped_batches", loader.skipped_batches, namespace="data")
 
     @override
     def on_validation_epoch_end(self) -> None:

@@ -1,0 +1,137 @@
+"""Bad samples, bad batches, non-finite losses and empty datasets: skipped and counted, or a clear stop."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+import mlfab
+from mlfab.testing import BoringConfig, BoringTask, RegressionDataset, read_scalars
+
+
+class Flaky(RegressionDataset):
+    """Every fifth sample fails to load; with `always`, every sample does."""
+
+    def __init__(self, in_dim: int, always: bool = False) -> None:
+        super().__init__(in_dim)
+        self.calls = 0
+        self.always = always
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        if self.always or self.calls % 5 == 0:
+            raise OSError(f"cannot read sample {self.calls}")
+        return super().next()
+
+
+def test_bad_samples_are_skipped_and_training_goes_on(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    class FlakyTask(BoringTask):
+        def get_dataset(self, phase: mlfab.Phase) -> Flaky:
+            return Flaky(self.config.in_dim)
+
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            seen.append(len(batch[0]))
+            return super().get_loss(batch, state)
+
+    FlakyTask.launch(BoringConfig(max_steps=5, run_dir=str(tmp_path)), argv=[])
+    assert seen[:5] == [8] * 5  # Full batches: the failed samples were replaced by good ones.
+    (exp,) = (tmp_path / "flaky_task").iterdir()
+    counted = read_scalars(exp / "tensorboard" / "train")["data/bad_samples"]
+    # Logged after the first step: batch 0 and the prefetched batch 1 took 19 reads, of which 3 failed.
+    assert counted == [(0, 3.0)]
+
+
+def test_a_dataset_that_keeps_failing_stops_with_its_name_and_errors(tmp_path: Path) -> None:
+    class Broken(BoringTask):
+        def get_dataset(self, phase: mlfab.Phase) -> Flaky:
+            return Flaky(self.config.in_dim, always=True)
+
+    with pytest.raises(mlfab.DatasetError) as info:
+        Broken.launch(BoringConfig(max_steps=5, max_bad_samples_in_a_row=20, run_dir=str(tmp_path)), argv=[])
+    message = str(info.value)
+    assert "21 samples in a row from Flaky failed to load (max_bad_samples_in_a_row=20)" in message
+    assert "OSError at " in message and "test_bad_data.py" in message
+    assert "Last error: OSError: cannot read sample 21" in message
+
+
+def test_batches_that_fail_to_collate_are_skipped(tmp_path: Path) -> None:
+    class BadCollate(RegressionDataset):
+        def __init__(self, in_dim: int) -> None:
+            super().__init__(in_dim)
+            self.batches = 0
+
+        def collate(self, items: list) -> object:
+            self.batches += 1
+            if self.batches == 2:
+                raise ValueError("ragged batch")
+            return super().collate(items)
+
+    steps: list[int] = []
+
+    class Task(BoringTask):
+        def get_dataset(self, phase: mlfab.Phase) -> BadCollate:
+            return BadCollate(self.config.in_dim)
+
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            if state.phase == "train":
+                steps.append(state.num_steps)
+            return super().get_loss(batch, state)
+
+    Task.launch(BoringConfig(max_steps=4, valid_batches=0, valid_every_n_steps=None, run_dir=str(tmp_path)),
+                argv=[])
+    assert steps == [0, 1, 2, 3]
+
+
+def test_non_finite_loss_skips_the_step_and_is_logged(tmp_path: Path) -> None:
+    weights: dict[int, Tensor] = {}
+
+    class NaNAtTwo(BoringTask):
+        def set_loggers(self) -> None:
+            self.add_logger(mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=0))
+
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> dict[str, Tensor]:
+            loss = super().get_loss(batch, state)
+            if state.phase == "train":
+                weights[state.num_steps] = self.layer.weight.detach().clone()
+            bad = state.phase == "train" and state.num_steps == 2
+            return {"mse": loss, "penalty": torch.tensor(float("nan")) if bad else torch.zeros(())}
+
+    NaNAtTwo.launch(BoringConfig(max_steps=5, valid_every_n_steps=None, run_dir=str(tmp_path)), argv=[])
+    assert torch.equal(weights[2], weights[3])  # Step 2 changed nothing.
+    assert not torch.equal(weights[3], weights[4])  # Training went on.
+    (exp,) = (tmp_path / "na_n_at_two").iterdir()
+    skipped = read_scalars(exp / "tensorboard" / "train")["nonfinite/skipped_steps"]
+    assert skipped[0] == (2, 1.0)
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_and_keep_checkpoints(tmp_path: Path) -> None:
+    class AlwaysNaN(BoringTask):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            loss = super().get_loss(batch, state)
+            return loss * float("nan") if state.num_steps >= 4 else loss
+
+    config = BoringConfig(max_steps=50, max_nonfinite_steps_in_a_row=3, save_every_n_steps=2,
+                          save_every_n_seconds=None, run_dir=str(tmp_path))
+    with pytest.raises(mlfab.MlfabError, match=r"3 optimizer steps in a row had a non-finite loss 'loss' \(last at "
+                                               r"step 6\); stopping \(max_nonfinite_steps_in_a_row\)"):
+        AlwaysNaN.launch(config, argv=[])
+    (exp,) = (tmp_path / "always_na_n").iterdir()
+    ckpt = exp / "checkpoints" / "step_00000004.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+
+
+def test_a_dataset_that_yields_nothing(tmp_path: Path) -> None:
+    class Empty(torch.utils.data.IterableDataset):
+        def __iter__(self):  # noqa: ANN204
+            return iter(())
+
+    class EmptyTask(BoringTask):
+        def get_dataset(self, phase: mlfab.Phase) -> Empty:
+            return Empty()
+
+    with pytest.raises(mlfab.DatasetError, match=r"The training dataset \(Empty\) produced no batches"):
+        EmptyTask.launch(BoringConfig(max_steps=5, run_dir=str(tmp_path)), argv=[])
