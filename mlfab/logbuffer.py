@@ -146,3 +146,34 @@ def mean_across_ranks(scalars: dict[str, float], reduce: Callable[[torch.Tensor]
         return scalars
     mean = reduce(torch.tensor([scalars[k] for k in keys], dtype=torch.float64))
     return dict(zip(keys, mean.tolist(), strict=True))
+
+
+def flush_logs(trainer: Any, buffer: LogBuffer, cadence: Cadence, *, phase: Phase, step: int, elapsed_time_s: float,
+               num_samples: int) -> None:
+    """Writes the buffer to the loggers that are due (rank zero only), then clears it.
+
+    In multi-process training, validation scalars are averaged over ranks first: rank zero decides
+    whether anything is written and only then do the ranks compute and reduce their values."""
+    from mlfab.loggers.dispatch import write_logs
+
+    averaged = trainer.world_size > 1 and phase != "train"
+    if not (trainer.is_global_zero or averaged) or not buffer:
+        buffer.clear()
+        return
+    due = due_loggers(cadence, trainer.loggers, phase=phase, step=step,
+                      every_n_steps=trainer.log_every_n_steps) if trainer.is_global_zero else []
+    values: dict[Kind, dict[str, Any]] = {}
+    if averaged and trainer.strategy.broadcast(bool(due), src=0):
+        values = buffer.resolve()
+        device = trainer.strategy.root_device
+        values["scalar"] = mean_across_ranks(
+            values.get("scalar", {}), lambda t: trainer.strategy.reduce(t.to(device), reduce_op="mean").cpu()
+        )
+    elif due:
+        values = buffer.resolve()
+    buffer.clear()
+    if due:
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        logs = Logs(phase, step, max_steps, elapsed_time_s, num_samples, values)
+        for logger in due:
+            write_logs(logger, logs)

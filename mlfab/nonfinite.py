@@ -6,6 +6,7 @@ one total gradient norm, which clipping needs anyway, and one device sync per st
 
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,6 +14,26 @@ from torch import Tensor
 from mlfab.errors import MlfabError
 
 log = logging.getLogger(__name__)
+
+
+def loss_parts(loss: Any, task_name: str) -> dict[str, Tensor]:
+    """`get_loss`'s result as named scalar tensors, or an error saying what it must return."""
+    from mlfab.errors import TaskDefinitionError
+
+    parts = {"loss": loss} if isinstance(loss, Tensor) else loss
+    if not isinstance(parts, Mapping) or not parts:
+        raise TaskDefinitionError(
+            f"{task_name}.get_loss returned {type(loss).__name__}; it must return a scalar Tensor "
+            "or a non-empty dict of scalar Tensors."
+        )
+    for name, part in parts.items():
+        if not isinstance(part, Tensor) or part.numel() != 1:
+            what = f"a tensor of shape {tuple(part.shape)}" if isinstance(part, Tensor) else type(part).__name__
+            raise TaskDefinitionError(
+                f"{task_name}.get_loss returned {what} for loss {name!r}; each loss must be a scalar "
+                "Tensor (reduce it, e.g. with .mean())."
+            )
+    return dict(parts)
 
 
 class NonFiniteError(MlfabError):

@@ -47,3 +47,32 @@ def set_optimizer_mode(optimizers: Iterable[torch.optim.Optimizer], train: bool)
         fn = getattr(opt, "train" if train else "eval", None)
         if callable(fn) and not isinstance(opt, torch.optim.lr_scheduler.LRScheduler):
             fn()
+
+
+def save_in_eval_mode(module: nn.Module, checkpoint: dict) -> None:
+    """Schedule-free optimizers must be saved in eval mode: the checkpoint gets the evaluation weights with
+    the optimizer state that matches them. The training weights and state go in too, so a resume continues
+    from exactly the same numbers instead of re-deriving them; and the live weights are put back bit for
+    bit, so saving never changes the run."""
+    trainer = module.trainer  # type: ignore[attr-defined]
+    if not any(g.get("train_mode") for opt in trainer.optimizers for g in opt.param_groups):
+        return
+    train_weights = {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()}
+    set_optimizer_mode(trainer.optimizers, train=False)
+    eval_weights = trainer.strategy.lightning_module_state_dict()
+    checkpoint["state_dict"] = {k: v.detach().clone() for k, v in eval_weights.items()}
+    checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
+    module.load_state_dict(train_weights)  # Not `train()`: its round trip rounds the weights.
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            group["train_mode"] = True
+    checkpoint["mlfab"]["train_state_dict"] = train_weights
+    checkpoint["mlfab"]["train_optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
+
+
+def use_training_weights(checkpoint: dict) -> None:
+    """When resuming training, load the exact training weights saved by `save_in_eval_mode`."""
+    saved = checkpoint.get("mlfab", {})
+    if "train_state_dict" in saved:
+        checkpoint["state_dict"] = saved["train_state_dict"]
+        checkpoint["optimizer_states"] = saved["train_optimizer_states"]

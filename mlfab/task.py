@@ -6,13 +6,11 @@ builds the default optimizer from the config, and writes everything passed to `l
 attached logger. `Task.launch(Config(...))` runs it; `lightning.pytorch.Trainer().fit(task)` works too.
 """
 
-import dataclasses
-import functools
 import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Generic, get_args, get_origin
+from typing import Any, Generic
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,42 +23,14 @@ from mlfab import log_values as lv
 from mlfab.checkpoints import gather_rng_states, restore_rng_states, task_id
 from mlfab.config import Config, ConfigT, build_config, to_dict
 from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
+from mlfab.declaration import find_config_class, prepare_subclass
 from mlfab.distributed import broadcast_exp_dir
 from mlfab.errors import TaskDefinitionError
 from mlfab.loader import Consumed, MlfabLoader
-from mlfab.logbuffer import Cadence, LogBuffer, Logs, due_loggers, mean_across_ranks, resolve
-from mlfab.loggers.dispatch import write_logs
-from mlfab.nonfinite import NonFiniteGuard, SkipStep
-from mlfab.optim import schedule_free_adamw, set_optimizer_mode
+from mlfab.logbuffer import Cadence, LogBuffer, flush_logs, resolve
+from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
+from mlfab.optim import save_in_eval_mode, schedule_free_adamw, set_optimizer_mode, use_training_weights
 from mlfab.state import Phase, State
-
-
-def find_config_class(cls: type) -> type[Config] | None:
-    """The dataclass in `class MyTask(mlfab.Task[MyConfig])`, searched through the class hierarchy."""
-    for klass in cls.__mro__:
-        for base in getattr(klass, "__orig_bases__", ()):
-            origin = get_origin(base)
-            if isinstance(origin, type) and issubclass(origin, Task):
-                for arg in get_args(base):
-                    if isinstance(arg, type) and dataclasses.is_dataclass(arg):
-                        return arg
-    return None
-
-
-def _typed_config_init(init: Any) -> Any:
-    """Wraps a task's `__init__` so a plain mapping (e.g. hyperparameters read back from a checkpoint)
-    arrives as the typed Config, before the user's code reads `config.some_field`."""
-    if getattr(init, "_mlfab_typed", False):
-        return init
-
-    @functools.wraps(init)
-    def wrapper(self: "Task", config: Any, *args: Any, **kwargs: Any) -> None:
-        if isinstance(config, Mapping):
-            config = build_config(type(self).config_class(), config)
-        init(self, config, *args, **kwargs)
-
-    wrapper._mlfab_typed = True  # type: ignore[attr-defined]
-    return wrapper
 
 
 class Task(pl.LightningModule, Generic[ConfigT]):
@@ -68,24 +38,11 @@ class Task(pl.LightningModule, Generic[ConfigT]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            config_cls = find_config_class(cls)
-            if config_cls is None:
-                return
-            # jsonargparse reads `__init__`'s annotation to know the config's fields; an inherited
-            # `__init__` would show the parent's config, so give this class one naming its own.
-            parent_init = cls.__mro__[1].__init__
-
-            def init(self: Task, config: Any) -> None:
-                parent_init(self, config)
-
-            init.__annotations__ = {"config": config_cls, "return": None}
-        cls.__init__ = _typed_config_init(init)  # type: ignore[method-assign]
+        prepare_subclass(cls, Task)
 
     @classmethod
     def config_class(cls) -> type[Config]:
-        config_cls = find_config_class(cls)
+        config_cls = find_config_class(cls, Task)
         if config_cls is None:
             raise TaskDefinitionError(
                 f"{cls.__name__} does not say which config it uses, so mlfab cannot build one. Declare it "
@@ -274,51 +231,16 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self._log("point_cloud", key, lv.point_cloud(value, key, max_points, colors), namespace)
 
     def _loss_total(self, loss: Any) -> Tensor:
-        parts = {"loss": loss} if isinstance(loss, Tensor) else loss
-        if not isinstance(parts, Mapping) or not parts:
-            raise TaskDefinitionError(
-                f"{type(self).__name__}.get_loss returned {type(loss).__name__}; it must return a scalar Tensor "
-                "or a non-empty dict of scalar Tensors."
-            )
+        """The loss to backpropagate; each part is logged under `loss/<name>`."""
+        self._last_losses = parts = loss_parts(loss, type(self).__name__)
         for name, part in parts.items():
-            if not isinstance(part, Tensor) or part.numel() != 1:
-                what = f"a tensor of shape {tuple(part.shape)}" if isinstance(part, Tensor) else type(part).__name__
-                raise TaskDefinitionError(
-                    f"{type(self).__name__}.get_loss returned {what} for loss {name!r}; each loss must be a scalar "
-                    "Tensor (reduce it, e.g. with .mean())."
-                )
             self._log_buffer.add("scalar", f"loss/{name}", part.detach())
-        self._last_losses = parts
         values = list(parts.values())
         return values[0] if len(values) == 1 else torch.stack([v.reshape(()) for v in values]).sum()
 
     def _flush_logs(self, phase: Phase, step: int) -> None:
-        """Writes the buffer to the loggers that are due (rank zero only), then clears it.
-
-        In multi-process training, validation scalars are averaged over ranks first: rank zero decides
-        whether anything is written and only then do the ranks compute and reduce their values."""
-        trainer, buffer = self.trainer, self._log_buffer
-        averaged = trainer.world_size > 1 and phase != "train"
-        if not (trainer.is_global_zero or averaged) or not buffer:
-            buffer.clear()
-            return
-        due = due_loggers(self._log_cadence, trainer.loggers, phase=phase, step=step,
-                          every_n_steps=trainer.log_every_n_steps) if trainer.is_global_zero else []
-        if averaged:
-            due_anywhere = trainer.strategy.broadcast(bool(due), src=0)
-            values = buffer.resolve() if due_anywhere else {}
-            if due_anywhere:
-                device = trainer.strategy.root_device
-                values["scalar"] = mean_across_ranks(values.get("scalar", {}), lambda t: trainer.strategy.reduce(
-                    t.to(device), reduce_op="mean").cpu())
-        else:
-            values = buffer.resolve() if due else {}
-        buffer.clear()
-        if due:
-            max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-            logs = Logs(phase, step, max_steps, self.elapsed_time_s, self._num_samples, values)
-            for logger in due:
-                write_logs(logger, logs)
+        flush_logs(self.trainer, self._log_buffer, self._log_cadence, phase=phase, step=step,
+                   elapsed_time_s=self.elapsed_time_s, num_samples=self._num_samples)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks.
@@ -455,32 +377,15 @@ class Task(pl.LightningModule, Generic[ConfigT]):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainer = self.trainer
-        saved: dict[str, Any] = {
+        checkpoint["mlfab"] = {
             "task": task_id(type(self)),
             "num_samples": self._num_samples,
             "num_valid_steps": self._num_valid_steps,
             "start_time_s": self._start_time_s,
             "elapsed_time_s": self.elapsed_time_s,
-            "rng": gather_rng_states(trainer),  # Every rank's, so each resumes its own stream.
+            "rng": gather_rng_states(self.trainer),  # Every rank's, so each resumes its own stream.
         }
-        if any(g.get("train_mode") for opt in trainer.optimizers for g in opt.param_groups):
-            # Schedule-free optimizers must be saved in eval mode: the checkpoint holds the evaluation
-            # weights with the optimizer state that matches them. The training weights are kept too, so a
-            # resume continues from exactly the same numbers instead of re-deriving them.
-            train_weights = {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()}
-            set_optimizer_mode(trainer.optimizers, train=False)
-            checkpoint["state_dict"] = {k: v.detach().clone() for k, v in
-                                        trainer.strategy.lightning_module_state_dict().items()}
-            checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
-            # Back to training mode without the round trip's rounding, so saving never changes the run.
-            self.load_state_dict(train_weights)
-            for opt in trainer.optimizers:
-                for group in opt.param_groups:
-                    group["train_mode"] = True
-            saved["train_state_dict"] = train_weights
-            saved["train_optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
-        checkpoint["mlfab"] = saved
+        save_in_eval_mode(self, checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -491,9 +396,7 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self._elapsed_before_s = float(saved.get("elapsed_time_s", 0.0))
         self._session_start_s = time.monotonic()
         if self._trainer is not None and self.trainer.state.fn == "fit":
-            if "train_state_dict" in saved:  # Resuming training: continue from the exact training weights.
-                checkpoint["state_dict"] = saved["train_state_dict"]
-                checkpoint["optimizer_states"] = saved["train_optimizer_states"]
+            use_training_weights(checkpoint)
             # Restored when training starts: Lightning creates the data iterator in between, which draws
             # from torch's generator once; the uninterrupted run did that draw at step 0.
             self._pending_rng = saved.get("rng")
