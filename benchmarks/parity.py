@@ -351,9 +351,62 @@ def check_seed_cnn() -> None:
 # Measurements.
 
 
-def training_parity(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
+def cpu_seconds() -> tuple[float, float] | None:
+    """CPU seconds the whole machine has been busy (every process, the hypervisor's steal included) and this
+    process has used with its finished children; None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except OSError:
+        return None
+    own = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return busy, own.user + own.system + own.children_user + own.children_system
+
+
+class Guard:
+    """Runs each measurement again (at most twice, and only until `deadline`) when other processes used more than
+    `limit` of the machine's CPUs meanwhile: on 2 cores a busy neighbour changes step times several-fold."""
+
+    def __init__(self, deadline: float, limit: float = 0.1) -> None:
+        self.deadline = deadline
+        self.limit = limit
+        self.others: list[float] = []  # Share of the machine other processes used, per kept measurement.
+        self.repeated = 0
+
+    def run(self, measure: Callable[..., Any], *args: Any) -> Any:
+        for attempt in range(3):
+            before, t = cpu_seconds(), time.perf_counter()
+            result = measure(*args)
+            after, wall = cpu_seconds(), time.perf_counter() - t
+            if before is None or after is None:
+                return result
+            others = max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / (wall * (os.cpu_count() or 1))
+            if others <= self.limit or attempt == 2 or time.perf_counter() > self.deadline:
+                break
+            self.repeated += 1
+        self.others.append(others)
+        return result
+
+    def summary(self) -> str:
+        if not self.others:
+            return "other processes' CPU use not measured (no /proc/stat)"
+        busy = sum(o > self.limit for o in self.others)
+        return (f"other processes used {statistics.median(self.others):.0%} (median) and at most "
+                f"{max(self.others):.0%} of the CPUs during the {len(self.others)} measurements kept; "
+                f"{self.repeated} repeated for using more than {self.limit:.0%}, {busy} kept above it")
+
+
+@dataclass
+class Bench:
+    plan: Plan
+    guard: Guard
+    progress: Callable[[str], None]
+
+
+def training_parity(bench: Bench) -> dict[str, Any]:
     """Alternating in-process runs; the order of the variants rotates every repeat."""
-    out: dict[str, Any] = {}
+    plan, out = bench.plan, {}
     with tempfile.TemporaryDirectory() as tmp:
         for model, variants, repeats, steps, warmup in (
             ("mlp", ("raw", "bare", "lightning", "mlfab"), plan.mlp_repeats, plan.mlp_steps, plan.mlp_warmup),
@@ -361,10 +414,11 @@ def training_parity(plan: Plan, progress: Callable[[str], None]) -> dict[str, An
         ):
             runs: dict[str, list[Run]] = {v: [] for v in variants}
             for r in range(repeats):
-                progress(f"training {model}: repeat {r + 1}/{repeats}")
+                bench.progress(f"training {model}: repeat {r + 1}/{repeats}")
                 for i in range(len(variants)):
                     variant = variants[(r + i) % len(variants)]
-                    runs[variant].append(train(variant, model, steps, warmup, Path(tmp) / f"{model}_{variant}_{r}"))
+                    where = Path(tmp) / f"{model}_{variant}_{r}_{len(bench.guard.others)}"
+                    runs[variant].append(bench.guard.run(train, variant, model, steps, warmup, where))
                     gc.collect()
             reference = np.array(runs["raw"][0].losses)
             diff = max(float(np.abs(np.array(run.losses) - reference).max()) for rs in runs.values() for run in rs)
@@ -383,31 +437,36 @@ def wall_time(command: list[str]) -> float:
     return time.perf_counter() - t
 
 
-def import_times(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
-    progress("import times")
+def import_times(bench: Bench) -> dict[str, Any]:
+    bench.progress("import times")
     times: dict[str, list[float]] = {"mlfab": [], "lightning.pytorch": []}
-    for _ in range(plan.import_repeats):  # Alternating, so the machine's drift hits both alike.
+    for _ in range(bench.plan.import_repeats):  # Alternating, so the machine's drift hits both alike.
         for name in times:
-            times[name].append(wall_time([sys.executable, "-c", f"import {name}"]))
+            times[name].append(bench.guard.run(wall_time, [sys.executable, "-c", f"import {name}"]))
     probe = "import sys, mlfab; print(' '.join(m for m in ('wandb', 'moviepy', 'soundfile') if m in sys.modules))"
     eager = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout.strip()
     return {"seconds": {k: statistics.median(v) for k, v in times.items()}, "eager_optional": eager}
 
 
-def start_up(plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
+def start_up(bench: Bench) -> dict[str, Any]:
     """Subprocesses training the seed CNN: process start to the end of the first optimizer step, and peak RSS."""
+    plan = bench.plan
+
+    def run_child(variant: str) -> dict[str, float]:
+        env = {**os.environ, "PARITY_T0": repr(time.time())}
+        proc = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(plan.start_steps)],
+                              env=env, capture_output=True, text=True, cwd=ROOT)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PARITY_RESULT ")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"child {variant} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return json.loads(lines[-1].removeprefix("PARITY_RESULT "))
+
     results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     for r in range(plan.start_repeats):
         for i in range(len(VARIANTS)):
             variant = VARIANTS[(r + i) % len(VARIANTS)]
-            progress(f"start-up and memory: {variant} ({r + 1}/{plan.start_repeats})")
-            env = {**os.environ, "PARITY_T0": repr(time.time())}
-            proc = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(plan.start_steps)],
-                                  env=env, capture_output=True, text=True, cwd=ROOT)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PARITY_RESULT ")]
-            if proc.returncode or not lines:
-                raise RuntimeError(f"child {variant} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-            results[variant].append(json.loads(lines[-1].removeprefix("PARITY_RESULT ")))
+            bench.progress(f"start-up and memory: {variant} ({r + 1}/{plan.start_repeats})")
+            results[variant].append(bench.guard.run(run_child, variant))
     return {key: {v: statistics.median(r[key] for r in results[v]) for v in VARIANTS}
             for key in ("first_step_s", "peak_rss_mb")}
 
@@ -443,13 +502,14 @@ def child(variant: str, steps: int) -> None:
     print("PARITY_RESULT " + json.dumps({"first_step_s": first[0] - t0, "peak_rss_mb": peak_mb}), flush=True)
 
 
-def loader_throughput(plan: Plan, progress: Callable[[str], None]) -> dict[int, dict[str, float]]:
+def loader_throughput(bench: Bench) -> dict[int, dict[str, float]]:
     """Batches/s of mlfab's training loader and of dpshdl's own Dataloader over one dpshdl TensorDataset."""
     from dpshdl.dataloader import Dataloader
     from dpshdl.dataset import TensorDataset
 
     from mlfab.data import build_dataloader
 
+    plan = bench.plan
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(60000, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=(60000,)).astype(np.int64)
@@ -485,9 +545,9 @@ def loader_throughput(plan: Plan, progress: Callable[[str], None]) -> dict[int, 
     for workers in (0, 2):
         rates: dict[str, list[float]] = {"mlfab": [], "dpshdl": []}
         for r in range(2):
-            progress(f"dataloaders, {workers} workers ({r + 1}/2)")
-            for name in ("mlfab", "dpshdl") if r == 0 else ("dpshdl", "mlfab"):
-                rates[name].append(mlfab_rate(workers) if name == "mlfab" else dpshdl_rate(workers))
+            bench.progress(f"dataloaders, {workers} workers ({r + 1}/2)")
+            for name, measure in (("mlfab", mlfab_rate), ("dpshdl", dpshdl_rate))[:: 1 if r == 0 else -1]:
+                rates[name].append(bench.guard.run(measure, workers))
                 gc.collect()
         out[workers] = {k: max(v) for k, v in rates.items()}  # The better of two: noise only ever slows a run.
     return out
@@ -613,20 +673,22 @@ def main() -> None:
         return
     check_seed_cnn()
     started = time.perf_counter()
-    load_before = os.getloadavg()[0]
 
     def progress(message: str) -> None:
         print(f"[{time.perf_counter() - started:4.0f} s] {message}", file=sys.stderr, flush=True)
 
-    imports = import_times(plan, progress)
-    start = start_up(plan, progress)
-    loaders = loader_throughput(plan, progress)
-    trained = training_parity(plan, progress)
+    # Repeating disturbed measurements stops this long after the start, so a busy machine ends the run too.
+    bench = Bench(plan, Guard(deadline=started + (150 if args.quick else 420)), progress)
+    imports = import_times(bench)
+    start = start_up(bench)
+    loaders = loader_throughput(bench)
+    trained = training_parity(bench)
     progress("done")
+    import mlfab
+
     command = "python benchmarks/parity.py" + (" --quick" if args.quick else "")
-    print(f"`{command}`: torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads; "
-          f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
-          f"{time.perf_counter() - started:.0f} s\n")
+    print(f"`{command}`: mlfab {mlfab.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} torch threads; {time.perf_counter() - started:.0f} s; {bench.guard.summary()}\n")
     print("\n".join(report(plan, trained, imports, start, loaders)))
 
 
