@@ -245,6 +245,7 @@ def build_dataloader(
     from mlfab.loader import MlfabLoader
 
     os.environ[_RANK_ENV], os.environ[_WORLD_ENV] = str(rank), str(world_size)
+    streaming = isinstance(dataset, DpshdlDataset | IterableDataset)
     own_collate = getattr(dataset, "collate", None)
     collate = Collate(own_collate if callable(own_collate) else None)
     is_train = phase == "train"
@@ -254,8 +255,9 @@ def build_dataloader(
         "collate_fn": collate,
         "pin_memory": pin_memory,
         "persistent_workers": num_workers > 0,
-        # Its own stream per rank and per phase (workers' seeds derive from it, with Lightning's worker init).
-        "generator": torch.Generator().manual_seed(seed + 2 * rank + (0 if is_train else 1)),
+        # Its own stream per phase; for streams, also per rank (workers' seeds derive from it). Map-style data
+        # shuffles the same way on every rank: Lightning's distributed sampler splits that one order by rank.
+        "generator": torch.Generator().manual_seed(seed + (0 if is_train else 1) + (2 * rank if streaming else 0)),
     }
     loader_cls: Any = DataLoader
     if is_train:

@@ -43,9 +43,17 @@ class Ids(Dataset):
         x = np.random.default_rng(i).normal(size=4).astype(np.float32)
         return np.int64(i), x, np.float32(x.sum())
 
+class MapIds(torch.utils.data.Dataset):
+    def __len__(self):
+        return 256
+
+    def __getitem__(self, i):
+        x = np.random.default_rng(i).normal(size=4).astype(np.float32)
+        return np.int64(i), x, np.float32(x.sum())
+
 class Distributed(BoringTask):
     def get_dataset(self, phase):
-        return Ids()
+        return MapIds() if os.environ.get("DATASET") == "map" else Ids()
 
     def get_loss(self, batch, state):
         ids, x, y = batch
@@ -114,12 +122,13 @@ def check_two_ranks(tmp_path: Path, stdout: str) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dataset", ["dpshdl", "map"])
+def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str) -> None:
     script = write_script(tmp_path)
     proc = subprocess.run(
         [sys.executable, str(script), "accelerator=cpu", "devices=2", f"run_dir={tmp_path / 'runs'}"],
-        env=env_for(tmp_path, MASTER_PORT=str(free_port())), cwd=tmp_path, capture_output=True, text=True,
-        timeout=300,
+        env=env_for(tmp_path, MASTER_PORT=str(free_port()), DATASET=dataset), cwd=tmp_path, capture_output=True,
+        text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_two_ranks(tmp_path, proc.stdout)

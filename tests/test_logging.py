@@ -184,3 +184,19 @@ def test_bad_image_shape_names_the_key(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"log_image\('broken'\): cannot read an image of shape \(2, 5, 5, 5\)"):
         BadImage.launch(BoringConfig(max_steps=1, run_dir=str(tmp_path)), argv=[])
+
+
+def test_run_info_reaches_tensorboard_once(tmp_path: Path) -> None:
+    BoringTask.launch(BoringConfig(max_steps=2, run_dir=str(tmp_path)), argv=[])
+    (exp,) = (tmp_path / "boring_task").iterdir()
+    acc = EventAccumulator(str(exp / "tensorboard" / "train"), size_guidance={"tensors": 0})
+    acc.Reload()
+
+    def text(tag: str) -> str:
+        (event,) = acc.Tensors(f"run/{tag}/text_summary")
+        return event.tensor_proto.string_val[0].decode()
+
+    assert "batch_size: 8" in text("config")
+    assert "class BoringTask(mlfab.Task[BoringConfig])" in text("source")
+    assert "torch" in text("provenance")
+    assert "commit:" in text("git_diff") or "not in a git repository" in text("git_diff")

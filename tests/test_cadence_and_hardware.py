@@ -1,0 +1,96 @@
+"""Wall-clock validation cadences, and how the hardware keys become Trainer arguments."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+import mlfab
+from mlfab.distributed import resolve_hardware
+from mlfab.testing import BoringConfig, BoringTask, read_scalars
+
+
+class Slow(BoringTask):
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        if state.phase == "train":
+            time.sleep(0.02)
+        return super().get_loss(batch, state)
+
+
+def valid_steps(tmp_path: Path, name: str = "slow") -> list[int]:
+    (exp,) = (tmp_path / name).iterdir()
+    return [step for step, _ in read_scalars(exp / "tensorboard" / "valid")["loss/loss"]]
+
+
+def test_validation_every_n_seconds(tmp_path: Path) -> None:
+    Slow.launch(BoringConfig(max_steps=40, valid_every_n_steps=None, valid_every_n_seconds=0.2,
+                             run_dir=str(tmp_path)), argv=[])
+    steps = valid_steps(tmp_path)
+    # After the first step, then about every 10 steps (0.2 s at 0.02 s a step), not on a fixed step grid.
+    assert steps[0] == 1 and 3 <= len(steps) <= 6
+    assert all(5 <= b - a <= 15 for a, b in zip(steps, steps[1:], strict=False))
+
+
+def test_first_validation_after_n_seconds(tmp_path: Path) -> None:
+    Slow.launch(BoringConfig(max_steps=30, valid_every_n_steps=100, valid_first_n_seconds=0.3,
+                             run_dir=str(tmp_path)), argv=[])
+    steps = valid_steps(tmp_path)
+    assert len(steps) == 1 and 5 <= steps[0] <= 20  # 0.3 s in, at 0.02 s (or a bit more) a step.
+
+
+def test_steps_and_seconds_together(tmp_path: Path) -> None:
+    Slow.launch(BoringConfig(max_steps=30, valid_every_n_steps=25, valid_every_n_seconds=0.25,
+                             run_dir=str(tmp_path)), argv=[])
+    steps = valid_steps(tmp_path)
+    assert 25 in steps and len(steps) >= 3  # The step cadence and the time cadence both fire.
+
+
+def test_hardware_auto_on_cpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the test checks the CPU defaults")
+    assert resolve_hardware("auto", "auto", 1, "auto") == {
+        "accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    assert resolve_hardware("cpu", 2, 1, "auto")["strategy"] == "ddp"
+    assert resolve_hardware("cpu", 1, 2, "auto")["strategy"] == "ddp"
+    assert resolve_hardware("cpu", 2, 1, "fsdp")["strategy"] == "fsdp"
+
+
+def test_mps_trains_on_one_device_and_says_so(monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with caplog.at_level("WARNING"):
+        hw = resolve_hardware("auto", 4, 1, "auto")
+    assert hw == {"accelerator": "mps", "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    assert "MPS supports one device; training on one instead of devices=4" in caplog.text
+
+
+def test_torchrun_environment_sets_devices_and_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    hw = resolve_hardware("cpu", "auto", 1, "auto")
+    assert (hw["devices"], hw["num_nodes"], hw["strategy"]) == (4, 2, "ddp")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by hand on a GPU machine)")
+def test_single_gpu_bf16(tmp_path: Path) -> None:
+    hw = resolve_hardware("auto", "auto", 1, "auto")
+    assert hw["accelerator"] == "cuda"
+    from mlfab.trainer import resolve_precision
+
+    expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    assert resolve_precision("auto") == expected
+    devices: list[str] = []
+
+    class OnGpu(BoringTask):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            devices.append(batch[0].device.type)
+            return super().get_loss(batch, state)
+
+    OnGpu.launch(BoringConfig(max_steps=20, run_dir=str(tmp_path)), argv=[])
+    assert set(devices) == {"cuda"}
+    valid = read_scalars(next((tmp_path / "on_gpu").iterdir()) / "tensorboard" / "valid")["loss/loss"]
+    assert valid[-1][1] < valid[0][1]
