@@ -79,12 +79,15 @@ class Plan:
     start_steps: int
     loader_batches: int
     loader_warmup: int
+    retry_scale: float  # of each section's time for repeating disturbed measurements
 
 
-FULL = Plan(mlp_repeats=5, mlp_steps=2000, mlp_warmup=100, cnn_repeats=5, cnn_steps=200, cnn_warmup=20,
-            import_repeats=5, start_repeats=3, start_steps=20, loader_batches=1500, loader_warmup=100)
+FULL = Plan(mlp_repeats=5, mlp_steps=2000, mlp_warmup=100, cnn_repeats=8, cnn_steps=120, cnn_warmup=20,
+            import_repeats=5, start_repeats=3, start_steps=20, loader_batches=1500, loader_warmup=100,
+            retry_scale=1.0)
 QUICK = Plan(mlp_repeats=3, mlp_steps=600, mlp_warmup=50, cnn_repeats=3, cnn_steps=40, cnn_warmup=10,
-             import_repeats=3, start_repeats=1, start_steps=10, loader_batches=400, loader_warmup=50)
+             import_repeats=3, start_repeats=1, start_steps=10, loader_batches=400, loader_warmup=50,
+             retry_scale=0.4)
 
 
 def quiet() -> None:
@@ -352,8 +355,8 @@ def check_seed_cnn() -> None:
 
 
 def cpu_seconds() -> tuple[float, float] | None:
-    """CPU seconds the whole machine has been busy (every process, the hypervisor's steal included) and this
-    process has used with its finished children; None where there is no /proc/stat."""
+    """CPU seconds the whole machine has been busy (every process, and steal time where a hypervisor reports it)
+    and this process has used with its finished children; None where there is no /proc/stat."""
     try:
         with open("/proc/stat") as f:
             ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
@@ -365,14 +368,19 @@ def cpu_seconds() -> tuple[float, float] | None:
 
 
 class Guard:
-    """Runs each measurement again (at most twice, and only until `deadline`) when other processes used more than
-    `limit` of the machine's CPUs meanwhile: on 2 cores a busy neighbour changes step times several-fold."""
+    """Runs each measurement again (at most twice, and only within the time `allow` gives) when other processes
+    used more than `limit` of the machine's CPUs meanwhile: on 2 cores a busy neighbour changes step times
+    several-fold. (Only this machine's processes are seen, not a hypervisor's other guests.)"""
 
-    def __init__(self, deadline: float, limit: float = 0.1) -> None:
-        self.deadline = deadline
+    def __init__(self, limit: float = 0.1) -> None:
         self.limit = limit
+        self.deadline = 0.0
         self.others: list[float] = []  # Share of the machine other processes used, per kept measurement.
         self.repeated = 0
+
+    def allow(self, seconds: float) -> None:
+        """Measurements repeat only in the next `seconds`, so a busy machine cannot stretch the run for long."""
+        self.deadline = time.perf_counter() + seconds
 
     def run(self, measure: Callable[..., Any], *args: Any) -> Any:
         for attempt in range(3):
@@ -403,10 +411,15 @@ class Bench:
     guard: Guard
     progress: Callable[[str], None]
 
+    def section(self, name: str, retry_seconds: float) -> None:
+        self.progress(name)
+        self.guard.allow(retry_seconds * self.plan.retry_scale)
+
 
 def training_parity(bench: Bench) -> dict[str, Any]:
     """Alternating in-process runs; the order of the variants rotates every repeat."""
     plan, out = bench.plan, {}
+    bench.section("training", retry_seconds=120)
     with tempfile.TemporaryDirectory() as tmp:
         for model, variants, repeats, steps, warmup in (
             ("mlp", ("raw", "bare", "lightning", "mlfab"), plan.mlp_repeats, plan.mlp_steps, plan.mlp_warmup),
@@ -438,7 +451,7 @@ def wall_time(command: list[str]) -> float:
 
 
 def import_times(bench: Bench) -> dict[str, Any]:
-    bench.progress("import times")
+    bench.section("import times", retry_seconds=30)
     times: dict[str, list[float]] = {"mlfab": [], "lightning.pytorch": []}
     for _ in range(bench.plan.import_repeats):  # Alternating, so the machine's drift hits both alike.
         for name in times:
@@ -451,6 +464,7 @@ def import_times(bench: Bench) -> dict[str, Any]:
 def start_up(bench: Bench) -> dict[str, Any]:
     """Subprocesses training the seed CNN: process start to the end of the first optimizer step, and peak RSS."""
     plan = bench.plan
+    bench.section("start-up and memory", retry_seconds=45)
 
     def run_child(variant: str) -> dict[str, float]:
         env = {**os.environ, "PARITY_T0": repr(time.time())}
@@ -469,6 +483,17 @@ def start_up(bench: Bench) -> dict[str, Any]:
             results[variant].append(bench.guard.run(run_child, variant))
     return {key: {v: statistics.median(r[key] for r in results[v]) for v in VARIANTS}
             for key in ("first_step_s", "peak_rss_mb")}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM, since `ru_maxrss` also counts the memory of the
+    process this one was forked from, before `exec`."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def child(variant: str, steps: int) -> None:
@@ -498,7 +523,7 @@ def child(variant: str, steps: int) -> None:
 
             with contextlib.redirect_stdout(io.StringIO()):
                 Timed.launch(mlfab_config("cnn", steps, run_dir=tmp), argv=[])
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print("PARITY_RESULT " + json.dumps({"first_step_s": first[0] - t0, "peak_rss_mb": peak_mb}), flush=True)
 
 
@@ -510,6 +535,7 @@ def loader_throughput(bench: Bench) -> dict[int, dict[str, float]]:
     from mlfab.data import build_dataloader
 
     plan = bench.plan
+    bench.section("dataloaders", retry_seconds=20)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(60000, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=(60000,)).astype(np.int64)
@@ -677,12 +703,12 @@ def main() -> None:
     def progress(message: str) -> None:
         print(f"[{time.perf_counter() - started:4.0f} s] {message}", file=sys.stderr, flush=True)
 
-    # Repeating disturbed measurements stops this long after the start, so a busy machine ends the run too.
-    bench = Bench(plan, Guard(deadline=started + (150 if args.quick else 420)), progress)
+    # The subprocesses run first, while this process is small: a large parent makes `fork` slower.
+    bench = Bench(plan, Guard(), progress)
     imports = import_times(bench)
     start = start_up(bench)
-    loaders = loader_throughput(bench)
     trained = training_parity(bench)
+    loaders = loader_throughput(bench)
     progress("done")
     import mlfab
 

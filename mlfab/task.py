@@ -343,8 +343,10 @@ class Task(pl.LightningModule, Generic[ConfigT]):
 
     def _log_bad_data(self, every_n_steps: int = 50) -> None:
         """Every `every_n_steps` steps, how many samples and batches the data pipeline skipped (when any)."""
+        if self.global_step % every_n_steps != 1:
+            return
         loader = self.trainer.train_dataloader
-        if self.global_step % every_n_steps != 1 or not isinstance(loader, MlfabLoader):
+        if not isinstance(loader, MlfabLoader):
             return
         bad = loader.bad_samples() if isinstance(loader.dataset, DpshdlIterable) else 0
         if bad or loader.skipped_batches:
