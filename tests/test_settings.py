@@ -12,14 +12,10 @@ from mlfab.settings import DEFAULT_SETTINGS, default_run_dir, load_settings, set
 
 @pytest.fixture
 def rc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The user settings file, in a fresh directory; no directory env vars; the cwd is an empty directory."""
+    """The user settings file, in a directory that does not exist yet (conftest already clears the directory
+    environment variables and runs each test in an empty working directory)."""
     path = tmp_path / "home" / "sub" / ".mlfab.yml"
     monkeypatch.setenv("MLFABRC_PATH", str(path))
-    for var in ("RUN_DIR", "DATA_DIR", "MODEL_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
     return path
 
 
