@@ -400,9 +400,11 @@ class Guard:
         if not self.others:
             return "other processes' CPU use not measured (no /proc/stat)"
         busy = sum(o > self.limit for o in self.others)
+        warning = ("\n\n**The machine was busy: these numbers are not comparable with a quiet run; run again later.**"
+                   if busy > len(self.others) // 4 else "")
         return (f"other processes used {statistics.median(self.others):.0%} (median) and at most "
                 f"{max(self.others):.0%} of the CPUs during the {len(self.others)} measurements kept; "
-                f"{self.repeated} repeated for using more than {self.limit:.0%}, {busy} kept above it")
+                f"{self.repeated} repeated for using more than {self.limit:.0%}, {busy} kept above it{warning}")
 
 
 @dataclass
