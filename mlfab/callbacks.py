@@ -84,6 +84,7 @@ class GracefulStop(Callback):
     def __init__(self) -> None:
         self.signal_received: int | None = None
         self._save_requested = False
+        self._distributed = False
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -99,6 +100,7 @@ class GracefulStop(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._distributed = trainer.world_size > 1
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
                 self._previous[signum] = signal.signal(signum, self._handler)
@@ -107,9 +109,9 @@ class GracefulStop(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not at_step_boundary(trainer, batch_idx):
-            return
         stop, save = self.signal_received is not None, self._save_requested
+        if not (stop or save or self._distributed) or not at_step_boundary(trainer, batch_idx):
+            return  # The common case costs two attribute reads.
         if trainer.world_size > 1:  # Every rank must act at the same step: one all-reduce for both flags.
             flags = torch.tensor([float(stop), float(save)], device=trainer.strategy.root_device)
             flags = trainer.strategy.reduce(flags, reduce_op="max")

@@ -54,15 +54,15 @@ class NonFiniteGuard:
     def clip_and_check(
         self, params: Iterable[Tensor], losses: Mapping[str, Tensor], max_norm: float | None, check_grads: bool = True
     ) -> None:
-        grads = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
         if max_norm:
-            norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+            norms = [torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)]
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in grads]) if grads else torch.zeros(())
-        total = sum((v.detach().float().sum() for v in losses.values()), torch.zeros((), device=norm.device))
+            norms = list(torch._foreach_norm(grads)) if grads and check_grads else []
+        values = [v.detach().reshape(()).float() for v in losses.values()]
         if check_grads:
-            total = total + norm.to(total.device)
-        if bool(torch.isfinite(total)):
+            values += [n.to(values[0].device).float() for n in norms] if values else norms
+        if not values or bool(torch.stack(values).isfinite().all()):  # The one device sync of the step.
             self.in_a_row = 0
             return
         bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
