@@ -157,7 +157,8 @@ def flush_logs(trainer: Any, buffer: LogBuffer, cadence: Cadence, *, phase: Phas
     from mlfab.loggers.dispatch import write_logs
 
     averaged = trainer.world_size > 1 and phase != "train"
-    if not (trainer.is_global_zero or averaged) or not buffer:
+    # Every rank must reach the collectives below, even with an empty buffer, or the others wait forever.
+    if not (trainer.is_global_zero or averaged) or (not buffer and not averaged):
         buffer.clear()
         return
     due = due_loggers(cadence, trainer.loggers, phase=phase, step=step,

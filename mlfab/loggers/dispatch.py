@@ -9,9 +9,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mlfab.logbuffer import Logs
+from mlfab.logbuffer import KINDS, Logs
 from mlfab.loggers.base import MlfabLogger
-from mlfab.loggers.tensorboard import KINDS, write_summaries
+from mlfab.loggers.tensorboard import write_summaries
 
 _warned: set[tuple[str, str]] = set()
 
@@ -44,7 +44,7 @@ def write_logs(logger: Any, logs: Logs) -> None:
     else:
         if logs.scalars:
             logger.log_metrics({prefix + k: v for k, v in logs.scalars.items()}, step=logs.step)
-        handled = {"scalar"}
+        handled = ("scalar",)
     for kind, values in logs.values.items():
         if values and kind not in handled:
             _warn_once(logger, kind)

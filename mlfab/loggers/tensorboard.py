@@ -15,11 +15,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from typing_extensions import override
 
-from mlfab.logbuffer import Logs
+from mlfab.logbuffer import KINDS, Logs
 from mlfab.loggers.base import MlfabLogger
 from mlfab.state import Phase
-
-KINDS = {"scalar", "string", "image", "audio", "video", "histogram", "point_cloud"}
 
 
 def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
@@ -32,7 +30,7 @@ def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
     return out.getvalue()
 
 
-def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> set[str]:
+def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> tuple[str, ...]:
     """Writes every kind of `logs` to a torch SummaryWriter; returns the kinds it handled."""
     from torch.utils.tensorboard.summary import Summary
 
