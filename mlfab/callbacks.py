@@ -12,12 +12,31 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+# The hooks Lightning calls on every callback at every training (or validation) step.
+PER_STEP_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
+                  "on_before_optimizer_step", "on_train_batch_end", "on_validation_batch_start",
+                  "on_validation_batch_end")
+
+
+class StepFreeCallback(Callback):
+    """A callback that costs nothing at the steps where it does nothing.
+
+    Lightning calls every per-step hook of every callback, no-op or not (~2 us each); it skips a hook that is
+    not callable (`trainer/call.py`), so the per-step hooks a subclass does not override are set to None.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for hook in PER_STEP_HOOKS:
+            if getattr(cls, hook) is getattr(Callback, hook):
+                setattr(cls, hook, None)
+
 
 def at_step_boundary(trainer: pl.Trainer, batch_idx: int) -> bool:
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
 
 
-class ValidationCadence(Callback):
+class ValidationCadence(StepFreeCallback):
     """Validates after the first optimizer step of a new run (or once `first_n_seconds` have passed), then
     every N steps (Lightning's own `val_check_interval`) and/or every N seconds of wall-clock time.
 
@@ -59,7 +78,7 @@ class ValidationCadence(Callback):
         self._validated = True
 
 
-class FinalCheckpoint(Callback):
+class FinalCheckpoint(StepFreeCallback):
     """Writes `<exp_dir>/checkpoints/last.ckpt` when training ends, however it ends at a step boundary."""
 
     def __init__(self, path: Path) -> None:
@@ -72,7 +91,7 @@ class FinalCheckpoint(Callback):
             print(f"Saved checkpoint {self.path}", flush=True)
 
 
-class GracefulStop(Callback):
+class GracefulStop(StepFreeCallback):
     """Signals act at the end of the current optimizer step, never inside the handler:
 
     - SIGINT (Ctrl-C) and SIGTERM stop training; the final checkpoint is written and the process exits

@@ -1,10 +1,12 @@
 """Skipping optimizer steps whose loss or gradient is not finite, and stopping when it keeps happening.
 
 The check runs where Lightning clips gradients (after backward, before the optimizer updates anything):
-one total gradient norm, which clipping needs anyway, and one device sync per step to read it.
+one total gradient norm, which clipping needs anyway, summed with the loss, and one device sync per step
+to read that number.
 """
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -54,15 +56,22 @@ class NonFiniteGuard:
     def clip_and_check(
         self, params: Iterable[Tensor], losses: Mapping[str, Tensor], max_norm: float | None, check_grads: bool = True
     ) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
-        if max_norm:
-            norms = [torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)]
-        else:
-            norms = list(torch._foreach_norm(grads)) if grads and check_grads else []
-        values = [v.detach().reshape(()).float() for v in losses.values()]
-        if check_grads:
-            values += [n.to(values[0].device).float() for n in norms] if values else norms
-        if not values or bool(torch.stack(values).isfinite().all()):  # The one device sync of the step.
+        with_grad = [p for p in params if p.grad is not None]
+        values = [v.detach() for v in losses.values()]
+        if with_grad and max_norm:  # The total norm clipping computes is not finite when any gradient is not.
+            values.append(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+        elif with_grad and check_grads:
+            norms = torch._foreach_norm([p.grad for p in with_grad])  # type: ignore[misc]
+            if any(n.device != norms[0].device for n in norms):  # Parameters spread over devices.
+                norms = [n.to(norms[0].device) for n in norms]
+            values.append(torch.stack(norms).sum())
+        if not values:
+            return
+        # One number and one device sync per step: the sum is finite when every part is (or it overflowed).
+        total = values[0]
+        for v in values[1:]:
+            total = total + v.to(total.device)
+        if math.isfinite(total.item()) or all(math.isfinite(v.float().sum().item()) for v in values):
             self.in_a_row = 0
             return
         bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]

@@ -124,6 +124,30 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_checkpoints(tmp_path: P
     assert torch.load(ckpt, weights_only=True)["global_step"] == 4
 
 
+@pytest.mark.parametrize("max_norm", [None, 10.0])
+def test_the_finiteness_check_finds_each_bad_part_and_ignores_an_overflowing_sum(max_norm: float | None) -> None:
+    from mlfab.nonfinite import NonFiniteGuard, SkipStep
+
+    layer = torch.nn.Linear(3, 2)
+    guard = NonFiniteGuard(max_in_a_row=None)
+
+    def check(grad_value: float, **losses: float) -> str | None:
+        layer.weight.grad = torch.full_like(layer.weight, grad_value)
+        layer.bias.grad = torch.zeros_like(layer.bias)
+        try:
+            guard.clip_and_check(list(layer.parameters()), {k: torch.tensor(v) for k, v in losses.items()}, max_norm)
+        except SkipStep:
+            return guard.last_reason
+        return None
+
+    assert check(1.0, mse=0.5, aux=2.0) is None
+    assert check(1.0, mse=0.5, aux=float("nan")) == "loss 'aux'"
+    assert check(float("inf"), mse=0.5) == "the gradient"
+    assert check(float("nan"), mse=0.5) == "the gradient"
+    # Each part finite, their sum not (float32 overflows past 3.4e38): a huge step, but not a bad one.
+    assert check(1.0, a=3e38, b=3e38) is None
+
+
 def test_a_dataset_that_yields_nothing(tmp_path: Path) -> None:
     class Empty(torch.utils.data.IterableDataset):
         def __iter__(self):  # noqa: ANN204

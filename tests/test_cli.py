@@ -206,6 +206,12 @@ def test_fit_runs_like_launch_and_explicit_trainer_args_win(tmp_path: Path) -> N
     assert "#   val_check_interval: 10\n" in (exp / "config.yaml").read_text()  # Derived settings, for the record.
 
 
+def test_a_profiler_given_on_the_command_line_replaces_mlfabs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO"):
+        fit(tmp_path, "--model.config.max_steps=3", "--model.config.in_dim=3", "--trainer.profiler=simple")
+    assert "FIT Profiler Report" in caplog.text and "run_training_batch" in caplog.text
+
+
 def test_config_yaml_reruns_the_same_settings_in_both_forms(tmp_path: Path) -> None:
     first = fit(tmp_path, "--model.config.max_steps=2", "--model.config.learning_rate=0.01", "--model.config.in_dim=3",
                 "--model.config.betas=[0.5,0.6]")
