@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 # The hooks Lightning calls on every callback at every training (or validation) step.
@@ -30,6 +30,18 @@ class StepFreeCallback(Callback):
         for hook in PER_STEP_HOOKS:
             if getattr(cls, hook) is getattr(Callback, hook):
                 setattr(cls, hook, None)
+
+
+class PeriodicCheckpoint(StepFreeCallback, ModelCheckpoint):
+    """Lightning's ModelCheckpoint at a lower price per step: besides the unused hooks, its `state_key` (which
+    Lightning formats for every hook it dispatches, from a repr of the callback's settings) is made once."""
+
+    @property
+    @override
+    def state_key(self) -> str:
+        if "_state_key" not in self.__dict__:
+            self.__dict__["_state_key"] = super().state_key
+        return self.__dict__["_state_key"]
 
 
 def at_step_boundary(trainer: pl.Trainer, batch_idx: int) -> bool:

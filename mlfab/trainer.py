@@ -39,9 +39,7 @@ def no_profiler() -> Any:
 
 def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from mlfab.callbacks import FinalCheckpoint, GracefulStop, ValidationCadence
+    from mlfab.callbacks import FinalCheckpoint, GracefulStop, PeriodicCheckpoint, ValidationCadence
 
     ckpt_dir = exp_dir / "checkpoints"
     periodic = {"monitor": "step", "mode": "max", "save_top_k": config.keep_last_n_checkpoints,
@@ -49,10 +47,10 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     callbacks: list[Any] = [ValidationCadence(config.valid_every_n_seconds, config.valid_first_n_seconds),
                             GracefulStop()]
     if config.save_every_n_steps:
-        callbacks.append(ModelCheckpoint(filename="step_{step:08.0f}", every_n_train_steps=config.save_every_n_steps,
+        callbacks.append(PeriodicCheckpoint(filename="step_{step:08.0f}", every_n_train_steps=config.save_every_n_steps,
                                          **periodic))
     if config.save_every_n_seconds:
-        callbacks.append(ModelCheckpoint(filename="time_step_{step:08.0f}",
+        callbacks.append(PeriodicCheckpoint(filename="time_step_{step:08.0f}",
                                          train_time_interval=timedelta(seconds=config.save_every_n_seconds),
                                          **periodic))
     callbacks.append(FinalCheckpoint(ckpt_dir / "last.ckpt"))
