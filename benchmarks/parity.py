@@ -8,15 +8,17 @@ Training runs side by side in this process, alternating, on the same model, data
 - mlfab: an `mlfab.Task` trained by the Trainer that `mlfab.launch.build_trainer` makes from its Config,
   logging its loss every step with `mlfab.StdoutLogger` and `mlfab.TensorboardLogger` attached. For the seed
   CNN it is the seed example's `MnistClassification` itself, given synthetic data and the shared optimizer;
-- for the tiny MLP also Lightning with no logging at all (no `self.log`, no logger): the cost of Lightning's
-  loop alone, the floor for anything that trains through it.
+- for the tiny MLP also Lightning in `Trainer(barebones=True)` mode (its mode for measuring its own overhead: no
+  `self.log`, no logger, no checkpointing): the cost of Lightning's loop alone, the floor for anything that
+  trains through `Trainer.fit`.
 
 All of them draw identical batches in identical order (a fixed, seeded sample sequence, batch size 16) and
 use `torch.optim.AdamW(lr=1e-3, weight_decay=1e-4)`. mlfab keeps its defaults except where they would make it
-train differently from the others: no validation (`valid_batches=0`), no gradient clipping
-(`clip_grad_norm=null`; its non-finite check stays on) and no periodic checkpoint (`save_every_n_seconds=null`);
-its final `last.ckpt` is written after the timed window. Steps are timed after a warmup, the same for all;
-every run keeps its per-step losses (detached tensors, read after the run) and all must agree to 1e-5.
+train differently from the others: no validation (`valid_batches=0`) and no gradient clipping
+(`clip_grad_norm=null`; its non-finite check stays on). Its hourly checkpoint callback stays on (it never comes
+due in the timed window); its final `last.ckpt` is written after the timed window. Steps are timed after a warmup,
+the same for all; every run keeps its per-step losses (detached tensors, read after the run) and all must agree
+to 1e-5.
 
 Also measured, in fresh subprocesses: `import mlfab` against `import lightning.pytorch`; the time from process
 start to the end of the first optimizer step and the peak RSS of a seed-CNN run (mlfab through `Task.launch`,
@@ -63,7 +65,7 @@ BATCH_SIZE = 16
 OPTIMIZER = {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 1e-4}
 LOSS_TOLERANCE = 1e-5
 VARIANTS = ("raw", "lightning", "mlfab")
-NAMES = {"raw": "raw loop", "bare": "Lightning without logging", "lightning": "Lightning", "mlfab": "mlfab"}
+NAMES = {"raw": "raw loop", "bare": "Lightning barebones", "lightning": "Lightning", "mlfab": "mlfab"}
 
 
 @dataclass(frozen=True)
@@ -259,9 +261,11 @@ def train_lightning(model: str, steps: int, warmup: int, log_dir: Path, bare: bo
     pl.seed_everything(SEED, verbose=False)
     module = classes["bare" if bare else "lightning"](model)
     timer = classes["StepTimer"](warmup, on_first_step)
-    trainer = pl.Trainer(max_steps=warmup + steps, logger=False if bare else TensorBoardLogger(str(log_dir)),
-                         callbacks=[timer], enable_progress_bar=False, enable_checkpointing=False,
-                         enable_model_summary=False)
+    if bare:  # Lightning's own mode for measuring its overhead: no logging, checkpointing, summary or progress bar.
+        trainer = pl.Trainer(max_steps=warmup + steps, barebones=True, callbacks=[timer])
+    else:
+        trainer = pl.Trainer(max_steps=warmup + steps, logger=TensorBoardLogger(str(log_dir)), callbacks=[timer],
+                             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(module)
     return timer.run(steps)
 
@@ -314,7 +318,7 @@ def mlfab_classes() -> dict[str, type]:
 def mlfab_config(model: str, max_steps: int, **where: Any) -> Any:
     task = mlfab_classes()[model]
     return task.config_class()(batch_size=BATCH_SIZE, max_steps=max_steps, seed=SEED, valid_every_n_steps=None,
-                               valid_batches=0, clip_grad_norm=None, save_every_n_seconds=None, **where)
+                               valid_batches=0, clip_grad_norm=None, **where)
 
 
 def train_mlfab(model: str, steps: int, warmup: int, exp_dir: Path) -> Run:
@@ -628,9 +632,9 @@ def report(plan: Plan, trained: dict[str, Any], imports: dict[str, Any], start: 
         lines.append(row(f"dpshdl TensorDataset, {workers} workers: batches/s", f"{r['mlfab']:.0f}",
                          f"dpshdl Dataloader: {r['dpshdl']:.0f}", ratio, ">= 1.0x", ratio >= 1.0))
     ms = {v: 1e3 / rate for v, rate in trained["mlp"]["steps_per_s"].items()}
-    lines += ["", f"Tiny MLP, ms per step: raw {ms['raw']:.3f}, Lightning without logging {ms['bare']:.3f}, "
+    lines += ["", f"Tiny MLP, ms per step: raw {ms['raw']:.3f}, Lightning barebones {ms['bare']:.3f}, "
               f"Lightning {ms['lightning']:.3f}, mlfab {ms['mlfab']:.3f} (mlfab - raw {ms['mlfab'] - ms['raw']:+.3f}, "
-              f"mlfab - Lightning without logging {ms['mlfab'] - ms['bare']:+.3f}). Steps/s are medians of "
+              f"mlfab - Lightning barebones {ms['mlfab'] - ms['bare']:+.3f}). Steps/s are medians of "
               f"{plan.mlp_repeats} (MLP) / {plan.cnn_repeats} (CNN) alternating runs of {plan.mlp_steps} / "
               f"{plan.cnn_steps} steps, timed after {plan.mlp_warmup} / {plan.cnn_warmup} warmup steps."]
     return lines
@@ -646,14 +650,32 @@ def package(filename: str) -> str:
     return "benchmark" if filename == __file__ else "other Python (stdlib, ...)"
 
 
+def floor(stats: Any, steps: int) -> None:
+    """Where Lightning's own Python time goes in the barebones run: by file, and the hook dispatchers' calls."""
+    site = Path(sys.modules["lightning.pytorch"].__file__ or "").parent
+    own: dict[str, float] = collections.defaultdict(float)
+    for (filename, _, _), (_, _, t, _, _) in stats.stats.items():
+        if Path(filename).is_relative_to(site):
+            own[str(Path(filename).relative_to(site))] += t
+    print("\nLightning barebones: Lightning's own time per step by file (microseconds, under cProfile)\n")
+    for name, t in sorted(own.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"{1e6 * t / steps:8.1f}  {name}")
+    print(f"{1e6 * sum(own.values()) / steps:8.1f}  all of lightning/pytorch")
+    print("\nHook dispatch per step (calls; cumulative microseconds, including the hooks themselves)\n")
+    for (filename, _, fn), (_, calls, _, cum, _) in stats.stats.items():
+        if filename.endswith("trainer/call.py") and fn.startswith("_call_") and calls >= steps:
+            print(f"{calls / steps:6.1f}  {1e6 * cum / steps:8.1f}  {fn}")
+
+
 def profile(plan: Plan) -> None:
-    """cProfile of the tiny MLP in each variant: own time per step by package, then mlfab's functions."""
+    """cProfile of the tiny MLP in each variant: own time per step by package, where Lightning's own time goes in
+    the barebones run (the floor), then mlfab's functions."""
     import cProfile
     import pstats
 
     steps = plan.mlp_warmup + plan.mlp_steps
     by_variant: dict[str, dict[str, float]] = {}
-    mlfab_stats = None
+    kept: dict[str, pstats.Stats] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in ("raw", "bare", "lightning", "mlfab"):
             train(variant, "mlp", plan.mlp_warmup, plan.mlp_warmup, Path(tmp) / f"warm_{variant}")  # First uses.
@@ -666,8 +688,7 @@ def profile(plan: Plan) -> None:
             for (filename, _, _), (_, _, own, _, _) in stats.stats.items():  # type: ignore[attr-defined]
                 groups[package(filename)] += own
             by_variant[variant] = groups
-            if variant == "mlfab":
-                mlfab_stats = stats
+            kept[variant] = stats
     names = sorted({g for groups in by_variant.values() for g in groups}, key=lambda g: -by_variant["mlfab"][g])
     print(f"Tiny MLP under cProfile ({steps} steps per run, set-up included): own time per step, microseconds\n")
     print("| package | " + " | ".join(NAMES[v] for v in by_variant) + " |")
@@ -675,10 +696,10 @@ def profile(plan: Plan) -> None:
     for name in [*names, "total"]:
         cells = [sum(g.values()) if name == "total" else g.get(name, 0.0) for g in by_variant.values()]
         print(f"| {name} | " + " | ".join(f"{1e6 * c / steps:.0f}" for c in cells) + " |")
-    assert mlfab_stats is not None
+    floor(kept["bare"], steps)
     print("\nmlfab's functions in the mlfab run, by cumulative time per step (microseconds; calls per step)\n")
     rows = [(cum, calls, f"{Path(f).relative_to(ROOT)}:{line}({fn})")
-            for (f, line, fn), (_, calls, _, cum, _) in mlfab_stats.stats.items()  # type: ignore[attr-defined]
+            for (f, line, fn), (_, calls, _, cum, _) in kept["mlfab"].stats.items()  # type: ignore[attr-defined]
             if package(f) == "mlfab" and Path(f).is_relative_to(ROOT)]
     for cum, calls, where in sorted(rows, reverse=True)[:20]:
         print(f"{1e6 * cum / steps:8.1f}  {calls / steps:5.2f}  {where}")
