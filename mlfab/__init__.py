@@ -1,5 +1,9 @@
 """mlfab: try out machine-learning ideas fast. This file is the table of contents."""
 
+# Lightning before mlfab's own imports (torch, dpshdl, torchdata, Pillow): in a fresh interpreter `import mlfab`
+# took 2.36 s this way and 2.55 s with mlfab's modules first (medians of 6; `import lightning.pytorch`: 2.24 s).
+import lightning.pytorch  # noqa: F401
+
 from mlfab.config import Config, field
 from mlfab.data import worker_shard
 from mlfab.errors import ConfigError, DatasetError, MlfabError, SettingsError, TaskDefinitionError
