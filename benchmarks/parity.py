@@ -28,6 +28,7 @@ as a user runs it); and batches/s of mlfab's training loader over a dpshdl datas
     python benchmarks/parity.py            # the full run, about 5 minutes on 2 quiet CPU cores
     python benchmarks/parity.py --quick    # fewer steps and repeats, about 2 minutes
     python benchmarks/parity.py --profile  # where the tiny MLP's step time goes (cProfile): raw, Lightning, mlfab
+    python benchmarks/parity.py --floor    # how low a Lightning step goes: barebones, mlfab's savings, manual
 """
 
 import argparse
@@ -35,6 +36,7 @@ import collections
 import contextlib
 import functools
 import gc
+import inspect
 import io
 import json
 import logging
@@ -65,7 +67,9 @@ BATCH_SIZE = 16
 OPTIMIZER = {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 1e-4}
 LOSS_TOLERANCE = 1e-5
 VARIANTS = ("raw", "lightning", "mlfab")
-NAMES = {"raw": "raw loop", "bare": "Lightning barebones", "lightning": "Lightning", "mlfab": "mlfab"}
+NAMES = {"raw": "raw loop", "bare": "Lightning barebones", "lightning": "Lightning", "mlfab": "mlfab",
+         "lean": "Lightning barebones with mlfab's dispatch savings",
+         "lean_manual": "the same with manual optimization"}
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,37 @@ def lightning_classes() -> dict[str, type]:
 
         log_loss = False
 
+    class LeanClassifier(BareClassifier):
+        """Lightning's loop with mlfab's savings on hook dispatch (`mlfab/task.py`; the Trainer gets mlfab's
+        profiler): `_current_fx_name` set directly and `training_step`'s signature made once."""
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "_current_fx_name":
+                object.__setattr__(self, name, value)
+            else:
+                super().__setattr__(name, value)
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            return super().training_step(batch, batch_idx)
+
+    class LeanManualClassifier(LeanClassifier):
+        """The same with manual optimization: Lightning's optimizer wrapper and backward, no closure."""
+
+        def __init__(self, model: str) -> None:
+            super().__init__(model)
+            self.automatic_optimization = False
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            opt = self.optimizers()
+            opt.zero_grad()
+            loss = super().training_step(batch, batch_idx)
+            self.manual_backward(loss)
+            opt.step()
+            return loss.detach()
+
+    for cls in (LeanClassifier, LeanManualClassifier):
+        cls.training_step.__signature__ = inspect.signature(cls.training_step)  # type: ignore[attr-defined]
+
     class StepTimer(pl.Callback):
         """Times the steps after the first `warmup` and keeps every step's loss (as a detached tensor)."""
 
@@ -249,20 +284,26 @@ def lightning_classes() -> dict[str, type]:
         def run(self, steps: int) -> Run:
             return Run((self.end - self.start) / steps, torch.stack(self.losses).tolist())
 
-    return {"lightning": LitClassifier, "bare": BareClassifier, "StepTimer": StepTimer}
+    return {"lightning": LitClassifier, "bare": BareClassifier, "lean": LeanClassifier,
+            "lean_manual": LeanManualClassifier, "StepTimer": StepTimer}
 
 
-def train_lightning(model: str, steps: int, warmup: int, log_dir: Path, bare: bool = False,
+def train_lightning(model: str, steps: int, warmup: int, log_dir: Path, kind: str = "lightning",
                     on_first_step: Callable[[], None] | None = None) -> Run:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
     classes = lightning_classes()
     pl.seed_everything(SEED, verbose=False)
-    module = classes["bare" if bare else "lightning"](model)
+    module = classes[kind](model)
     timer = classes["StepTimer"](warmup, on_first_step)
-    if bare:  # Lightning's own mode for measuring its overhead: no logging, checkpointing, summary or progress bar.
+    if kind == "bare":  # Lightning's own mode for measuring its overhead: no logging, checkpoints, summary, ...
         trainer = pl.Trainer(max_steps=warmup + steps, barebones=True, callbacks=[timer])
+    elif kind.startswith("lean"):  # Barebones has no profiler argument: the same settings, given one by one.
+        from mlfab.trainer import no_profiler
+
+        trainer = pl.Trainer(max_steps=warmup + steps, logger=False, callbacks=[timer], enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False, profiler=no_profiler())
     else:
         trainer = pl.Trainer(max_steps=warmup + steps, logger=TensorBoardLogger(str(log_dir)), callbacks=[timer],
                              enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
@@ -341,8 +382,8 @@ def train_mlfab(model: str, steps: int, warmup: int, exp_dir: Path) -> Run:
 def train(variant: str, model: str, steps: int, warmup: int, tmp: Path) -> Run:
     if variant == "raw":
         return train_raw(model, steps, warmup)
-    if variant in ("lightning", "bare"):
-        return train_lightning(model, steps, warmup, tmp, bare=variant == "bare")
+    if variant in ("lightning", "bare", "lean", "lean_manual"):
+        return train_lightning(model, steps, warmup, tmp, kind=variant)
     return train_mlfab(model, steps, warmup, tmp)
 
 
@@ -424,30 +465,46 @@ class Bench:
 
 def training_parity(bench: Bench) -> dict[str, Any]:
     """Alternating in-process runs; the order of the variants rotates every repeat."""
-    plan, out = bench.plan, {}
+    plan = bench.plan
     bench.section("training", retry_seconds=120)
+    return {"mlp": alternate(bench, "mlp", ("raw", "bare", "lightning", "mlfab"), plan.mlp_repeats, plan.mlp_steps,
+                             plan.mlp_warmup),
+            "cnn": alternate(bench, "cnn", VARIANTS, plan.cnn_repeats, plan.cnn_steps, plan.cnn_warmup)}
+
+
+def alternate(bench: Bench, model: str, variants: tuple[str, ...], repeats: int, steps: int,
+              warmup: int) -> dict[str, Any]:
+    """Medians of `repeats` runs of each variant, in the same process, the order rotated every repeat; every
+    loss curve compared with the raw loop's."""
+    runs: dict[str, list[Run]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        for model, variants, repeats, steps, warmup in (
-            ("mlp", ("raw", "bare", "lightning", "mlfab"), plan.mlp_repeats, plan.mlp_steps, plan.mlp_warmup),
-            ("cnn", VARIANTS, plan.cnn_repeats, plan.cnn_steps, plan.cnn_warmup),
-        ):
-            runs: dict[str, list[Run]] = {v: [] for v in variants}
-            for r in range(repeats):
-                bench.progress(f"training {model}: repeat {r + 1}/{repeats}")
-                for i in range(len(variants)):
-                    variant = variants[(r + i) % len(variants)]
-                    where = Path(tmp) / f"{model}_{variant}_{r}_{len(bench.guard.others)}"
-                    runs[variant].append(bench.guard.run(train, variant, model, steps, warmup, where))
-                    gc.collect()
-            reference = np.array(runs["raw"][0].losses)
-            diff = max(float(np.abs(np.array(run.losses) - reference).max()) for rs in runs.values() for run in rs)
-            out[model] = {
-                "steps_per_s": {v: 1.0 / statistics.median(run.seconds_per_step for run in rs)
-                                for v, rs in runs.items()},
-                "loss_diff": diff,
-                "num_losses": len(reference),
-            }
-    return out
+        for r in range(repeats):
+            bench.progress(f"training {model}: repeat {r + 1}/{repeats}")
+            for i in range(len(variants)):
+                variant = variants[(r + i) % len(variants)]
+                where = Path(tmp) / f"{model}_{variant}_{r}_{len(bench.guard.others)}"
+                runs[variant].append(bench.guard.run(train, variant, model, steps, warmup, where))
+                gc.collect()
+    reference = np.array(runs["raw"][0].losses)
+    diff = max(float(np.abs(np.array(run.losses) - reference).max()) for rs in runs.values() for run in rs)
+    return {"steps_per_s": {v: 1.0 / statistics.median(run.seconds_per_step for run in rs) for v, rs in runs.items()},
+            "loss_diff": diff, "num_losses": len(reference)}
+
+
+def floor_study(bench: Bench) -> None:
+    """How low a Lightning step can go on this machine: the tiny MLP in barebones Lightning, with the dispatch
+    savings mlfab applies, and with manual optimization on top, beside the raw loop and mlfab."""
+    plan = bench.plan
+    bench.section("floor", retry_seconds=120)
+    variants = ("raw", "bare", "lean", "lean_manual", "mlfab")
+    t = alternate(bench, "mlp", variants, plan.mlp_repeats, plan.mlp_steps, plan.mlp_warmup)
+    rates = t["steps_per_s"]
+    print(f"Tiny MLP, batch 16: medians of {plan.mlp_repeats} alternating runs of {plan.mlp_steps} steps; loss curves "
+          f"agree to {t['loss_diff']:.1e}; {bench.guard.summary()}\n")
+    print("| variant | ms per step | vs raw loop | vs Lightning barebones |\n|---|---:|---:|---:|")
+    for v in variants:
+        ms, to_raw, to_bare = 1e3 / rates[v], rates[v] / rates["raw"], rates[v] / rates["bare"]
+        print(f"| {NAMES[v]} | {ms:.3f} | {to_raw:.2f}x | {to_bare:.2f}x |")
 
 
 def wall_time(command: list[str]) -> float:
@@ -650,7 +707,7 @@ def package(filename: str) -> str:
     return "benchmark" if filename == __file__ else "other Python (stdlib, ...)"
 
 
-def floor(stats: Any, steps: int) -> None:
+def lightning_breakdown(stats: Any, steps: int) -> None:
     """Where Lightning's own Python time goes in the barebones run: by file, and the hook dispatchers' calls."""
     site = Path(sys.modules["lightning.pytorch"].__file__ or "").parent
     own: dict[str, float] = collections.defaultdict(float)
@@ -696,7 +753,7 @@ def profile(plan: Plan) -> None:
     for name in [*names, "total"]:
         cells = [sum(g.values()) if name == "total" else g.get(name, 0.0) for g in by_variant.values()]
         print(f"| {name} | " + " | ".join(f"{1e6 * c / steps:.0f}" for c in cells) + " |")
-    floor(kept["bare"], steps)
+    lightning_breakdown(kept["bare"], steps)
     print("\nmlfab's functions in the mlfab run, by cumulative time per step (microseconds; calls per step)\n")
     rows = [(cum, calls, f"{Path(f).relative_to(ROOT)}:{line}({fn})")
             for (f, line, fn), (_, calls, _, cum, _) in kept["mlfab"].stats.items()  # type: ignore[attr-defined]
@@ -709,6 +766,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (about 2 minutes)")
     parser.add_argument("--profile", action="store_true", help="only profile the tiny MLP's step in each variant")
+    parser.add_argument("--floor", action="store_true",
+                        help="only the tiny MLP: how low a step on Lightning goes (barebones, mlfab's dispatch "
+                             "savings, manual optimization)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -719,6 +779,9 @@ def main() -> None:
     plan = QUICK if args.quick else FULL
     if args.profile:
         profile(plan)
+        return
+    if args.floor:
+        floor_study(Bench(plan, Guard(), lambda message: print(message, file=sys.stderr, flush=True)))
         return
     check_seed_cnn()
     started = time.perf_counter()
