@@ -23,6 +23,8 @@ class StepFreeCallback(Callback):
 
     Lightning calls every per-step hook of every callback, no-op or not (~2 us each); it skips a hook that is
     not callable (`trainer/call.py`), so the per-step hooks a subclass does not override are set to None.
+    For mlfab's own callbacks only: a subclass calling `super()` in such a hook, or a class listing another
+    callback after this one in its bases, would find None there.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

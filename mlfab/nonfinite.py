@@ -59,12 +59,14 @@ class NonFiniteGuard:
         with_grad = [p for p in params if p.grad is not None]
         values = [v.detach() for v in losses.values()]
         if with_grad and max_norm:  # The total norm clipping computes is not finite when any gradient is not.
-            values.append(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+            if check_grads:
+                values.append(norm)
         elif with_grad and check_grads:
             norms = torch._foreach_norm([p.grad for p in with_grad])  # type: ignore[misc]
             if any(n.device != norms[0].device for n in norms):  # Parameters spread over devices.
                 norms = [n.to(norms[0].device) for n in norms]
-            values.append(torch.stack(norms).sum())
+            values.append(torch.stack(norms).sum(dtype=torch.float32))  # fp16 norms could overflow their sum.
         if not values:
             return
         # One number and one device sync per step: the sum is finite when every part is (or it overflowed).

@@ -339,6 +339,9 @@ class Task(pl.LightningModule, Generic[ConfigT]):
             optimizer.step(closure=optimizer_closure)
         except SkipStep:  # Raised before the optimizer changed anything.
             optimizer.zero_grad()
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            if scaler is not None:  # fp16 loss scaling unscaled this step: end it (backing off on inf gradients).
+                scaler.update()
             self.log_string("skipped_step", f"{self._nonfinite.last_reason} not finite", namespace="nonfinite")
             self._nonfinite.skipped(self.global_step)
         if self._nonfinite.total:

@@ -1,9 +1,13 @@
 """The Lightning Trainer an mlfab config maps to (the mapping table in design.md), with mlfab's callbacks."""
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from lightning.pytorch.profilers import PassThroughProfiler
+from typing_extensions import override
 
 from mlfab.config import Config
 
@@ -21,19 +25,19 @@ def resolve_precision(precision: str) -> str:
     return "32-true"
 
 
-def no_profiler() -> Any:
+class NoProfiler(PassThroughProfiler):
     """Lightning's default when no profiler is asked for, without the cost: its `profile()` builds a generator-based
-    context manager around each of the ~25 hook calls of a step (~1 us each), this one returns the same empty one."""
-    from contextlib import nullcontext
+    context manager around each of the ~25 hook calls of a step (~1 us each), this one returns the same empty one.
+    (At module level so that the Trainer pickles, as `strategy="ddp_spawn"` needs.)"""
 
-    from lightning.pytorch.profilers import PassThroughProfiler
+    _nothing = nullcontext()
 
-    class NoProfiler(PassThroughProfiler):
-        _nothing = nullcontext()
+    @override
+    def profile(self, action_name: str) -> Any:
+        return self._nothing
 
-        def profile(self, action_name: str) -> Any:
-            return self._nothing
 
+def no_profiler() -> NoProfiler:
     return NoProfiler()
 
 

@@ -1,6 +1,7 @@
 """Bad samples, bad batches, non-finite losses and empty datasets: skipped and counted, or a clear stop."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -9,6 +10,9 @@ from torch import Tensor
 
 import mlfab
 from mlfab.testing import BoringConfig, BoringTask, RegressionDataset, read_scalars
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 class Flaky(RegressionDataset):
@@ -146,6 +150,43 @@ def test_the_finiteness_check_finds_each_bad_part_and_ignores_an_overflowing_sum
     assert check(float("nan"), mse=0.5) == "the gradient"
     # Each part finite, their sum not (float32 overflows past 3.4e38): a huge step, but not a bad one.
     assert check(1.0, a=3e38, b=3e38) is None
+    if max_norm is None:  # Two fp16 gradients of norm 60000 are finite; their sum is not, in fp16.
+        half = [torch.nn.Parameter(torch.zeros(1, dtype=torch.float16)) for _ in range(2)]
+        for p in half:
+            p.grad = torch.full_like(p, 60000.0)
+        guard.clip_and_check(half, {"loss": torch.tensor(1.0)}, None)
+
+
+def fp16_trainer(tmp_path: Path, scaler: torch.amp.GradScaler, clip: float | None) -> "pl.Trainer":
+    """A Trainer with fp16 loss scaling, as on a GPU with precision="16-mixed" (on CPU only a given scaler does it)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return pl.Trainer(max_steps=4, accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+                      gradient_clip_val=clip, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_itself_with_clipping_on(tmp_path: Path) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # The first steps' scaled gradients overflow.
+    task = BoringTask(BoringConfig(max_steps=4, valid_every_n_steps=None))
+    trainer = fp16_trainer(tmp_path, scaler, clip=10.0)
+    trainer.fit(task)
+    assert trainer.global_step == 4
+    assert scaler.get_scale() < 2.0**127  # The scaler saw the overflow and backed off ...
+    assert task._nonfinite.total == 0  # ... and mlfab left those steps to it.
+
+
+def test_a_non_finite_loss_under_fp16_loss_scaling_is_skipped_and_training_goes_on(tmp_path: Path) -> None:
+    class NaNAtOne(BoringTask):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            loss = super().get_loss(batch, state)
+            return loss * float("nan") if state.num_steps == 1 else loss
+
+    task = NaNAtOne(BoringConfig(max_steps=4, valid_every_n_steps=None))
+    trainer = fp16_trainer(tmp_path, torch.amp.GradScaler("cpu"), clip=None)
+    trainer.fit(task)  # Failed with "unscale_() has already been called" when the skipped step left the scaler open.
+    assert trainer.global_step == 4 and task._nonfinite.total == 1
 
 
 def test_a_dataset_that_yields_nothing(tmp_path: Path) -> None:

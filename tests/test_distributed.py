@@ -122,11 +122,12 @@ def check_two_ranks(tmp_path: Path, stdout: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dataset", ["dpshdl", "map"])
-def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str) -> None:
-    script = write_script(tmp_path)
+@pytest.mark.parametrize(("dataset", "strategy"), [("dpshdl", "auto"), ("map", "auto"), ("dpshdl", "ddp_spawn")])
+def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str) -> None:
+    script = write_script(tmp_path)  # ddp_spawn pickles the Trainer and the task into each process.
     proc = subprocess.run(
-        [sys.executable, str(script), "accelerator=cpu", "devices=2", f"run_dir={tmp_path / 'runs'}"],
+        [sys.executable, str(script), "accelerator=cpu", "devices=2", f"strategy={strategy}",
+         f"run_dir={tmp_path / 'runs'}"],
         env=env_for(tmp_path, MASTER_PORT=str(free_port()), DATASET=dataset), cwd=tmp_path, capture_output=True,
         text=True, timeout=300,
     )
