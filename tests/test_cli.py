@@ -207,7 +207,7 @@ def test_fit_runs_like_launch_and_explicit_trainer_args_win(tmp_path: Path) -> N
 
 
 def test_a_profiler_given_on_the_command_line_replaces_mlfabs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
         fit(tmp_path, "--model.config.max_steps=3", "--model.config.in_dim=3", "--trainer.profiler=simple")
     assert "FIT Profiler Report" in caplog.text and "run_training_batch" in caplog.text
 
