@@ -46,8 +46,10 @@ class PeriodicCheckpoint(StepFreeCallback, ModelCheckpoint):
         return self.__dict__["_state_key"]
 
 
-def at_step_boundary(trainer: pl.Trainer, batch_idx: int) -> bool:
-    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+def step_ends(trainer: pl.Trainer) -> bool:
+    """Whether the current batch ends an optimizer step, as Lightning decides it: after `accumulate_grad_batches`
+    batches and also at an epoch's last batch."""
+    return not trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 class ValidationCadence(StepFreeCallback):
@@ -77,7 +79,7 @@ class ValidationCadence(StepFreeCallback):
                 return False
             if lightning_decision(data_fetcher):
                 return True
-            if not at_step_boundary(trainer, loop.batch_idx) or trainer.limit_val_batches == 0:
+            if not step_ends(trainer) or trainer.limit_val_batches == 0:
                 return False
             now = time.monotonic()
             if not self._validated:
@@ -143,7 +145,7 @@ class GracefulStop(StepFreeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         stop, save = self.signal_received is not None, self._save_requested
-        if not (stop or save or self._distributed) or not at_step_boundary(trainer, batch_idx):
+        if not (stop or save or self._distributed) or not step_ends(trainer):
             return  # The common case costs two attribute reads.
         if trainer.world_size > 1:  # Every rank must act at the same step: one all-reduce for both flags.
             flags = torch.tensor([float(stop), float(save)], device=trainer.strategy.root_device)

@@ -52,6 +52,7 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self.total = 0
         self.last_reason = ""
+        self.last_skip = ""  # "step N: <what> not finite", for the logs.
 
     def clip_and_check(
         self, params: Iterable[Tensor], losses: Mapping[str, Tensor], max_norm: float | None, check_grads: bool = True
@@ -83,6 +84,7 @@ class NonFiniteGuard:
     def skipped(self, step: int) -> None:
         self.in_a_row += 1
         self.total += 1
+        self.last_skip = f"step {step}: {self.last_reason} not finite"
         log.warning("Step %d skipped: %s is not finite (%d skipped so far)", step, self.last_reason, self.total)
         if self.max_in_a_row is not None and self.in_a_row >= self.max_in_a_row:
             raise NonFiniteError(

@@ -1,9 +1,10 @@
 """`mlfab.State`: where training stands, as the task sees it in `get_loss` and `log_*_step`."""
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Phase = Literal["train", "valid", "test"]
+PHASES: tuple[Phase, ...] = get_args(Phase)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from mlfab import log_values as lv
+from mlfab.callbacks import step_ends
 from mlfab.checkpoints import gather_rng_states, restore_rng_states, task_id
 from mlfab.config import Config, ConfigT, build_config, to_dict
 from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
@@ -31,7 +32,7 @@ from mlfab.loader import Consumed, MlfabLoader
 from mlfab.logbuffer import Cadence, LogBuffer, flush_logs, resolve
 from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
 from mlfab.optim import save_in_eval_mode, schedule_free_adamw, set_optimizer_mode, use_training_weights
-from mlfab.state import Phase, State
+from mlfab.state import PHASES, Phase, State
 
 
 class Task(pl.LightningModule, Generic[ConfigT]):
@@ -63,7 +64,8 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self.save_hyperparameters({"config": to_dict(config)})
         self._exp_dir: Path | None = None
         self._mlfab_loggers: list[Any] = []
-        self._log_buffer = LogBuffer()
+        self._log_buffers = {phase: LogBuffer() for phase in PHASES}  # Validation may start mid-accumulation.
+        self._bad_data_seen = False
         self._log_cadence = Cadence()
         self._num_samples = 0
         self._num_valid_steps = 0
@@ -161,8 +163,14 @@ class Task(pl.LightningModule, Generic[ConfigT]):
     # ----------------------------------------------------------------------------------------------------------------
     # Logging API: each call stores a value or a zero-argument callable; nothing is computed unless written.
 
+    def _phase(self) -> Phase:
+        trainer = self._trainer
+        if trainer is None or trainer.training:
+            return "train"
+        return "test" if trainer.testing else "valid"
+
     def _log(self, kind: str, key: str, value: Any, namespace: str | None) -> None:
-        self._log_buffer.add(kind, f"{namespace or self.default_namespace}/{key}", value)
+        self._log_buffers[self._phase()].add(kind, f"{namespace or self.default_namespace}/{key}", value)
 
     def log_scalar(self, key: str, value: Any, *, namespace: str | None = None) -> None:
         self._log("scalar", key, value, namespace)
@@ -239,16 +247,17 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         """Points (N, 3) or (B, N, 3) with optional colors, randomly subsampled to `max_points`."""
         self._log("point_cloud", key, lv.point_cloud(value, key, max_points, colors), namespace)
 
-    def _loss_total(self, loss: Any) -> Tensor:
+    def _loss_total(self, loss: Any, phase: Phase) -> Tensor:
         """The loss to backpropagate; each part is logged under `loss/<name>`."""
         self._last_losses = parts = loss_parts(loss, type(self).__name__)
+        buffer = self._log_buffers[phase]
         for name, part in parts.items():
-            self._log_buffer.add("scalar", f"loss/{name}", part.detach())
+            buffer.add("scalar", f"loss/{name}", part.detach())
         values = list(parts.values())
         return values[0] if len(values) == 1 else torch.stack([v.reshape(()) for v in values]).sum()
 
     def _flush_logs(self, phase: Phase, step: int) -> None:
-        flush_logs(self.trainer, self._log_buffer, self._log_cadence, phase=phase, step=step,
+        flush_logs(self.trainer, self._log_buffers[phase], self._log_cadence, phase=phase, step=step,
                    elapsed_time_s=self.elapsed_time_s, num_samples=self._num_samples)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -305,19 +314,19 @@ class Task(pl.LightningModule, Generic[ConfigT]):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self._consumed.count += 1  # Counted now: checkpoint callbacks run before this task's batch-end hook.
-        loss = self._loss_total(self.get_loss(batch, self.state("train")))
+        loss = self._loss_total(self.get_loss(batch, self.state("train")), "train")
         self._num_samples += self.config.batch_size * self.trainer.world_size
         return loss
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self._loss_total(self.get_loss(batch, self.state("valid")))
+        loss = self._loss_total(self.get_loss(batch, self.state("valid")), "valid")
         self._num_valid_steps += 0 if self.trainer.sanity_checking else 1
         return loss
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._loss_total(self.get_loss(batch, self.state("test")))
+        return self._loss_total(self.get_loss(batch, self.state("test")), "test")
 
     @override
     def on_test_epoch_end(self) -> None:
@@ -342,33 +351,34 @@ class Task(pl.LightningModule, Generic[ConfigT]):
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)
             if scaler is not None:  # fp16 loss scaling unscaled this step: end it (backing off on inf gradients).
                 scaler.update()
-            self.log_string("skipped_step", f"{self._nonfinite.last_reason} not finite", namespace="nonfinite")
             self._nonfinite.skipped(self.global_step)
-        if self._nonfinite.total:
+        if self._nonfinite.total:  # On every step from the first skip on, so the next written step shows them.
             self.log_scalar("skipped_steps", self._nonfinite.total, namespace="nonfinite")
+            self.log_string("last_skipped_step", self._nonfinite.last_skip, namespace="nonfinite")
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # An optimizer step just ended.
+        if step_ends(self.trainer):
             self._log_bad_data()
             self._flush_logs("train", self.global_step - 1)
 
-    def _log_bad_data(self, every_n_steps: int = 50) -> None:
-        """Every `every_n_steps` steps, how many samples and batches the data pipeline skipped (when any)."""
-        if self.global_step % every_n_steps != 1:
-            return
+    def _log_bad_data(self, check_every_n_steps: int = 50) -> None:
+        """How many samples and batches the data pipeline skipped: once any were (asking the loader costs a state
+        snapshot, so that is checked every `check_every_n_steps` steps), logged lazily on every step."""
         loader = self.trainer.train_dataloader
         if not isinstance(loader, MlfabLoader):
             return
-        bad = loader.bad_samples() if isinstance(loader.dataset, DpshdlIterable) else 0
-        if bad or loader.skipped_batches:
-            self.log_scalar("bad_samples", bad, namespace="data")
-            self.log_scalar("skipped_batches", loader.skipped_batches, namespace="data")
+        dpshdl = isinstance(loader.dataset, DpshdlIterable)
+        if not self._bad_data_seen and self.global_step % check_every_n_steps == 1:
+            self._bad_data_seen = bool(loader.skipped_batches or (dpshdl and loader.bad_samples()))
+        if self._bad_data_seen:
+            self.log_scalar("bad_samples", loader.bad_samples if dpshdl else 0, namespace="data")
+            self.log_scalar("skipped_batches", lambda: loader.skipped_batches, namespace="data")
 
     @override
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # Like Lightning, nothing from the sanity check is logged.
-            self._log_buffer.clear()
+            self._log_buffers["valid"].clear()
             return
         self._flush_logs("valid", self.global_step)
 

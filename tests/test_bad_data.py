@@ -34,6 +34,9 @@ def test_bad_samples_are_skipped_and_training_goes_on(tmp_path: Path) -> None:
     seen: list[int] = []
 
     class FlakyTask(BoringTask):
+        def set_loggers(self) -> None:
+            self.add_logger(mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=0))
+
         def get_dataset(self, phase: mlfab.Phase) -> Flaky:
             return Flaky(self.config.in_dim)
 
@@ -45,8 +48,12 @@ def test_bad_samples_are_skipped_and_training_goes_on(tmp_path: Path) -> None:
     assert seen[:5] == [8] * 5  # Full batches: the failed samples were replaced by good ones.
     (exp,) = (tmp_path / "flaky_task").iterdir()
     counted = read_scalars(exp / "tensorboard" / "train")["data/bad_samples"]
-    # Logged after the first step: batch 0 and the prefetched batch 1 took 19 reads, of which 3 failed.
-    assert counted == [(0, 3.0)]
+    # Batch 0 and the prefetched batch 1 took 19 reads, of which 3 failed; from then on the running count is in
+    # every written step (6 batches read by the last step: 48 good samples, about 12 failed reads).
+    assert counted[0] == (0, 3.0)
+    assert [step for step, _ in counted] == [0, 1, 2, 3, 4]
+    values = [v for _, v in counted]
+    assert values == sorted(values) and values[-1] >= 10
 
 
 def test_a_dataset_that_keeps_failing_stops_with_its_name_and_errors(tmp_path: Path) -> None:
@@ -88,6 +95,8 @@ def test_batches_that_fail_to_collate_are_skipped(tmp_path: Path) -> None:
     Task.launch(BoringConfig(max_steps=4, valid_batches=0, valid_every_n_steps=None, run_dir=str(tmp_path)),
                 argv=[])
     assert steps == [0, 1, 2, 3]
+    (exp,) = (tmp_path / "task").iterdir()
+    assert read_scalars(exp / "tensorboard" / "train")["data/skipped_batches"] == [(0, 1.0)]
 
 
 def test_non_finite_loss_skips_the_step_and_is_logged(tmp_path: Path) -> None:

@@ -200,3 +200,39 @@ def test_run_info_reaches_tensorboard_once(tmp_path: Path) -> None:
     assert "class BoringTask(mlfab.Task[BoringConfig])" in text("source")
     assert "torch" in text("provenance")
     assert "commit:" in text("git_diff") or "not in a git repository" in text("git_diff")
+
+
+class Forty(torch.utils.data.Dataset):
+    """40 samples: 5 batches of 8 per epoch, so with 2 batches per step every epoch ends on a partial step."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.float32]:
+        x = np.random.default_rng(i).normal(size=4).astype(np.float32)
+        return x, np.float32(x.sum())
+
+
+def test_every_optimizer_step_is_written_once_and_phases_do_not_mix(tmp_path: Path) -> None:
+    class PartialSteps(BoringTask):
+        def set_loggers(self) -> None:
+            self.add_logger(mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=0))
+
+        def get_dataset(self, phase: mlfab.Phase) -> Forty:
+            return Forty()
+
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            self.log_scalar("is_train", 1.0 if state.phase == "train" else 0.0)
+            return super().get_loss(batch, state)
+
+    # Lightning steps at batches 2, 4, 5 (the epoch's last), 7, 9, 10, ...; validation comes every 2 batches,
+    # so it also starts half-way through a step.
+    config = BoringConfig(max_steps=6, batches_per_step=2, valid_every_n_steps=1, valid_batches=1,
+                          run_dir=str(tmp_path))
+    PartialSteps.launch(config, argv=[])
+    (exp,) = (tmp_path / "partial_steps").iterdir()
+    train = read_scalars(exp / "tensorboard" / "train")
+    valid = read_scalars(exp / "tensorboard" / "valid")
+    assert [step for step, _ in train["loss/loss"]] == [0, 1, 2, 3, 4, 5]
+    assert {v for _, v in train["value/is_train"]} == {1.0}
+    assert valid["value/is_train"] and {v for _, v in valid["value/is_train"]} == {0.0}
