@@ -46,10 +46,8 @@ def prepare_subclass(cls: type, task_base: type) -> None:
         config_cls = find_config_class(cls, task_base)
         if config_cls is None:
             return
-        parent_init = cls.__mro__[1].__init__
-
         def init(self: Any, config: Any) -> None:
-            parent_init(self, config)
+            super(cls, self).__init__(config)  # The next __init__ in the MRO, which need not be a Task's.
 
         init.__annotations__ = {"config": config_cls, "return": None}
     cls.__init__ = typed_config_init(init)  # type: ignore[misc]

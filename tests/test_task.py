@@ -263,3 +263,20 @@ def test_subclass_without_init_uses_its_own_config() -> None:
     assert inspect.signature(ChildTask.__init__).parameters["config"].annotation is ChildConfig
     task = ChildTask({"batch_size": 2, "extra": 9})
     assert isinstance(task.config, ChildConfig) and task.config.extra == 9
+
+
+class Described:
+    """A mixin without `__init__`, listed before the task: `class MyTask(SomeMixin, BaseTask)`."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class MixedTask(Described, ChildTask):
+    pass
+
+
+def test_subclass_without_init_after_a_mixin_runs_the_tasks_init() -> None:
+    task = MixedTask({"extra": 3})  # Failed with "object.__init__() takes exactly one argument".
+    assert task.describe() == "MixedTask" and task.config.extra == 3
+    assert task.hparams["config"]["extra"] == 3  # Task.__init__ ran.
