@@ -8,6 +8,7 @@ What is written when several values arrive between two writes:
 Values of steps that no logger writes are dropped without being computed.
 """
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,13 @@ class Video:
     frames: np.ndarray
     fps: int
 
+    @functools.cached_property
+    def gif(self) -> bytes:
+        """The frames as an animated GIF, encoded once however many loggers write it."""
+        from mlfab.media import gif_bytes
+
+        return gif_bytes(self.frames, self.fps)
+
 
 @dataclass
 class PointCloud:
@@ -44,6 +52,12 @@ class PointCloud:
 
     points: np.ndarray
     colors: np.ndarray | None = None
+
+
+def finite(values: np.ndarray) -> np.ndarray:
+    """A histogram's values without NaN and inf, which histogram writers cannot bin (possibly empty)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    return values[np.isfinite(values)]
 
 
 # Resolved value of each kind, as loggers receive it:

@@ -5,6 +5,7 @@ key over speed. Outputs may share memory with inputs when no conversion is neede
 Images come out as uint8 HWC RGB, videos as uint8 THWC RGB, audio as float32 in [-1, 1].
 """
 
+import io
 import math
 from functools import lru_cache
 
@@ -356,3 +357,14 @@ def subsample_points(
         keep = np.sort(np.random.default_rng(seed).choice(len(pts), size=max_points, replace=False))
         pts, cols = pts[keep], None if cols is None else cols[keep]
     return pts.astype(np.float32, copy=False), None if cols is None else _to_uint8(cols, where)
+
+
+def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
+    """Animated GIF of uint8 (T, H, W, 3) frames. Written with Pillow because torch's `add_video` needs
+    `moviepy.editor`, which moviepy 2 removed (it then silently writes nothing). GIF frame times are in 10 ms
+    units and browsers play anything under 20 ms at 100 ms, so faster videos get 20 ms frames."""
+    out = io.BytesIO()
+    pictures = [Image.fromarray(f) for f in frames]
+    pictures[0].save(out, format="GIF", save_all=True, append_images=pictures[1:],
+                     duration=max(int(1000 / max(fps, 1)), 20), loop=0)
+    return out.getvalue()

@@ -257,3 +257,28 @@ def test_training_writes_json_and_wandb(tmp_path: Path) -> None:
     valid = [r["trainer/global_step"] for r in rows if "valid/loss/loss" in r]
     assert (train, valid) == ([0, 1, 2, 3], [1, 2, 4])
     assert wandb_records(run_dir)[-1].WhichOneof("record_type") == "exit"  # The Trainer's finalize finished it.
+
+
+def test_non_finite_histograms_and_fast_videos_read_back_the_same_from_every_file_logger(tmp_path: Path) -> None:
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = every_kind("train", 0, 0.5)
+    logs.values["histogram"]["hist/all_nan"] = np.full(4, np.nan)  # Once stopped training in TensorBoard.
+    logs.values["video"]["video/clip"] = Video(logs.values["video"]["video/clip"].frames, fps=60)
+    tb, js = mlfab.TensorboardLogger(tmp_path), JsonLogger(tmp_path)
+    for logger in (tb, js):
+        logger.write(logs)
+        logger.finalize("success")
+
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "train"), size_guidance={"histograms": 0, "images": 0})
+    events.Reload()
+    assert events.Tags()["histograms"] == ["hist/w"]  # The NaN left out; the all-NaN histogram skipped.
+    assert events.Histograms("hist/w")[0].histogram_value.num == 4
+    tb_gif = Image.open(io.BytesIO(events.Images("video/clip")[0].encoded_image_string))
+    (line,) = (row for row in read_lines(tmp_path / "json" / "log.jsonl") if "media" in row)
+    json_gif = Image.open(tmp_path / "json" / line["media"]["video/clip"])
+    # 60 fps is 16.7 ms a frame; browsers play GIF frames under 20 ms at 100 ms, so both write 20 ms.
+    assert tb_gif.info["duration"] == json_gif.info["duration"] == 20
+    assert np.isnan(np.load(tmp_path / "json" / line["media"]["hist/all_nan"])).all()  # JSON keeps the raw values.

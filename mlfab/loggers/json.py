@@ -54,11 +54,7 @@ def _save_audio(path: Path, audio: Audio) -> None:
 
 
 def _save_video(path: Path, video: Video) -> None:
-    from PIL import Image
-
-    frames = [Image.fromarray(f) for f in np.asarray(video.frames, dtype=np.uint8)]
-    duration_ms = max(round(1000 / max(video.fps, 1)), 10)  # GIF frame times are in units of 10 ms.
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    path.write_bytes(video.gif)
 
 
 def _save_histogram(path: Path, values: np.ndarray) -> None:

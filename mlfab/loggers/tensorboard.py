@@ -4,30 +4,17 @@ One directory per phase, so TensorBoard overlays the training and validation cur
 It is Lightning's `TensorBoardLogger` (`experiment` is the training writer), so it works in any Trainer.
 """
 
-import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image
 from typing_extensions import override
 
-from mlfab.logbuffer import KINDS, Logs
+from mlfab.logbuffer import KINDS, Logs, finite
 from mlfab.loggers.base import MlfabLogger
 from mlfab.state import Phase
-
-
-def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
-    """Animated GIF of uint8 (T, H, W, 3) frames. Written here with Pillow because torch's `add_video`
-    needs `moviepy.editor`, which moviepy 2 removed (it then silently writes nothing)."""
-    out = io.BytesIO()
-    pictures = [Image.fromarray(f) for f in frames]
-    pictures[0].save(out, format="GIF", save_all=True, append_images=pictures[1:],
-                     duration=max(int(1000 / max(fps, 1)), 20), loop=0)
-    return out.getvalue()
 
 
 def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> tuple[str, ...]:
@@ -46,10 +33,10 @@ def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> tuple[str, ...
         writer.add_audio(prefix + tag, torch.from_numpy(mono).reshape(1, -1), step, sample_rate=audio.sample_rate)
     for tag, video in logs.of("video").items():
         _, h, w, c = video.frames.shape
-        image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif_bytes(video.frames, video.fps))
+        image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=video.gif)
         writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=prefix + tag, image=image)]), step)
     for tag, values in logs.of("histogram").items():
-        if values.size:
+        if (values := finite(values)).size:  # An all-NaN histogram is skipped.
             writer.add_histogram(prefix + tag, values, step)
     for tag, cloud in logs.of("point_cloud").items():
         colors = None if cloud.colors is None else torch.from_numpy(cloud.colors).unsqueeze(0)

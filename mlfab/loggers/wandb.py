@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from mlfab.logbuffer import Logs
+from mlfab.logbuffer import Logs, finite
 from mlfab.loggers.base import MlfabLogger
 from mlfab.state import Phase
 
@@ -94,9 +94,7 @@ def write_wandb(run: Any, logs: Logs, prefix: str = "") -> None:
     for tag, video in logs.of("video").items():
         row[prefix + tag] = _video(np.asarray(video.frames, dtype=np.uint8), video.fps)
     for tag, values in logs.of("histogram").items():
-        values = np.asarray(values, dtype=np.float64).ravel()
-        values = values[np.isfinite(values)]  # np.histogram fails on NaN / inf; an all-NaN tensor is skipped.
-        if values.size:
+        if (values := finite(values)).size:  # An all-NaN histogram is skipped.
             row[prefix + tag] = wandb.Histogram(values)
     for tag, cloud in logs.of("point_cloud").items():
         row[prefix + tag] = _point_cloud(cloud.points, cloud.colors)
