@@ -198,7 +198,8 @@ class DpshdlIterable(IterableDataset):
 class Collate:
     """Uses the dataset's own `collate` when it has one, then turns numpy arrays into tensors.
 
-    A batch that fails to collate becomes None, which the training loader skips and counts."""
+    A batch that fails to collate becomes None, which the training loader skips and counts and the validation
+    and test steps skip."""
 
     def __init__(self, collate: Callable[[list[Any]], Any] | None) -> None:
         self.collate = collate
@@ -268,7 +269,10 @@ def build_dataloader(
         return loader_cls(dataset, **kwargs)
     # Map-style: shuffle for training, full equal-size batches so accumulation matches one big batch;
     # validation sees the same leading batches every time, so its curve is comparable over time.
-    return loader_cls(dataset, shuffle=is_train, drop_last=is_train, **kwargs)
+    loader = loader_cls(dataset, shuffle=is_train, drop_last=is_train, **kwargs)
+    if is_train:  # The order from a generator of its own: the loader's also seeds each new iterator, and a resumed
+        loader.sampler.generator = torch.Generator().manual_seed(seed + 3)  # run draws those in another order.
+    return loader
 
 
 def _failed_download(exc: BaseException) -> tuple[str, str] | None:

@@ -35,10 +35,11 @@ class MlfabLoader(StatefulDataLoader):
         kwargs.setdefault("snapshot_every_n_steps", 1)
         super().__init__(*args, **kwargs)
         self.consumed = consumed or Consumed()
-        self._recent: collections.deque[Any] = collections.deque(maxlen=8)
+        self._recent: collections.deque[Any] = collections.deque(maxlen=2)  # Lightning prefetches one batch.
         self._yielded = 0
         self._replay: list[Any] = []
         self.skipped_batches = 0
+        self._ever_produced = False
 
     @override
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
@@ -48,22 +49,20 @@ class MlfabLoader(StatefulDataLoader):
         return self._batches(replay, super().__iter__())
 
     def _batches(self, replay: list[Any], inner: Iterator[Any]) -> Iterator[Any]:
-        produced = 0
         for batch in replay:
-            produced += 1
             yield self._note(batch)
         for batch in inner:
             if batch is None:  # The dataset's collate failed for this batch.
                 self.skipped_batches += 1
                 continue
-            produced += 1
             yield self._note(batch)
-        if produced == 0:  # Lightning would start a new epoch forever.
+        if not self._ever_produced:  # Lightning would start a new epoch forever. (A resumed epoch may be empty.)
             name = type(getattr(self.dataset, "dataset", self.dataset)).__name__
             raise DatasetError(f"The training dataset ({name}) produced no batches. Check that get_dataset('train') "
                                "returns a dataset with at least batch_size samples.")
 
     def _note(self, batch: Any) -> Any:
+        self._ever_produced = True
         self._recent.append(batch)
         self._yielded += 1
         return batch
@@ -82,6 +81,7 @@ class MlfabLoader(StatefulDataLoader):
         super().load_state_dict(state_dict["loader"])
         self._replay = list(state_dict.get("in_flight", []))
         self.skipped_batches = int(state_dict.get("skipped", 0))
+        self._ever_produced = True  # It trained before it was saved.
         self._yielded = self.consumed.count = 0
         self._recent.clear()
 

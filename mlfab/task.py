@@ -319,13 +319,17 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         return loss
 
     @override
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
+            return None
         loss = self._loss_total(self.get_loss(batch, self.state("valid")), "valid")
         self._num_valid_steps += 0 if self.trainer.sanity_checking else 1
         return loss
 
     @override
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if batch is None:  # As in validation_step.
+            return None
         return self._loss_total(self.get_loss(batch, self.state("test")), "test")
 
     @override

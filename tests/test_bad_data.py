@@ -81,20 +81,21 @@ def test_batches_that_fail_to_collate_are_skipped(tmp_path: Path) -> None:
                 raise ValueError("ragged batch")
             return super().collate(items)
 
-    steps: list[int] = []
+    steps: list[tuple[str, int]] = []
 
     class Task(BoringTask):
         def get_dataset(self, phase: mlfab.Phase) -> BadCollate:
             return BadCollate(self.config.in_dim)
 
         def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
-            if state.phase == "train":
-                steps.append(state.num_steps)
+            steps.append((state.phase, state.num_steps))
             return super().get_loss(batch, state)
 
-    Task.launch(BoringConfig(max_steps=4, valid_batches=0, valid_every_n_steps=None, run_dir=str(tmp_path)),
+    # Validation after the first step reads 3 batches; its second fails to collate, as training's second does.
+    Task.launch(BoringConfig(max_steps=4, valid_batches=3, valid_every_n_steps=None, run_dir=str(tmp_path)),
                 argv=[])
-    assert steps == [0, 1, 2, 3]
+    assert [s for p, s in steps if p == "train"] == [0, 1, 2, 3]
+    assert [p for p, _ in steps].count("valid") == 2
     (exp,) = (tmp_path / "task").iterdir()
     assert read_scalars(exp / "tensorboard" / "train")["data/skipped_batches"] == [(0, 1.0)]
 

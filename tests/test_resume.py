@@ -183,3 +183,43 @@ def test_run_directory_not_writable(tmp_path: Path) -> None:
     locked.mkdir(mode=0o500)
     with pytest.raises(mlfab.ConfigError, match="is not writable"):
         mlfab.testing.BoringTask.launch(BoringConfig(exp_dir=str(locked)), argv=[])
+
+
+class ThirtyTwo(torch.utils.data.Dataset):
+    """A map-style dataset: 4 shuffled batches of 8 per epoch."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(4, generator=torch.Generator().manual_seed(i))
+        return x, x.sum()
+
+
+class MapStyle(mlfab.testing.BoringTask):
+    losses: dict[int, float] = {}
+
+    def get_dataset(self, phase: mlfab.Phase) -> ThirtyTwo:
+        return ThirtyTwo()
+
+    def get_loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: mlfab.State) -> torch.Tensor:
+        loss = super().get_loss(batch, state)
+        if state.phase == "train":
+            MapStyle.losses[state.num_steps] = loss.item()
+        return loss
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop_at", [4, 6])  # At an epoch's end, and half-way through the second epoch.
+def test_map_style_data_resumes_exactly(tmp_path: Path, workers: int, stop_at: int) -> None:
+    def launch(exp_dir: Path, max_steps: int) -> dict[int, float]:
+        MapStyle.losses = {}
+        MapStyle.launch(BoringConfig(exp_dir=str(exp_dir), max_steps=max_steps, num_dataloader_workers=workers,
+                                     valid_every_n_steps=None, save_every_n_seconds=None), argv=[])
+        return MapStyle.losses
+
+    expected = launch(tmp_path / "ref", 12)
+    launch(tmp_path / "run", stop_at)
+    got = launch(tmp_path / "run", 12)  # Resumes from the final checkpoint of step `stop_at`.
+    assert sorted(got) == list(range(stop_at, 12))
+    assert got == {step: expected[step] for step in range(stop_at, 12)}
