@@ -11,12 +11,11 @@ import argparse
 import io
 import statistics
 import tempfile
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from parity import lightning_classes, quiet  # benchmarks/ is on the path when a script in it runs.
 
 import mlfab
 from mlfab.testing import BoringConfig, BoringTask
@@ -27,29 +26,17 @@ class Silent(BoringTask):
 
     def __init__(self, config: BoringConfig) -> None:
         super().__init__(config)
-        self._log_buffer.add = lambda *args: None  # type: ignore[method-assign]
-
-
-class StepTimer(pl.Callback):
-    """Times the steps after the first `warmup` (dataloader start-up and first-step costs excluded)."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.start = self.end = 0.0
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
-        self.end = time.perf_counter()
+        for buffer in self._log_buffers.values():
+            buffer.add = lambda *args: None  # type: ignore[method-assign]
 
 
 def seconds_per_step(task: BoringTask, loggers: list[Any], steps: int, warmup: int = 100) -> float:
-    timer = StepTimer(warmup)
+    timer = lightning_classes()["StepTimer"](warmup)
     trainer = pl.Trainer(max_steps=steps + warmup, logger=loggers or False, limit_val_batches=0,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu", devices=1, callbacks=[timer])
     trainer.fit(task)
-    return (timer.end - timer.start) / steps
+    return timer.run(steps).seconds_per_step
 
 
 def main() -> None:
@@ -57,18 +44,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet()
 
     config = BoringConfig(max_steps=None, valid_every_n_steps=None)
     logged, silent = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
-            loggers = [mlfab.StdoutLogger(stream=io.StringIO()), mlfab.TensorboardLogger(Path(tmp) / str(i))]
-            logged.append(seconds_per_step(BoringTask(config), loggers, args.steps))
-            silent.append(seconds_per_step(Silent(config), [], args.steps))
+            for variant in ("logged", "silent")[:: 1 if i % 2 == 0 else -1]:  # Alternating which goes first.
+                if variant == "logged":
+                    loggers = [mlfab.StdoutLogger(stream=io.StringIO()), mlfab.TensorboardLogger(Path(tmp) / str(i))]
+                    logged.append(seconds_per_step(BoringTask(config), loggers, args.steps))
+                else:
+                    silent.append(seconds_per_step(Silent(config), [], args.steps))
     with_logs, without = statistics.median(logged), statistics.median(silent)
     print(f"steps per run: {args.steps}, repeats: {args.repeats} (medians)")
     print(f"no logging:                {without * 1e3:.3f} ms/step")

@@ -25,8 +25,8 @@ start to the end of the first optimizer step and the peak RSS of a seed-CNN run 
 as a user runs it); and batches/s of mlfab's training loader over a dpshdl dataset against dpshdl's own
 `Dataloader`, with 0 and 2 workers.
 
-    python benchmarks/parity.py            # the full run, about 5 minutes on 2 quiet CPU cores
-    python benchmarks/parity.py --quick    # fewer steps and repeats, about 2 minutes
+    python benchmarks/parity.py            # the full run, about 3 minutes on 2 quiet CPU cores
+    python benchmarks/parity.py --quick    # fewer steps and repeats, about 1.5 minutes
     python benchmarks/parity.py --profile  # where the tiny MLP's step time goes (cProfile): raw, Lightning, mlfab
     python benchmarks/parity.py --floor    # how low a Lightning step goes: barebones, mlfab's savings, manual
 """
@@ -66,6 +66,7 @@ SEED = 1337
 BATCH_SIZE = 16
 OPTIMIZER = {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 1e-4}
 LOSS_TOLERANCE = 1e-5
+ON_CPU = {"accelerator": "cpu", "devices": 1}  # Like the raw loop, also on a machine with a GPU.
 VARIANTS = ("raw", "lightning", "mlfab")
 NAMES = {"raw": "raw loop", "bare": "Lightning barebones", "lightning": "Lightning", "mlfab": "mlfab",
          "lean": "Lightning barebones with mlfab's dispatch savings",
@@ -298,15 +299,17 @@ def train_lightning(model: str, steps: int, warmup: int, log_dir: Path, kind: st
     module = classes[kind](model)
     timer = classes["StepTimer"](warmup, on_first_step)
     if kind == "bare":  # Lightning's own mode for measuring its overhead: no logging, checkpoints, summary, ...
-        trainer = pl.Trainer(max_steps=warmup + steps, barebones=True, callbacks=[timer])
+        trainer = pl.Trainer(max_steps=warmup + steps, barebones=True, callbacks=[timer], **ON_CPU)
     elif kind.startswith("lean"):  # Barebones has no profiler argument: the same settings, given one by one.
         from mlfab.trainer import no_profiler
 
         trainer = pl.Trainer(max_steps=warmup + steps, logger=False, callbacks=[timer], enable_progress_bar=False,
-                             enable_checkpointing=False, enable_model_summary=False, profiler=no_profiler())
+                             enable_checkpointing=False, enable_model_summary=False, profiler=no_profiler(),
+                             **ON_CPU)
     else:
         trainer = pl.Trainer(max_steps=warmup + steps, logger=TensorBoardLogger(str(log_dir)), callbacks=[timer],
-                             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+                             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                             **ON_CPU)
     trainer.fit(module)
     return timer.run(steps)
 
@@ -359,7 +362,7 @@ def mlfab_classes() -> dict[str, type]:
 def mlfab_config(model: str, max_steps: int, **where: Any) -> Any:
     task = mlfab_classes()[model]
     return task.config_class()(batch_size=BATCH_SIZE, max_steps=max_steps, seed=SEED, valid_every_n_steps=None,
-                               valid_batches=0, clip_grad_norm=None, **where)
+                               valid_batches=0, clip_grad_norm=None, precision="32-true", **ON_CPU, **where)
 
 
 def train_mlfab(model: str, steps: int, warmup: int, exp_dir: Path) -> Run:
@@ -482,7 +485,7 @@ def alternate(bench: Bench, model: str, variants: tuple[str, ...], repeats: int,
             bench.progress(f"training {model}: repeat {r + 1}/{repeats}")
             for i in range(len(variants)):
                 variant = variants[(r + i) % len(variants)]
-                where = Path(tmp) / f"{model}_{variant}_{r}_{len(bench.guard.others)}"
+                where = Path(tmp) / f"{model}_{variant}_{r}"
                 runs[variant].append(bench.guard.run(train, variant, model, steps, warmup, where))
                 gc.collect()
     reference = np.array(runs["raw"][0].losses)
@@ -764,7 +767,7 @@ def profile(plan: Plan) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (about 1.5 minutes)")
     parser.add_argument("--profile", action="store_true", help="only profile the tiny MLP's step in each variant")
     parser.add_argument("--floor", action="store_true",
                         help="only the tiny MLP: how low a step on Lightning goes (barebones, mlfab's dispatch "

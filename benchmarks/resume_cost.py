@@ -9,13 +9,13 @@ is repeated and the median reported.
 """
 
 import argparse
-import logging
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
+
+from parity import quiet  # benchmarks/ is on the path when a script in it runs.
 
 from mlfab.testing import BoringConfig, BoringTask
 
@@ -48,8 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet()
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
