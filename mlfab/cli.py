@@ -141,11 +141,6 @@ class MlfabCLI(LightningCLI):
                            *(_as_list(values.get("callbacks")) if "callbacks" in trainer_given else [])]
         extra_plugins = _as_list(values.get("plugins")) if "plugins" in trainer_given else []
         settings = {**values, **trainer_settings(config, exp_dir, loggers, extra_callbacks, extra_plugins)}
-        if self.subcommand == "test" and "limit_test_batches" not in trainer_given:
-            from lightning.fabric.utilities.data import has_len
-
-            self.test_loader = task.test_dataloader()  # A whole test set, but `valid_batches` of an endless one.
-            settings["limit_test_batches"] = 1.0 if has_len(self.test_loader) else config.valid_batches
         for key in trainer_given:
             if key not in ("logger", "callbacks", "plugins"):
                 settings[key] = values[key]
@@ -155,8 +150,6 @@ class MlfabCLI(LightningCLI):
         """`launch`'s run, for any subcommand: a fit into a run directory with checkpoints resumes from them."""
         if subcommand == "fit" and kwargs.get("ckpt_path") is None:
             kwargs["ckpt_path"] = newest_checkpoint(self.exp_dir)
-        if getattr(self, "test_loader", None) is not None:
-            kwargs["dataloaders"] = self.test_loader
         self.exit_code = execute(self.trainer, subcommand, model, exp_dir=self.exp_dir, writer=self.writer, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -16,6 +16,7 @@ from typing import Any, Generic
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.data import has_len
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -304,8 +305,12 @@ class Task(pl.LightningModule, Generic[ConfigT]):
 
     @override
     def test_dataloader(self) -> DataLoader:
-        """The "test" dataset; a task whose `get_dataset` does not handle "test" is tested on "valid"."""
-        return self._dataloader("test")
+        """The "test" dataset; a task whose `get_dataset` does not handle "test" is tested on "valid". A whole
+        test set is used, but of an endless one `valid_batches` batches (unless `limit_test_batches` was set)."""
+        loader = self._dataloader("test")
+        if self._trainer is not None and self.trainer.limit_test_batches == 1.0 and not has_len(loader):
+            self.trainer.limit_test_batches = self.config.valid_batches  # Lightning reads it after this hook.
+        return loader
 
     @override
     def configure_optimizers(self) -> Any:

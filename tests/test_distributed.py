@@ -164,3 +164,19 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_two_ranks(tmp_path, proc.stdout)
+
+
+@pytest.mark.slow
+def test_the_test_subcommand_gives_each_rank_its_own_batches_of_an_endless_set(tmp_path: Path) -> None:
+    script = write_script(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(script), "test", "--model.config.accelerator=cpu", "--model.config.devices=2",
+         f"--model.config.run_dir={tmp_path / 'runs'}"],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port())), cwd=tmp_path, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tested = [read_rank(tmp_path, "test", r) for r in (0, 1)]
+    assert [len(t) for t in tested] == [2, 2]  # valid_batches of the endless test set on each rank.
+    ids = [{i for _, batch, _ in t for i in batch} for t in tested]
+    assert len(ids[0]) == len(ids[1]) == 2 * 8 and not ids[0] & ids[1]
