@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, finding the newest one to resume from, and checking it fits the task.
+"""Checkpoint files: atomic writes, clear errors for unreadable ones, and checking one fits the task.
 
 Lightning's own atomic save writes its temporary file in the system temp directory and moves it, which
 is a copy (not an atomic rename) when that directory is on another filesystem. mlfab writes the temporary
@@ -48,6 +48,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+    @override
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as e:
+            raise unreadable(Path(path), e) from e
+
+
 def checkpoint_files(ckpt_dir: Path) -> list[Path]:
     """Checkpoint files in a directory, oldest first (by modification time, then name)."""
     if not ckpt_dir.is_dir():
@@ -56,15 +66,17 @@ def checkpoint_files(ckpt_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Reads a checkpoint, turning a corrupt or truncated file into an error that says what to do."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as e:
-        others = [p for p in checkpoint_files(path.parent) if p != path]
-        hint = (f" The previous checkpoint {others[-1]} looks intact: move {path.name} out of the way to resume "
-                "from it.") if others else " Delete it (or point exp_dir elsewhere) to start afresh."
-        raise CheckpointError(f"Checkpoint {path} is corrupt or truncated and cannot be loaded ({e}).{hint}") from e
+def unreadable(path: Path, error: Exception) -> CheckpointError:
+    """The error for a checkpoint torch cannot load, saying what to do about it."""
+    if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
+        return CheckpointError(
+            f"Checkpoint {path} holds an object that torch's safe loading (weights_only=True) refuses. The usual "
+            "cause is a batch of a type of your own (e.g. a namedtuple from a dataset's collate), saved as the "
+            "batch in flight: return tuples, dicts or tensors from collate. torch said: " + str(error)[:2000])
+    others = [p for p in checkpoint_files(path.parent) if p != path]
+    hint = (f" The previous checkpoint {others[-1]} looks intact: move {path.name} out of the way to resume "
+            "from it.") if others else " Delete it (or point exp_dir elsewhere) to start afresh."
+    return CheckpointError(f"Checkpoint {path} is corrupt or truncated and cannot be loaded ({error}).{hint}")
 
 
 def task_id(task_cls: type) -> str:

@@ -201,17 +201,14 @@ def run(task_cls: type["Task"], config: Config) -> int:
 
 def execute(trainer: Any, subcommand: str, task: "Task", *, exp_dir: Path, writer: bool, ckpt_path: Any = None,
             **kwargs: Any) -> int:
-    """What every run does around the Trainer call, in both command-line forms: check the checkpoint fits,
-    record provenance, give the loggers the run's config and origin, share the run directory with the
-    processes Lightning's DDP launcher starts, and turn a signal into the exit code."""
+    """What every run does around the Trainer call, in both command-line forms: record provenance, give the
+    loggers the run's config and origin, share the run directory with the processes Lightning's DDP launcher
+    starts, and turn a signal into the exit code. (The checkpoint is checked in `Task.on_load_checkpoint`.)"""
     from mlfab.callbacks import GracefulStop
-    from mlfab.checkpoints import check_compatible, load_checkpoint
     from mlfab.distributed import EXP_DIR_ENV
     from mlfab.loggers.dispatch import write_run_info
     from mlfab.provenance import provenance_text, write_provenance
 
-    if ckpt_path is not None and Path(ckpt_path).is_file():
-        check_compatible(load_checkpoint(Path(ckpt_path)), Path(ckpt_path), task)
     if writer:
         write_provenance(exp_dir, type(task), resumed=subcommand == "fit" and ckpt_path is not None)
         write_run_info(trainer.loggers, config_to_yaml(task.config), provenance_text(exp_dir), exp_dir)

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from mlfab import log_values as lv
 from mlfab.callbacks import step_ends
-from mlfab.checkpoints import gather_rng_states, restore_rng_states, task_id
+from mlfab.checkpoints import check_compatible, gather_rng_states, restore_rng_states, task_id
 from mlfab.config import Config, ConfigT, build_config, to_dict
 from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
 from mlfab.declaration import find_config_class, prepare_subclass
@@ -422,6 +422,9 @@ class Task(pl.LightningModule, Generic[ConfigT]):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this before it loads the weights, so a checkpoint of another task or config is refused
+        # with an explanation instead of a key or shape error.
+        check_compatible(checkpoint, Path(str(self._trainer and self.trainer.ckpt_path or "the checkpoint")), self)
         saved = checkpoint.get("mlfab", {})
         self._num_samples = int(saved.get("num_samples", 0))
         self._num_valid_steps = int(saved.get("num_valid_steps", 0))

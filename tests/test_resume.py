@@ -1,5 +1,6 @@
 """Exact resume: an interrupted and resumed run has the uninterrupted run's losses at every later step."""
 
+import collections
 import json
 import os
 import subprocess
@@ -128,6 +129,33 @@ def test_corrupt_checkpoint_names_the_file_and_the_good_one(tmp_path: Path) -> N
     with pytest.raises(mlfab.MlfabError, match=r"last.ckpt is corrupt or truncated .* previous checkpoint .*step_"):
         launch_boring(tmp_path, max_steps=8)
     assert sorted(p.name for p in last.parent.iterdir()) == others  # Nothing deleted or overwritten.
+
+
+Pair = collections.namedtuple("Pair", "x y")
+
+
+def test_checkpoint_torch_will_not_load_safely_is_explained(tmp_path: Path) -> None:
+    launch_boring(tmp_path)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["extra"] = Pair(1, 2)  # As a namedtuple batch in flight would be stored.
+    torch.save(checkpoint, last)
+    with pytest.raises(mlfab.MlfabError, match=r"last.ckpt holds an object that torch's safe loading .* namedtuple"):
+        launch_boring(tmp_path, max_steps=8)
+
+
+def test_resuming_reads_the_checkpoint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    launch_boring(tmp_path)
+    reads: list[str] = []
+    real_load = torch.load
+
+    def counting_load(f: object, *args: object, **kwargs: object) -> object:
+        reads.append(str(getattr(f, "name", f)))  # Lightning passes an open file.
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    launch_boring(tmp_path, max_steps=8)
+    assert [r for r in reads if r.endswith(".ckpt")] == [str(tmp_path / "run" / "checkpoints" / "last.ckpt")]
 
 
 def test_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
