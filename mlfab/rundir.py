@@ -16,26 +16,27 @@ def snake_case(name: str) -> str:
 
 def new_exp_dir(task_cls: type, config: Config) -> Path:
     """`<run_dir>/<snake_case task name>/run_<N>` with the next unused N, or `exp_dir` when given."""
-    if config.exp_dir:
-        path = Path(config.exp_dir).expanduser()
-    else:
-        root = (Path(config.run_dir).expanduser() if config.run_dir else default_run_dir()) / snake_case(
-            task_cls.__name__
-        )
-        root.mkdir(parents=True, exist_ok=True)
-        taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"run_(\d+)", p.name))]
-        n = max(taken, default=-1) + 1
-        while True:  # Two launches at once: the one that creates the directory first gets it.
-            path = root / f"run_{n}"
-            try:
-                path.mkdir()
-                break
-            except FileExistsError:
-                n += 1
+    where = Path(config.exp_dir or config.run_dir or default_run_dir()).expanduser()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if config.exp_dir:
+            path = where
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            root = where / snake_case(task_cls.__name__)
+            root.mkdir(parents=True, exist_ok=True)
+            taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"run_(\d+)", p.name))]
+            n = max(taken, default=-1) + 1
+            while True:  # Two launches at once: the one that creates the directory first gets it.
+                path = root / f"run_{n}"
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    n += 1
     except OSError as e:
-        raise ConfigError(f"Cannot create the run directory {path} ({e.strerror}). Set run_dir or exp_dir.") from e
+        key = "exp_dir" if config.exp_dir else "run_dir"
+        raise ConfigError(f"Cannot create the run directory under {where} ({e.strerror}: {e.filename}). Set {key} "
+                          "to a directory you can write to.") from e
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"The run directory {path} is not writable. Fix its permissions, or set run_dir or exp_dir "
                           "to a directory you can write to.")

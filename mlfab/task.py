@@ -448,6 +448,7 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         launch(cls, *configs, launcher=launcher, argv=argv)
 
 
-# Lightning reads `training_step`'s signature on every step (does it take `batch_idx`?); inspect returns a
+# Lightning reads a step hook's signature on every batch (does it take `batch_idx`?); inspect returns a
 # precomputed `__signature__` instead of parsing the function again.
-Task.training_step.__signature__ = inspect.signature(Task.training_step)  # type: ignore[attr-defined]
+for _hook in (Task.training_step, Task.validation_step, Task.test_step):
+    _hook.__signature__ = inspect.signature(_hook)  # type: ignore[attr-defined]

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("WANDB_MODE", "offline")
+os.environ["WANDB_MODE"] = "offline"  # Whatever the environment says: no test may wait on W&B's servers.
 
 
 @pytest.fixture(autouse=True)

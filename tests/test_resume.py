@@ -198,11 +198,12 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     assert torch.load(tmp_path / "run" / "checkpoints" / files[0], weights_only=True)["global_step"] == 2
 
 
-def test_run_directory_that_cannot_be_created(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["exp_dir", "run_dir"])
+def test_run_directory_that_cannot_be_created(tmp_path: Path, key: str) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(mlfab.ConfigError, match=r"Cannot create the run directory .*file/run.*Set run_dir or exp_dir"):
-        mlfab.testing.BoringTask.launch(BoringConfig(exp_dir=str(blocker / "run")), argv=[])
+    with pytest.raises(mlfab.ConfigError, match=rf"Cannot create the run directory under .*file/run .*Set {key} to a"):
+        mlfab.testing.BoringTask.launch(BoringConfig(**{key: str(blocker / "run")}), argv=[])
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")

@@ -326,7 +326,7 @@ def test_sigusr1_in_a_slurm_job_checkpoints_requeues_and_resumes(fake_slurm: Pat
     exp_dir = tmp_path / "run"
     python = [sys.executable, "task.py", *COMMON, f"exp_dir={exp_dir}"]
     first = run_task(tmp_path, python, **TASK_ENV, STOP_AT="5")
-    assert first.returncode in (0, 128 + signal.SIGUSR1, 128 + signal.SIGTERM), first.stderr[-3000:]
+    assert first.returncode == 0, first.stderr[-3000:]  # Requeued (the fake scontrol sends no SIGTERM): done.
     assert "scontrol requeue 1234" in fake_slurm.read_text().splitlines()
     saved = sorted((exp_dir / "checkpoints").glob("signal_step_*.ckpt"))
     assert [saved_step(p) for p in saved] == [6]  # Saved at the step boundary after the signal...
@@ -355,6 +355,7 @@ def test_launcher_slurm_submits_and_the_job_requeues_and_resumes(fake_slurm: Pat
     job = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "interrupted-run_0", "SLURM_JOB_NODELIST": "node1",
            "LAUNCHER": "slurm"}
     first = run_task(tmp_path, ["bash", str(script)], **job, STOP_AT="5")
+    assert first.returncode == 0, first.stderr[-3000:]
     assert "scontrol requeue 1234" in fake_slurm.read_text().splitlines(), first.stderr[-3000:]
     assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 6
     second = run_task(tmp_path, ["bash", str(script)], **job, SLURM_RESTART_COUNT="1")
