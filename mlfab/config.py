@@ -7,6 +7,7 @@ result (unknown keys, wrong types, missing required fields) are reported togethe
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,6 @@ from mlfab.errors import ConfigError
 from mlfab.fields import HELP_KEY, field, field_help  # noqa: F401 - re-exported
 from mlfab.slurm import SlurmConfig
 
-T = TypeVar("T")
 ConfigT = TypeVar("ConfigT", bound="Config")
 
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
@@ -120,9 +120,7 @@ def _plain(value: Any) -> Any:
         return to_dict(value)
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
@@ -207,7 +205,7 @@ def build_config(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
 
     problems = list(_unknown_keys(cls, data, prefix=""))
     try:
-        config = pydantic.TypeAdapter(cls).validate_python(_known_only(cls, data))
+        config = pydantic.TypeAdapter(cls).validate_python(dict(data))  # Unknown keys are reported above.
     except pydantic.ValidationError as e:
         problems.extend(_describe(cls, data, e.errors()))
         config = None
@@ -218,6 +216,7 @@ def build_config(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
     return config
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     """Field name -> type, with string annotations (`from __future__ import annotations`) evaluated."""
     try:
@@ -240,17 +239,6 @@ def _unknown_keys(cls: type, data: Mapping[str, Any], prefix: str) -> Sequence[s
         if sub is not None and isinstance(value, Mapping):
             problems.extend(_unknown_keys(sub, value, prefix=f"{prefix}{key}."))
     return problems
-
-
-def _known_only(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
-    ftypes = _field_types(cls)
-    out = {}
-    for key, value in data.items():
-        if key not in ftypes:
-            continue
-        sub = _dataclass_type(ftypes[key])
-        out[key] = _known_only(sub, value) if sub is not None and isinstance(value, Mapping) else value
-    return out
 
 
 def _dataclass_type(tp: Any) -> type | None:
