@@ -47,12 +47,12 @@ def labeled_images(value: Any, key: str, max_images: int | None, sep: int, keep_
     return make
 
 
-def _clips(value: Any, key: str, max_clips: int | None) -> list[np.ndarray]:
-    """A batch of clips: (B, T), (B, C, T) or a list of clips."""
+def _clips(value: Any, where: str, max_clips: int | None) -> list[np.ndarray]:
+    """The items of a batch (a tensor or array with the batch first, or a list), at most `max_clips`."""
     batch = resolve(value)
     clips = list(batch) if isinstance(batch, list | tuple) else list(media.to_numpy(batch))
     if not clips:
-        raise ValueError(f"log_audios({key!r}): the batch is empty")
+        raise ValueError(f"{where}: the batch is empty")
     return clips[:max_clips] if max_clips is not None else clips
 
 
@@ -64,7 +64,7 @@ def audios(value: Any, key: str, sample_rate: int, max_audios: int | None, gap_s
     """Clips of a batch played one after another, with `gap_s` seconds of silence between them."""
 
     def make() -> Audio:
-        clips = [media.normalize_audio(c, key) for c in _clips(value, key, max_audios)]
+        clips = [media.normalize_audio(c, key) for c in _clips(value, f"log_audios({key!r})", max_audios)]
         mono = [c if c.ndim == 1 else c.mean(axis=1) for c in clips]
         gap = np.zeros(int(gap_s * sample_rate), dtype=np.float32)
         joined = [part for clip in mono for part in (clip, gap)][:-1]
@@ -79,7 +79,8 @@ def spectrogram(value: Any, key: str, sample_rate: int) -> Maker:
 
 def spectrograms(value: Any, key: str, sample_rate: int, max_images: int | None, sep: int) -> Maker:
     def make() -> np.ndarray:
-        pictures = [media.make_spectrogram(c, key, sample_rate=sample_rate) for c in _clips(value, key, max_images)]
+        clips = _clips(value, f"log_spectrograms({key!r})", max_images)
+        pictures = [media.make_spectrogram(c, key, sample_rate=sample_rate) for c in clips]
         return media.tile_images(pictures, sep=sep)
 
     return make
@@ -99,9 +100,7 @@ def videos(value: Any, key: str, fps: int, target_fps: int | None, max_videos: i
     out = _out_fps(fps, target_fps)
 
     def make() -> Video:
-        batch = resolve(value)
-        clips = list(batch) if isinstance(batch, list | tuple) else list(media.to_numpy(batch))
-        clips = clips[:max_videos] if max_videos is not None else clips
+        clips = _clips(value, f"log_videos({key!r})", max_videos)
         made = [media.make_video(c, key, fps=fps, target_fps=out) for c in clips]
         length = max(len(m) for m in made)
         # Shorter videos hold their last frame.
