@@ -132,8 +132,17 @@ def parse_argv(task_cls: type["Task"], argv: list[str]) -> list[Any]:
 def launch(task_cls: type["Task"], *configs: Any, launcher: Any = None, argv: list[str] | None = None) -> None:
     """`argv` (default: the command line) in the mlfab form, or Lightning's CLI when it starts with a subcommand."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if launcher not in (None, "auto", "local", "slurm"):
+        raise ConfigError(f"Unknown launcher {launcher!r}: use None (train here, on the devices the config asks "
+                          "for; torchrun and multi-node environments are detected) or 'slurm'.")
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from mlfab.cli import run_cli  # Imports LightningCLI and jsonargparse: only when asked for.
+        from mlfab.slurm import in_slurm_job
+
+        if launcher == "slurm" and not in_slurm_job():
+            raise ConfigError(f"launcher='slurm' submits launches in the mlfab form (key=value arguments), not the "
+                              f"Lightning form ({argv[0]} ...): run `{command_name()} key=value ...` to submit, or "
+                              "submit your own sbatch script that runs this command.")
 
         code = run_cli(task_cls, argv, configs)
     elif "--help" in argv or "-h" in argv:
@@ -150,9 +159,6 @@ def submit_or_run(task_cls: type["Task"], config: Config, launcher: Any, argv: l
     """`launcher="slurm"` on a login node submits a job that runs this same command; anything else trains here."""
     from mlfab.slurm import current_command, in_slurm_job, submit
 
-    if launcher not in (None, "auto", "local", "slurm"):
-        raise ConfigError(f"Unknown launcher {launcher!r}: use None (train here, on the devices the config asks "
-                          "for; torchrun and multi-node environments are detected) or 'slurm'.")
     if launcher == "slurm" and not in_slurm_job():
         submit(config.slurm, exp_dir=new_exp_dir(task_cls, config), command=current_command(argv), workdir=Path.cwd())
         return 0

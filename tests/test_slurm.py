@@ -173,6 +173,21 @@ def test_the_script_runs_the_command_in_the_run_directory(fake_slurm: Path, tmp_
     assert any(c.startswith(f"srun {sys.executable} -c ") for c in calls)
 
 
+@pytest.mark.parametrize(("launcher", "argv", "message"), [
+    ("slrum", [], r"Unknown launcher 'slrum': use None"),
+    ("slurm", ["fit"], r"launcher='slurm' submits launches in the mlfab form .* not the Lightning form \(fit"),
+])
+def test_a_launcher_that_cannot_be_used_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launcher: str, argv: list[str], message: str
+) -> None:
+    from mlfab.testing import BoringConfig, BoringTask
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # A login node.
+    with pytest.raises(mlfab.ConfigError, match=message):
+        BoringTask.launch(BoringConfig(run_dir=str(tmp_path)), launcher=launcher, argv=argv)
+    assert not (tmp_path / "boring_task").exists()  # Nothing started.
+
+
 def test_missing_sbatch_says_where_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
