@@ -43,8 +43,9 @@ class MlfabLoader(StatefulDataLoader):
 
     @override
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        # The underlying iterator is made now, not at the first `next`: making it draws from torch's
-        # generator, and that must happen before a resumed run restores the generators' states.
+        # The underlying iterator is made now, not at the first `next`, so that whatever making it draws (the
+        # loader's seeds come from its own generator; a dataset's `__iter__` may use the global ones) is drawn
+        # before a resumed run restores the global generators' states.
         replay, self._replay = self._replay, []
         return self._batches(replay, super().__iter__())
 

@@ -433,8 +433,8 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self._session_start_s = time.monotonic()
         if self._trainer is not None and self.trainer.state.fn == "fit":
             use_training_weights(checkpoint)
-            # Restored when training starts: Lightning creates the data iterator in between, which draws
-            # from torch's generator once; the uninterrupted run did that draw at step 0.
+            # Restored when training starts: Lightning builds the dataloaders in between, and `get_dataset` or a
+            # dataset may draw from the global generators there, as the uninterrupted run did before step 0.
             self._pending_rng = saved.get("rng")
 
     # ----------------------------------------------------------------------------------------------------------------
