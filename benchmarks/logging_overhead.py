@@ -32,9 +32,17 @@ class Silent(BoringTask):
 
 def seconds_per_step(task: BoringTask, loggers: list[Any], steps: int, warmup: int = 100) -> float:
     timer = lightning_classes()["StepTimer"](warmup)
-    trainer = pl.Trainer(max_steps=steps + warmup, logger=loggers or False, limit_val_batches=0,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         accelerator="cpu", devices=1, callbacks=[timer])
+    trainer = pl.Trainer(
+        max_steps=steps + warmup,
+        logger=loggers or False,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[timer],
+    )
     trainer.fit(task)
     return timer.run(steps).seconds_per_step
 

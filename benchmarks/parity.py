@@ -68,9 +68,14 @@ OPTIMIZER = {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 1e-4}
 LOSS_TOLERANCE = 1e-5
 ON_CPU = {"accelerator": "cpu", "devices": 1}  # Like the raw loop, also on a machine with a GPU.
 VARIANTS = ("raw", "lightning", "mlfab")
-NAMES = {"raw": "raw loop", "bare": "Lightning barebones", "lightning": "Lightning", "mlfab": "mlfab",
-         "lean": "Lightning barebones with mlfab's dispatch savings",
-         "lean_manual": "the same with manual optimization"}
+NAMES = {
+    "raw": "raw loop",
+    "bare": "Lightning barebones",
+    "lightning": "Lightning",
+    "mlfab": "mlfab",
+    "lean": "Lightning barebones with mlfab's dispatch savings",
+    "lean_manual": "the same with manual optimization",
+}
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,34 @@ class Plan:
     retry_scale: float  # of each section's time for repeating disturbed measurements
 
 
-FULL = Plan(mlp_repeats=5, mlp_steps=2000, mlp_warmup=100, cnn_repeats=8, cnn_steps=120, cnn_warmup=20,
-            import_repeats=5, start_repeats=3, start_steps=20, loader_batches=1500, loader_warmup=100,
-            retry_scale=1.0)
-QUICK = Plan(mlp_repeats=3, mlp_steps=600, mlp_warmup=50, cnn_repeats=3, cnn_steps=40, cnn_warmup=10,
-             import_repeats=3, start_repeats=1, start_steps=10, loader_batches=400, loader_warmup=50,
-             retry_scale=0.4)
+FULL = Plan(
+    mlp_repeats=5,
+    mlp_steps=2000,
+    mlp_warmup=100,
+    cnn_repeats=8,
+    cnn_steps=120,
+    cnn_warmup=20,
+    import_repeats=5,
+    start_repeats=3,
+    start_steps=20,
+    loader_batches=1500,
+    loader_warmup=100,
+    retry_scale=1.0,
+)
+QUICK = Plan(
+    mlp_repeats=3,
+    mlp_steps=600,
+    mlp_warmup=50,
+    cnn_repeats=3,
+    cnn_steps=40,
+    cnn_warmup=10,
+    import_repeats=3,
+    start_repeats=1,
+    start_steps=10,
+    loader_batches=400,
+    loader_warmup=50,
+    retry_scale=0.4,
+)
 
 
 def quiet() -> None:
@@ -116,13 +143,25 @@ def mlp() -> nn.Module:
 def cnn() -> nn.Module:
     """The seed example's model (examples/mnist.py with `in_dim=1`); `check_seed_cnn` checks they still match."""
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
@@ -285,12 +324,23 @@ def lightning_classes() -> dict[str, type]:
         def run(self, steps: int) -> Run:
             return Run((self.end - self.start) / steps, torch.stack(self.losses).tolist())
 
-    return {"lightning": LitClassifier, "bare": BareClassifier, "lean": LeanClassifier,
-            "lean_manual": LeanManualClassifier, "StepTimer": StepTimer}
+    return {
+        "lightning": LitClassifier,
+        "bare": BareClassifier,
+        "lean": LeanClassifier,
+        "lean_manual": LeanManualClassifier,
+        "StepTimer": StepTimer,
+    }
 
 
-def train_lightning(model: str, steps: int, warmup: int, log_dir: Path, kind: str = "lightning",
-                    on_first_step: Callable[[], None] | None = None) -> Run:
+def train_lightning(
+    model: str,
+    steps: int,
+    warmup: int,
+    log_dir: Path,
+    kind: str = "lightning",
+    on_first_step: Callable[[], None] | None = None,
+) -> Run:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -303,13 +353,26 @@ def train_lightning(model: str, steps: int, warmup: int, log_dir: Path, kind: st
     elif kind.startswith("lean"):  # Barebones has no profiler argument: the same settings, given one by one.
         from mlfab.trainer import no_profiler
 
-        trainer = pl.Trainer(max_steps=warmup + steps, logger=False, callbacks=[timer], enable_progress_bar=False,
-                             enable_checkpointing=False, enable_model_summary=False, profiler=no_profiler(),
-                             **ON_CPU)
+        trainer = pl.Trainer(
+            max_steps=warmup + steps,
+            logger=False,
+            callbacks=[timer],
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            profiler=no_profiler(),
+            **ON_CPU,
+        )
     else:
-        trainer = pl.Trainer(max_steps=warmup + steps, logger=TensorBoardLogger(str(log_dir)), callbacks=[timer],
-                             enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                             **ON_CPU)
+        trainer = pl.Trainer(
+            max_steps=warmup + steps,
+            logger=TensorBoardLogger(str(log_dir)),
+            callbacks=[timer],
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            **ON_CPU,
+        )
     trainer.fit(module)
     return timer.run(steps)
 
@@ -361,8 +424,17 @@ def mlfab_classes() -> dict[str, type]:
 
 def mlfab_config(model: str, max_steps: int, **where: Any) -> Any:
     task = mlfab_classes()[model]
-    return task.config_class()(batch_size=BATCH_SIZE, max_steps=max_steps, seed=SEED, valid_every_n_steps=None,
-                               valid_batches=0, clip_grad_norm=None, precision="32-true", **ON_CPU, **where)
+    return task.config_class()(
+        batch_size=BATCH_SIZE,
+        max_steps=max_steps,
+        seed=SEED,
+        valid_every_n_steps=None,
+        valid_batches=0,
+        clip_grad_norm=None,
+        precision="32-true",
+        **ON_CPU,
+        **where,
+    )
 
 
 def train_mlfab(model: str, steps: int, warmup: int, exp_dir: Path) -> Run:
@@ -448,11 +520,16 @@ class Guard:
         if not self.others:
             return "other processes' CPU use not measured (no /proc/stat)"
         busy = sum(o > self.limit for o in self.others)
-        warning = ("\n\n**The machine was busy: these numbers are not comparable with a quiet run; run again later.**"
-                   if busy > len(self.others) // 4 else "")
-        return (f"other processes used {statistics.median(self.others):.0%} (median) and at most "
-                f"{max(self.others):.0%} of the CPUs during the {len(self.others)} measurements kept; "
-                f"{self.repeated} repeated for using more than {self.limit:.0%}, {busy} kept above it{warning}")
+        warning = (
+            "\n\n**The machine was busy: these numbers are not comparable with a quiet run; run again later.**"
+            if busy > len(self.others) // 4
+            else ""
+        )
+        return (
+            f"other processes used {statistics.median(self.others):.0%} (median) and at most "
+            f"{max(self.others):.0%} of the CPUs during the {len(self.others)} measurements kept; "
+            f"{self.repeated} repeated for using more than {self.limit:.0%}, {busy} kept above it{warning}"
+        )
 
 
 @dataclass
@@ -470,13 +547,17 @@ def training_parity(bench: Bench) -> dict[str, Any]:
     """Alternating in-process runs; the order of the variants rotates every repeat."""
     plan = bench.plan
     bench.section("training", retry_seconds=120)
-    return {"mlp": alternate(bench, "mlp", ("raw", "bare", "lightning", "mlfab"), plan.mlp_repeats, plan.mlp_steps,
-                             plan.mlp_warmup),
-            "cnn": alternate(bench, "cnn", VARIANTS, plan.cnn_repeats, plan.cnn_steps, plan.cnn_warmup)}
+    return {
+        "mlp": alternate(
+            bench, "mlp", ("raw", "bare", "lightning", "mlfab"), plan.mlp_repeats, plan.mlp_steps, plan.mlp_warmup
+        ),
+        "cnn": alternate(bench, "cnn", VARIANTS, plan.cnn_repeats, plan.cnn_steps, plan.cnn_warmup),
+    }
 
 
-def alternate(bench: Bench, model: str, variants: tuple[str, ...], repeats: int, steps: int,
-              warmup: int) -> dict[str, Any]:
+def alternate(
+    bench: Bench, model: str, variants: tuple[str, ...], repeats: int, steps: int, warmup: int
+) -> dict[str, Any]:
     """Medians of `repeats` runs of each variant, in the same process, the order rotated every repeat; every
     loss curve compared with the raw loop's."""
     runs: dict[str, list[Run]] = {v: [] for v in variants}
@@ -490,8 +571,11 @@ def alternate(bench: Bench, model: str, variants: tuple[str, ...], repeats: int,
                 gc.collect()
     reference = np.array(runs["raw"][0].losses)
     diff = max(float(np.abs(np.array(run.losses) - reference).max()) for rs in runs.values() for run in rs)
-    return {"steps_per_s": {v: 1.0 / statistics.median(run.seconds_per_step for run in rs) for v, rs in runs.items()},
-            "loss_diff": diff, "num_losses": len(reference)}
+    return {
+        "steps_per_s": {v: 1.0 / statistics.median(run.seconds_per_step for run in rs) for v, rs in runs.items()},
+        "loss_diff": diff,
+        "num_losses": len(reference),
+    }
 
 
 def floor_study(bench: Bench) -> None:
@@ -502,8 +586,10 @@ def floor_study(bench: Bench) -> None:
     variants = ("raw", "bare", "lean", "lean_manual", "mlfab")
     t = alternate(bench, "mlp", variants, plan.mlp_repeats, plan.mlp_steps, plan.mlp_warmup)
     rates = t["steps_per_s"]
-    print(f"Tiny MLP, batch 16: medians of {plan.mlp_repeats} alternating runs of {plan.mlp_steps} steps; loss curves "
-          f"agree to {t['loss_diff']:.1e}; {bench.guard.summary()}\n")
+    print(
+        f"Tiny MLP, batch 16: medians of {plan.mlp_repeats} alternating runs of {plan.mlp_steps} steps; loss curves "
+        f"agree to {t['loss_diff']:.1e}; {bench.guard.summary()}\n"
+    )
     print("| variant | ms per step | vs raw loop | vs Lightning barebones |\n|---|---:|---:|---:|")
     for v in variants:
         ms, to_raw, to_bare = 1e3 / rates[v], rates[v] / rates["raw"], rates[v] / rates["bare"]
@@ -534,8 +620,13 @@ def start_up(bench: Bench) -> dict[str, Any]:
 
     def run_child(variant: str) -> dict[str, float]:
         env = {**os.environ, "PARITY_T0": repr(time.time())}
-        proc = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(plan.start_steps)],
-                              env=env, capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", variant, "--steps", str(plan.start_steps)],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PARITY_RESULT ")]
         if proc.returncode or not lines:
             raise RuntimeError(f"child {variant} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -547,8 +638,10 @@ def start_up(bench: Bench) -> dict[str, Any]:
             variant = VARIANTS[(r + i) % len(VARIANTS)]
             bench.progress(f"start-up and memory: {variant} ({r + 1}/{plan.start_repeats})")
             results[variant].append(bench.guard.run(run_child, variant))
-    return {key: {v: statistics.median(r[key] for r in results[v]) for v in VARIANTS}
-            for key in ("first_step_s", "peak_rss_mb")}
+    return {
+        key: {v: statistics.median(r[key] for r in results[v]) for v in VARIANTS}
+        for key in ("first_step_s", "peak_rss_mb")
+    }
 
 
 def peak_rss_mb() -> float:
@@ -615,8 +708,9 @@ def loader_throughput(bench: Bench) -> dict[int, dict[str, float]]:
         return plan.loader_batches / (time.perf_counter() - t)
 
     def mlfab_rate(workers: int) -> float:
-        loader = build_dataloader(TensorDataset(images, labels), phase="train", batch_size=BATCH_SIZE,
-                                  num_workers=workers)
+        loader = build_dataloader(
+            TensorDataset(images, labels), phase="train", batch_size=BATCH_SIZE, num_workers=workers
+        )
         it = iter(loader)
         try:
             return rate(it)
@@ -661,42 +755,90 @@ def steps_per_s(value: float) -> str:
     return f"{value:.1f} steps/s ({1e3 / value:.1f} ms)"
 
 
-def report(plan: Plan, trained: dict[str, Any], imports: dict[str, Any], start: dict[str, Any],
-           loaders: dict[int, dict[str, float]]) -> list[str]:
+def report(
+    plan: Plan,
+    trained: dict[str, Any],
+    imports: dict[str, Any],
+    start: dict[str, Any],
+    loaders: dict[int, dict[str, float]],
+) -> list[str]:
     lines = ["| measurement | mlfab | compared with | ratio | target | result |", "|---|---|---|---|---|---|"]
-    for model, label, targets in (("mlp", "tiny MLP", {"raw": 0.8, "lightning": 2.0, "bare": None}),
-                                  ("cnn", "seed CNN", {"raw": 0.97, "lightning": None})):
+    for model, label, targets in (
+        ("mlp", "tiny MLP", {"raw": 0.8, "lightning": 2.0, "bare": None}),
+        ("cnn", "seed CNN", {"raw": 0.97, "lightning": None}),
+    ):
         rates = trained[model]["steps_per_s"]
         for base, target in targets.items():
             ratio = rates["mlfab"] / rates[base]
-            lines.append(row(f"{label}, batch 16: steps/s vs {NAMES[base]}", steps_per_s(rates["mlfab"]),
-                             f"{NAMES[base]}: {steps_per_s(rates[base])}", ratio,
-                             f">= {target}x" if target else "(info)", None if target is None else ratio >= target))
+            lines.append(
+                row(
+                    f"{label}, batch 16: steps/s vs {NAMES[base]}",
+                    steps_per_s(rates["mlfab"]),
+                    f"{NAMES[base]}: {steps_per_s(rates[base])}",
+                    ratio,
+                    f">= {target}x" if target else "(info)",
+                    None if target is None else ratio >= target,
+                )
+            )
     for model, label in (("mlp", "tiny MLP"), ("cnn", "seed CNN")):
         t = trained[model]
-        lines.append(row(f"{label}: loss curves, max abs difference (every run, {t['num_losses']} steps each)",
-                         f"{t['loss_diff']:.1e}", "raw loop", None, f"<= {LOSS_TOLERANCE:.0e}",
-                         t["loss_diff"] <= LOSS_TOLERANCE))
+        lines.append(
+            row(
+                f"{label}: loss curves, max abs difference (every run, {t['num_losses']} steps each)",
+                f"{t['loss_diff']:.1e}",
+                "raw loop",
+                None,
+                f"<= {LOSS_TOLERANCE:.0e}",
+                t["loss_diff"] <= LOSS_TOLERANCE,
+            )
+        )
     s = imports["seconds"]
-    lines.append(row(f"`import mlfab`, wall time (optional backends imported: {imports['eager_optional'] or 'none'})",
-                     f"{s['mlfab']:.2f} s", f"`import lightning.pytorch`: {s['lightning.pytorch']:.2f} s",
-                     s["mlfab"] / s["lightning.pytorch"], "<= 1.1x", s["mlfab"] <= 1.1 * s["lightning.pytorch"]))
-    for key, label, fmt in (("first_step_s", "seed CNN: process start to end of first optimizer step", "{:.2f} s"),
-                            ("peak_rss_mb", f"seed CNN: peak RSS of a {plan.start_steps}-step run", "{:.0f} MB")):
+    lines.append(
+        row(
+            f"`import mlfab`, wall time (optional backends imported: {imports['eager_optional'] or 'none'})",
+            f"{s['mlfab']:.2f} s",
+            f"`import lightning.pytorch`: {s['lightning.pytorch']:.2f} s",
+            s["mlfab"] / s["lightning.pytorch"],
+            "<= 1.1x",
+            s["mlfab"] <= 1.1 * s["lightning.pytorch"],
+        )
+    )
+    for key, label, fmt in (
+        ("first_step_s", "seed CNN: process start to end of first optimizer step", "{:.2f} s"),
+        ("peak_rss_mb", f"seed CNN: peak RSS of a {plan.start_steps}-step run", "{:.0f} MB"),
+    ):
         v = start[key]
-        lines.append(row(label, fmt.format(v["mlfab"]),
-                         f"Lightning: {fmt.format(v['lightning'])} (raw loop: {fmt.format(v['raw'])})",
-                         v["mlfab"] / v["lightning"], "<= 1.1x", v["mlfab"] <= 1.1 * v["lightning"]))
+        lines.append(
+            row(
+                label,
+                fmt.format(v["mlfab"]),
+                f"Lightning: {fmt.format(v['lightning'])} (raw loop: {fmt.format(v['raw'])})",
+                v["mlfab"] / v["lightning"],
+                "<= 1.1x",
+                v["mlfab"] <= 1.1 * v["lightning"],
+            )
+        )
     for workers, r in loaders.items():
         ratio = r["mlfab"] / r["dpshdl"]
-        lines.append(row(f"dpshdl TensorDataset, {workers} workers: batches/s", f"{r['mlfab']:.0f}",
-                         f"dpshdl Dataloader: {r['dpshdl']:.0f}", ratio, ">= 1.0x", ratio >= 1.0))
+        lines.append(
+            row(
+                f"dpshdl TensorDataset, {workers} workers: batches/s",
+                f"{r['mlfab']:.0f}",
+                f"dpshdl Dataloader: {r['dpshdl']:.0f}",
+                ratio,
+                ">= 1.0x",
+                ratio >= 1.0,
+            )
+        )
     ms = {v: 1e3 / rate for v, rate in trained["mlp"]["steps_per_s"].items()}
-    lines += ["", f"Tiny MLP, ms per step: raw {ms['raw']:.3f}, Lightning barebones {ms['bare']:.3f}, "
-              f"Lightning {ms['lightning']:.3f}, mlfab {ms['mlfab']:.3f} (mlfab - raw {ms['mlfab'] - ms['raw']:+.3f}, "
-              f"mlfab - Lightning barebones {ms['mlfab'] - ms['bare']:+.3f}). Steps/s are medians of "
-              f"{plan.mlp_repeats} (MLP) / {plan.cnn_repeats} (CNN) alternating runs of {plan.mlp_steps} / "
-              f"{plan.cnn_steps} steps, timed after {plan.mlp_warmup} / {plan.cnn_warmup} warmup steps."]
+    lines += [
+        "",
+        f"Tiny MLP, ms per step: raw {ms['raw']:.3f}, Lightning barebones {ms['bare']:.3f}, "
+        f"Lightning {ms['lightning']:.3f}, mlfab {ms['mlfab']:.3f} (mlfab - raw {ms['mlfab'] - ms['raw']:+.3f}, "
+        f"mlfab - Lightning barebones {ms['mlfab'] - ms['bare']:+.3f}). Steps/s are medians of "
+        f"{plan.mlp_repeats} (MLP) / {plan.cnn_repeats} (CNN) alternating runs of {plan.mlp_steps} / "
+        f"{plan.cnn_steps} steps, timed after {plan.mlp_warmup} / {plan.cnn_warmup} warmup steps.",
+    ]
     return lines
 
 
@@ -758,9 +900,11 @@ def profile(plan: Plan) -> None:
         print(f"| {name} | " + " | ".join(f"{1e6 * c / steps:.0f}" for c in cells) + " |")
     lightning_breakdown(kept["bare"], steps)
     print("\nmlfab's functions in the mlfab run, by cumulative time per step (microseconds; calls per step)\n")
-    rows = [(cum, calls, f"{Path(f).relative_to(ROOT)}:{line}({fn})")
-            for (f, line, fn), (_, calls, _, cum, _) in kept["mlfab"].stats.items()  # type: ignore[attr-defined]
-            if package(f) == "mlfab" and Path(f).is_relative_to(ROOT)]
+    rows = [
+        (cum, calls, f"{Path(f).relative_to(ROOT)}:{line}({fn})")
+        for (f, line, fn), (_, calls, _, cum, _) in kept["mlfab"].stats.items()  # type: ignore[attr-defined]
+        if package(f) == "mlfab" and Path(f).is_relative_to(ROOT)
+    ]
     for cum, calls, where in sorted(rows, reverse=True)[:20]:
         print(f"{1e6 * cum / steps:8.1f}  {calls / steps:5.2f}  {where}")
 
@@ -769,9 +913,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (about 1.5 minutes)")
     parser.add_argument("--profile", action="store_true", help="only profile the tiny MLP's step in each variant")
-    parser.add_argument("--floor", action="store_true",
-                        help="only the tiny MLP: how low a step on Lightning goes (barebones, mlfab's dispatch "
-                             "savings, manual optimization)")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="only the tiny MLP: how low a step on Lightning goes (barebones, mlfab's dispatch "
+        "savings, manual optimization)",
+    )
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -802,8 +949,10 @@ def main() -> None:
     import mlfab
 
     command = "python benchmarks/parity.py" + (" --quick" if args.quick else "")
-    print(f"`{command}`: mlfab {mlfab.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} torch threads; {time.perf_counter() - started:.0f} s; {bench.guard.summary()}\n")
+    print(
+        f"`{command}`: mlfab {mlfab.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads; {time.perf_counter() - started:.0f} s; {bench.guard.summary()}\n"
+    )
     print("\n".join(report(plan, trained, imports, start, loaders)))
 
 

@@ -30,8 +30,9 @@ class Timed(BoringTask):
 
 
 def config(exp_dir: Path, max_steps: int) -> BoringConfig:
-    return BoringConfig(exp_dir=str(exp_dir), max_steps=max_steps, valid_every_n_steps=None, valid_batches=0,
-                        save_every_n_seconds=None)
+    return BoringConfig(
+        exp_dir=str(exp_dir), max_steps=max_steps, valid_every_n_steps=None, valid_batches=0, save_every_n_seconds=None
+    )
 
 
 def resume_seconds(exp_dir: Path, at_step: int) -> float:

@@ -1,7 +1,7 @@
 """Handwritten digits, offline: the seed MNIST example's API on scikit-learn's bundled 8x8 digits.
 
-    python -m examples.digits                 # trains to >= 95% validation accuracy in about a minute on 2 CPU cores
-    python -m examples.digits max_steps=200   # key=value overrides any config field
+python -m examples.digits                 # trains to >= 95% validation accuracy in about a minute on 2 CPU cores
+python -m examples.digits max_steps=200   # key=value overrides any config field
 """
 
 from dataclasses import dataclass

@@ -13,9 +13,16 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 # The hooks Lightning calls on every callback at every training (or validation) step.
-PER_STEP_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
-                  "on_before_optimizer_step", "on_train_batch_end", "on_validation_batch_start",
-                  "on_validation_batch_end")
+PER_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_zero_grad",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_validation_batch_start",
+    "on_validation_batch_end",
+)
 
 
 class StepFreeCallback(Callback):
@@ -130,8 +137,12 @@ class GracefulStop(StepFreeCallback):
             raise KeyboardInterrupt
         self.signal_received = signum
         name = signal.Signals(signum).name
-        print(f"\n{name}: stopping after this step and saving a checkpoint"
-              + (" (Ctrl-C again to abort)." if signum == signal.SIGINT else "."), file=sys.stderr, flush=True)
+        print(
+            f"\n{name}: stopping after this step and saving a checkpoint"
+            + (" (Ctrl-C again to abort)." if signum == signal.SIGINT else "."),
+            file=sys.stderr,
+            flush=True,
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

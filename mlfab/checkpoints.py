@@ -47,7 +47,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise CheckpointError(f"Could not write checkpoint {path}: {why}.{kept}") from e
             raise
 
-
     @override
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         try:
@@ -72,10 +71,14 @@ def unreadable(path: Path, error: Exception) -> CheckpointError:
         return CheckpointError(
             f"Checkpoint {path} holds an object that torch's safe loading (weights_only=True) refuses. The usual "
             "cause is a batch of a type of your own (e.g. a namedtuple from a dataset's collate), saved as the "
-            "batch in flight: return tuples, dicts or tensors from collate. torch said: " + str(error)[:2000])
+            "batch in flight: return tuples, dicts or tensors from collate. torch said: " + str(error)[:2000]
+        )
     others = [p for p in checkpoint_files(path.parent) if p != path]
-    hint = (f" The previous checkpoint {others[-1]} looks intact: move {path.name} out of the way to resume "
-            "from it.") if others else " Delete it (or point exp_dir elsewhere) to start afresh."
+    hint = (
+        (f" The previous checkpoint {others[-1]} looks intact: move {path.name} out of the way to resume from it.")
+        if others
+        else " Delete it (or point exp_dir elsewhere) to start afresh."
+    )
     return CheckpointError(f"Checkpoint {path} is corrupt or truncated and cannot be loaded ({error}).{hint}")
 
 

@@ -69,9 +69,15 @@ class MlfabCLI(LightningCLI):
         rest = [a for a in args[1:] if a.partition("=")[0] != "--print_config"]
         self.print_run_file, args = len(rest) < len(args) - 1, args[:1] + rest
         kwargs = {sub: {"description": f"{text} {PRECEDENCE}"} for sub, text in DESCRIPTIONS.items()}
-        super().__init__(task_cls, args=args, save_config_callback=None, seed_everything_default=False,
-                         load_from_checkpoint_support=False, parser_class=MlfabArgumentParser,
-                         parser_kwargs={"prog": command_name(), **kwargs})
+        super().__init__(
+            task_cls,
+            args=args,
+            save_config_callback=None,
+            seed_everything_default=False,
+            load_from_checkpoint_support=False,
+            parser_class=MlfabArgumentParser,
+            parser_kwargs={"prog": command_name(), **kwargs},
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """`mlfab.field(help=...)` as the help of each `--model.config.*` flag; the script's config as defaults."""
@@ -115,8 +121,10 @@ class MlfabCLI(LightningCLI):
         sub = self.config.subcommand
         dump = yaml.safe_load(self._parser(sub).dump(self.config[sub])) or {}
         keys = self.given_keys()
-        trainer = {k: (dump.get("trainer") or {}).get(k) for k in dict.fromkeys(
-            k.split(".")[1] for k in keys if k.startswith("trainer."))}
+        trainer = {
+            k: (dump.get("trainer") or {}).get(k)
+            for k in dict.fromkeys(k.split(".")[1] for k in keys if k.startswith("trainer."))
+        }
         skip = {"config", "model", "trainer", "seed_everything", *(() if with_ckpt else ("ckpt_path", "weights_only"))}
         extra = {k: dump.get(k) for k in dict.fromkeys(k.split(".")[0] for k in keys) if k not in skip}
         return trainer, extra
@@ -128,8 +136,9 @@ class MlfabCLI(LightningCLI):
         self.exp_dir = exp_dir
         trainer_given, extra = self.given_sections(with_ckpt=False)
         if self.writer:
-            (exp_dir / "config.yaml").write_text(run_file_text(type(task), config, trainer_given,
-                                                               exp_dir / "config.yaml", extra))
+            (exp_dir / "config.yaml").write_text(
+                run_file_text(type(task), config, trainer_given, exp_dir / "config.yaml", extra)
+            )
         task._exp_dir = exp_dir
         values = self._get(self.config_init, "trainer", default={})
         if "logger" in trainer_given:
@@ -137,8 +146,10 @@ class MlfabCLI(LightningCLI):
         else:
             task.set_loggers()
             loggers = task._mlfab_loggers
-        extra_callbacks = [*[self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys],
-                           *(_as_list(values.get("callbacks")) if "callbacks" in trainer_given else [])]
+        extra_callbacks = [
+            *[self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys],
+            *(_as_list(values.get("callbacks")) if "callbacks" in trainer_given else []),
+        ]
         extra_plugins = _as_list(values.get("plugins")) if "plugins" in trainer_given else []
         settings = {**values, **trainer_settings(config, exp_dir, loggers, extra_callbacks, extra_plugins)}
         for key in trainer_given:
@@ -229,9 +240,9 @@ def _take_task(args: list[str]) -> tuple[type, list[str]]:
     """The task named by `--model package.module.Class` (or `module:Class`) and the other arguments."""
     for i, arg in enumerate(args):
         if arg == "--model" and i + 1 < len(args):
-            value, rest = args[i + 1], args[:i] + args[i + 2:]
+            value, rest = args[i + 1], args[:i] + args[i + 2 :]
         elif arg.startswith("--model="):
-            value, rest = arg.partition("=")[2], args[:i] + args[i + 1:]
+            value, rest = arg.partition("=")[2], args[:i] + args[i + 1 :]
         else:
             continue
         if not Path(value).exists():  # `--model FILE` is Lightning's: a config file of model arguments.
@@ -250,8 +261,10 @@ def import_task(path: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        raise ValueError(f"--model {path}: cannot import {module_name} ({e}). Run mlfab from the directory that "
-                         "holds the package, or install it.") from e
+        raise ValueError(
+            f"--model {path}: cannot import {module_name} ({e}). Run mlfab from the directory that "
+            "holds the package, or install it."
+        ) from e
     task = getattr(module, name, None)
     if not (isinstance(task, type) and issubclass(task, Task)):
         tasks = [k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, Task) and v is not Task]

@@ -194,8 +194,9 @@ def read_run_file(cls: type, data: dict[str, Any], path: str | Path) -> dict[str
         )
     config = data["model"]["config"]
     if config is not None and not isinstance(config, Mapping):
-        raise ConfigError(f"Config file {path}: model.config must hold a mapping of config keys, not a "
-                          f"{type(config).__name__}.")
+        raise ConfigError(
+            f"Config file {path}: model.config must hold a mapping of config keys, not a {type(config).__name__}."
+        )
     return dict(config or {})
 
 
@@ -293,7 +294,7 @@ def _describe(cls: type, data: Mapping[str, Any], errors: list[Any]) -> list[str
 
 def _why(key: str, err: Mapping[str, Any]) -> str:
     msg = str(err["msg"])
-    index = [str(p) for p in err["loc"][len(key.split(".")):] if isinstance(p, int)]
+    index = [str(p) for p in err["loc"][len(key.split(".")) :] if isinstance(p, int)]
     return f"item {'.'.join(index)}: {msg[:1].lower()}{msg[1:]}" if index else f"{msg[:1].lower()}{msg[1:]}"
 
 

@@ -86,8 +86,14 @@ class BadSamples:
                 f"{self.max_in_a_row}); most frequent:\n{self.summary()}\nLast error: {type(exc).__name__}: {exc}"
             ) from exc
         if time.monotonic() - self._last_summary >= self.summary_every_s:
-            log.warning("%d bad samples from %s in the last %.0f s (%d in all):\n%s", self._since_summary,
-                        self.name, self.summary_every_s, self.total, self.summary())
+            log.warning(
+                "%d bad samples from %s in the last %.0f s (%d in all):\n%s",
+                self._since_summary,
+                self.name,
+                self.summary_every_s,
+                self.total,
+                self.summary(),
+            )
             self._last_summary, self._since_summary = time.monotonic(), 0
 
     def summary(self, top: int = 5) -> str:

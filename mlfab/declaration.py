@@ -46,6 +46,7 @@ def prepare_subclass(cls: type, task_base: type) -> None:
         config_cls = find_config_class(cls, task_base)
         if config_cls is None:
             return
+
         def init(self: Any, config: Any) -> None:
             super(cls, self).__init__(config)  # The next __init__ in the MRO, which need not be a Task's.
 

@@ -15,12 +15,20 @@ from mlfab.rundir import agreed_exp_dir, new_exp_dir, newest_checkpoint, snake_c
 from mlfab.trainer import build_trainer, trainer_callbacks, trainer_kwargs, trainer_settings
 
 __all__ = [
-    "agreed_exp_dir", "build_trainer", "execute", "launch", "new_exp_dir", "newest_checkpoint", "run",
-    "snake_case", "trainer_callbacks", "trainer_kwargs", "trainer_settings",
+    "agreed_exp_dir",
+    "build_trainer",
+    "execute",
+    "launch",
+    "new_exp_dir",
+    "newest_checkpoint",
+    "run",
+    "snake_case",
+    "trainer_callbacks",
+    "trainer_kwargs",
+    "trainer_settings",
 ]
 
 if TYPE_CHECKING:
-
     from mlfab.task import Task
 
 # A first argument naming one of these runs Lightning's CLI (mlfab.cli) instead of the mlfab form.
@@ -75,8 +83,11 @@ def _defaults(cls: type) -> dict[str, Any]:
 
     from mlfab.config import to_dict
 
-    values = {f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-              for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+    values = {
+        f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        for f in fields(cls)
+        if f.default is not MISSING or f.default_factory is not MISSING
+    }
     return to_dict(values)
 
 
@@ -89,11 +100,15 @@ def print_help(task_cls: type["Task"], configs: Sequence[Any] = (), argv: Sequen
     script = merge(_defaults(cls), merge_sources(cls, *configs))
     current = merge(script, merge_sources(cls, *parse_argv(task_cls, list(argv))))
     cmd = command_name()
-    print(f"usage: {cmd} [config.yaml ...] [key=value ...]\n"
-          f"       {cmd} {{fit,validate,test,predict}} [--help] ...   (Lightning's CLI, see its --help)\n")
-    print(f"Trains {task_cls.__name__}. The arguments apply in order, later ones winning, over the defaults shown: "
-          "YAML files (a bare file name is also looked up next to the task's source file) and key=value (the value "
-          "is read as YAML, so betas=[0.9,0.95] and max_steps=null work; dotted keys set nested fields).\n")
+    print(
+        f"usage: {cmd} [config.yaml ...] [key=value ...]\n"
+        f"       {cmd} {{fit,validate,test,predict}} [--help] ...   (Lightning's CLI, see its --help)\n"
+    )
+    print(
+        f"Trains {task_cls.__name__}. The arguments apply in order, later ones winning, over the defaults shown: "
+        "YAML files (a bare file name is also looked up next to the task's source file) and key=value (the value "
+        "is read as YAML, so betas=[0.9,0.95] and max_steps=null work; dotted keys set nested fields).\n"
+    )
     print("config keys:")
     print("\n".join(_help_rows(cls, script, current, "")))
 
@@ -123,8 +138,10 @@ def parse_argv(task_cls: type["Task"], argv: list[str]) -> list[Any]:
             if beside.exists():
                 path = beside
             else:
-                raise ConfigError(f"Config file {arg!r} not found (looked in the working directory and next to "
-                                  f"{task_cls.__name__}'s source file). Pass key=value or an existing YAML file.")
+                raise ConfigError(
+                    f"Config file {arg!r} not found (looked in the working directory and next to "
+                    f"{task_cls.__name__}'s source file). Pass key=value or an existing YAML file."
+                )
         sources.append(path)
     return sources
 
@@ -133,16 +150,20 @@ def launch(task_cls: type["Task"], *configs: Any, launcher: Any = None, argv: li
     """`argv` (default: the command line) in the mlfab form, or Lightning's CLI when it starts with a subcommand."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if launcher not in (None, "auto", "local", "slurm"):
-        raise ConfigError(f"Unknown launcher {launcher!r}: use None (train here, on the devices the config asks "
-                          "for; torchrun and multi-node environments are detected) or 'slurm'.")
+        raise ConfigError(
+            f"Unknown launcher {launcher!r}: use None (train here, on the devices the config asks "
+            "for; torchrun and multi-node environments are detected) or 'slurm'."
+        )
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from mlfab.cli import run_cli  # Imports LightningCLI and jsonargparse: only when asked for.
         from mlfab.slurm import in_slurm_job
 
         if launcher == "slurm" and not in_slurm_job():
-            raise ConfigError(f"launcher='slurm' submits launches in the mlfab form (key=value arguments), not the "
-                              f"Lightning form ({argv[0]} ...): run `{command_name()} key=value ...` to submit, or "
-                              "submit your own sbatch script that runs this command.")
+            raise ConfigError(
+                f"launcher='slurm' submits launches in the mlfab form (key=value arguments), not the "
+                f"Lightning form ({argv[0]} ...): run `{command_name()} key=value ...` to submit, or "
+                "submit your own sbatch script that runs this command."
+            )
 
         code = run_cli(task_cls, argv, configs)
     elif "--help" in argv or "-h" in argv:
@@ -165,8 +186,9 @@ def submit_or_run(task_cls: type["Task"], config: Config, launcher: Any, argv: l
     return run(task_cls, config)
 
 
-def run_file_text(task_cls: type, config: Config, trainer: dict[str, Any], path: Path,
-                  extra: dict[str, Any] | None = None) -> str:
+def run_file_text(
+    task_cls: type, config: Config, trainer: dict[str, Any], path: Path, extra: dict[str, Any] | None = None
+) -> str:
     """`config.yaml` of a run: LightningCLI's layout (so both `fit --config` and the mlfab form read it), the config
     in full and the Trainer arguments given explicitly; a header says how to rerun it and lists the Trainer
     settings that followed from the config."""
@@ -177,8 +199,10 @@ def run_file_text(task_cls: type, config: Config, trainer: dict[str, Any], path:
     cmd, module = command_name(), task_cls.__module__
     if module == "__main__" and cmd.startswith("python -m "):
         module = cmd.removeprefix("python -m ")
-    lines = [f"# mlfab run config of {task_cls.__qualname__}: the config and the Trainer arguments given explicitly.",
-             "# Train again with the same settings:"]
+    lines = [
+        f"# mlfab run config of {task_cls.__qualname__}: the config and the Trainer arguments given explicitly.",
+        "# Train again with the same settings:",
+    ]
     if cmd != "mlfab":
         lines += [f"#   {cmd} {path}", f"#   {cmd} fit --config {path}"]
     if module != "__main__" and "<locals>" not in task_cls.__qualname__:
@@ -205,8 +229,9 @@ def run(task_cls: type["Task"], config: Config) -> int:
     return execute(trainer, "fit", task, exp_dir=exp_dir, writer=writer, ckpt_path=newest_checkpoint(exp_dir))
 
 
-def execute(trainer: Any, subcommand: str, task: "Task", *, exp_dir: Path, writer: bool, ckpt_path: Any = None,
-            **kwargs: Any) -> int:
+def execute(
+    trainer: Any, subcommand: str, task: "Task", *, exp_dir: Path, writer: bool, ckpt_path: Any = None, **kwargs: Any
+) -> int:
     """What every run does around the Trainer call, in both command-line forms: record provenance, give the
     loggers the run's config and origin, share the run directory with the processes Lightning's DDP launcher
     starts, and turn a signal into the exit code. (The checkpoint is checked in `Task.on_load_checkpoint`.)"""

@@ -59,8 +59,10 @@ class MlfabLoader(StatefulDataLoader):
             yield self._note(batch)
         if not self._ever_produced:  # Lightning would start a new epoch forever. (A resumed epoch may be empty.)
             name = type(getattr(self.dataset, "dataset", self.dataset)).__name__
-            raise DatasetError(f"The training dataset ({name}) produced no batches. Check that get_dataset('train') "
-                               "returns a dataset with at least batch_size samples.")
+            raise DatasetError(
+                f"The training dataset ({name}) produced no batches. Check that get_dataset('train') "
+                "returns a dataset with at least batch_size samples."
+            )
 
     def _note(self, batch: Any) -> Any:
         self._ever_produced = True

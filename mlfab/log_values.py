@@ -34,15 +34,17 @@ def labeled_image(value: Any, key: str, keep_resolution: bool) -> Maker:
 
 
 def images(value: Any, key: str, max_images: int | None, sep: int, keep_resolution: bool) -> Maker:
-    return lambda: media.make_images(resolve(value), key, max_images=max_images, sep=sep,
-                                     keep_resolution=keep_resolution)
+    return lambda: media.make_images(
+        resolve(value), key, max_images=max_images, sep=sep, keep_resolution=keep_resolution
+    )
 
 
 def labeled_images(value: Any, key: str, max_images: int | None, sep: int, keep_resolution: bool) -> Maker:
     def make() -> np.ndarray:
         imgs, labels = resolve(value)
-        return media.make_labeled_images(imgs, [str(x) for x in labels], key, max_images=max_images, sep=sep,
-                                         keep_resolution=keep_resolution)
+        return media.make_labeled_images(
+            imgs, [str(x) for x in labels], key, max_images=max_images, sep=sep, keep_resolution=keep_resolution
+        )
 
     return make
 

@@ -162,8 +162,16 @@ def mean_across_ranks(scalars: dict[str, float], reduce: Callable[[torch.Tensor]
     return dict(zip(keys, mean.tolist(), strict=True))
 
 
-def flush_logs(trainer: Any, buffer: LogBuffer, cadence: Cadence, *, phase: Phase, step: int, elapsed_time_s: float,
-               num_samples: int) -> None:
+def flush_logs(
+    trainer: Any,
+    buffer: LogBuffer,
+    cadence: Cadence,
+    *,
+    phase: Phase,
+    step: int,
+    elapsed_time_s: float,
+    num_samples: int,
+) -> None:
     """Writes the buffer to the loggers that are due (rank zero only), then clears it.
 
     In multi-process training, validation scalars are averaged over ranks first: rank zero decides
@@ -175,8 +183,11 @@ def flush_logs(trainer: Any, buffer: LogBuffer, cadence: Cadence, *, phase: Phas
     if not (trainer.is_global_zero or averaged) or (not buffer and not averaged):
         buffer.clear()
         return
-    due = due_loggers(cadence, trainer.loggers, phase=phase, step=step,
-                      every_n_steps=trainer.log_every_n_steps) if trainer.is_global_zero else []
+    due = (
+        due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=trainer.log_every_n_steps)
+        if trainer.is_global_zero
+        else []
+    )
     values: dict[Kind, dict[str, Any]] = {}
     if averaged and trainer.strategy.broadcast(bool(due), src=0):
         values = buffer.resolve()

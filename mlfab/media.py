@@ -365,6 +365,7 @@ def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
     units and browsers play anything under 20 ms at 100 ms, so faster videos get 20 ms frames."""
     out = io.BytesIO()
     pictures = [Image.fromarray(f) for f in frames]
-    pictures[0].save(out, format="GIF", save_all=True, append_images=pictures[1:],
-                     duration=max(int(1000 / max(fps, 1)), 20), loop=0)
+    pictures[0].save(
+        out, format="GIF", save_all=True, append_images=pictures[1:], duration=max(int(1000 / max(fps, 1)), 20), loop=0
+    )
     return out.getvalue()

@@ -35,11 +35,15 @@ def new_exp_dir(task_cls: type, config: Config) -> Path:
                     n += 1
     except OSError as e:
         key = "exp_dir" if config.exp_dir else "run_dir"
-        raise ConfigError(f"Cannot create the run directory under {where} ({e.strerror}: {e.filename}). Set {key} "
-                          "to a directory you can write to.") from e
+        raise ConfigError(
+            f"Cannot create the run directory under {where} ({e.strerror}: {e.filename}). Set {key} "
+            "to a directory you can write to."
+        ) from e
     if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"The run directory {path} is not writable. Fix its permissions, or set run_dir or exp_dir "
-                          "to a directory you can write to.")
+        raise ConfigError(
+            f"The run directory {path} is not writable. Fix its permissions, or set run_dir or exp_dir "
+            "to a directory you can write to."
+        )
     return path.resolve()
 
 

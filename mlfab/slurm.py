@@ -107,9 +107,11 @@ def current_command(argv: Sequence[str]) -> list[str]:
         return ["-m", spec.name.removesuffix(".__main__"), *argv]
     script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
     if script is None or not script.is_file():
-        raise SlurmError("launcher='slurm' runs this program again inside the Slurm job, but it was not started "
-                         "from a script or module (an interactive session or `python -c`?). Put the launch call in "
-                         "a script and run `python my_script.py`, or `python -m my_package.my_module`.")
+        raise SlurmError(
+            "launcher='slurm' runs this program again inside the Slurm job, but it was not started "
+            "from a script or module (an interactive session or `python -c`?). Put the launch call in "
+            "a script and run `python my_script.py`, or `python -m my_package.my_module`."
+        )
     return [str(script.resolve()), *argv]
 
 
@@ -124,8 +126,10 @@ def sbatch_script(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str],
     """The batch script of a run: resources, the requeue signal, then `srun <python> <command> exp_dir=<exp_dir>`."""
     exp_dir, logs = Path(exp_dir), Path(exp_dir) / "slurm"
     if config.nodes < 1 or config.gpus_per_node < 0 or config.cpus_per_task < 1:
-        raise SlurmError(f"slurm.nodes ({config.nodes}) and slurm.cpus_per_task ({config.cpus_per_task}) must be at "
-                         f"least 1, and slurm.gpus_per_node ({config.gpus_per_node}) at least 0.")
+        raise SlurmError(
+            f"slurm.nodes ({config.nodes}) and slurm.cpus_per_task ({config.cpus_per_task}) must be at "
+            f"least 1, and slurm.gpus_per_node ({config.gpus_per_node}) at least 0."
+        )
     options: list[tuple[str, object]] = [
         ("job-name", f"{exp_dir.parent.name}-{exp_dir.name}".strip("-") or "mlfab"),
         ("output", logs / "%j.out"),
@@ -140,8 +144,10 @@ def sbatch_script(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str],
         ("account", config.account),
         ("signal", f"SIGUSR1@{config.signal_seconds}"),
     ]
-    lines = ["#!/bin/bash", f"# Written by mlfab for the run in {exp_dir}; submit again with: sbatch {exp_dir}/"
-             "slurm/job.sbatch"]
+    lines = [
+        "#!/bin/bash",
+        f"# Written by mlfab for the run in {exp_dir}; submit again with: sbatch {exp_dir}/slurm/job.sbatch",
+    ]
     lines += [f"#SBATCH --{name}={_sbatch_value(value)}" for name, value in options if value is not None]
     lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
     for line in config.extra_sbatch_lines:
@@ -169,30 +175,40 @@ def submit(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str], workdi
     """Writes `<exp_dir>/slurm/job.sbatch`, submits it with `sbatch` and returns the job id."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise SlurmError("sbatch not found: launcher='slurm' needs a Slurm login node (a machine where `sbatch` "
-                         "is on PATH). Run there, or leave out launcher='slurm' to train on this machine.")
+        raise SlurmError(
+            "sbatch not found: launcher='slurm' needs a Slurm login node (a machine where `sbatch` "
+            "is on PATH). Run there, or leave out launcher='slurm' to train on this machine."
+        )
     slurm_dir = Path(exp_dir) / "slurm"
     slurm_dir.mkdir(parents=True, exist_ok=True)
     script = slurm_dir / "job.sbatch"
     script.write_text(sbatch_script(config, exp_dir=Path(exp_dir), command=command, workdir=Path(workdir)))
     try:
-        proc = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, cwd=workdir,
-                              timeout=300)
+        proc = subprocess.run(
+            [sbatch, "--parsable", str(script)], capture_output=True, text=True, cwd=workdir, timeout=300
+        )
     except subprocess.TimeoutExpired as e:
-        raise SlurmError(f"sbatch did not answer within {e.timeout:.0f} s (is the Slurm controller down?). "
-                         f"The script is {script}; submit it later with `sbatch {script}`.") from e
+        raise SlurmError(
+            f"sbatch did not answer within {e.timeout:.0f} s (is the Slurm controller down?). "
+            f"The script is {script}; submit it later with `sbatch {script}`."
+        ) from e
     if proc.returncode != 0:
-        raise SlurmError(f"sbatch refused the job (exit status {proc.returncode}):\n{proc.stderr.strip()}\n"
-                         f"The script is {script}: fix the slurm.* settings it came from (e.g. slurm.partition, "
-                         "slurm.account, slurm.time) and launch again.")
+        raise SlurmError(
+            f"sbatch refused the job (exit status {proc.returncode}):\n{proc.stderr.strip()}\n"
+            f"The script is {script}: fix the slurm.* settings it came from (e.g. slurm.partition, "
+            "slurm.account, slurm.time) and launch again."
+        )
     found = re.match(r"\s*(\d+)", proc.stdout)  # --parsable prints `<id>` or `<id>;<cluster>`.
     if found is None:
         raise SlurmError(f"sbatch accepted {script} but printed no job id: {proc.stdout.strip()!r}")
     jid = found.group(1)
     with (slurm_dir / "jobs.txt").open("a") as f:
         f.write(jid + "\n")
-    print(f"Submitted Slurm job {jid} for run directory {exp_dir}. Logs: {slurm_dir / (jid + '.out')} and "
-          f"{slurm_dir / (jid + '.err')}; cancel with `scancel {jid}`.", flush=True)
+    print(
+        f"Submitted Slurm job {jid} for run directory {exp_dir}. Logs: {slurm_dir / (jid + '.out')} and "
+        f"{slurm_dir / (jid + '.err')}; cancel with `scancel {jid}`.",
+        flush=True,
+    )
     return jid
 
 
@@ -213,13 +229,22 @@ def requeue(global_rank: int = 0) -> bool:
     try:
         proc = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
-        log.warning("Requeueing Slurm job %s failed (%s); training goes on. Relaunch with the same exp_dir to "
-                    "resume from the last checkpoint.", jid, e)
+        log.warning(
+            "Requeueing Slurm job %s failed (%s); training goes on. Relaunch with the same exp_dir to "
+            "resume from the last checkpoint.",
+            jid,
+            e,
+        )
         return False
     if proc.returncode != 0:
-        log.warning("Requeueing Slurm job %s failed: `scontrol requeue %s` exited with status %d: %s; training "
-                    "goes on. Relaunch with the same exp_dir to resume from the last checkpoint.",
-                    jid, jid, proc.returncode, proc.stderr.strip())
+        log.warning(
+            "Requeueing Slurm job %s failed: `scontrol requeue %s` exited with status %d: %s; training "
+            "goes on. Relaunch with the same exp_dir to resume from the last checkpoint.",
+            jid,
+            jid,
+            proc.returncode,
+            proc.stderr.strip(),
+        )
         return False
     return True
 

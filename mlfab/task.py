@@ -190,52 +190,97 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self._log("image", key, lv.labeled_image(value, key, keep_resolution), namespace)
 
     def log_images(
-        self, key: str, value: Any, *, namespace: str | None = None, max_images: int | None = None,
-        sep: int = 2, keep_resolution: bool = False,
+        self,
+        key: str,
+        value: Any,
+        *,
+        namespace: str | None = None,
+        max_images: int | None = None,
+        sep: int = 2,
+        keep_resolution: bool = False,
     ) -> None:
         """A batch, (B, H, W), (B, C, H, W) or (B, H, W, C), tiled into one near-square grid."""
         self._log("image", key, lv.images(value, key, max_images, sep, keep_resolution), namespace)
 
     def log_labeled_images(
-        self, key: str, value: Any, *, namespace: str | None = None, max_images: int | None = None,
-        sep: int = 2, keep_resolution: bool = False,
+        self,
+        key: str,
+        value: Any,
+        *,
+        namespace: str | None = None,
+        max_images: int | None = None,
+        sep: int = 2,
+        keep_resolution: bool = False,
     ) -> None:
         """`value` is `(images, labels)` or a callable returning it; each image gets its caption."""
         self._log("image", key, lv.labeled_images(value, key, max_images, sep, keep_resolution), namespace)
 
-    def log_audio(self, key: str, value: Any, *, sample_rate: int = 16000, namespace: str | None = None,
-                  log_spectrogram: bool = True) -> None:
+    def log_audio(
+        self,
+        key: str,
+        value: Any,
+        *,
+        sample_rate: int = 16000,
+        namespace: str | None = None,
+        log_spectrogram: bool = True,
+    ) -> None:
         """A waveform, (T,) or (C, T) in [-1, 1]; also logged as a spectrogram image `<key>_spectrogram`."""
         value = lv.once(value)
         self._log("audio", key, lv.audio(value, key, sample_rate), namespace)
         if log_spectrogram:
             self.log_spectrogram(f"{key}_spectrogram", value, sample_rate=sample_rate, namespace=namespace)
 
-    def log_audios(self, key: str, value: Any, *, sample_rate: int = 16000, namespace: str | None = None,
-                   max_audios: int | None = None, log_spectrogram: bool = True) -> None:
+    def log_audios(
+        self,
+        key: str,
+        value: Any,
+        *,
+        sample_rate: int = 16000,
+        namespace: str | None = None,
+        max_audios: int | None = None,
+        log_spectrogram: bool = True,
+    ) -> None:
         """A batch of waveforms, played one after another; also their spectrograms, tiled."""
         value = lv.once(value)
         self._log("audio", key, lv.audios(value, key, sample_rate, max_audios), namespace)
         if log_spectrogram:
-            self.log_spectrograms(f"{key}_spectrogram", value, sample_rate=sample_rate, namespace=namespace,
-                                  max_images=max_audios)
+            self.log_spectrograms(
+                f"{key}_spectrogram", value, sample_rate=sample_rate, namespace=namespace, max_images=max_audios
+            )
 
-    def log_spectrogram(self, key: str, value: Any, *, sample_rate: int = 16000,
-                        namespace: str | None = None) -> None:
+    def log_spectrogram(self, key: str, value: Any, *, sample_rate: int = 16000, namespace: str | None = None) -> None:
         """The log-magnitude spectrogram of a waveform, as an image (low frequencies at the bottom)."""
         self._log("image", key, lv.spectrogram(value, key, sample_rate), namespace)
 
-    def log_spectrograms(self, key: str, value: Any, *, sample_rate: int = 16000, namespace: str | None = None,
-                         max_images: int | None = None, sep: int = 2) -> None:
+    def log_spectrograms(
+        self,
+        key: str,
+        value: Any,
+        *,
+        sample_rate: int = 16000,
+        namespace: str | None = None,
+        max_images: int | None = None,
+        sep: int = 2,
+    ) -> None:
         self._log("image", key, lv.spectrograms(value, key, sample_rate, max_images, sep), namespace)
 
-    def log_video(self, key: str, value: Any, *, fps: int = 30, target_fps: int | None = 10,
-                  namespace: str | None = None) -> None:
+    def log_video(
+        self, key: str, value: Any, *, fps: int = 30, target_fps: int | None = 10, namespace: str | None = None
+    ) -> None:
         """Frames (T, C, H, W) or (T, H, W, C) at `fps`, resampled to at most `target_fps`."""
         self._log("video", key, lv.video(value, key, fps, target_fps), namespace)
 
-    def log_videos(self, key: str, value: Any, *, fps: int = 30, target_fps: int | None = 10,
-                   namespace: str | None = None, max_videos: int | None = None, sep: int = 2) -> None:
+    def log_videos(
+        self,
+        key: str,
+        value: Any,
+        *,
+        fps: int = 30,
+        target_fps: int | None = 10,
+        namespace: str | None = None,
+        max_videos: int | None = None,
+        sep: int = 2,
+    ) -> None:
         """A batch of videos (B, T, ...) shown side by side in a grid."""
         self._log("video", key, lv.videos(value, key, fps, target_fps, max_videos, sep), namespace)
 
@@ -243,8 +288,9 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         """The distribution of a tensor's values (e.g. weights or activations)."""
         self._log("histogram", key, lv.histogram(value), namespace)
 
-    def log_point_cloud(self, key: str, value: Any, *, colors: Any = None, max_points: int = 10_000,
-                        namespace: str | None = None) -> None:
+    def log_point_cloud(
+        self, key: str, value: Any, *, colors: Any = None, max_points: int = 10_000, namespace: str | None = None
+    ) -> None:
         """Points (N, 3) or (B, N, 3) with optional colors, randomly subsampled to `max_points`."""
         self._log("point_cloud", key, lv.point_cloud(value, key, max_points, colors), namespace)
 
@@ -258,8 +304,15 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         return values[0] if len(values) == 1 else torch.stack([v.reshape(()) for v in values]).sum()
 
     def _flush_logs(self, phase: Phase, step: int) -> None:
-        flush_logs(self.trainer, self._log_buffers[phase], self._log_cadence, phase=phase, step=step,
-                   elapsed_time_s=self.elapsed_time_s, num_samples=self._num_samples)
+        flush_logs(
+            self.trainer,
+            self._log_buffers[phase],
+            self._log_cadence,
+            phase=phase,
+            step=step,
+            elapsed_time_s=self.elapsed_time_s,
+            num_samples=self._num_samples,
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks.
@@ -342,8 +395,9 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self._flush_logs("test", self.global_step)
 
     @override
-    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
-                                    gradient_clip_algorithm: Any = None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
         if gradient_clip_algorithm not in (None, "norm"):  # Value clipping: Lightning's own, no finiteness check.
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         # fp16 loss scaling skips steps with inf gradients itself; there only the loss is checked.

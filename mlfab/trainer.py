@@ -46,17 +46,29 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     from mlfab.callbacks import FinalCheckpoint, GracefulStop, PeriodicCheckpoint, ValidationCadence
 
     ckpt_dir = exp_dir / "checkpoints"
-    periodic = {"monitor": "step", "mode": "max", "save_top_k": config.keep_last_n_checkpoints,
-                "dirpath": ckpt_dir, "auto_insert_metric_name": False}
-    callbacks: list[Any] = [ValidationCadence(config.valid_every_n_seconds, config.valid_first_n_seconds),
-                            GracefulStop()]
+    periodic = {
+        "monitor": "step",
+        "mode": "max",
+        "save_top_k": config.keep_last_n_checkpoints,
+        "dirpath": ckpt_dir,
+        "auto_insert_metric_name": False,
+    }
+    callbacks: list[Any] = [
+        ValidationCadence(config.valid_every_n_seconds, config.valid_first_n_seconds),
+        GracefulStop(),
+    ]
     if config.save_every_n_steps:
-        callbacks.append(PeriodicCheckpoint(filename="step_{step:08.0f}", every_n_train_steps=config.save_every_n_steps,
-                                         **periodic))
+        callbacks.append(
+            PeriodicCheckpoint(filename="step_{step:08.0f}", every_n_train_steps=config.save_every_n_steps, **periodic)
+        )
     if config.save_every_n_seconds:
-        callbacks.append(PeriodicCheckpoint(filename="time_step_{step:08.0f}",
-                                         train_time_interval=timedelta(seconds=config.save_every_n_seconds),
-                                         **periodic))
+        callbacks.append(
+            PeriodicCheckpoint(
+                filename="time_step_{step:08.0f}",
+                train_time_interval=timedelta(seconds=config.save_every_n_seconds),
+                **periodic,
+            )
+        )
     callbacks.append(FinalCheckpoint(ckpt_dir / "last.ckpt"))
     return callbacks
 

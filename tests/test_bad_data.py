@@ -92,8 +92,7 @@ def test_batches_that_fail_to_collate_are_skipped(tmp_path: Path) -> None:
             return super().get_loss(batch, state)
 
     # Validation after the first step reads 3 batches; its second fails to collate, as training's second does.
-    Task.launch(BoringConfig(max_steps=4, valid_batches=3, valid_every_n_steps=None, run_dir=str(tmp_path)),
-                argv=[])
+    Task.launch(BoringConfig(max_steps=4, valid_batches=3, valid_every_n_steps=None, run_dir=str(tmp_path)), argv=[])
     assert [s for p, s in steps if p == "train"] == [0, 1, 2, 3]
     assert [p for p, _ in steps].count("valid") == 2
     (exp,) = (tmp_path / "task").iterdir()
@@ -128,10 +127,18 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_checkpoints(tmp_path: P
             loss = super().get_loss(batch, state)
             return loss * float("nan") if state.num_steps >= 4 else loss
 
-    config = BoringConfig(max_steps=50, max_nonfinite_steps_in_a_row=3, save_every_n_steps=2,
-                          save_every_n_seconds=None, run_dir=str(tmp_path))
-    with pytest.raises(mlfab.MlfabError, match=r"3 optimizer steps in a row had a non-finite loss 'loss' \(last at "
-                                               r"step 6\); stopping \(max_nonfinite_steps_in_a_row\)"):
+    config = BoringConfig(
+        max_steps=50,
+        max_nonfinite_steps_in_a_row=3,
+        save_every_n_steps=2,
+        save_every_n_seconds=None,
+        run_dir=str(tmp_path),
+    )
+    with pytest.raises(
+        mlfab.MlfabError,
+        match=r"3 optimizer steps in a row had a non-finite loss 'loss' \(last at "
+        r"step 6\); stopping \(max_nonfinite_steps_in_a_row\)",
+    ):
         AlwaysNaN.launch(config, argv=[])
     (exp,) = (tmp_path / "always_na_n").iterdir()
     ckpt = exp / "checkpoints" / "step_00000004.ckpt"
@@ -172,9 +179,18 @@ def fp16_trainer(tmp_path: Path, scaler: torch.amp.GradScaler, clip: float | Non
     import lightning.pytorch as pl
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    return pl.Trainer(max_steps=4, accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-                      gradient_clip_val=clip, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    return pl.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
 
 
 def test_fp16_loss_scaling_skips_overflowing_steps_itself_with_clipping_on(tmp_path: Path) -> None:

@@ -25,8 +25,9 @@ def valid_steps(tmp_path: Path, name: str = "slow") -> list[int]:
 
 
 def test_validation_every_n_seconds(tmp_path: Path) -> None:
-    Slow.launch(BoringConfig(max_steps=40, valid_every_n_steps=None, valid_every_n_seconds=0.2,
-                             run_dir=str(tmp_path)), argv=[])
+    Slow.launch(
+        BoringConfig(max_steps=40, valid_every_n_steps=None, valid_every_n_seconds=0.2, run_dir=str(tmp_path)), argv=[]
+    )
     steps = valid_steps(tmp_path)
     # After the first step, then about every 10 steps (0.2 s at 0.02 s a step), not on a fixed step grid.
     assert steps[0] == 1 and 3 <= len(steps) <= 6
@@ -34,15 +35,17 @@ def test_validation_every_n_seconds(tmp_path: Path) -> None:
 
 
 def test_first_validation_after_n_seconds(tmp_path: Path) -> None:
-    Slow.launch(BoringConfig(max_steps=30, valid_every_n_steps=100, valid_first_n_seconds=0.3,
-                             run_dir=str(tmp_path)), argv=[])
+    Slow.launch(
+        BoringConfig(max_steps=30, valid_every_n_steps=100, valid_first_n_seconds=0.3, run_dir=str(tmp_path)), argv=[]
+    )
     steps = valid_steps(tmp_path)
     assert len(steps) == 1 and 5 <= steps[0] <= 20  # 0.3 s in, at 0.02 s (or a bit more) a step.
 
 
 def test_steps_and_seconds_together(tmp_path: Path) -> None:
-    Slow.launch(BoringConfig(max_steps=30, valid_every_n_steps=25, valid_every_n_seconds=0.25,
-                             run_dir=str(tmp_path)), argv=[])
+    Slow.launch(
+        BoringConfig(max_steps=30, valid_every_n_steps=25, valid_every_n_seconds=0.25, run_dir=str(tmp_path)), argv=[]
+    )
     steps = valid_steps(tmp_path)
     assert 25 in steps and len(steps) >= 3  # The step cadence and the time cadence both fire.
 
@@ -51,14 +54,19 @@ def test_hardware_auto_on_cpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the test checks the CPU defaults")
     assert resolve_hardware("auto", "auto", 1, "auto") == {
-        "accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto"}
+        "accelerator": "cpu",
+        "devices": 1,
+        "num_nodes": 1,
+        "strategy": "auto",
+    }
     assert resolve_hardware("cpu", 2, 1, "auto")["strategy"] == "ddp"
     assert resolve_hardware("cpu", 1, 2, "auto")["strategy"] == "ddp"
     assert resolve_hardware("cpu", 2, 1, "fsdp")["strategy"] == "fsdp"
 
 
-def test_mps_trains_on_one_device_and_says_so(monkeypatch: pytest.MonkeyPatch,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_mps_trains_on_one_device_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     with caplog.at_level("WARNING"):

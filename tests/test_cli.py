@@ -213,8 +213,13 @@ def test_a_profiler_given_on_the_command_line_replaces_mlfabs(tmp_path: Path, ca
 
 
 def test_config_yaml_reruns_the_same_settings_in_both_forms(tmp_path: Path) -> None:
-    first = fit(tmp_path, "--model.config.max_steps=2", "--model.config.learning_rate=0.01", "--model.config.in_dim=3",
-                "--model.config.betas=[0.5,0.6]")
+    first = fit(
+        tmp_path,
+        "--model.config.max_steps=2",
+        "--model.config.learning_rate=0.01",
+        "--model.config.in_dim=3",
+        "--model.config.betas=[0.5,0.6]",
+    )
     again = fit(tmp_path, "--config", str(first / "config.yaml"))
     assert run_file(again) == run_file(first)
     BoringTask.launch(argv=[str(first / "config.yaml")])
@@ -316,7 +321,8 @@ def test_console_script_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "which task? Name it by import path: --model package.module.TaskClass" in capsys.readouterr().err
     assert main(["fit", "--model", "mlfab.testing.RegressionDataset"]) == 2
     assert "RegressionDataset is not an mlfab.Task subclass; tasks in mlfab.testing: BoringTask" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     assert main(["fit", "--model", "no_such_module.Task"]) == 2
     assert "cannot import no_such_module" in capsys.readouterr().err
     assert main(["train", "--model", "mlfab.testing.BoringTask"]) == 2

@@ -126,10 +126,19 @@ def check_two_ranks(tmp_path: Path, stdout: str) -> None:
 def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str) -> None:
     script = write_script(tmp_path)  # ddp_spawn pickles the Trainer and the task into each process.
     proc = subprocess.run(
-        [sys.executable, str(script), "accelerator=cpu", "devices=2", f"strategy={strategy}",
-         f"run_dir={tmp_path / 'runs'}"],
-        env=env_for(tmp_path, MASTER_PORT=str(free_port()), DATASET=dataset), cwd=tmp_path, capture_output=True,
-        text=True, timeout=300,
+        [
+            sys.executable,
+            str(script),
+            "accelerator=cpu",
+            "devices=2",
+            f"strategy={strategy}",
+            f"run_dir={tmp_path / 'runs'}",
+        ],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port()), DATASET=dataset),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_two_ranks(tmp_path, proc.stdout)
@@ -141,10 +150,19 @@ def test_two_simulated_nodes(tmp_path: Path) -> None:
     port = str(free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), "accelerator=cpu", "devices=1", "num_nodes=2",
-             f"run_dir={tmp_path / 'runs'}"],
+            [
+                sys.executable,
+                str(script),
+                "accelerator=cpu",
+                "devices=1",
+                "num_nodes=2",
+                f"run_dir={tmp_path / 'runs'}",
+            ],
             env=env_for(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node)),
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for node in (0, 1)
     ]
@@ -158,9 +176,21 @@ def test_two_simulated_nodes(tmp_path: Path) -> None:
 def test_torchrun_two_processes(tmp_path: Path) -> None:
     script = write_script(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         str(script), "accelerator=cpu", f"run_dir={tmp_path / 'runs'}"],
-        env=env_for(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(script),
+            "accelerator=cpu",
+            f"run_dir={tmp_path / 'runs'}",
+        ],
+        env=env_for(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_two_ranks(tmp_path, proc.stdout)
@@ -170,9 +200,18 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
 def test_the_test_subcommand_gives_each_rank_its_own_batches_of_an_endless_set(tmp_path: Path) -> None:
     script = write_script(tmp_path)
     proc = subprocess.run(
-        [sys.executable, str(script), "test", "--model.config.accelerator=cpu", "--model.config.devices=2",
-         f"--model.config.run_dir={tmp_path / 'runs'}"],
-        env=env_for(tmp_path, MASTER_PORT=str(free_port())), cwd=tmp_path, capture_output=True, text=True,
+        [
+            sys.executable,
+            str(script),
+            "test",
+            "--model.config.accelerator=cpu",
+            "--model.config.devices=2",
+            f"--model.config.run_dir={tmp_path / 'runs'}",
+        ],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -43,8 +43,14 @@ def run_script(tmp_path: Path, *args: str) -> subprocess.Popen:
     script = tmp_path / "tasks.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": PYTHONPATH}
-    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=tmp_path)
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 def test_crash_exits_non_zero_with_traceback(tmp_path: Path) -> None:
@@ -77,7 +83,10 @@ def test_ctrl_c_stops_at_step_boundary_saves_and_exits_non_zero(tmp_path: Path) 
 def test_offline_example_reaches_accuracy(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "examples.digits", f"run_dir={tmp_path / 'runs'}", "max_steps=300"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (exp,) = (tmp_path / "runs" / "digits_classification").iterdir()
@@ -88,8 +97,9 @@ def test_offline_example_reaches_accuracy(tmp_path: Path) -> None:
 
 def test_key_value_overrides_and_yaml_files(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("max_steps: 3\nbatch_size: 4\n")
-    BoringTask.launch(BoringConfig(), argv=[str(tmp_path / "a.yaml"), "batch_size=2", f"run_dir={tmp_path / 'r'}",
-                                            "betas=[0.5, 0.6]"])
+    BoringTask.launch(
+        BoringConfig(), argv=[str(tmp_path / "a.yaml"), "batch_size=2", f"run_dir={tmp_path / 'r'}", "betas=[0.5, 0.6]"]
+    )
     (exp,) = (tmp_path / "r" / "boring_task").iterdir()
     config = yaml.safe_load((exp / "config.yaml").read_text())["model"]["config"]
     assert config["batch_size"] == 2 and config["max_steps"] == 3 and config["betas"] == [0.5, 0.6]

@@ -39,16 +39,26 @@ def wandb_offline_and_contained(tmp_path_factory: pytest.TempPathFactory) -> Ite
 def every_kind(phase: mlfab.Phase, step: int, loss: float) -> Logs:
     rng = np.random.default_rng(step)
     frames = np.stack([np.full((5, 7, 3), 40 * i, dtype=np.uint8) for i in range(4)])  # Distinct frames.
-    return Logs(phase, step, 10, elapsed_time_s=1.5 * step, num_samples=8 * step, values={
-        "scalar": {"loss/loss": loss},
-        "string": {"text/sample": "a < b\n  & c"},
-        "image": {"image/x": rng.integers(0, 255, (6, 9, 3), dtype=np.uint8)},
-        "audio": {"audio/stereo": Audio(rng.uniform(-1, 1, (400, 2)).astype(np.float32), 8000)},
-        "video": {"video/clip": Video(frames, fps=5)},
-        "histogram": {"hist/w": np.array([1.0, 2.0, 3.0, 4.0, np.nan])},
-        "point_cloud": {"points/pc": PointCloud(rng.normal(size=(10, 3)).astype(np.float32),
-                                                rng.integers(0, 255, (10, 3), dtype=np.uint8))},
-    })
+    return Logs(
+        phase,
+        step,
+        10,
+        elapsed_time_s=1.5 * step,
+        num_samples=8 * step,
+        values={
+            "scalar": {"loss/loss": loss},
+            "string": {"text/sample": "a < b\n  & c"},
+            "image": {"image/x": rng.integers(0, 255, (6, 9, 3), dtype=np.uint8)},
+            "audio": {"audio/stereo": Audio(rng.uniform(-1, 1, (400, 2)).astype(np.float32), 8000)},
+            "video": {"video/clip": Video(frames, fps=5)},
+            "histogram": {"hist/w": np.array([1.0, 2.0, 3.0, 4.0, np.nan])},
+            "point_cloud": {
+                "points/pc": PointCloud(
+                    rng.normal(size=(10, 3)).astype(np.float32), rng.integers(0, 255, (10, 3), dtype=np.uint8)
+                )
+            },
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -74,8 +84,13 @@ def test_json_logger_writes_every_kind_and_media_decode(tmp_path: Path) -> None:
     assert (train["phase"], train["step"], train["elapsed_time_s"], train["num_samples"]) == ("train", 2, 3.0, 16)
     assert train["scalars"] == {"loss/loss": 0.5} and valid["scalars"] == {"loss/loss": 0.25}
     assert train["strings"] == {"text/sample": "a < b\n  & c"}
-    assert train["histograms"]["hist/w"] == {"min": 1.0, "max": 4.0, "mean": 2.5, "std": pytest.approx(1.118, abs=1e-3),
-                                            "count": 5}
+    assert train["histograms"]["hist/w"] == {
+        "min": 1.0,
+        "max": 4.0,
+        "mean": 2.5,
+        "std": pytest.approx(1.118, abs=1e-3),
+        "count": 5,
+    }
     assert metrics["step"] == 3 and metrics["scalars"] == {"lightning/metric": 3.0}  # "epoch" is Lightning's own.
 
     media = train["media"]
@@ -150,8 +165,9 @@ def wandb_history(run_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for record in wandb_records(run_dir):
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return rows
 
 
@@ -192,8 +208,13 @@ def test_wandb_logger_offline_every_kind_in_order(tmp_path: Path) -> None:
     first = rows[0]
     assert first["trainer/num_samples"] == 0
     assert first["train/hist/w/_type"] == "histogram" and sum(first["train/hist/w/values"]) == 4  # NaN left out.
-    kinds = {"image/x": "image-file", "audio/stereo": "audio-file", "video/clip": "video-file",
-             "points/pc": "object3D-file", "text/sample": "html-file"}
+    kinds = {
+        "image/x": "image-file",
+        "audio/stereo": "audio-file",
+        "video/clip": "video-file",
+        "points/pc": "object3D-file",
+        "text/sample": "html-file",
+    }
     for phase, row in (("train", rows[0]), ("valid", rows[1])):
         for tag, kind in kinds.items():
             assert row[f"{phase}/{tag}/_type"] == kind
@@ -227,8 +248,9 @@ def test_disabled_wandb_accepts_every_call_and_writes_nothing(tmp_path: Path) ->
 
 def test_importing_the_wandb_logger_does_not_import_wandb() -> None:
     code = "import sys, mlfab.loggers.wandb, mlfab.loggers.json; print('wandb' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+    )
     assert out.stdout.strip() == "False"
 
 

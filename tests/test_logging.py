@@ -59,7 +59,7 @@ def test_every_kind_reaches_tensorboard(tmp_path: Path) -> None:
     assert grid.shape[:2] == (3 * 8 + 2, 2 * 8 + 1) or grid.shape[:2] == (2 * 8 + 1, 3 * 8 + 2)
     one = images["value/one"][0][1]
     assert one.shape[0] > one.shape[1]  # The caption strip sits under the square image.
-    strip = one[one.shape[1]:]  # Below the (square) image.
+    strip = one[one.shape[1] :]  # Below the (square) image.
     assert (strip < 100).any() and (strip > 200).mean() > 0.5  # Dark text on a light strip.
     assert "value/tone_spectrogram" in images and "value/tones_spectrogram" in images
 
@@ -84,8 +84,10 @@ def test_callables_run_only_on_written_steps_and_once_per_step(tmp_path: Path) -
     class Counting(BoringTask):
         def set_loggers(self) -> None:
             # Two loggers that both write only their first line of each phase.
-            self.add_logger(mlfab.StdoutLogger(log_interval_seconds=1e6),
-                            mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=1e6))
+            self.add_logger(
+                mlfab.StdoutLogger(log_interval_seconds=1e6),
+                mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=1e6),
+            )
 
         def log_train_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
             self.log_scalar("expensive", lambda: calls.append(state.num_steps) or 1.0)
@@ -104,8 +106,14 @@ def test_lightning_csv_logger_gets_scalars_and_one_warning_per_kind(tmp_path: Pa
             self.log_image("picture", torch.rand(8, 8))
 
     logger = CSVLogger(str(tmp_path), name="csv", version=0)
-    trainer = pl.Trainer(max_steps=6, logger=logger, log_every_n_steps=2, limit_val_batches=0,
-                         enable_progress_bar=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_steps=6,
+        logger=logger,
+        log_every_n_steps=2,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
     with pytest.warns(UserWarning, match="CSVLogger cannot show logged image values") as record:
         trainer.fit(WithImage(BoringConfig()))
     assert sum("cannot show logged image" in str(w.message) for w in record) == 1
@@ -152,9 +160,21 @@ def test_tensorboard_server_lists_scalar_and_image_tags(tmp_path: Path) -> None:
     EveryKind.launch(BoringConfig(max_steps=2, valid_every_n_steps=2, run_dir=str(tmp_path)), argv=[])
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1",
-         "--port", str(port), "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(tmp_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
@@ -228,8 +248,9 @@ def test_every_optimizer_step_is_written_once_and_phases_do_not_mix(tmp_path: Pa
 
     # Lightning steps at batches 2, 4, 5 (the epoch's last), 7, 9, 10, ...; validation comes every 2 batches,
     # so it also starts half-way through a step.
-    config = BoringConfig(max_steps=6, batches_per_step=2, valid_every_n_steps=1, valid_batches=1,
-                          run_dir=str(tmp_path))
+    config = BoringConfig(
+        max_steps=6, batches_per_step=2, valid_every_n_steps=1, valid_batches=1, run_dir=str(tmp_path)
+    )
     PartialSteps.launch(config, argv=[])
     (exp,) = (tmp_path / "partial_steps").iterdir()
     train = read_scalars(exp / "tensorboard" / "train")

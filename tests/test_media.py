@@ -447,11 +447,14 @@ def test_subsample_points_bad_shapes_name_key() -> None:
         subsample_points(np.zeros((10, 3)), "pc", colors=np.zeros((9, 3)))
 
 
-@pytest.mark.parametrize(("name", "call"), [
-    ("log_audios", lambda lv: lv.audios(torch.zeros(0, 100), "k", 16000, None)),
-    ("log_spectrograms", lambda lv: lv.spectrograms(torch.zeros(0, 100), "k", 16000, None, 2)),
-    ("log_videos", lambda lv: lv.videos(torch.zeros(0, 3, 4, 4, 3), "k", 10, None, None, 2)),
-])
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("log_audios", lambda lv: lv.audios(torch.zeros(0, 100), "k", 16000, None)),
+        ("log_spectrograms", lambda lv: lv.spectrograms(torch.zeros(0, 100), "k", 16000, None, 2)),
+        ("log_videos", lambda lv: lv.videos(torch.zeros(0, 3, 4, 4, 3), "k", 10, None, None, 2)),
+    ],
+)
 def test_an_empty_batch_is_reported_by_the_call_that_logged_it(name: str, call: Callable) -> None:
     from mlfab import log_values
 

@@ -11,18 +11,42 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_public_surface_is_exactly_what_is_meant() -> None:
-    assert sorted(mlfab.__all__) == sorted([
-        "Config", "ConfigError", "DatasetError", "JsonLogger", "MlfabError", "MlfabLogger", "Phase",
-        "SettingsError", "State", "StdoutLogger", "Task", "TaskDefinitionError", "TensorboardLogger",
-        "WandbLogger", "field", "get_data_dir", "get_pretrained_models_dir", "get_run_dir", "worker_shard",
-    ])
+    assert sorted(mlfab.__all__) == sorted(
+        [
+            "Config",
+            "ConfigError",
+            "DatasetError",
+            "JsonLogger",
+            "MlfabError",
+            "MlfabLogger",
+            "Phase",
+            "SettingsError",
+            "State",
+            "StdoutLogger",
+            "Task",
+            "TaskDefinitionError",
+            "TensorboardLogger",
+            "WandbLogger",
+            "field",
+            "get_data_dir",
+            "get_pretrained_models_dir",
+            "get_run_dir",
+            "worker_shard",
+        ]
+    )
     assert all(hasattr(mlfab, name) for name in mlfab.__all__)
 
 
 def test_import_does_no_work_beyond_defining_names(tmp_path: Path) -> None:
     code = "import sys, mlfab; print('wandb' in sys.modules, 'moviepy' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"HOME": str(tmp_path),
-                         "PATH": "/usr/bin:/bin", "MLFABRC_PATH": str(tmp_path / "rc.yml")}, cwd=tmp_path, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "MLFABRC_PATH": str(tmp_path / "rc.yml")},
+        cwd=tmp_path,
+        check=True,
+    )
     assert out.stdout.split() == ["False", "False"]
     assert not (tmp_path / "rc.yml").exists()  # Settings are written on first use, not at import.
 
@@ -42,7 +66,7 @@ def test_seed_example_is_unchanged() -> None:
         "class MnistClassification(mlfab.Task[Config]):",
         '        self.log_labeled_images("images", lambda: (x_bhw, get_label_strings()))',
         "    MnistClassification.launch(Config(batch_size=16))",
-        "        root_dir = mlfab.get_data_dir() / \"mnist\"",
+        '        root_dir = mlfab.get_data_dir() / "mnist"',
     ]:
         assert line in source
     seed = ROOT.parent / "shared" / "seed" / "mlfab-README.md"

@@ -54,8 +54,9 @@ def run_task(tmp_path: Path, losses: Path, *args: str, stop_at: int | None = Non
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "LOSS_FILE": str(losses), "STOP_WITH": stop_with}
     if stop_at is not None:
         env["STOP_AT"] = str(stop_at)
-    proc = subprocess.run([sys.executable, str(script), *args], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     if proc.returncode not in (0, 143, -9):
         raise AssertionError(proc.stderr[-3000:])
     return proc.returncode
@@ -73,8 +74,14 @@ def read_losses(path: Path) -> dict[int, float]:
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_interrupted_run_resumes_exactly(tmp_path: Path, workers: int, how: str) -> None:
-    common = ["max_steps=40", "batch_size=4", "valid_every_n_steps=15", f"num_dataloader_workers={workers}",
-              "save_every_n_steps=10", "save_every_n_seconds=null"]
+    common = [
+        "max_steps=40",
+        "batch_size=4",
+        "valid_every_n_steps=15",
+        f"num_dataloader_workers={workers}",
+        "save_every_n_steps=10",
+        "save_every_n_seconds=null",
+    ]
     reference = tmp_path / "reference.jsonl"
     assert run_task(tmp_path, reference, *common, f"exp_dir={tmp_path / 'ref'}") == 0
 
@@ -104,8 +111,7 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path, workers: int, how: str)
 
 
 def launch_boring(tmp_path: Path, **overrides: object) -> None:
-    config = BoringConfig(exp_dir=str(tmp_path / "run"), max_steps=6, save_every_n_steps=2,
-                          save_every_n_seconds=None)
+    config = BoringConfig(exp_dir=str(tmp_path / "run"), max_steps=6, save_every_n_steps=2, save_every_n_seconds=None)
     mlfab.testing.BoringTask.launch(config, argv=[f"{k}={v}" for k, v in overrides.items()])
 
 
@@ -189,8 +195,11 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
         real_save(obj, f)
 
     monkeypatch.setattr(checkpoints.torch, "save", failing_save)
-    with pytest.raises(mlfab.MlfabError, match=r"Could not write checkpoint .*step_00000004.ckpt: the disk is full\. "
-                                               r"Earlier checkpoints are intact: step_00000002.ckpt"):
+    with pytest.raises(
+        mlfab.MlfabError,
+        match=r"Could not write checkpoint .*step_00000004.ckpt: the disk is full\. "
+        r"Earlier checkpoints are intact: step_00000002.ckpt",
+    ):
         launch_boring(tmp_path)
     monkeypatch.setattr(checkpoints.torch, "save", real_save)
     files = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -243,8 +252,16 @@ class MapStyle(mlfab.testing.BoringTask):
 def test_map_style_data_resumes_exactly(tmp_path: Path, workers: int, stop_at: int) -> None:
     def launch(exp_dir: Path, max_steps: int) -> dict[int, float]:
         MapStyle.losses = {}
-        MapStyle.launch(BoringConfig(exp_dir=str(exp_dir), max_steps=max_steps, num_dataloader_workers=workers,
-                                     valid_every_n_steps=None, save_every_n_seconds=None), argv=[])
+        MapStyle.launch(
+            BoringConfig(
+                exp_dir=str(exp_dir),
+                max_steps=max_steps,
+                num_dataloader_workers=workers,
+                valid_every_n_steps=None,
+                save_every_n_seconds=None,
+            ),
+            argv=[],
+        )
         return MapStyle.losses
 
     expected = launch(tmp_path / "ref", 12)

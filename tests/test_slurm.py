@@ -43,9 +43,18 @@ exit "${FAKE_SCONTROL_STATUS:-0}"
 }
 
 # Variables of a Slurm task started by srun in batch job 1234.
-TASK_ENV = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "test", "SLURM_JOB_NODELIST": "node1", "SLURM_NTASKS": "1",
-            "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-            "SLURM_NODEID": "0", "SLURM_STEP_ID": "0"}
+TASK_ENV = {
+    "SLURM_JOB_ID": "1234",
+    "SLURM_JOB_NAME": "test",
+    "SLURM_JOB_NODELIST": "node1",
+    "SLURM_NTASKS": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_STEP_ID": "0",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -85,11 +94,20 @@ def sbatch_lines(script: str) -> list[str]:
 # The batch script and submitting it.
 
 
-def test_submit_writes_the_script_and_records_the_job(fake_slurm: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_submit_writes_the_script_and_records_the_job(
+    fake_slurm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     exp_dir, work = tmp_path / "runs" / "my_task" / "run_3", tmp_path / "work"
-    config = SlurmConfig(nodes=2, gpus_per_node=4, cpus_per_task=6, mem="64G", time="0-02:00:00", partition="gpu",
-                         account="lab", extra_sbatch_lines=["--qos=high", "#SBATCH --constraint=a100"])
+    config = SlurmConfig(
+        nodes=2,
+        gpus_per_node=4,
+        cpus_per_task=6,
+        mem="64G",
+        time="0-02:00:00",
+        partition="gpu",
+        account="lab",
+        extra_sbatch_lines=["--qos=high", "#SBATCH --constraint=a100"],
+    )
     command = ["-m", "examples.mnist", "max_steps=5"]
     assert slurm.submit(config, exp_dir=exp_dir, command=command, workdir=work) == "1234"
 
@@ -131,8 +149,11 @@ def test_defaults_leave_cluster_defaults_alone(tmp_path: Path) -> None:
     config = SlurmConfig(gpus_per_node=0, python="/opt/py/bin/python")
     lines = sbatch_lines(slurm.sbatch_script(config, exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path))
     assert "#SBATCH --ntasks-per-node=1" in lines and "#SBATCH --time=1-00:00:00" in lines
-    assert not [line for line in lines if line.startswith(("#SBATCH --gpus", "#SBATCH --mem", "#SBATCH --partition",
-                                                           "#SBATCH --account"))]
+    assert not [
+        line
+        for line in lines
+        if line.startswith(("#SBATCH --gpus", "#SBATCH --mem", "#SBATCH --partition", "#SBATCH --account"))
+    ]
     script = slurm.sbatch_script(config, exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path)
     assert script.splitlines()[-1] == f"srun /opt/py/bin/python t.py exp_dir={tmp_path / 'run'}"
     assert SlurmConfig().extra_sbatch_lines == [] and SlurmConfig().extra_sbatch_lines is not config.extra_sbatch_lines
@@ -156,12 +177,15 @@ def test_the_script_runs_the_command_in_the_run_directory(fake_slurm: Path, tmp_
     """What Slurm does with the script: bash runs it with the job's variables; srun starts the task."""
     exp_dir, work = tmp_path / "run", tmp_path / "job_work"
     work.mkdir()
-    probe = ("import json, os, sys; print(json.dumps([sys.argv[1:], os.getcwd(), os.environ['MASTER_ADDR'], "
-             "os.environ['MASTER_PORT'], os.environ.get('MLFAB_EXP_DIR'), os.environ['SLURM_PROCID']]))")
+    probe = (
+        "import json, os, sys; print(json.dumps([sys.argv[1:], os.getcwd(), os.environ['MASTER_ADDR'], "
+        "os.environ['MASTER_PORT'], os.environ.get('MLFAB_EXP_DIR'), os.environ['SLURM_PROCID']]))"
+    )
     slurm.submit(SlurmConfig(), exp_dir=exp_dir, command=["-c", probe, "x=1"], workdir=work)
     env = {**os.environ, "SLURM_JOB_ID": "54321", "SLURM_JOB_NODELIST": "node[1-2]", "MLFAB_EXP_DIR": "/elsewhere"}
-    proc = subprocess.run(["bash", str(exp_dir / "slurm" / "job.sbatch")], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        ["bash", str(exp_dir / "slurm" / "job.sbatch")], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     import json
 
@@ -173,10 +197,13 @@ def test_the_script_runs_the_command_in_the_run_directory(fake_slurm: Path, tmp_
     assert any(c.startswith(f"srun {sys.executable} -c ") for c in calls)
 
 
-@pytest.mark.parametrize(("launcher", "argv", "message"), [
-    ("slrum", [], r"Unknown launcher 'slrum': use None"),
-    ("slurm", ["fit"], r"launcher='slurm' submits launches in the mlfab form .* not the Lightning form \(fit"),
-])
+@pytest.mark.parametrize(
+    ("launcher", "argv", "message"),
+    [
+        ("slrum", [], r"Unknown launcher 'slrum': use None"),
+        ("slurm", ["fit"], r"launcher='slurm' submits launches in the mlfab form .* not the Lightning form \(fit"),
+    ],
+)
 def test_a_launcher_that_cannot_be_used_is_refused_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launcher: str, argv: list[str], message: str
 ) -> None:
@@ -195,8 +222,9 @@ def test_missing_sbatch_says_where_to_run(tmp_path: Path, monkeypatch: pytest.Mo
         slurm.submit(SlurmConfig(), exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path)
 
 
-def test_refused_submission_shows_sbatch_error(fake_slurm: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refused_submission_shows_sbatch_error(
+    fake_slurm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FAKE_SBATCH_FAIL", "1")
     with pytest.raises(mlfab.MlfabError, match=r"(?s)status 1.*invalid partition specified: nope.*slurm.partition"):
         slurm.submit(SlurmConfig(partition="nope"), exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path)
@@ -237,8 +265,9 @@ def test_job_detection_and_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     assert slurm.job_id() == "1200_7"
 
 
-def test_requeue_on_rank_zero_only(fake_slurm: Path, monkeypatch: pytest.MonkeyPatch,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_requeue_on_rank_zero_only(
+    fake_slurm: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     in_task(monkeypatch)
     assert slurm.requeue(1) is False
     assert fake_slurm.read_text() == ""
@@ -251,8 +280,9 @@ def test_requeue_on_rank_zero_only(fake_slurm: Path, monkeypatch: pytest.MonkeyP
     assert fake_slurm.read_text().splitlines()[-1] == "scontrol requeue 1200_7"
 
 
-def test_failed_requeue_warns_and_does_not_raise(fake_slurm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_failed_requeue_warns_and_does_not_raise(
+    fake_slurm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     in_task(monkeypatch)
     monkeypatch.setenv("FAKE_SCONTROL_STATUS", "1")
     assert slurm.requeue(0) is False
@@ -275,8 +305,9 @@ def test_after_signal_checkpoint(fake_slurm: Path, monkeypatch: pytest.MonkeyPat
     assert slurm.after_signal_checkpoint(0) is False  # The requeue failed: keep training.
 
 
-def test_cluster_environment_turns_off_lightnings_sigusr1_handler(fake_slurm: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cluster_environment_turns_off_lightnings_sigusr1_handler(
+    fake_slurm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lightning.pytorch as pl
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
@@ -286,8 +317,15 @@ def test_cluster_environment_turns_off_lightnings_sigusr1_handler(fake_slurm: Pa
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
 
     def sigusr1_handler(plugins: list) -> object:
-        trainer = pl.Trainer(accelerator="cpu", devices=1, plugins=plugins, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            plugins=plugins,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         assert isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment)
         connector = trainer._signal_connector
         connector.register_signal_handlers()
@@ -367,8 +405,12 @@ def test_launcher_slurm_submits_and_the_job_requeues_and_resumes(fake_slurm: Pat
     assert not (exp_dir / "checkpoints").exists()  # Nothing trained on the login node.
 
     # Slurm starts the job; SIGUSR1 comes at step 5; after the requeue, Slurm starts the same script again.
-    job = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "interrupted-run_0", "SLURM_JOB_NODELIST": "node1",
-           "LAUNCHER": "slurm"}
+    job = {
+        "SLURM_JOB_ID": "1234",
+        "SLURM_JOB_NAME": "interrupted-run_0",
+        "SLURM_JOB_NODELIST": "node1",
+        "LAUNCHER": "slurm",
+    }
     first = run_task(tmp_path, ["bash", str(script)], **job, STOP_AT="5")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "scontrol requeue 1234" in fake_slurm.read_text().splitlines(), first.stderr[-3000:]

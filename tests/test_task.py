@@ -115,8 +115,12 @@ def test_state_counters_follow_the_trainer(tmp_path: Path) -> None:
             states.append(state)
             return super().get_loss(batch, state)
 
-    Recording.launch(BoringConfig(max_steps=4, batches_per_step=2, valid_every_n_steps=2, valid_batches=3,
-                                  run_dir=run_dir(tmp_path)), argv=[])
+    Recording.launch(
+        BoringConfig(
+            max_steps=4, batches_per_step=2, valid_every_n_steps=2, valid_batches=3, run_dir=run_dir(tmp_path)
+        ),
+        argv=[],
+    )
     train = [s for s in states if s.phase == "train"]
     valid = [s for s in states if s.phase == "valid"]
     assert [s.num_steps for s in train] == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -153,12 +157,24 @@ class LinearTask(mlfab.Task[BoringConfig]):
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     def weights_after(batch_size: int, batches_per_step: int, name: str) -> Tensor:
-        config = BoringConfig(batch_size=batch_size, batches_per_step=batches_per_step, max_steps=3,
-                              valid_every_n_steps=None, valid_batches=0, exp_dir=str(tmp_path / name))
+        config = BoringConfig(
+            batch_size=batch_size,
+            batches_per_step=batches_per_step,
+            max_steps=3,
+            valid_every_n_steps=None,
+            valid_batches=0,
+            exp_dir=str(tmp_path / name),
+        )
         task = LinearTask(config)
-        trainer = pl.Trainer(max_steps=3, accumulate_grad_batches=batches_per_step, limit_val_batches=0,
-                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False)
+        trainer = pl.Trainer(
+            max_steps=3,
+            accumulate_grad_batches=batches_per_step,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(task)
         return torch.cat([p.detach().flatten() for p in task.parameters()])
 
@@ -207,8 +223,9 @@ def test_torch_datasets_train(tmp_path: Path, kind: str) -> None:
         def get_dataset(self, phase: mlfab.Phase) -> torch.utils.data.Dataset:
             return torch.utils.data.TensorDataset(x, y) if kind == "map" else Stream()
 
-    TorchData.launch(BoringConfig(max_steps=40, valid_every_n_steps=20, learning_rate=0.05,
-                                  run_dir=run_dir(tmp_path)), argv=[])
+    TorchData.launch(
+        BoringConfig(max_steps=40, valid_every_n_steps=20, learning_rate=0.05, run_dir=run_dir(tmp_path)), argv=[]
+    )
     valid = read_scalars(only_exp_dir(tmp_path, "torch_data") / "tensorboard" / "valid")["loss/loss"]
     assert [s for s, _ in valid] == [1, 20, 40]
     assert valid[-1][1] < valid[0][1]
@@ -225,9 +242,17 @@ def test_drop_in_trainer_with_lightning_tensorboard_logger(tmp_path: Path) -> No
 
     logger = TensorBoardLogger(str(tmp_path / "tb"), name="mine", version=0)
     task = BoringTask(BoringConfig())
-    trainer = pl.Trainer(max_steps=12, logger=logger, callbacks=[Counter()], log_every_n_steps=5,
-                         val_check_interval=6, check_val_every_n_epoch=None, limit_val_batches=2,
-                         enable_progress_bar=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_steps=12,
+        logger=logger,
+        callbacks=[Counter()],
+        log_every_n_steps=5,
+        val_check_interval=6,
+        check_val_every_n_epoch=None,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(task)
     scalars = read_scalars(tmp_path / "tb" / "mine" / "version_0")
     assert [s for s, _ in scalars["train/loss/loss"]] == [0, 5, 10]  # The Trainer's log_every_n_steps.

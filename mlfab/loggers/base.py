@@ -42,5 +42,6 @@ class MlfabLogger:
 def scalar_logs(metrics: dict[str, Any], step: int | None) -> Logs:
     """Logs for metrics that arrive through Lightning's own `self.log` / `log_metrics`."""
     values = {k: float(v) for k, v in metrics.items() if k != "epoch"}
-    return Logs(phase="train", step=step or 0, max_steps=None, elapsed_time_s=0.0, num_samples=0,
-                values={"scalar": values})
+    return Logs(
+        phase="train", step=step or 0, max_steps=None, elapsed_time_s=0.0, num_samples=0, values={"scalar": values}
+    )

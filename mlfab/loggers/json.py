@@ -83,8 +83,13 @@ def histogram_summary(values: np.ndarray) -> dict[str, float | int | None]:
     finite = values[np.isfinite(values)]
     if not finite.size:
         return {"min": None, "max": None, "mean": None, "std": None, "count": int(values.size)}
-    return {"min": float(finite.min()), "max": float(finite.max()), "mean": float(finite.mean()),
-            "std": float(finite.std()), "count": int(values.size)}
+    return {
+        "min": float(finite.min()),
+        "max": float(finite.max()),
+        "mean": float(finite.mean()),
+        "std": float(finite.std()),
+        "count": int(values.size),
+    }
 
 
 def _plain(value: Any) -> Any:
@@ -157,16 +162,18 @@ class JsonLogger(MlfabLogger, Logger):
                 (self._dir / relative).parent.mkdir(parents=True, exist_ok=True)
                 save(self._dir / relative, value)
                 media[tag] = relative.as_posix()
-        self._write_line({
-            "phase": logs.phase,
-            "step": logs.step,
-            "elapsed_time_s": logs.elapsed_time_s,
-            "num_samples": logs.num_samples,
-            "scalars": {tag: float(v) for tag, v in logs.scalars.items()},
-            "strings": {tag: str(v) for tag, v in logs.of("string").items()},
-            "histograms": {tag: histogram_summary(v) for tag, v in logs.of("histogram").items()},
-            "media": media,
-        })
+        self._write_line(
+            {
+                "phase": logs.phase,
+                "step": logs.step,
+                "elapsed_time_s": logs.elapsed_time_s,
+                "num_samples": logs.num_samples,
+                "scalars": {tag: float(v) for tag, v in logs.scalars.items()},
+                "strings": {tag: str(v) for tag, v in logs.of("string").items()},
+                "histograms": {tag: histogram_summary(v) for tag, v in logs.of("histogram").items()},
+                "media": media,
+            }
+        )
 
     @override
     @rank_zero_only
@@ -194,4 +201,3 @@ class JsonLogger(MlfabLogger, Logger):
         state = self.__dict__.copy()
         state["_file"] = None  # An open file cannot be pickled (DDP spawn); it is reopened for appending.
         return state
-

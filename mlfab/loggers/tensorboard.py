@@ -40,8 +40,9 @@ def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> tuple[str, ...
             writer.add_histogram(prefix + tag, values, step)
     for tag, cloud in logs.of("point_cloud").items():
         colors = None if cloud.colors is None else torch.from_numpy(cloud.colors).unsqueeze(0)
-        writer.add_mesh(prefix + tag, vertices=torch.from_numpy(cloud.points).unsqueeze(0), colors=colors,
-                        global_step=step)
+        writer.add_mesh(
+            prefix + tag, vertices=torch.from_numpy(cloud.points).unsqueeze(0), colors=colors, global_step=step
+        )
     return KINDS
 
 
@@ -54,8 +55,13 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            save_dir=str(exp_dir), name="tensorboard", version="", sub_dir="train",
-            default_hp_metric=False, flush_secs=flush_secs, **kwargs,
+            save_dir=str(exp_dir),
+            name="tensorboard",
+            version="",
+            sub_dir="train",
+            default_hp_metric=False,
+            flush_secs=flush_secs,
+            **kwargs,
         )
         self._set_interval(log_interval_seconds)
         self._flush_secs = flush_secs
