@@ -19,11 +19,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from typing_extensions import override
 
-from mlfab.errors import MlfabError
-
-
-class CheckpointError(MlfabError):
-    """A checkpoint cannot be written, read, or used for this task."""
+from mlfab._lightning import collect_rng_states, set_rng_states
+from mlfab.errors import CheckpointError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -121,9 +118,7 @@ def _config_diff(saved: dict[str, Any], task: torch.nn.Module) -> str:
 
 def gather_rng_states(trainer: Any) -> list[dict[str, Any]]:
     """The global random states of every rank (torch, CUDA, numpy, random), indexed by global rank."""
-    from lightning.fabric.utilities.seed import _collect_rng_states
-
-    own = plain_rng_state(_collect_rng_states(include_cuda=torch.cuda.is_available()))
+    own = plain_rng_state(collect_rng_states(include_cuda=torch.cuda.is_available()))
     if trainer.world_size == 1 or not torch.distributed.is_initialized():
         return [own]
     everyone: list[Any] = [None] * trainer.world_size
@@ -132,10 +127,8 @@ def gather_rng_states(trainer: Any) -> list[dict[str, Any]]:
 
 
 def restore_rng_states(trainer: Any, states: list[dict[str, Any]] | None) -> None:
-    from lightning.fabric.utilities.seed import _set_rng_states
-
     if states and trainer.global_rank < len(states):
-        _set_rng_states(numpy_rng_state(states[trainer.global_rank]))
+        set_rng_states(numpy_rng_state(states[trainer.global_rank]))
 
 
 def plain_rng_state(state: Any) -> Any:

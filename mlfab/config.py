@@ -1,10 +1,11 @@
-"""The training config: `mlfab.field`, `mlfab.Config`, and how several config sources become one.
+"""The training config: `mlfab.field`, `mlfab.Config`, and turning plain data into a checked config.
 
-A config is resolved from, in order (later wins): the Config class defaults, each dataclass, mapping
-or YAML file given to `launch`, then `key=value` overrides from the command line. All problems in the
-result (unknown keys, wrong types, missing required fields) are reported together in one error.
+jsonargparse (the command line's parser) builds and checks configs everywhere, so a value is accepted or refused
+the same way whether it comes from a flag, a YAML file, a dict or a checkpoint. When it refuses one, mlfab lists
+every problem at once (unknown keys with close matches, wrong types, missing required keys), by the key as typed.
 """
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -15,13 +16,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import jsonargparse
 import yaml
 
 from mlfab.errors import ConfigError
-from mlfab.fields import HELP_KEY, field, field_help  # noqa: F401 - re-exported
-from mlfab.slurm import SlurmConfig
 
 ConfigT = TypeVar("ConfigT", bound="Config")
+
+HELP_KEY = "help"
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str) -> Any:  # noqa: A002
+    """A dataclass field with help text (shown by `--help`).
+
+    A callable default becomes a default factory; a mutable default (list, dict, set, dataclass) is
+    deep-copied for every instance, so two configs never share it.
+    """
+    metadata = {HELP_KEY: help}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=metadata)
+    if callable(default):  # Includes classes: `field(ModelConfig, ...)` gives each instance a fresh one.
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    if isinstance(default, list | dict | set) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get(HELP_KEY, "")
+
+
+@dataclass(kw_only=True)
+class SlurmConfig:
+    """The resources and options of the batch job that `launcher="slurm"` submits."""
+
+    nodes: int = field(1, help="Number of nodes the Slurm job uses")
+    gpus_per_node: int = field(1, help="GPUs per node; one task (training process) is started per GPU")
+    cpus_per_task: int = field(8, help="CPU cores per task (for dataloader workers)")
+    mem: str | None = field(None, help="Memory per node, as sbatch --mem takes it (e.g. 64G; null: cluster default)")
+    time: str | None = field("1-00:00:00", help="Time limit per job (D-HH:MM:SS); the job requeues itself at the end")
+    partition: str | None = field(None, help="Slurm partition (null: the cluster's default)")
+    account: str | None = field(None, help="Slurm account to charge (null: your default)")
+    signal_seconds: int = field(90, help="Seconds before the time limit when Slurm tells the job to save and requeue")
+    extra_sbatch_lines: list[str] = field(
+        list, help="More sbatch options: '--qos=high' becomes '#SBATCH --qos=high'; other lines are copied verbatim"
+    )
+    python: str | None = field(None, help="Python interpreter the job runs (null: the one that submits it)")
+
 
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
 
@@ -83,7 +124,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Resolution: sources -> one nested dict -> a typed, validated Config.
+# Plain data: YAML files, dataclasses and dicts as nested dicts.
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -127,98 +168,107 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """Deep-merges `over` into a copy of `base`; nested mappings merge, anything else replaces."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(dict(out[key]), value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
 
 
-def parse_override(arg: str) -> dict[str, Any]:
-    """`a.b=3` -> {"a": {"b": 3}}; the value is read as YAML, so lists, numbers and null work."""
-    key, sep, raw = arg.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"Cannot read command-line argument {arg!r}: expected key=value or a YAML file path.")
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def resolve_config(cls: type[ConfigT], *sources: Any) -> ConfigT:
-    return build_config(cls, merge_sources(cls, *sources))
-
-
-def merge_sources(cls: type, *sources: Any) -> dict[str, Any]:
-    """The sources as one nested dict, later winning, not yet validated; run files give their `model.config`."""
+def merge_sources(*sources: Any) -> dict[str, Any]:
+    """Dataclasses, dicts and YAML files (of config keys) as one nested dict, later ones winning."""
     merged: dict[str, Any] = {}
     for source in sources:
-        data = to_dict(source)
-        if isinstance(source, str | Path):
-            data = read_run_file(cls, data, source)
-        merged = merge(merged, data)
+        merged = merge(merged, to_dict(source))
     return merged
 
 
-# A run file (every run's `config.yaml`) has LightningCLI's layout: `model: {config: {...}}` and `trainer: {...}`
-# (the Trainer arguments given explicitly). `fit --config FILE` reads all of it; the mlfab form reads
-# `model.config` and refuses a file that needs more, rather than silently train with other settings.
+def config_to_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def read_run_file(cls: type, data: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """A run file's `model.config`; any other file unchanged."""
-    model = data.get("model")
-    own = _dataclass_type(_field_types(cls).get("model"))  # The config's own `model` field, if it has a `config`.
-    if not isinstance(model, Mapping) or "config" not in model or (own and "config" in _field_types(own)):
-        return data
-    unused = [f"model.{k}" for k in data["model"] if k != "config"]
-    for key, value in data.items():
-        if key != "model" and not (value is None or value is False or value == {}):
-            unused += [f"{key}.{k}" for k in value] if isinstance(value, Mapping) else [key]
-    if unused:
-        raise ConfigError(
-            f"Config file {path} sets {', '.join(unused)}, which only the Lightning form applies. Run it with "
-            f"`fit --config {path}` (e.g. `python -m my_package.my_task fit --config {path}`), or delete those "
-            "entries to train with the config alone."
-        )
-    config = data["model"]["config"]
-    if config is not None and not isinstance(config, Mapping):
-        raise ConfigError(
-            f"Config file {path}: model.config must hold a mapping of config keys, not a {type(config).__name__}."
-        )
-    return dict(config or {})
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking: plain data -> a typed config, or one error listing every problem.
+
+
+def resolve_config(cls: type[ConfigT], *sources: Any) -> ConfigT:
+    return build_config(cls, merge_sources(*sources))
 
 
 def build_config(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
-    """Builds the typed config, reporting every unknown key, wrong type and missing field at once."""
-    import pydantic  # deferred: only needed when a config is built
-
-    problems = list(_unknown_keys(cls, data, prefix=""))
+    """The typed config for plain data, built and checked by jsonargparse as the command line does."""
+    parser = _parser(cls)
     try:
-        config = pydantic.TypeAdapter(cls).validate_python(dict(data))  # Unknown keys are reported above.
-    except pydantic.ValidationError as e:
-        problems.extend(_describe(cls, data, e.errors()))
-        config = None
-    if problems:
-        listing = "\n".join(f"  - {p}" for p in problems)
-        raise ConfigError(f"Invalid config for {cls.__name__} ({len(problems)} problem(s)):\n{listing}")
-    assert config is not None
-    return config
+        return parser.instantiate(parser.parse_object({"config": dict(data)})).config
+    except (jsonargparse.ArgumentError, TypeError, ValueError) as e:
+        raise ConfigError(problems_message(cls.__name__, config_problems(cls, data) or [str(e)])) from None
 
 
 @functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
+def _parser(tp: Any) -> jsonargparse.ArgumentParser:
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", type=tp)
+    return parser
+
+
+def problems_message(name: str, problems: Sequence[str]) -> str:
+    listing = "\n".join(f"  - {p}" for p in problems)
+    return f"Invalid config for {name} ({len(problems)} problem(s)):\n{listing}"
+
+
+def config_problems(cls: type, data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every unknown key (with close matches), missing required key and value of the wrong type in `data`."""
+    ftypes = field_types(cls)
+    problems = []
+    for key, value in data.items():
+        if key not in ftypes:
+            close = difflib.get_close_matches(str(key), list(ftypes), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
+            problems.append(f"unknown key {prefix + str(key)!r}{hint}")
+        elif (sub := dataclass_type(ftypes[key])) is not None and isinstance(value, Mapping):
+            problems.extend(config_problems(sub, value, prefix=f"{prefix}{key}."))
+        elif (why := _type_problem(ftypes[key], value)) is not None:
+            problems.append(f"key {prefix + key!r}: expected {type_name(ftypes[key])}{why} (got {value!r})")
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data:
+            key = prefix + f.name
+            problems.append(f"missing required key {key!r}: set it in the config or pass {key}=<value>")
+    return problems
+
+
+def _type_problem(tp: Any, value: Any) -> str | None:
+    """None when jsonargparse accepts `value` for `tp`; else which items of a tuple or list it refused, if any."""
+    if _accepts(tp, value):
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (tuple, list) and args and isinstance(value, list | tuple):
+        per_item = list(args) if origin is tuple and Ellipsis not in args else [args[0]] * len(value)
+        if len(per_item) != len(value):
+            return f"; {len(per_item)} items, not {len(value)}"
+        bad = [
+            f"item {i}: expected {type_name(t)}"
+            for i, (t, v) in enumerate(zip(per_item, value, strict=True))
+            if not _accepts(t, v)
+        ]
+        return "; " + ", ".join(bad) if bad else ""
+    return ""
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    try:
+        _parser(tp).parse_object({"config": value})
+    except jsonargparse.ArgumentError:
+        return False
+    return True
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
     """Field name -> type, with string annotations (`from __future__ import annotations`) evaluated."""
     try:
         hints = typing.get_type_hints(cls)
@@ -227,22 +277,7 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
 
 
-def _unknown_keys(cls: type, data: Mapping[str, Any], prefix: str) -> Sequence[str]:
-    ftypes = _field_types(cls)
-    problems = []
-    for key, value in data.items():
-        if key not in ftypes:
-            close = difflib.get_close_matches(str(key), list(ftypes), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
-            problems.append(f"unknown key {prefix + str(key)!r}{hint}")
-            continue
-        sub = _dataclass_type(ftypes[key])
-        if sub is not None and isinstance(value, Mapping):
-            problems.extend(_unknown_keys(sub, value, prefix=f"{prefix}{key}."))
-    return problems
-
-
-def _dataclass_type(tp: Any) -> type | None:
+def dataclass_type(tp: Any) -> type | None:
     """The dataclass in `Model`, `Model | None` or `Optional[Model]`, else None."""
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return tp
@@ -265,38 +300,3 @@ def type_name(tp: Any) -> str:
         inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
         return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
     return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-
-def _describe(cls: type, data: Mapping[str, Any], errors: list[Any]) -> list[str]:
-    """One line per config key (a union fails once per member), naming the expected type and the value given."""
-    by_key: dict[str, tuple[Any, list[Any]]] = {}
-    for err in errors:
-        parts, tp = [], cls
-        for item in err["loc"]:  # The leading field names; then list indices, dict keys or union members.
-            sub = _dataclass_type(tp)
-            if sub is None or item not in _field_types(sub):
-                break
-            parts.append(str(item))
-            tp = _field_types(sub)[item]
-        by_key.setdefault(".".join(parts) or str(err["loc"][0]), (tp, []))[1].append(err)
-    lines = []
-    for key, (tp, errs) in by_key.items():
-        if errs[0]["type"] == "missing":
-            lines.append(f"missing required key {key!r}: set it in the config or pass {key}=<value>")
-            continue
-        value: Any = data
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, Mapping) else None
-        why = "; ".join(dict.fromkeys(_why(key, e) for e in errs if e["type"] != "literal_error"))
-        lines.append(f"key {key!r}: expected {type_name(tp)}{'; ' + why if why else ''} (got {value!r})")
-    return lines
-
-
-def _why(key: str, err: Mapping[str, Any]) -> str:
-    msg = str(err["msg"])
-    index = [str(p) for p in err["loc"][len(key.split(".")) :] if isinstance(p, int)]
-    return f"item {'.'.join(index)}: {msg[:1].lower()}{msg[1:]}" if index else f"{msg[:1].lower()}{msg[1:]}"
-
-
-def config_to_yaml(config: Any) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from dpshdl.dataset import Dataset as DpshdlDataset
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
-from torch.utils.data._utils.collate import default_collate
 
+from mlfab._lightning import collect_rng_states, set_rng_states
 from mlfab.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,9 @@ class DpshdlIterable(IterableDataset):
         gens = _rng_attributes(self.dataset)
         state["dataset"] = own() if callable(own) else {k: _get_rng(g) for k, g in gens.items()}
         if get_worker_info() is not None:  # The main process's global state is saved with the task.
-            from lightning.fabric.utilities.seed import _collect_rng_states
-
             from mlfab.checkpoints import plain_rng_state
 
-            state["global_rng"] = plain_rng_state(_collect_rng_states(include_cuda=False))
+            state["global_rng"] = plain_rng_state(collect_rng_states(include_cuda=False))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -194,11 +192,9 @@ class DpshdlIterable(IterableDataset):
                 if name in gens:
                     _set_rng(gens[name], value)
         if "global_rng" in state and get_worker_info() is not None:
-            from lightning.fabric.utilities.seed import _set_rng_states
-
             from mlfab.checkpoints import numpy_rng_state
 
-            _set_rng_states(numpy_rng_state(state["global_rng"]))
+            set_rng_states(numpy_rng_state(state["global_rng"]))
 
 
 class Collate:

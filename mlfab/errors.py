@@ -19,3 +19,15 @@ class TaskDefinitionError(MlfabError, TypeError):
 
 class DatasetError(MlfabError):
     """`get_dataset` failed or returned something that is not a dataset."""
+
+
+class CheckpointError(MlfabError):
+    """A checkpoint cannot be written, read, or used for this task."""
+
+
+class NonFiniteError(MlfabError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class SlurmError(MlfabError):
+    """Submitting to Slurm failed, or a Slurm setting is wrong."""

@@ -13,15 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mlfab.errors import MlfabError
+from mlfab._lightning import foreach_norm
+from mlfab.errors import NonFiniteError, TaskDefinitionError
 
 log = logging.getLogger(__name__)
 
 
 def loss_parts(loss: Any, task_name: str) -> dict[str, Tensor]:
     """`get_loss`'s result as named scalar tensors, or an error saying what it must return."""
-    from mlfab.errors import TaskDefinitionError
-
     parts = {"loss": loss} if isinstance(loss, Tensor) else loss
     if not isinstance(parts, Mapping) or not parts:
         raise TaskDefinitionError(
@@ -36,10 +35,6 @@ def loss_parts(loss: Any, task_name: str) -> dict[str, Tensor]:
                 "Tensor (reduce it, e.g. with .mean())."
             )
     return dict(parts)
-
-
-class NonFiniteError(MlfabError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 class SkipStep(Exception):  # noqa: N818 - control flow, never reaches the user
@@ -64,7 +59,7 @@ class NonFiniteGuard:
             if check_grads:
                 values.append(norm)
         elif with_grad and check_grads:
-            norms = torch._foreach_norm([p.grad for p in with_grad])  # type: ignore[misc]
+            norms = foreach_norm([p.grad for p in with_grad])  # type: ignore[misc]
             if any(n.device != norms[0].device for n in norms):  # Parameters spread over devices.
                 norms = [n.to(norms[0].device) for n in norms]
             values.append(torch.stack(norms).sum(dtype=torch.float32))  # fp16 norms could overflow their sum.

@@ -6,7 +6,6 @@ builds the default optimizer from the config, and writes everything passed to `l
 attached logger. `Task.launch(Config(...))` runs it; `lightning.pytorch.Trainer().fit(task)` works too.
 """
 
-import inspect
 import random
 import time
 from collections.abc import Mapping
@@ -21,22 +20,25 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from mlfab import log_values as lv
-from mlfab.callbacks import step_ends
+from mlfab._lightning import FastFxName, precompute_step_signatures, step_ends
 from mlfab.checkpoints import check_compatible, gather_rng_states, restore_rng_states, task_id
+from mlfab.cli.parser import launch
 from mlfab.config import Config, ConfigT, build_config, to_dict
 from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
 from mlfab.declaration import find_config_class, prepare_subclass
-from mlfab.distributed import broadcast_exp_dir
 from mlfab.errors import TaskDefinitionError
 from mlfab.loader import Consumed, MlfabLoader
-from mlfab.logbuffer import Cadence, LogBuffer, flush_logs, resolve
+from mlfab.loggers.dispatch import flush_logs
+from mlfab.logs import convert as lv
+from mlfab.logs.buffer import Cadence, LogBuffer
+from mlfab.logs.values import resolve
 from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
 from mlfab.optim import save_in_eval_mode, schedule_free_adamw, set_optimizer_mode, use_training_weights
+from mlfab.run.distributed import broadcast_exp_dir
 from mlfab.state import PHASES, Phase, State
 
 
-class Task(pl.LightningModule, Generic[ConfigT]):
+class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see mlfab/_lightning.py.
     default_namespace = "value"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -77,14 +79,6 @@ class Task(pl.LightningModule, Generic[ConfigT]):
         self._start_time_s = time.time()
         self._elapsed_before_s = 0.0  # Time spent in earlier sessions of this run (restored on resume).
         self._session_start_s = time.monotonic()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets `_current_fx_name` twice around each of the ~20 hook calls of a step; nn.Module's
-        # __setattr__ (its parameter, buffer and submodule checks) made that ~8% of a small model's step time.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     # ----------------------------------------------------------------------------------------------------------------
     # What a task implements.
@@ -497,12 +491,7 @@ class Task(pl.LightningModule, Generic[ConfigT]):
     @classmethod
     def launch(cls, *configs: Any, launcher: Any = None, argv: list[str] | None = None) -> None:
         """Resolves the config (defaults <- `configs` <- YAML files and key=value on the command line) and trains."""
-        from mlfab.launch import launch
-
         launch(cls, *configs, launcher=launcher, argv=argv)
 
 
-# Lightning reads a step hook's signature on every batch (does it take `batch_idx`?); inspect returns a
-# precomputed `__signature__` instead of parsing the function again.
-for _hook in (Task.training_step, Task.validation_step, Task.test_step):
-    _hook.__signature__ = inspect.signature(_hook)  # type: ignore[attr-defined]
+precompute_step_signatures(Task)  # Lightning inspects the step hooks' signatures on every batch.

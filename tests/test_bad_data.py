@@ -30,6 +30,7 @@ class Flaky(RegressionDataset):
         return super().next()
 
 
+@pytest.mark.integration
 def test_bad_samples_are_skipped_and_training_goes_on(tmp_path: Path) -> None:
     seen: list[int] = []
 
@@ -56,6 +57,7 @@ def test_bad_samples_are_skipped_and_training_goes_on(tmp_path: Path) -> None:
     assert values == sorted(values) and values[-1] >= 10
 
 
+@pytest.mark.integration
 def test_a_dataset_that_keeps_failing_stops_with_its_name_and_errors(tmp_path: Path) -> None:
     class Broken(BoringTask):
         def get_dataset(self, phase: mlfab.Phase) -> Flaky:
@@ -69,6 +71,7 @@ def test_a_dataset_that_keeps_failing_stops_with_its_name_and_errors(tmp_path: P
     assert "Last error: OSError: cannot read sample 21" in message
 
 
+@pytest.mark.integration
 def test_batches_that_fail_to_collate_are_skipped(tmp_path: Path) -> None:
     class BadCollate(RegressionDataset):
         def __init__(self, in_dim: int) -> None:
@@ -99,6 +102,7 @@ def test_batches_that_fail_to_collate_are_skipped(tmp_path: Path) -> None:
     assert read_scalars(exp / "tensorboard" / "train")["data/skipped_batches"] == [(0, 1.0)]
 
 
+@pytest.mark.integration
 def test_non_finite_loss_skips_the_step_and_is_logged(tmp_path: Path) -> None:
     weights: dict[int, Tensor] = {}
 
@@ -121,6 +125,7 @@ def test_non_finite_loss_skips_the_step_and_is_logged(tmp_path: Path) -> None:
     assert skipped[0] == (2, 1.0)
 
 
+@pytest.mark.integration
 def test_non_finite_steps_in_a_row_stop_the_run_and_keep_checkpoints(tmp_path: Path) -> None:
     class AlwaysNaN(BoringTask):
         def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
@@ -145,6 +150,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_checkpoints(tmp_path: P
     assert torch.load(ckpt, weights_only=True)["global_step"] == 4
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("max_norm", [None, 10.0])
 def test_the_finiteness_check_finds_each_bad_part_and_ignores_an_overflowing_sum(max_norm: float | None) -> None:
     from mlfab.nonfinite import NonFiniteGuard, SkipStep
@@ -193,6 +199,7 @@ def fp16_trainer(tmp_path: Path, scaler: torch.amp.GradScaler, clip: float | Non
     )
 
 
+@pytest.mark.integration
 def test_fp16_loss_scaling_skips_overflowing_steps_itself_with_clipping_on(tmp_path: Path) -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # The first steps' scaled gradients overflow.
     task = BoringTask(BoringConfig(max_steps=4, valid_every_n_steps=None))
@@ -203,6 +210,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps_itself_with_clipping_on(tmp_p
     assert task._nonfinite.total == 0  # ... and mlfab left those steps to it.
 
 
+@pytest.mark.integration
 def test_a_non_finite_loss_under_fp16_loss_scaling_is_skipped_and_training_goes_on(tmp_path: Path) -> None:
     class NaNAtOne(BoringTask):
         def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
@@ -215,6 +223,7 @@ def test_a_non_finite_loss_under_fp16_loss_scaling_is_skipped_and_training_goes_
     assert trainer.global_step == 4 and task._nonfinite.total == 1
 
 
+@pytest.mark.integration
 def test_a_dataset_that_yields_nothing(tmp_path: Path) -> None:
     class Empty(torch.utils.data.IterableDataset):
         def __iter__(self):  # noqa: ANN204

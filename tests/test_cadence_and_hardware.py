@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 import mlfab
-from mlfab.distributed import resolve_hardware
+from mlfab.run.distributed import resolve_hardware
 from mlfab.testing import BoringConfig, BoringTask, read_scalars
 
 
@@ -24,6 +24,7 @@ def valid_steps(tmp_path: Path, name: str = "slow") -> list[int]:
     return [step for step, _ in read_scalars(exp / "tensorboard" / "valid")["loss/loss"]]
 
 
+@pytest.mark.integration
 def test_validation_every_n_seconds(tmp_path: Path) -> None:
     Slow.launch(
         BoringConfig(max_steps=40, valid_every_n_steps=None, valid_every_n_seconds=0.2, run_dir=str(tmp_path)), argv=[]
@@ -34,6 +35,7 @@ def test_validation_every_n_seconds(tmp_path: Path) -> None:
     assert all(5 <= b - a <= 15 for a, b in zip(steps, steps[1:], strict=False))
 
 
+@pytest.mark.integration
 def test_first_validation_after_n_seconds(tmp_path: Path) -> None:
     Slow.launch(
         BoringConfig(max_steps=30, valid_every_n_steps=100, valid_first_n_seconds=0.3, run_dir=str(tmp_path)), argv=[]
@@ -42,6 +44,7 @@ def test_first_validation_after_n_seconds(tmp_path: Path) -> None:
     assert len(steps) == 1 and 5 <= steps[0] <= 20  # 0.3 s in, at 0.02 s (or a bit more) a step.
 
 
+@pytest.mark.integration
 def test_steps_and_seconds_together(tmp_path: Path) -> None:
     Slow.launch(
         BoringConfig(max_steps=30, valid_every_n_steps=25, valid_every_n_seconds=0.25, run_dir=str(tmp_path)), argv=[]
@@ -50,6 +53,7 @@ def test_steps_and_seconds_together(tmp_path: Path) -> None:
     assert 25 in steps and len(steps) >= 3  # The step cadence and the time cadence both fire.
 
 
+@pytest.mark.unit
 def test_hardware_auto_on_cpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the test checks the CPU defaults")
@@ -64,6 +68,7 @@ def test_hardware_auto_on_cpu() -> None:
     assert resolve_hardware("cpu", 2, 1, "fsdp")["strategy"] == "fsdp"
 
 
+@pytest.mark.unit
 def test_mps_trains_on_one_device_and_says_so(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -75,6 +80,7 @@ def test_mps_trains_on_one_device_and_says_so(
     assert "MPS supports one device; training on one instead of devices=4" in caplog.text
 
 
+@pytest.mark.unit
 def test_torchrun_environment_sets_devices_and_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
@@ -83,11 +89,12 @@ def test_torchrun_environment_sets_devices_and_nodes(monkeypatch: pytest.MonkeyP
     assert (hw["devices"], hw["num_nodes"], hw["strategy"]) == (4, 2, "ddp")
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by hand on a GPU machine)")
 def test_single_gpu_bf16(tmp_path: Path) -> None:
     hw = resolve_hardware("auto", "auto", 1, "auto")
     assert hw["accelerator"] == "cuda"
-    from mlfab.trainer import resolve_precision
+    from mlfab.run.trainer import resolve_precision
 
     expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     assert resolve_precision("auto") == expected

@@ -2,6 +2,7 @@
 config.yaml as the one record of a run, and the messages a user sees."""
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,9 +14,10 @@ import yaml
 from torch import Tensor, nn
 
 import mlfab
-from mlfab.cli import import_task, main, run_cli
+from mlfab.cli.args import config_file_args
+from mlfab.cli.main import import_task, main
+from mlfab.cli.parser import run_cli
 from mlfab.config import resolve_config
-from mlfab.launch import parse_argv
 from mlfab.testing import BoringConfig, BoringTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,20 @@ class ChildTask(BoringTask, mlfab.Task[ChildConfig]):  # No __init__ of its own.
     pass
 
 
+@dataclass
+class Inner:
+    config: int = mlfab.field(1, help="A field named config")
+
+
+@dataclass(kw_only=True)
+class OwnModelConfig(BoringConfig):
+    model: Inner = mlfab.field(Inner, help="Nested")
+
+
+class OwnModelTask(BoringTask, mlfab.Task[OwnModelConfig]):
+    pass
+
+
 def fit(tmp_path: Path, *args: str, task: type = BoringTask, command: str = "fit") -> Path:
     """Runs Lightning's CLI in this process; returns the new run directory."""
     root = tmp_path / "runs" / "boring_task"
@@ -73,40 +89,54 @@ def run_file(exp: Path) -> dict:
 # The mlfab form: python -m my.task [file.yaml ...] [key=value ...] [--help]
 
 
+def help_text(capsys: pytest.CaptureFixture[str]) -> str:
+    return " ".join(capsys.readouterr().out.split())  # The help is wrapped to the terminal width.
+
+
 def test_help_shows_types_current_values_and_nested_fields(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         NestedTask.launch(NestedConfig(batch_size=3), argv=["model.hidden=64", "max_steps=7", "--help"])
     assert info.value.code == 0
-    out = capsys.readouterr().out
-    assert "  batch_size (int, default: 3)\n      Samples per batch\n" in out  # The script's value, not the class's.
-    assert "  max_steps (int | None, default: 20, current: 7)\n      Training steps\n" in out
-    assert "  model.hidden (int, default: 32, current: 64)\n      Hidden units of each layer\n" in out
-    assert "  model.depth (int, default: 2)\n      Number of layers\n" in out
-    assert "  betas (tuple[float, float], default: [0.9, 0.999])" in out
-    assert "  clip_grad_norm (float | None, default: 10.0)" in out
-    assert "  precision ('auto' | '32-true' | 'bf16-mixed'" in out
-    assert "{fit,validate,test,predict}" in out
+    out = help_text(capsys)
+    assert "[config.yaml ...] [key=value ...]" in out and "{fit,validate,test,predict}" in out
+    assert "key=value stands for --model.config.key=value" in out
+    # The script's value is the default, not the class's; what the arguments set is the current value.
+    assert "--model.config.batch_size BATCH_SIZE Samples per batch (type: int, default: 3)" in out
+    assert "--model.config.max_steps MAX_STEPS Training steps [current: 7] (type: int | null, default: 20)" in out
+    assert "--model.config.model.hidden HIDDEN Hidden units of each layer [current: 64] (type: int, default: 32)" in out
+    assert "--model.config.model.depth DEPTH Number of layers (type: int, default: 2)" in out
+    assert "(type: tuple[float, float], default: [0.9, 0.999])" in out
+    assert "--trainer.max_time" in out and "--ckpt_path" in out  # One help: the short form is `fit`.
+
+
+def test_both_forms_print_the_same_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        BoringTask.launch(argv=["--help"])
+    short = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        BoringTask.launch(argv=["fit", "--help"])
+    assert short.endswith(capsys.readouterr().out)
 
 
 def test_help_applies_yaml_files_and_marks_required(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a.yaml").write_text("width: 5\n")
     with pytest.raises(SystemExit):
         RequiredTask.launch(argv=["--help"])
-    assert "  width (int, required)\n      A field without a default\n" in capsys.readouterr().out
+    assert "--model.config.width WIDTH A field without a default (required, type: int)" in help_text(capsys)
     with pytest.raises(SystemExit):
         RequiredTask.launch(argv=[str(tmp_path / "a.yaml"), "--help"])
-    assert "  width (int, required, current: 5)\n" in capsys.readouterr().out
+    assert "A field without a default [current: 5] (required, type: int)" in help_text(capsys)
 
 
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["max_steps=abc"], ["key 'max_steps': expected int | None;", "(got 'abc')"]),
+        (["max_steps=abc"], ["key 'max_steps': expected int | None (got 'abc')"]),
         (["betas=[0.5, x]"], ["key 'betas': expected tuple[float, float]; item 1:", "(got [0.5, 'x'])"]),
         (["precision=fp8"], ["key 'precision': expected 'auto' | '32-true'", "(got 'fp8')"]),
         (["bach_size=3"], ["unknown key 'bach_size'; did you mean 'batch_size'?"]),
         (["model.hiden=3"], ["unknown key 'model.hiden'; did you mean 'model.hidden'?"]),
-        (["model.depth=deep"], ["key 'model.depth': expected int;", "(got 'deep')"]),
+        (["model.depth=deep"], ["key 'model.depth': expected int (got 'deep')"]),
     ],
 )
 def test_config_errors_name_key_expected_type_and_value(tmp_path: Path, args: list[str], expected: list[str]) -> None:
@@ -143,33 +173,56 @@ def test_lightning_flag_in_mlfab_form_points_to_both_forms() -> None:
     assert "fit --model.config.max_steps" in str(info.value)
 
 
-def test_flat_file_and_run_file_give_the_same_config(tmp_path: Path) -> None:
+def printed_config(capsys: pytest.CaptureFixture[str], task: type, argv: list[str]) -> dict:
+    """What `--print_config` prints for `argv`: the run file the arguments make, nothing trained."""
+    with pytest.raises(SystemExit) as info:
+        task.launch(argv=[*argv, "--print_config"])
+    assert info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_flat_file_and_run_file_give_the_same_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "flat.yaml").write_text("in_dim: 3\nbetas: [0.5, 0.6]\n")
     (tmp_path / "run.yaml").write_text("model:\n  config:\n    in_dim: 3\n    betas: [0.5, 0.6]\ntrainer: {}\n")
-    flat = resolve_config(BoringConfig, *parse_argv(BoringTask, [str(tmp_path / "flat.yaml")]))
-    assert resolve_config(BoringConfig, *parse_argv(BoringTask, [str(tmp_path / "run.yaml")])) == flat
-    assert flat.in_dim == 3 and flat.betas == (0.5, 0.6)
+    flat = printed_config(capsys, BoringTask, [str(tmp_path / "flat.yaml")])
+    assert printed_config(capsys, BoringTask, [str(tmp_path / "run.yaml")]) == flat
+    assert flat["model"]["config"]["in_dim"] == 3 and flat["model"]["config"]["betas"] == [0.5, 0.6]
 
 
-def test_run_file_needing_the_lightning_form_is_refused(tmp_path: Path) -> None:
+def test_a_run_file_with_trainer_settings_applies_them_in_the_short_form(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  config:\n    in_dim: 3\ntrainer:\n  max_time: '00:00:01:00'\n")
-    with pytest.raises(mlfab.ConfigError) as info:
-        BoringTask.launch(argv=[str(path)])
-    assert "sets trainer.max_time, which only the Lightning form applies" in str(info.value)
-    assert f"fit --config {path}" in str(info.value)
+    printed = printed_config(capsys, BoringTask, [str(path), "max_steps=4"])
+    assert printed["trainer"] == {"max_time": "00:00:01:00"}
+    assert printed["model"]["config"]["in_dim"] == 3 and printed["model"]["config"]["max_steps"] == 4
 
 
-def test_config_with_its_own_model_config_field_reads_flat() -> None:
-    @dataclass
-    class Inner:
-        config: int = mlfab.field(1, help="A field named config")
+def test_both_forms_write_byte_identical_config_yaml(tmp_path: Path) -> None:
+    exp = tmp_path / "run"  # The same run directory for both (the file names itself in its header).
+    BoringTask.launch(argv=[f"exp_dir={exp}", "max_steps=2", "betas=[0.5,0.6]", "clip_grad_norm=null"])
+    short = (exp / "config.yaml").read_bytes()
+    shutil.rmtree(exp)
+    BoringTask.launch(
+        argv=[
+            "fit",
+            f"--model.config.exp_dir={exp}",
+            "--model.config.max_steps=2",
+            "--model.config.betas=[0.5,0.6]",
+            "--model.config.clip_grad_norm=null",
+        ]
+    )
+    assert (exp / "config.yaml").read_bytes() == short
+    assert b"clip_grad_norm: null" in short and b"- 0.5" in short
 
-    @dataclass(kw_only=True)
-    class Own(BoringConfig):
-        model: Inner = mlfab.field(Inner, help="Nested")
 
-    assert resolve_config(Own, {"model": {"config": 5}}).model.config == 5
+def test_config_with_its_own_model_config_field_reads_flat(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "own.yaml").write_text("model:\n  config: 5\n")
+    assert printed_config(capsys, OwnModelTask, [str(tmp_path / "own.yaml")])["model"]["config"]["model"] == {
+        "config": 5
+    }
+    assert resolve_config(OwnModelConfig, {"model": {"config": 5}}).model.config == 5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -347,10 +400,12 @@ EXAMPLE_TASKS = {"digits": "examples.digits.DigitsClassification", "mnist": "exa
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_load(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     task = import_task(EXAMPLE_TASKS[path.stem.split("_")[0]])  # <example>_<variant>.yaml
-    config = resolve_config(task.config_class(), {"batch_size": 16}, *parse_argv(task, [path.name]))
+    config = resolve_config(task.config_class(), {"batch_size": 16}, config_file_args(task, path)[1])
+    short = printed_config(capsys, task, ["batch_size=16", path.name])  # A bare name: found next to the task.
     with pytest.raises(SystemExit):
         run_cli(task, ["fit", "--model.config.batch_size=16", "--config", str(path), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == short
     assert resolve_config(task.config_class(), printed["model"]["config"]) == config
 
 

@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 import mlfab
-from mlfab.config import config_to_yaml, field_help, parse_override, resolve_config
+from mlfab.cli.args import short_form_args
+from mlfab.config import config_to_yaml, field_help, resolve_config
+from mlfab.testing import BoringTask
 
 
 @dataclass
@@ -146,7 +148,13 @@ def test_builtin_class_default_is_a_factory() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# parse_override
+# key=value on the command line: a `fit` flag, and the plain value it sets (for explaining a refusal)
+
+
+def parse_override(arg: str) -> dict:
+    args, values = short_form_args(BoringTask, [arg])
+    assert args == [f"--model.config.{arg}"]
+    return values[0]
 
 
 def test_parse_override_nests_dotted_keys_and_reads_yaml() -> None:
@@ -158,10 +166,15 @@ def test_parse_override_nests_dotted_keys_and_reads_yaml() -> None:
     assert parse_override("exp_dir=") == {"exp_dir": ""}
 
 
-@pytest.mark.parametrize("arg", ["batch_size", "=3", ""])
+@pytest.mark.parametrize("arg", ["=3", "a..b=3", ".a=1"])
 def test_parse_override_rejects_non_key_value(arg: str) -> None:
     with pytest.raises(mlfab.ConfigError, match="expected key=value"):
-        parse_override(arg)
+        short_form_args(BoringTask, [arg])
+
+
+def test_an_argument_without_equals_is_a_config_file() -> None:
+    with pytest.raises(mlfab.ConfigError, match=r"Config file 'batch_size' not found"):
+        short_form_args(BoringTask, ["batch_size"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

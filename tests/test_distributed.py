@@ -18,6 +18,8 @@ import torch
 
 from mlfab.testing import read_scalars
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHONPATH = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # Keep the caller's entries.
 
@@ -121,7 +123,6 @@ def check_two_ranks(tmp_path: Path, stdout: str) -> None:
         assert per_rank[0] != pytest.approx(per_rank[1])  # The ranks validated on different data.
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("dataset", "strategy"), [("dpshdl", "auto"), ("map", "auto"), ("dpshdl", "ddp_spawn")])
 def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str) -> None:
     script = write_script(tmp_path)  # ddp_spawn pickles the Trainer and the task into each process.
@@ -144,7 +145,6 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str) -
     check_two_ranks(tmp_path, proc.stdout)
 
 
-@pytest.mark.slow
 def test_two_simulated_nodes(tmp_path: Path) -> None:
     script = write_script(tmp_path)
     port = str(free_port())
@@ -172,7 +172,6 @@ def test_two_simulated_nodes(tmp_path: Path) -> None:
     check_two_ranks(tmp_path, outputs[0][0] + outputs[1][0])
 
 
-@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path: Path) -> None:
     script = write_script(tmp_path)
     proc = subprocess.run(
@@ -196,7 +195,6 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     check_two_ranks(tmp_path, proc.stdout)
 
 
-@pytest.mark.slow
 def test_the_test_subcommand_gives_each_rank_its_own_batches_of_an_endless_set(tmp_path: Path) -> None:
     script = write_script(tmp_path)
     proc = subprocess.run(

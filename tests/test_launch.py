@@ -118,6 +118,6 @@ def test_help_lists_fields_with_help_text(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit) as info:
         BoringTask.launch(BoringConfig(), argv=["--help"])
     assert info.value.code == 0
-    out = capsys.readouterr().out
-    assert "batch_size (int, default: 8)\n      Samples per batch" in out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model.config.batch_size BATCH_SIZE Samples per batch (type: int, default: 8)" in out
     assert "Validate every N seconds of wall-clock time" in out

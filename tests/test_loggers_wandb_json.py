@@ -15,9 +15,9 @@ import soundfile
 from PIL import Image
 
 import mlfab
-from mlfab.logbuffer import Audio, Logs, PointCloud, Video
 from mlfab.loggers.json import JsonLogger
 from mlfab.loggers.wandb import WandbLogger, resolve_mode
+from mlfab.logs.values import Audio, Logs, PointCloud, Video
 from mlfab.testing import BoringConfig, BoringTask
 
 
@@ -69,6 +69,7 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.unit
 def test_json_logger_writes_every_kind_and_media_decode(tmp_path: Path) -> None:
     logger = JsonLogger(tmp_path)
     logger.log_hyperparams({"config": {"batch_size": 8}})
@@ -112,6 +113,7 @@ def test_json_logger_writes_every_kind_and_media_decode(tmp_path: Path) -> None:
 # W&B
 
 
+@pytest.mark.unit
 def test_mode_is_offline_without_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
         monkeypatch.delenv(var, raising=False)
@@ -185,6 +187,7 @@ def finished_wandb_run(exp_dir: Path, timeout_s: float = 30.0) -> Path:
     return run_dir
 
 
+@pytest.mark.integration
 def test_wandb_logger_offline_every_kind_in_order(tmp_path: Path) -> None:
     exp = tmp_path / "my_task" / "run_3"
     logger = WandbLogger(exp)
@@ -237,6 +240,7 @@ def test_wandb_logger_offline_every_kind_in_order(tmp_path: Path) -> None:
     assert records[-1].WhichOneof("record_type") == "exit" and records[-1].exit.exit_code == 0
 
 
+@pytest.mark.unit
 def test_disabled_wandb_accepts_every_call_and_writes_nothing(tmp_path: Path) -> None:
     logger = WandbLogger(tmp_path / "task" / "run_0", mode="disabled")
     logger.write_config("batch_size: 8\n")
@@ -246,6 +250,7 @@ def test_disabled_wandb_accepts_every_call_and_writes_nothing(tmp_path: Path) ->
     assert not (tmp_path / "task" / "run_0" / "wandb").exists()
 
 
+@pytest.mark.integration
 def test_importing_the_wandb_logger_does_not_import_wandb() -> None:
     code = "import sys, mlfab.loggers.wandb, mlfab.loggers.json; print('wandb' in sys.modules)"
     out = subprocess.run(
@@ -264,6 +269,7 @@ class LoggedTask(BoringTask):
         self.add_logger(JsonLogger(self.exp_dir), WandbLogger(self.exp_dir, log_interval_seconds=0.0))
 
 
+@pytest.mark.integration
 def test_training_writes_json_and_wandb(tmp_path: Path) -> None:
     LoggedTask.launch(BoringConfig(max_steps=4, valid_every_n_steps=2, run_dir=str(tmp_path / "runs")), argv=[])
     (exp,) = (tmp_path / "runs" / "logged_task").iterdir()
@@ -281,6 +287,7 @@ def test_training_writes_json_and_wandb(tmp_path: Path) -> None:
     assert wandb_records(run_dir)[-1].WhichOneof("record_type") == "exit"  # The Trainer's finalize finished it.
 
 
+@pytest.mark.unit
 def test_non_finite_histograms_and_fast_videos_read_back_the_same_from_every_file_logger(tmp_path: Path) -> None:
     import io
 

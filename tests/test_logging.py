@@ -39,6 +39,7 @@ class EveryKind(BoringTask):
         self.log_point_cloud("cloud", torch.rand(500, 3), max_points=100)
 
 
+@pytest.mark.integration
 def test_every_kind_reaches_tensorboard(tmp_path: Path) -> None:
     EveryKind.launch(BoringConfig(max_steps=4, valid_every_n_steps=2, run_dir=str(tmp_path)), argv=[])
     (exp,) = (tmp_path / "every_kind").iterdir()
@@ -78,6 +79,7 @@ def test_every_kind_reaches_tensorboard(tmp_path: Path) -> None:
     assert any(tag.startswith("value/cloud") for tag in tags["tensors"])
 
 
+@pytest.mark.integration
 def test_callables_run_only_on_written_steps_and_once_per_step(tmp_path: Path) -> None:
     calls: list[int] = []
 
@@ -98,6 +100,7 @@ def test_callables_run_only_on_written_steps_and_once_per_step(tmp_path: Path) -
     assert [s for s, _ in read_scalars(exp / "tensorboard" / "train")["value/expensive"]] == [0]
 
 
+@pytest.mark.integration
 def test_lightning_csv_logger_gets_scalars_and_one_warning_per_kind(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
@@ -122,8 +125,9 @@ def test_lightning_csv_logger_gets_scalars_and_one_warning_per_kind(tmp_path: Pa
     assert len(lines) == 1 + 3  # Steps 0, 2 and 4.
 
 
+@pytest.mark.unit
 def test_stdout_plain_lines_without_escape_codes() -> None:
-    from mlfab.logbuffer import Logs
+    from mlfab.logs.values import Logs
 
     out = io.StringIO()
     logger = mlfab.StdoutLogger(stream=out, tty=False)
@@ -137,8 +141,9 @@ def test_stdout_plain_lines_without_escape_codes() -> None:
     assert "\033" not in out.getvalue() and "\r" not in out.getvalue()
 
 
+@pytest.mark.unit
 def test_stdout_live_line_on_a_terminal() -> None:
-    from mlfab.logbuffer import Logs
+    from mlfab.logs.values import Logs
 
     out = io.StringIO()
     logger = mlfab.StdoutLogger(stream=out, tty=True)
@@ -156,6 +161,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_tensorboard_server_lists_scalar_and_image_tags(tmp_path: Path) -> None:
     EveryKind.launch(BoringConfig(max_steps=2, valid_every_n_steps=2, run_dir=str(tmp_path)), argv=[])
     port = free_port()
@@ -197,6 +203,7 @@ def test_tensorboard_server_lists_scalar_and_image_tags(tmp_path: Path) -> None:
         server.wait(timeout=30)
 
 
+@pytest.mark.integration
 def test_bad_image_shape_names_the_key(tmp_path: Path) -> None:
     class BadImage(BoringTask):
         def log_train_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
@@ -206,6 +213,7 @@ def test_bad_image_shape_names_the_key(tmp_path: Path) -> None:
         BadImage.launch(BoringConfig(max_steps=1, run_dir=str(tmp_path)), argv=[])
 
 
+@pytest.mark.integration
 def test_run_info_reaches_tensorboard_once(tmp_path: Path) -> None:
     BoringTask.launch(BoringConfig(max_steps=2, run_dir=str(tmp_path)), argv=[])
     (exp,) = (tmp_path / "boring_task").iterdir()
@@ -234,6 +242,7 @@ class Forty(torch.utils.data.Dataset):
         return x, np.float32(x.sum())
 
 
+@pytest.mark.integration
 def test_every_optimizer_step_is_written_once_and_phases_do_not_mix(tmp_path: Path) -> None:
     class PartialSteps(BoringTask):
         def set_loggers(self) -> None:

@@ -1,4 +1,4 @@
-"""Tests for mlfab.media: what a user sees after logging images, audio, video and point clouds."""
+"""Tests for mlfab.logs.media: what a user sees after logging images, audio, video and point clouds."""
 
 import math
 import re
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mlfab.media import (
+from mlfab.logs.media import (
     add_caption,
     caption_rows,
     make_image,
@@ -26,6 +26,8 @@ from mlfab.media import (
     tile_images,
     to_numpy,
 )
+
+pytestmark = pytest.mark.unit
 
 RED = [255, 0, 0]
 
@@ -456,7 +458,7 @@ def test_subsample_points_bad_shapes_name_key() -> None:
     ],
 )
 def test_an_empty_batch_is_reported_by_the_call_that_logged_it(name: str, call: Callable) -> None:
-    from mlfab import log_values
+    from mlfab.logs import convert as log_values
 
     with pytest.raises(ValueError, match=rf"^{name}\('k'\): the batch is empty$"):
         call(log_values)()

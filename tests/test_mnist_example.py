@@ -10,6 +10,7 @@ from examples.mnist import Config, MnistClassification
 from mlfab.testing import read_images, read_scalars, write_idx_mnist
 
 
+@pytest.mark.integration
 def test_seed_mnist_trains_and_logs_loss_and_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "data"
     # The seed passes root_dir=<data>/mnist and dpshdl adds its own "mnist" folder.
@@ -35,6 +36,7 @@ def test_seed_mnist_trains_and_logs_loss_and_images(tmp_path: Path, monkeypatch:
     assert (exp / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.integration
 def test_missing_mnist_says_which_files_to_place_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RUN_DIR", str(tmp_path / "runs"))
@@ -46,11 +48,13 @@ def test_missing_mnist_says_which_files_to_place_where(tmp_path: Path, monkeypat
     assert f"place it at:\n    {expected}" in message
 
 
+@pytest.mark.integration
 def test_unset_data_dir_names_the_setting_and_variable(tmp_path: Path) -> None:
     with pytest.raises(mlfab.SettingsError, match=r"directories.data.*DATA_DIR"):
         MnistClassification.launch(Config(batch_size=16), argv=[f"run_dir={tmp_path / 'runs'}"])
 
 
+@pytest.mark.unit
 def test_idx_files_load_with_dpshdl(tmp_path: Path) -> None:
     from dpshdl.impl.mnist import MNIST
 

@@ -1,4 +1,4 @@
-"""Tests for `mlfab.provenance`, against throwaway git repositories made inside tmp_path."""
+"""Tests for `mlfab.run.provenance`, against throwaway git repositories made inside tmp_path."""
 
 import importlib.metadata
 import importlib.util
@@ -13,8 +13,10 @@ import pytest
 import torch
 import yaml
 
-from mlfab import provenance
-from mlfab.provenance import git_info, provenance_text, task_source, versions, write_provenance
+from mlfab.run import provenance
+from mlfab.run.provenance import git_info, provenance_text, task_source, versions, write_provenance
+
+pytestmark = pytest.mark.unit
 
 TASK_SOURCE = "class MyTask:\n    lr = 0.1\n"
 

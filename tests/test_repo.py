@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import mlfab
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.unit
 def test_public_surface_is_exactly_what_is_meant() -> None:
     assert sorted(mlfab.__all__) == sorted(
         [
@@ -37,6 +40,7 @@ def test_public_surface_is_exactly_what_is_meant() -> None:
     assert all(hasattr(mlfab, name) for name in mlfab.__all__)
 
 
+@pytest.mark.integration
 def test_import_does_no_work_beyond_defining_names(tmp_path: Path) -> None:
     code = "import sys, mlfab; print('wandb' in sys.modules, 'moviepy' in sys.modules)"
     out = subprocess.run(
@@ -51,6 +55,7 @@ def test_import_does_no_work_beyond_defining_names(tmp_path: Path) -> None:
     assert not (tmp_path / "rc.yml").exists()  # Settings are written on first use, not at import.
 
 
+@pytest.mark.unit
 def test_readme_has_two_setup_commands_and_ci_runs_the_second() -> None:
     readme = (ROOT / "README.md").read_text()
     setup = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
@@ -60,6 +65,7 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_second() -> None:
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.mark.unit
 def test_seed_example_is_unchanged() -> None:
     source = (ROOT / "examples" / "mnist.py").read_text()
     for line in [

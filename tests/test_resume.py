@@ -115,6 +115,7 @@ def launch_boring(tmp_path: Path, **overrides: object) -> None:
     mlfab.testing.BoringTask.launch(config, argv=[f"{k}={v}" for k, v in overrides.items()])
 
 
+@pytest.mark.integration
 def test_state_counters_and_elapsed_time_continue(tmp_path: Path) -> None:
     launch_boring(tmp_path)
     first = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["mlfab"]
@@ -126,6 +127,7 @@ def test_state_counters_and_elapsed_time_continue(tmp_path: Path) -> None:
     assert second["mlfab"]["start_time_s"] == first["start_time_s"]
 
 
+@pytest.mark.integration
 def test_corrupt_checkpoint_names_the_file_and_the_good_one(tmp_path: Path) -> None:
     launch_boring(tmp_path)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -140,6 +142,7 @@ def test_corrupt_checkpoint_names_the_file_and_the_good_one(tmp_path: Path) -> N
 Pair = collections.namedtuple("Pair", "x y")
 
 
+@pytest.mark.integration
 def test_checkpoint_torch_will_not_load_safely_is_explained(tmp_path: Path) -> None:
     launch_boring(tmp_path)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -150,6 +153,7 @@ def test_checkpoint_torch_will_not_load_safely_is_explained(tmp_path: Path) -> N
         launch_boring(tmp_path, max_steps=8)
 
 
+@pytest.mark.integration
 def test_resuming_reads_the_checkpoint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     launch_boring(tmp_path)
     reads: list[str] = []
@@ -164,6 +168,7 @@ def test_resuming_reads_the_checkpoint_once(tmp_path: Path, monkeypatch: pytest.
     assert [r for r in reads if r.endswith(".ckpt")] == [str(tmp_path / "run" / "checkpoints" / "last.ckpt")]
 
 
+@pytest.mark.integration
 def test_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
     launch_boring(tmp_path)
 
@@ -174,12 +179,14 @@ def test_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
         OtherTask.launch(BoringConfig(exp_dir=str(tmp_path / "run")), argv=[])
 
 
+@pytest.mark.integration
 def test_incompatible_config_is_refused_with_the_difference(tmp_path: Path) -> None:
     launch_boring(tmp_path)
     with pytest.raises(mlfab.MlfabError, match=r"does not fit this model(.|\n)*layer.weight(.|\n)*in_dim: 4 -> 3"):
         launch_boring(tmp_path, in_dim=3)
 
 
+@pytest.mark.integration
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
@@ -207,6 +214,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     assert torch.load(tmp_path / "run" / "checkpoints" / files[0], weights_only=True)["global_step"] == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("key", ["exp_dir", "run_dir"])
 def test_run_directory_that_cannot_be_created(tmp_path: Path, key: str) -> None:
     blocker = tmp_path / "file"
@@ -215,6 +223,7 @@ def test_run_directory_that_cannot_be_created(tmp_path: Path, key: str) -> None:
         mlfab.testing.BoringTask.launch(BoringConfig(**{key: str(blocker / "run")}), argv=[])
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
 def test_run_directory_not_writable(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
@@ -247,6 +256,7 @@ class MapStyle(mlfab.testing.BoringTask):
         return loss
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("stop_at", [4, 6])  # At an epoch's end, and half-way through the second epoch.
 def test_map_style_data_resumes_exactly(tmp_path: Path, workers: int, stop_at: int) -> None:

@@ -9,6 +9,8 @@ import yaml
 import mlfab
 from mlfab.settings import DEFAULT_SETTINGS, default_run_dir, load_settings, settings_path
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def rc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

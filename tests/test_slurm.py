@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import mlfab
-from mlfab import slurm
-from mlfab.slurm import SlurmConfig, SlurmError
+from mlfab.config import SlurmConfig
+from mlfab.errors import SlurmError
+from mlfab.run import invocation, slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,7 @@ def sbatch_lines(script: str) -> list[str]:
 # The batch script and submitting it.
 
 
+@pytest.mark.unit
 def test_submit_writes_the_script_and_records_the_job(
     fake_slurm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -145,6 +147,7 @@ def test_submit_writes_the_script_and_records_the_job(
     assert (exp_dir / "slurm" / "jobs.txt").read_text() == "1234\n1234\n"
 
 
+@pytest.mark.unit
 def test_defaults_leave_cluster_defaults_alone(tmp_path: Path) -> None:
     config = SlurmConfig(gpus_per_node=0, python="/opt/py/bin/python")
     lines = sbatch_lines(slurm.sbatch_script(config, exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path))
@@ -159,6 +162,7 @@ def test_defaults_leave_cluster_defaults_alone(tmp_path: Path) -> None:
     assert SlurmConfig().extra_sbatch_lines == [] and SlurmConfig().extra_sbatch_lines is not config.extra_sbatch_lines
 
 
+@pytest.mark.unit
 def test_paths_and_arguments_are_quoted(tmp_path: Path) -> None:
     exp_dir, work = tmp_path / "my runs" / "run_0", tmp_path / "it's here"
     command = ["train.py", "name=a b", "tags=[x, y]"]
@@ -173,6 +177,7 @@ def test_paths_and_arguments_are_quoted(tmp_path: Path) -> None:
         slurm.sbatch_script(SlurmConfig(nodes=0), exp_dir=exp_dir, command=[], workdir=work)
 
 
+@pytest.mark.integration
 def test_the_script_runs_the_command_in_the_run_directory(fake_slurm: Path, tmp_path: Path) -> None:
     """What Slurm does with the script: bash runs it with the job's variables; srun starts the task."""
     exp_dir, work = tmp_path / "run", tmp_path / "job_work"
@@ -197,6 +202,7 @@ def test_the_script_runs_the_command_in_the_run_directory(fake_slurm: Path, tmp_
     assert any(c.startswith(f"srun {sys.executable} -c ") for c in calls)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("launcher", "argv", "message"),
     [
@@ -215,6 +221,7 @@ def test_a_launcher_that_cannot_be_used_is_refused_before_training(
     assert not (tmp_path / "boring_task").exists()  # Nothing started.
 
 
+@pytest.mark.unit
 def test_missing_sbatch_says_where_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
@@ -222,6 +229,7 @@ def test_missing_sbatch_says_where_to_run(tmp_path: Path, monkeypatch: pytest.Mo
         slurm.submit(SlurmConfig(), exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path)
 
 
+@pytest.mark.unit
 def test_refused_submission_shows_sbatch_error(
     fake_slurm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,25 +239,27 @@ def test_refused_submission_shows_sbatch_error(
     assert not (tmp_path / "run" / "slurm" / "jobs.txt").exists()
 
 
+@pytest.mark.unit
 def test_current_command_reruns_the_program(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     module = types.ModuleType("__main__")
     module.__spec__ = types.SimpleNamespace(name="examples.mnist.__main__")  # type: ignore[assignment]
     monkeypatch.setitem(sys.modules, "__main__", module)
-    assert slurm.current_command(["a=1"]) == ["-m", "examples.mnist", "a=1"]
+    assert invocation.current_command(["a=1"]) == ["-m", "examples.mnist", "a=1"]
     module.__spec__ = None
     (tmp_path / "train.py").write_text("")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["train.py", "a=1"])
-    assert slurm.current_command(["a=1"]) == [str(tmp_path / "train.py"), "a=1"]
+    assert invocation.current_command(["a=1"]) == [str(tmp_path / "train.py"), "a=1"]
     monkeypatch.setattr(sys, "argv", ["-c"])
     with pytest.raises(SlurmError, match="python my_script.py"):
-        slurm.current_command([])
+        invocation.current_command([])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Inside the job.
 
 
+@pytest.mark.unit
 def test_job_detection_and_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not slurm.in_slurm_job() and slurm.job_id() is None and slurm.hardware() is None
     monkeypatch.setenv("SLURM_JOB_ID", "1234")
@@ -265,6 +275,7 @@ def test_job_detection_and_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     assert slurm.job_id() == "1200_7"
 
 
+@pytest.mark.unit
 def test_requeue_on_rank_zero_only(
     fake_slurm: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -280,6 +291,7 @@ def test_requeue_on_rank_zero_only(
     assert fake_slurm.read_text().splitlines()[-1] == "scontrol requeue 1200_7"
 
 
+@pytest.mark.unit
 def test_failed_requeue_warns_and_does_not_raise(
     fake_slurm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -294,6 +306,7 @@ def test_failed_requeue_warns_and_does_not_raise(
     assert "Requeueing Slurm job 1234 failed" in caplog.text
 
 
+@pytest.mark.unit
 def test_after_signal_checkpoint(fake_slurm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert slurm.after_signal_checkpoint(0) is False  # Not in a Slurm job: save and go on.
     in_task(monkeypatch)
@@ -305,6 +318,7 @@ def test_after_signal_checkpoint(fake_slurm: Path, monkeypatch: pytest.MonkeyPat
     assert slurm.after_signal_checkpoint(0) is False  # The requeue failed: keep training.
 
 
+@pytest.mark.unit
 def test_cluster_environment_turns_off_lightnings_sigusr1_handler(
     fake_slurm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

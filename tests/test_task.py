@@ -23,6 +23,7 @@ def only_exp_dir(tmp_path: Path, name: str = "boring_task") -> Path:
     return exp
 
 
+@pytest.mark.unit
 def test_task_without_generic_config_explains_declaration() -> None:
     class NoConfig(mlfab.Task):  # type: ignore[type-arg]
         pass
@@ -31,6 +32,7 @@ def test_task_without_generic_config_explains_declaration() -> None:
         NoConfig({"batch_size": 2})
 
 
+@pytest.mark.integration
 def test_get_dataset_not_implemented(tmp_path: Path) -> None:
     class NoData(mlfab.Task[BoringConfig]):
         def __init__(self, config: BoringConfig) -> None:
@@ -41,6 +43,7 @@ def test_get_dataset_not_implemented(tmp_path: Path) -> None:
         NoData.launch(BoringConfig(run_dir=run_dir(tmp_path)), argv=[])
 
 
+@pytest.mark.integration
 def test_get_dataset_returning_non_dataset(tmp_path: Path) -> None:
     class BadData(BoringTask):
         def get_dataset(self, phase: mlfab.Phase) -> object:
@@ -51,6 +54,7 @@ def test_get_dataset_returning_non_dataset(tmp_path: Path) -> None:
         BadData.launch(BoringConfig(run_dir=run_dir(tmp_path)), argv=[])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("loss", "message"),
     [
@@ -67,6 +71,7 @@ def test_get_loss_bad_return(tmp_path: Path, loss: object, message: str) -> None
         BadLoss.launch(BoringConfig(run_dir=run_dir(tmp_path)), argv=[])
 
 
+@pytest.mark.integration
 def test_training_writes_run_directory_and_loss_goes_down(tmp_path: Path) -> None:
     BoringTask.launch(BoringConfig(max_steps=60, valid_every_n_steps=20, run_dir=run_dir(tmp_path)), argv=[])
     exp = only_exp_dir(tmp_path)
@@ -85,6 +90,7 @@ def test_training_writes_run_directory_and_loss_goes_down(tmp_path: Path) -> Non
     assert sorted(p.name for p in (tmp_path / "runs" / "boring_task").iterdir()) == ["run_0", "run_1"]
 
 
+@pytest.mark.integration
 def test_dict_loss_is_summed_and_each_part_logged(tmp_path: Path) -> None:
     seen: list[float] = []
 
@@ -107,6 +113,7 @@ def test_dict_loss_is_summed_and_each_part_logged(tmp_path: Path) -> None:
     assert scalars["loss/l1"][0][1] == pytest.approx(1.0)
 
 
+@pytest.mark.integration
 def test_state_counters_follow_the_trainer(tmp_path: Path) -> None:
     states: list[mlfab.State] = []
 
@@ -155,6 +162,7 @@ class LinearTask(mlfab.Task[BoringConfig]):
         return F.mse_loss(self.layer(x).squeeze(-1), y)
 
 
+@pytest.mark.integration
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     def weights_after(batch_size: int, batches_per_step: int, name: str) -> Tensor:
         config = BoringConfig(
@@ -185,6 +193,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     assert not torch.allclose(moved, big, atol=1e-4)  # The comparison can tell different updates apart.
 
 
+@pytest.mark.integration
 def test_batches_keep_integer_dtypes_and_reach_the_device(tmp_path: Path) -> None:
     seen: dict[str, object] = {}
 
@@ -208,6 +217,7 @@ def test_batches_keep_integer_dtypes_and_reach_the_device(tmp_path: Path) -> Non
     assert seen["x"].device == seen["device"]  # type: ignore[union-attr]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["map", "iterable"])
 def test_torch_datasets_train(tmp_path: Path, kind: str) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -231,6 +241,7 @@ def test_torch_datasets_train(tmp_path: Path, kind: str) -> None:
     assert valid[-1][1] < valid[0][1]
 
 
+@pytest.mark.integration
 def test_drop_in_trainer_with_lightning_tensorboard_logger(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -261,6 +272,7 @@ def test_drop_in_trainer_with_lightning_tensorboard_logger(tmp_path: Path) -> No
     assert type(trainer.optimizers[0]).__name__ == "AdamWScheduleFree"
 
 
+@pytest.mark.integration
 def test_checkpoint_loads_weights_only_and_rebuilds_typed_config(tmp_path: Path) -> None:
     BoringTask.launch(BoringConfig(max_steps=5, in_dim=3, run_dir=run_dir(tmp_path)), argv=[])
     ckpt = only_exp_dir(tmp_path) / "checkpoints" / "last.ckpt"
@@ -281,6 +293,7 @@ class ChildTask(BoringTask, mlfab.Task[ChildConfig]):
     pass
 
 
+@pytest.mark.unit
 def test_subclass_without_init_uses_its_own_config() -> None:
     import inspect
 
@@ -301,6 +314,7 @@ class MixedTask(Described, ChildTask):
     pass
 
 
+@pytest.mark.unit
 def test_subclass_without_init_after_a_mixin_runs_the_tasks_init() -> None:
     task = MixedTask({"extra": 3})  # Failed with "object.__init__() takes exactly one argument".
     assert task.describe() == "MixedTask" and task.config.extra == 3

@@ -3,7 +3,7 @@
 from abc import abstractmethod
 from typing import Any
 
-from mlfab.logbuffer import Logs
+from mlfab.logs.values import Logs
 from mlfab.state import Phase
 
 

@@ -9,9 +9,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mlfab.logbuffer import KINDS, Logs
 from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.tensorboard import write_summaries
+from mlfab.logs.buffer import Cadence, LogBuffer, due_loggers, mean_across_ranks
+from mlfab.logs.values import KINDS, Kind, Logs
+from mlfab.state import Phase
 
 _warned: set[tuple[str, str]] = set()
 
@@ -74,3 +76,44 @@ def write_run_info(loggers: list[Any], config_yaml: str, provenance: str, exp_di
         elif isinstance(logger, TensorBoardLogger):
             for name, text in info.items():
                 logger.experiment.add_text(f"run/{name}", f"```\n{text}\n```", 0)
+
+
+def flush_logs(
+    trainer: Any,
+    buffer: LogBuffer,
+    cadence: Cadence,
+    *,
+    phase: Phase,
+    step: int,
+    elapsed_time_s: float,
+    num_samples: int,
+) -> None:
+    """Writes the buffer to the loggers that are due (rank zero only), then clears it.
+
+    In multi-process training, validation scalars are averaged over ranks first: rank zero decides
+    whether anything is written and only then do the ranks compute and reduce their values."""
+    averaged = trainer.world_size > 1 and phase != "train"
+    # Every rank must reach the collectives below, even with an empty buffer, or the others wait forever.
+    if not (trainer.is_global_zero or averaged) or (not buffer and not averaged):
+        buffer.clear()
+        return
+    due = (
+        due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=trainer.log_every_n_steps)
+        if trainer.is_global_zero
+        else []
+    )
+    values: dict[Kind, dict[str, Any]] = {}
+    if averaged and trainer.strategy.broadcast(bool(due), src=0):
+        values = buffer.resolve()
+        device = trainer.strategy.root_device
+        values["scalar"] = mean_across_ranks(
+            values.get("scalar", {}), lambda t: trainer.strategy.reduce(t.to(device), reduce_op="mean").cpu()
+        )
+    elif due:
+        values = buffer.resolve()
+    buffer.clear()
+    if due:
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        logs = Logs(phase, step, max_steps, elapsed_time_s, num_samples, values)
+        for logger in due:
+            write_logs(logger, logs)

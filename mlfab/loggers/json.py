@@ -30,8 +30,8 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from mlfab.logbuffer import Audio, Logs, PointCloud, Video
 from mlfab.loggers.base import MlfabLogger, scalar_logs
+from mlfab.logs.values import Audio, Logs, PointCloud, Video
 from mlfab.state import Phase
 
 

@@ -14,8 +14,8 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from mlfab.logbuffer import Logs
 from mlfab.loggers.base import MlfabLogger, scalar_logs
+from mlfab.logs.values import Logs
 from mlfab.state import Phase
 
 

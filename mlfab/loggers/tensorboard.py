@@ -12,8 +12,9 @@ from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardL
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from mlfab.logbuffer import KINDS, Logs, finite
+from mlfab._lightning import file_writer
 from mlfab.loggers.base import MlfabLogger
+from mlfab.logs.values import KINDS, Logs, finite
 from mlfab.state import Phase
 
 
@@ -34,7 +35,7 @@ def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> tuple[str, ...
     for tag, video in logs.of("video").items():
         _, h, w, c = video.frames.shape
         image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=video.gif)
-        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=prefix + tag, image=image)]), step)
+        file_writer(writer).add_summary(Summary(value=[Summary.Value(tag=prefix + tag, image=image)]), step)
     for tag, values in logs.of("histogram").items():
         if (values := finite(values)).size:  # An all-NaN histogram is skipped.
             writer.add_histogram(prefix + tag, values, step)

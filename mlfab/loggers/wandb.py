@@ -25,8 +25,8 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from mlfab.logbuffer import Logs, finite
 from mlfab.loggers.base import MlfabLogger
+from mlfab.logs.values import Logs, finite
 from mlfab.state import Phase
 
 STEP_METRIC = "trainer/global_step"  # The x-axis of every chart; Lightning's WandbLogger uses the same key.

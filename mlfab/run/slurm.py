@@ -1,10 +1,10 @@
 """Slurm: submit a run as a batch job, and requeue it when Slurm warns that its time is nearly up.
 
 `launch(..., launcher="slurm")` on a login node writes `<exp_dir>/slurm/job.sbatch` and submits it. The job
-runs the same command under `srun`, with `exp_dir=<exp_dir>` appended, so every task and every requeue of the
-job uses the same run directory. Slurm sends SIGUSR1 `signal_seconds` before the time limit; mlfab saves a
-checkpoint at the next step boundary, calls `scontrol requeue` and stops; the requeued job resumes from that
-checkpoint.
+runs the same command (as `fit` arguments) under `srun`, with `--model.config.exp_dir=<exp_dir>` appended, so
+every task and every requeue of the job uses the same run directory. Slurm sends SIGUSR1 `signal_seconds` before
+the time limit; mlfab saves a checkpoint at the next step boundary, calls `scontrol requeue` and stops; the
+requeued job resumes from that checkpoint.
 """
 
 import logging
@@ -15,39 +15,16 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlfab.errors import MlfabError
-from mlfab.fields import field
+from mlfab.config import SlurmConfig
+from mlfab.errors import SlurmError
 
 log = logging.getLogger(__name__)
 
 # Slurm job names with which Lightning treats the allocation as interactive, not as a job to run in.
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")
-
-
-class SlurmError(MlfabError):
-    """Submitting to Slurm failed, or a Slurm setting is wrong."""
-
-
-@dataclass(kw_only=True)
-class SlurmConfig:
-    """The resources and options of the batch job that `launcher="slurm"` submits."""
-
-    nodes: int = field(1, help="Number of nodes the Slurm job uses")
-    gpus_per_node: int = field(1, help="GPUs per node; one task (training process) is started per GPU")
-    cpus_per_task: int = field(8, help="CPU cores per task (for dataloader workers)")
-    mem: str | None = field(None, help="Memory per node, as sbatch --mem takes it (e.g. 64G; null: cluster default)")
-    time: str | None = field("1-00:00:00", help="Time limit per job (D-HH:MM:SS); the job requeues itself at the end")
-    partition: str | None = field(None, help="Slurm partition (null: the cluster's default)")
-    account: str | None = field(None, help="Slurm account to charge (null: your default)")
-    signal_seconds: int = field(90, help="Seconds before the time limit when Slurm tells the job to save and requeue")
-    extra_sbatch_lines: list[str] = field(
-        list, help="More sbatch options: '--qos=high' becomes '#SBATCH --qos=high'; other lines are copied verbatim"
-    )
-    python: str | None = field(None, help="Python interpreter the job runs (null: the one that submits it)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -100,21 +77,6 @@ def cluster_environment() -> Any:
 # Submitting.
 
 
-def current_command(argv: Sequence[str]) -> list[str]:
-    """The arguments after `python` that start this program again: `-m package.module ...` or `/abs/script.py ...`."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name:
-        return ["-m", spec.name.removesuffix(".__main__"), *argv]
-    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    if script is None or not script.is_file():
-        raise SlurmError(
-            "launcher='slurm' runs this program again inside the Slurm job, but it was not started "
-            "from a script or module (an interactive session or `python -c`?). Put the launch call in "
-            "a script and run `python my_script.py`, or `python -m my_package.my_module`."
-        )
-    return [str(script.resolve()), *argv]
-
-
 def _sbatch_value(value: object) -> str:
     text = str(value)
     if "\n" in text or '"' in text:
@@ -123,7 +85,8 @@ def _sbatch_value(value: object) -> str:
 
 
 def sbatch_script(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str], workdir: Path) -> str:
-    """The batch script of a run: resources, the requeue signal, then `srun <python> <command> exp_dir=<exp_dir>`."""
+    """The batch script of a run: resources, the requeue signal, then
+    `srun <python> <command> --model.config.exp_dir=<exp_dir>`."""
     exp_dir, logs = Path(exp_dir), Path(exp_dir) / "slurm"
     if config.nodes < 1 or config.gpus_per_node < 0 or config.cpus_per_task < 1:
         raise SlurmError(
@@ -155,7 +118,7 @@ def sbatch_script(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str],
             raise SlurmError(f"slurm.extra_sbatch_lines entry {line!r} holds a newline: give one option per entry.")
         lines.append(f"#SBATCH {line}" if line.startswith("-") else line)
     python = config.python or sys.executable
-    srun = ["srun", python, *command, f"exp_dir={exp_dir}"]
+    srun = ["srun", python, *command, f"--model.config.exp_dir={exp_dir}"]
     lines += [
         "",
         "set -e",

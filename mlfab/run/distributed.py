@@ -35,7 +35,7 @@ def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: s
     """Trainer arguments for the config's hardware keys."""
     import torch
 
-    from mlfab.slurm import hardware as slurm_hardware
+    from mlfab.run.slurm import hardware as slurm_hardware
 
     if under_torchrun():  # torchrun started the processes: match what it started.
         devices = int(os.environ["LOCAL_WORLD_SIZE"])

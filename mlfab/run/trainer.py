@@ -1,14 +1,11 @@
 """The Lightning Trainer an mlfab config maps to (the mapping table in design.md), with mlfab's callbacks."""
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.profilers import PassThroughProfiler
-from typing_extensions import override
-
+from mlfab._lightning import no_profiler
 from mlfab.config import Config
 
 # Lightning needs an int `val_check_interval` for endless data; this one never comes due.
@@ -25,25 +22,9 @@ def resolve_precision(precision: str) -> str:
     return "32-true"
 
 
-class NoProfiler(PassThroughProfiler):
-    """Lightning's default when no profiler is asked for, without the cost: its `profile()` builds a generator-based
-    context manager around each of the ~25 hook calls of a step (~1 us each), this one returns the same empty one.
-    (At module level so that the Trainer pickles, as `strategy="ddp_spawn"` needs.)"""
-
-    _nothing = nullcontext()
-
-    @override
-    def profile(self, action_name: str) -> Any:
-        return self._nothing
-
-
-def no_profiler() -> NoProfiler:
-    return NoProfiler()
-
-
 def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints."""
-    from mlfab.callbacks import FinalCheckpoint, GracefulStop, PeriodicCheckpoint, ValidationCadence
+    from mlfab.run.callbacks import FinalCheckpoint, GracefulStop, PeriodicCheckpoint, ValidationCadence
 
     ckpt_dir = exp_dir / "checkpoints"
     periodic = {
@@ -75,7 +56,7 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
 
 def trainer_kwargs(config: Config) -> dict[str, Any]:
     """The Lightning Trainer arguments a config maps to (the mapping table in design.md)."""
-    from mlfab.distributed import resolve_hardware
+    from mlfab.run.distributed import resolve_hardware
 
     k = config.batches_per_step
     return {
@@ -106,7 +87,7 @@ def trainer_settings(
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from mlfab.checkpoints import AtomicCheckpointIO
-    from mlfab.slurm import cluster_environment
+    from mlfab.run.slurm import cluster_environment
 
     callbacks = [*trainer_callbacks(config, exp_dir), *extra_callbacks]
     # Under Slurm, Lightning's own environment would save from inside its SIGUSR1 handler: mlfab's does

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from mlfab import media
-from mlfab.logbuffer import Audio, PointCloud, Video, resolve
+from mlfab.logs import media
+from mlfab.logs.values import Audio, PointCloud, Video, resolve
 
 Maker = Callable[[], Any]
 

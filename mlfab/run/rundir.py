@@ -53,7 +53,7 @@ def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
     Rank zero creates it and passes it on to the processes Lightning starts (through the environment);
     ranks started by torchrun, Slurm or by hand without `exp_dir` take rank zero's once the process
     group exists (`Task.setup`), and meanwhile write nothing."""
-    from mlfab.distributed import EXP_DIR_ENV, env_rank_zero
+    from mlfab.run.distributed import EXP_DIR_ENV, env_rank_zero
 
     if EXP_DIR_ENV in os.environ:
         return Path(os.environ[EXP_DIR_ENV]), False

@@ -4,59 +4,21 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-# The hooks Lightning calls on every callback at every training (or validation) step.
-PER_STEP_HOOKS = (
-    "on_train_batch_start",
-    "on_before_zero_grad",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_train_batch_end",
-    "on_validation_batch_start",
-    "on_validation_batch_end",
-)
+from mlfab._lightning import CachedStateKey, StepFreeCallback, step_ends, wrap_validation_decision
 
 
-class StepFreeCallback(Callback):
-    """A callback that costs nothing at the steps where it does nothing.
-
-    Lightning calls every per-step hook of every callback, no-op or not (~2 us each); it skips a hook that is
-    not callable (`trainer/call.py`), so the per-step hooks a subclass does not override are set to None.
-    For mlfab's own callbacks only: a subclass calling `super()` in such a hook, or a class listing another
-    callback after this one in its bases, would find None there.
-    """
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        for hook in PER_STEP_HOOKS:
-            if getattr(cls, hook) is getattr(Callback, hook):
-                setattr(cls, hook, None)
-
-
-class PeriodicCheckpoint(StepFreeCallback, ModelCheckpoint):
+class PeriodicCheckpoint(StepFreeCallback, CachedStateKey, ModelCheckpoint):
     """Lightning's ModelCheckpoint at a lower price per step: besides the unused hooks, its `state_key` (which
     Lightning formats for every hook it dispatches, from a repr of the callback's settings) is made once."""
-
-    @property
-    @override
-    def state_key(self) -> str:
-        if "_state_key" not in self.__dict__:
-            self.__dict__["_state_key"] = super().state_key
-        return self.__dict__["_state_key"]
-
-
-def step_ends(trainer: pl.Trainer) -> bool:
-    """Whether the current batch ends an optimizer step, as Lightning decides it: after `accumulate_grad_batches`
-    batches and also at an epoch's last batch."""
-    return not trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 class ValidationCadence(StepFreeCallback):
@@ -76,12 +38,10 @@ class ValidationCadence(StepFreeCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        lightning_decision = loop._should_check_val_fx
         self._start = self._last_valid = time.monotonic()
         self._validated = trainer.global_step > 0  # Resumed: the first validation already happened.
 
-        def should_check_val(data_fetcher: Any) -> bool:
+        def should_check_val(lightning_decision: Callable[[Any], bool], data_fetcher: Any) -> bool:
             if trainer.should_stop:  # Stopping (a signal, or max_steps): no extra validation on the way out.
                 return False
             if lightning_decision(data_fetcher):
@@ -93,7 +53,7 @@ class ValidationCadence(StepFreeCallback):
                 return self.first_n_seconds is None or now - self._start >= self.first_n_seconds
             return self.every_n_seconds is not None and now - self._last_valid >= self.every_n_seconds
 
-        loop._should_check_val_fx = should_check_val  # type: ignore[method-assign]
+        wrap_validation_decision(trainer, should_check_val)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -170,7 +130,7 @@ class GracefulStop(StepFreeCallback):
             trainer.save_checkpoint(path, weights_only=False)
             if trainer.is_global_zero:
                 print(f"SIGUSR1: saved checkpoint {path}", file=sys.stderr, flush=True)
-            from mlfab.slurm import after_signal_checkpoint
+            from mlfab.run.slurm import after_signal_checkpoint
 
             requeued = after_signal_checkpoint(trainer.global_rank)  # In a Slurm job: requeue, then stop.
             if trainer.world_size > 1:  # Only rank zero knows whether `scontrol requeue` worked.

@@ -1,0 +1,166 @@
+"""Every use of a private name of Lightning (and torch), and every speed trick that leans on how Lightning calls
+us, in one place: a Lightning upgrade is checked here and in tests/test_lightning_private.py.
+
+Imports nothing from mlfab, so every other module may import it.
+"""
+
+import functools
+import inspect
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.profilers import PassThroughProfiler
+from torch import Tensor
+from typing_extensions import override
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training loop's decisions.
+
+
+def step_ends(trainer: pl.Trainer) -> bool:
+    """Whether the current batch ends an optimizer step, as Lightning decides it: after `accumulate_grad_batches`
+    batches and also at an epoch's last batch.
+
+    Private: `_TrainingEpochLoop._should_accumulate()`, the very test Lightning uses to decide whether to step the
+    optimizer, so mlfab's notion of a step can never drift from Lightning's."""
+    return not trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+ValidationDecision = Callable[[Any], bool]
+
+
+def wrap_validation_decision(trainer: pl.Trainer, decide: Callable[[ValidationDecision, Any], bool]) -> None:
+    """Makes `decide(lightning_decision, data_fetcher)` the training loop's "validate after this batch?".
+
+    Private: `_TrainingEpochLoop._should_check_val_fx(data_fetcher)`, which Lightning calls after every training
+    batch; it is replaced on the loop instance (not the class), so only this trainer is affected. `decide` gets
+    Lightning's own decision, to call (or not) itself."""
+    loop = trainer.fit_loop.epoch_loop
+    loop._should_check_val_fx = functools.partial(decide, loop._should_check_val_fx)  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Callbacks: Lightning's dispatch of callback hooks (`lightning/pytorch/trainer/call.py`).
+
+# The hooks Lightning calls on every callback at every training (or validation) step.
+PER_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_zero_grad",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_validation_batch_start",
+    "on_validation_batch_end",
+)
+
+
+class StepFreeCallback(Callback):
+    """A callback that costs nothing at the steps where it does nothing.
+
+    Lightning calls every per-step hook of every callback, no-op or not (~2 us each); it skips a hook that is
+    not callable (`_call_callback_hooks` in `trainer/call.py` checks `callable(fn)`), so the per-step hooks a
+    subclass does not override are set to None. For mlfab's own callbacks only: a subclass calling `super()` in
+    such a hook, or a class listing another callback after this one in its bases, would find None there.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for hook in PER_STEP_HOOKS:
+            if getattr(cls, hook) is getattr(Callback, hook):
+                setattr(cls, hook, None)
+
+
+class CachedStateKey(Callback):
+    """A callback whose `state_key` is made once. Lightning formats `f"[Callback]{callback.state_key}.{hook}"` for
+    every hook it dispatches (`_call_callback_hooks`), and e.g. ModelCheckpoint's key is a repr of its settings;
+    this caches the first one. Only for callbacks whose key-making settings do not change after construction."""
+
+    @property
+    @override
+    def state_key(self) -> str:
+        if "_state_key" not in self.__dict__:
+            self.__dict__["_state_key"] = super().state_key
+        key: str = self.__dict__["_state_key"]
+        return key
+
+
+class NoProfiler(PassThroughProfiler):
+    """Lightning's default when no profiler is asked for, without the cost: its `profile()` builds a generator-based
+    context manager around each of the ~25 hook calls of a step (~1 us each), this one returns the same empty one.
+    (At module level so that the Trainer pickles, as `strategy="ddp_spawn"` needs.)
+
+    Leans on: Lightning only ever using `profiler.profile(name)` as a `with` context around hook calls."""
+
+    _nothing = nullcontext()
+
+    @override
+    def profile(self, action_name: str) -> Any:
+        return self._nothing
+
+
+def no_profiler() -> NoProfiler:
+    return NoProfiler()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The LightningModule: what Lightning does around every hook call.
+
+
+class FastFxName:
+    """Mixin for a LightningModule (listed before it in the bases) that sets `_current_fx_name` cheaply.
+
+    Lightning sets `_current_fx_name` twice around each of the ~20 hook calls of a step (`trainer/call.py`);
+    nn.Module's __setattr__ (its parameter, buffer and submodule checks) made that ~8% of a small model's step
+    time. The name is never a parameter, buffer or module, so it is set as a plain attribute."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+STEP_HOOKS = ("training_step", "validation_step", "test_step")
+
+
+def precompute_step_signatures(cls: type) -> None:
+    """Lightning reads a step hook's signature on every batch (`is_param_in_hook_signature`: does it take
+    `batch_idx`?) with `inspect.getfullargspec`; given a `__signature__`, inspect returns that instead of parsing
+    the function again. Call it once per class that defines the hooks (a subclass overriding one has its own)."""
+    for name in STEP_HOOKS:
+        hook = getattr(cls, name)
+        hook.__signature__ = inspect.signature(hook)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Private names of torch and Lightning used outside the training loop.
+
+
+def file_writer(summary_writer: Any) -> Any:
+    """The event-file writer of a torch SummaryWriter, for a summary protobuf that SummaryWriter has no `add_*`
+    for (a GIF as an image summary). Private: `SummaryWriter._get_file_writer()` (`.add_summary(summary, step)`)."""
+    return summary_writer._get_file_writer()
+
+
+def collect_rng_states(include_cuda: bool) -> dict[str, Any]:
+    """The global random states of torch (and CUDA), numpy and Python: `{"torch", "python", "numpy"[,
+    "torch.cuda"]}`. Private: `lightning.fabric.utilities.seed._collect_rng_states`, the very function Lightning's
+    own checkpoints use, so the format matches `set_rng_states`."""
+    return _collect_rng_states(include_cuda=include_cuda)
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restores what `collect_rng_states` returned. Private: `lightning.fabric.utilities.seed._set_rng_states`."""
+    _set_rng_states(states)
+
+
+def foreach_norm(tensors: list[Tensor]) -> tuple[Tensor, ...]:
+    """Each tensor's 2-norm, in one fused call (one kernel per device and dtype instead of one per tensor).
+    Private: `torch._foreach_norm`, which `torch.nn.utils.clip_grad_norm_` itself uses."""
+    return torch._foreach_norm(tensors)

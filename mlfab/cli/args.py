@@ -1,0 +1,114 @@
+"""The short form of the command line, `python -m my.task [file.yaml ...] [key=value ...]`, as `fit` arguments.
+
+    key=value            ->  --model.config.key=value   (dotted keys for nested fields; the value is read as YAML)
+    config.yaml          ->  --model.config config.yaml (a file of config keys)
+    runs/.../config.yaml ->  --config runs/.../config.yaml (a run file: `model: {config: ...}`, `trainer: ...`)
+
+Nothing else parses these arguments: jsonargparse does, as for `fit`. The plain values are kept beside, only to
+explain a refusal key by key.
+"""
+
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlfab.config import dataclass_type, field_types, load_yaml
+from mlfab.errors import ConfigError
+from mlfab.run.invocation import command_name
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+PASSED_ON = ("-h", "--help", "--print_config")  # Flags the short form takes as they are.
+
+
+def short_form_args(task_cls: Any, argv: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """`fit`'s arguments for `argv` in the short form, and the plain values each argument sets."""
+    args: list[str] = []
+    values: list[dict[str, Any]] = []
+    for arg in argv:
+        if arg.partition("=")[0] in PASSED_ON:
+            args.append(arg)
+        elif arg.startswith("-"):
+            key = arg.lstrip("-").partition("=")[0]
+            raise ConfigError(
+                f"Unknown option {arg!r}: this form takes YAML files and key=value arguments (e.g. {key}=...). "
+                f"Flags such as --model.config.{key} and --trainer.{key} need a subcommand first, as in "
+                f"`{command_name()} fit --model.config.{key} ...`; see `{command_name()} --help`."
+            )
+        elif "=" in arg:
+            key, _, raw = arg.partition("=")
+            if not key or "" in key.split("."):
+                raise ConfigError(f"Cannot read command-line argument {arg!r}: expected key=value or a YAML file path.")
+            args.append(f"--model.config.{arg}")
+            values.append(_nested(key.split("."), _yaml_value(raw)))
+        else:
+            file_args, file_values = config_file_args(task_cls, arg)
+            args += file_args
+            values.append(file_values)
+    return args, values
+
+
+def config_file_args(task_cls: Any, arg: str | Path) -> tuple[list[str], dict[str, Any]]:
+    """The arguments that read a YAML file: `--config` for a run file, `--model.config` for a file of config keys."""
+    path = find_config_file(task_cls, arg)
+    data = load_yaml(path)
+    if not is_run_file(task_cls.config_class(), data):
+        return ["--model.config", str(path)], data
+    config = data["model"]["config"]
+    if config is not None and not isinstance(config, Mapping):
+        raise ConfigError(
+            f"Config file {path}: model.config must hold a mapping of config keys, not a {type(config).__name__}."
+        )
+    return ["--config", str(path)], dict(config or {})
+
+
+def find_config_file(task_cls: Any, arg: str | Path) -> Path:
+    """`arg` in the working directory, else next to the task's source file."""
+    path = Path(arg)
+    if path.exists():
+        return path
+    try:
+        beside = Path(inspect.getfile(task_cls)).parent / arg
+    except (TypeError, OSError):
+        beside = path
+    if beside.exists():
+        return beside
+    raise ConfigError(
+        f"Config file {str(arg)!r} not found (looked in the working directory and next to "
+        f"{task_cls.__name__}'s source file). Pass key=value or an existing YAML file."
+    )
+
+
+def is_run_file(config_cls: type, data: Mapping[str, Any]) -> bool:
+    """Whether a YAML file has a run file's layout (`model: {config: ...}`), rather than config keys; a config with
+    a `model` field that has a `config` field of its own reads as config keys."""
+    model = data.get("model")
+    if not isinstance(model, Mapping) or "config" not in model:
+        return False
+    own = dataclass_type(field_types(config_cls).get("model"))
+    return not (own is not None and "config" in field_types(own))
+
+
+def _yaml_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _nested(parts: list[str], value: Any) -> dict[str, Any]:
+    return {parts[0]: _nested(parts[1:], value) if len(parts) > 1 else value}
+
+
+def short_form_usage() -> str:
+    cmd = command_name()
+    return (
+        f"usage: {cmd} [config.yaml ...] [key=value ...] [--print_config] [--help]\n"
+        f"       {cmd} {{{','.join(SUBCOMMANDS)}}} [--help] ...\n\n"
+        "The first form is `fit` written short: key=value stands for --model.config.key=value (dotted keys set nested "
+        "fields; the value is read as YAML, so betas=[0.9,0.95] and max_steps=null work), a YAML file of config keys "
+        "for --model.config FILE, and a run's config.yaml for --config FILE. A bare file name is also looked up next "
+        "to the task's source file. The arguments apply in order, later ones winning. `fit` takes:\n"
+    )

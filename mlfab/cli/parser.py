@@ -1,0 +1,319 @@
+"""mlfab's one command line: Lightning's CLI (jsonargparse) with mlfab's run, for every way a task is started.
+
+    python -m examples.digits max_steps=200                     (the short form: `fit`, see mlfab/cli/args.py)
+    python -m examples.digits fit --model.config.max_steps 200 --trainer.max_time 00:00:10:00
+    python -m examples.digits fit --config runs/digits_classification/run_0/config.yaml
+    mlfab fit --model examples.mnist.MnistClassification --model.config.batch_size 16
+
+jsonargparse parses and checks every value; the run is mlfab/run/pipeline.py's.
+"""
+
+import difflib
+import sys
+from collections.abc import Sequence
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import jsonargparse
+import lightning.pytorch as pl
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from mlfab.cli.args import SUBCOMMANDS, config_file_args, short_form_args, short_form_usage
+from mlfab.config import (
+    build_config,
+    config_problems,
+    dataclass_type,
+    field_help,
+    field_types,
+    merge,
+    merge_sources,
+    problems_message,
+    to_dict,
+)
+from mlfab.errors import ConfigError
+from mlfab.run.invocation import command_name
+from mlfab.run.pipeline import Run, execute, prepare_run, show, submit_to_slurm
+from mlfab.run.rundir import newest_checkpoint
+from mlfab.run.slurm import in_slurm_job
+from mlfab.run.trainer import trainer_settings
+
+if TYPE_CHECKING:
+    from mlfab.task import Task
+
+PRECEDENCE = (
+    "Config values, later winning: the Config class defaults, the script's launch() config, the checkpoint's config "
+    "(--ckpt_path), then --config files and --model.config.* flags in the order given, so values you give are never "
+    "replaced by the checkpoint's. A --trainer.* argument given (as a flag or in a --config file) wins over the "
+    "Trainer setting mlfab derives from the config. --print_config prints the run in config.yaml's layout."
+)
+DESCRIPTIONS = {
+    "fit": "Trains the task: run directory, config.yaml, loggers, callbacks, Trainer settings from the config.",
+    "validate": "Runs one validation (valid_batches batches of get_dataset('valid')) in a new run directory.",
+    "test": "Runs get_dataset('test'), or 'valid' when it returns None for 'test', in a new run directory: all of "
+    "it, or valid_batches batches of an endless dataset.",
+    "predict": "Runs Lightning's predict loop (the task must define predict_dataloader and predict_step).",
+}
+LAUNCHERS = (None, "auto", "local", "slurm")
+
+
+class ShortFormError(Exception):
+    """jsonargparse refused arguments of the short form: `launch` explains it key by key."""
+
+
+class Submitted(Exception):  # noqa: N818 - control flow: the run went to Slurm instead of starting here.
+    pass
+
+
+class MlfabArgumentParser(LightningArgumentParser):
+    """Lightning's parser; an unrecognized flag also gets the closest known flags as suggestions."""
+
+    short_form = False  # Set by MlfabCLI: a refusal is then explained by `launch` instead of printed.
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if self.short_form:
+            raise ShortFormError(message)
+        if message.startswith("unrecognized arguments:"):
+            parser = getattr(ex, "subcommand_parser", None) or self
+            known = [o for o in parser._option_string_actions if o.startswith("--")]
+            for token in message.partition(":")[2].split():
+                close = difflib.get_close_matches(token.partition("=")[0], known, n=3, cutoff=0.8)
+                if token.startswith("--") and close:
+                    message += f"\n  {token}: did you mean {' or '.join(close)}?"
+        super().error(message, ex)
+
+
+class MlfabCLI(LightningCLI):
+    """LightningCLI with mlfab's run: see the module docstring, and `PRECEDENCE` for which value wins."""
+
+    def __init__(
+        self,
+        task_cls: type["Task"],
+        args: list[str],
+        script_config: dict[str, Any],
+        *,
+        short_form: bool = False,
+        launcher: str | None = None,
+    ) -> None:
+        self.task_cls, self.script_config, self.short_form, self.launcher = (
+            task_cls,
+            script_config,
+            short_form,
+            launcher,
+        )
+        self.exit_code, self.args = 0, args
+        # --print_config is answered here, after the checkpoint's config is merged, in config.yaml's layout.
+        rest = [a for a in args[1:] if a.partition("=")[0] != "--print_config"]
+        self.print_run_file, args = len(rest) < len(args) - 1, args[:1] + rest
+        kwargs = {sub: {"description": f"{text} {PRECEDENCE}"} for sub, text in DESCRIPTIONS.items()}
+        super().__init__(
+            task_cls,
+            args=args,
+            save_config_callback=None,
+            seed_everything_default=False,
+            load_from_checkpoint_support=False,
+            parser_class=MlfabArgumentParser,
+            parser_kwargs={"prog": command_name(), **kwargs},
+        )
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.short_form = self.short_form  # type: ignore[attr-defined]
+        return parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """`mlfab.field(help=...)` as the help of each `--model.config.*` flag; the script's config as defaults."""
+        cls = self.task_cls.config_class()
+        for action in parser._actions:
+            if action.dest.startswith("model.config."):
+                action.help = _field_help(cls, action.dest.split(".")[2:]) or action.help
+        defaults = _flatten(cls, self.script_config, "model.config.")
+        if defaults:
+            parser.set_defaults(defaults)
+            for action in parser._actions:
+                if action.dest in defaults:  # A field the class requires but the script sets.
+                    action.required = False
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if any(a in ("-h", "--help") for a in args):
+            self._show_current_values([a for a in args if a not in ("-h", "--help")])
+        self.config = parser.parse_args(args)
+        # The same arguments without defaults: what the user gave (flags and --config files), which must win.
+        self.given = parser.parse_args(args, defaults=False)
+
+    def _show_current_values(self, args: list[str]) -> None:
+        """For `--help` after other arguments: each config flag they set shows the value it now has."""
+        parser = self._subcommand_parsers.get(args[0]) if args else None
+        if parser is None or len(args) < 2:
+            return
+        required = [a for a in parser._actions if a.required]
+        for action in required:  # What the arguments set, even where they leave a required key out.
+            action.required = False
+        try:
+            given = parser.parse_args(args[1:], defaults=False)
+        except (ShortFormError, SystemExit, jsonargparse.ArgumentError):
+            return  # Arguments with a mistake: the help is still shown, without current values.
+        finally:
+            for action in required:
+                action.required = True
+        values = {k: v for k, v in given.items() if k.startswith("model.config.")}
+        for action in parser._actions:
+            if action.dest in values:
+                action.help = f"{action.help} [current: {show(_plain(values[action.dest]))}]"
+
+    def given_keys(self) -> list[str]:  # Dotted: "model.config.batch_size", "trainer.max_steps", "ckpt_path", ...
+        sub = self.config.subcommand
+        return list(self.given[sub].keys()) if self.given.get(sub) else []
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.subcommand
+        cfg = self.config[sub]
+        for key in self.given_keys():
+            if key.startswith("model."):  # Lightning put the checkpoint's config over everything; undo that for these.
+                cfg[key] = self.given[sub][key]
+        if "seed_everything" in self.given_keys() and cfg.get("seed_everything") not in (None, False):
+            cfg["model.config.seed"] = int(cfg["seed_everything"])  # Lightning seeded with it; so must the run.
+        config = build_config(self.task_cls.config_class(), cfg["model.config"].as_dict())
+        if self.print_run_file:
+            trainer, extra = self.given_sections(with_ckpt=True)
+            print(yaml.safe_dump({**extra, "model": {"config": to_dict(config)}, "trainer": trainer}, sort_keys=False))
+            raise SystemExit(0)
+        if self.launcher == "slurm" and not in_slurm_job():
+            submit_to_slurm(self.task_cls, config, self.args)
+            raise Submitted
+        pl.seed_everything(config.seed, workers=True, verbose=False)
+
+    def given_sections(self, with_ckpt: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The Trainer arguments given, and the other given top-level entries (optimizer, data, ...), as plain data."""
+        sub = self.config.subcommand
+        dump = yaml.safe_load(self._parser(sub).dump(self.config[sub])) or {}
+        keys = self.given_keys()
+        trainer_keys = dict.fromkeys(k.split(".")[1] for k in keys if k.startswith("trainer."))
+        trainer = {k: (dump.get("trainer") or {}).get(k) for k in trainer_keys}
+        skip = {"config", "model", "trainer", "seed_everything", *(() if with_ckpt else ("ckpt_path", "weights_only"))}
+        extra = {k: dump.get(k) for k in dict.fromkeys(k.split(".")[0] for k in keys) if k not in skip}
+        return trainer, extra
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """mlfab's Trainer for the config, the `--trainer.*` arguments given over it, in the run's directory."""
+        task, config = self.model, self.model.config
+        trainer_given, extra = self.given_sections(with_ckpt=False)
+        values = self._get(self.config_init, "trainer", default={})
+        own_loggers = "logger" in trainer_given
+        self.run: Run = prepare_run(task, trainer_given, extra, set_loggers=not own_loggers)
+        loggers = values["logger"] if own_loggers else task._mlfab_loggers
+        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        callbacks += _as_list(values.get("callbacks")) if "callbacks" in trainer_given else []
+        plugins = _as_list(values.get("plugins")) if "plugins" in trainer_given else []
+        settings = {**values, **trainer_settings(config, self.run.exp_dir, loggers, callbacks, plugins)}
+        for key in trainer_given:
+            if key not in ("logger", "callbacks", "plugins"):
+                settings[key] = values[key]
+        return self.trainer_class(**{**settings, **kwargs})
+
+    def _mlfab_run(self, subcommand: str, model: Any, kwargs: dict[str, Any]) -> None:
+        """The run, for any subcommand: a fit into a run directory with checkpoints resumes from the newest."""
+        if subcommand == "fit" and kwargs.get("ckpt_path") is None:
+            kwargs["ckpt_path"] = newest_checkpoint(self.run.exp_dir)
+        self.exit_code = execute(self.trainer, subcommand, model, self.run, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """`fit`, `validate`, `test`, `predict`: LightningCLI runs the subcommand through these when they exist."""
+        if name in SUBCOMMANDS:
+            return lambda model, **kwargs: self._mlfab_run(name, model, kwargs)
+        raise AttributeError(name)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None or value is False else list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _plain(value: Any) -> Any:
+    return value.as_dict() if isinstance(value, jsonargparse.Namespace) else value
+
+
+def _field_help(cls: Any, parts: list[str]) -> str:
+    """The `mlfab.field` help text of the (nested) config field at `parts`."""
+    for part in parts[:-1]:
+        cls = dataclass_type(field_types(cls).get(part))
+        if cls is None:
+            return ""
+    found = [f for f in getattr(cls, "__dataclass_fields__", {}).values() if f.name == parts[-1]]
+    return field_help(found[0]) if found else ""
+
+
+def _flatten(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """{"model": {"hidden": 3}} -> {"<prefix>model.hidden": 3}, descending only into nested dataclass fields."""
+    out: dict[str, Any] = {}
+    types = field_types(cls)
+    for key, value in data.items():
+        sub = dataclass_type(types.get(key))
+        if sub is not None and isinstance(value, dict):
+            out.update(_flatten(sub, value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def run_cli(
+    task_cls: type["Task"],
+    args: Sequence[str],
+    configs: Sequence[Any] = (),
+    launcher: Any = None,
+    short_form: bool = False,
+) -> int:
+    """Runs `args` (a subcommand and its arguments) for `task_cls`, over the `configs` the script gives; returns the
+    exit code. YAML files among `configs` are read like files on the command line, before `args`."""
+    if launcher not in LAUNCHERS:
+        raise ConfigError(
+            f"Unknown launcher {launcher!r}: use None (train here, on the devices the config asks for; torchrun and "
+            "multi-node environments are detected) or 'slurm'."
+        )
+    script, file_args, _ = script_sources(task_cls, configs)
+    problems = [p for p in config_problems(task_cls.config_class(), script) if not p.startswith("missing required")]
+    if problems:
+        raise ConfigError(problems_message(f"{task_cls.__name__}.launch", problems))
+    args = [args[0], *file_args, *args[1:]]
+    try:
+        return MlfabCLI(task_cls, args, script, short_form=short_form, launcher=launcher).exit_code
+    except Submitted:
+        return 0
+
+
+def script_sources(task_cls: type["Task"], configs: Sequence[Any]) -> tuple[dict[str, Any], list[str], list[Any]]:
+    """What the script gives `launch`: its dataclasses and dicts merged (the defaults), the arguments that read its
+    YAML files, and those files' config values."""
+    files = [c for c in configs if isinstance(c, str | PurePath)]
+    script = merge_sources(*(c for c in configs if not isinstance(c, str | PurePath)))
+    read = [config_file_args(task_cls, f) for f in files]
+    return script, [a for args, _ in read for a in args], [values for _, values in read]
+
+
+def launch(task_cls: type["Task"], *configs: Any, launcher: Any = None, argv: list[str] | None = None) -> None:
+    """`Task.launch`: `argv` (default: the command line) in the short form, or with a subcommand first."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        code = run_cli(task_cls, argv, configs, launcher)
+    else:
+        args, values = short_form_args(task_cls, argv)
+        if "--help" in args or "-h" in args:
+            print(short_form_usage())
+        try:
+            code = run_cli(task_cls, ["fit", *args], configs, launcher, short_form=True)
+        except ShortFormError as e:
+            raise ConfigError(_explain(task_cls, configs, values, str(e))) from None
+    if code:
+        raise SystemExit(code)
+
+
+def _explain(task_cls: type["Task"], configs: Sequence[Any], values: list[dict[str, Any]], said: str) -> str:
+    """jsonargparse refused the short form's arguments: every problem, by the key as typed, when they are config
+    values; else what jsonargparse said."""
+    script, _, file_values = script_sources(task_cls, configs)
+    given = script
+    for value in [*file_values, *values]:
+        given = merge(given, value)
+    problems = config_problems(task_cls.config_class(), given)
+    if problems:
+        return problems_message(task_cls.config_class().__name__, problems)
+    return f"{said}\nSee `{command_name()} --help` for what each argument takes."

@@ -1,0 +1,77 @@
+"""The values mlfab logs, as loggers receive them: one `Logs` per write, grouped by kind.
+
+Resolved value of each kind:
+  scalar: float          string: str                image: uint8 HWC RGB np.ndarray
+  audio: Audio           video: Video               histogram: float np.ndarray (the raw values, flattened)
+  point_cloud: PointCloud
+"""
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlfab.logs.media import gif_bytes
+from mlfab.state import Phase
+
+Kind = str  # One of KINDS.
+KINDS = ("scalar", "string", "image", "audio", "video", "histogram", "point_cloud")
+
+
+@dataclass
+class Audio:
+    """float32 samples in [-1, 1], shape (T,) for mono or (T, C)."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+
+@dataclass
+class Video:
+    """uint8 frames, shape (T, H, W, 3)."""
+
+    frames: np.ndarray
+    fps: int
+
+    @functools.cached_property
+    def gif(self) -> bytes:
+        """The frames as an animated GIF, encoded once however many loggers write it."""
+        return gif_bytes(self.frames, self.fps)
+
+
+@dataclass
+class PointCloud:
+    """float32 points (N, 3) and optional uint8 colors (N, 3)."""
+
+    points: np.ndarray
+    colors: np.ndarray | None = None
+
+
+def finite(values: np.ndarray) -> np.ndarray:
+    """A histogram's values without NaN and inf, which histogram writers cannot bin (possibly empty)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    return values[np.isfinite(values)]
+
+
+@dataclass
+class Logs:
+    """Resolved values for one write, grouped by kind; tags are `<namespace>/<key>`."""
+
+    phase: Phase
+    step: int
+    max_steps: int | None
+    elapsed_time_s: float
+    num_samples: int
+    values: dict[Kind, dict[str, Any]] = field(default_factory=dict)
+
+    def of(self, kind: Kind) -> dict[str, Any]:
+        return self.values.get(kind, {})
+
+    @property
+    def scalars(self) -> dict[str, float]:
+        return self.of("scalar")
+
+
+def resolve(value: Any) -> Any:
+    return value() if callable(value) else value

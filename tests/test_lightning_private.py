@@ -1,0 +1,270 @@
+"""The private names of Lightning and torch that mlfab uses, and its speed tricks that lean on how Lightning calls
+a module, all in `mlfab/_lightning.py`: each test fails if the pinned Lightning or torch changes underneath, by
+checking the name is there with the expected call shape and that the trick still works in a tiny real run."""
+
+import inspect
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.fabric.utilities import seed as fabric_seed
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor
+
+import mlfab
+from mlfab import _lightning
+from mlfab._lightning import (
+    PER_STEP_HOOKS,
+    CachedStateKey,
+    NoProfiler,
+    StepFreeCallback,
+    collect_rng_states,
+    file_writer,
+    foreach_norm,
+    set_rng_states,
+    step_ends,
+    wrap_validation_decision,
+)
+from mlfab.checkpoints import numpy_rng_state, plain_rng_state
+from mlfab.run.trainer import NEVER
+from mlfab.testing import BoringConfig, BoringTask, read_scalars
+
+pytestmark = pytest.mark.integration
+
+
+def params(fn: Any) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer that writes nothing: no logger, checkpoints, progress bar or summary."""
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**{**settings, **kwargs})
+
+
+def endless_trainer(max_steps: int, **kwargs: Any) -> pl.Trainer:
+    """For BoringTask's endless data: validation only when something asks for it."""
+    settings = {"val_check_interval": NEVER, "check_val_every_n_epoch": None, "limit_val_batches": 1}
+    return quiet_trainer(max_steps=max_steps, **{**settings, **kwargs})
+
+
+class FiveBatches(BoringTask):
+    """40 samples, batches of 8: five batches an epoch (map-style, so epochs end)."""
+
+    def get_dataset(self, phase: mlfab.Phase) -> torch.utils.data.Dataset:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(40, self.config.in_dim, generator=gen)
+        return torch.utils.data.TensorDataset(x, x.sum(-1))
+
+
+def test_step_ends_at_accumulation_boundaries_and_epoch_end() -> None:
+    assert params(_TrainingEpochLoop._should_accumulate) == ["self"]
+    seen: list[tuple[int, int, bool, int]] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            seen.append((trainer.current_epoch, args[-1], step_ends(trainer), trainer.global_step))
+
+    trainer = quiet_trainer(max_epochs=2, accumulate_grad_batches=3, limit_val_batches=0, callbacks=[Record()])
+    trainer.fit(FiveBatches(BoringConfig(max_steps=None)))
+    # Batches 0-2 make a step, then 3-4 (the epoch's last batch ends a step too); twice.
+    ends = [(epoch, idx) for epoch, idx, ends, _ in seen if ends]
+    assert ends == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    assert [s for *_, s in seen] == [0, 0, 1, 1, 2, 2, 2, 3, 3, 4]  # Lightning stepped exactly there.
+
+
+def test_wrap_validation_decision_adds_to_lightnings_own() -> None:
+    assert params(_TrainingEpochLoop._should_check_val_fx) == ["self", "data_fetcher"]
+    validated_at: list[int] = []
+
+    class ExtraValidation(Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            def decide(lightning_decision: Any, data_fetcher: Any) -> bool:
+                return bool(lightning_decision(data_fetcher)) or trainer.global_step == 2
+
+            wrap_validation_decision(trainer, decide)
+
+        def on_validation_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            validated_at.append(trainer.global_step)
+
+    endless_trainer(6, val_check_interval=5, callbacks=[ExtraValidation()]).fit(BoringTask(BoringConfig()))
+    assert validated_at == [2, 5]
+
+
+def test_per_step_hooks_are_exactly_the_ones_lightning_calls_every_batch() -> None:
+    calls: list[str] = []
+    hooks = [name for name in vars(Callback) if name.startswith("on_") and callable(getattr(Callback, name))]
+
+    def recorder(name: str) -> Any:
+        return lambda self, *args, **kwargs: calls.append(name)
+
+    record_all = type("RecordAll", (Callback,), {name: recorder(name) for name in hooks})
+    endless_trainer(3, val_check_interval=2, callbacks=[record_all()]).fit(BoringTask(BoringConfig()))
+    # The hooks of the second batch (start to end), and those of each validation batch.
+    second = calls.index("on_train_batch_start", calls.index("on_train_batch_start") + 1)
+    per_batch = set(calls[second : calls.index("on_train_batch_end", second) + 1])
+    per_batch |= {name for name in calls if "validation_batch" in name}
+    assert per_batch == set(PER_STEP_HOOKS)
+
+
+def test_step_free_callback_hooks_are_none_and_skipped_by_lightning() -> None:
+    ends: list[int] = []
+
+    class OnlyBatchEnd(StepFreeCallback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            ends.append(trainer.global_step)
+
+    assert OnlyBatchEnd.on_train_batch_end is not None
+    assert all(getattr(OnlyBatchEnd, h) is None for h in PER_STEP_HOOKS if h != "on_train_batch_end")
+    assert all(callable(getattr(Callback, h)) for h in PER_STEP_HOOKS)  # Still hooks of Lightning's.
+    endless_trainer(4, val_check_interval=2, callbacks=[OnlyBatchEnd()]).fit(BoringTask(BoringConfig()))
+    assert ends == [1, 2, 3, 4]
+
+
+def test_cached_state_key_is_made_once_and_lightning_reads_it_per_hook() -> None:
+    made: dict[str, int] = {"plain": 0, "cached": 0}
+
+    class Counting(ModelCheckpoint):
+        name = "plain"
+
+        @property
+        def state_key(self) -> str:
+            made[self.name] += 1
+            return super().state_key
+
+    class Cached(CachedStateKey, Counting):
+        name = "cached"
+
+    plain, cached = Counting(every_n_train_steps=100), Cached(every_n_train_steps=100)
+    assert cached.state_key == ModelCheckpoint.state_key.fget(cached)  # type: ignore[attr-defined]
+    assert cached.state_key is cached.state_key
+    endless_trainer(4, callbacks=[plain, cached], enable_checkpointing=True).fit(BoringTask(BoringConfig()))
+    assert made["cached"] == 1
+    assert made["plain"] > 4  # Lightning formats it at every hook: the cache saves that much.
+
+
+def test_no_profiler_returns_one_context_and_trains() -> None:
+    assert isinstance(NoProfiler(), PassThroughProfiler)
+    assert params(PassThroughProfiler.profile) == ["self", "action_name"]
+    profiler = NoProfiler()
+    assert profiler.profile("a") is profiler.profile("b")
+    with profiler.profile("a"):
+        pass
+    assert isinstance(pickle.loads(pickle.dumps(_lightning.no_profiler())), NoProfiler)  # For ddp_spawn.
+
+    class Counting(NoProfiler):
+        calls = 0
+
+        def profile(self, action_name: str) -> Any:
+            Counting.calls += 1
+            return super().profile(action_name)
+
+    trainer = endless_trainer(3, profiler=Counting())
+    trainer.fit(BoringTask(BoringConfig()))
+    assert isinstance(trainer.profiler, Counting)
+    assert trainer.global_step == 3
+    assert Counting.calls > 3 * 10  # Around every hook call: the ~1 us each the shared context saves.
+
+
+def test_current_fx_name_skips_module_setattr(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pl.LightningModule()._current_fx_name is None  # Still an attribute of Lightning's.
+    task, extra = BoringTask(BoringConfig()), torch.nn.Linear(1, 1)
+    through_module: list[str] = []
+    module_setattr = torch.nn.Module.__setattr__
+
+    def counting(self: torch.nn.Module, name: str, value: Any) -> None:
+        through_module.append(name)
+        module_setattr(self, name, value)
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", counting)
+    task._current_fx_name = "training_step"
+    task.extra = extra
+    monkeypatch.undo()
+    assert through_module == ["extra"]  # Other attributes still go through nn.Module's checks.
+    assert task._current_fx_name == "training_step"
+    assert task.__dict__["_current_fx_name"] == "training_step"
+    for registry in (task._modules, task._parameters, task._buffers):
+        assert "_current_fx_name" not in registry
+    assert "extra" in task._modules
+
+    seen: set[tuple[str, str | None]] = set()
+
+    class Recording(BoringTask):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            seen.add((state.phase, self._current_fx_name))
+            return super().get_loss(batch, state)
+
+    endless_trainer(2, val_check_interval=2).fit(Recording(BoringConfig()))
+    assert seen == {("train", "training_step"), ("valid", "validation_step")}  # Lightning sets the name we skip.
+
+
+def test_step_signatures_are_precomputed_and_read_by_lightning() -> None:
+    for name in _lightning.STEP_HOOKS:
+        hook = getattr(mlfab.Task, name)
+        assert inspect.signature(hook) is hook.__signature__
+        assert params(hook) == ["self", "batch", "batch_idx"]
+
+    # Lightning's check (on every batch) goes through inspect, which returns a `__signature__` as it is.
+    class Hooks:
+        def training_step(self, batch: Any, batch_idx: int) -> None: ...
+
+    assert is_param_in_hook_signature(Hooks().training_step, "batch_idx", min_args=2)
+    sig = inspect.signature(Hooks.training_step)
+    Hooks.training_step.__signature__ = sig.replace(parameters=list(sig.parameters.values())[:2])  # type: ignore[attr-defined]
+    assert not is_param_in_hook_signature(Hooks().training_step, "batch_idx", min_args=2)
+    task = BoringTask(BoringConfig())
+    assert is_param_in_hook_signature(task.training_step, "batch_idx", min_args=2)
+
+
+def test_file_writer_writes_a_summary(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import Summary
+
+    writer = SummaryWriter(str(tmp_path))
+    fw = file_writer(writer)
+    assert params(fw.add_summary)[:2] == ["summary", "global_step"]
+    fw.add_summary(Summary(value=[Summary.Value(tag="x", simple_value=1.5)]), 7)
+    writer.close()
+    assert read_scalars(tmp_path) == {"x": [(7, 1.5)]}
+
+
+def test_rng_states_round_trip() -> None:
+    assert params(fabric_seed._collect_rng_states) == ["include_cuda"]
+    assert params(fabric_seed._set_rng_states) == ["rng_state_dict"]
+
+    def draws() -> tuple[list[float], list[float], float]:
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+    states = collect_rng_states(include_cuda=False)
+    assert set(states) == {"torch", "numpy", "python"}
+    first = draws()
+    set_rng_states(states)
+    assert draws() == first
+    # As checkpoints store them (numpy's state as a tensor), and back.
+    set_rng_states(numpy_rng_state(plain_rng_state(states)))
+    assert draws() == first
+
+
+def test_foreach_norm_equals_per_tensor_norms() -> None:
+    tensors = [torch.randn(3, 4), torch.randn(7), torch.randn(2, 2, 2).double(), torch.zeros(5)]
+    norms = foreach_norm(tensors)
+    assert len(norms) == len(tensors)
+    for t, n in zip(tensors, norms, strict=True):
+        assert n.dtype == t.dtype and n.shape == ()
+        torch.testing.assert_close(n, torch.linalg.vector_norm(t))
