@@ -5,7 +5,7 @@ Training runs side by side in this process, alternating, on the same model, data
 - raw: a hand-written loop (zero_grad, forward, cross-entropy, backward, AdamW step) over a torch DataLoader;
 - Lightning: a LightningModule calling `self.log("loss", loss)` every step, Lightning's defaults otherwise
   (TensorBoardLogger, no progress bar, checkpointing and model summary off);
-- mlfab: an `mlfab.Task` trained by the Trainer that `mlfab.run.pipeline.build_trainer` makes from its Config,
+- mlfab: an `mlfab.Task` trained by the Trainer that `mlfab.run.trainer.build_trainer` makes from its Config,
   logging its loss every step with `mlfab.StdoutLogger` and `mlfab.TensorboardLogger` attached. For the seed
   CNN it is the seed example's `MnistClassification` itself, given synthetic data and the shared optimizer;
 - for the tiny MLP also Lightning in `Trainer(barebones=True)` mode (its mode for measuring its own overhead: no
@@ -441,7 +441,7 @@ def train_mlfab(model: str, steps: int, warmup: int, exp_dir: Path) -> Run:
     import lightning.pytorch as pl
 
     import mlfab
-    from mlfab.run.pipeline import build_trainer
+    from mlfab.run.trainer import build_trainer
 
     config = mlfab_config(model, warmup + steps, exp_dir=str(exp_dir))
     pl.seed_everything(config.seed, workers=True, verbose=False)  # As `launch` does before it builds the task.

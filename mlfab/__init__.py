@@ -6,7 +6,16 @@ import lightning.pytorch  # noqa: F401
 
 from mlfab.config import Config, field
 from mlfab.data import worker_shard
-from mlfab.errors import ConfigError, DatasetError, MlfabError, SettingsError, TaskDefinitionError
+from mlfab.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    MlfabError,
+    NonFiniteError,
+    SettingsError,
+    SlurmError,
+    TaskDefinitionError,
+)
 from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.json import JsonLogger
 from mlfab.loggers.stdout import StdoutLogger
@@ -19,14 +28,17 @@ from mlfab.task import Task
 __version__ = "0.3.0.dev0"
 
 __all__ = [
+    "CheckpointError",
     "Config",
     "ConfigError",
     "DatasetError",
     "JsonLogger",
     "MlfabError",
     "MlfabLogger",
+    "NonFiniteError",
     "Phase",
     "SettingsError",
+    "SlurmError",
     "State",
     "StdoutLogger",
     "Task",

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -83,7 +84,7 @@ def task_id(task_cls: type) -> str:
     return f"{task_cls.__module__}.{task_cls.__qualname__}"
 
 
-def check_compatible(checkpoint: dict[str, Any], path: Path, task: torch.nn.Module) -> None:
+def check_compatible(checkpoint: dict[str, Any], path: Path, task: pl.LightningModule) -> None:
     """The checkpoint must come from the same task class and hold weights of the same shapes."""
     saved_task = checkpoint.get("mlfab", {}).get("task")
     if saved_task is not None and saved_task.rsplit(".", 1)[-1] != type(task).__qualname__.rsplit(".", 1)[-1]:
@@ -110,7 +111,7 @@ def check_compatible(checkpoint: dict[str, Any], path: Path, task: torch.nn.Modu
         )
 
 
-def _config_diff(saved: dict[str, Any], task: torch.nn.Module) -> str:
+def _config_diff(saved: dict[str, Any], task: pl.LightningModule) -> str:
     now = task.hparams.get("config", {}) if hasattr(task, "hparams") else {}
     keys = sorted(set(saved) | set(now))
     return ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k))

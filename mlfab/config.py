@@ -201,7 +201,7 @@ def resolve_config(cls: type[ConfigT], *sources: Any) -> ConfigT:
 
 def build_config(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
     """The typed config for plain data, built and checked by jsonargparse as the command line does."""
-    parser = _parser(cls)
+    parser = _parser(typing.cast(Any, cls))  # A class is hashable; mypy does not see it for a type variable.
     try:
         return parser.instantiate(parser.parse_object({"config": dict(data)})).config
     except (jsonargparse.ArgumentError, TypeError, ValueError) as e:

@@ -11,6 +11,7 @@ import os
 import random
 import time
 import traceback
+import urllib.error
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -21,7 +22,9 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from torch.utils.data import Dataset as TorchDataset
 
 from mlfab._lightning import collect_rng_states, set_rng_states
+from mlfab.checkpoints import numpy_rng_state, plain_rng_state
 from mlfab.errors import DatasetError
+from mlfab.loader import MlfabLoader
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +115,6 @@ def _rng_attributes(obj: Any, depth: int = 2) -> dict[str, Any]:
 
 
 def _get_rng(gen: Any) -> Any:
-    from mlfab.checkpoints import plain_rng_state
-
     if isinstance(gen, np.random.Generator):
         return gen.bit_generator.state
     if isinstance(gen, np.random.RandomState | torch.Generator):
@@ -125,8 +126,6 @@ def _set_rng(gen: Any, state: Any) -> None:
     if isinstance(gen, np.random.Generator):
         gen.bit_generator.state = state
     elif isinstance(gen, np.random.RandomState):
-        from mlfab.checkpoints import numpy_rng_state
-
         gen.set_state(numpy_rng_state(tuple(state)))
     elif isinstance(gen, torch.Generator):
         gen.set_state(state)
@@ -172,8 +171,6 @@ class DpshdlIterable(IterableDataset):
         gens = _rng_attributes(self.dataset)
         state["dataset"] = own() if callable(own) else {k: _get_rng(g) for k, g in gens.items()}
         if get_worker_info() is not None:  # The main process's global state is saved with the task.
-            from mlfab.checkpoints import plain_rng_state
-
             state["global_rng"] = plain_rng_state(collect_rng_states(include_cuda=False))
         return state
 
@@ -192,8 +189,6 @@ class DpshdlIterable(IterableDataset):
                 if name in gens:
                     _set_rng(gens[name], value)
         if "global_rng" in state and get_worker_info() is not None:
-            from mlfab.checkpoints import numpy_rng_state
-
             set_rng_states(numpy_rng_state(state["global_rng"]))
 
 
@@ -245,8 +240,6 @@ def build_dataloader(
     Each loader draws its shuffling and worker seeds from a generator of its own, never from torch's
     global one, so how often validation runs cannot change the training run's random numbers.
     """
-    from mlfab.loader import MlfabLoader
-
     os.environ[_RANK_ENV], os.environ[_WORLD_ENV] = str(rank), str(world_size)
     streaming = isinstance(dataset, DpshdlDataset | IterableDataset)
     own_collate = getattr(dataset, "collate", None)
@@ -283,7 +276,7 @@ def _failed_download(exc: BaseException) -> tuple[str, str] | None:
     found = None
     while tb is not None:
         obj = tb.tb_frame.f_locals.get("self")
-        if type(obj).__name__ == "FileDownloader" and hasattr(obj, "filepath"):
+        if obj is not None and type(obj).__name__ == "FileDownloader" and hasattr(obj, "filepath"):
             found = (str(getattr(obj, "url", "?")), str(obj.filepath))
         tb = tb.tb_next
     return found
@@ -291,8 +284,6 @@ def _failed_download(exc: BaseException) -> tuple[str, str] | None:
 
 def explain_dataset_failure(exc: Exception, task_name: str, phase: str) -> None:
     """Turns a failed download inside `get_dataset` into an error that says which file to put where."""
-    import urllib.error
-
     if not isinstance(exc, urllib.error.URLError | ConnectionError | TimeoutError):
         return
     download = _failed_download(exc)

@@ -42,7 +42,7 @@ class MlfabLoader(StatefulDataLoader):
         self._ever_produced = False
 
     @override
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Any]:
         # The underlying iterator is made now, not at the first `next`, so that whatever making it draws (the
         # loader's seeds come from its own generator; a dataset's `__iter__` may use the global ones) is drawn
         # before a resumed run restores the global generators' states.

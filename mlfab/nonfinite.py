@@ -59,7 +59,8 @@ class NonFiniteGuard:
             if check_grads:
                 values.append(norm)
         elif with_grad and check_grads:
-            norms = foreach_norm([p.grad for p in with_grad])  # type: ignore[misc]
+            grads = [g for p in with_grad if (g := p.grad) is not None]  # All of them: the filter is for mypy.
+            norms: tuple[Tensor, ...] | list[Tensor] = foreach_norm(grads)
             if any(n.device != norms[0].device for n in norms):  # Parameters spread over devices.
                 norms = [n.to(norms[0].device) for n in norms]
             values.append(torch.stack(norms).sum(dtype=torch.float32))  # fp16 norms could overflow their sum.

@@ -1,7 +1,9 @@
 """The default optimizer: schedule-free AdamW with linear warmup, weight decay on weight matrices only."""
 
 from collections.abc import Iterable
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -49,12 +51,12 @@ def set_optimizer_mode(optimizers: Iterable[torch.optim.Optimizer], train: bool)
             fn()
 
 
-def save_in_eval_mode(module: nn.Module, checkpoint: dict) -> None:
+def save_in_eval_mode(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
     """Schedule-free optimizers must be saved in eval mode: the checkpoint gets the evaluation weights with
     the optimizer state that matches them. The training weights and state go in too, so a resume continues
     from exactly the same numbers instead of re-deriving them; and the live weights are put back bit for
     bit, so saving never changes the run."""
-    trainer = module.trainer  # type: ignore[attr-defined]
+    trainer = module.trainer
     if not any(g.get("train_mode") for opt in trainer.optimizers for g in opt.param_groups):
         return
     train_weights = {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()}
@@ -70,7 +72,7 @@ def save_in_eval_mode(module: nn.Module, checkpoint: dict) -> None:
     checkpoint["mlfab"]["train_optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
 
 
-def use_training_weights(checkpoint: dict) -> None:
+def use_training_weights(checkpoint: dict[str, Any]) -> None:
     """When resuming training, load the exact training weights saved by `save_in_eval_mode`."""
     saved = checkpoint.get("mlfab", {})
     if "train_state_dict" in saved:

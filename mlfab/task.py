@@ -29,6 +29,8 @@ from mlfab.declaration import find_config_class, prepare_subclass
 from mlfab.errors import TaskDefinitionError
 from mlfab.loader import Consumed, MlfabLoader
 from mlfab.loggers.dispatch import flush_logs
+from mlfab.loggers.stdout import StdoutLogger
+from mlfab.loggers.tensorboard import TensorboardLogger
 from mlfab.logs import convert as lv
 from mlfab.logs.buffer import Cadence, LogBuffer
 from mlfab.logs.values import resolve
@@ -111,9 +113,6 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
 
     def set_loggers(self) -> None:
         """Attaches loggers with `add_logger`; by default stdout and TensorBoard under `exp_dir`."""
-        from mlfab.loggers.stdout import StdoutLogger
-        from mlfab.loggers.tensorboard import TensorboardLogger
-
         self.add_logger(StdoutLogger(), TensorboardLogger(self.exp_dir))
 
     def add_logger(self, *loggers: Any) -> None:

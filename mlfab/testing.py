@@ -7,6 +7,7 @@ Also writes small MNIST files in the IDX format, so the real dpshdl MNIST loader
 """
 
 import gzip
+import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 from dpshdl.dataset import Dataset
+from PIL import Image
 from torch import Tensor, nn
 
 import mlfab
@@ -100,9 +102,6 @@ def read_scalars(event_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 def read_images(event_dir: str | Path) -> dict[str, list[tuple[int, np.ndarray]]]:
     """{tag: [(step, HWC uint8 array), ...]} decoded from the TensorBoard event files in a directory."""
-    import io
-
-    from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(event_dir), size_guidance={"images": 0})

@@ -19,16 +19,13 @@ def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 TIERS = ("unit", "integration", "slow")  # The markers in pyproject.toml; `-m unit` runs the quick tier.
-# TODO: drop once tests/test_cli.py, tests/test_config.py and tests/test_launch.py carry their tier markers.
-UNTIERED_FILES = {"test_cli.py", "test_config.py", "test_launch.py"}
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # Before `-m` deselects: a test without a tier would just never run.
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test has exactly one tier marker (a module's `pytestmark` or its own), so `-m` selects each test once."""
     problems = []
     for item in items:
-        if item.path.name in UNTIERED_FILES:
-            continue
         tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
         if len(tiers) != 1:
             found = ", ".join(tiers) if tiers else "none"

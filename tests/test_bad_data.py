@@ -177,7 +177,13 @@ def test_the_finiteness_check_finds_each_bad_part_and_ignores_an_overflowing_sum
         half = [torch.nn.Parameter(torch.zeros(1, dtype=torch.float16)) for _ in range(2)]
         for p in half:
             p.grad = torch.full_like(p, 60000.0)
-        guard.clip_and_check(half, {"loss": torch.tensor(1.0)}, None)
+        guard.in_a_row = 2  # As after two skipped steps: a good step starts the count again.
+        try:
+            guard.clip_and_check(half, {"loss": torch.tensor(1.0)}, None)
+        except SkipStep:
+            pytest.fail(f"finite fp16 gradients whose fp16 sum overflows were skipped as {guard.last_reason}")
+        assert guard.in_a_row == 0  # Counted as a good step ...
+        assert [p.grad.item() for p in half if p.grad is not None] == [60000.0, 60000.0]  # ... its gradients kept.
 
 
 def fp16_trainer(tmp_path: Path, scaler: torch.amp.GradScaler, clip: float | None) -> "pl.Trainer":

@@ -1,14 +1,20 @@
-"""The parity benchmark's training variants, run for a few steps: they must keep running and train identically,
-since the benchmark's speed ratios only mean something when every variant does the same work."""
+"""The benchmark scripts, run for a few steps. The parity benchmark's training variants must keep running and train
+identically, since its speed ratios only mean something when every variant does the same work; the other two
+scripts must time what they say they time and print a report whose numbers parse and agree with each other."""
 
 import importlib
 import logging
+import math
+import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from mlfab.testing import read_scalars
 
 pytestmark = pytest.mark.integration
 
@@ -50,16 +56,79 @@ def test_the_seed_cnn_in_the_benchmark_is_the_seed_examples_model(parity: Module
     parity.check_seed_cnn()  # Exits with a message when examples/mnist.py's model changed.
 
 
-def test_the_logging_overhead_and_resume_cost_scripts_run(benchmarks: dict[str, ModuleType], tmp_path: Path) -> None:
+def run_main(
+    script: ModuleType, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> str:
+    """What `python benchmarks/<script>.py <args>` prints."""
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *args])
+    capsys.readouterr()
+    script.main()
+    return capsys.readouterr().out
+
+
+def number(pattern: str, text: str) -> float:
+    """The number the pattern's group captures from the script's output; finite, or the report is broken."""
+    match = re.search(pattern, text, flags=re.M)
+    assert match, f"no line matching {pattern!r} in:\n{text}"
+    value = float(match.group(1))
+    assert math.isfinite(value), match.group(0)
+    return value
+
+
+def test_the_logging_overhead_timings_cover_only_the_timed_steps(
+    benchmarks: dict[str, ModuleType], tmp_path: Path
+) -> None:
     overhead = benchmarks["logging_overhead"]
     config = overhead.BoringConfig(max_steps=None, valid_every_n_steps=None)
-    silent = overhead.Silent(config)
-    assert overhead.seconds_per_step(silent, [], steps=3, warmup=2) > 0
-    assert not any(silent._log_buffers.values())  # The baseline really keeps nothing.
-    logged = overhead.BoringTask(config)
-    assert overhead.seconds_per_step(logged, [overhead.mlfab.TensorboardLogger(tmp_path)], steps=3, warmup=2) > 0
-    assert (tmp_path / "tensorboard" / "train").is_dir()
+    silent, logged = overhead.Silent(config), overhead.BoringTask(config)
+    for task, loggers in ((silent, []), (logged, [overhead.mlfab.TensorboardLogger(tmp_path)])):
+        start = time.perf_counter()
+        per_step = overhead.seconds_per_step(task, loggers, steps=3, warmup=2)
+        wall = time.perf_counter() - start
+        # A timer that never started (or stopped) would give nonsense far outside the call that ran the steps.
+        assert 0 < per_step * 3 < wall
+    assert not any(silent._log_buffers.values())  # The baseline really keeps nothing ...
+    assert read_scalars(tmp_path / "tensorboard" / "train")["loss/loss"]  # ... and the logged run wrote its loss.
+
+
+def test_the_logging_overhead_script_reports_both_timings_and_their_ratio(
+    benchmarks: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = run_main(benchmarks["logging_overhead"], ["--steps", "5", "--repeats", "1"], monkeypatch, capsys)
+    assert "steps per run: 5, repeats: 1 (medians)" in out
+    without = number(r"^no logging: +([-\d.]+) ms/step$", out)
+    with_logs = number(r"^loss logged every step: +([-\d.]+) ms/step$", out)
+    assert without > 0 and with_logs > 0
+    overhead = number(r"^overhead: +([-+\d.]+) ms/step \(target <= 0\.100\)$", out)
+    assert overhead == pytest.approx(with_logs - without, abs=0.0015)  # Each printed to 0.001 ms.
+    ratio = number(r"^ratio logged / not logged: ([-\d.]+)$", out)
+    assert ratio == pytest.approx(with_logs / without, rel=0.01, abs=0.002)
+
+
+def test_the_resume_cost_timing_is_of_a_resumed_run(benchmarks: dict[str, ModuleType], tmp_path: Path) -> None:
+    import torch
 
     resume = benchmarks["resume_cost"]
     resume.Timed.launch(resume.config(tmp_path / "run", 3), argv=[])
-    assert resume.resume_seconds(tmp_path / "run", 3) > 0
+    start = time.perf_counter()
+    seconds = resume.resume_seconds(tmp_path / "run", 3)
+    assert 0 < seconds < time.perf_counter() - start
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4  # One step past the checkpoint ...
+    launches = (tmp_path / "run" / "provenance" / "launches.yaml").read_text()
+    assert launches.count("resumed: true") == 1  # ... taken by resuming it, not by training from scratch.
+
+
+def test_the_resume_cost_script_reports_a_row_per_step_and_their_ratio(
+    benchmarks: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = run_main(benchmarks["resume_cost"], ["--steps", "20", "--repeats", "1"], monkeypatch, capsys)
+    assert out.count("Resuming from ") == 2  # Each timed launch resumed its run.
+    assert "| resumed at step | time to train there (s) | launch -> first resumed step (s, median of 1) |" in out
+    rows = {}
+    for steps in (10, 20):
+        train = number(rf"^\| {steps} \| ([\d.]+) \| [\d.]+ \|$", out)
+        rows[steps] = number(rf"^\| {steps} \| [\d.]+ \| ([\d.]+) \|$", out)
+        assert train > 0 and rows[steps] > 0
+    ratio = number(r"^ratio \(step 20 / step 10\): ([\d.]+) \(1\.0 = no cost for steps trained\)$", out)
+    assert ratio == pytest.approx(rows[20] / rows[10], rel=0.01, abs=0.01)

@@ -93,6 +93,7 @@ def help_text(capsys: pytest.CaptureFixture[str]) -> str:
     return " ".join(capsys.readouterr().out.split())  # The help is wrapped to the terminal width.
 
 
+@pytest.mark.unit
 def test_help_shows_types_current_values_and_nested_fields(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         NestedTask.launch(NestedConfig(batch_size=3), argv=["model.hidden=64", "max_steps=7", "--help"])
@@ -109,6 +110,7 @@ def test_help_shows_types_current_values_and_nested_fields(capsys: pytest.Captur
     assert "--trainer.max_time" in out and "--ckpt_path" in out  # One help: the short form is `fit`.
 
 
+@pytest.mark.unit
 def test_both_forms_print_the_same_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         BoringTask.launch(argv=["--help"])
@@ -118,6 +120,7 @@ def test_both_forms_print_the_same_help(capsys: pytest.CaptureFixture[str]) -> N
     assert short.endswith(capsys.readouterr().out)
 
 
+@pytest.mark.unit
 def test_help_applies_yaml_files_and_marks_required(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a.yaml").write_text("width: 5\n")
     with pytest.raises(SystemExit):
@@ -128,6 +131,7 @@ def test_help_applies_yaml_files_and_marks_required(tmp_path: Path, capsys: pyte
     assert "A field without a default [current: 5] (required, type: int)" in help_text(capsys)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -146,11 +150,13 @@ def test_config_errors_name_key_expected_type_and_value(tmp_path: Path, args: li
         assert text in str(info.value)
 
 
+@pytest.mark.unit
 def test_missing_required_key_is_reported(tmp_path: Path) -> None:
     with pytest.raises(mlfab.ConfigError, match=r"missing required key 'width': set it in the config or pass width="):
         RequiredTask.launch(argv=[f"run_dir={tmp_path}"])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("batch_size: [1\n", "is not valid YAML"), ("- 1\n- 2\n", "must hold a mapping of config keys")],
@@ -161,11 +167,13 @@ def test_bad_yaml_file_is_reported(tmp_path: Path, text: str, expected: str) -> 
         BoringTask.launch(argv=[str(tmp_path / "bad.yaml")])
 
 
+@pytest.mark.unit
 def test_missing_yaml_file_is_reported() -> None:
     with pytest.raises(mlfab.ConfigError, match=r"Config file 'nope.yaml' not found"):
         BoringTask.launch(argv=["nope.yaml"])
 
 
+@pytest.mark.unit
 def test_lightning_flag_in_mlfab_form_points_to_both_forms() -> None:
     with pytest.raises(mlfab.ConfigError) as info:
         BoringTask.launch(argv=["--max_steps=3"])
@@ -181,6 +189,7 @@ def printed_config(capsys: pytest.CaptureFixture[str], task: type, argv: list[st
     return yaml.safe_load(capsys.readouterr().out)
 
 
+@pytest.mark.unit
 def test_flat_file_and_run_file_give_the_same_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "flat.yaml").write_text("in_dim: 3\nbetas: [0.5, 0.6]\n")
     (tmp_path / "run.yaml").write_text("model:\n  config:\n    in_dim: 3\n    betas: [0.5, 0.6]\ntrainer: {}\n")
@@ -189,6 +198,7 @@ def test_flat_file_and_run_file_give_the_same_config(tmp_path: Path, capsys: pyt
     assert flat["model"]["config"]["in_dim"] == 3 and flat["model"]["config"]["betas"] == [0.5, 0.6]
 
 
+@pytest.mark.unit
 def test_a_run_file_with_trainer_settings_applies_them_in_the_short_form(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -199,6 +209,7 @@ def test_a_run_file_with_trainer_settings_applies_them_in_the_short_form(
     assert printed["model"]["config"]["in_dim"] == 3 and printed["model"]["config"]["max_steps"] == 4
 
 
+@pytest.mark.integration
 def test_both_forms_write_byte_identical_config_yaml(tmp_path: Path) -> None:
     exp = tmp_path / "run"  # The same run directory for both (the file names itself in its header).
     BoringTask.launch(argv=[f"exp_dir={exp}", "max_steps=2", "betas=[0.5,0.6]", "clip_grad_norm=null"])
@@ -217,6 +228,7 @@ def test_both_forms_write_byte_identical_config_yaml(tmp_path: Path) -> None:
     assert b"clip_grad_norm: null" in short and b"- 0.5" in short
 
 
+@pytest.mark.unit
 def test_config_with_its_own_model_config_field_reads_flat(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "own.yaml").write_text("model:\n  config: 5\n")
     assert printed_config(capsys, OwnModelTask, [str(tmp_path / "own.yaml")])["model"]["config"]["model"] == {
@@ -229,6 +241,7 @@ def test_config_with_its_own_model_config_field_reads_flat(tmp_path: Path, capsy
 # The Lightning form: python -m my.task fit|validate|test ...
 
 
+@pytest.mark.unit
 def test_fit_help_shows_field_help_and_precedence(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         BoringTask.launch(BoringConfig(in_dim=6), argv=["fit", "--help"])
@@ -241,6 +254,7 @@ def test_fit_help_shows_field_help_and_precedence(capsys: pytest.CaptureFixture[
     assert "--trainer.max_steps" in out and "--ckpt_path" in out
 
 
+@pytest.mark.unit
 def test_fit_help_of_subclass_without_init_shows_its_own_config(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         run_cli(ChildTask, ["fit", "--help"])
@@ -248,6 +262,7 @@ def test_fit_help_of_subclass_without_init_shows_its_own_config(capsys: pytest.C
     assert "--model.config.extra EXTRA A field only the child config has (type: int, default: 7)" in out
 
 
+@pytest.mark.integration
 def test_fit_runs_like_launch_and_explicit_trainer_args_win(tmp_path: Path) -> None:
     exp = fit(tmp_path, "--model.config.max_steps=5", "--trainer.max_steps=3", "--model.config.in_dim=3")
     assert exp == tmp_path / "runs" / "boring_task" / "run_0"
@@ -259,12 +274,14 @@ def test_fit_runs_like_launch_and_explicit_trainer_args_win(tmp_path: Path) -> N
     assert "#   val_check_interval: 10\n" in (exp / "config.yaml").read_text()  # Derived settings, for the record.
 
 
+@pytest.mark.integration
 def test_a_profiler_given_on_the_command_line_replaces_mlfabs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("INFO", logger="lightning.pytorch"):
         fit(tmp_path, "--model.config.max_steps=3", "--model.config.in_dim=3", "--trainer.profiler=simple")
     assert "FIT Profiler Report" in caplog.text and "run_training_batch" in caplog.text
 
 
+@pytest.mark.integration
 def test_config_yaml_reruns_the_same_settings_in_both_forms(tmp_path: Path) -> None:
     first = fit(
         tmp_path,
@@ -280,6 +297,7 @@ def test_config_yaml_reruns_the_same_settings_in_both_forms(tmp_path: Path) -> N
     assert run_file(mlfab_form) == run_file(first)
 
 
+@pytest.mark.integration
 def test_trainer_args_from_a_config_file_are_kept(tmp_path: Path) -> None:
     first = fit(tmp_path, "--trainer.max_steps=2", "--trainer.gradient_clip_val=null")
     assert run_file(first)["trainer"] == {"max_steps": 2, "gradient_clip_val": None}
@@ -288,6 +306,7 @@ def test_trainer_args_from_a_config_file_are_kept(tmp_path: Path) -> None:
     assert torch.load(again / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+@pytest.mark.unit
 def test_print_config_prints_the_run_file_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         run_cli(BoringTask, ["fit", "--model.config.in_dim=3", "--trainer.max_time=00:00:01:00", "--print_config"])
@@ -302,17 +321,20 @@ def test_print_config_prints_the_run_file_layout(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "work" / "runs").exists()  # Printing starts no run.
 
 
+@pytest.mark.unit
 def test_seed_everything_becomes_the_config_seed(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         run_cli(BoringTask, ["fit", "--seed_everything=5", "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["model"]["config"]["seed"] == 5
 
 
+@pytest.mark.unit
 def test_unknown_key_in_the_script_config_is_reported() -> None:
     with pytest.raises(mlfab.ConfigError, match=r"unknown key 'bach_size'; did you mean 'batch_size'\?"):
         BoringTask.launch({"bach_size": 1}, argv=["fit", "--print_config"])
 
 
+@pytest.mark.integration
 def test_ckpt_path_keeps_the_checkpoint_config_except_what_is_given(tmp_path: Path) -> None:
     first = fit(tmp_path, "--model.config.max_steps=4", "--model.config.in_dim=3", "--model.config.learning_rate=0.01")
     ckpt = first / "checkpoints" / "last.ckpt"
@@ -327,6 +349,7 @@ def test_ckpt_path_keeps_the_checkpoint_config_except_what_is_given(tmp_path: Pa
     assert saved["global_step"] == 6 and saved["hyper_parameters"]["config"]["learning_rate"] == 0.02
 
 
+@pytest.mark.integration
 def test_validate_and_test_run_the_task_phases(tmp_path: Path) -> None:
     phases: list[str] = []
 
@@ -349,6 +372,7 @@ def test_validate_and_test_run_the_task_phases(tmp_path: Path) -> None:
     assert all((root / r / "config.yaml").is_file() for r in ("run_0", "run_1"))
 
 
+@pytest.mark.unit
 def test_fit_errors_name_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         run_cli(BoringTask, ["fit", "--model.config.batch_size", "many"])
@@ -369,6 +393,7 @@ def test_fit_errors_name_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
 # The `mlfab` console script
 
 
+@pytest.mark.unit
 def test_console_script_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["fit"]) == 2
     assert "which task? Name it by import path: --model package.module.TaskClass" in capsys.readouterr().err
@@ -384,6 +409,7 @@ def test_console_script_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert import_task("mlfab.testing:BoringTask") is BoringTask
 
 
+@pytest.mark.unit
 def test_console_script_help_shows_the_task_fields(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--model=mlfab.testing.BoringTask", "--help"])
@@ -397,6 +423,7 @@ def test_console_script_help_shows_the_task_fields(capsys: pytest.CaptureFixture
 EXAMPLE_TASKS = {"digits": "examples.digits.DigitsClassification", "mnist": "examples.mnist.MnistClassification"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_load(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     task = import_task(EXAMPLE_TASKS[path.stem.split("_")[0]])  # <example>_<variant>.yaml
@@ -428,16 +455,38 @@ def flags() -> list[str]:
     return [part for key, value in QUICK.items() for part in (f"--model.config.{key}", value)]
 
 
+@pytest.mark.integration
 def test_subprocess_mlfab_form(tmp_path: Path) -> None:
     run_example(tmp_path, [sys.executable, "-m", "examples.digits", *(f"{k}={v}" for k, v in QUICK.items())])
 
 
+@pytest.mark.integration
 def test_subprocess_fit_form(tmp_path: Path) -> None:
     run_example(tmp_path, [sys.executable, "-m", "examples.digits", "fit", *flags()])
 
 
+@pytest.mark.integration
 def test_subprocess_console_script(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "mlfab"
     if not script.is_file():
         pytest.skip("the mlfab console script is not installed in this environment")
     run_example(tmp_path, [str(script), "fit", "--model", "examples.digits.DigitsClassification", *flags()])
+
+
+class Unannotated(BoringTask):
+    def __init__(self, config):  # type: ignore[no-untyped-def]  # As many tasks are written.
+        super().__init__(config)
+
+
+class BaseAnnotated(BoringTask):
+    def __init__(self, config: mlfab.Config) -> None:  # The base class: jsonargparse would see only its keys.
+        super().__init__(config)  # type: ignore[arg-type]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("task", [Unannotated, BaseAnnotated])
+def test_an_init_without_the_config_annotation_reads_the_declared_config(
+    task: type, capsys: pytest.CaptureFixture[str]
+) -> None:
+    printed = printed_config(capsys, task, ["in_dim=3", "max_steps=2"])
+    assert printed["model"]["config"]["in_dim"] == 3  # A BoringConfig key, which mlfab.Config does not have.

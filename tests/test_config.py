@@ -16,6 +16,8 @@ from mlfab.cli.args import short_form_args
 from mlfab.config import config_to_yaml, field_help, resolve_config
 from mlfab.testing import BoringTask
 
+pytestmark = pytest.mark.unit
+
 
 @dataclass
 class ModelConfig:

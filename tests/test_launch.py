@@ -53,6 +53,7 @@ def run_script(tmp_path: Path, *args: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.integration
 def test_crash_exits_non_zero_with_traceback(tmp_path: Path) -> None:
     proc = run_script(tmp_path, "crash", f"run_dir={tmp_path / 'runs'}")
     out, err = proc.communicate(timeout=120)
@@ -60,6 +61,7 @@ def test_crash_exits_non_zero_with_traceback(tmp_path: Path) -> None:
     assert "Traceback" in err and "RuntimeError: boom at step 3" in err
 
 
+@pytest.mark.integration
 def test_ctrl_c_stops_at_step_boundary_saves_and_exits_non_zero(tmp_path: Path) -> None:
     proc = run_script(tmp_path, "slow", f"run_dir={tmp_path / 'runs'}", "max_steps=100000")
     assert proc.stdout is not None
@@ -80,6 +82,7 @@ def test_ctrl_c_stops_at_step_boundary_saves_and_exits_non_zero(tmp_path: Path) 
     assert 3 <= step < 100000
 
 
+@pytest.mark.slow
 def test_offline_example_reaches_accuracy(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "examples.digits", f"run_dir={tmp_path / 'runs'}", "max_steps=300"],
@@ -95,6 +98,7 @@ def test_offline_example_reaches_accuracy(tmp_path: Path) -> None:
     assert accuracy[-1][0] == 300 and accuracy[-1][1] >= 0.95
 
 
+@pytest.mark.integration
 def test_key_value_overrides_and_yaml_files(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("max_steps: 3\nbatch_size: 4\n")
     BoringTask.launch(
@@ -105,6 +109,7 @@ def test_key_value_overrides_and_yaml_files(tmp_path: Path) -> None:
     assert config["batch_size"] == 2 and config["max_steps"] == 3 and config["betas"] == [0.5, 0.6]
 
 
+@pytest.mark.unit
 def test_bad_override_reports_every_problem(tmp_path: Path) -> None:
     with pytest.raises(mlfab.ConfigError) as info:
         BoringTask.launch(BoringConfig(), argv=["bach_size=3", "max_steps=abc", f"run_dir={tmp_path}"])
@@ -114,6 +119,7 @@ def test_bad_override_reports_every_problem(tmp_path: Path) -> None:
     assert "key 'max_steps'" in message and "'abc'" in message
 
 
+@pytest.mark.unit
 def test_help_lists_fields_with_help_text(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         BoringTask.launch(BoringConfig(), argv=["--help"])

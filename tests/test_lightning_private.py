@@ -67,7 +67,7 @@ def endless_trainer(max_steps: int, **kwargs: Any) -> pl.Trainer:
 class FiveBatches(BoringTask):
     """40 samples, batches of 8: five batches an epoch (map-style, so epochs end)."""
 
-    def get_dataset(self, phase: mlfab.Phase) -> torch.utils.data.Dataset:
+    def get_dataset(self, phase: mlfab.Phase) -> Any:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(40, self.config.in_dim, generator=gen)
         return torch.utils.data.TensorDataset(x, x.sum(-1))
@@ -177,9 +177,8 @@ def test_no_profiler_returns_one_context_and_trains() -> None:
 
     trainer = endless_trainer(3, profiler=Counting())
     trainer.fit(BoringTask(BoringConfig()))
-    assert isinstance(trainer.profiler, Counting)
     assert trainer.global_step == 3
-    assert Counting.calls > 3 * 10  # Around every hook call: the ~1 us each the shared context saves.
+    assert Counting.calls > 3 * 10  # Ours, around every hook call: the ~1 us each the shared context saves.
 
 
 def test_current_fx_name_skips_module_setattr(monkeypatch: pytest.MonkeyPatch) -> None:

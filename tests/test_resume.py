@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -223,13 +224,47 @@ def test_run_directory_that_cannot_be_created(tmp_path: Path, key: str) -> None:
         mlfab.testing.BoringTask.launch(BoringConfig(**{key: str(blocker / "run")}), argv=[])
 
 
+# Launches into the directory given, as the user given in AS_USER ("uid:gid") when there is one. That user becomes
+# the process's real user only: the kernel's access checks, which the run directory check makes, are made for it,
+# while files are still opened as the effective user (root), who can import from wherever Python is installed.
+LOCKED_LAUNCH = """
+import os, sys
+import mlfab
+from mlfab.testing import BoringConfig, BoringTask
+
+if os.environ.get("AS_USER"):
+    uid, gid = map(int, os.environ["AS_USER"].split(":"))
+    os.setgroups([])
+    os.setresgid(gid, os.getegid(), os.getegid())
+    os.setresuid(uid, os.geteuid(), os.geteuid())
+try:
+    BoringTask.launch(BoringConfig(exp_dir=sys.argv[1]), argv=[])
+except mlfab.ConfigError as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
 @pytest.mark.integration
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
 def test_run_directory_not_writable(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    with pytest.raises(mlfab.ConfigError, match="is not writable"):
-        mlfab.testing.BoringTask.launch(BoringConfig(exp_dir=str(locked)), argv=[])
+    locked.mkdir(mode=0o500)  # Its owner may list it but not create anything in it.
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    if os.geteuid() == 0:  # Root may write anywhere (CI runs as root): launch as nobody, into nobody's directory.
+        try:
+            uid, gid = pwd.getpwnam("nobody")[2:4]
+        except KeyError:  # No passwd entry: any unprivileged ids do.
+            uid = gid = 65534
+        os.chown(locked, uid, gid)
+        env["AS_USER"] = f"{uid}:{gid}"
+    script = tmp_path / "locked_launch.py"
+    script.write_text(LOCKED_LAUNCH)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(locked)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"The run directory {locked} is not writable" in proc.stdout
+    assert not any(locked.iterdir())  # Nothing started.
 
 
 class ThirtyTwo(torch.utils.data.Dataset):

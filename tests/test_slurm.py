@@ -110,7 +110,7 @@ def test_submit_writes_the_script_and_records_the_job(
         account="lab",
         extra_sbatch_lines=["--qos=high", "#SBATCH --constraint=a100"],
     )
-    command = ["-m", "examples.mnist", "max_steps=5"]
+    command = ["-m", "examples.mnist", "fit", "--model.config.max_steps=5"]
     assert slurm.submit(config, exp_dir=exp_dir, command=command, workdir=work) == "1234"
 
     script_path = exp_dir / "slurm" / "job.sbatch"
@@ -136,7 +136,9 @@ def test_submit_writes_the_script_and_records_the_job(
     ]
     lines = script.splitlines()
     assert f"cd {work}" in lines
-    assert lines[-1] == f"srun {sys.executable} -m examples.mnist max_steps=5 exp_dir={exp_dir}"
+    assert lines[-1] == (
+        f"srun {sys.executable} -m examples.mnist fit --model.config.max_steps=5 --model.config.exp_dir={exp_dir}"
+    )
     assert "export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))" in lines
     assert fake_slurm.read_text().splitlines() == [f"sbatch --parsable {script_path}"]
     assert (exp_dir / "slurm" / "jobs.txt").read_text() == "1234\n"
@@ -158,17 +160,17 @@ def test_defaults_leave_cluster_defaults_alone(tmp_path: Path) -> None:
         if line.startswith(("#SBATCH --gpus", "#SBATCH --mem", "#SBATCH --partition", "#SBATCH --account"))
     ]
     script = slurm.sbatch_script(config, exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path)
-    assert script.splitlines()[-1] == f"srun /opt/py/bin/python t.py exp_dir={tmp_path / 'run'}"
+    assert script.splitlines()[-1] == f"srun /opt/py/bin/python t.py --model.config.exp_dir={tmp_path / 'run'}"
     assert SlurmConfig().extra_sbatch_lines == [] and SlurmConfig().extra_sbatch_lines is not config.extra_sbatch_lines
 
 
 @pytest.mark.unit
 def test_paths_and_arguments_are_quoted(tmp_path: Path) -> None:
     exp_dir, work = tmp_path / "my runs" / "run_0", tmp_path / "it's here"
-    command = ["train.py", "name=a b", "tags=[x, y]"]
+    command = ["train.py", "fit", "--model.config.name=a b", "--model.config.tags=[x, y]"]
     script = slurm.sbatch_script(SlurmConfig(), exp_dir=exp_dir, command=command, workdir=work)
     lines = script.splitlines()
-    assert shlex.split(lines[-1]) == ["srun", sys.executable, *command, f"exp_dir={exp_dir}"]
+    assert shlex.split(lines[-1]) == ["srun", sys.executable, *command, f"--model.config.exp_dir={exp_dir}"]
     assert shlex.split(next(line for line in lines if line.startswith("cd "))) == ["cd", str(work)]
     assert f'#SBATCH --output="{exp_dir}/slurm/%j.out"' in lines
     with pytest.raises(SlurmError, match="one option per entry"):
@@ -195,7 +197,7 @@ def test_the_script_runs_the_command_in_the_run_directory(fake_slurm: Path, tmp_
     import json
 
     argv, cwd, addr, port, exp_env, rank = json.loads(proc.stdout.splitlines()[-1])
-    assert argv == ["x=1", f"exp_dir={exp_dir}"]
+    assert argv == ["x=1", f"--model.config.exp_dir={exp_dir}"]
     assert (cwd, addr, port, exp_env, rank) == (str(work), "node1", str(10000 + 54321 % 20000), None, "0")
     calls = fake_slurm.read_text().splitlines()
     assert "scontrol show hostnames node[1-2]" in calls
@@ -203,22 +205,36 @@ def test_the_script_runs_the_command_in_the_run_directory(fake_slurm: Path, tmp_
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize(
-    ("launcher", "argv", "message"),
-    [
-        ("slrum", [], r"Unknown launcher 'slrum': use None"),
-        ("slurm", ["fit"], r"launcher='slurm' submits launches in the mlfab form .* not the Lightning form \(fit"),
-    ],
-)
-def test_a_launcher_that_cannot_be_used_is_refused_before_training(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launcher: str, argv: list[str], message: str
+@pytest.mark.parametrize("argv", [[], ["fit"]])
+def test_an_unknown_launcher_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
 ) -> None:
     from mlfab.testing import BoringConfig, BoringTask
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # A login node.
-    with pytest.raises(mlfab.ConfigError, match=message):
-        BoringTask.launch(BoringConfig(run_dir=str(tmp_path)), launcher=launcher, argv=argv)
+    with pytest.raises(mlfab.ConfigError, match=r"Unknown launcher 'slrum': use None"):
+        BoringTask.launch(BoringConfig(run_dir=str(tmp_path)), launcher="slrum", argv=argv)
     assert not (tmp_path / "boring_task").exists()  # Nothing started.
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("form", ["short", "fit"])
+def test_both_command_line_forms_submit_the_same_job(
+    fake_slurm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    from mlfab.testing import BoringConfig, BoringTask
+
+    (tmp_path / "train.py").write_text("")
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "train.py")])  # As `python train.py ...` started it.
+    argv = ["max_steps=3", "betas=[0.5, 0.6]"]
+    if form == "fit":
+        argv = ["fit", "--model.config.max_steps=3", "--model.config.betas=[0.5, 0.6]"]
+    BoringTask.launch(BoringConfig(run_dir=str(tmp_path)), launcher="slurm", argv=argv)
+    exp_dir = tmp_path / "boring_task" / "run_0"
+    srun = shlex.split((exp_dir / "slurm" / "job.sbatch").read_text().splitlines()[-1])
+    fit_args = ["fit", "--model.config.max_steps=3", "--model.config.betas=[0.5, 0.6]"]
+    assert srun[-4:] == [*fit_args, f"--model.config.exp_dir={exp_dir}"]
+    assert not (exp_dir / "checkpoints").exists()  # Nothing trained on the login node.
 
 
 @pytest.mark.unit

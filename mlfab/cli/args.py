@@ -10,7 +10,7 @@ explain a refusal key by key.
 
 import inspect
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -50,7 +50,7 @@ def short_form_args(task_cls: Any, argv: list[str]) -> tuple[list[str], list[dic
     return args, values
 
 
-def config_file_args(task_cls: Any, arg: str | Path) -> tuple[list[str], dict[str, Any]]:
+def config_file_args(task_cls: Any, arg: str | PurePath) -> tuple[list[str], dict[str, Any]]:
     """The arguments that read a YAML file: `--config` for a run file, `--model.config` for a file of config keys."""
     path = find_config_file(task_cls, arg)
     data = load_yaml(path)
@@ -64,7 +64,7 @@ def config_file_args(task_cls: Any, arg: str | Path) -> tuple[list[str], dict[st
     return ["--config", str(path)], dict(config or {})
 
 
-def find_config_file(task_cls: Any, arg: str | Path) -> Path:
+def find_config_file(task_cls: Any, arg: str | PurePath) -> Path:
     """`arg` in the working directory, else next to the task's source file."""
     path = Path(arg)
     if path.exists():

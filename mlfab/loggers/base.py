@@ -1,13 +1,13 @@
 """What an mlfab logger is: a Lightning `Logger` that also takes mlfab's resolved `Logs`, with a write interval."""
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from typing import Any
 
 from mlfab.logs.values import Logs
 from mlfab.state import Phase
 
 
-class MlfabLogger:
+class MlfabLogger(ABC):
     """Mixin for Lightning loggers that understand every kind mlfab logs.
 
     `log_interval_seconds` is per phase: a flush is written when that many seconds passed since this

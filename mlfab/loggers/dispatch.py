@@ -9,8 +9,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
 from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.tensorboard import write_summaries
+from mlfab.loggers.wandb import write_wandb
 from mlfab.logs.buffer import Cadence, LogBuffer, due_loggers, mean_across_ranks
 from mlfab.logs.values import KINDS, Kind, Logs
 from mlfab.state import Phase
@@ -33,14 +36,10 @@ def write_logs(logger: Any, logs: Logs) -> None:
     if isinstance(logger, MlfabLogger):
         logger.write(logs)
         return
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
     prefix = f"{logs.phase}/"
     if isinstance(logger, TensorBoardLogger):
         handled = write_summaries(logger.experiment, logs, prefix)
     elif isinstance(logger, WandbLogger):
-        from mlfab.loggers.wandb import write_wandb
-
         write_wandb(logger.experiment, logs, prefix)
         handled = KINDS
     else:
@@ -67,8 +66,6 @@ def run_info(config_yaml: str, provenance: str, exp_dir: Path) -> dict[str, str]
 
 def write_run_info(loggers: list[Any], config_yaml: str, provenance: str, exp_dir: Path) -> None:
     """Once per run: the config and where the run came from, as text wherever a logger can show text."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     info = run_info(config_yaml, provenance, exp_dir)
     for logger in loggers:
         if isinstance(logger, MlfabLogger):

@@ -22,12 +22,14 @@ Lightning's `log_hyperparams` adds a line {"phase": "hparams", "hparams": {...}}
 import argparse
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
 from typing_extensions import override
 
 from mlfab.loggers.base import MlfabLogger, scalar_logs
@@ -40,8 +42,6 @@ def _safe_name(tag: str) -> str:
 
 
 def _save_image(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
-
     image = np.asarray(image, dtype=np.uint8)
     Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(path)
 
@@ -68,7 +68,7 @@ def _save_point_cloud(path: Path, cloud: PointCloud) -> None:
     np.save(path, points)
 
 
-_MEDIA = {  # kind: (file extension, writer)
+_MEDIA: dict[str, tuple[str, Callable[[Path, Any], None]]] = {  # kind: (file extension, writer)
     "image": ("png", _save_image),
     "audio": ("wav", _save_audio),
     "video": ("gif", _save_video),

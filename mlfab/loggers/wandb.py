@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+import yaml
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
@@ -95,7 +96,7 @@ def write_wandb(run: Any, logs: Logs, prefix: str = "") -> None:
         row[prefix + tag] = _video(np.asarray(video.frames, dtype=np.uint8), video.fps)
     for tag, values in logs.of("histogram").items():
         if (values := finite(values)).size:  # An all-NaN histogram is skipped.
-            row[prefix + tag] = wandb.Histogram(values)
+            row[prefix + tag] = wandb.Histogram(np_histogram=np.histogram(values, bins=64))  # As wandb bins it.
     for tag, cloud in logs.of("point_cloud").items():
         row[prefix + tag] = _point_cloud(cloud.points, cloud.colors)
     run.log(row)
@@ -199,8 +200,6 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
     @rank_zero_only
     def write_config(self, config_yaml: str) -> None:
         """The config becomes the run's config (filterable columns in W&B) and a file of the run."""
-        import yaml
-
         run = self._run()
         config = yaml.safe_load(config_yaml)
         if isinstance(config, dict):

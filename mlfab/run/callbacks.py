@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
 from mlfab._lightning import CachedStateKey, StepFreeCallback, step_ends, wrap_validation_decision
+from mlfab.run.slurm import after_signal_checkpoint
 
 
 class PeriodicCheckpoint(StepFreeCallback, CachedStateKey, ModelCheckpoint):
@@ -130,8 +131,6 @@ class GracefulStop(StepFreeCallback):
             trainer.save_checkpoint(path, weights_only=False)
             if trainer.is_global_zero:
                 print(f"SIGUSR1: saved checkpoint {path}", file=sys.stderr, flush=True)
-            from mlfab.run.slurm import after_signal_checkpoint
-
             requeued = after_signal_checkpoint(trainer.global_rank)  # In a Slurm job: requeue, then stop.
             if trainer.world_size > 1:  # Only rank zero knows whether `scontrol requeue` worked.
                 requeued = trainer.strategy.broadcast(requeued, src=0)

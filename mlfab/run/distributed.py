@@ -11,6 +11,10 @@ import logging
 import os
 from typing import Any
 
+import torch
+
+from mlfab.run.slurm import hardware as slurm_hardware
+
 log = logging.getLogger(__name__)
 
 EXP_DIR_ENV = "MLFAB_EXP_DIR"  # Set by rank zero so the processes Lightning starts use its run directory.
@@ -33,10 +37,6 @@ def env_rank_zero() -> bool:
 
 def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: str) -> dict[str, Any]:
     """Trainer arguments for the config's hardware keys."""
-    import torch
-
-    from mlfab.run.slurm import hardware as slurm_hardware
-
     if under_torchrun():  # torchrun started the processes: match what it started.
         devices = int(os.environ["LOCAL_WORLD_SIZE"])
         num_nodes = max(int(os.environ["WORLD_SIZE"]) // devices, 1)

@@ -5,8 +5,10 @@ import re
 import tempfile
 from pathlib import Path
 
+from mlfab.checkpoints import checkpoint_files
 from mlfab.config import Config
 from mlfab.errors import ConfigError
+from mlfab.run.distributed import EXP_DIR_ENV, env_rank_zero
 from mlfab.settings import default_run_dir
 
 
@@ -53,8 +55,6 @@ def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
     Rank zero creates it and passes it on to the processes Lightning starts (through the environment);
     ranks started by torchrun, Slurm or by hand without `exp_dir` take rank zero's once the process
     group exists (`Task.setup`), and meanwhile write nothing."""
-    from mlfab.run.distributed import EXP_DIR_ENV, env_rank_zero
-
     if EXP_DIR_ENV in os.environ:
         return Path(os.environ[EXP_DIR_ENV]), False
     if not env_rank_zero():
@@ -66,7 +66,5 @@ def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
 
 def newest_checkpoint(exp_dir: Path) -> Path | None:
     """The checkpoint a relaunch into `exp_dir` resumes from: the most recently written one."""
-    from mlfab.checkpoints import checkpoint_files
-
     files = checkpoint_files(exp_dir / "checkpoints")
     return files[-1] if files else None

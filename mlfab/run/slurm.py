@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
 from mlfab.config import SlurmConfig
 from mlfab.errors import SlurmError
 
@@ -66,8 +68,6 @@ def cluster_environment() -> Any:
     None where Lightning would not pick `SLURMEnvironment` (torchrun inside Slurm keeps its own environment)."""
     if not _lightning_sees_slurm():
         return None
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
     if TorchElasticEnvironment.detect():
         return None
     return SLURMEnvironment(auto_requeue=False)

@@ -5,8 +5,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
 from mlfab._lightning import no_profiler
+from mlfab.checkpoints import AtomicCheckpointIO
 from mlfab.config import Config
+from mlfab.run.callbacks import FinalCheckpoint, GracefulStop, PeriodicCheckpoint, ValidationCadence
+from mlfab.run.distributed import resolve_hardware
+from mlfab.run.slurm import cluster_environment
 
 # Lightning needs an int `val_check_interval` for endless data; this one never comes due.
 NEVER = 2**62
@@ -15,8 +23,6 @@ NEVER = 2**62
 def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
-    import torch
-
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
@@ -24,10 +30,8 @@ def resolve_precision(precision: str) -> str:
 
 def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints."""
-    from mlfab.run.callbacks import FinalCheckpoint, GracefulStop, PeriodicCheckpoint, ValidationCadence
-
     ckpt_dir = exp_dir / "checkpoints"
-    periodic = {
+    periodic: dict[str, Any] = {
         "monitor": "step",
         "mode": "max",
         "save_top_k": config.keep_last_n_checkpoints,
@@ -56,8 +60,6 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
 
 def trainer_kwargs(config: Config) -> dict[str, Any]:
     """The Lightning Trainer arguments a config maps to (the mapping table in design.md)."""
-    from mlfab.run.distributed import resolve_hardware
-
     k = config.batches_per_step
     return {
         **resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy),
@@ -84,11 +86,6 @@ def trainer_settings(
     extra_plugins: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Every Trainer argument of an mlfab run; the Lightning CLI lays explicitly given `--trainer.*` over it."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from mlfab.checkpoints import AtomicCheckpointIO
-    from mlfab.run.slurm import cluster_environment
-
     callbacks = [*trainer_callbacks(config, exp_dir), *extra_callbacks]
     # Under Slurm, Lightning's own environment would save from inside its SIGUSR1 handler: mlfab's does
     # it at the step boundary (GracefulStop), so Lightning's requeue handling is switched off.
@@ -105,6 +102,4 @@ def trainer_settings(
 
 
 def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callbacks: Sequence[Any] = ()) -> Any:
-    import lightning.pytorch as pl
-
     return pl.Trainer(**trainer_settings(config, exp_dir, loggers, extra_callbacks))
