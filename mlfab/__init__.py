@@ -1,4 +1,9 @@
-"""mlfab: try out machine-learning ideas fast. This file is the table of contents."""
+"""mlfab: try out machine-learning ideas fast. This file is the table of contents.
+
+Everything meant for users is exported here (`__all__`, pinned by tests/test_repo.py), plus `mlfab.testing` for
+tests of your own. The modules behind it (`mlfab.config`, `mlfab.data`, `mlfab.logs`, `mlfab.loggers`, `mlfab.run`,
+`mlfab.cli`, ...) are internal: their names may change between releases.
+"""
 
 # Lightning before mlfab's own imports (torch, dpshdl, torchdata, Pillow): in a fresh interpreter `import mlfab`
 # took 2.36 s this way and 2.55 s with mlfab's modules first (medians of 6; `import lightning.pytorch`: 2.24 s).
