@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from mlfab.config import merge
 from mlfab.errors import SettingsError
 
 DEFAULT_SETTINGS = """\
@@ -55,16 +56,11 @@ def load_settings() -> dict[str, Any]:
             pass  # A read-only home is fine: the environment variables still work.
     settings = _read(path) if path.exists() else {}
     local = Path.cwd() / "mlfab.yml"
-    if local.is_file():
-        for section, values in _read(local).items():
-            if isinstance(values, dict) and isinstance(settings.get(section), dict):
-                settings[section] = {**settings[section], **values}
-            else:
-                settings[section] = values
-    return settings
+    return merge(settings, _read(local)) if local.is_file() else settings
 
 
-def _directory(key: str, required: bool = True) -> Path | None:
+def _directory(key: str) -> Path | None:
+    """`directories.<key>` from the settings, else its environment variable; None when neither is set."""
     directories = load_settings().get("directories") or {}
     if not isinstance(directories, dict):
         raise SettingsError(
@@ -72,40 +68,37 @@ def _directory(key: str, required: bool = True) -> Path | None:
             f"(e.g. `directories:\n  data: /path/to/data`), not a {type(directories).__name__}."
         )
     value = directories.get(key)
-    env = _ENV_VARS[key]
     if value in (None, ""):
-        value = os.environ.get(env)
-    if value in (None, ""):
-        if not required:
-            return None
+        value = os.environ.get(_ENV_VARS[key])
+    return None if value in (None, "") else Path(os.path.expandvars(str(value))).expanduser()
+
+
+def _required_directory(key: str) -> Path:
+    path = _directory(key)
+    if path is None:
+        env = _ENV_VARS[key]
         raise SettingsError(
             f"The {key} directory is not set. Set `directories.{key}` in {settings_path()} "
             f"(or ./mlfab.yml), or set the {env} environment variable, e.g. `export {env}=/path/to/{key}`."
         )
-    return Path(os.path.expandvars(str(value))).expanduser()
+    return path
 
 
 def get_run_dir() -> Path:
     """The root directory for runs (`directories.run` or `RUN_DIR`)."""
-    path = _directory("run")
-    assert path is not None
-    return path
+    return _required_directory("run")
 
 
 def get_data_dir() -> Path:
     """The root directory for datasets (`directories.data` or `DATA_DIR`)."""
-    path = _directory("data")
-    assert path is not None
-    return path
+    return _required_directory("data")
 
 
 def get_pretrained_models_dir() -> Path:
     """The root directory for pretrained weights (`directories.pretrained_models` or `MODEL_DIR`)."""
-    path = _directory("pretrained_models")
-    assert path is not None
-    return path
+    return _required_directory("pretrained_models")
 
 
 def default_run_dir() -> Path:
     """The run directory launch uses when the config names none: the settings, else ./runs."""
-    return _directory("run", required=False) or Path.cwd() / "runs"
+    return _directory("run") or Path.cwd() / "runs"

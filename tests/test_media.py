@@ -14,8 +14,6 @@ from mlfab.logs.media import (
     caption_rows,
     make_image,
     make_images,
-    make_labeled_image,
-    make_labeled_images,
     make_spectrogram,
     make_video,
     normalize_audio,
@@ -259,30 +257,30 @@ def test_add_caption_max_line_chars_adds_rows() -> None:
     assert add_caption(img, "abc def ghi", max_line_chars=3).shape[0] > add_caption(img, "abc def ghi").shape[0]
 
 
-def test_make_labeled_image() -> None:
-    out = make_labeled_image(np.ones((3, 8, 8)), "digit 3", "lab")
+def test_make_image_with_label() -> None:
+    out = make_image(np.ones((3, 8, 8)), "lab", label="digit 3")
     assert out.shape[0] > 256 and out.shape[1] == 256
     assert (out[:256] == 255).all()
     assert _dark_pixels(out[256:]) > 0
 
 
-def test_make_labeled_images_equal_strips_even_with_one_long_caption() -> None:
+def test_make_images_with_labels_equal_strips_even_with_one_long_caption() -> None:
     batch = np.ones((2, 3, 8, 8), dtype=np.float32)  # white images
     labels = ["a", "this caption is much much longer than the other one and needs several rows to fit " * 2]
-    grid = make_labeled_images(batch, labels, "lab", keep_resolution=True, target_area=64 * 64)
+    grid = make_images(batch, "lab", labels=labels, keep_resolution=True)
     left, right = grid[:, :8], grid[:, 10:]
     assert (grid[-1, :8] == 255).all() and (grid[-1, 10:] == 255).all()  # both cells end in white strip, no padding
     assert _dark_pixels(left[8:]) > 0 and _dark_pixels(right[8:]) > _dark_pixels(left[8:])
     assert grid.shape[0] > 8 + caption_rows(8, labels[0]) * 8
 
 
-def test_make_labeled_images_label_count_mismatch() -> None:
+def test_make_images_with_labels_label_count_mismatch() -> None:
     with pytest.raises(ValueError, match=re.escape("log_labeled_images('lab'): got 3 images but 2 labels")):
-        make_labeled_images(np.zeros((3, 8, 8)), ["a", "b"], "lab")
+        make_images(np.zeros((3, 8, 8)), "lab", labels=["a", "b"])
 
 
-def test_make_labeled_images_max_images() -> None:
-    grid = make_labeled_images(np.zeros((5, 8, 8)), list("abcde"), "lab", max_images=2, keep_resolution=True)
+def test_make_images_with_labels_max_images() -> None:
+    grid = make_images(np.zeros((5, 8, 8)), "lab", labels=list("abcde"), max_images=2, keep_resolution=True)
     assert grid.shape[1] == 8 + 2 + 8
 
 

@@ -3,6 +3,10 @@
 from abc import ABC, abstractmethod
 from typing import Any
 
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
 from mlfab.logs.values import Logs
 from mlfab.state import Phase
 
@@ -16,11 +20,11 @@ class MlfabLogger(ABC):
 
     log_interval_seconds: dict[Phase, float]
 
-    def _set_interval(self, seconds: float | dict[Phase, float], valid_seconds: float = 0.0) -> None:
+    def _set_interval(self, seconds: float | dict[Phase, float]) -> None:
         if isinstance(seconds, dict):
-            self.log_interval_seconds = {"train": 0.0, "valid": valid_seconds, "test": 0.0, **seconds}
+            self.log_interval_seconds = {"train": 0.0, "valid": 0.0, "test": 0.0, **seconds}
         else:
-            self.log_interval_seconds = {"train": float(seconds), "valid": valid_seconds, "test": 0.0}
+            self.log_interval_seconds = {"train": float(seconds), "valid": 0.0, "test": 0.0}
 
     @abstractmethod
     def write(self, logs: Logs) -> None:
@@ -39,9 +43,30 @@ class MlfabLogger(ABC):
             self.write(Logs("train", 0, None, 0.0, 0, {"string": texts}))
 
 
-def scalar_logs(metrics: dict[str, Any], step: int | None) -> Logs:
-    """Logs for metrics that arrive through Lightning's own `self.log` / `log_metrics`."""
-    values = {k: float(v) for k, v in metrics.items() if k != "epoch"}
-    return Logs(
-        phase="train", step=step or 0, max_steps=None, elapsed_time_s=0.0, num_samples=0, values={"scalar": values}
-    )
+class PlainLogger(MlfabLogger, Logger):
+    """Base of the mlfab loggers built on Lightning's bare `Logger` (no Lightning backend underneath): a fixed
+    `name`, no version, hyperparameters ignored unless overridden, and Lightning's own `self.log` metrics written
+    as scalar `Logs`."""
+
+    logger_name: str
+
+    @property
+    @override
+    def name(self) -> str:
+        return self.logger_name
+
+    @property
+    @override
+    def version(self) -> str:
+        return ""
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        values = {k: float(v) for k, v in metrics.items() if k != "epoch"}
+        self.write(Logs("train", step or 0, None, 0.0, 0, {"scalar": values}))

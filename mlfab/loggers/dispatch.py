@@ -55,12 +55,10 @@ def run_info(config_yaml: str, provenance: str, exp_dir: Path) -> dict[str, str]
     """The texts every logger gets once per run; the git diff and source come from the provenance folder."""
     info = {"config": config_yaml, "provenance": provenance}
     prov = exp_dir / "provenance"
-    gits = sorted(prov.glob("git*.txt"), key=lambda p: p.stat().st_mtime_ns)
-    if gits:
-        info["git_diff"] = gits[-1].read_text()
-    sources = sorted((p for p in prov.glob("source*/*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
-    if sources:
-        info["source"] = sources[-1].read_text()
+    for name, pattern in (("git_diff", "git*.txt"), ("source", "source*/*")):
+        records = sorted((p for p in prov.glob(pattern) if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+        if records:  # The most recently written one.
+            info[name] = records[-1].read_text()
     return info
 
 

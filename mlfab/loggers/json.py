@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from typing_extensions import override
 
-from mlfab.loggers.base import MlfabLogger, scalar_logs
-from mlfab.logs.values import Audio, Logs, PointCloud, Video
+from mlfab.loggers.base import PlainLogger
+from mlfab.logs.values import Audio, Logs, PointCloud, Video, finite
 from mlfab.state import Phase
 
 
@@ -42,15 +41,13 @@ def _safe_name(tag: str) -> str:
 
 
 def _save_image(path: Path, image: np.ndarray) -> None:
-    image = np.asarray(image, dtype=np.uint8)
-    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(path)
+    Image.fromarray(image).save(path)
 
 
 def _save_audio(path: Path, audio: Audio) -> None:
     import soundfile
 
-    samples = np.clip(np.asarray(audio.samples, dtype=np.float32), -1.0, 1.0)
-    soundfile.write(str(path), samples, int(audio.sample_rate), subtype="PCM_16")
+    soundfile.write(str(path), audio.samples, int(audio.sample_rate), subtype="PCM_16")
 
 
 def _save_video(path: Path, video: Video) -> None:
@@ -62,10 +59,7 @@ def _save_histogram(path: Path, values: np.ndarray) -> None:
 
 
 def _save_point_cloud(path: Path, cloud: PointCloud) -> None:
-    points = np.asarray(cloud.points, dtype=np.float32).reshape(-1, 3)
-    if cloud.colors is not None:
-        points = np.concatenate([points, np.asarray(cloud.colors, dtype=np.float32).reshape(-1, 3)], axis=1)
-    np.save(path, points)
+    np.save(path, cloud.xyzrgb())
 
 
 _MEDIA: dict[str, tuple[str, Callable[[Path, Any], None]]] = {  # kind: (file extension, writer)
@@ -79,16 +73,16 @@ _MEDIA: dict[str, tuple[str, Callable[[Path, Any], None]]] = {  # kind: (file ex
 
 def histogram_summary(values: np.ndarray) -> dict[str, float | int | None]:
     """min / max / mean / std over the finite values; `count` is every value, NaN and inf included."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    finite = values[np.isfinite(values)]
-    if not finite.size:
-        return {"min": None, "max": None, "mean": None, "std": None, "count": int(values.size)}
+    kept = finite(values)
+    count = int(np.size(values))
+    if not kept.size:
+        return {"min": None, "max": None, "mean": None, "std": None, "count": count}
     return {
-        "min": float(finite.min()),
-        "max": float(finite.max()),
-        "mean": float(finite.mean()),
-        "std": float(finite.std()),
-        "count": int(values.size),
+        "min": float(kept.min()),
+        "max": float(kept.max()),
+        "mean": float(kept.mean()),
+        "std": float(kept.std()),
+        "count": count,
     }
 
 
@@ -106,7 +100,9 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-class JsonLogger(MlfabLogger, Logger):
+class JsonLogger(PlainLogger):
+    logger_name = "json"
+
     def __init__(
         self,
         exp_dir: str | Path,
@@ -119,16 +115,6 @@ class JsonLogger(MlfabLogger, Logger):
         self._file_name = file_name
         self._set_interval(log_interval_seconds)
         self._file: IO[str] | None = None
-
-    @property
-    @override
-    def name(self) -> str:
-        return "json"
-
-    @property
-    @override
-    def version(self) -> str:
-        return ""
 
     @property
     @override
@@ -184,11 +170,6 @@ class JsonLogger(MlfabLogger, Logger):
     def write_run_info(self, info: dict[str, str]) -> None:
         """One line with phase "run": the config and the run's origin (commit, diff, task source)."""
         self._write_line({"phase": "run", **info})
-
-    @override
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.write(scalar_logs(metrics, step))
 
     @override
     @rank_zero_only

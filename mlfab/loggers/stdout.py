@@ -8,13 +8,12 @@ line with no escape codes.
 import datetime
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from mlfab.loggers.base import MlfabLogger, scalar_logs
+from mlfab.loggers.base import PlainLogger
 from mlfab.logs.values import Logs
 from mlfab.state import Phase
 
@@ -23,7 +22,9 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
 
 
-class StdoutLogger(MlfabLogger, Logger):
+class StdoutLogger(PlainLogger):
+    logger_name = "stdout"
+
     def __init__(
         self,
         log_interval_seconds: float | dict[Phase, float] = 1.0,
@@ -46,31 +47,11 @@ class StdoutLogger(MlfabLogger, Logger):
     def is_tty(self) -> bool:
         return self._tty if self._tty is not None else self.stream.isatty()
 
-    @property
-    @override
-    def name(self) -> str:
-        return "stdout"
-
-    @property
-    @override
-    def version(self) -> str:
-        return ""
-
-    @override
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
     def write_run_info(self, info: dict[str, str]) -> None:
         """Only the short provenance summary: the config and sources are in the run directory."""
         if info.get("provenance"):
             self.stream.write(info["provenance"].rstrip() + "\n")
             self.stream.flush()
-
-    @override
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.write(scalar_logs(metrics, step))
 
     def _rate(self, logs: Logs) -> tuple[float | None, str | None]:
         now = time.monotonic()

@@ -61,15 +61,6 @@ def _video(frames: np.ndarray, fps: int) -> Any:
     return wandb.Video(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), fps=max(int(fps), 1), format="mp4")
 
 
-def _point_cloud(points: np.ndarray, colors: np.ndarray | None) -> Any:
-    import wandb
-
-    points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
-    if colors is not None:
-        points = np.concatenate([points, np.asarray(colors, dtype=np.float32).reshape(-1, 3)], axis=1)
-    return wandb.Object3D(points)
-
-
 def write_wandb(run: Any, logs: Logs, prefix: str = "") -> None:
     """Writes every kind in `logs` as ONE history row of `run`, each tag as `prefix + tag`.
 
@@ -88,17 +79,16 @@ def write_wandb(run: Any, logs: Logs, prefix: str = "") -> None:
     for tag, text in logs.of("string").items():
         row[prefix + tag] = _text(str(text))
     for tag, image in logs.of("image").items():
-        image = np.asarray(image)
-        row[prefix + tag] = wandb.Image(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+        row[prefix + tag] = wandb.Image(image)
     for tag, audio in logs.of("audio").items():
-        row[prefix + tag] = wandb.Audio(np.asarray(audio.samples, dtype=np.float32), sample_rate=audio.sample_rate)
+        row[prefix + tag] = wandb.Audio(audio.samples, sample_rate=audio.sample_rate)
     for tag, video in logs.of("video").items():
-        row[prefix + tag] = _video(np.asarray(video.frames, dtype=np.uint8), video.fps)
+        row[prefix + tag] = _video(video.frames, video.fps)
     for tag, values in logs.of("histogram").items():
         if (values := finite(values)).size:  # An all-NaN histogram is skipped.
             row[prefix + tag] = wandb.Histogram(np_histogram=np.histogram(values, bins=64))  # As wandb bins it.
     for tag, cloud in logs.of("point_cloud").items():
-        row[prefix + tag] = _point_cloud(cloud.points, cloud.colors)
+        row[prefix + tag] = wandb.Object3D(cloud.xyzrgb())
     run.log(row)
 
 

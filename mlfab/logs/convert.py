@@ -28,7 +28,7 @@ def image(value: Any, key: str, keep_resolution: bool) -> Maker:
 def labeled_image(value: Any, key: str, keep_resolution: bool) -> Maker:
     def make() -> np.ndarray:
         img, label = resolve(value)
-        return media.make_labeled_image(img, str(label), key, keep_resolution=keep_resolution)
+        return media.make_image(img, key, label=str(label), keep_resolution=keep_resolution)
 
     return make
 
@@ -42,8 +42,8 @@ def images(value: Any, key: str, max_images: int | None, sep: int, keep_resoluti
 def labeled_images(value: Any, key: str, max_images: int | None, sep: int, keep_resolution: bool) -> Maker:
     def make() -> np.ndarray:
         imgs, labels = resolve(value)
-        return media.make_labeled_images(
-            imgs, [str(x) for x in labels], key, max_images=max_images, sep=sep, keep_resolution=keep_resolution
+        return media.make_images(
+            imgs, key, labels=[str(x) for x in labels], max_images=max_images, sep=sep, keep_resolution=keep_resolution
         )
 
     return make

@@ -197,57 +197,42 @@ def tile_images(images: list[np.ndarray], sep: int = 2, max_images: int | None =
     return grid
 
 
-def make_image(value, key: str, *, keep_resolution: bool = False, target_area: int = DEFAULT_AREA) -> np.ndarray:
-    """One logged image, ready to display: normalized to uint8 HWC RGB and resized to about target_area."""
-    return resize_to_area(normalize_image(value, key), target_area, keep_resolution)
-
-
-def make_labeled_image(
-    value, label: str, key: str, *, keep_resolution: bool = False, target_area: int = DEFAULT_AREA
-) -> np.ndarray:
-    """Like make_image, with `label` drawn in a strip under the image."""
-    return add_caption(make_image(value, key, keep_resolution=keep_resolution, target_area=target_area), label)
-
-
-def _prepare_batch(value, where: str, max_images: int | None, keep_resolution: bool, target_area: int, labels=None):
-    """Split, check the label count, truncate before converting (dropped images cost nothing), normalize, resize."""
-    raw = _split(value, where)
-    if labels is not None and len(labels) != len(raw):
-        raise ValueError(f"{where}: got {len(raw)} images but {len(labels)} labels")
-    if not raw or (max_images is not None and max_images < 1):
-        raise ValueError(f"{where}: nothing to show ({len(raw)} images, max_images={max_images})")
-    images = (_image_to_rgb(img, f"{where} image {i}") for i, img in enumerate(raw[:max_images]))
-    return [resize_to_area(img, target_area, keep_resolution) for img in images]
+def make_image(value, key: str, *, label: str | None = None, keep_resolution: bool = False) -> np.ndarray:
+    """One logged image, ready to display: normalized to uint8 HWC RGB, resized to about DEFAULT_AREA pixels and,
+    with a `label`, captioned in a strip under the image."""
+    image = resize_to_area(normalize_image(value, key), keep_resolution=keep_resolution)
+    return image if label is None else add_caption(image, label)
 
 
 def make_images(
     value,
     key: str,
     *,
+    labels: list[str] | None = None,
     max_images: int | None = None,
     sep: int = 2,
     keep_resolution: bool = False,
-    target_area: int = DEFAULT_AREA,
 ) -> np.ndarray:
-    """A batch of images as one grid: split, normalize and resize each, then tile."""
-    return tile_images(_prepare_batch(value, f"log_images({key!r})", max_images, keep_resolution, target_area), sep)
+    """A batch of images as one grid: split, normalize and resize each, then tile.
 
-
-def make_labeled_images(
-    images,
-    labels: list[str],
-    key: str,
-    *,
-    max_images: int | None = None,
-    sep: int = 2,
-    keep_resolution: bool = False,
-    target_area: int = DEFAULT_AREA,
-) -> np.ndarray:
-    """A captioned grid; every caption gets as many rows as the longest needs, so grid cells line up."""
-    prepared = _prepare_batch(images, f"log_labeled_images({key!r})", max_images, keep_resolution, target_area, labels)
-    pairs = list(zip(prepared, labels, strict=False))  # labels may be longer when max_images truncated the batch
-    rows = max(caption_rows(img.shape[1], label) for img, label in pairs)
-    return tile_images([add_caption(img, label, rows=rows) for img, label in pairs], sep)
+    With `labels` (one per image), each image is captioned, and every caption gets as many rows as the longest
+    needs, so grid cells line up. The batch is cut to `max_images` before converting: dropped images cost nothing.
+    """
+    where = f"log_images({key!r})" if labels is None else f"log_labeled_images({key!r})"
+    raw = _split(value, where)
+    if labels is not None and len(labels) != len(raw):
+        raise ValueError(f"{where}: got {len(raw)} images but {len(labels)} labels")
+    if not raw or (max_images is not None and max_images < 1):
+        raise ValueError(f"{where}: nothing to show ({len(raw)} images, max_images={max_images})")
+    images = [
+        resize_to_area(_image_to_rgb(img, f"{where} image {i}"), keep_resolution=keep_resolution)
+        for i, img in enumerate(raw[:max_images])
+    ]
+    if labels is not None:
+        pairs = list(zip(images, labels, strict=False))  # labels may be longer when max_images truncated the batch
+        rows = max(caption_rows(img.shape[1], label) for img, label in pairs)
+        images = [add_caption(img, label, rows=rows) for img, label in pairs]
+    return tile_images(images, sep)
 
 
 def _audio_array(audio, where: str) -> np.ndarray:

@@ -47,6 +47,13 @@ class PointCloud:
     points: np.ndarray
     colors: np.ndarray | None = None
 
+    def xyzrgb(self) -> np.ndarray:
+        """One float32 array for writers that take a single one: (N, 6) xyz + rgb, or (N, 3) without colors."""
+        points = np.asarray(self.points, dtype=np.float32).reshape(-1, 3)
+        if self.colors is None:
+            return points
+        return np.concatenate([points, np.asarray(self.colors, dtype=np.float32).reshape(-1, 3)], axis=1)
+
 
 def finite(values: np.ndarray) -> np.ndarray:
     """A histogram's values without NaN and inf, which histogram writers cannot bin (possibly empty)."""
