@@ -7,6 +7,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from mlfab.errors import TaskDefinitionError
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Splits parameters so decay applies to Linear/Conv weight matrices, never to biases, norms or embeddings."""
@@ -23,7 +25,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 decay.append(param)
             else:
                 no_decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [  # "decay" marks the group a changed weight_decay applies to on resume (mlfab/resume.py).
+        {"params": decay, "weight_decay": weight_decay, "decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "decay": False},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -37,10 +42,17 @@ def schedule_free_adamw(
 ) -> torch.optim.Optimizer:
     from schedulefree import AdamWScheduleFree
 
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        total = sum(1 for _ in model.parameters())
+        why = f"all {total} of its parameters are frozen (requires_grad=False)" if total else "it has no parameters"
+        raise TaskDefinitionError(
+            f"{type(model).__name__} has nothing to train: {why}, so the default optimizer (build_optimizer) gets "
+            "no parameters. Create the model's layers in __init__ and leave some trainable, or override "
+            "build_optimizer (or configure_optimizers) for a task that trains nothing."
+        )
     b1, b2 = tuple(betas)
-    return AdamWScheduleFree(
-        param_groups(model, weight_decay), lr=lr, betas=(b1, b2), weight_decay=weight_decay, warmup_steps=warmup_steps
-    )
+    return AdamWScheduleFree(groups, lr=lr, betas=(b1, b2), weight_decay=weight_decay, warmup_steps=warmup_steps)
 
 
 def set_optimizer_mode(optimizers: Iterable[torch.optim.Optimizer], train: bool) -> None:

@@ -26,7 +26,7 @@ from mlfab.cli.parser import launch
 from mlfab.config import Config, ConfigT, build_config, to_dict
 from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
 from mlfab.declaration import find_config_class, prepare_subclass
-from mlfab.errors import TaskDefinitionError
+from mlfab.errors import ConfigError, TaskDefinitionError
 from mlfab.loader import Consumed, MlfabLoader
 from mlfab.loggers.dispatch import flush_logs
 from mlfab.loggers.stdout import StdoutLogger
@@ -36,6 +36,7 @@ from mlfab.logs.buffer import Cadence, LogBuffer
 from mlfab.logs.values import resolve
 from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
 from mlfab.optim import save_in_eval_mode, schedule_free_adamw, set_optimizer_mode, use_training_weights
+from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
 from mlfab.run.distributed import broadcast_exp_dir
 from mlfab.state import PHASES, Phase, State
 
@@ -78,6 +79,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._last_losses: dict[str, Tensor] = {}
         self._pending_rng: list[dict[str, Any]] | None = None
+        self._resume_changes: dict[str, tuple[Any, Any]] = {}  # Config changes since the checkpoint we resume from.
         self._start_time_s = time.time()
         self._elapsed_before_s = 0.0  # Time spent in earlier sessions of this run (restored on resume).
         self._session_start_s = time.monotonic()
@@ -441,6 +443,12 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
     @override
     def on_train_start(self) -> None:
         set_optimizer_mode(self.trainer.optimizers, train=True)
+        if self._resume_changes:  # After Lightning restored the optimizer state, which holds the old values.
+            apply_optimizer_changes(self.trainer.optimizers, self._resume_changes)
+            if self.trainer.is_global_zero:
+                print(f"Resumed with changed settings: {describe(self._resume_changes)}", flush=True)
+            self.log_string("changed_settings", describe(self._resume_changes), namespace="resume")
+            self._resume_changes = {}
         if self._pending_rng is not None:
             restore_rng_states(self.trainer, self._pending_rng)
             self._pending_rng = None
@@ -479,10 +487,28 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         self._elapsed_before_s = float(saved.get("elapsed_time_s", 0.0))
         self._session_start_s = time.monotonic()
         if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._check_resume(checkpoint)
             use_training_weights(checkpoint)
             # Restored when training starts: Lightning builds the dataloaders in between, and `get_dataset` or a
             # dataset may draw from the global generators there, as the uninterrupted run did before step 0.
             self._pending_rng = saved.get("rng")
+
+    def _check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses config changes a resumed run cannot apply (mlfab/resume.py); keeps the others for on_train_start."""
+        path = self.trainer.ckpt_path
+        saved_ranks = len(checkpoint.get("mlfab", {}).get("rng") or [None])
+        if saved_ranks != self.trainer.world_size:
+            raise ConfigError(
+                f"Cannot resume from {path}: it was written by {saved_ranks} process(es) and this run has "
+                f"{self.trainer.world_size}; each rank's data stream and random state were saved. Relaunch with the "
+                "devices and num_nodes the run was started with, or start a new run."
+            )
+        changes = config_changes(checkpoint.get("hyper_parameters", {}).get("config", {}), to_dict(self.config))
+        own = type(self).build_optimizer is not Task.build_optimizer
+        check_changes(
+            changes, own or type(self).configure_optimizers is not Task.configure_optimizers, type(self).__name__, path
+        )
+        self._resume_changes = changes
 
     # ----------------------------------------------------------------------------------------------------------------
     # Running.

@@ -109,3 +109,24 @@ def test_single_gpu_bf16(tmp_path: Path) -> None:
     assert set(devices) == {"cuda"}
     valid = read_scalars(next((tmp_path / "on_gpu").iterdir()) / "tensorboard" / "valid")["loss/loss"]
     assert valid[-1][1] < valid[0][1]
+
+
+@pytest.mark.integration
+def test_wall_clock_cadences_count_training_time_across_relaunches(tmp_path: Path) -> None:
+    """A run relaunched every 5 steps (0.1 s of training, less than either interval) still validates and saves on
+    time: the clocks continue from the checkpoint instead of restarting at every launch."""
+    exp = tmp_path / "run"
+    for max_steps in range(5, 45, 5):
+        config = BoringConfig(
+            max_steps=max_steps,
+            valid_every_n_steps=None,
+            valid_every_n_seconds=0.2,
+            save_every_n_seconds=0.2,
+            keep_last_n_checkpoints=10,
+            exp_dir=str(exp),
+        )
+        Slow.launch(config, argv=[])
+    steps = [step for step, _ in read_scalars(exp / "tensorboard" / "valid")["loss/loss"]]
+    assert steps[0] == 1 and 3 <= len(steps) <= 6, steps  # About every 10 steps, as without relaunches.
+    timed = sorted((exp / "checkpoints").glob("time_step_*.ckpt"))
+    assert 2 <= len(timed) <= 6, [p.name for p in timed]

@@ -18,29 +18,63 @@ from mlfab.run.slurm import after_signal_checkpoint
 
 
 class PeriodicCheckpoint(StepFreeCallback, CachedStateKey, ModelCheckpoint):
-    """Lightning's ModelCheckpoint at a lower price per step: besides the unused hooks, its `state_key` (which
-    Lightning formats for every hook it dispatches, from a repr of the callback's settings) is made once."""
+    """Lightning's ModelCheckpoint, saving only where an optimizer step ends (under gradient accumulation its step
+    trigger also fires on the step's other batches, after a resume too), with its time cadence counted in training
+    time across relaunches, at a lower price per step (see mlfab/_lightning.py)."""
+
+    _carried_s = 0.0  # Seconds since the last timed check when the checkpoint we resumed from was written.
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if step_ends(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_time_checked = time.monotonic() - self._carried_s
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        since = 0.0 if self._last_time_checked is None else time.monotonic() - self._last_time_checked
+        return {**super().state_dict(), "seconds_since_time_check": since}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._carried_s = float(state_dict.get("seconds_since_time_check", 0.0))
 
 
 class ValidationCadence(StepFreeCallback):
     """Validates after the first optimizer step of a new run (or once `first_n_seconds` have passed), then
-    every N steps (Lightning's own `val_check_interval`) and/or every N seconds of wall-clock time.
+    every N steps (Lightning's own `val_check_interval`) and/or every N seconds of training time.
 
     Lightning validates on a step cadence or a time cadence, not both, and not after the first step,
     so this wraps the training loop's validation decision with the extra conditions. A resumed run does
-    not add a validation of its own, so it validates at the same steps as an uninterrupted one.
+    not add a validation of its own, so it validates at the same steps as an uninterrupted one; the seconds
+    are the task's training clock (`elapsed_time_s`, which continues across relaunches), so a run preempted
+    more often than the interval still validates on time.
     """
 
     def __init__(self, every_n_seconds: float | None, first_n_seconds: float | None = None) -> None:
         self.every_n_seconds = every_n_seconds
         self.first_n_seconds = first_n_seconds
-        self._start = self._last_valid = time.monotonic()
+        self._last_valid_s = 0.0  # On the training clock.
         self._validated = False
+        self._clock: Callable[[], float] | None = None  # Set when training starts.
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = self._last_valid = time.monotonic()
-        self._validated = trainer.global_step > 0  # Resumed: the first validation already happened.
+        start = time.monotonic()
+
+        def clock() -> float:  # An mlfab task's training clock; else this session's.
+            elapsed = getattr(pl_module, "elapsed_time_s", None)
+            return elapsed if isinstance(elapsed, float) else time.monotonic() - start
+
+        self._clock = clock
+        self._validated = self._validated or trainer.global_step > 0  # Resumed: the first validation happened.
 
         def should_check_val(lightning_decision: Callable[[Any], bool], data_fetcher: Any) -> bool:
             if trainer.should_stop:  # Stopping (a signal, or max_steps): no extra validation on the way out.
@@ -49,17 +83,27 @@ class ValidationCadence(StepFreeCallback):
                 return True
             if not step_ends(trainer) or trainer.limit_val_batches == 0:
                 return False
-            now = time.monotonic()
+            now = clock()
             if not self._validated:
-                return self.first_n_seconds is None or now - self._start >= self.first_n_seconds
-            return self.every_n_seconds is not None and now - self._last_valid >= self.every_n_seconds
+                return self.first_n_seconds is None or now >= self.first_n_seconds
+            return self.every_n_seconds is not None and now - self._last_valid_s >= self.every_n_seconds
 
         wrap_validation_decision(trainer, should_check_val)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_valid = time.monotonic()
-        self._validated = True
+        if self._clock is not None and not trainer.sanity_checking:
+            self._last_valid_s = self._clock()
+            self._validated = True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_valid_s": self._last_valid_s, "validated": self._validated}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_valid_s = float(state_dict.get("last_valid_s", 0.0))
+        self._validated = bool(state_dict.get("validated", False))
 
 
 class FinalCheckpoint(StepFreeCallback):

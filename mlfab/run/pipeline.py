@@ -9,18 +9,21 @@ rest (data, optimizer, logging, checkpoint contents).
 """
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from typing_extensions import override
 
+from mlfab._lightning import StepFreeCallback
 from mlfab.config import Config, config_to_yaml, to_dict
 from mlfab.loggers.dispatch import write_run_info
 from mlfab.run.callbacks import GracefulStop
 from mlfab.run.distributed import EXP_DIR_ENV
 from mlfab.run.invocation import command_name, current_command
-from mlfab.run.provenance import provenance_text, write_provenance
+from mlfab.run.provenance import atomic_write, provenance_text, write_provenance
 from mlfab.run.rundir import agreed_exp_dir, new_exp_dir
 from mlfab.run.slurm import submit
 from mlfab.run.trainer import trainer_kwargs
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
 class Run:
     exp_dir: Path
     writer: bool  # Whether this process writes the run's files (rank zero does).
+    created: bool  # Whether this launch made the directory (removed again if the launch fails before it starts).
+    run_file: str  # The text of its config.yaml.
 
 
 def show(value: Any) -> str:
@@ -65,15 +70,54 @@ def run_file_text(task_cls: type, config: Config, trainer: dict[str, Any], path:
 
 
 def prepare_run(task: "Task", trainer: dict[str, Any], extra: dict[str, Any], set_loggers: bool = True) -> Run:
-    """The run directory (one for all ranks) with its `config.yaml`; the task's loggers attached."""
+    """The run directory (one for all ranks; its files are written once the run has started, see RunRecords) and
+    the task's loggers."""
+    given = task.config.exp_dir
+    existed = given is not None and Path(given).expanduser().exists()
     exp_dir, writer = agreed_exp_dir(type(task), task.config)
-    if writer:
-        path = exp_dir / "config.yaml"
-        path.write_text(run_file_text(type(task), task.config, trainer, path, extra))
     task._exp_dir = exp_dir
     if set_loggers:
         task.set_loggers()
-    return Run(exp_dir, writer)
+    run_file = run_file_text(type(task), task.config, trainer, exp_dir / "config.yaml", extra)
+    return Run(exp_dir, writer, created=writer and not existed, run_file=run_file)
+
+
+class RunRecords(StepFreeCallback):
+    """Writes the run's files (`config.yaml`, the launch's provenance, the loggers' run information) when the work
+    starts: after the config, the checkpoint and the data were accepted, so a refused relaunch leaves an existing
+    run's records as they were."""
+
+    def __init__(self, run: Run, task: "Task", resumed: bool) -> None:
+        self.run, self.task, self.resumed, self.written = run, task, resumed, False
+
+    def _write(self, trainer: Any) -> None:
+        if self.written or not self.run.writer:
+            return
+        exp_dir, config_yaml = self.run.exp_dir, config_to_yaml(self.task.config)
+        atomic_write(exp_dir / "config.yaml", self.run.run_file)
+        write_provenance(exp_dir, type(self.task), resumed=self.resumed, config=self.run.run_file)
+        write_run_info(trainer.loggers, config_yaml, provenance_text(exp_dir), exp_dir)
+        self.written = True
+
+    @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._write(trainer)
+
+    @override
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._write(trainer)  # `validate` (in `fit` the records were written when training started).
+
+    @override
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._write(trainer)
+
+    @override
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self._write(trainer)
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._write(trainer)  # A relaunch of a finished run trains nothing; it is still a launch.
 
 
 def submit_to_slurm(task_cls: type, config: Config, args: list[str]) -> None:
@@ -82,19 +126,25 @@ def submit_to_slurm(task_cls: type, config: Config, args: list[str]) -> None:
 
 
 def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: Any = None, **kwargs: Any) -> int:
-    """What every run does around the Trainer call: record provenance, give the loggers the run's config and origin,
-    share the run directory with the processes Lightning's DDP launcher starts, and turn a signal into the exit code.
-    (The checkpoint is checked in `Task.on_load_checkpoint`.)"""
+    """What every run does around the Trainer call: its records (once it has started), the run directory shared
+    with the processes Lightning's DDP launcher starts, a signal turned into the exit code, and no empty run
+    directory left behind by a launch that failed before it started. (The checkpoint is checked in
+    `Task.on_load_checkpoint`.)"""
     exp_dir = run.exp_dir
+    kept = set(exp_dir.rglob("*")) if run.writer and not run.created else set()
+    records = RunRecords(run, task, resumed=subcommand == "fit" and ckpt_path is not None)
+    trainer.callbacks.append(records)
     if run.writer:
-        write_provenance(exp_dir, type(task), resumed=subcommand == "fit" and ckpt_path is not None)
-        write_run_info(trainer.loggers, config_to_yaml(task.config), provenance_text(exp_dir), exp_dir)
         print(f"Run directory: {exp_dir}", flush=True)
         if ckpt_path is not None:
             print(f"Resuming from {ckpt_path}" if subcommand == "fit" else f"Weights from {ckpt_path}", flush=True)
         os.environ[EXP_DIR_ENV] = str(exp_dir)
     try:
         getattr(trainer, subcommand)(task, ckpt_path=ckpt_path, **kwargs)
+    except BaseException:
+        if run.writer and not records.written:  # Refused before it started: the directory as it was.
+            forget_launch(exp_dir, run.created, kept)
+        raise
     finally:
         if run.writer:
             os.environ.pop(EXP_DIR_ENV, None)
@@ -102,3 +152,16 @@ def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: An
         print(f"Finished. Run directory: {exp_dir}", flush=True)
     stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
     return 128 + stop.signal_received if stop is not None and stop.signal_received else 0
+
+
+def forget_launch(exp_dir: Path, created: bool, kept: set[Path]) -> None:
+    """Removes what a launch that failed before it started left in the run directory (e.g. the event file a
+    TensorBoard logger opens when Lightning sets it up): all of it if the launch made the directory."""
+    if created:
+        shutil.rmtree(exp_dir, ignore_errors=True)
+        return
+    for path in sorted(set(exp_dir.rglob("*")) - kept, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -97,7 +97,7 @@ def task_source(task_cls: type) -> tuple[str, str] | None:
     return (file.name, file.read_text(encoding="utf-8", errors="replace")) if file else None
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     """Write through a temporary file and `os.replace`, so a crash never leaves a half-written record."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -124,7 +124,7 @@ def _record(prov: Path, stem: str, suffix: str, text: str, inner: str | None = N
         if target.is_file() and target.read_text(encoding="utf-8", errors="replace") == text:
             return name
         n += 1
-    _atomic_write(prov / name / inner if inner else prov / name, text)
+    atomic_write(prov / name / inner if inner else prov / name, text)
     return name
 
 
@@ -150,8 +150,9 @@ def _read_launches(path: Path, move_aside: bool) -> list[Any]:
     return []
 
 
-def write_provenance(exp_dir: Path, task_cls: type, *, resumed: bool = False) -> Path:
-    """Record this launch under `<exp_dir>/provenance/` and return that directory.
+def write_provenance(exp_dir: Path, task_cls: type, *, resumed: bool = False, config: str | None = None) -> Path:
+    """Record this launch under `<exp_dir>/provenance/` and return that directory. `config` is the launch's
+    config.yaml text, kept as a record so that earlier launches' settings stay in the history.
 
     The git state is that of the repository holding the task's source file (the working directory when the
     task has no file), since that is the code that runs.
@@ -172,10 +173,11 @@ def write_provenance(exp_dir: Path, task_cls: type, *, resumed: bool = False) ->
         "git_record": _record(prov, "git", ".txt", _git_text(info, where)),
         "versions_record": _record(prov, "versions", ".yaml", yaml.safe_dump(vers, sort_keys=False)),
         "source_record": f"{_record(prov, 'source', '', source[1], source[0])}/{source[0]}" if source else None,
+        "config_record": _record(prov, "config", ".yaml", config) if config is not None else None,
     }
     launches = _read_launches(prov / "launches.yaml", move_aside=True)
     launches.append(entry)
-    _atomic_write(prov / "launches.yaml", yaml.safe_dump(launches, sort_keys=False))
+    atomic_write(prov / "launches.yaml", yaml.safe_dump(launches, sort_keys=False))
     return prov
 
 

@@ -1,0 +1,77 @@
+"""What a relaunch may change: each config key is applied by the resumed run or refused, never recorded and ignored.
+
+- Refused (a ConfigError naming the key and both values): the keys whose old value lives on in the restored state.
+- The default optimizer's keys: written into the restored optimizer's parameter groups (the checkpoint's
+  optimizer state would otherwise keep the old values); refused when the task builds its own optimizer.
+- Every other key is read afresh when the run starts (Trainer settings, cadences, limits, the task's own keys;
+  a key that changes the model's shapes is refused by the checkpoint check).
+"""
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from mlfab.errors import ConfigError
+
+REFUSED = {
+    "seed": "the random state restored from the checkpoint continues the streams of the old seed",
+    "batch_size": "the data stream's saved position counts batches of the old size",
+    "num_dataloader_workers": "the data stream's saved position is kept per worker",
+    "devices": "each rank's data stream and random state were saved for the old number of processes",
+    "num_nodes": "each rank's data stream and random state were saved for the old number of processes",
+}
+OPTIMIZER_KEYS = {
+    "learning_rate": "lr",
+    "betas": "betas",
+    "weight_decay": "weight_decay",
+    "warmup_steps": "warmup_steps",
+}
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (checkpoint's value, this launch's value), for every key that differs."""
+    old, new = _flat(saved), _flat(now)
+    return {k: (old.get(k), new.get(k)) for k in new if k in old and old[k] != new[k]}
+
+
+def check_changes(changes: Mapping[str, tuple[Any, Any]], own_optimizer: bool, task: str, path: Any) -> None:
+    """Refuses the changes a resumed run cannot apply, all at once."""
+    problems = [f"{k}: {old!r} -> {new!r} ({REFUSED[k]})" for k, (old, new) in changes.items() if k in REFUSED]
+    if own_optimizer:
+        why = f"{task} builds its own optimizer, whose restored state keeps the old value"
+        problems += [f"{k}: {old!r} -> {new!r} ({why})" for k, (old, new) in changes.items() if k in OPTIMIZER_KEYS]
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(
+            f"Cannot resume from {path} with these config changes:\n{listing}\nRelaunch with the values the run "
+            "was started with (they are in its config.yaml), or start a new run (a new exp_dir)."
+        )
+
+
+def apply_optimizer_changes(optimizers: Iterable[torch.optim.Optimizer], changes: Mapping[str, tuple]) -> None:
+    """The default optimizer's changed keys, written into the restored parameter groups."""
+    for key, (_, new) in changes.items():
+        name = OPTIMIZER_KEYS.get(key)
+        if name is None:
+            continue
+        for opt in optimizers:
+            for group in opt.param_groups:
+                if name == "weight_decay" and not group.get("decay", True):
+                    continue  # Biases, norms and embeddings never decay.
+                if name in group:
+                    group[name] = tuple(new) if name == "betas" else new
+
+
+def describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())

@@ -1,0 +1,122 @@
+"""Relaunching a run with other settings: each config key is applied or refused, never recorded and ignored; a
+refused relaunch leaves the run's files as they were; checkpoints are written only where an optimizer step ends."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+import mlfab
+from mlfab.testing import BoringConfig, BoringTask
+
+pytestmark = pytest.mark.integration
+
+
+class Recording(BoringTask):
+    """Records, for each training step, the loss and the optimizer's hyperparameters."""
+
+    seen: list[tuple[int, float, float, tuple[float, float], list[float]]] = []
+
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        loss = super().get_loss(batch, state)
+        if state.phase == "train":
+            groups = self.trainer.optimizers[0].param_groups
+            decays = [g["weight_decay"] for g in groups]
+            Recording.seen.append((state.num_steps, float(loss), groups[0]["lr"], tuple(groups[0]["betas"]), decays))
+        return loss
+
+
+def launch(exp: Path, **overrides: object) -> None:
+    config = {"max_steps": 6, "valid_every_n_steps": None, "exp_dir": str(exp), **overrides}
+    Recording.launch(BoringConfig(**config), argv=[])  # type: ignore[arg-type]
+
+
+def snapshot(exp: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(exp)): p.read_bytes() for p in sorted(exp.rglob("*")) if p.is_file()}
+
+
+def test_changed_optimizer_settings_reach_the_restored_optimizer(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    Recording.seen = []
+    launch(tmp_path / "same")
+    launch(tmp_path / "same", max_steps=10)
+    unchanged = {step: loss for step, loss, *_ in Recording.seen}
+    Recording.seen = []
+    launch(tmp_path / "run")
+    capfd.readouterr()
+    launch(tmp_path / "run", max_steps=10, learning_rate=0.5, betas=[0.5, 0.6], weight_decay=0.1)
+    out = capfd.readouterr().out
+    assert "Resumed with changed settings: learning_rate 0.05 -> 0.5, betas [0.9, 0.999] -> [0.5, 0.6]" in out
+    assert "weight_decay 1e-05 -> 0.1, max_steps 6 -> 10" in out
+    after = [(step, lr, betas, decays) for step, _, lr, betas, decays in Recording.seen if step >= 6]
+    assert [step for step, *_ in after] == [6, 7, 8, 9]
+    # The new values, in every group; weight decay only in the group of weight matrices (the bias's group has none).
+    assert all(lr == 0.5 and betas == (0.5, 0.6) and decays == [0.1, 0.0] for _, lr, betas, decays in after)
+    changed = {step: loss for step, loss, *_ in Recording.seen}
+    assert all(changed[s] == unchanged[s] for s in range(7))  # The same run up to the relaunch...
+    assert all(changed[s] != unchanged[s] for s in range(7, 10))  # ...and a different one after it.
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "old"),
+    [("seed", 7, 1337), ("batch_size", 4, 8), ("num_dataloader_workers", 2, 0)],
+)
+def test_a_change_the_resumed_run_cannot_apply_is_refused_and_the_run_is_untouched(
+    tmp_path: Path, key: str, value: object, old: object
+) -> None:
+    exp = tmp_path / "run"
+    launch(exp)
+    before = snapshot(exp)
+    with pytest.raises(mlfab.ConfigError) as info:
+        launch(exp, max_steps=10, **{key: value})
+    message = str(info.value)
+    assert f"Cannot resume from {exp / 'checkpoints' / 'last.ckpt'} with these config changes" in message
+    assert f"  - {key}: {old!r} -> {value!r} (" in message
+    assert snapshot(exp) == before  # config.yaml, provenance and checkpoints as they were.
+
+
+class OwnOptimizer(BoringTask):
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.config.learning_rate)
+
+
+def test_an_optimizer_change_is_refused_when_the_task_builds_its_own(tmp_path: Path) -> None:
+    exp = tmp_path / "run"
+    OwnOptimizer.launch(BoringConfig(max_steps=4, exp_dir=str(exp)), argv=[])
+    with pytest.raises(mlfab.ConfigError, match=r"learning_rate: 0.05 -> 0.5 \(OwnOptimizer builds its own optim"):
+        OwnOptimizer.launch(BoringConfig(max_steps=8, learning_rate=0.5, exp_dir=str(exp)), argv=[])
+
+
+def test_checkpoints_are_written_only_where_an_optimizer_step_ends(tmp_path: Path) -> None:
+    exp = tmp_path / "run"
+    config = {"batches_per_step": 3, "save_every_n_steps": 2, "keep_last_n_checkpoints": 10}
+    launch(exp, **config)
+    launch(exp, **{**config, "max_steps": 10})
+    names = sorted(p.name for p in (exp / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt"] + [f"step_{s:08d}.ckpt" for s in (2, 4, 6, 8, 10)]  # No `-v1` mid-step copies.
+    for path in (exp / "checkpoints").glob("*.ckpt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        batches = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+        assert batches == 3 * ckpt["global_step"], path.name  # Every batch of every step, none of the next.
+
+
+def test_a_launch_that_fails_before_it_starts_leaves_no_run_directory(tmp_path: Path) -> None:
+    class NoData(BoringTask):
+        def get_dataset(self, phase: mlfab.Phase) -> object:
+            raise FileNotFoundError("mnist/train-images-idx3-ubyte.gz")
+
+    with pytest.raises(FileNotFoundError):
+        NoData.launch(BoringConfig(run_dir=str(tmp_path)), argv=[])
+    assert list((tmp_path / "no_data").iterdir()) == []
+
+
+def test_each_launch_keeps_its_settings_in_the_history(tmp_path: Path) -> None:
+    import yaml
+
+    exp = tmp_path / "run"
+    launch(exp)
+    launch(exp, max_steps=10, learning_rate=0.5)
+    launches = yaml.safe_load((exp / "provenance" / "launches.yaml").read_text())
+    records = [exp / "provenance" / entry["config_record"] for entry in launches]
+    assert [yaml.safe_load(r.read_text())["model"]["config"]["learning_rate"] for r in records] == [0.05, 0.5]
+    assert records[1].read_text() == (exp / "config.yaml").read_text()
