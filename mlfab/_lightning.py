@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loops.evaluation_loop import RestartStage as EvaluationRestartStage
 from lightning.pytorch.profilers import PassThroughProfiler
 from torch import Tensor
 from typing_extensions import override
@@ -42,6 +43,23 @@ def wrap_validation_decision(trainer: pl.Trainer, decide: Callable[[ValidationDe
     Lightning's own decision, to call (or not) itself."""
     loop = trainer.fit_loop.epoch_loop
     loop._should_check_val_fx = functools.partial(decide, loop._should_check_val_fx)  # type: ignore[method-assign]
+
+
+def lightning_data_fetcher(trainer: pl.Trainer) -> Any:
+    """The fit loop's data fetcher, which Lightning's validation decision takes. Private: `_FitLoop._data_fetcher`."""
+    return trainer.fit_loop._data_fetcher
+
+
+def validate_before_next_batch(trainer: pl.Trainer) -> None:
+    """Makes a resumed fit run the validation its checkpoint was taken before, ahead of the next training batch.
+
+    Private: the evaluation loop's restart stage. With `RESTARTED_MID_EVALUATION`, `_TrainingEpochLoop.advance`
+    returns before it fetches a batch whenever the validation decision says yes, and `on_advance_end` then runs the
+    validation loop (Lightning's path for a checkpoint written during a validation); without it, a resumed loop
+    fast-forwards past that validation."""
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    val_loop._restart_stage = EvaluationRestartStage.RESTARTED_MID_EVALUATION
+    val_loop.batch_progress.reset_on_run()  # None of its batches ran: it starts from the first.
 
 
 # ---------------------------------------------------------------------------------------------------------------------

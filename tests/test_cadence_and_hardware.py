@@ -127,6 +127,7 @@ def test_wall_clock_cadences_count_training_time_across_relaunches(tmp_path: Pat
         )
         Slow.launch(config, argv=[])
     steps = [step for step, _ in read_scalars(exp / "tensorboard" / "valid")["loss/loss"]]
-    assert steps[0] == 1 and 3 <= len(steps) <= 6, steps  # About every 10 steps, as without relaunches.
+    # Without the carried clocks: a validation at step 1 only, and no timed checkpoint at all.
+    assert steps[0] == 1 and len(steps) >= 3 and len(set(steps)) == len(steps), steps
     timed = sorted((exp / "checkpoints").glob("time_step_*.ckpt"))
-    assert 2 <= len(timed) <= 6, [p.name for p in timed]
+    assert len(timed) >= 2, [p.name for p in timed]

@@ -267,3 +267,18 @@ def test_foreach_norm_equals_per_tensor_norms() -> None:
     for t, n in zip(tensors, norms, strict=True):
         assert n.dtype == t.dtype and n.shape == ()
         torch.testing.assert_close(n, torch.linalg.vector_norm(t))
+
+
+def test_the_evaluation_loop_restart_stage_and_the_fit_loop_data_fetcher_exist() -> None:
+    """`validate_before_next_batch` and `lightning_data_fetcher` (used to resume with the validation a checkpoint was
+    written before; behaviour tested in tests/test_resume_validation.py)."""
+    import inspect
+
+    from lightning.pytorch.loops import _FitLoop
+    from lightning.pytorch.loops.evaluation_loop import RestartStage, _EvaluationLoop
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert RestartStage.RESTARTED_MID_EVALUATION == "restarted_mid_evaluation"
+    assert "_restart_stage" in inspect.getsource(_EvaluationLoop.restarted_mid_evaluation.fget)  # type: ignore[union-attr]
+    assert "val_loop.restarted_mid_evaluation" in inspect.getsource(_TrainingEpochLoop.advance)
+    assert "_data_fetcher" in inspect.getsource(_FitLoop.__init__)

@@ -13,7 +13,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from mlfab._lightning import CachedStateKey, StepFreeCallback, step_ends, wrap_validation_decision
+from mlfab._lightning import (
+    CachedStateKey,
+    StepFreeCallback,
+    lightning_data_fetcher,
+    step_ends,
+    validate_before_next_batch,
+    wrap_validation_decision,
+)
 from mlfab.run.slurm import after_signal_checkpoint
 
 
@@ -55,7 +62,8 @@ class ValidationCadence(StepFreeCallback):
     so this wraps the training loop's validation decision with the extra conditions. A resumed run does
     not add a validation of its own, so it validates at the same steps as an uninterrupted one; the seconds
     are the task's training clock (`elapsed_time_s`, which continues across relaunches), so a run preempted
-    more often than the interval still validates on time.
+    more often than the interval still validates on time. A checkpoint written at a step that was to validate
+    (they are written before the validation) records it, and the resumed run does that validation first.
     """
 
     def __init__(self, every_n_seconds: float | None, first_n_seconds: float | None = None) -> None:
@@ -63,7 +71,11 @@ class ValidationCadence(StepFreeCallback):
         self.first_n_seconds = first_n_seconds
         self._last_valid_s = 0.0  # On the training clock.
         self._validated = False
-        self._clock: Callable[[], float] | None = None  # Set when training starts.
+        self._validated_step = -1
+        self._owed = False  # The checkpoint we resumed from was written before a validation that is still due.
+        self._trainer: pl.Trainer | None = None  # Set when training starts, with the clock and Lightning's decision.
+        self._clock: Callable[[], float] = time.monotonic
+        self._lightning_decision: Callable[[Any], bool] = lambda data_fetcher: False
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -73,37 +85,53 @@ class ValidationCadence(StepFreeCallback):
             elapsed = getattr(pl_module, "elapsed_time_s", None)
             return elapsed if isinstance(elapsed, float) else time.monotonic() - start
 
-        self._clock = clock
+        self._trainer, self._clock = trainer, clock
         self._validated = self._validated or trainer.global_step > 0  # Resumed: the first validation happened.
+        if self._owed and trainer.global_step > 0:
+            validate_before_next_batch(trainer)
 
         def should_check_val(lightning_decision: Callable[[Any], bool], data_fetcher: Any) -> bool:
+            self._lightning_decision = lightning_decision
+            if self._owed:
+                return True
             if trainer.should_stop:  # Stopping (a signal, or max_steps): no extra validation on the way out.
                 return False
-            if lightning_decision(data_fetcher):
-                return True
-            if not step_ends(trainer) or trainer.limit_val_batches == 0:
-                return False
-            now = clock()
-            if not self._validated:
-                return self.first_n_seconds is None or now >= self.first_n_seconds
-            return self.every_n_seconds is not None and now - self._last_valid_s >= self.every_n_seconds
+            return self._due(data_fetcher)
 
         wrap_validation_decision(trainer, should_check_val)
 
+    def _due(self, data_fetcher: Any) -> bool:
+        """Whether the step that just ended validates (asked after its last batch)."""
+        trainer = self._trainer
+        if trainer is None or self._validated_step == trainer.global_step:
+            return False
+        if self._lightning_decision(data_fetcher):
+            return True
+        if not step_ends(trainer) or trainer.limit_val_batches == 0:
+            return False
+        now = self._clock()
+        if not self._validated:
+            return self.first_n_seconds is None or now >= self.first_n_seconds
+        return self.every_n_seconds is not None and now - self._last_valid_s >= self.every_n_seconds
+
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._clock is not None and not trainer.sanity_checking:
-            self._last_valid_s = self._clock()
-            self._validated = True
+        if self._trainer is not None and not trainer.sanity_checking:
+            self._last_valid_s, self._validated, self._owed = self._clock(), True, False
+            self._validated_step = trainer.global_step
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_valid_s": self._last_valid_s, "validated": self._validated}
+        trainer = self._trainer
+        training = trainer is not None and trainer.training and not trainer.validating
+        owed = trainer is not None and training and self._due(lightning_data_fetcher(trainer))  # Even when stopping.
+        return {"last_valid_s": self._last_valid_s, "validated": self._validated, "validation_owed": owed}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_valid_s = float(state_dict.get("last_valid_s", 0.0))
         self._validated = bool(state_dict.get("validated", False))
+        self._owed = bool(state_dict.get("validation_owed", False))
 
 
 class FinalCheckpoint(StepFreeCallback):
