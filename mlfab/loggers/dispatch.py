@@ -99,13 +99,13 @@ def flush_logs(
     )
     values: dict[Kind, dict[str, Any]] = {}
     if averaged and trainer.strategy.broadcast(bool(due), src=0):
-        values = buffer.resolve()
+        values = buffer.resolve(step)
         device = trainer.strategy.root_device
         values["scalar"] = mean_across_ranks(
             values.get("scalar", {}), lambda t: trainer.strategy.reduce(t.to(device), reduce_op="mean").cpu()
         )
     elif due:
-        values = buffer.resolve()
+        values = buffer.resolve(step)
     buffer.clear()
     if due:
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None

@@ -6,16 +6,24 @@ What is written when several values arrive between two writes:
   that step's accumulated micro-batches); a validation scalar is the mean over the validation run's batches.
 - everything else (strings, images, audio, ...): the last value logged.
 Values of steps that no logger writes are dropped without being computed.
+
+A value that cannot be written (a lazy value that raises, a scalar that is not a number) does not stop training: it
+is skipped, and the error is logged with the `log_*` call, the key and the step (in full the first time for each
+key, then counted every 100th time). A scalar given as a string is refused at the `log_scalar` call itself.
 """
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from mlfab.errors import TaskDefinitionError
 from mlfab.logs.values import Kind, resolve
 from mlfab.state import Phase
+
+log = logging.getLogger(__name__)
 
 
 def _to_float(value: Any) -> float:
@@ -30,10 +38,16 @@ class LogBuffer:
 
     def __init__(self) -> None:
         self._pending: dict[Kind, dict[str, list[Any]]] = {}
+        self.failures: dict[tuple[Kind, str], int] = {}  # Values skipped because they could not be written.
 
     def add(self, kind: Kind, tag: str, value: Any) -> None:
         by_tag = self._pending.setdefault(kind, {})
         if kind == "scalar":
+            if isinstance(value, str | bytes):
+                raise TaskDefinitionError(
+                    f"log_scalar({tag.partition('/')[2]!r}) got the string {value!r}: a scalar is a number or a "
+                    "one-element tensor (or a callable returning one). Use log_string for text."
+                )
             by_tag.setdefault(tag, []).append(value)
         else:
             by_tag[tag] = [value]
@@ -44,15 +58,28 @@ class LogBuffer:
     def clear(self) -> None:
         self._pending = {}
 
-    def resolve(self) -> dict[Kind, dict[str, Any]]:
-        """Runs each pending callable exactly once and returns plain values."""
+    def resolve(self, step: int) -> dict[Kind, dict[str, Any]]:
+        """Runs each pending callable exactly once and returns plain values; one that fails is skipped and reported."""
         out: dict[Kind, dict[str, Any]] = {}
         for kind, by_tag in self._pending.items():
-            if kind == "scalar":
-                out[kind] = {tag: sum(_to_float(v) for v in vals) / len(vals) for tag, vals in by_tag.items()}
-            else:
-                out[kind] = {tag: resolve(vals[-1]) for tag, vals in by_tag.items()}
+            out[kind] = {}
+            for tag, vals in by_tag.items():
+                try:
+                    out[kind][tag] = (
+                        sum(_to_float(v) for v in vals) / len(vals) if kind == "scalar" else resolve(vals[-1])
+                    )
+                except Exception as e:
+                    self._skipped(kind, tag, step, e)
         return out
+
+    def _skipped(self, kind: Kind, tag: str, step: int, error: Exception) -> None:
+        count = self.failures[kind, tag] = self.failures.get((kind, tag), 0) + 1
+        call = f"log_{kind}({tag.partition('/')[2]!r}, namespace={tag.partition('/')[0]!r})"
+        if count == 1:
+            log.error("%s could not be written at step %d and is skipped (training goes on; later failures of this "
+                      "key are counted): %r", call, step, error, exc_info=error)  # fmt: skip
+        elif count % 100 == 0:
+            log.error("%s could not be written at step %d: %d failures so far (%r)", call, step, count, error)
 
 
 class Cadence:
