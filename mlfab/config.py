@@ -3,15 +3,19 @@
 jsonargparse (the command line's parser) builds and checks configs everywhere, so a value is accepted or refused
 the same way whether it comes from a flag, a YAML file, a dict or a checkpoint. When it refuses one, mlfab lists
 every problem at once (unknown keys with close matches, wrong types, missing required keys), by the key as typed.
+The ranges jsonargparse does not know (`learning_rate > 0`, `batches_per_step >= 1`, ...) are the table `RULES`,
+checked on the same paths and listed with the rest; `check_config` checks a Config built in Python.
 """
 
 import copy
 import dataclasses
 import difflib
 import functools
+import math
+import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -124,6 +128,159 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Ranges: what each value of mlfab's configs must be, beyond its type. Keyed by the class that declares the field;
+# a subclass gets its bases' rules for every field it keeps the type of (a field redeclared with another type is its
+# own). A field without a rule takes any value of its type.
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: _integer(v) and v >= low
+
+
+def _positive(v: Any) -> bool:
+    return _number(v) and v > 0
+
+
+def _or_null(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _matches(pattern: str, flags: int = 0) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and re.fullmatch(pattern, v, flags=flags) is not None
+
+
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+MAX_SEED = 2**32 - 1  # numpy's bound: mlfab seeds numpy with it.
+_DEVICES = r"auto|0*[1-9]\d*|(\d+\s*,\s*)+\d*"  # A number, or GPU indices as Lightning reads them: "0,1", "3,".
+_SLURM_TIME = r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite"  # sbatch --time's formats.
+
+
+@dataclass(frozen=True)
+class Rule:
+    check: Callable[[Any], bool]
+    must: str  # "key 'x': must be <must> (got <value>)"
+    hint: str = ""  # Said after that: what to set instead.
+
+
+_OFF = "null turns it off"
+
+RULES: dict[type, dict[str, Rule]] = {
+    Config: {
+        "batch_size": Rule(_at_least(1), "an integer >= 1"),
+        "num_dataloader_workers": Rule(_at_least(0), "an integer >= 0", "0 loads data in the training process"),
+        "learning_rate": Rule(_positive, "a number > 0"),
+        "betas": Rule(lambda v: len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        "weight_decay": Rule(lambda v: _number(v) and v >= 0, "a number >= 0"),
+        "warmup_steps": Rule(_at_least(0), "an integer >= 0"),
+        "clip_grad_norm": Rule(_or_null(_positive), "a number > 0 or null", "null disables clipping"),
+        "batches_per_step": Rule(_at_least(1), "an integer >= 1", "1 accumulates no gradients"),
+        "max_steps": Rule(_or_null(_at_least(1)), "an integer >= 1 or null", "null trains until stopped"),
+        "valid_every_n_steps": Rule(_or_null(_at_least(1)), "an integer >= 1 or null", _OFF),
+        "valid_every_n_seconds": Rule(_or_null(_positive), "a number > 0 or null", _OFF),
+        "valid_first_n_seconds": Rule(
+            _or_null(_positive), "a number > 0 or null", "null validates after the first step"
+        ),
+        "valid_batches": Rule(_at_least(0), "an integer >= 0", "0 turns validation off"),
+        "save_every_n_steps": Rule(_or_null(_at_least(1)), "an integer >= 1 or null", _OFF),
+        "save_every_n_seconds": Rule(_or_null(_positive), "a number > 0 or null", _OFF),
+        "keep_last_n_checkpoints": Rule(
+            _at_least(1),
+            "an integer >= 1",
+            "for no periodic checkpoints, set save_every_n_steps and save_every_n_seconds to null",
+        ),
+        "max_bad_samples_in_a_row": Rule(_or_null(_at_least(1)), "an integer >= 1 or null", "null never stops"),
+        "max_nonfinite_steps_in_a_row": Rule(_or_null(_at_least(1)), "an integer >= 1 or null", "null never stops"),
+        "accelerator": Rule(lambda v: v in ACCELERATORS, "one of " + ", ".join(ACCELERATORS)),
+        "devices": Rule(
+            lambda v: (_integer(v) and v >= 1) or _matches(_DEVICES)(v),
+            "a number >= 1, auto, or GPU indices like '0,1'",
+        ),
+        "num_nodes": Rule(_at_least(1), "an integer >= 1"),
+        "seed": Rule(lambda v: _integer(v) and 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+    },
+    SlurmConfig: {
+        "nodes": Rule(_at_least(1), "an integer >= 1"),
+        "gpus_per_node": Rule(_at_least(0), "an integer >= 0", "0 makes a CPU job"),
+        "cpus_per_task": Rule(_at_least(1), "an integer >= 1"),
+        "mem": Rule(
+            _or_null(_matches(r"\d+[KMGT]?", re.IGNORECASE)), "an amount as sbatch --mem takes it (64G, 500M) or null"
+        ),
+        "time": Rule(
+            _or_null(_matches(_SLURM_TIME, re.IGNORECASE)),
+            "a time limit as sbatch --time takes it (D-HH:MM:SS, HH:MM:SS, minutes) or null",
+        ),
+        "partition": Rule(_or_null(_matches(r'[^\s"]+')), "a partition name without spaces or quotes, or null"),
+        "account": Rule(_or_null(_matches(r'[^\s"]+')), "an account name without spaces or quotes, or null"),
+        "signal_seconds": Rule(lambda v: _integer(v) and 1 <= v <= 65535, "an integer from 1 to 65535"),
+        "extra_sbatch_lines": Rule(
+            lambda v: all(isinstance(line, str) and "\n" not in line for line in v),
+            "a list of one-line sbatch options, like ['--qos=high']",
+        ),
+        "python": Rule(_or_null(lambda v: isinstance(v, str) and v.strip() != ""), "an interpreter path or null"),
+    },
+}
+
+
+@functools.cache
+def rules_for(cls: type) -> dict[str, Rule]:
+    """The rules of `cls`'s fields: its bases' in `RULES`, for each field it declares with the base's type."""
+    own = field_types(cls)
+    found: dict[str, Rule] = {}
+    for base, rules in RULES.items():
+        if isinstance(cls, type) and issubclass(cls, base):
+            base_types = field_types(base)
+            found.update({k: r for k, r in rules.items() if k in own and own[k] == base_types[k]})
+    return found
+
+
+def _rule_problem(cls: type, key: str, value: Any, prefix: str, shown: Any = dataclasses.MISSING) -> str | None:
+    """The problem with `value` for `cls`'s field `key`, if its rule refuses it; the value shown is `shown` (the
+    value as given, before jsonargparse read it) when there is one."""
+    rule = rules_for(cls).get(key)
+    if rule is None:
+        return None
+    try:
+        ok = bool(rule.check(value))
+    except (TypeError, ValueError):  # A value of another type than the rule's (set in Python, unchecked).
+        ok = False
+    if ok:
+        return None
+    shown = _plain(value if shown is dataclasses.MISSING else shown)  # A tuple as the list it is typed as.
+    return f"key {prefix + key!r}: must be {rule.must} (got {shown!r})" + (f"; {rule.hint}" if rule.hint else "")
+
+
+def value_problems(config: Any, prefix: str = "", given: Any = None) -> list[str]:
+    """Every value of a config instance (nested configs included) outside its rule's range, by dotted key; a value
+    found in `given` (the plain data it was built from) is shown as given there."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return []
+    given = given if isinstance(given, Mapping) else {}
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            problems.extend(value_problems(value, f"{prefix}{f.name}.", given.get(f.name)))
+        elif (problem := _rule_problem(type(config), f.name, value, prefix, given.get(f.name, value))) is not None:
+            problems.append(problem)
+    return problems
+
+
+def check_config(config: Any, prefix: str = "", given: Any = None) -> None:
+    """Raises a ConfigError listing every value of `config` (a Config built in Python, say) outside its range."""
+    problems = value_problems(config, prefix, given)
+    if problems:
+        raise ConfigError(problems_message(type(config).__name__, problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Plain data: YAML files, dataclasses and dicts as nested dicts.
 
 
@@ -199,13 +356,16 @@ def resolve_config(cls: type[ConfigT], *sources: Any) -> ConfigT:
     return build_config(cls, merge_sources(*sources))
 
 
-def build_config(cls: type[ConfigT], data: Mapping[str, Any]) -> ConfigT:
-    """The typed config for plain data, built and checked by jsonargparse as the command line does."""
+def build_config(cls: type[ConfigT], data: Mapping[str, Any], prefix: str = "") -> ConfigT:
+    """The typed config for plain data, built and checked by jsonargparse as the command line does, and its values
+    checked against `RULES`. A ConfigError lists every problem, each key named with `prefix` before it."""
     parser = _parser(typing.cast(Any, cls))  # A class is hashable; mypy does not see it for a type variable.
     try:
-        return parser.instantiate(parser.parse_object({"config": dict(data)})).config
+        config = parser.instantiate(parser.parse_object({"config": dict(data)})).config
     except (jsonargparse.ArgumentError, TypeError, ValueError) as e:
-        raise ConfigError(problems_message(cls.__name__, config_problems(cls, data) or [str(e)])) from None
+        raise ConfigError(problems_message(cls.__name__, config_problems(cls, data, prefix) or [str(e)])) from None
+    check_config(config, prefix, given=data)
+    return config
 
 
 @functools.cache
@@ -220,8 +380,9 @@ def problems_message(name: str, problems: Sequence[str]) -> str:
     return f"Invalid config for {name} ({len(problems)} problem(s)):\n{listing}"
 
 
-def config_problems(cls: type, data: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Every unknown key (with close matches), missing required key and value of the wrong type in `data`."""
+def config_problems(cls: type, data: Mapping[str, Any], prefix: str = "", rules: bool = True) -> list[str]:
+    """Every unknown key (with close matches), missing required key, value of the wrong type and (with `rules`)
+    value outside its rule's range in `data`."""
     ftypes = field_types(cls)
     problems = []
     for key, value in data.items():
@@ -230,9 +391,11 @@ def config_problems(cls: type, data: Mapping[str, Any], prefix: str = "") -> lis
             hint = f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
             problems.append(f"unknown key {prefix + str(key)!r}{hint}")
         elif (sub := dataclass_type(ftypes[key])) is not None and isinstance(value, Mapping):
-            problems.extend(config_problems(sub, value, prefix=f"{prefix}{key}."))
+            problems.extend(config_problems(sub, value, prefix=f"{prefix}{key}.", rules=rules))
         elif (why := _type_problem(ftypes[key], value)) is not None:
-            problems.append(f"key {prefix + key!r}: expected {type_name(ftypes[key])}{why} (got {value!r})")
+            problems.append(f"key {prefix + key!r}: {why}")
+        elif rules and (problem := _rule_problem(cls, key, _parsed(ftypes[key], value), prefix, value)) is not None:
+            problems.append(problem)
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in data:
@@ -242,21 +405,24 @@ def config_problems(cls: type, data: Mapping[str, Any], prefix: str = "") -> lis
 
 
 def _type_problem(tp: Any, value: Any) -> str | None:
-    """None when jsonargparse accepts `value` for `tp`; else which items of a tuple or list it refused, if any."""
+    """None when jsonargparse accepts `value` for `tp`; else what was expected (for a tuple or list, of which
+    items, or how many) and what was given."""
     if _accepts(tp, value):
         return None
+    expected = type_name(tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (tuple, list) and args and isinstance(value, list | tuple):
         per_item = list(args) if origin is tuple and Ellipsis not in args else [args[0]] * len(value)
         if len(per_item) != len(value):
-            return f"; {len(per_item)} items, not {len(value)}"
+            return f"expected {len(per_item)} items ({expected}), got {len(value)}: {value!r}"
         bad = [
             f"item {i}: expected {type_name(t)}"
             for i, (t, v) in enumerate(zip(per_item, value, strict=True))
             if not _accepts(t, v)
         ]
-        return "; " + ", ".join(bad) if bad else ""
-    return ""
+        if bad:
+            expected += "; " + ", ".join(bad)
+    return f"expected {expected} (got {value!r})"
 
 
 def _accepts(tp: Any, value: Any) -> bool:
@@ -265,6 +431,14 @@ def _accepts(tp: Any, value: Any) -> bool:
     except jsonargparse.ArgumentError:
         return False
     return True
+
+
+def _parsed(tp: Any, value: Any) -> Any:
+    """`value` as jsonargparse reads it for `tp` (`"1e-3"` -> 0.001, a list -> a tuple), or as it is."""
+    try:
+        return _parser(tp).parse_object({"config": value}).config
+    except jsonargparse.ArgumentError:
+        return value
 
 
 @functools.cache

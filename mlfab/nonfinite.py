@@ -34,6 +34,13 @@ def loss_parts(loss: Any, task_name: str) -> dict[str, Tensor]:
                 f"{task_name}.get_loss returned {what} for loss {name!r}; each loss must be a scalar "
                 "Tensor (reduce it, e.g. with .mean())."
             )
+    if torch.is_grad_enabled() and not any(part.requires_grad for part in parts.values()):  # Training, not eval.
+        names = ", ".join(repr(name) for name in parts)
+        raise TaskDefinitionError(
+            f"{task_name}.get_loss returned a loss ({names}) that does not depend on any trainable parameter, so "
+            "there is nothing to train: compute it from the model's output (not under torch.no_grad(), not from "
+            ".detach(), .item() or numpy values), and leave some parameters with requires_grad=True."
+        )
     return dict(parts)
 
 

@@ -23,7 +23,7 @@ from typing_extensions import override
 from mlfab._lightning import FastFxName, precompute_step_signatures, step_ends
 from mlfab.checkpoints import check_compatible, gather_rng_states, restore_rng_states, task_id
 from mlfab.cli.parser import launch
-from mlfab.config import Config, ConfigT, build_config, to_dict
+from mlfab.config import Config, ConfigT, build_config, check_config, to_dict
 from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
 from mlfab.declaration import find_config_class, prepare_subclass
 from mlfab.errors import ConfigError, TaskDefinitionError
@@ -65,6 +65,8 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         config_cls = self.config_class()  # Fails early, with the fix, if the task names no config.
         if isinstance(config, Mapping):  # Plain data, e.g. hyperparameters from a checkpoint.
             config = build_config(config_cls, config)
+        else:
+            check_config(config)  # A Config built in Python: its values' ranges (mlfab.config.RULES).
         self.config: ConfigT = config
         # Plain data only, so checkpoints load under torch's `weights_only=True`.
         self.save_hyperparameters({"config": to_dict(config)})

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mlfab.cli.args import SUBCOMMANDS
-from mlfab.cli.parser import run_cli
+from mlfab.cli.parser import run_cli, user_errors_exit
 from mlfab.task import Task
 
 USAGE = f"""usage: mlfab {{{",".join(SUBCOMMANDS)}}} --model package.module.TaskClass [--help] [ARGS ...]
@@ -20,8 +20,13 @@ Runs Lightning's CLI for any mlfab task, given by import path (the working direc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `mlfab` console script."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """The `mlfab` console script. Run as the program (`argv` None), a user error (`mlfab.MlfabError`) ends it with
+    `error: <message>` and exit status 2 or 1, as `Task.launch` does (see `mlfab.cli.parser.launch`); with `argv`
+    given, it is raised."""
+    if argv is None:
+        with user_errors_exit():
+            return main(sys.argv[1:])
+    args = list(argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if args else sys.stderr)
         return 0 if args else 2

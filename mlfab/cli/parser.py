@@ -8,10 +8,11 @@
 jsonargparse parses and checks every value; the run is mlfab/run/pipeline.py's.
 """
 
+import contextlib
 import difflib
 import sys
-from collections.abc import Sequence
-from pathlib import PurePath
+from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import jsonargparse
@@ -21,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlfab.cli.args import SUBCOMMANDS, config_file_args, short_form_args, short_form_usage
 from mlfab.config import (
+    MAX_SEED,
     build_config,
     config_problems,
     dataclass_type,
@@ -31,9 +33,10 @@ from mlfab.config import (
     problems_message,
     to_dict,
 )
-from mlfab.errors import ConfigError
+from mlfab.errors import ConfigError, MlfabError, report
+from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
-from mlfab.run.pipeline import Run, execute, prepare_run, show, submit_to_slurm
+from mlfab.run.pipeline import Run, RunRecords, execute, prepare_run, show, submit_to_slurm
 from mlfab.run.rundir import newest_checkpoint
 from mlfab.run.slurm import in_slurm_job
 from mlfab.run.trainer import trainer_settings
@@ -138,6 +141,14 @@ class MlfabCLI(LightningCLI):
         if any(a in ("-h", "--help") for a in args):
             self._show_current_values([a for a in args if a not in ("-h", "--help")])
         self.config = parser.parse_args(args)
+        seed = self.config[self.config.subcommand].get("seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:  # Seeded before checks.
+            raise ConfigError(
+                problems_message(
+                    self.task_cls.config_class().__name__,
+                    [f"key 'seed_everything': must be an integer from 0 to {MAX_SEED} (got {seed})"],
+                )
+            )
         # The same arguments without defaults: what the user gave (flags and --config files), which must win.
         self.given = parser.parse_args(args, defaults=False)
 
@@ -173,7 +184,10 @@ class MlfabCLI(LightningCLI):
                 cfg[key] = self.given[sub][key]
         if "seed_everything" in self.given_keys() and cfg.get("seed_everything") not in (None, False):
             cfg["model.config.seed"] = int(cfg["seed_everything"])  # Lightning seeded with it; so must the run.
-        config = build_config(self.task_cls.config_class(), cfg["model.config"].as_dict())
+        prefix = "" if self.short_form else "model.config."  # Keys named as the user typed them.
+        config = build_config(self.task_cls.config_class(), cfg["model.config"].as_dict(), prefix=prefix)
+        if not any(k.startswith("trainer.accelerator") for k in self.given_keys()):
+            resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy)  # Before any run.
         if self.print_run_file:
             trainer, extra = self.given_sections(with_ckpt=True)
             print(yaml.safe_dump({**extra, "model": {"config": to_dict(config)}, "trainer": trainer}, sort_keys=False))
@@ -290,8 +304,20 @@ def script_sources(task_cls: type["Task"], configs: Sequence[Any]) -> tuple[dict
 
 
 def launch(task_cls: type["Task"], *configs: Any, launcher: Any = None, argv: list[str] | None = None) -> None:
-    """`Task.launch`: `argv` (default: the command line) in the short form, or with a subcommand first."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """`Task.launch`: `argv` (default: the command line) in the short form, or with a subcommand first.
+
+    A user error (an `mlfab.MlfabError`: a bad config value, setting, task definition, dataset, checkpoint...) is
+    reported by who launched: with `argv` None, the program's own command line, it ends the program with
+    `error: <message>` on stderr and exit status 2 for a usage error (ConfigError, SettingsError,
+    TaskDefinitionError, SlurmError) or 1 for a failed run (DatasetError, CheckpointError, NonFiniteError), the
+    traceback only with MLFAB_TRACEBACK=1 (and in `<exp_dir>/logs/errors.log` once the run has a directory). With
+    `argv` given (tests, scripts, notebooks) it is raised. Any other exception keeps its traceback either way.
+    """
+    if argv is None:
+        with user_errors_exit():
+            launch(task_cls, *configs, launcher=launcher, argv=sys.argv[1:])
+        return
+    argv = list(argv)
     if argv and argv[0] in SUBCOMMANDS:
         code = run_cli(task_cls, argv, configs, launcher)
     else:
@@ -314,6 +340,40 @@ def _explain(task_cls: type["Task"], configs: Sequence[Any], values: list[dict[s
     for value in [*file_values, *values]:
         given = merge(given, value)
     problems = config_problems(task_cls.config_class(), given)
+    hint = f"See `{command_name()} --help` for what each argument takes."
+    if problems and not config_problems(task_cls.config_class(), given, rules=False):
+        problems.append(f"{said} ({hint})")  # Values out of range, and a refusal they do not explain.
     if problems:
         return problems_message(task_cls.config_class().__name__, problems)
-    return f"{said}\nSee `{command_name()} --help` for what each argument takes."
+    return f"{said}\n{hint}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# User errors of a program: a short message and an exit status, not a traceback.
+
+
+@contextlib.contextmanager
+def user_errors_exit() -> Iterator[None]:
+    """Ends the program on a user error (`mlfab.MlfabError`) with `error: <message>` on stderr and its exit status
+    (`mlfab.errors.report`), the traceback also in the run directory's `logs/errors.log` when the run had started.
+    Any other exception goes on with its traceback."""
+    try:
+        yield
+    except MlfabError as e:
+        raise SystemExit(report(e, run_dir_of(e))) from None
+
+
+def run_dir_of(error: BaseException) -> Path | None:
+    """The directory of the run `error` escaped from, if the run had started (wrote its records) and this process
+    writes its files; a launch refused before that leaves the directory as it was (`mlfab.run.pipeline.execute`).
+    The `MlfabCLI` the error passed through (it may leave from inside its constructor) holds the run and Trainer."""
+    tb = error.__traceback__
+    while tb is not None:
+        cli = tb.tb_frame.f_locals.get("self")
+        if isinstance(cli, MlfabCLI):
+            run, trainer = getattr(cli, "run", None), getattr(cli, "trainer", None)
+            records = [c for c in getattr(trainer, "callbacks", None) or [] if isinstance(c, RunRecords)]
+            if isinstance(run, Run) and run.writer and any(r.written for r in records) and run.exp_dir.is_dir():
+                return run.exp_dir
+        tb = tb.tb_next
+    return None

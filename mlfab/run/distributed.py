@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mlfab.errors import ConfigError
 from mlfab.run.slurm import hardware as slurm_hardware
 
 log = logging.getLogger(__name__)
@@ -35,20 +36,32 @@ def env_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
+def available_accelerators() -> list[str]:
+    """The accelerators torch can use here, best first."""
+    found = ["cuda"] if torch.cuda.is_available() else []
+    return found + (["mps"] if torch.backends.mps.is_available() else []) + ["cpu"]
+
+
 def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: str) -> dict[str, Any]:
-    """Trainer arguments for the config's hardware keys."""
+    """Trainer arguments for the config's hardware keys; a ConfigError when this machine lacks what they ask for."""
+    launched = False
     if under_torchrun():  # torchrun started the processes: match what it started.
-        devices = int(os.environ["LOCAL_WORLD_SIZE"])
+        devices, launched = int(os.environ["LOCAL_WORLD_SIZE"]), True
         num_nodes = max(int(os.environ["WORLD_SIZE"]) // devices, 1)
     elif (slurm := slurm_hardware()) is not None:  # srun started the processes: match what it started.
-        devices, num_nodes = slurm["devices"], slurm["num_nodes"]
+        devices, num_nodes, launched = slurm["devices"], slurm["num_nodes"], True
+    available, asked = available_accelerators(), accelerator
     if accelerator == "auto":
-        if torch.cuda.is_available():
-            accelerator = "cuda"
-        elif torch.backends.mps.is_available():
-            accelerator = "mps"
-        else:
-            accelerator = "cpu"
+        accelerator = available[0]
+    elif accelerator == "gpu":  # Lightning's name for either kind of GPU.
+        accelerator = available[0] if available[0] != "cpu" else "gpu"
+    if accelerator not in available:
+        raise ConfigError(_missing_accelerator(asked, available))
+    if accelerator == "cuda" and not launched and str(devices).isdigit() and int(devices) > torch.cuda.device_count():
+        raise ConfigError(
+            f"devices={devices}, but this machine has {torch.cuda.device_count()} CUDA GPU(s). Set devices to at "
+            "most that number, or devices=auto to use every GPU."
+        )
     if devices == "auto":
         devices = torch.cuda.device_count() if accelerator == "cuda" else 1
     if accelerator == "mps" and devices not in (1, "1"):
@@ -65,3 +78,17 @@ def broadcast_exp_dir(trainer: Any, exp_dir: Any) -> Any:
     if trainer.world_size == 1:
         return exp_dir
     return trainer.strategy.broadcast(exp_dir, src=0)
+
+
+def _missing_accelerator(accelerator: str, available: list[str]) -> str:
+    kind = {"cuda": "a CUDA GPU", "gpu": "a GPU", "mps": "an Apple MPS device"}.get(accelerator, repr(accelerator))
+    if accelerator in ("cuda", "gpu") and torch.version.cuda is None:
+        why = f" (this torch, {torch.__version__}, is built without CUDA)"
+    elif accelerator in ("cuda", "gpu"):
+        why = " (torch.cuda.is_available() is False: no GPU, or its driver does not load; see nvidia-smi)"
+    else:
+        why = ""
+    return (
+        f"accelerator={accelerator} asks for {kind}, but torch finds none on this machine{why}. "
+        f"Available here: {', '.join(available)}. Set accelerator to one of them, or to auto."
+    )
