@@ -1,18 +1,29 @@
-"""Checkpoint files: atomic writes, clear errors for unreadable ones, and checking one fits the task.
+"""Checkpoint files: atomic writes, a checksum beside each, clear errors for unreadable ones, and checking one fits
+the task.
 
 Lightning's own atomic save writes its temporary file in the system temp directory and moves it, which
 is a copy (not an atomic rename) when that directory is on another filesystem. mlfab writes the temporary
 file next to the checkpoint, fsyncs it and renames it, so a process killed mid-save never leaves a broken
 newest checkpoint, and a failed save (disk full) leaves the previous ones untouched.
+
+Each checkpoint gets `<name>.sha256` beside it (`sha256sum -c` reads it), hashed from the bytes as torch writes
+them (no second read), written atomically after the checkpoint and removed with it. Loading checks it; a
+checkpoint without one (an older run's) loads unchecked. A temporary file left by a process killed while saving
+is removed when the next run in the directory starts.
 """
 
 import errno
+import hashlib
 import os
 import pickle
+import re
+import shutil
+import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -23,36 +34,379 @@ from typing_extensions import override
 from mlfab._lightning import collect_rng_states, set_rng_states
 from mlfab.errors import CheckpointError
 
+CHECKSUM_SUFFIX = ".sha256"
+# When this process began (near enough: when mlfab's checkpoint code was imported). A temporary file not modified
+# since then was left by a process that is gone: see `remove_stale_temporary_files`.
+PROCESS_START = time.time()
+# What torch's zip writer raises when the file under it fails (ENOSPC included): it swallows the OSError.
+TORCH_WRITE_FAILURE = ("inline_container.cc", "PytorchStreamWriter")
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Atomic saves with a checksum file, checked loads, and `keep_last`: {file name prefix: N} keeps the newest N
+    periodic checkpoints of each cadence (`step_00000010.ckpt`: prefix "step_") in the directory after each save,
+    whatever an earlier launch left (Lightning's ModelCheckpoint counts only the files of its own session and never
+    deletes the one it resumed from)."""
+
+    def __init__(self, keep_last: dict[str, int] | None = None) -> None:
+        super().__init__()
+        self.keep_last = {prefix: n for prefix, n in (keep_last or {}).items() if n > 0}
+        self._cleaned: set[Path] = set()
+
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._cleaned:  # Also where no run start looked (a --ckpt_path from elsewhere).
+            self._cleaned.add(path.parent)
+            remove_stale_temporary_files(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        writer: HashingWriter | None = None
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
+                writer = HashingWriter(f)
+                torch.save(checkpoint, cast(IO[bytes], writer))
                 f.flush()
                 os.fsync(f.fileno())
+            # A killed process may leave the new checkpoint without a checksum (it loads unchecked), never beside
+            # the old one's (which would make it look corrupt).
+            checksum_path(path).unlink(missing_ok=True)
             os.replace(tmp, path)
         except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                others = [p.name for p in checkpoint_files(path.parent) if p != path]
-                kept = f" Earlier checkpoints are intact: {', '.join(others)}." if others else ""
-                why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-                raise CheckpointError(f"Could not write checkpoint {path}: {why}.{kept}") from e
+            failure = write_failure(e, writer)
+            if failure is not None:
+                raise save_error(path, checkpoint, failure, writer) from e
             raise
+        digest = writer.sha256.hexdigest()
+        write_checksum(path, digest)
+        sync_directory(path.parent)
+        remember_digest(path, digest)
+        self._prune(path)
+
+    def _prune(self, path: Path) -> None:
+        for prefix, n in self.keep_last.items():
+            pattern = re.compile(rf"{re.escape(prefix)}\d+(-v\d+)?\.ckpt")
+            if pattern.fullmatch(path.name):
+                same = [p for p in checkpoint_files(path.parent) if pattern.fullmatch(p.name) and p != path]
+                for old in same[: max(len(same) - (n - 1), 0)]:
+                    self.remove_checkpoint(old)
+
+    @override
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
+        if not isinstance(path, str) or "://" not in path:
+            checksum_path(Path(path)).unlink(missing_ok=True)
 
     @override
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if isinstance(path, str | os.PathLike) and Path(path).is_file():
+            problem = checksum_problem(Path(path))
+            if problem is not None:
+                raise checksum_error(Path(path), problem)
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError:
             raise
         except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as e:
             raise unreadable(Path(path), e) from e
+
+
+class HashingWriter:
+    """The file object torch.save writes to: passes the bytes on, hashing and counting them as they go, and keeping
+    the OSError of a failed write (torch's zip writer replaces it with a RuntimeError)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.sha256 = hashlib.sha256()
+        self.written = 0
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            n: int = self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+        self.sha256.update(data)
+        self.written += n
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_failure(error: BaseException, writer: "HashingWriter | None") -> OSError | None:
+    """The OSError behind a failed save (torch wraps it in a RuntimeError), or None for any other exception."""
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, RuntimeError) and any(s in str(error) for s in TORCH_WRITE_FAILURE):
+        if writer is not None and writer.error is not None:
+            return writer.error
+        cause: BaseException | None = error
+        while cause is not None:  # torch raises it while handling the OSError.
+            if isinstance(cause, OSError):
+                return cause
+            cause = cause.__cause__ or cause.__context__
+        return OSError(None, f"torch's checkpoint writer failed ({str(error)[:300]})")
+    return None
+
+
+def save_error(path: Path, checkpoint: Any, error: OSError, writer: "HashingWriter | None") -> CheckpointError:
+    others = [p.name for p in checkpoint_files(path.parent) if p != path]
+    kept = f" Earlier checkpoints are intact: {', '.join(others)}." if others else ""
+    if error.errno == errno.EDQUOT:
+        return CheckpointError(
+            f"Could not write checkpoint {path}: your disk quota is exceeded.{kept} Free some space (old runs, or "
+            "fewer keep_last_n_checkpoints), or set run_dir to a place with more quota."
+        )
+    try:
+        estimate = tensor_bytes(checkpoint)
+    except Exception:  # noqa: BLE001 - only an estimate, for the message.
+        estimate = 0
+    needed = max(writer.written if writer is not None else 0, estimate)
+    try:
+        free: int | None = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = error.errno == errno.ENOSPC or (error.errno is None and free is not None and free < needed)
+    if not full:
+        return CheckpointError(f"Could not write checkpoint {path}: {error.strerror or error}.{kept}")
+    space = (
+        f" The checkpoint needs about {human_bytes(needed)} and {human_bytes(free)} are free on the disk of "
+        f"{path.parent}"
+        if free is not None
+        else f" The checkpoint needs about {human_bytes(needed)}"
+    )
+    return CheckpointError(
+        f"Could not write checkpoint {path}: the disk is full.{kept}{space}: free some space there (old runs, "
+        "or fewer keep_last_n_checkpoints), or set run_dir to another disk."
+    )
+
+
+def tensor_bytes(obj: Any, seen: set[tuple[str, int]] | None = None) -> int:
+    """The bytes of the storages of the tensors in a checkpoint (nested dicts, lists and tuples), each storage once,
+    as torch writes them: about the checkpoint's size on disk."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = (str(obj.device), storage.data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return int(storage.nbytes())
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def human_bytes(n: int | float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def sync_directory(directory: Path) -> None:
+    """Makes the renames in a directory durable (a crash of the machine, not only of the process)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # Some filesystems cannot sync a directory; the rename is still atomic.
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checksums.
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def write_checksum(path: Path, digest: str) -> None:
+    """`<name>.sha256` beside the checkpoint, in `sha256sum`'s format, written atomically. A failure only warns:
+    the checkpoint is intact, it just loads unchecked."""
+    target = checksum_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{digest}  {path.name}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        print(f"Saved {path}, but could not write its checksum {target.name} ({e}).", file=sys.stderr, flush=True)
+
+
+def expected_digest(path: Path) -> str | None:
+    """The sha256 recorded beside a checkpoint, or None when there is none (a checkpoint of an older mlfab)."""
+    try:
+        text = checksum_path(path).read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        return f"unreadable ({e})"
+    m = re.match(r"([0-9a-f]{64})\b", text.strip())
+    return m.group(1) if m else "unreadable (not a sha256 line)"
+
+
+# The digest of each file hashed (or written) by this process, by (path, inode, size, mtime), so that choosing
+# the checkpoint to resume from and loading it read it for its hash once.
+_digests: dict[tuple[str, int, int, int], str] = {}
+
+
+def _stat_key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def remember_digest(path: Path, digest: str) -> None:
+    if len(_digests) > 10_000:
+        _digests.clear()
+    _digests[_stat_key(path)] = digest
+
+
+def file_sha256(path: Path) -> str:
+    key = _stat_key(path)
+    if key not in _digests:
+        sha = hashlib.sha256()
+        buffer = memoryview(bytearray(8 << 20))
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                sha.update(buffer[:n])
+        remember_digest(path, sha.hexdigest())
+    return _digests[key]
+
+
+def checksum_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint by its checksum file, or None when it matches or there is none."""
+    expected = expected_digest(path)
+    if expected is None:
+        return None
+    if expected.startswith("unreadable"):
+        return f"its checksum file {checksum_path(path).name} is {expected}"
+    actual = file_sha256(path)
+    if actual == expected:
+        return None
+    return (
+        f"its sha256 is {actual[:16]}..., not the {expected[:16]}... recorded in {checksum_path(path).name} when "
+        "it was written: its bytes changed since"
+    )
+
+
+def damage(path: Path) -> str | None:
+    """Why a checkpoint file is damaged (checksum mismatch; without a checksum, not a complete zip file, as a
+    truncated one is not), or None when it looks intact. Reads the file once for its hash."""
+    problem = checksum_problem(path)
+    if problem is not None or expected_digest(path) is not None:
+        return problem
+    try:
+        with zipfile.ZipFile(path) as z:
+            if not any(name.endswith("data.pkl") for name in z.namelist()):
+                return "it is a zip file but not a torch checkpoint"
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        return f"it is not a complete torch checkpoint ({e})"
+    return None
+
+
+def checksum_error(path: Path, problem: str) -> CheckpointError:
+    intact = next((p for p in reversed(checkpoint_files(path.parent)) if p != path and damage(p) is None), None)
+    hint = (
+        f" The checkpoint {intact} is intact: resume from it (--ckpt_path {intact}), or move {path.name} out of the "
+        "way so that a relaunch picks it."
+        if intact
+        else " Use another checkpoint, or start afresh."
+    )
+    return CheckpointError(f"Checkpoint {path} is corrupt or truncated: {problem}.{hint}")
+
+
+def remove_stale_temporary_files(ckpt_dir: Path) -> list[Path]:
+    """Removes the temporary files (`.<name>.*.tmp`) that processes killed while saving left in a checkpoint
+    directory; says how many and how big. Only the process that writes the run's checkpoints calls it.
+
+    One run owns its directory, but a file is only removed when it was last modified before this process
+    started: a save in progress writes its file continuously, so another process still saving there (two launches
+    into one directory, or a previous job still exiting) keeps its file."""
+    if not ckpt_dir.is_dir():
+        return []
+    removed, size = [], 0
+    for p in ckpt_dir.glob(".*.tmp"):
+        try:
+            st = p.stat()
+            if not p.is_file() or st.st_mtime >= PROCESS_START:
+                continue
+            p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+        size += st.st_size
+    for p in ckpt_dir.glob(f"*.ckpt{CHECKSUM_SUFFIX}"):  # A checksum whose checkpoint was removed by hand.
+        if not p.with_name(p.name.removesuffix(CHECKSUM_SUFFIX)).exists():
+            p.unlink(missing_ok=True)
+    if removed:
+        print(
+            f"Removed {len(removed)} temporary file(s) ({human_bytes(size)}) that interrupted checkpoint saves left "
+            f"in {ckpt_dir}.",
+            file=sys.stderr,
+            flush=True,
+        )
+    return removed
+
+
+def intact_checkpoint(ckpt_dir: Path, announce: bool = True) -> Path | None:
+    """The newest checkpoint in a directory that is not damaged (`damage`); when newer ones are, says which and
+    why. None when there is no checkpoint; a CheckpointError when every one is damaged."""
+    files = checkpoint_files(ckpt_dir)
+    bad: list[tuple[Path, str]] = []
+    for path in reversed(files):
+        problem = damage(path)
+        if problem is None:
+            if bad and announce:
+                which = ", ".join(f"{p} ({why})" for p, why in bad)
+                print(
+                    f"Checkpoint{'s' if len(bad) > 1 else ''} {which} {'are' if len(bad) > 1 else 'is'} corrupt or "
+                    f"truncated: resuming from {path}, the newest intact checkpoint, instead. (Left in place; "
+                    "the next save of the same name replaces it.)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return path
+        bad.append((path, problem))
+    if bad:
+        listing = "\n".join(f"  - {p}: {why}" for p, why in bad)
+        raise CheckpointError(
+            f"No intact checkpoint in {ckpt_dir} to resume from; each is corrupt or truncated:\n{listing}\nMove "
+            "them out of the way (or set exp_dir to a new directory) to start afresh."
+        )
+    return None
+
+
+def check_ckpt_path(path: Any) -> Path:
+    """An explicitly given checkpoint (`--ckpt_path`) exists, is a file and is not damaged: checked before the run
+    starts (no run directory is created for a checkpoint that cannot be used)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = checkpoint_files(p) or checkpoint_files(p / "checkpoints")
+        listing = f" Checkpoints there: {', '.join(str(f) for f in found[-5:])}." if found else ""
+        raise CheckpointError(f"--ckpt_path {path} is a directory, not a checkpoint file.{listing}")
+    if not p.is_file():
+        found = checkpoint_files(p.parent)
+        listing = f" Checkpoints in {p.parent}: {', '.join(f.name for f in found[-5:])}." if found else ""
+        raise CheckpointError(f"--ckpt_path {path}: no such checkpoint file.{listing}")
+    problem = damage(p)
+    if problem is not None:
+        raise checksum_error(p, problem)
+    return p
 
 
 def checkpoint_files(ckpt_dir: Path) -> list[Path]:
@@ -65,19 +419,30 @@ def checkpoint_files(ckpt_dir: Path) -> list[Path]:
 
 def unreadable(path: Path, error: Exception) -> CheckpointError:
     """The error for a checkpoint torch cannot load, saying what to do about it."""
-    if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
+    # torch tries its legacy (non-zip) format on anything that is not a zip file, and with weights_only its
+    # unpickler then refuses the first bytes: garbage, not an object of the user's.
+    complete = _is_zip(path)
+    if complete and isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
         return CheckpointError(
             f"Checkpoint {path} holds an object that torch's safe loading (weights_only=True) refuses. The usual "
             "cause is a batch of a type of your own (e.g. a namedtuple from a dataset's collate), saved as the "
             "batch in flight: return tuples, dicts or tensors from collate. torch said: " + str(error)[:2000]
         )
-    others = [p for p in checkpoint_files(path.parent) if p != path]
+    intact = next((p for p in reversed(checkpoint_files(path.parent)) if p != path and damage(p) is None), None)
     hint = (
-        (f" The previous checkpoint {others[-1]} looks intact: move {path.name} out of the way to resume from it.")
-        if others
+        (f" The previous checkpoint {intact} looks intact: move {path.name} out of the way to resume from it.")
+        if intact
         else " Delete it (or point exp_dir elsewhere) to start afresh."
     )
-    return CheckpointError(f"Checkpoint {path} is corrupt or truncated and cannot be loaded ({error}).{hint}")
+    what = str(error) if complete else "not a complete torch zip file"
+    return CheckpointError(f"Checkpoint {path} is corrupt or truncated and cannot be loaded ({what}).{hint}")
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def task_id(task_cls: type) -> str:

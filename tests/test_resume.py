@@ -4,6 +4,7 @@ import collections
 import json
 import os
 import pwd
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import mlfab
+from mlfab.checkpoints import file_sha256, write_checksum
 from mlfab.testing import BoringConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,15 +131,21 @@ def test_state_counters_and_elapsed_time_continue(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_corrupt_checkpoint_names_the_file_and_the_good_one(tmp_path: Path) -> None:
+def test_corrupt_checkpoint_names_the_file_and_the_good_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     launch_boring(tmp_path)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
-    others = sorted(p.name for p in last.parent.iterdir())
-    with pytest.raises(mlfab.MlfabError, match=r"last.ckpt is corrupt or truncated .* previous checkpoint .*step_"):
-        launch_boring(tmp_path, max_steps=8)
-    assert sorted(p.name for p in last.parent.iterdir()) == others  # Nothing deleted or overwritten.
+    given = [f"--ckpt_path={last}", f"--model.config.exp_dir={tmp_path / 'other'}"]
+    with pytest.raises(
+        mlfab.MlfabError, match=r"last.ckpt is corrupt or truncated: .* checkpoint .*step_\d+.ckpt is intact"
+    ):
+        mlfab.testing.BoringTask.launch(argv=["fit", *given])  # Given: refused.
+    assert not (tmp_path / "other").exists()
+    launch_boring(tmp_path, max_steps=8)  # Chosen by the relaunch: the newest intact one is used instead, saying so.
+    assert re.search(
+        r"last.ckpt \(.*\) is corrupt or truncated: resuming from .*step_00000006.ckpt", capsys.readouterr().err
+    )
 
 
 Pair = collections.namedtuple("Pair", "x y")
@@ -150,6 +158,7 @@ def test_checkpoint_torch_will_not_load_safely_is_explained(tmp_path: Path) -> N
     checkpoint = torch.load(last, weights_only=True)
     checkpoint["extra"] = Pair(1, 2)  # As a namedtuple batch in flight would be stored.
     torch.save(checkpoint, last)
+    write_checksum(last, file_sha256(last))  # As when mlfab itself saved such a batch.
     with pytest.raises(mlfab.MlfabError, match=r"last.ckpt holds an object that torch's safe loading .* namedtuple"):
         launch_boring(tmp_path, max_steps=8)
 
@@ -211,7 +220,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
         launch_boring(tmp_path)
     monkeypatch.setattr(checkpoints.torch, "save", real_save)
     files = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert files == ["step_00000002.ckpt"]  # No temporary file left behind.
+    assert files == ["step_00000002.ckpt", "step_00000002.ckpt.sha256"]  # No temporary file left behind.
     assert torch.load(tmp_path / "run" / "checkpoints" / files[0], weights_only=True)["global_step"] == 2
 
 

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mlfab.checkpoints import check_ckpt_path
 from mlfab.cli.args import SUBCOMMANDS, config_file_args, short_form_args, short_form_usage
 from mlfab.config import (
     MAX_SEED,
@@ -141,6 +142,9 @@ class MlfabCLI(LightningCLI):
         if any(a in ("-h", "--help") for a in args):
             self._show_current_values([a for a in args if a not in ("-h", "--help")])
         self.config = parser.parse_args(args)
+        sub = self.config.get("subcommand")
+        if sub and self.config[sub].get("ckpt_path") is not None:  # Before Lightning reads it, and before any run.
+            check_ckpt_path(self.config[sub]["ckpt_path"])
         seed = self.config[self.config.subcommand].get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:  # Seeded before checks.
             raise ConfigError(

@@ -52,6 +52,9 @@ class PeriodicCheckpoint(StepFreeCallback, CachedStateKey, ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._carried_s = float(state_dict.get("seconds_since_time_check", 0.0))
+        # Which files to keep is decided over the directory by AtomicCheckpointIO (keep_last); Lightning's own list
+        # from the last session would crash it when keep_last_n_checkpoints is lowered (KeyError: '').
+        self.best_k_models, self.kth_best_model_path = {}, ""
 
 
 class ValidationCadence(StepFreeCallback):
@@ -101,11 +104,17 @@ class ValidationCadence(StepFreeCallback):
         wrap_validation_decision(trainer, should_check_val)
 
     def _due(self, data_fetcher: Any) -> bool:
-        """Whether the step that just ended validates (asked after its last batch)."""
+        """Whether the step that just ended was to validate (asked after its last batch), whether or not training is
+        stopping: Lightning's own decision is asked as if it were not (it says yes to any stop request)."""
         trainer = self._trainer
         if trainer is None or self._validated_step == trainer.global_step:
             return False
-        if self._lightning_decision(data_fetcher):
+        stopping, trainer.should_stop = trainer.should_stop, False
+        try:
+            lightning_says = self._lightning_decision(data_fetcher)
+        finally:
+            trainer.should_stop = stopping
+        if lightning_says:
             return True
         if not step_ends(trainer) or trainer.limit_val_batches == 0:
             return False
@@ -124,7 +133,7 @@ class ValidationCadence(StepFreeCallback):
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
         training = trainer is not None and trainer.training and not trainer.validating
-        owed = trainer is not None and training and self._due(lightning_data_fetcher(trainer))  # Even when stopping.
+        owed = trainer is not None and training and self._due(lightning_data_fetcher(trainer))
         return {"last_valid_s": self._last_valid_s, "validated": self._validated, "validation_owed": owed}
 
     @override

@@ -5,7 +5,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from mlfab.checkpoints import checkpoint_files
+from mlfab.checkpoints import intact_checkpoint, remove_stale_temporary_files
 from mlfab.config import Config
 from mlfab.errors import ConfigError
 from mlfab.run.distributed import EXP_DIR_ENV, env_rank_zero
@@ -64,7 +64,14 @@ def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
     return new_exp_dir(task_cls, config), True
 
 
-def newest_checkpoint(exp_dir: Path) -> Path | None:
-    """The checkpoint a relaunch into `exp_dir` resumes from: the most recently written one."""
-    files = checkpoint_files(exp_dir / "checkpoints")
-    return files[-1] if files else None
+def newest_checkpoint(exp_dir: Path, writer: bool | None = None) -> Path | None:
+    """The checkpoint a relaunch into `exp_dir` resumes from: the most recently written one that is intact (its
+    checksum matches); a damaged newer one is named and skipped. Called before every fit: the process that writes
+    the run's files (`writer`; by default the one the launch environment makes rank zero, not one Lightning
+    started) first removes the temporary files of saves that were killed."""
+    ckpt_dir = exp_dir / "checkpoints"
+    if writer is None:
+        writer = EXP_DIR_ENV not in os.environ and env_rank_zero()
+    if writer:
+        remove_stale_temporary_files(ckpt_dir)
+    return intact_checkpoint(ckpt_dir, announce=writer)

@@ -28,6 +28,16 @@ def resolve_precision(precision: str) -> str:
     return "32-true"
 
 
+PERIODIC_PREFIXES = {"save_every_n_steps": "step_", "save_every_n_seconds": "time_step_"}
+
+
+def kept_checkpoints(config: Config) -> dict[str, int]:
+    """{file name prefix: N}: the newest N periodic checkpoints of each cadence are kept, counted over the files in
+    the directory (AtomicCheckpointIO), so that a relaunch honours keep_last_n_checkpoints too."""
+    n = config.keep_last_n_checkpoints
+    return {prefix: n for key, prefix in PERIODIC_PREFIXES.items() if getattr(config, key) and n > 0}
+
+
 def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints."""
     ckpt_dir = exp_dir / "checkpoints"
@@ -37,6 +47,10 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
         "save_top_k": config.keep_last_n_checkpoints,
         "dirpath": ckpt_dir,
         "auto_insert_metric_name": False,
+        # A name that exists is a checkpoint of the same step from before a resume (from an older checkpoint, or
+        # one written past the one resumed from): overwrite it rather than add `-v1`. (The `-v1` every resume
+        # wrote came from saves mid-accumulation, which PeriodicCheckpoint no longer makes.)
+        "enable_version_counter": False,
     }
     callbacks: list[Any] = [
         ValidationCadence(config.valid_every_n_seconds, config.valid_first_n_seconds),
@@ -44,12 +58,16 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     ]
     if config.save_every_n_steps:
         callbacks.append(
-            PeriodicCheckpoint(filename="step_{step:08.0f}", every_n_train_steps=config.save_every_n_steps, **periodic)
+            PeriodicCheckpoint(
+                filename=PERIODIC_PREFIXES["save_every_n_steps"] + "{step:08.0f}",
+                every_n_train_steps=config.save_every_n_steps,
+                **periodic,
+            )
         )
     if config.save_every_n_seconds:
         callbacks.append(
             PeriodicCheckpoint(
-                filename="time_step_{step:08.0f}",
+                filename=PERIODIC_PREFIXES["save_every_n_seconds"] + "{step:08.0f}",
                 train_time_interval=timedelta(seconds=config.save_every_n_seconds),
                 **periodic,
             )
@@ -92,7 +110,7 @@ def trainer_settings(
     env = cluster_environment()
     return {
         **trainer_kwargs(config),
-        "plugins": [AtomicCheckpointIO(), *([env] if env is not None else []), *extra_plugins],
+        "plugins": [AtomicCheckpointIO(kept_checkpoints(config)), *([env] if env is not None else []), *extra_plugins],
         "logger": loggers,
         "callbacks": callbacks,
         "profiler": no_profiler(),
