@@ -28,7 +28,8 @@ def benchmarks() -> Iterator[dict[str, ModuleType]]:
     levels = {name: logging.getLogger(name).level for name in names}
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        yield {name: importlib.import_module(name) for name in ("parity", "logging_overhead", "resume_cost")}
+        names = ("parity", "logging_overhead", "resume_cost", "checkpoint_checksum")
+        yield {name: importlib.import_module(name) for name in names}
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
         for name in ("parity", "logging_overhead", "resume_cost"):
@@ -132,3 +133,18 @@ def test_the_resume_cost_script_reports_a_row_per_step_and_their_ratio(
         assert train > 0 and rows[steps] > 0
     ratio = number(r"^ratio \(step 20 / step 10\): ([\d.]+) \(1\.0 = no cost for steps trained\)$", out)
     assert ratio == pytest.approx(rows[20] / rows[10], rel=0.01, abs=0.01)
+
+
+def test_checkpoint_checksum_benchmark_saves_both_ways_and_reports_the_ratio(
+    benchmarks: dict[str, ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    base, ours = benchmarks["checkpoint_checksum"].main(tmp_path, repeats=1, tensors=1)
+    assert 0 < base and 0 < ours
+    out = capsys.readouterr().out
+    assert f"ratio {ours / base:.2f}x" in out
+    # The measured save is mlfab's: its checksum file names the bytes that were written.
+    digest = hashlib.sha256((tmp_path / "mlfab.ckpt").read_bytes()).hexdigest()
+    assert (tmp_path / "mlfab.ckpt.sha256").read_text().split()[0] == digest
+    assert not (tmp_path / "unhashed.ckpt.sha256").exists()
