@@ -6,7 +6,7 @@ Imports nothing from mlfab, so every other module may import it.
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from contextlib import nullcontext
 from typing import Any
 
@@ -35,14 +35,18 @@ def step_ends(trainer: pl.Trainer) -> bool:
 ValidationDecision = Callable[[Any], bool]
 
 
-def wrap_validation_decision(trainer: pl.Trainer, decide: Callable[[ValidationDecision, Any], bool]) -> None:
+def wrap_validation_decision(
+    trainer: pl.Trainer, decide: Callable[[ValidationDecision, Any], bool]
+) -> ValidationDecision:
     """Makes `decide(lightning_decision, data_fetcher)` the training loop's "validate after this batch?".
 
     Private: `_TrainingEpochLoop._should_check_val_fx(data_fetcher)`, which Lightning calls after every training
     batch; it is replaced on the loop instance (not the class), so only this trainer is affected. `decide` gets
-    Lightning's own decision, to call (or not) itself."""
+    Lightning's own decision, to call (or not) itself; it is also returned."""
     loop = trainer.fit_loop.epoch_loop
-    loop._should_check_val_fx = functools.partial(decide, loop._should_check_val_fx)  # type: ignore[method-assign]
+    lightning_decision = loop._should_check_val_fx
+    loop._should_check_val_fx = functools.partial(decide, lightning_decision)  # type: ignore[method-assign]
+    return lightning_decision
 
 
 def lightning_data_fetcher(trainer: pl.Trainer) -> Any:
@@ -60,6 +64,41 @@ def validate_before_next_batch(trainer: pl.Trainer) -> None:
     val_loop = trainer.fit_loop.epoch_loop.val_loop
     val_loop._restart_stage = EvaluationRestartStage.RESTARTED_MID_EVALUATION
     val_loop.batch_progress.reset_on_run()  # None of its batches ran: it starts from the first.
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Lightning's metrics (`trainer.callback_metrics`, `logged_metrics`, what `validate` / `test` return).
+
+
+def withhold_from_loggers(trainer: pl.Trainer, names: Container[str]) -> None:
+    """Makes Lightning pass no metric named in `names` to the trainer's loggers, while it keeps them in
+    `trainer.callback_metrics`, `logged_metrics` and the results of `validate` / `test`: mlfab writes its values to
+    every logger itself (with their phase and step) and `self.log`s them only so that they reach those. `names` is
+    read at each call, so it may grow afterwards.
+
+    Private: `_LoggerConnector.log_metrics(metrics, step)`, through which Lightning hands every `self.log` value to
+    `logger.log_metrics` (after an evaluation, and at training steps); it is replaced on this trainer's connector
+    instance (not the class), wrapping the class's own, so installing it again replaces it."""
+    connector = trainer._logger_connector
+    original = type(connector).log_metrics.__get__(connector)
+
+    def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+        original({k: v for k, v in metrics.items() if k not in names}, step)
+
+    connector.log_metrics = log_metrics  # type: ignore[method-assign]
+
+
+def publish_metrics(trainer: pl.Trainer, metrics: dict[str, Tensor]) -> None:
+    """Puts values into `trainer.callback_metrics` and `trainer.logged_metrics` without `self.log`, for training
+    values mlfab resolves only at the steps it writes: `self.log` costs about 0.5 ms per call, and an on-step
+    `self.log` value stays in Lightning's result collection, which is then read at every later step of the epoch.
+    They stay until Lightning resets its metrics (at the start of each `fit`, `validate`, ...) or mlfab publishes
+    newer ones.
+
+    Leans on: both properties returning the logger connector's own dicts, which Lightning updates in place and
+    callbacks read (EarlyStopping, ModelCheckpoint)."""
+    trainer.callback_metrics.update(metrics)
+    trainer.logged_metrics.update(metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

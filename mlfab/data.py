@@ -9,6 +9,8 @@ import collections
 import logging
 import os
 import random
+import signal
+import threading
 import time
 import traceback
 import urllib.error
@@ -60,44 +62,114 @@ def worker_shard() -> tuple[int, int]:
     return rank * num_workers + worker_id, world * num_workers
 
 
+# The signals a terminal (Ctrl-C), Slurm and Kubernetes send to a whole process group, dataloader workers included.
+GROUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def worker_init(worker_id: int) -> None:
+    """The `worker_init_fn` of every mlfab dataloader: the worker leaves the group signals to the main process.
+
+    The main process stops at the end of the current step, saves a checkpoint and then stops its workers itself;
+    a worker that died of the signal first would make it fail instead ("DataLoader worker ... is killed by signal")
+    before it saved. So a worker ignores SIGINT and SIGUSR1, and ignores SIGTERM except from its parent: the main
+    process ends a worker that does not exit when asked with SIGTERM (torch's shutdown, and multiprocessing's at
+    exit), which must still work, or a run whose worker hangs in the dataset would hang at exit. SIGKILL still kills
+    a worker, and the main process reports it as before. (Programs a worker starts inherit the ignored signals.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # Only the main thread may set signal handlers (a worker runs in its own process's main thread).
+    for signum in GROUP_SIGNALS:
+        if signum != signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
+    # SIGTERM is blocked (in this thread and those started after it) and taken by a thread that can see who sent it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_from_parent_only, name="mlfab-sigterm", daemon=True).start()
+
+
+def _sigterm_from_parent_only() -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == os.getppid():  # What torch's own worker handler does for its parent's SIGTERM.
+            os._exit(0)
+
+
+def _where(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    return f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "unknown"
+
+
+def _worker_prefix() -> str:
+    info = get_worker_info()
+    return f"[dataloader worker {info.id}] " if info is not None else ""
+
+
+class RepeatedWarning:
+    """A warning that may repeat thousands of times a second (a sample that fails to load, a batch that fails to
+    collate): the first `first_n` are logged in full, then at most one line every `every_s` seconds, saying how many
+    there were since the last line and in all (in this process: each dataloader worker counts its own)."""
+
+    def __init__(self, what: str, first_n: int = 3, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.what = what
+        self.first_n = first_n
+        self.every_s = every_s
+        self.clock = clock
+        self.total = 0
+        self._since = 0
+        self._last = clock()
+
+    def __call__(self, message: str, summary: Callable[[], str] | None = None) -> None:
+        """`message` describes this occurrence; `summary` (called only when a count is logged) all of them."""
+        self.total += 1
+        now = self.clock()
+        if self.total <= self.first_n:
+            later = (
+                f" (from now on one line every {self.every_s:.0f} s counts them)" if self.total == self.first_n else ""
+            )
+            log.warning("%s%s%s", _worker_prefix(), message, later)
+            self._last = now
+            return
+        self._since += 1
+        if now - self._last >= self.every_s:
+            log.warning(
+                "%s%d more %s in the last %.0f s (%d in all); %s",
+                _worker_prefix(),
+                self._since,
+                self.what,
+                now - self._last,
+                self.total,
+                summary() if summary is not None else f"the last: {message}",
+            )
+            self._last, self._since = now, 0
+
+
 class BadSamples:
     """Counts samples whose loading raised, by exception type and place; stops past `max_in_a_row`."""
 
     def __init__(self, name: str, max_in_a_row: int | None, summary_every_s: float = 60.0) -> None:
         self.name = name
         self.max_in_a_row = max_in_a_row
-        self.summary_every_s = summary_every_s
         self.total = 0
         self.in_a_row = 0
         self.counts: collections.Counter[str] = collections.Counter()
-        self._last_summary = time.monotonic()
-        self._since_summary = 0
+        self.warning = RepeatedWarning(f"samples from {name} failed to load", every_s=summary_every_s)
 
     def ok(self) -> None:
         self.in_a_row = 0
 
     def failed(self, exc: Exception) -> None:
-        tb = traceback.extract_tb(exc.__traceback__)
-        where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "unknown"
+        where = _where(exc)
         self.counts[f"{type(exc).__name__} at {where}"] += 1
         self.total += 1
         self.in_a_row += 1
-        self._since_summary += 1
         if self.max_in_a_row is not None and self.in_a_row > self.max_in_a_row:
             raise DatasetError(
                 f"{self.in_a_row} samples in a row from {self.name} failed to load (max_bad_samples_in_a_row="
                 f"{self.max_in_a_row}); most frequent:\n{self.summary()}\nLast error: {type(exc).__name__}: {exc}"
             ) from exc
-        if time.monotonic() - self._last_summary >= self.summary_every_s:
-            log.warning(
-                "%d bad samples from %s in the last %.0f s (%d in all):\n%s",
-                self._since_summary,
-                self.name,
-                self.summary_every_s,
-                self.total,
-                self.summary(),
-            )
-            self._last_summary, self._since_summary = time.monotonic(), 0
+        self.warning(
+            f"Skipping a sample from {self.name} that failed to load: {type(exc).__name__}: {exc} (at {where})",
+            lambda: "most frequent: " + "; ".join(f"{n} x {what}" for what, n in self.counts.most_common(3)),
+        )
 
     def summary(self, top: int = 5) -> str:
         return "\n".join(f"  {n:6d} x {what}" for what, n in self.counts.most_common(top))
@@ -196,19 +268,37 @@ class Collate:
     """Uses the dataset's own `collate` when it has one, then turns numpy arrays into tensors.
 
     A batch that fails to collate becomes None, which the training loader skips and counts and the validation
-    and test steps skip."""
+    and test steps skip. More than `max_bad_in_a_row` such batches in a row (in one process: each dataloader
+    worker counts its own) stop the run with a DatasetError; the key is `max_bad_samples_in_a_row`, which counts
+    batches here. The warnings are rate-limited (RepeatedWarning)."""
 
-    def __init__(self, collate: Callable[[list[Any]], Any] | None) -> None:
+    def __init__(
+        self, collate: Callable[[list[Any]], Any] | None, max_bad_in_a_row: int | None = 100, name: str = "the dataset"
+    ) -> None:
         self.collate = collate
+        self.max_bad_in_a_row = max_bad_in_a_row
+        self.name = name
+        self.in_a_row = 0
+        self.warning = RepeatedWarning("batches failed to collate")
 
     def __call__(self, items: list[Any]) -> Any:
         try:
-            if self.collate is None:
-                return default_collate(items)
-            return to_torch(self.collate(items))
+            batch = default_collate(items) if self.collate is None else to_torch(self.collate(items))
         except Exception as e:
-            log.warning("Skipping a batch that failed to collate: %s: %s", type(e).__name__, e)
+            self.failed(e)
             return None
+        self.in_a_row = 0
+        return batch
+
+    def failed(self, exc: Exception) -> None:
+        self.in_a_row += 1
+        error = f"{type(exc).__name__}: {exc} (at {_where(exc)})"
+        if self.max_bad_in_a_row is not None and self.in_a_row > self.max_bad_in_a_row:
+            raise DatasetError(
+                f"{self.in_a_row} batches in a row from {self.name} failed to collate (max_bad_samples_in_a_row="
+                f"{self.max_bad_in_a_row}, which also counts batches that fail to collate). Last error: {error}"
+            ) from exc
+        self.warning(f"Skipping a batch from {self.name} that failed to collate: {error}", lambda: f"the last: {error}")
 
 
 def check_dataset(dataset: Any, phase: str, task_name: str) -> Any:
@@ -243,7 +333,7 @@ def build_dataloader(
     os.environ[_RANK_ENV], os.environ[_WORLD_ENV] = str(rank), str(world_size)
     streaming = isinstance(dataset, DpshdlDataset | IterableDataset)
     own_collate = getattr(dataset, "collate", None)
-    collate = Collate(own_collate if callable(own_collate) else None)
+    collate = Collate(own_collate if callable(own_collate) else None, max_bad_in_a_row, type(dataset).__name__)
     is_train = phase == "train"
     kwargs: dict[str, Any] = {
         "batch_size": batch_size,
@@ -251,6 +341,7 @@ def build_dataloader(
         "collate_fn": collate,
         "pin_memory": pin_memory,
         "persistent_workers": num_workers > 0,
+        "worker_init_fn": worker_init if num_workers > 0 else None,
         # Its own stream per phase; for streams, also per rank (workers' seeds derive from it). Map-style data
         # shuffles the same way on every rank: Lightning's distributed sampler splits that one order by rank.
         "generator": torch.Generator().manual_seed(seed + (0 if is_train else 1) + (2 * rank if streaming else 0)),
@@ -264,6 +355,12 @@ def build_dataloader(
         return loader_cls(dataset, **kwargs)
     # Map-style: shuffle for training, full equal-size batches so accumulation matches one big batch;
     # validation sees the same leading batches every time, so its curve is comparable over time.
+    if is_train and len(dataset) // world_size < batch_size:
+        per_process = f" ({len(dataset) // world_size} per process)" if world_size > 1 else ""
+        raise DatasetError(
+            f"get_dataset('train') has {len(dataset)} samples{per_process}, fewer than one batch (batch_size="
+            f"{batch_size}), so training would do nothing. Lower batch_size or add data."
+        )
     loader = loader_cls(dataset, shuffle=is_train, drop_last=is_train, **kwargs)
     if is_train:  # The order from a generator of its own: the loader's also seeds each new iterator, and a resumed
         loader.sampler.generator = torch.Generator().manual_seed(seed + 3)  # run draws those in another order.

@@ -6,6 +6,9 @@ batch that was not trained on; restoring the loader alone would skip it. This lo
 it produced that were not consumed yet and stores them in its state, and a restored loader yields them
 first. Nothing is replayed from the start, so resuming costs the same at step 10 and at step 100000.
 
+Under DDP each rank reads its own share of the data, so the state is every rank's (gathered when a checkpoint is
+written, which every rank does), and a resumed rank takes its own.
+
 A batch whose collation failed (None) is skipped here and counted.
 """
 
@@ -14,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
@@ -21,6 +25,10 @@ from mlfab.errors import DatasetError
 
 # torchdata calls a deprecated torch function on every iterator start; the warning is not the user's concern.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class Consumed:
@@ -77,10 +85,19 @@ class MlfabLoader(StatefulDataLoader):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": super().state_dict(), "in_flight": self.in_flight(), "skipped": self.skipped_batches}
+        own = {"loader": super().state_dict(), "in_flight": self.in_flight(), "skipped": self.skipped_batches}
+        if not _distributed():
+            return own
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, own)  # Lightning saves rank zero's checkpoint dict: it holds every rank's.
+        return {"ranks": everyone}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "ranks" in state_dict:  # Written by several processes (a resume needs as many: Task refuses other counts).
+            ranks = state_dict["ranks"]
+            rank = dist.get_rank() if _distributed() else 0
+            state_dict = ranks[rank if rank < len(ranks) else 0]
         super().load_state_dict(state_dict["loader"])
         self._replay = list(state_dict.get("in_flight", []))
         self.skipped_batches = int(state_dict.get("skipped", 0))

@@ -78,7 +78,7 @@ class ValidationCadence(StepFreeCallback):
         self._owed = False  # The checkpoint we resumed from was written before a validation that is still due.
         self._trainer: pl.Trainer | None = None  # Set when training starts, with the clock and Lightning's decision.
         self._clock: Callable[[], float] = time.monotonic
-        self._lightning_decision: Callable[[Any], bool] = lambda data_fetcher: False
+        self._lightning_decision: Callable[[Any], bool] | None = None  # Lightning's own, once training starts.
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -94,20 +94,19 @@ class ValidationCadence(StepFreeCallback):
             validate_before_next_batch(trainer)
 
         def should_check_val(lightning_decision: Callable[[Any], bool], data_fetcher: Any) -> bool:
-            self._lightning_decision = lightning_decision
             if self._owed:
                 return True
             if trainer.should_stop:  # Stopping (a signal, or max_steps): no extra validation on the way out.
                 return False
             return self._due(data_fetcher)
 
-        wrap_validation_decision(trainer, should_check_val)
+        self._lightning_decision = wrap_validation_decision(trainer, should_check_val)
 
     def _due(self, data_fetcher: Any) -> bool:
         """Whether the step that just ended was to validate (asked after its last batch), whether or not training is
         stopping: Lightning's own decision is asked as if it were not (it says yes to any stop request)."""
         trainer = self._trainer
-        if trainer is None or self._validated_step == trainer.global_step:
+        if trainer is None or self._lightning_decision is None or self._validated_step == trainer.global_step:
             return False
         stopping, trainer.should_stop = trainer.should_stop, False
         try:
@@ -163,6 +162,10 @@ class GracefulStop(StepFreeCallback):
       with 128 + the signal number. A second SIGINT aborts at once.
     - SIGUSR1 writes a checkpoint; inside a Slurm job it then requeues the job and stops (the requeued job
       resumes from that checkpoint), otherwise training goes on.
+
+    A terminal, Slurm and Kubernetes signal the whole process group: mlfab's dataloader workers leave these
+    signals to this process (`mlfab.data.worker_init`), which stops them itself after the checkpoint. In DDP
+    every rank acts at the same step.
     """
 
     def __init__(self) -> None:
