@@ -20,7 +20,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from mlfab._lightning import FastFxName, precompute_step_signatures, step_ends
+from mlfab._lightning import (
+    FastFxName,
+    precompute_step_signatures,
+    publish_metrics,
+    step_ends,
+    withhold_from_loggers,
+)
 from mlfab.checkpoints import check_compatible, gather_rng_states, restore_rng_states, task_id
 from mlfab.cli.parser import launch
 from mlfab.config import Config, ConfigT, build_config, check_config, to_dict
@@ -80,6 +86,8 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         self._consumed = Consumed()  # Batches trained, so the loader knows which ones are still in flight.
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._last_losses: dict[str, Tensor] = {}
+        self._metric_names: set[str] = set()  # What this task `self.log`s for Lightning (not for its loggers).
+        self._weights_from_checkpoint = False  # Evaluation weights loaded for validate/test: no mode switch.
         self._pending_rng: list[dict[str, Any]] | None = None
         self._resume_changes: dict[str, tuple[Any, Any]] = {}  # Config changes since the checkpoint we resume from.
         self._start_time_s = time.time()
@@ -114,6 +122,12 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
 
     def log_valid_step(self, batch: Any, output: Any, state: State) -> None:
         """Override to log values on validation steps."""
+
+    def get_batch_size(self, batch: Any) -> int:
+        """The number of samples in `batch`, which weighs the scalars logged for it in the mean over a validation
+        run (and over a step's accumulated batches): by default the leading dimension of the first tensor or array
+        in it (depth first), or 1. Override it where that is not the number of samples."""
+        return leading_dim(batch)
 
     def set_loggers(self) -> None:
         """Attaches loggers with `add_logger`; by default stdout and TensorBoard under `exp_dir`."""
@@ -309,7 +323,38 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
             step=step,
             elapsed_time_s=self.elapsed_time_s,
             num_samples=self._num_samples,
+            publish=self._publish,
         )
+
+    def _publish(self, phase: Phase, means: dict[str, float], weights: dict[str, Any]) -> dict[str, float]:
+        """Puts a flush's scalars into Lightning's metrics as `<phase>/<namespace>/<key>`; returns what to write.
+
+        Validation and test: `self.log` once per key at the evaluation's end, with the run's sample-weighted mean
+        and its sample count, synchronised over ranks by Lightning (so the value is the weighted mean over every
+        rank's samples, as Lightning's own `self.log(..., batch_size=n, sync_dist=True)` gives it); they reach
+        callbacks from `on_validation_end` on and `validate` / `test` return them. Training: the scalars of the
+        steps mlfab resolves anyway (a logger writes them), written into the metrics directly (see
+        `publish_metrics`), so a lazy value is never computed for Lightning's sake."""
+        trainer = self.trainer
+        if trainer.barebones or not means:  # Lightning keeps no metrics with `barebones=True`.
+            return means
+        if phase == "train":
+            publish_metrics(trainer, {f"train/{tag}": torch.tensor(v, dtype=torch.float64) for tag, v in means.items()})
+            return means
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64.
+        for tag, value in means.items():
+            name = f"{phase}/{tag}"
+            self._metric_names.add(name)
+            self.log(
+                name,
+                torch.tensor(value, dtype=dtype, device=self.device),
+                on_step=False,
+                on_epoch=True,
+                batch_size=weights[tag],
+                sync_dist=True,
+            )
+        computed = trainer.callback_metrics  # Computed (and synchronised) once here, as Lightning would later.
+        return {tag: float(computed[f"{phase}/{tag}"]) for tag in means}
 
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks.
@@ -338,6 +383,9 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
 
     @override
     def setup(self, stage: str) -> None:
+        withhold_from_loggers(self.trainer, self._metric_names)  # mlfab writes its own values to the loggers.
+        if stage == "fit":
+            self._weights_from_checkpoint = False
         if self.trainer.world_size > 1:
             # Ranks started by torchrun, Slurm or by hand each made their own guess: rank zero's wins.
             self._exp_dir = broadcast_exp_dir(self.trainer, self._exp_dir)
@@ -369,6 +417,8 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self._consumed.count += 1  # Counted now: checkpoint callbacks run before this task's batch-end hook.
+        if self.trainer.accumulate_grad_batches > 1:  # Only then can a step's values come from batches of two sizes.
+            self._log_buffers["train"].weight = max(1, self.get_batch_size(batch))
         loss = self._loss_total(self.get_loss(batch, self.state("train")), "train")
         self._num_samples += self.config.batch_size * self.trainer.world_size
         return loss
@@ -377,6 +427,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
             return None
+        self._log_buffers["valid"].weight = max(1, self.get_batch_size(batch))
         loss = self._loss_total(self.get_loss(batch, self.state("valid")), "valid")
         self._num_valid_steps += 0 if self.trainer.sanity_checking else 1
         return loss
@@ -385,6 +436,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
     def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if batch is None:  # As in validation_step.
             return None
+        self._log_buffers["test"].weight = max(1, self.get_batch_size(batch))
         return self._loss_total(self.get_loss(batch, self.state("test")), "test")
 
     @override
@@ -455,15 +507,32 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
             restore_rng_states(self.trainer, self._pending_rng)
             self._pending_rng = None
 
+    def _evaluation_weights(self, evaluate: bool) -> None:
+        """Schedule-free optimizers: evaluate with their evaluation weights, then go back to the training weights.
+        Not after `validate` / `test` loaded a checkpoint, which holds evaluation weights already (saved in eval
+        mode) and does not restore the optimizer: switching would transform them a second time."""
+        if not self._weights_from_checkpoint:
+            set_optimizer_mode(self.trainer.optimizers, train=not evaluate)
+
     @override
     def on_validation_model_eval(self) -> None:
         super().on_validation_model_eval()
-        set_optimizer_mode(self.trainer.optimizers, train=False)
+        self._evaluation_weights(True)
 
     @override
     def on_validation_model_train(self) -> None:
         super().on_validation_model_train()
-        set_optimizer_mode(self.trainer.optimizers, train=True)
+        self._evaluation_weights(False)
+
+    @override
+    def on_test_model_eval(self) -> None:
+        super().on_test_model_eval()
+        self._evaluation_weights(True)
+
+    @override
+    def on_test_model_train(self) -> None:
+        super().on_test_model_train()
+        self._evaluation_weights(False)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -494,6 +563,8 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
             # Restored when training starts: Lightning builds the dataloaders in between, and `get_dataset` or a
             # dataset may draw from the global generators there, as the uninterrupted run did before step 0.
             self._pending_rng = saved.get("rng")
+        else:  # The file's evaluation weights, for `validate` / `test` (or `load_from_checkpoint`).
+            self._weights_from_checkpoint = True
 
     def _check_resume(self, checkpoint: dict[str, Any]) -> None:
         """Refuses config changes a resumed run cannot apply (mlfab/resume.py); keeps the others for on_train_start."""
@@ -519,6 +590,24 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
     def launch(cls, *configs: Any, launcher: Any = None, argv: list[str] | None = None) -> None:
         """Resolves the config (defaults <- `configs` <- YAML files and key=value on the command line) and trains."""
         launch(cls, *configs, launcher=launcher, argv=argv)
+
+
+def leading_dim(batch: Any) -> int:
+    """The leading dimension of the first tensor or array in a batch (depth first through tuples, lists and dicts);
+    1 if there is none."""
+    found = _first_leading_dim(batch)
+    return 1 if found is None else found
+
+
+def _first_leading_dim(batch: Any) -> int | None:
+    if isinstance(batch, Tensor | np.ndarray):
+        return int(batch.shape[0]) if batch.ndim else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, list | tuple) else ()
+    for item in items:
+        found = _first_leading_dim(item)
+        if found is not None:
+            return found
+    return None
 
 
 precompute_step_signatures(Task)  # Lightning inspects the step hooks' signatures on every batch.

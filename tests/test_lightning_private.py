@@ -29,8 +29,10 @@ from mlfab._lightning import (
     collect_rng_states,
     file_writer,
     foreach_norm,
+    publish_metrics,
     set_rng_states,
     step_ends,
+    withhold_from_loggers,
     wrap_validation_decision,
 )
 from mlfab.checkpoints import numpy_rng_state, plain_rng_state
@@ -282,3 +284,50 @@ def test_the_evaluation_loop_restart_stage_and_the_fit_loop_data_fetcher_exist()
     assert "_restart_stage" in inspect.getsource(_EvaluationLoop.restarted_mid_evaluation.fget)  # type: ignore[union-attr]
     assert "val_loop.restarted_mid_evaluation" in inspect.getsource(_TrainingEpochLoop.advance)
     assert "_data_fetcher" in inspect.getsource(_FitLoop.__init__)
+
+
+def test_withhold_from_loggers_keeps_the_metrics_but_no_logger_gets_them() -> None:
+    from lightning.pytorch.loggers import Logger
+    from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+
+    assert params(_LoggerConnector.log_metrics) == ["self", "metrics", "step"]
+    received: list[dict[str, float]] = []
+
+    class Recording(Logger):
+        name, version = "recording", 0
+
+        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            received.append(dict(metrics))
+
+    class TwoMetrics(BoringTask):
+        def setup(self, stage: str) -> None:
+            withhold_from_loggers(self.trainer, {"withheld"})
+
+        def on_validation_epoch_end(self) -> None:
+            self.log("withheld", 1.0)
+            self.log("passed", 2.0)
+
+    trainer = endless_trainer(1, logger=Recording(), limit_val_batches=1)
+    (result,) = trainer.validate(TwoMetrics(BoringConfig()), verbose=False)
+    assert result == {"withheld": 1.0, "passed": 2.0}
+    assert {"withheld", "passed"} <= set(trainer.callback_metrics) and "withheld" in trainer.logged_metrics
+    assert [set(m) for m in received] == [{"passed", "epoch"}]
+
+
+def test_publish_metrics_reach_callbacks() -> None:
+    seen: list[float] = []
+
+    class Publishing(FiveBatches):
+        def on_train_batch_end(self, *args: Any) -> None:
+            publish_metrics(self.trainer, {"published": torch.tensor(float(self.global_step))})
+
+    class Reader(Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            seen.append(float(trainer.callback_metrics["published"]))
+
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[Reader()])
+    trainer.fit(Publishing(BoringConfig(max_steps=None)))
+    assert seen == [5.0] and float(trainer.logged_metrics["published"]) == 5.0

@@ -6,6 +6,7 @@ warning per logger type and kind. Single-stream loggers get the phase as a tag p
 """
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.tensorboard import write_summaries
 from mlfab.loggers.wandb import write_wandb
-from mlfab.logs.buffer import Cadence, LogBuffer, due_loggers, mean_across_ranks
-from mlfab.logs.values import KINDS, Kind, Logs
+from mlfab.logs.buffer import Cadence, LogBuffer, due_loggers
+from mlfab.logs.values import KINDS, Logs
 from mlfab.state import Phase
 
 _warned: set[tuple[str, str]] = set()
@@ -73,6 +74,9 @@ def write_run_info(loggers: list[Any], config_yaml: str, provenance: str, exp_di
                 logger.experiment.add_text(f"run/{name}", f"```\n{text}\n```", 0)
 
 
+Publish = Callable[[Phase, dict[str, float], dict[str, Any]], dict[str, float]]
+
+
 def flush_logs(
     trainer: Any,
     buffer: LogBuffer,
@@ -82,30 +86,35 @@ def flush_logs(
     step: int,
     elapsed_time_s: float,
     num_samples: int,
+    publish: Publish | None = None,
 ) -> None:
     """Writes the buffer to the loggers that are due (rank zero only), then clears it.
 
-    In multi-process training, validation scalars are averaged over ranks first: rank zero decides
-    whether anything is written and only then do the ranks compute and reduce their values."""
-    averaged = trainer.world_size > 1 and phase != "train"
-    # Every rank must reach the collectives below, even with an empty buffer, or the others wait forever.
-    if not (trainer.is_global_zero or averaged) or (not buffer and not averaged):
-        buffer.clear()
-        return
-    due = (
-        due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=trainer.log_every_n_steps)
-        if trainer.is_global_zero
-        else []
-    )
-    values: dict[Kind, dict[str, Any]] = {}
-    if averaged and trainer.strategy.broadcast(bool(due), src=0):
-        values = buffer.resolve(step)
-        device = trainer.strategy.root_device
-        values["scalar"] = mean_across_ranks(
-            values.get("scalar", {}), lambda t: trainer.strategy.reduce(t.to(device), reduce_op="mean").cpu()
+    `publish(phase, means, weights)` hands the scalars to Lightning's metrics (`trainer.callback_metrics`) and
+    returns the values to write. Validation and test scalars are resolved at every evaluation, on every rank, and
+    published there, where they are averaged over ranks weighted by their sample counts (a collective: every rank
+    comes here and logs the same keys). Training scalars stay lazy: they are resolved and published only on rank
+    zero, at the steps a logger writes or, with no logger attached, every `log_every_n_steps` steps."""
+    if phase != "train":
+        means, weights = buffer.scalars(step)
+        if publish is not None:
+            means = publish(phase, means, weights)
+        due = (
+            due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=trainer.log_every_n_steps)
+            if trainer.is_global_zero
+            else []
         )
-    elif due:
-        values = buffer.resolve(step)
+        values = buffer.resolve(step, scalars=means) if due else {}
+    else:
+        if not trainer.is_global_zero or not buffer:
+            buffer.clear()
+            return
+        every_n_steps = trainer.log_every_n_steps
+        due = due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=every_n_steps)
+        wanted = publish is not None and not trainer.loggers and step % max(every_n_steps, 1) == 0
+        values = buffer.resolve(step) if due else {"scalar": buffer.scalars(step)[0]} if wanted else {}
+        if publish is not None and (due or wanted):
+            publish(phase, values.get("scalar", {}), {})
     buffer.clear()
     if due:
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None

@@ -1,9 +1,11 @@
 """Lazy log buffer: `log_*` calls store values or zero-argument callables; nothing runs until a logger writes.
 
 What is written when several values arrive between two writes:
-- scalars: the mean of the values logged since the last flush. The training buffer is flushed at every
-  optimizer step, so a written training scalar is the value of the step it is written at (averaged over
-  that step's accumulated micro-batches); a validation scalar is the mean over the validation run's batches.
+- scalars: the mean of the values logged since the last flush, each weighted by the number of samples of the batch
+  it was logged for (`LogBuffer.weight`, set by the task per batch). The training buffer is flushed at every
+  optimizer step, so a written training scalar is the value of the step it is written at (averaged over that step's
+  accumulated micro-batches); a validation scalar is the sample-weighted mean over the validation run, so a partial
+  last batch counts for its size.
 - everything else (strings, images, audio, ...): the last value logged.
 Values of steps that no logger writes are dropped without being computed.
 
@@ -14,7 +16,6 @@ key, then counted every 100th time). A scalar given as a string is refused at th
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,10 +35,11 @@ def _to_float(value: Any) -> float:
 
 
 class LogBuffer:
-    """Per-phase pending values. `add` is the hot path: it only stores a reference."""
+    """Per-phase pending values. `add` is the hot path: it only stores a reference (and, for a scalar, its weight)."""
 
     def __init__(self) -> None:
-        self._pending: dict[Kind, dict[str, list[Any]]] = {}
+        self._pending: dict[Kind, dict[str, list[Any]]] = {}  # Scalars: [(value, weight), ...]; others: [value].
+        self.weight = 1  # The weight of the scalars added now: the number of samples in the current batch.
         self.failures: dict[tuple[Kind, str], int] = {}  # Values skipped because they could not be written.
 
     def add(self, kind: Kind, tag: str, value: Any) -> None:
@@ -48,7 +50,7 @@ class LogBuffer:
                     f"log_scalar({tag.partition('/')[2]!r}) got the string {value!r}: a scalar is a number or a "
                     "one-element tensor (or a callable returning one). Use log_string for text."
                 )
-            by_tag.setdefault(tag, []).append(value)
+            by_tag.setdefault(tag, []).append((value, self.weight))
         else:
             by_tag[tag] = [value]
 
@@ -57,17 +59,39 @@ class LogBuffer:
 
     def clear(self) -> None:
         self._pending = {}
+        self.weight = 1
 
-    def resolve(self, step: int) -> dict[Kind, dict[str, Any]]:
-        """Runs each pending callable exactly once and returns plain values; one that fails is skipped and reported."""
+    def scalars(self, step: int) -> tuple[dict[str, float], dict[str, int | float]]:
+        """Each pending scalar's weighted mean and the sum of its weights; runs each callable once. A scalar that
+        fails is skipped and reported."""
+        means: dict[str, float] = {}
+        weights: dict[str, int | float] = {}
+        for tag, pairs in self._pending.get("scalar", {}).items():
+            try:
+                values = [_to_float(v) for v, _ in pairs]
+            except Exception as e:
+                self._skipped("scalar", tag, step, e)
+                continue
+            total = sum(w for _, w in pairs)
+            if all(w == pairs[0][1] for _, w in pairs):  # Equal weights: the plain mean, bit for bit.
+                means[tag] = sum(values) / len(values)
+            else:
+                means[tag] = sum(v * w for v, (_, w) in zip(values, pairs, strict=True)) / total
+            weights[tag] = total
+        return means, weights
+
+    def resolve(self, step: int, scalars: dict[str, float] | None = None) -> dict[Kind, dict[str, Any]]:
+        """Runs each pending callable exactly once and returns plain values; one that fails is skipped and reported.
+        `scalars`: the scalars, already resolved (by `scalars`, then perhaps averaged over ranks)."""
         out: dict[Kind, dict[str, Any]] = {}
         for kind, by_tag in self._pending.items():
+            if kind == "scalar":
+                out[kind] = self.scalars(step)[0] if scalars is None else scalars
+                continue
             out[kind] = {}
             for tag, vals in by_tag.items():
                 try:
-                    out[kind][tag] = (
-                        sum(_to_float(v) for v in vals) / len(vals) if kind == "scalar" else resolve(vals[-1])
-                    )
+                    out[kind][tag] = resolve(vals[-1])
                 except Exception as e:
                     self._skipped(kind, tag, step, e)
         return out
@@ -107,12 +131,3 @@ class Cadence:
 def due_loggers(cadence: Cadence, loggers: list[Any], *, phase: Phase, step: int, every_n_steps: int) -> list[Any]:
     now = time.monotonic()
     return [lg for lg in loggers if cadence.due(lg, phase, step, every_n_steps, now)]
-
-
-def mean_across_ranks(scalars: dict[str, float], reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-    """Every rank's scalars averaged, in one collective (all ranks log the same keys)."""
-    keys = sorted(scalars)
-    if not keys:
-        return scalars
-    mean = reduce(torch.tensor([scalars[k] for k in keys], dtype=torch.float64))
-    return dict(zip(keys, mean.tolist(), strict=True))

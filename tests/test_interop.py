@@ -1,0 +1,248 @@
+"""Lightning interop (#13): mlfab's scalars are Lightning metrics (`trainer.callback_metrics`, `logged_metrics`, what
+`validate` / `test` return) under `<phase>/<namespace>/<key>`, sample-weighted like Lightning's own epoch-level
+`self.log`, so EarlyStopping and ModelCheckpoint work on them, in a plain Trainer and through `Task.launch`; and
+`validate(ckpt_path=...)` evaluates exactly the weights in the file, also in the Trainer that trained."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import Tensor
+from torch.utils.data import Dataset
+
+import mlfab
+from mlfab.testing import BoringConfig, BoringTask
+
+pytestmark = pytest.mark.integration
+
+BATCH = 8
+NUM_VALID = 21  # 8 + 8 + 5: the last validation batch is partial.
+
+
+class Samples(Dataset):
+    """`n` fixed samples of y = x . w + noise (map-style: validation reads them in order, in every run alike)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.float32]:
+        rng = np.random.default_rng((self.seed, i))
+        x = rng.normal(size=4).astype(np.float32)
+        return x, np.float32(x @ np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32) + 0.1 * rng.normal())
+
+
+class MapTask(BoringTask):
+    def get_dataset(self, phase: mlfab.Phase) -> Samples:
+        return Samples(64, 0) if phase == "train" else Samples(NUM_VALID, 1)
+
+    def set_loggers(self) -> None:
+        self.add_logger(mlfab.JsonLogger(self.exp_dir))
+
+    def log_valid_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
+        x, y = batch
+        self.log_scalar("abs_error", lambda: (output - y).abs().mean())
+
+
+class WithLightningsOwn(MapTask):
+    """Also logs the loss the Lightning way, epoch-level, weighted by each batch's size."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        loss = super().validation_step(batch, batch_idx)
+        self.log("lightning_loss", loss, batch_size=len(batch[0]))
+        return loss
+
+
+class WorseEveryTime(MapTask):
+    """A validation loss that grows at every validation, so EarlyStopping has to stop."""
+
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        loss = super().get_loss(batch, state)
+        return loss if state.phase == "train" else loss.detach() * 0 + state.num_steps
+
+
+def config(**kwargs: Any) -> BoringConfig:
+    return BoringConfig(**{"batch_size": BATCH, "max_steps": 40, "valid_batches": 10, **kwargs})
+
+
+def trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": tmp_path,
+    }
+    return pl.Trainer(**{**settings, **kwargs})
+
+
+def fit_trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
+    settings = {"max_steps": 40, "val_check_interval": 5, "check_val_every_n_epoch": None, "enable_checkpointing": True}
+    return trainer(tmp_path, callbacks=callbacks, **{**settings, **kwargs})
+
+
+def fresh_validation_loss(tmp_path: Path, task_cls: type[MapTask], ckpt: str | Path) -> float:
+    """The validation loss of a checkpoint's weights, from a Trainer and task that never trained."""
+    (result,) = trainer(tmp_path / "fresh").validate(task_cls(config()), ckpt_path=str(ckpt), verbose=False)
+    return float(result["valid/loss/loss"])
+
+
+def json_lines(exp_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (exp_dir / "json" / "log.jsonl").read_text().splitlines()]
+
+
+def test_validate_and_test_return_sample_weighted_means_as_lightning_metrics(tmp_path: Path) -> None:
+    task = WithLightningsOwn(config())
+    trainer_ = trainer(tmp_path, logger=mlfab.JsonLogger(tmp_path / "run"))
+    (valid,) = trainer_.validate(task, verbose=False)
+
+    # By hand, over the whole validation set: the mean over its 21 samples.
+    samples = Samples(NUM_VALID, 1)
+    x = torch.stack([torch.as_tensor(samples[i][0]) for i in range(NUM_VALID)])
+    y = torch.tensor([samples[i][1] for i in range(NUM_VALID)])
+    with torch.no_grad():
+        loss, abs_error = F.mse_loss(task(x), y).item(), (task(x) - y).abs().mean().item()
+        batch_means = [F.mse_loss(task(x[i : i + BATCH]), y[i : i + BATCH]).item() for i in range(0, NUM_VALID, BATCH)]
+    assert abs(np.mean(batch_means) - loss) > 1e-3  # Averaging batch means would be measurably wrong here.
+
+    assert set(valid) == {"valid/loss/loss", "valid/value/abs_error", "lightning_loss"}
+    assert valid["valid/loss/loss"] == pytest.approx(loss, rel=1e-6)  # float32 sums
+    assert valid["valid/value/abs_error"] == pytest.approx(abs_error, rel=1e-6)
+    assert valid["valid/loss/loss"] == pytest.approx(valid["lightning_loss"], rel=1e-6)
+    for metrics in (trainer_.callback_metrics, trainer_.logged_metrics):
+        assert float(metrics["valid/loss/loss"]) == valid["valid/loss/loss"]
+
+    # mlfab's logger got the same number once, in its validation line; Lightning passed it only its own metric.
+    lines = json_lines(tmp_path / "run")
+    (written,) = [line for line in lines if line["phase"] == "valid"]
+    assert written["scalars"]["loss/loss"] == valid["valid/loss/loss"]
+    through_lightning = [line["scalars"] for line in lines if line["phase"] == "train"]
+    assert through_lightning == [{"lightning_loss": pytest.approx(valid["lightning_loss"])}]
+
+    (test,) = trainer_.test(task, verbose=False)  # Tested on the validation set (BoringTask has no test set).
+    assert test["test/loss/loss"] == valid["valid/loss/loss"]
+    assert {"test/loss/loss", "test/value/abs_error"} <= set(test)
+
+
+def test_training_values_are_metrics_at_the_steps_mlfab_resolves(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    class Lazy(MapTask):
+        def log_train_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
+            self.log_scalar("expensive", lambda: calls.append(state.num_steps) or float(state.num_steps))
+
+    csv = CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer_ = fit_trainer(tmp_path, [], logger=csv, log_every_n_steps=4, max_steps=10)
+    trainer_.fit(Lazy(config()))
+    assert calls == [0, 4, 8]  # Only the steps a logger writes.
+    assert float(trainer_.callback_metrics["train/value/expensive"]) == 8.0
+    assert "train/loss/loss" in trainer_.logged_metrics and "valid/loss/loss" in trainer_.callback_metrics
+
+    # Each value reaches the CSV file once: from mlfab, not a second time through Lightning's `self.log` route.
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    valid_rows = [r for r in rows[1:] if r.split(",")[header.index("valid/loss/loss")]]
+    assert len(valid_rows) == 2 and "epoch" not in header  # Validations after steps 5 and 10.
+
+
+def test_early_stopping_on_valid_loss_in_a_plain_trainer(tmp_path: Path) -> None:
+    stop = EarlyStopping(monitor="valid/loss/loss", patience=2)
+    trainer_ = fit_trainer(tmp_path, [stop], max_steps=100)
+    trainer_.fit(WorseEveryTime(config()))
+    # Validations after steps 5 (the best), 10 and 15 (two without improvement: patience 2).
+    assert trainer_.should_stop and trainer_.global_step == 15
+    assert float(stop.best_score) == 5.0
+
+
+def test_model_checkpoint_keeps_the_best_and_validate_best_evaluates_the_file(tmp_path: Path) -> None:
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="valid/loss/loss", save_top_k=2)
+    task = MapTask(config())
+    trainer_ = fit_trainer(tmp_path, [best])
+    trainer_.fit(task)
+
+    assert len(best.best_k_models) == 2
+    assert sorted(best.best_k_models) == sorted(map(str, (tmp_path / "best").glob("*.ckpt")))
+    assert min(float(v) for v in best.best_k_models.values()) == float(best.best_model_score)
+    for path, score in best.best_k_models.items():  # Each file's score is the loss a fresh Trainer gets from it.
+        assert fresh_validation_loss(tmp_path, MapTask, path) == pytest.approx(float(score), abs=1e-6)
+
+    # In the Trainer that trained (its schedule-free optimizer still there): exactly the file's weights, again.
+    (again,) = trainer_.validate(task, ckpt_path="best", verbose=False)
+    assert again["valid/loss/loss"] == pytest.approx(float(best.best_model_score), abs=1e-6)
+    (tested,) = trainer_.test(task, ckpt_path="best", verbose=False)
+    assert tested["test/loss/loss"] == pytest.approx(float(best.best_model_score), abs=1e-6)
+
+
+def test_validate_and_test_after_fit_evaluate_the_evaluation_weights(tmp_path: Path) -> None:
+    """Without a checkpoint, validate and test after fit see what fit's own last validation saw."""
+    task = MapTask(config())
+    trainer_ = fit_trainer(tmp_path, [], max_steps=10)
+    trainer_.fit(task)
+    last = float(trainer_.callback_metrics["valid/loss/loss"])
+    (valid,) = trainer_.validate(task, verbose=False)
+    (test,) = trainer_.test(task, verbose=False)
+    assert valid["valid/loss/loss"] == pytest.approx(last, abs=1e-6)
+    assert test["test/loss/loss"] == pytest.approx(last, abs=1e-6)
+
+
+def launch_args(tmp_path: Path, *callback: str) -> list[str]:
+    return [
+        "fit",
+        f"--model.config.run_dir={tmp_path / 'runs'}",
+        f"--model.config.batch_size={BATCH}",
+        "--model.config.valid_every_n_steps=5",
+        "--model.config.valid_batches=10",
+        *callback,
+    ]
+
+
+def run_dir(tmp_path: Path, name: str) -> Path:
+    (exp,) = (tmp_path / "runs" / name).iterdir()
+    return exp
+
+
+def test_launch_with_early_stopping_from_the_command_line(tmp_path: Path) -> None:
+    args = ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=valid/loss/loss"]
+    WorseEveryTime.launch(
+        argv=[*launch_args(tmp_path, *args, "--trainer.callbacks.patience=2"), "--model.config.max_steps=100"]
+    )
+    exp = run_dir(tmp_path, "worse_every_time")
+    ckpt = torch.load(exp / "checkpoints" / "last.ckpt", weights_only=False)
+    # mlfab validates after the first step, then every 5: the best is step 1, then 5 and 10 are worse.
+    assert ckpt["global_step"] == 10
+    assert [line["step"] for line in json_lines(exp) if line["phase"] == "valid"] == [1, 5, 10]
+
+
+def test_launch_with_model_checkpoint_from_the_command_line_keeps_the_two_best(tmp_path: Path) -> None:
+    best_dir = tmp_path / "best"
+    args = [
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.monitor=valid/loss/loss",
+        "--trainer.callbacks.save_top_k=2",
+        f"--trainer.callbacks.dirpath={best_dir}",
+    ]
+    MapTask.launch(argv=[*launch_args(tmp_path, *args), "--model.config.max_steps=30"])
+    exp = run_dir(tmp_path, "map_task")
+    validations = {line["step"]: line["scalars"]["loss/loss"] for line in json_lines(exp) if line["phase"] == "valid"}
+    assert len(validations) == 7  # Steps 1, 5, 10, ..., 30.
+
+    states = torch.load(exp / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    (state,) = [s for key, s in states.items() if "valid/loss/loss" in key]
+    kept = {path: float(score) for path, score in state["best_k_models"].items()}
+    assert sorted(kept) == sorted(map(str, best_dir.glob("*.ckpt")))
+    assert sorted(kept.values()) == pytest.approx(sorted(validations.values())[:2], abs=1e-12)
+    assert float(state["best_model_score"]) == min(validations.values())
+    for path, score in kept.items():
+        assert fresh_validation_loss(tmp_path, MapTask, path) == pytest.approx(score, abs=1e-6)
