@@ -110,12 +110,12 @@ def test_every_bad_value_is_reported_together_in_both_forms() -> None:
     args = [a for a in args if a.partition("=")[0] not in ("learning_rate", "clip_grad_norm", "seed", "devices")]
     args += ["learning_rate=-1", "clip_grad_norm=0", "seed=-1", "devices=0"]  # One value per key: later ones win.
     expected = {a.partition("=")[0] for a in args}
-    for argv in (args, ["fit", *map(flag, args)]):
+    for argv, prefix in ((args, ""), (["fit", *map(flag, args)], "")):  # Config keys, in both forms.
         with pytest.raises(mlfab.ConfigError) as info:
             BoringTask.launch(argv=argv)
         message = str(info.value)
         assert f"({len(expected)} problem(s))" in message
-        assert all(f"key {key!r}: must be" in message for key in expected), message
+        assert all(f"key {prefix + key!r}: must be" in message for key in expected), message
 
 
 @pytest.mark.unit

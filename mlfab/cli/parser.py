@@ -188,8 +188,7 @@ class MlfabCLI(LightningCLI):
                 cfg[key] = self.given[sub][key]
         if "seed_everything" in self.given_keys() and cfg.get("seed_everything") not in (None, False):
             cfg["model.config.seed"] = int(cfg["seed_everything"])  # Lightning seeded with it; so must the run.
-        prefix = "" if self.short_form else "model.config."  # Keys named as the user typed them.
-        config = build_config(self.task_cls.config_class(), cfg["model.config"].as_dict(), prefix=prefix)
+        config = build_config(self.task_cls.config_class(), cfg["model.config"].as_dict())
         if not any(k.startswith("trainer.accelerator") for k in self.given_keys()):
             resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy)  # Before any run.
         if self.print_run_file:
