@@ -109,7 +109,7 @@ class MlfabCLI(LightningCLI):
         # --print_config is answered here, after the checkpoint's config is merged, in config.yaml's layout.
         rest = [a for a in args[1:] if a.partition("=")[0] != "--print_config"]
         self.print_run_file, args = len(rest) < len(args) - 1, args[:1] + rest
-        kwargs = {sub: {"description": f"{text} {PRECEDENCE}"} for sub, text in DESCRIPTIONS.items()}
+        kwargs = {sub: {"description": f"{DESCRIPTIONS[sub]} {PRECEDENCE}"} for sub in self.subcommands()}
         super().__init__(
             task_cls,
             args=args,
@@ -119,6 +119,12 @@ class MlfabCLI(LightningCLI):
             parser_class=MlfabArgumentParser,
             parser_kwargs={"prog": command_name(), **kwargs},
         )
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
+        """Only the subcommand asked for: each one's parser (every Trainer argument, with its docstring) is built
+        anew for every launch, and the others would be built for nothing."""
+        every = LightningCLI.subcommands()
+        return {self.args[0]: every[self.args[0]]} if self.args and self.args[0] in every else every
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
@@ -287,14 +293,23 @@ def run_cli(
             "multi-node environments are detected) or 'slurm'."
         )
     script, file_args, _ = script_sources(task_cls, configs)
-    problems = [p for p in config_problems(task_cls.config_class(), script) if not p.startswith("missing required")]
-    if problems:
+    if _has_unknown_keys(task_cls.config_class(), script):  # jsonargparse could not even take them as defaults.
+        problems = [p for p in config_problems(task_cls.config_class(), script) if not p.startswith("missing required")]
         raise ConfigError(problems_message(f"{task_cls.__name__}.launch", problems))
     args = [args[0], *file_args, *args[1:]]
     try:
         return MlfabCLI(task_cls, args, script, short_form=short_form, launcher=launcher).exit_code
     except Submitted:
         return 0
+
+
+def _has_unknown_keys(cls: type, data: dict[str, Any]) -> bool:
+    types = field_types(cls)
+    for key, value in data.items():
+        sub = dataclass_type(types[key]) if key in types else None
+        if key not in types or (sub is not None and isinstance(value, dict) and _has_unknown_keys(sub, value)):
+            return True
+    return False
 
 
 def script_sources(task_cls: type["Task"], configs: Sequence[Any]) -> tuple[dict[str, Any], list[str], list[Any]]:
