@@ -18,8 +18,8 @@ REFUSED = {
     "seed": "the random state restored from the checkpoint continues the streams of the old seed",
     "batch_size": "the data stream's saved position counts batches of the old size",
     "num_dataloader_workers": "the data stream's saved position is kept per worker",
-    "devices": "each rank's data stream and random state were saved for the old number of processes",
-    "num_nodes": "each rank's data stream and random state were saved for the old number of processes",
+    # devices / num_nodes are judged by what they start: Task._check_resume refuses a different process count
+    # (devices 'auto' -> 1 on a one-process machine changes nothing and resumes).
 }
 OPTIMIZER_KEYS = {
     "learning_rate": "lr",

@@ -75,6 +75,13 @@ def test_a_change_the_resumed_run_cannot_apply_is_refused_and_the_run_is_untouch
     assert snapshot(exp) == before  # config.yaml, provenance and checkpoints as they were.
 
 
+def test_a_hardware_setting_that_starts_the_same_processes_resumes(tmp_path: Path) -> None:
+    exp = tmp_path / "run"
+    launch(exp)  # devices="auto": one process on this CPU machine.
+    launch(exp, max_steps=10, devices=1)
+    assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+
+
 class OwnOptimizer(BoringTask):
     def build_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.config.learning_rate)
