@@ -70,20 +70,27 @@ def validate_before_next_batch(trainer: pl.Trainer) -> None:
 # Lightning's metrics (`trainer.callback_metrics`, `logged_metrics`, what `validate` / `test` return).
 
 
-def withhold_from_loggers(trainer: pl.Trainer, names: Container[str]) -> None:
-    """Makes Lightning pass no metric named in `names` to the trainer's loggers, while it keeps them in
-    `trainer.callback_metrics`, `logged_metrics` and the results of `validate` / `test`: mlfab writes its values to
-    every logger itself (with their phase and step) and `self.log`s them only so that they reach those. `names` is
-    read at each call, so it may grow afterwards.
+def withhold_from_loggers(trainer: pl.Trainer, names: Container[str], writes_itself: Callable[[Any], bool]) -> None:
+    """Makes Lightning pass no metric named in `names` to the trainer's loggers, and nothing at all to the loggers
+    for which `writes_itself(logger)` is true, while it keeps every metric in `trainer.callback_metrics`,
+    `logged_metrics` and the results of `validate` / `test`. mlfab writes its values to every logger itself (with
+    their phase and step) and `self.log`s them only so that they reach those; its own loggers also get the task's
+    Lightning `self.log` values from mlfab. `names` is read at each call, so it may grow afterwards.
 
     Private: `_LoggerConnector.log_metrics(metrics, step)`, through which Lightning hands every `self.log` value to
-    `logger.log_metrics` (after an evaluation, and at training steps); it is replaced on this trainer's connector
-    instance (not the class), wrapping the class's own, so installing it again replaces it."""
+    `logger.log_metrics` (after an evaluation, and at training steps), looping over `trainer.loggers`; it is replaced
+    on this trainer's connector instance (not the class), wrapping the class's own, so installing it again replaces
+    it. Callbacks that call `logger.log_metrics` themselves (LearningRateMonitor) still reach every logger."""
     connector = trainer._logger_connector
     original = type(connector).log_metrics.__get__(connector)
 
     def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
-        original({k: v for k, v in metrics.items() if k not in names}, step)
+        loggers = trainer.loggers
+        trainer.loggers = [lg for lg in loggers if not writes_itself(lg)]
+        try:
+            original({k: v for k, v in metrics.items() if k not in names}, step)
+        finally:
+            trainer.loggers = loggers
 
     connector.log_metrics = log_metrics  # type: ignore[method-assign]
 

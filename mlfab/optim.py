@@ -51,8 +51,25 @@ def schedule_free_adamw(
             "no parameters. Create the model's layers in __init__ and leave some trainable, or override "
             "build_optimizer (or configure_optimizers) for a task that trains nothing."
         )
+    for group in groups:  # The warmup is mlfab's (`warm_up`), so the applied rate is each group's "lr".
+        group.update(base_lr=lr, linear_warmup_steps=warmup_steps)
     b1, b2 = tuple(betas)
-    return AdamWScheduleFree(groups, lr=lr, betas=(b1, b2), weight_decay=weight_decay, warmup_steps=warmup_steps)
+    optimizer = AdamWScheduleFree(groups, lr=lr, betas=(b1, b2), weight_decay=weight_decay, warmup_steps=0)
+    warm_up([optimizer])
+    return optimizer
+
+
+def warm_up(optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """Sets the learning rate of the next step in each parameter group with a linear warmup (those of
+    `schedule_free_adamw`): `base_lr * (k + 1) / linear_warmup_steps` for the optimizer's step count k below
+    `linear_warmup_steps`, then `base_lr`, the very numbers schedule-free AdamW's own warmup computes. Done here
+    rather than inside the optimizer so that `param_group["lr"]` is the rate applied, as Lightning's
+    LearningRateMonitor and mlfab's `optim/lr` show it. Called at the start of training and after every step."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if "base_lr" in group:
+                k, n = group.get("k", 0), group["linear_warmup_steps"]
+                group["lr"] = group["base_lr"] * ((k + 1) / n) if k < n else group["base_lr"]
 
 
 def set_optimizer_mode(optimizers: Iterable[torch.optim.Optimizer], train: bool) -> None:

@@ -21,11 +21,11 @@ REFUSED = {
     # devices / num_nodes are judged by what they start: Task._check_resume refuses a different process count
     # (devices 'auto' -> 1 on a one-process machine changes nothing and resumes).
 }
-OPTIMIZER_KEYS = {
-    "learning_rate": "lr",
+OPTIMIZER_KEYS = {  # Config key -> parameter group key (see mlfab.optim.schedule_free_adamw).
+    "learning_rate": "base_lr",
     "betas": "betas",
     "weight_decay": "weight_decay",
-    "warmup_steps": "warmup_steps",
+    "warmup_steps": "linear_warmup_steps",
 }
 
 
@@ -69,6 +69,8 @@ def apply_optimizer_changes(optimizers: Iterable[torch.optim.Optimizer], changes
             for group in opt.param_groups:
                 if name == "weight_decay" and not group.get("decay", True):
                     continue  # Biases, norms and embeddings never decay.
+                if name not in group:  # Written before mlfab did the warmup itself: schedule-free AdamW's keys.
+                    name = {"base_lr": "lr", "linear_warmup_steps": "warmup_steps"}.get(name, name)
                 if name in group:
                     group[name] = tuple(new) if name == "betas" else new
 

@@ -34,6 +34,7 @@ from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_
 from mlfab.declaration import find_config_class, prepare_subclass
 from mlfab.errors import ConfigError, TaskDefinitionError
 from mlfab.loader import Consumed, MlfabLoader
+from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.dispatch import flush_logs
 from mlfab.loggers.stdout import StdoutLogger
 from mlfab.loggers.tensorboard import TensorboardLogger
@@ -41,7 +42,7 @@ from mlfab.logs import convert as lv
 from mlfab.logs.buffer import Cadence, LogBuffer
 from mlfab.logs.values import resolve
 from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
-from mlfab.optim import save_in_eval_mode, schedule_free_adamw, set_optimizer_mode, use_training_weights
+from mlfab.optim import save_in_eval_mode, schedule_free_adamw, set_optimizer_mode, use_training_weights, warm_up
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
 from mlfab.run.distributed import broadcast_exp_dir
 from mlfab.state import PHASES, Phase, State
@@ -87,6 +88,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._last_losses: dict[str, Tensor] = {}
         self._metric_names: set[str] = set()  # What this task `self.log`s for Lightning (not for its loggers).
+        self._lightning_names: set[str] = set()  # What the task's own code `self.log`s (see `log`).
         self._weights_from_checkpoint = False  # Evaluation weights loaded for validate/test: no mode switch.
         self._pending_rng: list[dict[str, Any]] | None = None
         self._resume_changes: dict[str, tuple[Any, Any]] = {}  # Config changes since the checkpoint we resume from.
@@ -305,6 +307,23 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         """Points (N, 3) or (B, N, 3) with optional colors, randomly subsampled to `max_points`."""
         self._log("point_cloud", key, lv.point_cloud(value, key, max_points, colors), namespace)
 
+    @override
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's `self.log` (and `log_dict`): for Lightning as always (callbacks, its loggers), and also into
+        mlfab's logs under `name`, so mlfab's loggers write it in the phase and at the step it was logged for, at
+        their own cadence: a training value is the step's (averaged over accumulated batches), an evaluation value
+        the one Lightning reduces over the whole evaluation (its `reduce_fx`, `batch_size`, `sync_dist`)."""
+        super().log(name, value, *args, **kwargs)
+        to_loggers = args[1] if len(args) > 1 else kwargs.get("logger")
+        if name in self._metric_names or to_loggers is False or self._trainer is None or self.trainer.sanity_checking:
+            return
+        self._lightning_names.add(name)
+        if isinstance(value, Tensor):
+            value = value.detach()
+        elif not isinstance(value, int | float):  # A torchmetrics Metric: computed when it is written.
+            value = value.compute
+        self._log_buffers[self._phase()].add("scalar", name, value)
+
     def _loss_total(self, loss: Any, phase: Phase) -> Tensor:
         """The loss to backpropagate; each part is logged under `loss/<name>`."""
         self._last_losses = parts = loss_parts(loss, type(self).__name__)
@@ -324,6 +343,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
             elapsed_time_s=self.elapsed_time_s,
             num_samples=self._num_samples,
             publish=self._publish,
+            lightnings_own=self._lightning_names,
         )
 
     def _publish(self, phase: Phase, means: dict[str, float], weights: dict[str, Any]) -> dict[str, float]:
@@ -336,13 +356,17 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         steps mlfab resolves anyway (a logger writes them), written into the metrics directly (see
         `publish_metrics`), so a lazy value is never computed for Lightning's sake."""
         trainer = self.trainer
-        if trainer.barebones or not means:  # Lightning keeps no metrics with `barebones=True`.
+        if trainer.barebones or not means:
             return means
+        own = self._lightning_names  # Lightning's already, from the task's `self.log`.
         if phase == "train":
-            publish_metrics(trainer, {f"train/{tag}": torch.tensor(v, dtype=torch.float64) for tag, v in means.items()})
+            kept = {f"train/{tag}": v for tag, v in means.items() if tag not in own}
+            publish_metrics(trainer, {name: torch.tensor(v, dtype=torch.float64) for name, v in kept.items()})
             return means
         dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64.
         for tag, value in means.items():
+            if tag in own:
+                continue
             name = f"{phase}/{tag}"
             self._metric_names.add(name)
             self.log(
@@ -354,7 +378,10 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
                 sync_dist=True,
             )
         computed = trainer.callback_metrics  # Computed (and synchronised) once here, as Lightning would later.
-        return {tag: float(computed[f"{phase}/{tag}"]) for tag in means}
+        out = {tag: float(computed[f"{phase}/{tag}"]) for tag in means if tag not in own}
+        for tag in own.intersection(means):  # Lightning's reduction; the mean over batches if it made none.
+            out[tag] = float(computed.get(f"{tag}_epoch", computed.get(tag, means[tag])))
+        return out
 
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks.
@@ -383,7 +410,8 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
 
     @override
     def setup(self, stage: str) -> None:
-        withhold_from_loggers(self.trainer, self._metric_names)  # mlfab writes its own values to the loggers.
+        # mlfab writes its own values to every logger, and the `self.log` values to its own loggers.
+        withhold_from_loggers(self.trainer, self._metric_names, lambda logger: isinstance(logger, MlfabLogger))
         if stage == "fit":
             self._weights_from_checkpoint = False
         if self.trainer.world_size > 1:
@@ -456,6 +484,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
 
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        self.log_scalar("lr", optimizer.param_groups[0]["lr"], namespace="optim")  # The rate this step applies.
         try:
             optimizer.step(closure=optimizer_closure)
         except SkipStep:  # Raised before the optimizer changed anything.
@@ -464,6 +493,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
             if scaler is not None:  # fp16 loss scaling unscaled this step: end it (backing off on inf gradients).
                 scaler.update()
             self._nonfinite.skipped(self.global_step)
+        warm_up([optimizer])  # The next step's rate (mlfab.optim.warm_up).
         if self._nonfinite.total:  # On every step from the first skip on, so the next written step shows them.
             self.log_scalar("skipped_steps", self._nonfinite.total, namespace="nonfinite")
             self.log_string("last_skipped_step", self._nonfinite.last_skip, namespace="nonfinite")
@@ -503,6 +533,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
                 print(f"Resumed with changed settings: {describe(self._resume_changes)}", flush=True)
             self.log_string("changed_settings", describe(self._resume_changes), namespace="resume")
             self._resume_changes = {}
+        warm_up(self.trainer.optimizers)
         if self._pending_rng is not None:
             restore_rng_states(self.trainer, self._pending_rng)
             self._pending_rng = None

@@ -124,12 +124,12 @@ def test_validate_and_test_return_sample_weighted_means_as_lightning_metrics(tmp
     for metrics in (trainer_.callback_metrics, trainer_.logged_metrics):
         assert float(metrics["valid/loss/loss"]) == valid["valid/loss/loss"]
 
-    # mlfab's logger got the same number once, in its validation line; Lightning passed it only its own metric.
+    # mlfab's logger got each number once, in its validation line, Lightning's own as Lightning reduced it.
     lines = json_lines(tmp_path / "run")
     (written,) = [line for line in lines if line["phase"] == "valid"]
     assert written["scalars"]["loss/loss"] == valid["valid/loss/loss"]
-    through_lightning = [line["scalars"] for line in lines if line["phase"] == "train"]
-    assert through_lightning == [{"lightning_loss": pytest.approx(valid["lightning_loss"])}]
+    assert written["scalars"]["lightning_loss"] == valid["lightning_loss"]
+    assert [line["phase"] for line in lines if line["phase"] != "valid"] == ["hparams"]
 
     (test,) = trainer_.test(task, verbose=False)  # Tested on the validation set (BoringTask has no test set).
     assert test["test/loss/loss"] == valid["valid/loss/loss"]
@@ -246,3 +246,86 @@ def test_launch_with_model_checkpoint_from_the_command_line_keeps_the_two_best(t
     assert float(state["best_model_score"]) == min(validations.values())
     for path, score in kept.items():
         assert fresh_validation_loss(tmp_path, MapTask, path) == pytest.approx(score, abs=1e-6)
+
+
+class SelfLogging(MapTask):
+    """Logs with Lightning's `self.log` in `get_loss`: the step number, so each written value says where it belongs."""
+
+    def set_loggers(self) -> None:
+        self.add_logger(
+            mlfab.JsonLogger(self.exp_dir, log_interval_seconds=0.0),
+            mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=0.0),
+        )
+
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        loss = super().get_loss(batch, state)
+        self.log(f"{state.phase}_step_seen", float(state.num_steps))
+        return loss
+
+
+def test_lightnings_self_log_lands_in_its_phase_and_step_unthinned_under_launch(tmp_path: Path) -> None:
+    SelfLogging.launch(argv=[*launch_args(tmp_path), "--model.config.max_steps=12"])
+    exp = run_dir(tmp_path, "self_logging")
+    lines = json_lines(exp)
+    train = {line["step"]: line["scalars"]["train_step_seen"] for line in lines if line["phase"] == "train"}
+    # Every step, at its own step (Lightning's log_every_n_steps=50 would have kept step 0 only).
+    assert train == {step: float(step) for step in range(12)}
+    valid = [(line["step"], line["scalars"]["valid_step_seen"]) for line in lines if line["phase"] == "valid"]
+    assert valid == [(1, 1.0), (5, 5.0), (10, 10.0)]
+    assert all("valid_step_seen" not in line.get("scalars", {}) for line in lines if line["phase"] == "train")
+    tensorboard = mlfab.testing.read_scalars(exp / "tensorboard" / "valid")
+    assert tensorboard["valid_step_seen"] == valid
+    assert "valid_step_seen" not in mlfab.testing.read_scalars(exp / "tensorboard" / "train")
+
+
+class RecordingLosses(MapTask):
+    def __init__(self, config: BoringConfig) -> None:
+        super().__init__(config)
+        self.losses: list[float] = []
+
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        loss = super().get_loss(batch, state)
+        if state.phase == "train":
+            self.losses.append(float(loss))
+        return loss
+
+
+class NativeWarmup(RecordingLosses):
+    """Schedule-free AdamW warming up by itself, as mlfab's default optimizer did before."""
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        from schedulefree import AdamWScheduleFree
+
+        from mlfab.optim import param_groups
+
+        c = self.config
+        groups = param_groups(self, c.weight_decay)
+        return AdamWScheduleFree(groups, lr=c.learning_rate, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps)
+
+
+def test_learning_rate_monitor_and_mlfab_show_the_rate_applied_during_warmup(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    settings = config(learning_rate=0.1, warmup_steps=4, max_steps=6)
+    torch.manual_seed(0)
+    task = RecordingLosses(settings)
+    csv, json_logger = CSVLogger(tmp_path / "csv"), mlfab.JsonLogger(tmp_path / "json", log_interval_seconds=0.0)
+    fit = trainer(tmp_path, max_steps=6, limit_val_batches=0, logger=[csv, json_logger], log_every_n_steps=1)
+    fit.callbacks.append(LearningRateMonitor(logging_interval="step"))
+    fit.fit(task)
+
+    expected = [0.025, 0.05, 0.075, 0.1, 0.1, 0.1]
+    rows = (Path(csv.log_dir) / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column = header.index("lr-AdamWScheduleFree/pg1")
+    monitored = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert monitored == pytest.approx(expected, rel=1e-12)
+    lines = [line for line in json_lines(tmp_path / "json") if "optim/lr" in line.get("scalars", {})]
+    assert [line["step"] for line in lines] == list(range(6))
+    assert [line["scalars"]["optim/lr"] for line in lines] == pytest.approx(expected, rel=1e-12)
+
+    # The same numbers as schedule-free AdamW's own warmup: the losses are equal bit for bit.
+    torch.manual_seed(0)
+    native = NativeWarmup(settings)
+    trainer(tmp_path / "native", max_steps=6, limit_val_batches=0).fit(native)
+    assert task.losses == native.losses and len(task.losses) == 6

@@ -291,30 +291,41 @@ def test_withhold_from_loggers_keeps_the_metrics_but_no_logger_gets_them() -> No
     from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
 
     assert params(_LoggerConnector.log_metrics) == ["self", "metrics", "step"]
-    received: list[dict[str, float]] = []
+    assert "for logger in self.trainer.loggers" in inspect.getsource(_LoggerConnector.log_metrics)
+    received: dict[str, list[dict[str, float]]] = {"plain": [], "own": []}
 
     class Recording(Logger):
-        name, version = "recording", 0
+        version = 0
+
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self._name = name
+
+        @property
+        def name(self) -> str:
+            return self._name
 
         def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
             pass
 
         def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            received.append(dict(metrics))
+            received[self.name].append(dict(metrics))
 
     class TwoMetrics(BoringTask):
         def setup(self, stage: str) -> None:
-            withhold_from_loggers(self.trainer, {"withheld"})
+            withhold_from_loggers(self.trainer, {"withheld"}, lambda logger: logger.name == "own")
 
         def on_validation_epoch_end(self) -> None:
             self.log("withheld", 1.0)
             self.log("passed", 2.0)
 
-    trainer = endless_trainer(1, logger=Recording(), limit_val_batches=1)
+    loggers = [Recording("plain"), Recording("own")]
+    trainer = endless_trainer(1, logger=loggers, limit_val_batches=1)
     (result,) = trainer.validate(TwoMetrics(BoringConfig()), verbose=False)
     assert result == {"withheld": 1.0, "passed": 2.0}
     assert {"withheld", "passed"} <= set(trainer.callback_metrics) and "withheld" in trainer.logged_metrics
-    assert [set(m) for m in received] == [{"passed", "epoch"}]
+    assert [set(m) for m in received["plain"]] == [{"passed", "epoch"}] and received["own"] == []
+    assert trainer.loggers == loggers  # Put back after the call.
 
 
 def test_publish_metrics_reach_callbacks() -> None:

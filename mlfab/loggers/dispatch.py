@@ -5,8 +5,9 @@ Lightning's loggers have no common media call, so each known backend gets its na
 warning per logger type and kind. Single-stream loggers get the phase as a tag prefix (`valid/loss/loss`).
 """
 
+import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,14 @@ def _warn_once(logger: Any, kind: str) -> None:
         )
 
 
-def write_logs(logger: Any, logs: Logs) -> None:
+def write_logs(logger: Any, logs: Logs, lightnings_own: Container[str] = ()) -> None:
+    """`lightnings_own`: scalars Lightning's `self.log` gave a Lightning logger already (only mlfab's get them here)."""
     if isinstance(logger, MlfabLogger):
         logger.write(logs)
         return
+    if lightnings_own and logs.scalars:
+        scalars = {k: v for k, v in logs.scalars.items() if k not in lightnings_own}
+        logs = dataclasses.replace(logs, values={**logs.values, "scalar": scalars})
     prefix = f"{logs.phase}/"
     if isinstance(logger, TensorBoardLogger):
         handled = write_summaries(logger.experiment, logs, prefix)
@@ -87,6 +92,7 @@ def flush_logs(
     elapsed_time_s: float,
     num_samples: int,
     publish: Publish | None = None,
+    lightnings_own: Container[str] = (),
 ) -> None:
     """Writes the buffer to the loggers that are due (rank zero only), then clears it.
 
@@ -120,4 +126,4 @@ def flush_logs(
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         logs = Logs(phase, step, max_steps, elapsed_time_s, num_samples, values)
         for logger in due:
-            write_logs(logger, logs)
+            write_logs(logger, logs, lightnings_own)
