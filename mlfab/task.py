@@ -90,6 +90,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         self._metric_names: set[str] = set()  # What this task `self.log`s for Lightning (not for its loggers).
         self._lightning_names: set[str] = set()  # What the task's own code `self.log`s (see `log`).
         self._weights_from_checkpoint = False  # Evaluation weights loaded for validate/test: no mode switch.
+        self._checkpoint_step = 0  # The step of those weights, which their evaluation is logged at.
         self._pending_rng: list[dict[str, Any]] | None = None
         self._resume_changes: dict[str, tuple[Any, Any]] = {}  # Config changes since the checkpoint we resume from.
         self._start_time_s = time.time()
@@ -131,6 +132,12 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         in it (depth first), or 1. Override it where that is not the number of samples."""
         return leading_dim(batch)
 
+    def get_prediction(self, batch: Any) -> Any:
+        """What `predict` returns for a batch (Lightning's `predict_step` calls it): by default the model's output
+        for the batch's inputs, `self(batch[0])` for a tuple or list batch (inputs first, then targets, as an
+        `(x, y)` dataset gives them) and `self(batch)` for any other. Override it for anything else."""
+        return self(batch[0] if isinstance(batch, tuple | list) else batch)
+
     def set_loggers(self) -> None:
         """Attaches loggers with `add_logger`; by default stdout and TensorBoard under `exp_dir`."""
         self.add_logger(StdoutLogger(), TensorboardLogger(self.exp_dir))
@@ -160,9 +167,15 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
             "or set exp_dir in the config."
         )
 
+    @property
+    def weights_step(self) -> int:
+        """The step the weights are from: the global step, or in `validate` / `test` / `predict` of a checkpoint the
+        checkpoint's (Lightning restores no loop there, so its global step is 0)."""
+        return self._checkpoint_step if self._weights_from_checkpoint else self.global_step
+
     def state(self, phase: Phase) -> State:
         return State(
-            num_steps=self.global_step,
+            num_steps=self.weights_step,
             num_samples=self._num_samples,
             num_valid_steps=self._num_valid_steps,
             phase=phase,
@@ -386,11 +399,12 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks.
 
-    def _dataloader(self, phase: Phase) -> DataLoader:
+    def _dataloader(self, phase: str) -> DataLoader:
         try:
-            dataset = self.get_dataset(phase)
-            if dataset is None and phase == "test":
-                phase, dataset = "valid", self.get_dataset("valid")
+            dataset = self.get_dataset(phase)  # type: ignore[arg-type]
+            for fallback in {"test": ["valid"], "predict": ["test", "valid"]}.get(phase, []):
+                if dataset is None:
+                    phase, dataset = fallback, self.get_dataset(fallback)  # type: ignore[arg-type]
         except Exception as e:
             explain_dataset_failure(e, type(self).__name__, phase)
             raise
@@ -469,7 +483,20 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
 
     @override
     def on_test_epoch_end(self) -> None:
-        self._flush_logs("test", self.global_step)
+        self._flush_logs("test", self.weights_step)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        """The "predict" dataset, else "test", else "valid" (the first that `get_dataset` does not return None for);
+        of an endless one `valid_batches` batches, unless `limit_predict_batches` was set."""
+        loader = self._dataloader("predict")
+        if self._trainer is not None and self.trainer.limit_predict_batches == 1.0 and not has_len(loader):
+            self.trainer.limit_predict_batches = self.config.valid_batches  # Lightning reads it after this hook.
+        return loader
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        return None if batch is None else self.get_prediction(batch)  # None: it failed to collate (see test_step).
 
     @override
     def configure_gradient_clipping(
@@ -522,7 +549,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         if self.trainer.sanity_checking:  # Like Lightning, nothing from the sanity check is logged.
             self._log_buffers["valid"].clear()
             return
-        self._flush_logs("valid", self.global_step)
+        self._flush_logs("valid", self.weights_step)
 
     @override
     def on_train_start(self) -> None:
@@ -594,8 +621,9 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
             # Restored when training starts: Lightning builds the dataloaders in between, and `get_dataset` or a
             # dataset may draw from the global generators there, as the uninterrupted run did before step 0.
             self._pending_rng = saved.get("rng")
-        else:  # The file's evaluation weights, for `validate` / `test` (or `load_from_checkpoint`).
+        else:  # The file's evaluation weights, for `validate` / `test` / `predict` (or `load_from_checkpoint`).
             self._weights_from_checkpoint = True
+            self._checkpoint_step = int(checkpoint.get("global_step", 0))
 
     def _check_resume(self, checkpoint: dict[str, Any]) -> None:
         """Refuses config changes a resumed run cannot apply (mlfab/resume.py); keeps the others for on_train_start."""

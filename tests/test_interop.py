@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
@@ -329,3 +330,52 @@ def test_learning_rate_monitor_and_mlfab_show_the_rate_applied_during_warmup(tmp
     native = NativeWarmup(settings)
     trainer(tmp_path / "native", max_steps=6, limit_val_batches=0).fit(native)
     assert task.losses == native.losses and len(task.losses) == 6
+
+
+def test_validate_test_and_predict_of_a_runs_checkpoint_go_into_that_run(tmp_path: Path) -> None:
+    MapTask.launch(argv=[*launch_args(tmp_path), "--model.config.max_steps=10"])
+    exp = run_dir(tmp_path, "map_task")
+    ckpt = exp / "checkpoints" / "last.ckpt"
+    config_yaml = (exp / "config.yaml").read_bytes()
+    for subcommand in ("validate", "test", "predict"):
+        MapTask.launch(argv=[subcommand, f"--ckpt_path={ckpt}"])
+
+    assert [p.name for p in (tmp_path / "runs" / "map_task").iterdir()] == [exp.name]  # No run_1, run_2, ...
+    assert (exp / "config.yaml").read_bytes() == config_yaml  # Still the training's.
+    launches = yaml.safe_load((exp / "provenance" / "launches.yaml").read_text())
+    assert [launch["subcommand"] for launch in launches] == ["fit", "validate", "test", "predict"]
+
+    # Logged at the checkpoint's step, with the value a fresh Trainer computes from the file.
+    lines = json_lines(exp)
+    valid = [(line["step"], line["scalars"]["loss/loss"]) for line in lines if line["phase"] == "valid"]
+    assert [step for step, _ in valid] == [1, 5, 10, 10]
+    assert valid[-1][1] == pytest.approx(fresh_validation_loss(tmp_path, MapTask, ckpt), abs=1e-6)
+    (test,) = [line for line in lines if line["phase"] == "test"]
+    assert test["step"] == 10 and test["scalars"]["loss/loss"] == pytest.approx(valid[-1][1], abs=1e-6)
+
+    # predict: the model's output for each batch's inputs, from the checkpoint's weights, in the run directory.
+    saved = torch.load(exp / "predictions" / "step_00000010.pt", weights_only=False)
+    model = MapTask.load_from_checkpoint(ckpt).eval()
+    samples = Samples(NUM_VALID, 1)
+    x = torch.stack([torch.as_tensor(samples[i][0]) for i in range(NUM_VALID)])
+    with torch.no_grad():
+        expected = model(x)
+    assert [len(p) for p in saved["predictions"]] == [8, 8, 5]
+    assert torch.allclose(torch.cat(saved["predictions"]), expected, atol=1e-6)
+    assert saved["batch_indices"] == [list(range(0, 8)), list(range(8, 16)), list(range(16, 21))]
+
+
+def test_predict_without_a_checkpoint_and_in_a_plain_trainer(tmp_path: Path) -> None:
+    MapTask.launch(argv=["predict", f"--model.config.run_dir={tmp_path / 'runs'}", f"--model.config.batch_size={BATCH}"])
+    exp = run_dir(tmp_path, "map_task")
+    saved = torch.load(exp / "predictions" / "step_00000000.pt", weights_only=False)
+    assert sum(len(p) for p in saved["predictions"]) == NUM_VALID
+
+    # Lightning's own predict on the task's (x, y) batches: the model on x.
+    task = MapTask(config())
+    loader = torch.utils.data.DataLoader(Samples(NUM_VALID, 1), batch_size=BATCH)
+    outputs = trainer(tmp_path).predict(task, dataloaders=loader)
+    samples = Samples(NUM_VALID, 1)
+    x = torch.stack([torch.as_tensor(samples[i][0]) for i in range(NUM_VALID)])
+    with torch.no_grad():
+        assert torch.allclose(torch.cat(outputs), task(x), atol=1e-6)  # type: ignore[arg-type]

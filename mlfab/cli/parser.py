@@ -38,7 +38,7 @@ from mlfab.errors import ConfigError, MlfabError, report
 from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, prepare_run, show, submit_to_slurm
-from mlfab.run.rundir import newest_checkpoint
+from mlfab.run.rundir import checkpoint_run, newest_checkpoint
 from mlfab.run.slurm import in_slurm_job
 from mlfab.run.trainer import trainer_settings
 
@@ -53,10 +53,13 @@ PRECEDENCE = (
 )
 DESCRIPTIONS = {
     "fit": "Trains the task: run directory, config.yaml, loggers, callbacks, Trainer settings from the config.",
-    "validate": "Runs one validation (valid_batches batches of get_dataset('valid')) in a new run directory.",
-    "test": "Runs get_dataset('test'), or 'valid' when it returns None for 'test', in a new run directory: all of "
-    "it, or valid_batches batches of an endless dataset.",
-    "predict": "Runs Lightning's predict loop (the task must define predict_dataloader and predict_step).",
+    "validate": "Runs one validation (valid_batches batches of get_dataset('valid')): with --ckpt_path of a run's "
+    "checkpoint, logged into that run at the checkpoint's step, else in a new run directory.",
+    "test": "Runs get_dataset('test'), or 'valid' when it returns None for 'test': all of it, or valid_batches "
+    "batches of an endless dataset; logged like validate.",
+    "predict": "Runs get_prediction (by default the model on each batch's inputs) over get_dataset('predict'), or "
+    "'test' or 'valid' when it returns None; saves the outputs to <run dir>/predictions/step_<N>.pt (the run of "
+    "--ckpt_path's checkpoint, else a new run directory).",
 }
 LAUNCHERS = (None, "auto", "local", "slurm")
 
@@ -192,6 +195,9 @@ class MlfabCLI(LightningCLI):
         for key in self.given_keys():
             if key.startswith("model."):  # Lightning put the checkpoint's config over everything; undo that for these.
                 cfg[key] = self.given[sub][key]
+        run = checkpoint_run(cfg["ckpt_path"]) if sub != "fit" and cfg.get("ckpt_path") is not None else None
+        if run is not None and "model.config.exp_dir" not in self.given_keys():
+            cfg["model.config.exp_dir"] = str(run)  # An evaluation of a run's checkpoint is logged into that run.
         if "seed_everything" in self.given_keys() and cfg.get("seed_everything") not in (None, False):
             cfg["model.config.seed"] = int(cfg["seed_everything"])  # Lightning seeded with it; so must the run.
         config = build_config(self.task_cls.config_class(), cfg["model.config"].as_dict())
@@ -223,7 +229,7 @@ class MlfabCLI(LightningCLI):
         trainer_given, extra = self.given_sections(with_ckpt=False)
         values = self._get(self.config_init, "trainer", default={})
         own_loggers = "logger" in trainer_given
-        self.run: Run = prepare_run(task, trainer_given, extra, set_loggers=not own_loggers)
+        self.run: Run = prepare_run(task, trainer_given, extra, not own_loggers, self.config.subcommand)
         loggers = values["logger"] if own_loggers else task._mlfab_loggers
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         callbacks += _as_list(values.get("callbacks")) if "callbacks" in trainer_given else []

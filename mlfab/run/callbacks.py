@@ -1,4 +1,5 @@
-"""Callbacks `launch` adds to the Trainer: validation cadence, the final checkpoint, stopping on Ctrl-C."""
+"""Callbacks `launch` adds to the Trainer: validation cadence, the final checkpoint, stopping on Ctrl-C, and the
+`predict` subcommand's output file."""
 
 import signal
 import sys
@@ -10,7 +11,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from typing_extensions import override
 
 from mlfab._lightning import (
@@ -226,3 +228,25 @@ class GracefulStop(StepFreeCallback):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Saves what the `predict` subcommand computed: `<exp_dir>/predictions/step_<N>.pt` (N: the step of the weights),
+    one file per process under DDP (`step_<N>.rank<R>.pt`), with `torch.save`: `{"predictions": [one entry per
+    batch, on the CPU], "batch_indices": [the dataset indices of each batch's samples, where known]}`."""
+
+    def __init__(self, predictions_dir: Path) -> None:
+        super().__init__(write_interval="epoch")
+        self.predictions_dir = predictions_dir
+        self.written: Path | None = None
+
+    @override
+    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: Any, predictions: Any, batch_indices: Any) -> None:
+        step = getattr(pl_module, "weights_step", trainer.global_step)
+        rank = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        self.predictions_dir.mkdir(parents=True, exist_ok=True)
+        path = self.written = self.predictions_dir / f"step_{step:08d}{rank}.pt"
+        outputs = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
+        torch.save({"predictions": move_data_to_device(outputs, "cpu"), "batch_indices": indices}, path)
+        print(f"Predictions of {len(outputs)} batches: {path}", flush=True)

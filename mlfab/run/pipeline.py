@@ -20,7 +20,7 @@ from typing_extensions import override
 from mlfab._lightning import StepFreeCallback
 from mlfab.config import Config, config_to_yaml, to_dict
 from mlfab.loggers.dispatch import write_run_info
-from mlfab.run.callbacks import GracefulStop
+from mlfab.run.callbacks import GracefulStop, PredictionWriter
 from mlfab.run.distributed import EXP_DIR_ENV
 from mlfab.run.invocation import command_name, current_command
 from mlfab.run.provenance import atomic_write, provenance_text, write_provenance
@@ -38,6 +38,8 @@ class Run:
     writer: bool  # Whether this process writes the run's files (rank zero does).
     created: bool  # Whether this launch made the directory (removed again if the launch fails before it starts).
     run_file: str  # The text of its config.yaml.
+    subcommand: str = "fit"
+    keeps_config: bool = False  # An evaluation logged into a trained run: its config.yaml stays the training's.
 
 
 def show(value: Any) -> str:
@@ -69,9 +71,12 @@ def run_file_text(task_cls: type, config: Config, trainer: dict[str, Any], path:
     return "\n".join(lines) + "\n" + body
 
 
-def prepare_run(task: "Task", trainer: dict[str, Any], extra: dict[str, Any], set_loggers: bool = True) -> Run:
+def prepare_run(
+    task: "Task", trainer: dict[str, Any], extra: dict[str, Any], set_loggers: bool = True, subcommand: str = "fit"
+) -> Run:
     """The run directory (one for all ranks; its files are written once the run has started, see RunRecords) and
-    the task's loggers."""
+    the task's loggers. `validate` / `test` / `predict` of a run's checkpoint use that run's directory (the CLI sets
+    `exp_dir`), and leave its config.yaml as training wrote it."""
     given = task.config.exp_dir
     existed = given is not None and Path(given).expanduser().exists()
     exp_dir, writer = agreed_exp_dir(type(task), task.config)
@@ -79,7 +84,8 @@ def prepare_run(task: "Task", trainer: dict[str, Any], extra: dict[str, Any], se
     if set_loggers:
         task.set_loggers()
     run_file = run_file_text(type(task), task.config, trainer, exp_dir / "config.yaml", extra)
-    return Run(exp_dir, writer, created=writer and not existed, run_file=run_file)
+    keeps_config = subcommand != "fit" and existed and (exp_dir / "config.yaml").is_file()
+    return Run(exp_dir, writer, writer and not existed, run_file, subcommand, keeps_config)
 
 
 class RunRecords(StepFreeCallback):
@@ -94,8 +100,10 @@ class RunRecords(StepFreeCallback):
         if self.written or not self.run.writer:
             return
         exp_dir, config_yaml = self.run.exp_dir, config_to_yaml(self.task.config)
-        atomic_write(exp_dir / "config.yaml", self.run.run_file)
-        write_provenance(exp_dir, type(self.task), resumed=self.resumed, config=self.run.run_file)
+        if not self.run.keeps_config:
+            atomic_write(exp_dir / "config.yaml", self.run.run_file)
+        run = self.run
+        write_provenance(exp_dir, type(self.task), resumed=self.resumed, config=run.run_file, subcommand=run.subcommand)
         write_run_info(trainer.loggers, config_yaml, provenance_text(exp_dir), exp_dir)
         self.written = True
 
@@ -134,6 +142,8 @@ def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: An
     kept = set(exp_dir.rglob("*")) if run.writer and not run.created else set()
     records = RunRecords(run, task, resumed=subcommand == "fit" and ckpt_path is not None)
     trainer.callbacks.append(records)
+    if subcommand == "predict":  # Its outputs go to a file in the run directory (and are returned by Lightning).
+        trainer.callbacks.append(PredictionWriter(exp_dir / "predictions"))
     if run.writer:
         print(f"Run directory: {exp_dir}", flush=True)
         if ckpt_path is not None:

@@ -150,9 +150,12 @@ def _read_launches(path: Path, move_aside: bool) -> list[Any]:
     return []
 
 
-def write_provenance(exp_dir: Path, task_cls: type, *, resumed: bool = False, config: str | None = None) -> Path:
+def write_provenance(
+    exp_dir: Path, task_cls: type, *, resumed: bool = False, config: str | None = None, subcommand: str = "fit"
+) -> Path:
     """Record this launch under `<exp_dir>/provenance/` and return that directory. `config` is the launch's
-    config.yaml text, kept as a record so that earlier launches' settings stay in the history.
+    config.yaml text, kept as a record so that earlier launches' settings stay in the history; `subcommand` says
+    what it did (`fit`, or `validate` / `test` / `predict` of one of the run's checkpoints).
 
     The git state is that of the repository holding the task's source file (the working directory when the
     task has no file), since that is the code that runs.
@@ -165,6 +168,7 @@ def write_provenance(exp_dir: Path, task_cls: type, *, resumed: bool = False, co
     vers = versions()
     entry: dict[str, Any] = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "subcommand": subcommand,
         "resumed": resumed,
         "argv": list(sys.argv),
         "host": socket.gethostname(),

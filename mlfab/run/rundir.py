@@ -64,6 +64,13 @@ def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
     return new_exp_dir(task_cls, config), True
 
 
+def checkpoint_run(ckpt_path: str | Path) -> Path | None:
+    """The run directory a checkpoint belongs to, `<run>/checkpoints/<file>` with `<run>/config.yaml`, if it does."""
+    ckpt = Path(ckpt_path).expanduser().resolve()
+    run = ckpt.parent.parent
+    return run if ckpt.parent.name == "checkpoints" and (run / "config.yaml").is_file() else None
+
+
 def newest_checkpoint(exp_dir: Path, writer: bool | None = None) -> Path | None:
     """The checkpoint a relaunch into `exp_dir` resumes from: the most recently written one that is intact (its
     checksum matches); a damaged newer one is named and skipped. Called before every fit: the process that writes
