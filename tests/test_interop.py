@@ -366,7 +366,9 @@ def test_validate_test_and_predict_of_a_runs_checkpoint_go_into_that_run(tmp_pat
 
 
 def test_predict_without_a_checkpoint_and_in_a_plain_trainer(tmp_path: Path) -> None:
-    MapTask.launch(argv=["predict", f"--model.config.run_dir={tmp_path / 'runs'}", f"--model.config.batch_size={BATCH}"])
+    MapTask.launch(
+        argv=["predict", f"--model.config.run_dir={tmp_path / 'runs'}", f"--model.config.batch_size={BATCH}"]
+    )
     exp = run_dir(tmp_path, "map_task")
     saved = torch.load(exp / "predictions" / "step_00000000.pt", weights_only=False)
     assert sum(len(p) for p in saved["predictions"]) == NUM_VALID
@@ -379,3 +381,56 @@ def test_predict_without_a_checkpoint_and_in_a_plain_trainer(tmp_path: Path) -> 
     x = torch.stack([torch.as_tensor(samples[i][0]) for i in range(NUM_VALID)])
     with torch.no_grad():
         assert torch.allclose(torch.cat(outputs), task(x), atol=1e-6)  # type: ignore[arg-type]
+
+
+class LossesToFile(MapTask):
+    """Appends each training step's loss to `<exp_dir>/losses.txt`."""
+
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        loss = super().get_loss(batch, state)
+        if state.phase == "train":
+            with open(self.exp_dir / "losses.txt", "a") as f:
+                f.write(f"{float(loss)!r}\n")
+        return loss
+
+
+def test_lightning_command_line_arguments_are_recorded_and_the_run_file_reproduces_the_run(tmp_path: Path) -> None:
+    first, again = tmp_path / "first", tmp_path / "again"
+    LossesToFile.launch(
+        argv=[
+            "fit",
+            f"--model.config.exp_dir={first}",
+            f"--model.config.batch_size={BATCH}",
+            "--model.config.max_steps=6",
+            "--optimizer=torch.optim.SGD",
+            "--optimizer.lr=0.01",
+            "--optimizer.momentum=0.9",
+            "--lr_scheduler=torch.optim.lr_scheduler.StepLR",
+            "--lr_scheduler.step_size=2",
+            "--seed_everything=7",
+            "--trainer.gradient_clip_val=0.5",
+        ]
+    )
+    recorded = yaml.safe_load((first / "config.yaml").read_text())
+    assert recorded["optimizer"]["class_path"] == "torch.optim.SGD" and recorded["optimizer"]["init_args"]["lr"] == 0.01
+    assert recorded["lr_scheduler"]["init_args"]["step_size"] == 2
+    assert recorded["model"]["config"]["seed"] == 7 and recorded["trainer"] == {"gradient_clip_val": 0.5}
+
+    LossesToFile.launch(argv=["fit", f"--config={first / 'config.yaml'}", f"--model.config.exp_dir={again}"])
+    losses = (first / "losses.txt").read_text().splitlines()
+    assert len(losses) == 6 and (again / "losses.txt").read_text().splitlines() == losses
+    # The optimizer given was the one used: AdamW (mlfab's default) would give other losses.
+    LossesToFile.launch(argv=["fit", f"--model.config.exp_dir={tmp_path / 'default'}", f"--model.config.batch_size={BATCH}",
+                              "--model.config.max_steps=6", "--seed_everything=7"])  # fmt: skip
+    assert (tmp_path / "default" / "losses.txt").read_text().splitlines() != losses
+
+
+def test_the_lightning_pipeline_example_runs(tmp_path: Path) -> None:
+    from examples.lightning_pipeline import main
+
+    accuracy = main(str(tmp_path), max_epochs=2, limit_train_batches=10, limit_val_batches=4)
+    assert 0.0 <= accuracy <= 1.0
+    (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert {"valid/loss/loss", "valid/value/accuracy", "train/loss/loss", "lr-AdamWScheduleFree/pg1"} <= set(header)
+    assert len(list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))) == 2  # save_top_k=2
