@@ -30,8 +30,8 @@ ConfigT = TypeVar("ConfigT", bound="Config")
 HELP_KEY = "help"
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str) -> Any:  # noqa: A002
-    """A dataclass field with help text (shown by `--help`).
+def field(default: Any = dataclasses.MISSING, *, help: str = "") -> Any:  # noqa: A002
+    """A dataclass field with help text (shown by `--help`; optional, as in mlfab 0.2).
 
     A callable default becomes a default factory; a mutable default (list, dict, set, dataclass) is
     deep-copied for every instance, so two configs never share it.

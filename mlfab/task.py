@@ -44,6 +44,7 @@ from mlfab.logs.values import resolve
 from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
 from mlfab.optim import save_in_eval_mode, schedule_free_adamw, set_optimizer_mode, use_training_weights, warm_up
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
+from mlfab.run.callbacks import ValidationCadence
 from mlfab.run.distributed import broadcast_exp_dir
 from mlfab.state import PHASES, Phase, State
 
@@ -79,7 +80,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         self.save_hyperparameters({"config": to_dict(config)})
         self._exp_dir: Path | None = None
         self._mlfab_loggers: list[Any] = []
-        self._log_buffers = {phase: LogBuffer() for phase in PHASES}  # Validation may start mid-accumulation.
+        self._log_buffers = {phase: LogBuffer(phase) for phase in PHASES}  # Validation may start mid-accumulation.
         self._bad_data_seen = False
         self._log_cadence = Cadence()
         self._num_samples = 0
@@ -346,7 +347,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
         values = list(parts.values())
         return values[0] if len(values) == 1 else torch.stack([v.reshape(()) for v in values]).sum()
 
-    def _flush_logs(self, phase: Phase, step: int) -> None:
+    def _flush_logs(self, phase: Phase, step: int, everywhere: bool = False) -> None:
         flush_logs(
             self.trainer,
             self._log_buffers[phase],
@@ -357,6 +358,7 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
             num_samples=self._num_samples,
             publish=self._publish,
             lightnings_own=self._lightning_names,
+            everywhere=everywhere,
         )
 
     def _publish(self, phase: Phase, means: dict[str, float], weights: dict[str, Any]) -> dict[str, float]:
@@ -529,7 +531,17 @@ class Task(FastFxName, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if step_ends(self.trainer):
             self._log_bad_data()
-            self._flush_logs("train", self.global_step - 1)
+            self._flush_logs("train", self.global_step - 1, everywhere=self._written_everywhere())
+
+    def _written_everywhere(self) -> bool:
+        """Whether the step that just ended is written to every logger, whatever its cadence: the last step
+        (max_steps, or a stop: max_time, a signal, a callback) and a step a validation follows (so that also the
+        last step before EarlyStopping stops, and each validation has the training values of its step)."""
+        trainer = self.trainer
+        if trainer.should_stop or 0 < trainer.max_steps <= self.global_step:
+            return True
+        cadences = [c for c in trainer.callbacks if isinstance(c, ValidationCadence)]  # type: ignore[attr-defined]
+        return bool(cadences) and cadences[0].validates_now(trainer)
 
     def _log_bad_data(self, check_every_n_steps: int = 50) -> None:
         """How many samples and batches the data pipeline skipped: once any were (asking the loader costs a state

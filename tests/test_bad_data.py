@@ -94,12 +94,13 @@ def test_batches_that_fail_to_collate_are_skipped(tmp_path: Path) -> None:
             steps.append((state.phase, state.num_steps))
             return super().get_loss(batch, state)
 
-    # Validation after the first step reads 3 batches; its second fails to collate, as training's second does.
+    # Validation after the first step reads 3 batches; its second fails to collate, as training's second does. The
+    # final validation (after step 4) reads 3 good ones.
     Task.launch(BoringConfig(max_steps=4, valid_batches=3, valid_every_n_steps=None, run_dir=str(tmp_path)), argv=[])
     assert [s for p, s in steps if p == "train"] == [0, 1, 2, 3]
-    assert [p for p, _ in steps].count("valid") == 2
+    assert [p for p, _ in steps].count("valid") == 2 + 3
     (exp,) = (tmp_path / "task").iterdir()
-    assert read_scalars(exp / "tensorboard" / "train")["data/skipped_batches"] == [(0, 1.0)]
+    assert read_scalars(exp / "tensorboard" / "train")["data/skipped_batches"] == [(0, 1.0), (3, 1.0)]  # First, last
 
 
 @pytest.mark.integration

@@ -447,7 +447,7 @@ def run_example(tmp_path: Path, command: list[str]) -> None:
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (exp,) = (tmp_path / "runs" / "digits_classification").iterdir()
-    assert f"Finished. Run directory: {exp}" in proc.stdout
+    assert "Finished at step 2/2 after 0:0" in proc.stdout and f". Run directory: {exp}\n" in proc.stdout
     assert run_file(exp)["model"]["config"]["max_steps"] == 2
 
 

@@ -147,8 +147,8 @@ def test_training_values_are_metrics_at_the_steps_mlfab_resolves(tmp_path: Path)
     csv = CSVLogger(str(tmp_path), name="csv", version=0)
     trainer_ = fit_trainer(tmp_path, [], logger=csv, log_every_n_steps=4, max_steps=10)
     trainer_.fit(Lazy(config()))
-    assert calls == [0, 4, 8]  # Only the steps a logger writes.
-    assert float(trainer_.callback_metrics["train/value/expensive"]) == 8.0
+    assert calls == [0, 4, 8, 9]  # Only the steps a logger writes (every 4th, and the last).
+    assert float(trainer_.callback_metrics["train/value/expensive"]) == 9.0
     assert "train/loss/loss" in trainer_.logged_metrics and "valid/loss/loss" in trainer_.callback_metrics
 
     # Each value reaches the CSV file once: from mlfab, not a second time through Lightning's `self.log` route.
@@ -272,7 +272,7 @@ def test_lightnings_self_log_lands_in_its_phase_and_step_unthinned_under_launch(
     # Every step, at its own step (Lightning's log_every_n_steps=50 would have kept step 0 only).
     assert train == {step: float(step) for step in range(12)}
     valid = [(line["step"], line["scalars"]["valid_step_seen"]) for line in lines if line["phase"] == "valid"]
-    assert valid == [(1, 1.0), (5, 5.0), (10, 10.0)]
+    assert valid == [(1, 1.0), (5, 5.0), (10, 10.0), (12, 12.0)]  # The final model is validated too.
     assert all("valid_step_seen" not in line.get("scalars", {}) for line in lines if line["phase"] == "train")
     tensorboard = mlfab.testing.read_scalars(exp / "tensorboard" / "valid")
     assert tensorboard["valid_step_seen"] == valid
@@ -420,9 +420,12 @@ def test_lightning_command_line_arguments_are_recorded_and_the_run_file_reproduc
     losses = (first / "losses.txt").read_text().splitlines()
     assert len(losses) == 6 and (again / "losses.txt").read_text().splitlines() == losses
     # The optimizer given was the one used: AdamW (mlfab's default) would give other losses.
-    LossesToFile.launch(argv=["fit", f"--model.config.exp_dir={tmp_path / 'default'}", f"--model.config.batch_size={BATCH}",
-                              "--model.config.max_steps=6", "--seed_everything=7"])  # fmt: skip
-    assert (tmp_path / "default" / "losses.txt").read_text().splitlines() != losses
+    default = tmp_path / "default"
+    LossesToFile.launch(
+        argv=["fit", f"--model.config.exp_dir={default}", f"--model.config.batch_size={BATCH}", "--seed_everything=7"]
+        + ["--model.config.max_steps=6"]
+    )
+    assert (default / "losses.txt").read_text().splitlines() != losses
 
 
 def test_the_lightning_pipeline_example_runs(tmp_path: Path) -> None:

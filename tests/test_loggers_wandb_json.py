@@ -266,7 +266,11 @@ def test_importing_the_wandb_logger_does_not_import_wandb() -> None:
 class LoggedTask(BoringTask):
     def set_loggers(self) -> None:
         super().set_loggers()
-        self.add_logger(JsonLogger(self.exp_dir), WandbLogger(self.exp_dir, log_interval_seconds=0.0))
+        every_step = 0.0  # Both write every training step, so each step's line and row can be checked.
+        self.add_logger(
+            JsonLogger(self.exp_dir, log_interval_seconds=every_step),
+            WandbLogger(self.exp_dir, log_interval_seconds=every_step),
+        )
 
 
 @pytest.mark.integration

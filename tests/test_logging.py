@@ -85,7 +85,7 @@ def test_callables_run_only_on_written_steps_and_once_per_step(tmp_path: Path) -
 
     class Counting(BoringTask):
         def set_loggers(self) -> None:
-            # Two loggers that both write only their first line of each phase.
+            # Two loggers that both write only their first line of each phase, and the last step.
             self.add_logger(
                 mlfab.StdoutLogger(log_interval_seconds=1e6),
                 mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=1e6),
@@ -95,14 +95,20 @@ def test_callables_run_only_on_written_steps_and_once_per_step(tmp_path: Path) -
             self.log_scalar("expensive", lambda: calls.append(state.num_steps) or 1.0)
 
     Counting.launch(BoringConfig(max_steps=30, valid_every_n_steps=None, run_dir=str(tmp_path)), argv=[])
-    assert calls == [0]
+    assert calls == [0, 29]
     (exp,) = (tmp_path / "counting").iterdir()
-    assert [s for s, _ in read_scalars(exp / "tensorboard" / "train")["value/expensive"]] == [0]
+    assert [s for s, _ in read_scalars(exp / "tensorboard" / "train")["value/expensive"]] == [0, 29]
 
 
 @pytest.mark.integration
-def test_lightning_csv_logger_gets_scalars_and_one_warning_per_kind(tmp_path: Path) -> None:
+def test_lightning_csv_logger_gets_scalars_and_one_warning_per_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lightning.pytorch.loggers import CSVLogger
+
+    from mlfab.loggers import dispatch
+
+    monkeypatch.setattr(dispatch, "_warned", set())  # Once per process: an earlier test may have warned already.
 
     class WithImage(BoringTask):
         def log_train_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
@@ -122,7 +128,7 @@ def test_lightning_csv_logger_gets_scalars_and_one_warning_per_kind(tmp_path: Pa
     assert sum("cannot show logged image" in str(w.message) for w in record) == 1
     lines = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     assert "train/loss/loss" in lines[0].split(",")
-    assert len(lines) == 1 + 3  # Steps 0, 2 and 4.
+    assert [line.split(",")[0] for line in lines[1:]] == ["0", "2", "4", "5"]  # Every 2nd step, and the last.
 
 
 @pytest.mark.unit

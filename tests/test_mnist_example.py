@@ -31,8 +31,8 @@ def test_seed_mnist_trains_and_logs_loss_and_images(tmp_path: Path, monkeypatch:
     assert [step for step, _ in images] == [1, 20, 40]
     picture = images[-1][1]
     assert picture.ndim == 3 and picture.shape[2] == 3
-    # 16 captioned digits in a 4x4 grid: taller than wide because of the caption strips.
-    assert picture.shape[0] > picture.shape[1] > 200
+    # 16 captioned digits, laid out for TensorBoard's wide image card (6 columns of 3 rows): wider than tall.
+    assert picture.shape[1] > picture.shape[0] > 200
     assert (exp / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -93,6 +93,7 @@ def flush_logs(
     num_samples: int,
     publish: Publish | None = None,
     lightnings_own: Container[str] = (),
+    everywhere: bool = False,
 ) -> None:
     """Writes the buffer to the loggers that are due (rank zero only), then clears it.
 
@@ -100,7 +101,8 @@ def flush_logs(
     returns the values to write. Validation and test scalars are resolved at every evaluation, on every rank, and
     published there, where they are averaged over ranks weighted by their sample counts (a collective: every rank
     comes here and logs the same keys). Training scalars stay lazy: they are resolved and published only on rank
-    zero, at the steps a logger writes or, with no logger attached, every `log_every_n_steps` steps."""
+    zero, at the steps a logger writes or, with no logger attached, every `log_every_n_steps` steps; `everywhere`
+    makes every logger write this training step, whatever its cadence."""
     if phase != "train":
         means, weights = buffer.scalars(step)
         if publish is not None:
@@ -117,6 +119,8 @@ def flush_logs(
             return
         every_n_steps = trainer.log_every_n_steps
         due = due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=every_n_steps)
+        if everywhere:  # The last step, or one a validation follows: every logger writes it.
+            due = list(trainer.loggers)
         wanted = publish is not None and not trainer.loggers and step % max(every_n_steps, 1) == 0
         values = buffer.resolve(step) if due else {"scalar": buffer.scalars(step)[0]} if wanted else {}
         if publish is not None and (due or wanted):

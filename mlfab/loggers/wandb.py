@@ -3,6 +3,10 @@
 Why it is built this way:
 - Offline unless credentials are configured: a machine without a W&B key (CI, a fresh cluster node) must never
   stop at a login prompt or wait on W&B's servers. The run is written to disk; `wandb sync <run dir>` uploads it.
+- An offline run makes no network call at all. `mode="offline"` alone does not do that (wandb 0.31): the SDK's
+  process-wide telemetry follows wandb's global settings, not the run's mode, so it still resolved and posted to
+  W&B's host at exit, and the wandb-core service reports its own errors to W&B unless started with error reporting
+  off. `WANDB_ERROR_REPORTING=false` turns off both, so it is set while an offline run starts (see `_offline_env`).
 - One history row per write, never `run.log(..., step=)`: W&B drops (with a warning) any row whose `step=` is
   below the run's current step, which happens as soon as two writers disagree (Lightning's own `self.log` path
   logs without `step=`, a resumed run restarts below the last logged step). Instead every row carries the
@@ -16,6 +20,8 @@ import configparser
 import html
 import netrc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -134,6 +140,29 @@ def resolve_mode(mode: str | None = None) -> str | None:
     return None if has_wandb_credentials() else "offline"
 
 
+LOCAL_MODES = ("offline", "dryrun", "disabled")  # Modes in which a run has no reason to reach W&B's servers.
+
+
+@contextmanager
+def _offline_env() -> Iterator[None]:
+    """WANDB_ERROR_REPORTING=false while an offline run starts, unless the user set it.
+
+    wandb reads it at `wandb.init`: its process-wide telemetry recorder, made at the first init, stays off
+    (without it, the recorder's exporter resolved and posted to W&B's host at exit, offline or not), and the
+    wandb-core service, started by the first init, gets `--no-observability`. Both live for the rest of the
+    process, so the first W&B run of a process decides for the later ones (an online run first leaves them on).
+    Set only around the init: the environment that training code and its subprocesses see is unchanged.
+    """
+    if "WANDB_ERROR_REPORTING" in os.environ:
+        yield
+        return
+    os.environ["WANDB_ERROR_REPORTING"] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop("WANDB_ERROR_REPORTING", None)
+
+
 class WandbLogger(MlfabLogger, LightningWandbLogger):
     """A W&B run in `<exp_dir>/wandb`, written with mlfab's every kind (scalars, text, images, audio, video,
     histograms, point clouds).
@@ -146,8 +175,10 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
     moment later), so the next launch in the same process gets a run of its own instead of reusing this one.
 
     Mode: `mode` if given; else WANDB_MODE; else offline when no W&B credentials are configured
-    (WANDB_API_KEY or a .netrc entry), online otherwise. Project: `project`, else WANDB_PROJECT, else "mlfab";
-    name: `<task>/<run_N>` from `exp_dir`. Other keyword arguments go to Lightning's WandbLogger / `wandb.init`.
+    (WANDB_API_KEY or a .netrc entry), online otherwise. An offline or disabled run contacts no server (no
+    telemetry, no error reports; see the module docstring) unless WANDB_ERROR_REPORTING is set. Project:
+    `project`, else WANDB_PROJECT, else "mlfab"; name: `<task>/<run_N>` from `exp_dir`. Other keyword arguments go
+    to Lightning's WandbLogger / `wandb.init`.
     """
 
     def __init__(
@@ -175,6 +206,14 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
         self._set_interval(log_interval_seconds)
         self.mode = resolved  # What wandb.init gets; None: wandb's own choice (online unless `wandb offline`).
         self._axis_run: Any = None
+
+    @property
+    @override
+    def experiment(self) -> Any:
+        if self._experiment is None and self.mode in LOCAL_MODES:  # wandb.init runs now: keep it off the network.
+            with _offline_env():
+                return super().experiment
+        return super().experiment
 
     def _run(self) -> Any:
         run = self.experiment

@@ -6,7 +6,14 @@ What is written when several values arrive between two writes:
   optimizer step, so a written training scalar is the value of the step it is written at (averaged over that step's
   accumulated micro-batches); a validation scalar is the sample-weighted mean over the validation run, so a partial
   last batch counts for its size.
-- everything else (strings, images, audio, ...): the last value logged.
+- everything else (strings, images, audio, video, histograms, point clouds), in training: the last value logged in
+  the step (with accumulation, that of its last micro-batch).
+- everything else, in validation and test: the first value logged for each key in the evaluation, i.e. that of
+  its first batch. That batch is full (a partial batch can only come last), so a `max_images=16` grid shows 16
+  images rather than what is left over at the end of the data, and with a fixed validation set every evaluation
+  shows the same samples, which makes evaluations comparable. A string or histogram describes that batch too,
+  matching the images beside it; only scalars summarize the whole evaluation. Later values of the key are not
+  kept, so their lazy callables never run and their tensors are not held.
 Values of steps that no logger writes are dropped without being computed.
 
 A value that cannot be written (a lazy value that raises, a scalar that is not a number) does not stop training: it
@@ -35,10 +42,15 @@ def _to_float(value: Any) -> float:
 
 
 class LogBuffer:
-    """Per-phase pending values. `add` is the hot path: it only stores a reference (and, for a scalar, its weight)."""
+    """Per-phase pending values. `add` is the hot path: it only stores a reference (and, for a scalar, its weight).
 
-    def __init__(self) -> None:
+    `phase`: the phase whose values it holds. For "valid" and "test" it keeps the first value of each non-scalar
+    key until it is cleared (the first batch of the evaluation); otherwise (training, or no phase given) the last.
+    """
+
+    def __init__(self, phase: Phase | None = None) -> None:
         self._pending: dict[Kind, dict[str, list[Any]]] = {}  # Scalars: [(value, weight), ...]; others: [value].
+        self.keep_first = phase in ("valid", "test")
         self.weight = 1  # The weight of the scalars added now: the number of samples in the current batch.
         self.failures: dict[tuple[Kind, str], int] = {}  # Values skipped because they could not be written.
 
@@ -51,7 +63,7 @@ class LogBuffer:
                     "one-element tensor (or a callable returning one). Use log_string for text."
                 )
             by_tag.setdefault(tag, []).append((value, self.weight))
-        else:
+        elif not (self.keep_first and tag in by_tag):
             by_tag[tag] = [value]
 
     def __bool__(self) -> bool:

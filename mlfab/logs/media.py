@@ -7,16 +7,24 @@ Images come out as uint8 HWC RGB, videos as uint8 THWC RGB, audio as float32 in 
 
 import io
 import math
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 DEFAULT_AREA = 256 * 256
+# Where a person first sees a logged image: TensorBoard's TIME SERIES dashboard (the one it opens on) fits it into
+# a 375 x 215 box (CSS pixels) in each image card, its IMAGES dashboard shows it 350 wide (TensorBoard 2.21,
+# measured in Chromium). Captions are sized for the stricter of both: the image fitted into 350 x 215.
+CARD_SIZE = (350, 215)
+MIN_CAPTION_PX = 11  # Caption font size (em) there, at least: digits about 8 px tall.
+BASE_FONT_PX = 10  # Pillow's default font size: captions of an image shown at its own size or larger.
+_MIN_LINE_EMS = 4  # The font grows at most to a quarter of the image width (about eight characters on a line).
 _CHANNELS = (1, 3, 4)
 _MAX_AUDIO_CHANNELS = 8
-_PAD = 2  # pixels around caption text
+_PAD = 2  # pixels around caption text (more for larger text)
 # Stops of a dark-to-bright (inferno-like) gradient; luminance rises monotonically, so brighter always means louder.
 _CMAP_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 _CMAP_COLORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
@@ -117,17 +125,39 @@ def resize_to_area(img: np.ndarray, target_area: int = DEFAULT_AREA, keep_resolu
     return np.asarray(Image.fromarray(img).resize(size, resample))
 
 
-@lru_cache(maxsize=1)
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+@lru_cache(maxsize=64)
+def _font(size: int = BASE_FONT_PX) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at `size` px (without FreeType, its bitmap font, whose size is fixed)."""
+    return ImageFont.load_default(size)
 
 
-def _wrap(caption: str, width_px: int, max_line_chars: int | None) -> list[str]:
+def _pad(font_size: int) -> int:
+    return max(_PAD, font_size // 8)
+
+
+@lru_cache(maxsize=64)
+def _ink_box(font_size: int) -> tuple[int, int]:
+    """Top and bottom of the ink of a line of text drawn at y = 0 (ascenders to descenders)."""
+    box = _font(font_size).getbbox("Agy|")
+    return int(box[1]), int(box[3])
+
+
+def _line_height(font_size: int) -> int:
+    top, bottom = _ink_box(font_size)
+    return bottom - top + _pad(font_size)
+
+
+@lru_cache(maxsize=4096)
+def _text_width(text: str, font_size: int) -> float:
+    return _font(font_size).getlength(text)  # ~0.1 ms at large sizes, and captions repeat words and lines
+
+
+@lru_cache(maxsize=1024)
+def _wrap(caption: str, width_px: int, max_line_chars: int | None, font_size: int = BASE_FONT_PX) -> tuple[str, ...]:
     """Greedy word wrap to a pixel width; words wider than a line are broken; explicit newlines are kept."""
-    font = _font()
 
     def fits(text: str) -> bool:
-        return font.getlength(text) <= width_px and (max_line_chars is None or len(text) <= max_line_chars)
+        return _text_width(text, font_size) <= width_px and (max_line_chars is None or len(text) <= max_line_chars)
 
     lines: list[str] = []
     for paragraph in caption.splitlines():
@@ -146,39 +176,126 @@ def _wrap(caption: str, width_px: int, max_line_chars: int | None) -> list[str]:
                 word = word[cut:]
             line = word
         lines.append(line)
-    return lines
+    return tuple(lines)
 
 
-def caption_rows(img_width: int, caption: str, max_line_chars: int | None = None) -> int:
+def caption_rows(img_width: int, caption: str, max_line_chars: int | None = None, font_size: int = BASE_FONT_PX) -> int:
     """Text rows `caption` needs under an image this wide, so a batch can give every caption the same strip."""
-    return len(_wrap(caption, img_width - 2 * _PAD, max_line_chars))
+    return len(_wrap(caption, img_width - 2 * _pad(font_size), max_line_chars, font_size))
+
+
+def caption_height(rows: int, font_size: int = BASE_FONT_PX) -> int:
+    """Pixel height of a caption strip of `rows` text rows (0 for none)."""
+    return rows * _line_height(font_size) + 2 * _pad(font_size) if rows else 0
 
 
 def add_caption(
-    img: np.ndarray, caption: str, rows: int | None = None, max_line_chars: int | None = None
+    img: np.ndarray,
+    caption: str,
+    rows: int | None = None,
+    max_line_chars: int | None = None,
+    font_size: int = BASE_FONT_PX,
 ) -> np.ndarray:
     """Append a white strip with the caption wrapped in black text below uint8 HWC RGB; `rows` fixes its height.
 
     Text needing more than `rows` rows is cut and ends in "..."; an empty caption (0 rows) adds nothing.
     """
-    width = img.shape[1]
-    lines = _wrap(caption, width - 2 * _PAD, max_line_chars)
+    width, pad = img.shape[1], _pad(font_size)
+    lines = list(_wrap(caption, width - 2 * pad, max_line_chars, font_size))
     rows = len(lines) if rows is None else rows
     if 0 < rows < len(lines):
         lines = lines[:rows]
         lines[-1] = lines[-1][: max(0, len(lines[-1]) - 3)] + "..."
     if rows == 0:
         return img
-    line_height = int(_font().getbbox("Agy|")[3]) + _PAD
-    strip = Image.new("RGB", (width, rows * line_height + 2 * _PAD), "white")
+    strip = Image.new("RGB", (width, caption_height(rows, font_size)), "white")
     draw = ImageDraw.Draw(strip)
+    top = _ink_box(font_size)[0]
     for i, line in enumerate(lines):
-        draw.text((_PAD, _PAD + i * line_height), line, fill=(0, 0, 0), font=_font())
+        draw.text((pad, pad + i * _line_height(font_size) - top), line, fill=(0, 0, 0), font=_font(font_size))
     return np.concatenate([img, np.asarray(strip)], axis=0)
 
 
-def tile_images(images: list[np.ndarray], sep: int = 2, max_images: int | None = None) -> np.ndarray:
-    """Near-square grid of uint8 HWC images with `sep` black pixels between cells.
+def card_scale(width: int, height: int) -> float:
+    """How TensorBoard's default views scale an image this large: to fit CARD_SIZE (below 1: shrunk)."""
+    return min(CARD_SIZE[0] / width, CARD_SIZE[1] / height)
+
+
+def _grid_size(count: int, cols: int, cell_w: int, cell_h: int, sep: int) -> tuple[int, int]:
+    rows = math.ceil(count / cols)
+    return cols * (cell_w + sep) - sep, rows * (cell_h + sep) - sep
+
+
+def _card_columns(count: int, cell_w: int, cell_h: int, sep: int) -> int:
+    """The number of columns that shows a grid of `count` cells largest in CARD_SIZE (the fewest, when tied)."""
+    return max(range(1, count + 1), key=lambda cols: (card_scale(*_grid_size(count, cols, cell_w, cell_h, sep)), -cols))
+
+
+def _words_fit(images: list[np.ndarray], labels: list[str], font_size: int) -> bool:
+    """Whether every word of every caption fits on a line under its image (no word is broken) at this size."""
+    return all(
+        _text_width(word, font_size) <= img.shape[1] - 2 * _pad(font_size)
+        for img, label in zip(images, labels, strict=True)
+        for word in label.split()
+    )
+
+
+def caption_layout(images: list[np.ndarray], labels: list[str], sep: int = 2) -> tuple[int, int, int]:
+    """(font size, caption rows, grid columns) for images captioned with `labels`, tiled with `sep`.
+
+    The smallest font from BASE_FONT_PX up whose text is at least MIN_CAPTION_PX once the tiled image is fitted
+    into CARD_SIZE, in as many columns as show the grid largest there; every caption gets the rows the longest
+    needs. The font grows at most to a quarter of the image width, and only while no word has to be broken
+    across lines; where that is not enough (many images, long captions) it takes, of a few of those sizes, the
+    one whose text the card shows largest, and the captions are read at full size (the card's expand button, or
+    its "show actual image size").
+    """
+    cell_w = max(img.shape[1] for img in images)
+    image_h = max(img.shape[0] for img in images)
+
+    @cache
+    def layout(size: int) -> tuple[int, int, int, float]:
+        rows = max(caption_rows(img.shape[1], label, font_size=size) for img, label in zip(images, labels, strict=True))
+        cell_h = image_h + caption_height(rows, size)
+        cols = _card_columns(len(images), cell_w, cell_h, sep)
+        return size, rows, cols, size * card_scale(*_grid_size(len(images), cols, cell_w, cell_h, sep))
+
+    def legible(size: int) -> bool:
+        return layout(size)[3] >= MIN_CAPTION_PX
+
+    def unbroken(size: int) -> bool:
+        return _words_fit(images, labels, size)
+
+    smallest = BASE_FONT_PX
+    if legible(smallest) or not unbroken(smallest) or not any(label.strip() for label in labels):
+        return layout(smallest)[:3]
+    largest = _last_true(unbroken, smallest, max(smallest, cell_w // _MIN_LINE_EMS))
+    if not legible(largest):  # Not legible at any allowed size: of a few of them, the one shown largest.
+        sizes = {smallest + (largest - smallest) * k // 4 for k in range(5)}
+        return max((layout(size) for size in sorted(sizes)), key=lambda lay: lay[3])[:3]
+    return layout(_first_true(legible, smallest, largest))[:3]
+
+
+def _last_true(holds: Callable[[int], bool], low: int, high: int) -> int:
+    """The largest n in [low, high] for which `holds` (true at `low`, and false from some n on) is true."""
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if holds(mid) else (low, mid - 1)
+    return low
+
+
+def _first_true(holds: Callable[[int], bool], low: int, high: int) -> int:
+    """The smallest n in [low, high] for which `holds` (true at `high`, and mostly from some n on) is true."""
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if holds(mid) else (mid + 1, high)
+    return low
+
+
+def tile_images(
+    images: list[np.ndarray], sep: int = 2, max_images: int | None = None, cols: int | None = None
+) -> np.ndarray:
+    """Grid of uint8 HWC images with `sep` black pixels between cells, in `cols` columns (default: near-square).
 
     Cells are as large as the largest image; smaller images sit at the top-left of their cell, padded with black.
     """
@@ -187,7 +304,7 @@ def tile_images(images: list[np.ndarray], sep: int = 2, max_images: int | None =
     images = images[:max_images]
     if not images:
         raise ValueError("tile_images: no images to tile")
-    cols = math.ceil(math.sqrt(len(images)))
+    cols = min(cols, len(images)) if cols is not None else math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     cell_h, cell_w = max(img.shape[0] for img in images), max(img.shape[1] for img in images)
     grid = np.zeros((rows * (cell_h + sep) - sep, cols * (cell_w + sep) - sep, images[0].shape[2]), dtype=np.uint8)
@@ -199,9 +316,12 @@ def tile_images(images: list[np.ndarray], sep: int = 2, max_images: int | None =
 
 def make_image(value, key: str, *, label: str | None = None, keep_resolution: bool = False) -> np.ndarray:
     """One logged image, ready to display: normalized to uint8 HWC RGB, resized to about DEFAULT_AREA pixels and,
-    with a `label`, captioned in a strip under the image."""
+    with a `label`, captioned in a strip under the image (legible in TensorBoard's card: `caption_layout`)."""
     image = resize_to_area(normalize_image(value, key), keep_resolution=keep_resolution)
-    return image if label is None else add_caption(image, label)
+    if label is None:
+        return image
+    font_size, rows, _ = caption_layout([image], [label])
+    return add_caption(image, label, rows=rows, font_size=font_size)
 
 
 def make_images(
@@ -216,7 +336,9 @@ def make_images(
     """A batch of images as one grid: split, normalize and resize each, then tile.
 
     With `labels` (one per image), each image is captioned, and every caption gets as many rows as the longest
-    needs, so grid cells line up. The batch is cut to `max_images` before converting: dropped images cost nothing.
+    needs, so grid cells line up; the font size and the number of columns are chosen so that the captions can be
+    read where TensorBoard first shows the grid (`caption_layout`). Without labels the grid is near-square. The
+    batch is cut to `max_images` before converting: dropped images cost nothing.
     """
     where = f"log_images({key!r})" if labels is None else f"log_labeled_images({key!r})"
     raw = _split(value, where)
@@ -228,11 +350,14 @@ def make_images(
         resize_to_area(_image_to_rgb(img, f"{where} image {i}"), keep_resolution=keep_resolution)
         for i, img in enumerate(raw[:max_images])
     ]
-    if labels is not None:
-        pairs = list(zip(images, labels, strict=False))  # labels may be longer when max_images truncated the batch
-        rows = max(caption_rows(img.shape[1], label) for img, label in pairs)
-        images = [add_caption(img, label, rows=rows) for img, label in pairs]
-    return tile_images(images, sep)
+    if labels is None:
+        return tile_images(images, sep)
+    labels = labels[: len(images)]  # max_images may have cut the batch
+    font_size, rows, cols = caption_layout(images, labels, sep)
+    captioned = [
+        add_caption(img, label, rows=rows, font_size=font_size) for img, label in zip(images, labels, strict=True)
+    ]
+    return tile_images(captioned, sep, cols=cols)
 
 
 def _audio_array(audio, where: str) -> np.ndarray:

@@ -81,6 +81,7 @@ class ValidationCadence(StepFreeCallback):
         self._trainer: pl.Trainer | None = None  # Set when training starts, with the clock and Lightning's decision.
         self._clock: Callable[[], float] = time.monotonic
         self._lightning_decision: Callable[[Any], bool] | None = None  # Lightning's own, once training starts.
+        self._decided = (-1, False)  # (global step, whether a validation follows it)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -96,13 +97,25 @@ class ValidationCadence(StepFreeCallback):
             validate_before_next_batch(trainer)
 
         def should_check_val(lightning_decision: Callable[[Any], bool], data_fetcher: Any) -> bool:
-            if self._owed:
-                return True
-            if trainer.should_stop:  # Stopping (a signal, or max_steps): no extra validation on the way out.
-                return False
-            return self._due(data_fetcher)
+            return self.validates_now(trainer, data_fetcher)
 
         self._lightning_decision = wrap_validation_decision(trainer, should_check_val)
+        self._decided = (-1, False)
+
+    def validates_now(self, trainer: pl.Trainer, data_fetcher: Any = None) -> bool:
+        """Whether a validation follows the batch that just ended (asked by the training loop after every batch, and
+        by the task at a step's end, to write that step's logs everywhere): decided once per step."""
+        if self._decided[0] == trainer.global_step and step_ends(trainer):
+            return self._decided[1]
+        if self._owed:
+            decision = True
+        elif trainer.should_stop:  # Stopping: the final model is validated, unless a signal stops it (`_final`).
+            decision = self._final(trainer)
+        else:
+            decision = self._due(data_fetcher or lightning_data_fetcher(trainer)) or self._final(trainer)
+        if step_ends(trainer):
+            self._decided = (trainer.global_step, decision)
+        return decision
 
     def _due(self, data_fetcher: Any) -> bool:
         """Whether the step that just ended was to validate (asked after its last batch), whether or not training is
@@ -123,6 +136,18 @@ class ValidationCadence(StepFreeCallback):
         if not self._validated:
             return self.first_n_seconds is None or now >= self.first_n_seconds
         return self.every_n_seconds is not None and now - self._last_valid_s >= self.every_n_seconds
+
+    def _final(self, trainer: pl.Trainer) -> bool:
+        """Whether the step that just ended is the last one (max_steps, or a stop asked for by max_time or a
+        callback) and was not validated yet: training always ends with a validation of the final model. Not when a
+        signal stops it (GracefulStop): the checkpoint comes first, within the grace period a cluster gives, and
+        the resumed run validates on its cadence (`validate --ckpt_path <exp_dir>/checkpoints/last.ckpt` runs
+        one at once)."""
+        if not step_ends(trainer) or trainer.limit_val_batches == 0 or self._validated_step == trainer.global_step:
+            return False
+        if any(isinstance(c, GracefulStop) and c.stopping for c in getattr(trainer, "callbacks", [])):
+            return False
+        return trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -172,6 +197,7 @@ class GracefulStop(StepFreeCallback):
 
     def __init__(self) -> None:
         self.signal_received: int | None = None
+        self.stopping = False  # A signal stops training (SIGINT, SIGTERM, or SIGUSR1 with a requeued Slurm job).
         self._save_requested = False
         self._distributed = False
         self._previous: dict[int, Any] = {}
@@ -193,7 +219,7 @@ class GracefulStop(StepFreeCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._distributed = trainer.world_size > 1
+        self._distributed, self.stopping = trainer.world_size > 1, False
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
                 self._previous[signum] = signal.signal(signum, self._handler)
@@ -210,7 +236,7 @@ class GracefulStop(StepFreeCallback):
             flags = trainer.strategy.reduce(flags, reduce_op="max")
             stop, save = bool(flags[0]), bool(flags[1])
         if stop:
-            trainer.should_stop = True
+            trainer.should_stop = self.stopping = True
         elif save:
             self._save_requested = False
             path = Path(trainer.default_root_dir) / "checkpoints" / f"signal_step_{trainer.global_step:08d}.ckpt"
@@ -221,7 +247,7 @@ class GracefulStop(StepFreeCallback):
             if trainer.world_size > 1:  # Only rank zero knows whether `scontrol requeue` worked.
                 requeued = trainer.strategy.broadcast(requeued, src=0)
             if requeued:
-                trainer.should_stop = True
+                trainer.should_stop = self.stopping = True
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

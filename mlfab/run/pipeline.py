@@ -8,6 +8,7 @@ A Trainer the user builds (`lightning.pytorch.Trainer().fit(task)`) skips 1 and 
 rest (data, optimizer, logging, checkpoint contents).
 """
 
+import datetime
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from mlfab.run.callbacks import GracefulStop, PredictionWriter
 from mlfab.run.distributed import EXP_DIR_ENV
 from mlfab.run.invocation import command_name, current_command
 from mlfab.run.provenance import atomic_write, provenance_text, write_provenance
+from mlfab.run.quiet import hardware_line, install_quiet_start
 from mlfab.run.rundir import agreed_exp_dir, new_exp_dir
 from mlfab.run.slurm import submit
 from mlfab.run.trainer import trainer_kwargs
@@ -77,6 +79,7 @@ def prepare_run(
     """The run directory (one for all ranks; its files are written once the run has started, see RunRecords) and
     the task's loggers. `validate` / `test` / `predict` of a run's checkpoint use that run's directory (the CLI sets
     `exp_dir`), and leave its config.yaml as training wrote it."""
+    install_quiet_start()  # Before the Trainer is built: it prints Lightning's tips and hardware lines.
     given = task.config.exp_dir
     existed = given is not None and Path(given).expanduser().exists()
     exp_dir, writer = agreed_exp_dir(type(task), task.config)
@@ -146,6 +149,7 @@ def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: An
         trainer.callbacks.append(PredictionWriter(exp_dir / "predictions"))
     if run.writer:
         print(f"Run directory: {exp_dir}", flush=True)
+        print(hardware_line(trainer), flush=True)
         if ckpt_path is not None:
             print(f"Resuming from {ckpt_path}" if subcommand == "fit" else f"Weights from {ckpt_path}", flush=True)
         os.environ[EXP_DIR_ENV] = str(exp_dir)
@@ -159,9 +163,26 @@ def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: An
         if run.writer:
             os.environ.pop(EXP_DIR_ENV, None)
     if run.writer:
-        print(f"Finished. Run directory: {exp_dir}", flush=True)
+        print(finish_text(trainer, subcommand, task, exp_dir), flush=True)
     stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
     return 128 + stop.signal_received if stop is not None and stop.signal_received else 0
+
+
+def finish_text(trainer: Any, subcommand: str, task: "Task", exp_dir: Path) -> str:
+    """The run's last lines: where it ended (for `fit`, the step and the training time) and where its results are."""
+    if subcommand != "fit":
+        return f"Finished. Run directory: {exp_dir}"
+    total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+    took = datetime.timedelta(seconds=round(task.elapsed_time_s))
+    lines = [f"Finished at step {task.global_step}{total} after {took} of training. Run directory: {exp_dir}"]
+    last = exp_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        lines.append(f"  last checkpoint: {last}")
+    for callback in trainer.checkpoint_callbacks:  # A ModelCheckpoint with a monitor other than mlfab's step count.
+        if getattr(callback, "monitor", None) not in (None, "step") and callback.best_model_path:
+            score = callback.best_model_score
+            lines.append(f"  best checkpoint ({callback.monitor}={float(score):.6g}): {callback.best_model_path}")
+    return "\n".join(lines)
 
 
 def forget_launch(exp_dir: Path, created: bool, kept: set[Path]) -> None:

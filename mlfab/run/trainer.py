@@ -14,6 +14,7 @@ from mlfab.checkpoints import AtomicCheckpointIO
 from mlfab.config import Config
 from mlfab.run.callbacks import FinalCheckpoint, GracefulStop, PeriodicCheckpoint, ValidationCadence
 from mlfab.run.distributed import resolve_hardware
+from mlfab.run.quiet import SummaryAfterHeader
 from mlfab.run.slurm import cluster_environment
 
 # Lightning needs an int `val_check_interval` for endless data; this one never comes due.
@@ -39,7 +40,8 @@ def kept_checkpoints(config: Config) -> dict[str, int]:
 
 
 def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
-    """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints."""
+    """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints, and the model
+    summary shown after mlfab's header."""
     ckpt_dir = exp_dir / "checkpoints"
     periodic: dict[str, Any] = {
         "monitor": "step",
@@ -55,6 +57,7 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     callbacks: list[Any] = [
         ValidationCadence(config.valid_every_n_seconds, config.valid_first_n_seconds),
         GracefulStop(),
+        SummaryAfterHeader(),
     ]
     if config.save_every_n_steps:
         callbacks.append(

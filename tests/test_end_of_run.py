@@ -1,0 +1,73 @@
+"""The end of a run is always logged (#15): the last optimizer step reaches every logger whatever its cadence, the
+final model is validated, and the terminal says where the run ended and where its results are."""
+
+from pathlib import Path
+
+import pytest
+from torch import Tensor
+
+import mlfab
+from mlfab.testing import BoringConfig, BoringTask, read_scalars
+from tests.test_loggers_wandb_json import finished_wandb_run, read_lines, wandb_history
+
+pytestmark = pytest.mark.integration
+
+HOURLY = 3600.0  # A cadence no test run reaches: only the first write and the forced ones happen.
+
+
+class RarelyLogged(BoringTask):
+    def set_loggers(self) -> None:
+        self.add_logger(
+            mlfab.StdoutLogger(log_interval_seconds=HOURLY),
+            mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=HOURLY),
+            mlfab.JsonLogger(self.exp_dir, log_interval_seconds=HOURLY),
+            mlfab.WandbLogger(self.exp_dir, log_interval_seconds=HOURLY),
+        )
+
+
+class WorseEveryTime(RarelyLogged):
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        loss = super().get_loss(batch, state)
+        return loss if state.phase == "train" else loss.detach() * 0 + state.num_steps
+
+
+def written_steps(exp: Path) -> dict[str, dict[str, list[int]]]:
+    """{logger: {phase: steps with loss/loss}} read back from TensorBoard's, the JSON and W&B's files."""
+    lines = read_lines(exp / "json" / "log.jsonl")
+    rows = wandb_history(finished_wandb_run(exp))
+    phases = ("train", "valid")
+    return {
+        "tensorboard": {p: [s for s, _ in read_scalars(exp / "tensorboard" / p)["loss/loss"]] for p in phases},
+        "json": {p: [x["step"] for x in lines if x["phase"] == p and "loss/loss" in x["scalars"]] for p in phases},
+        "wandb": {p: [r["trainer/global_step"] for r in rows if f"{p}/loss/loss" in r] for p in phases},
+    }
+
+
+def test_the_last_step_and_a_final_validation_reach_every_logger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 12 steps, validation every 5: Lightning alone validates at 5 and 10 (mlfab adds step 1), never the final model.
+    config = BoringConfig(max_steps=12, valid_every_n_steps=5, exp_dir=str(tmp_path / "run"))
+    RarelyLogged.launch(config, argv=[])
+    # Training: the first step, each step a validation follows, and the last one (steps count from 0).
+    expected = {"train": [0, 4, 9, 11], "valid": [1, 5, 10, 12]}
+    assert written_steps(tmp_path / "run") == {"tensorboard": expected, "json": expected, "wandb": expected}
+
+    out = capsys.readouterr().out
+    assert "[train] step 11/12" in out and "[valid] step 12/12" in out
+    assert "Finished at step 12/12 after 0:00:" in out
+    assert f"  last checkpoint: {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in out
+
+
+def test_early_stopping_ends_with_its_step_written_everywhere(tmp_path: Path) -> None:
+    args = [
+        f"--model.config.exp_dir={tmp_path / 'run'}",
+        "--model.config.max_steps=100",
+        "--model.config.valid_every_n_steps=5",
+        "--trainer.callbacks+=EarlyStopping",
+        "--trainer.callbacks.monitor=valid/loss/loss",
+        "--trainer.callbacks.patience=2",
+    ]
+    WorseEveryTime.launch(argv=["fit", *args])
+    expected = {"train": [0, 4, 9], "valid": [1, 5, 10]}  # Worse at 5 and 10: stopped after the validation at 10.
+    assert written_steps(tmp_path / "run") == {"tensorboard": expected, "json": expected, "wandb": expected}
