@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -513,3 +514,18 @@ def numpy_rng_state(state: Any) -> Any:
     if isinstance(state, tuple | list) and state and state[0] == "MT19937":
         return ("MT19937", np.asarray(state[1], dtype=np.uint32), *state[2:])
     return state
+
+
+def around_saves(checkpoint_io: Any, before: Callable[[Path], None], after: Callable[[Path], None]) -> None:
+    """Makes a Trainer's checkpoint IO call `before(path)` and `after(path)` around every checkpoint it writes (the
+    task's `on_before_save_ckpt` / `on_after_save_ckpt`), whichever IO plugin it is; installing it again replaces
+    the previous pair."""
+    save = getattr(checkpoint_io, "_save_without_hooks", checkpoint_io.save_checkpoint)
+
+    def save_checkpoint(checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        before(Path(path))
+        save(checkpoint, path, storage_options)
+        after(Path(path))
+
+    checkpoint_io._save_without_hooks = save
+    checkpoint_io.save_checkpoint = save_checkpoint

@@ -174,7 +174,8 @@ _OFF = "null turns it off"
 
 RULES: dict[type, dict[str, Rule]] = {
     Config: {
-        "batch_size": Rule(_at_least(1), "an integer >= 1"),
+        # null: the task's `get_batch_size()` gives it (mlfab 0.2).
+        "batch_size": Rule(_or_null(_at_least(1)), "an integer >= 1, or null for the task's get_batch_size()"),
         "num_dataloader_workers": Rule(_at_least(0), "an integer >= 0", "0 loads data in the training process"),
         "learning_rate": Rule(_positive, "a number > 0"),
         "betas": Rule(lambda v: len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),

@@ -107,3 +107,23 @@ def use_training_weights(checkpoint: dict[str, Any]) -> None:
     if "train_state_dict" in saved:
         checkpoint["state_dict"] = saved["train_state_dict"]
         checkpoint["optimizer_states"] = saved["train_optimizer_states"]
+
+
+def lightning_optimizers(built: Any, task: str, warmup_steps: int) -> Any:
+    """What `build_optimizer` returned, as Lightning's `configure_optimizers` takes it: an `(optimizer, scheduler)`
+    pair (mlfab 0.2's) becomes Lightning's dict with the scheduler stepped after every optimizer step; anything else
+    is Lightning's already. A scheduler on mlfab's default optimizer replaces its warmup (`warm_up` then leaves the
+    rate to the scheduler), so a config that also asks for warmup steps is refused instead of one being ignored."""
+    if not (isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.optim.Optimizer)):
+        return built
+    optimizer, scheduler = built
+    groups = [g for g in optimizer.param_groups if "base_lr" in g]
+    if groups and warmup_steps:
+        raise TaskDefinitionError(
+            f"{task}.build_optimizer returned a learning-rate scheduler for the default optimizer, whose warmup "
+            f"(warmup_steps={warmup_steps}) also sets the rate. Set warmup_steps=0 and put the warmup in your "
+            "schedule, or return the optimizer alone."
+        )
+    for group in groups:
+        del group["base_lr"]  # The scheduler's, from now on.
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

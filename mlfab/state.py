@@ -1,5 +1,6 @@
 """`mlfab.State`: where training stands, as the task sees it in `get_loss` and `log_*_step`."""
 
+import time
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -22,3 +23,21 @@ class State:
     phase: Phase
     start_time_s: float
     elapsed_time_s: float
+
+    @classmethod
+    def init_state(cls) -> "State":
+        """The state before the first step (mlfab 0.2's `State.init_state()`)."""
+        return cls(num_steps=0, num_samples=0, num_valid_steps=0, phase="train", start_time_s=time.time(),
+                   elapsed_time_s=0.0)  # fmt: skip
+
+    @property
+    def training(self) -> bool:
+        return self.phase == "train"
+
+    def num_phase_steps(self, phase: Phase) -> int:
+        """Steps of `phase` so far: optimizer steps for "train", validation batches for "valid"."""
+        if phase == "train":
+            return self.num_steps
+        if phase == "valid":
+            return self.num_valid_steps
+        raise ValueError(f"num_phase_steps counts 'train' and 'valid' steps, not {phase!r}")

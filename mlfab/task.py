@@ -6,9 +6,11 @@ builds the default optimizer from the config, and writes everything passed to `l
 attached logger. `Task.launch(Config(...))` runs it; `lightning.pytorch.Trainer().fit(task)` works too.
 """
 
+import functools
+import inspect
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Generic
 
@@ -16,7 +18,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.utilities.data import has_len
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -27,7 +29,7 @@ from mlfab._lightning import (
     step_ends,
     withhold_from_loggers,
 )
-from mlfab.checkpoints import check_compatible, gather_rng_states, restore_rng_states, task_id
+from mlfab.checkpoints import around_saves, check_compatible, gather_rng_states, restore_rng_states, task_id
 from mlfab.cli.parser import launch
 from mlfab.config import Config, ConfigT, build_config, check_config, to_dict
 from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
@@ -41,9 +43,16 @@ from mlfab.loggers.tensorboard import TensorboardLogger
 from mlfab.logs.api import LogMethods
 from mlfab.logs.buffer import Cadence, LogBuffer
 from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
-from mlfab.optim import save_in_eval_mode, schedule_free_adamw, set_optimizer_mode, use_training_weights, warm_up
+from mlfab.optim import (
+    lightning_optimizers,
+    save_in_eval_mode,
+    schedule_free_adamw,
+    set_optimizer_mode,
+    use_training_weights,
+    warm_up,
+)
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
-from mlfab.run.callbacks import ValidationCadence
+from mlfab.run.callbacks import TrainingEndsOnError, ValidationCadence
 from mlfab.run.distributed import broadcast_exp_dir
 from mlfab.state import PHASES, Phase, State
 
@@ -70,6 +79,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def __init__(self, config: ConfigT) -> None:
         super().__init__()
         config_cls = self.config_class()  # Fails early, with the fix, if the task names no config.
+        if not isinstance(config, Mapping) and getattr(config, "batch_size", 0) is None:
+            config.batch_size = self.get_batch_size()  # mlfab 0.2: the task gives the batch size.
         if isinstance(config, Mapping):  # Plain data, e.g. hyperparameters from a checkpoint.
             config = build_config(config_cls, config)
         else:
@@ -87,6 +98,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._consumed = Consumed()  # Batches trained, so the loader knows which ones are still in flight.
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._last_losses: dict[str, Tensor] = {}
+        self._training_over = False  # `set_training_over()` was called.
+        self._step_started = False  # `on_step_start` ran for the step in progress.
         self._metric_names: set[str] = set()  # What this task `self.log`s for Lightning (not for its loggers).
         self._lightning_names: set[str] = set()  # What the task's own code `self.log`s (see `log`).
         self._weights_from_checkpoint = False  # Evaluation weights loaded for validate/test: no mode switch.
@@ -126,11 +139,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def log_valid_step(self, batch: Any, output: Any, state: State) -> None:
         """Override to log values on validation steps."""
 
-    def get_batch_size(self, batch: Any) -> int:
+    def get_num_samples(self, batch: Any) -> int:
         """The number of samples in `batch`, which weighs the scalars logged for it in the mean over a validation
         run (and over a step's accumulated batches): by default the leading dimension of the first tensor or array
         in it (depth first), or 1. Override it where that is not the number of samples."""
         return leading_dim(batch)
+
+    def get_batch_size(self) -> int:
+        """The batch size when the config leaves `batch_size` unset (None), as in mlfab 0.2."""
+        raise TaskDefinitionError(
+            f"{type(self).__name__}'s config has no batch_size: set it, or override `get_batch_size(self) -> int`."
+        )
 
     def get_prediction(self, batch: Any) -> Any:
         """What `predict` returns for a batch (Lightning's `predict_step` calls it): by default the model's output
@@ -145,12 +164,44 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def add_logger(self, *loggers: Any) -> None:
         self._mlfab_loggers.extend(loggers)
 
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer used by `configure_optimizers`: schedule-free AdamW from the config."""
+    def get_optimizer_builder(self) -> Callable[[nn.Module], Any]:
+        """What `build_optimizer` calls with the model (as in mlfab 0.2): schedule-free AdamW from the config."""
         c = self.config
-        return schedule_free_adamw(
-            self, lr=c.learning_rate, betas=c.betas, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps
-        )
+        return functools.partial(
+            schedule_free_adamw, lr=c.learning_rate, betas=c.betas, weight_decay=c.weight_decay,
+            warmup_steps=c.warmup_steps,
+        )  # fmt: skip
+
+    def build_optimizer(self, model: nn.Module | None = None) -> Any:
+        """The optimizer `configure_optimizers` uses: `get_optimizer_builder()(model)`. Return an optimizer, an
+        `(optimizer, scheduler)` pair (the scheduler steps after every optimizer step) or anything Lightning's
+        `configure_optimizers` may return. mlfab 0.2's `build_optimizer(self, model)` works too."""
+        return self.get_optimizer_builder()(self if model is None else model)
+
+    # mlfab 0.2's hooks, called at the same points of training (with the `State` of that moment).
+
+    def on_training_start(self, state: State) -> None:
+        """When training starts (after a resume's state was restored)."""
+
+    def on_training_end(self, state: State) -> None:
+        """When training ends, however it ends (also after an exception)."""
+
+    def on_step_start(self, state: State) -> None:
+        """Before each optimizer step (before the first of its accumulated batches); `state.num_steps` is the number
+        of steps done."""
+
+    def on_step_end(self, state: State, loss_dict: dict[str, Tensor]) -> None:
+        """After each optimizer step, with the losses of its last batch (detached)."""
+
+    def on_before_save_ckpt(self, ckpt_path: Path) -> None:
+        """Before a checkpoint is written to `ckpt_path` (on the process that writes it)."""
+
+    def on_after_save_ckpt(self, ckpt_path: Path) -> None:
+        """After the checkpoint at `ckpt_path` was written in full (with its checksum, where mlfab writes it)."""
+
+    def set_training_over(self) -> None:
+        """Ends training after the current optimizer step (it is logged, validated and saved as a last step is)."""
+        self._training_over = True
 
     # ----------------------------------------------------------------------------------------------------------------
     # Run information.
@@ -216,9 +267,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             value = value.compute
         self._log_buffers[self._phase()].add("scalar", name, value)
 
-    def _loss_total(self, loss: Any, phase: Phase) -> Tensor:
+    def _loss_total(self, loss: Any, phase: Phase, batch: Any) -> Tensor:
         """The loss to backpropagate; each part is logged under `loss/<name>`."""
-        self._last_losses = parts = loss_parts(loss, type(self).__name__)
+        name = type(self).__name__
+        self._last_losses = parts = loss_parts(
+            per_sample_reduced(loss, lambda: self.get_num_samples(batch), name), name
+        )
         buffer = self._log_buffers[phase]
         for name, part in parts.items():
             buffer.add("scalar", f"loss/{name}", part.detach())
@@ -308,6 +362,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         withhold_from_loggers(self.trainer, self._metric_names, lambda logger: isinstance(logger, MlfabLogger))
         if stage == "fit":
             self._weights_from_checkpoint = False
+            around_saves(self.trainer.strategy.checkpoint_io, self.on_before_save_ckpt, self.on_after_save_ckpt)
         if self.trainer.world_size > 1:
             # Ranks started by torchrun, Slurm or by hand each made their own guess: rank zero's wins.
             self._exp_dir = broadcast_exp_dir(self.trainer, self._exp_dir)
@@ -334,14 +389,15 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def configure_optimizers(self) -> Any:
-        return self.build_optimizer()
+        built = self.build_optimizer(self) if _takes_model(type(self).build_optimizer) else self.build_optimizer()
+        return lightning_optimizers(built, type(self).__name__, self.config.warmup_steps)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self._consumed.count += 1  # Counted now: checkpoint callbacks run before this task's batch-end hook.
         if self.trainer.accumulate_grad_batches > 1:  # Only then can a step's values come from batches of two sizes.
-            self._log_buffers["train"].weight = max(1, self.get_batch_size(batch))
-        loss = self._loss_total(self.get_loss(batch, self.state("train")), "train")
+            self._log_buffers["train"].weight = max(1, self.get_num_samples(batch))
+        loss = self._loss_total(self.get_loss(batch, self.state("train")), "train", batch)
         self._num_samples += self.config.batch_size * self.trainer.world_size
         return loss
 
@@ -349,8 +405,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
             return None
-        self._log_buffers["valid"].weight = max(1, self.get_batch_size(batch))
-        loss = self._loss_total(self.get_loss(batch, self.state("valid")), "valid")
+        self._log_buffers["valid"].weight = max(1, self.get_num_samples(batch))
+        loss = self._loss_total(self.get_loss(batch, self.state("valid")), "valid", batch)
         self._num_valid_steps += 0 if self.trainer.sanity_checking else 1
         return loss
 
@@ -358,8 +414,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if batch is None:  # As in validation_step.
             return None
-        self._log_buffers["test"].weight = max(1, self.get_batch_size(batch))
-        return self._loss_total(self.get_loss(batch, self.state("test")), "test")
+        self._log_buffers["test"].weight = max(1, self.get_num_samples(batch))
+        return self._loss_total(self.get_loss(batch, self.state("test")), "test", batch)
 
     @override
     def on_test_epoch_end(self) -> None:
@@ -406,8 +462,18 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             self.log_string("last_skipped_step", self._nonfinite.last_skip, namespace="nonfinite")
 
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._step_started:
+            self._step_started = True
+            self.on_step_start(self.state("train"))
+
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if step_ends(self.trainer):
+            self._step_started = False
+            self.on_step_end(self.state("train"), {k: v.detach() for k, v in self._last_losses.items()})
+            if self._training_over:
+                self.trainer.should_stop = True
             self._log_bad_data()
             self._flush_logs("train", self.global_step - 1, everywhere=self._written_everywhere())
 
@@ -454,6 +520,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self._pending_rng is not None:
             restore_rng_states(self.trainer, self._pending_rng)
             self._pending_rng = None
+        self._training_over = self._step_started = False
+        self.on_training_start(self.state("train"))
+
+    @override
+    def on_train_end(self) -> None:
+        self.on_training_end(self.state("train"))
+
+    @override
+    def configure_callbacks(self) -> list[Any]:
+        """Lightning tells callbacks, not modules, of an exception: this one calls `on_training_end` then."""
+        return [TrainingEndsOnError()] if type(self).on_training_end is not Task.on_training_end else []
 
     def _evaluation_weights(self, evaluate: bool) -> None:
         """Schedule-free optimizers: evaluate with their evaluation weights, then go back to the training weights.
@@ -536,9 +613,45 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     # Running.
 
     @classmethod
-    def launch(cls, *configs: Any, launcher: Any = None, argv: list[str] | None = None) -> None:
-        """Resolves the config (defaults <- `configs` <- YAML files and key=value on the command line) and trains."""
+    def launch(
+        cls, *configs: Any, launcher: Any = None, argv: list[str] | None = None, use_cli: bool | list[str] = True
+    ) -> None:
+        """Resolves the config (defaults <- `configs` <- YAML files and key=value on the command line) and trains.
+        `argv`: the arguments instead of the command line; mlfab 0.2's `use_cli=False` (no arguments) or
+        `use_cli=[...]` (these arguments) also work."""
+        if use_cli is not True:
+            if argv is not None:
+                raise TaskDefinitionError(f"{cls.__name__}.launch: give argv or use_cli, not both.")
+            argv = [] if use_cli is False else list(use_cli)
         launch(cls, *configs, launcher=launcher, argv=argv)
+
+
+def per_sample_reduced(loss: Any, batch_samples: Callable[[], int], task: str) -> Any:
+    """A loss with a batch dimension (per-sample losses, in a Tensor or as values of a dict), reduced as mlfab 0.2
+    did: its sum divided by the batch size (for a (B,) loss, the mean over samples). Scalars are kept; a tensor whose
+    first dimension is not the batch's number of samples is refused rather than averaged into a wrong number."""
+    if isinstance(loss, Mapping):
+        return {k: _reduced(v, k, batch_samples, task) for k, v in loss.items()}
+    return _reduced(loss, "loss", batch_samples, task)
+
+
+def _reduced(value: Any, name: str, batch_samples: Callable[[], int], task: str) -> Any:
+    if not isinstance(value, Tensor) or value.ndim == 0:
+        return value
+    n = batch_samples()
+    if value.shape[0] != n:
+        raise TaskDefinitionError(
+            f"{task}.get_loss returned a tensor of shape {tuple(value.shape)} for loss {name!r}; each loss must be a "
+            f"scalar, or one value per sample (a first dimension of {n}, this batch's size: get_num_samples), which "
+            "is summed and divided by the batch size."
+        )
+    return value.sum() / n
+
+
+def _takes_model(build_optimizer: Callable[..., Any]) -> bool:
+    """Whether an overridden `build_optimizer` has mlfab 0.2's signature `(self, model)`."""
+    params = list(inspect.signature(build_optimizer).parameters.values())[1:]
+    return bool(params) and params[0].default is inspect.Parameter.empty
 
 
 def leading_dim(batch: Any) -> int:

@@ -45,7 +45,7 @@ BAD_VALUES = [
     ("max_bad_samples_in_a_row=0", "key 'max_bad_samples_in_a_row': must be an integer >= 1 or null"),
     ("max_nonfinite_steps_in_a_row=0", "key 'max_nonfinite_steps_in_a_row': must be an integer >= 1 or null"),
     ("num_dataloader_workers=-1", "key 'num_dataloader_workers': must be an integer >= 0"),
-    ("batch_size=0", "key 'batch_size': must be an integer >= 1 (got 0)"),
+    ("batch_size=0", "key 'batch_size': must be an integer >= 1, or null for the task's get_batch_size() (got 0)"),
     ("seed=-1", "key 'seed': must be an integer from 0 to 4294967295 (got -1)"),
     ("seed=4294967296", "key 'seed': must be an integer from 0 to 4294967295"),
     ("num_nodes=0", "key 'num_nodes': must be an integer >= 1 (got 0)"),

@@ -59,7 +59,7 @@ def test_get_dataset_returning_non_dataset(tmp_path: Path) -> None:
     ("loss", "message"),
     [
         (None, r"get_loss returned NoneType; it must return a scalar Tensor"),
-        (torch.ones(3), r"returned a tensor of shape \(3,\) for loss 'loss'; each loss must be a scalar"),
+        (torch.ones(3), r"returned a tensor of shape \(3,\) for loss 'loss'; each loss must be a scalar, or one value"),
     ],
 )
 def test_get_loss_bad_return(tmp_path: Path, loss: object, message: str) -> None:

@@ -276,3 +276,13 @@ class PredictionWriter(BasePredictionWriter):
         indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
         torch.save({"predictions": move_data_to_device(outputs, "cpu"), "batch_indices": indices}, path)
         print(f"Predictions of {len(outputs)} batches: {path}", flush=True)
+
+
+class TrainingEndsOnError(StepFreeCallback):
+    """Calls an mlfab task's `on_training_end(state)` when training fails (Lightning calls `on_train_end` only when it
+    ends normally), as mlfab 0.2 did."""
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
+        if trainer.training:
+            pl_module.on_training_end(pl_module.state("train"))

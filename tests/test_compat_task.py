@@ -1,0 +1,194 @@
+"""Tasks written the way mlfab 0.2 users write them (#14): its hooks are called at the same points, its optimizer
+API works, `set_training_over`, `get_batch_size`, per-sample losses, `use_cli`, the `State` helpers and
+`field(default)` without help."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import mlfab
+from mlfab.testing import BoringConfig, BoringTask
+
+pytestmark = pytest.mark.integration
+
+
+class Json(BoringTask):
+    def set_loggers(self) -> None:
+        self.add_logger(mlfab.JsonLogger(self.exp_dir, log_interval_seconds=0.0))
+
+
+def train_lines(exp: Path, key: str) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (exp / "json" / "log.jsonl").read_text().splitlines()]
+    return [(x["step"], x["scalars"][key]) for x in lines if x["phase"] == "train" and key in x.get("scalars", {})]
+
+
+def run(task_cls: type[BoringTask], tmp_path: Path, **config: Any) -> Path:
+    settings = {"max_steps": 4, "valid_every_n_steps": None, "exp_dir": str(tmp_path / "run"), **config}
+    task_cls.launch(BoringConfig(**settings), use_cli=False)
+    return tmp_path / "run"
+
+
+def test_hooks_are_called_where_mlfab_0_2_called_them(tmp_path: Path) -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    class Hooks(Json):
+        def on_training_start(self, state: mlfab.State) -> None:
+            calls.append(("training_start", state.num_steps))
+
+        def on_step_start(self, state: mlfab.State) -> None:
+            calls.append(("step_start", state.num_steps))
+
+        def on_step_end(self, state: mlfab.State, loss_dict: dict[str, Tensor]) -> None:
+            calls.append(("step_end", state.num_steps, sorted(loss_dict), loss_dict["loss"].requires_grad))
+
+        def on_before_save_ckpt(self, ckpt_path: Path) -> None:
+            calls.append(("before_save", ckpt_path.name, ckpt_path.exists()))
+
+        def on_after_save_ckpt(self, ckpt_path: Path) -> None:
+            calls.append(("after_save", ckpt_path.name, ckpt_path.exists()))
+
+        def on_training_end(self, state: mlfab.State) -> None:
+            calls.append(("training_end", state.num_steps))
+
+    run(Hooks, tmp_path, batches_per_step=2, max_steps=3)  # Two batches a step: one step_start per step.
+    assert calls == [
+        ("training_start", 0),
+        ("step_start", 0),
+        ("step_end", 1, ["loss"], False),
+        ("step_start", 1),
+        ("step_end", 2, ["loss"], False),
+        ("step_start", 2),
+        ("step_end", 3, ["loss"], False),
+        ("before_save", "last.ckpt", False),
+        ("after_save", "last.ckpt", True),
+        ("training_end", 3),
+    ]
+
+
+def test_learning_rate_decayed_in_on_step_start_is_applied(tmp_path: Path) -> None:
+    class Decaying(Json):
+        def on_step_start(self, state: mlfab.State) -> None:
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = 0.1 * 0.5**state.num_steps
+
+    exp = run(Decaying, tmp_path)
+    assert train_lines(exp, "optim/lr") == [(0, 0.1), (1, 0.05), (2, 0.025), (3, 0.0125)]
+
+
+def test_on_training_end_runs_when_training_fails(tmp_path: Path) -> None:
+    ended: list[int] = []
+
+    class Failing(BoringTask):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            if state.num_steps == 2:
+                raise RuntimeError("boom")
+            return super().get_loss(batch, state)
+
+        def on_training_end(self, state: mlfab.State) -> None:
+            ended.append(state.num_steps)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(Failing, tmp_path)
+    assert ended == [2]
+
+
+def test_build_optimizer_with_the_model_argument_and_an_optimizer_builder(tmp_path: Path) -> None:
+    class OldSignature(BoringTask):
+        def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:  # type: ignore[override]
+            return torch.optim.SGD(model.parameters(), lr=0.01)
+
+    class Builder(BoringTask):
+        def get_optimizer_builder(self) -> Any:
+            return lambda model: torch.optim.Adam(model.parameters(), lr=0.01)
+
+    for task_cls, expected in ((OldSignature, torch.optim.SGD), (Builder, torch.optim.Adam)):
+        task = task_cls(BoringConfig(max_steps=1))
+        assert type(task.configure_optimizers()) is expected
+
+
+def test_optimizer_and_scheduler_pair_steps_every_optimizer_step(tmp_path: Path) -> None:
+    class Scheduled(Json):
+        def build_optimizer(self, model: nn.Module | None = None) -> Any:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.1)
+
+    exp = run(Scheduled, tmp_path)
+    lines = train_lines(exp, "optim/lr")
+    assert [step for step, _ in lines] == [0, 1, 2, 3]
+    assert [lr for _, lr in lines] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+
+
+def test_a_scheduler_on_the_default_optimizer_and_its_warmup_is_refused(tmp_path: Path) -> None:
+    class Scheduled(BoringTask):
+        def build_optimizer(self, model: nn.Module | None = None) -> Any:
+            optimizer = super().build_optimizer()
+            return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+
+    with pytest.raises(mlfab.TaskDefinitionError, match=r"warmup_steps=5\) also sets the rate. Set warmup_steps=0"):
+        run(Scheduled, tmp_path, warmup_steps=5)
+    exp = run(Scheduled, tmp_path / "no_warmup", warmup_steps=0)  # Without warmup the schedule sets the rate.
+    assert (exp / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_set_training_over_ends_after_that_step(tmp_path: Path) -> None:
+    class Stopping(Json):
+        def on_step_end(self, state: mlfab.State, loss_dict: dict[str, Tensor]) -> None:
+            if state.num_steps == 2:
+                self.set_training_over()
+
+    exp = run(Stopping, tmp_path, max_steps=100)
+    assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert [step for step, _ in train_lines(exp, "loss/loss")] == [0, 1]
+
+
+def test_get_batch_size_fills_an_unset_batch_size(tmp_path: Path) -> None:
+    class Sized(BoringTask):
+        def get_batch_size(self) -> int:
+            return 5
+
+    exp = run(Sized, tmp_path, batch_size=None, max_steps=1)
+    assert "batch_size: 5\n" in (exp / "config.yaml").read_text()
+    with pytest.raises(mlfab.TaskDefinitionError, match=r"no batch_size: set it, or override `get_batch_size"):
+        BoringTask(BoringConfig(batch_size=None))  # type: ignore[arg-type]
+
+
+def test_a_per_sample_loss_is_summed_and_divided_by_the_batch_size(tmp_path: Path) -> None:
+    class PerSample(Json):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> dict[str, Tensor]:
+            x, y = batch
+            squared = F.mse_loss(self(x), y, reduction="none")  # (B,)
+            return {"mse": squared, "mse_mean": squared.mean().detach() + 0 * squared.sum()}
+
+    exp = run(PerSample, tmp_path)
+    assert [v for _, v in train_lines(exp, "loss/mse")] == pytest.approx(
+        [v for _, v in train_lines(exp, "loss/mse_mean")]
+    )
+
+
+def test_state_helpers_field_without_help_and_use_cli(tmp_path: Path) -> None:
+    state = mlfab.State.init_state()
+    assert (state.num_steps, state.phase, state.training) == (0, "train", True)
+    later = mlfab.State(num_steps=7, num_samples=0, num_valid_steps=3, phase="valid", start_time_s=0, elapsed_time_s=0)
+    assert (later.num_phase_steps("train"), later.num_phase_steps("valid"), later.training) == (7, 3, False)
+
+    @dataclass(kw_only=True)
+    class Config(BoringConfig):
+        extra: int = mlfab.field(1)  # No help, as 0.2 allowed.
+
+    class WithExtra(mlfab.Task[Config]):
+        def __init__(self, config: Config) -> None:
+            super().__init__(config)
+            self.layer = nn.Linear(config.in_dim, 1)
+
+        get_dataset, forward, get_loss = BoringTask.get_dataset, BoringTask.forward, BoringTask.get_loss
+
+    WithExtra.launch(Config(max_steps=1, exp_dir=str(tmp_path / "cli")), use_cli=["extra=3"])
+    assert "extra: 3\n" in (tmp_path / "cli" / "config.yaml").read_text()
+    with pytest.raises(mlfab.TaskDefinitionError, match="give argv or use_cli, not both"):
+        WithExtra.launch(Config(), argv=[], use_cli=False)
