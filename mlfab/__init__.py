@@ -26,6 +26,7 @@ from mlfab.loggers.json import JsonLogger
 from mlfab.loggers.stdout import StdoutLogger
 from mlfab.loggers.tensorboard import TensorboardLogger
 from mlfab.loggers.wandb import WandbLogger
+from mlfab.nets import detached_call
 from mlfab.settings import get_data_dir, get_pretrained_models_dir, get_run_dir
 from mlfab.state import Phase, State
 from mlfab.task import Task
@@ -50,6 +51,7 @@ __all__ = [
     "TaskDefinitionError",
     "TensorboardLogger",
     "WandbLogger",
+    "detached_call",
     "field",
     "get_data_dir",
     "get_pretrained_models_dir",

@@ -33,6 +33,7 @@ def test_public_surface_is_exactly_what_is_meant() -> None:
             "TaskDefinitionError",
             "TensorboardLogger",
             "WandbLogger",
+            "detached_call",
             "field",
             "get_data_dir",
             "get_pretrained_models_dir",
