@@ -7,6 +7,7 @@ import pytest
 from examples.gan import Config, DigitsGan
 from mlfab.testing import read_scalars
 
+
 @pytest.mark.integration
 def test_the_gan_learns(tmp_path: Path) -> None:
     DigitsGan.launch(Config(max_steps=400, exp_dir=str(tmp_path / "run")), use_cli=False)
