@@ -1,13 +1,17 @@
 """User settings: `~/.mlfab.yml` (path from `MLFABRC_PATH`), with `./mlfab.yml` merged over it.
 
 Its `directories` section has `run`, `data` and `pretrained_models`. An entry left empty falls back to
-the `RUN_DIR`, `DATA_DIR` and `MODEL_DIR` environment variables. Values may use `$VARS` and `~`.
-A commented default file is written the first time settings are read.
+the `RUN_DIR`, `DATA_DIR` and `MODEL_DIR` environment variables. Values may use `~`, `$VAR`, `${VAR}` and, as the
+file mlfab 0.2 wrote does, OmegaConf's `${oc.env:VAR}` and `${oc.env:VAR,default}`; a variable they name that is
+not set is an error naming the file, the entry and the variable, except in an entry that is just its own fallback
+variable (`run: ${oc.env:RUN_DIR}`, as 0.2 wrote), which reads as empty. A commented default file is written the
+first time settings are read.
 """
 
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import yaml
 
@@ -17,6 +21,7 @@ from mlfab.errors import SettingsError
 DEFAULT_SETTINGS = """\
 # mlfab user settings. Written by mlfab on first use; edit freely.
 # ./mlfab.yml in the working directory is merged over this file.
+# Values may use ~, $VAR, ${VAR}, ${oc.env:VAR} and ${oc.env:VAR,default} (mlfab 0.2's files work as they are).
 directories:
   # Where runs (checkpoints, logs) go. Empty: the RUN_DIR environment variable, else ./runs.
   run: null
@@ -45,8 +50,9 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_settings() -> dict[str, Any]:
-    """Reads the settings afresh each call (they are small), writing the default file if none exists."""
+def _files() -> list[tuple[Path, dict[str, Any]]]:
+    """The settings files that exist and what each holds, the user file first (writing its default if there is
+    none), then ./mlfab.yml."""
     path = settings_path()
     if not path.exists():
         try:
@@ -54,39 +60,218 @@ def load_settings() -> dict[str, Any]:
             path.write_text(DEFAULT_SETTINGS)
         except OSError:
             pass  # A read-only home is fine: the environment variables still work.
-    settings = _read(path) if path.exists() else {}
     local = Path.cwd() / "mlfab.yml"
-    return merge(settings, _read(local)) if local.is_file() else settings
+    return [(p, _read(p)) for p in (path, local) if p.is_file()]
+
+
+def load_settings() -> dict[str, Any]:
+    """Reads the settings afresh each call (they are small), writing the default file if none exists. Values are as
+    written: variables are expanded when a directory is read."""
+    settings: dict[str, Any] = {}
+    for _, data in _files():
+        settings = merge(settings, data)
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Variables in values: ${oc.env:VAR}, ${oc.env:VAR,default} (OmegaConf's, as mlfab 0.2 wrote them), ${VAR}, $VAR.
+
+
+class _Unset(Exception):
+    """A value names an environment variable that is not set, and gives no default."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OC_ENV = re.compile(r"\s*oc\.env\s*:(.*)", re.DOTALL)
+_DOLLAR_NAME = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+_ONLY_VARIABLE = re.compile(r"\$(?:\{\s*(?:oc\.env\s*:\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*\}|([A-Za-z_][A-Za-z0-9_]*))")
+_SYNTAX = "${oc.env:VAR}, ${oc.env:VAR,default}, ${VAR} and $VAR"
+
+
+def _closing(text: str, start: int, where: str) -> int:
+    """The index of the `}` closing the interpolation whose body starts at `start` (nested `${...}` and quoted
+    strings inside it are skipped)."""
+    depth, i = 1, start
+    while i < len(text):
+        if text[i] in "'\"":
+            end = text.find(text[i], i + 1)
+            if end < 0:
+                break
+            i = end
+        elif text.startswith("${", i):
+            depth, i = depth + 1, i + 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise SettingsError(f"{where}: an interpolation `${{` is not closed in {text!r}.")
+
+
+def _split_args(body: str) -> list[str]:
+    """`oc.env`'s arguments: `body` split at the commas outside quotes and nested interpolations."""
+    args, depth, current, i = [], 0, "", 0
+    while i < len(body):
+        char = body[i]
+        if char in "'\"":
+            end = body.find(char, i + 1)
+            end = len(body) - 1 if end < 0 else end
+            current, i = current + body[i : end + 1], end + 1
+            continue
+        if body.startswith("${", i):
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        if char == "," and depth == 0:
+            args.append(current)
+            current = ""
+        else:
+            current += char
+        i += 1
+    return [*args, current]
+
+
+def _unquote(arg: str) -> str | None:
+    """A quoted argument's text, else None."""
+    if len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "'\"":
+        return arg[1:-1]
+    return None
+
+
+def _interpolation(body: str, where: str, text: str) -> str | None:
+    """The value of `${body}`: OmegaConf's `oc.env` resolver, or a shell-style `${VAR}`."""
+    oc_env = _OC_ENV.fullmatch(body)
+    if oc_env is None:
+        if _NAME.fullmatch(body.strip()):
+            return _env(body.strip())
+        raise SettingsError(
+            f"{where} is {text!r}: mlfab settings expand {_SYNTAX}, not the OmegaConf interpolation ${{{body}}}. "
+            "Write the path out, or use an environment variable."
+        )
+    args = [a.strip() for a in _split_args(oc_env.group(1))]
+    if len(args) > 2 or not args[0]:
+        raise SettingsError(
+            f"{where} is {text!r}: ${{oc.env:...}} takes a variable name and at most one default, as in "
+            "${oc.env:DATA_DIR} or ${oc.env:DATA_DIR,/path/to/data} (quote a default that holds a comma)."
+        )
+    name = _unquote(args[0]) or args[0]
+    if name in os.environ:
+        return os.environ[name]
+    if len(args) == 1:
+        raise _Unset(name)
+    default = args[1]
+    quoted = _unquote(default)
+    if quoted is not None:
+        return quoted
+    return None if default == "null" else _expand(default, where)
+
+
+def _env(name: str) -> str:
+    if name not in os.environ:
+        raise _Unset(name)
+    return os.environ[name]
+
+
+def _expand(text: str, where: str) -> str | None:
+    """`text` with its variables expanded (OmegaConf's `\\${` is a literal `${`). None when the whole value is an
+    `${oc.env:VAR,null}` whose variable is not set."""
+    parts: list[str] = []
+    i = 0
+    while i < len(text):
+        if text.startswith("\\${", i):
+            parts.append("${")
+            i += 3
+        elif text.startswith("${", i):
+            end = _closing(text, i + 2, where)
+            value = _interpolation(text[i + 2 : end], where, text)
+            if i == 0 and end == len(text) - 1:
+                return value
+            parts.append(str(value))  # As OmegaConf does: a null inside a string reads "None".
+            i = end + 1
+        else:
+            stop = min((j for j in (text.find("${", i), text.find("\\${", i)) if j >= 0), default=len(text))
+            parts.append(_DOLLAR_NAME.sub(lambda m: _env(m.group(1)), text[i:stop]))
+            i = stop
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The directories.
+
+
+def _entry(key: str) -> tuple[Any, Path | None]:
+    """`directories.<key>` as written, and the file it is written in: ./mlfab.yml where it sets the key, else the
+    user file. (None, None) when neither sets it."""
+    found: tuple[Any, Path | None] = (None, None)
+    for path, data in _files():
+        directories = data.get("directories")
+        if directories is None:
+            continue
+        if not isinstance(directories, dict):
+            raise SettingsError(
+                f"`directories` in {path} must be a mapping with keys run, data and pretrained_models "
+                f"(e.g. `directories:\n  data: /path/to/data`), not a {type(directories).__name__}."
+            )
+        if key in directories:
+            found = (directories[key], path)
+    return found
+
+
+def _own_variable(key: str, value: Any) -> bool:
+    """Whether the entry is just its own fallback variable, as mlfab 0.2 wrote it: `run: ${oc.env:RUN_DIR}`."""
+    match = _ONLY_VARIABLE.fullmatch(value.strip()) if isinstance(value, str) else None
+    return match is not None and (match.group(1) or match.group(2)) == _ENV_VARS[key]
 
 
 def _directory(key: str) -> Path | None:
     """`directories.<key>` from the settings, else its environment variable; None when neither is set."""
-    directories = load_settings().get("directories") or {}
-    if not isinstance(directories, dict):
-        raise SettingsError(
-            f"`directories` in {settings_path()} must be a mapping with keys run, data and pretrained_models "
-            f"(e.g. `directories:\n  data: /path/to/data`), not a {type(directories).__name__}."
-        )
-    value = directories.get(key)
+    value, path = _entry(key)
+    if isinstance(value, str):
+        where = f"`directories.{key}` in {path}"
+        try:
+            value = _expand(value, where)
+        except _Unset as e:
+            if not _own_variable(key, value):
+                raise SettingsError(
+                    f"{where} is {value!r}, but the environment variable {e.name} is not set. Set it "
+                    f"(`export {e.name}=...`), give a default as `${{oc.env:{e.name},/path/to/{key}}}`, or write "
+                    "the path out."
+                ) from None
+            value = None  # mlfab 0.2's `${oc.env:RUN_DIR}` with RUN_DIR unset: not set, as 0.2 read it.
     if value in (None, ""):
         value = os.environ.get(_ENV_VARS[key])
-    return None if value in (None, "") else Path(os.path.expandvars(str(value))).expanduser()
+    return None if value in (None, "") else Path(str(value)).expanduser()
 
 
 def _required_directory(key: str) -> Path:
     path = _directory(key)
     if path is None:
         env = _ENV_VARS[key]
+        value, where = _entry(key)
+        written = f" (it is {value!r} there, and {env} is not set)" if _own_variable(key, value) else ""
         raise SettingsError(
-            f"The {key} directory is not set. Set `directories.{key}` in {settings_path()} "
+            f"The {key} directory is not set. Set `directories.{key}` in {where or settings_path()}{written} "
             f"(or ./mlfab.yml), or set the {env} environment variable, e.g. `export {env}=/path/to/{key}`."
         )
     return path
 
 
-def get_run_dir() -> Path:
-    """The root directory for runs (`directories.run` or `RUN_DIR`)."""
-    return _required_directory("run")
+@overload
+def get_run_dir(*, missing_ok: Literal[False] = False) -> Path: ...
+
+
+@overload
+def get_run_dir(*, missing_ok: bool) -> Path | None: ...
+
+
+def get_run_dir(*, missing_ok: bool = False) -> Path | None:
+    """The root directory for runs (`directories.run` or `RUN_DIR`). When neither is set: an error, or None with
+    `missing_ok=True` (mlfab 0.2's keyword). Launch itself falls back to ./runs."""
+    return _directory("run") if missing_ok else _required_directory("run")
 
 
 def get_data_dir() -> Path:

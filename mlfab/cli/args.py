@@ -9,6 +9,7 @@ explain a refusal key by key.
 """
 
 import inspect
+import os
 from collections.abc import Mapping
 from pathlib import Path, PurePath
 from typing import Any
@@ -65,20 +66,38 @@ def config_file_args(task_cls: Any, arg: str | PurePath) -> tuple[list[str], dic
 
 
 def find_config_file(task_cls: Any, arg: str | PurePath) -> Path:
-    """`arg` in the working directory, else next to the task's source file."""
-    path = Path(arg)
-    if path.exists():
-        return path
-    try:
-        beside = Path(inspect.getfile(task_cls)).parent / arg
-    except (TypeError, OSError):
-        beside = path
-    if beside.exists():
-        return beside
+    """The YAML file `arg` names, as an absolute path: a relative name is looked up in the working directory, then
+    next to the task's source file (where a script keeps its YAML files, whatever directory it is run from)."""
+    path = Path(arg).expanduser()
+    if path.is_absolute():
+        tried = [(path, "")]
+    else:
+        source = _source_dir(task_cls)
+        tried = [(Path.cwd() / path, "in the working directory")]
+        if source is not None:
+            tried.append((source / path, f"next to {task_cls.__name__}'s source file"))
+    for candidate, _ in tried:
+        if candidate.is_file():
+            return candidate
+    looked = " and ".join(_described(candidate, where) for candidate, where in tried)
+    if not path.is_absolute() and len(tried) == 1:
+        looked += f" ({task_cls.__name__} has no source file to look next to)"
     raise ConfigError(
-        f"Config file {str(arg)!r} not found (looked in the working directory and next to "
-        f"{task_cls.__name__}'s source file). Pass key=value or an existing YAML file."
+        f"Config file {str(arg)!r} not found; looked for {looked}. Pass key=value or an existing YAML file."
     )
+
+
+def _described(candidate: Path, where: str) -> str:
+    notes = [note for note in (where, "a directory" if candidate.is_dir() else "") if note]
+    return f"{candidate} ({'; '.join(notes)})" if notes else str(candidate)
+
+
+def _source_dir(task_cls: Any) -> Path | None:
+    """The directory of the file that defines the task class, or None (a class typed into a notebook or `-c`)."""
+    try:
+        return Path(os.path.abspath(inspect.getfile(task_cls))).parent
+    except (TypeError, OSError):
+        return None
 
 
 def is_run_file(config_cls: type, data: Mapping[str, Any]) -> bool:
@@ -109,6 +128,7 @@ def short_form_usage() -> str:
         f"       {cmd} {{{','.join(SUBCOMMANDS)}}} [--help] ...\n\n"
         "The first form is `fit` written short: key=value stands for --model.config.key=value (dotted keys set nested "
         "fields; the value is read as YAML, so betas=[0.9,0.95] and max_steps=null work), a YAML file of config keys "
-        "for --model.config FILE, and a run's config.yaml for --config FILE. A bare file name is also looked up next "
-        "to the task's source file. The arguments apply in order, later ones winning. `fit` takes:\n"
+        "for --model.config FILE, and a run's config.yaml for --config FILE. A relative file name is looked up in the "
+        "working directory, then next to the task's source file. The arguments apply in order, later ones winning. "
+        "`fit` takes:\n"
     )
