@@ -21,7 +21,7 @@ from mlfab.errors import (
     SlurmError,
     TaskDefinitionError,
 )
-from mlfab.loggers.base import MlfabLogger
+from mlfab.loggers.base import MlfabLogger, PlainLogger
 from mlfab.loggers.json import JsonLogger
 from mlfab.loggers.stdout import StdoutLogger
 from mlfab.loggers.tensorboard import TensorboardLogger
@@ -43,6 +43,7 @@ __all__ = [
     "MlfabLogger",
     "NonFiniteError",
     "Phase",
+    "PlainLogger",
     "SettingsError",
     "SlurmError",
     "State",

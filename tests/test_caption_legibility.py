@@ -143,10 +143,12 @@ def test_digits_captions_in_tensorboard_time_series_card(tmp_path: Path) -> None
     y, x = found
     shown = page[y : y + size[1], x : x + size[0]]
 
-    # The caption strip under the top-left image, as rendered: the first caption line's ink height.
-    cell_w = next(c for c in range(grid.shape[1]) if (grid[:, c] == 0).all())
+    # The caption strip under the top-left image, as rendered: the first caption line's ink height. Cells are as
+    # wide as their images (the 8 x 8 digits, resized to 256 x 256) and adjacent (log_labeled_images' sep=0, 0.2's
+    # default); the strip ends where the next row's digit starts (its black border under the strip's white margin).
+    cell_w = 256
     top = round(256 * scale)
-    bottom = next(r for r in range(256, grid.shape[0]) if (grid[r] == 0).all())
+    bottom = next((r for r in range(256, grid.shape[0]) if (grid[r, :2] != 255).any()), grid.shape[0])
     strip = shown[top : round(bottom * scale), : round(cell_w * scale)]
     ink = [row for row in range(len(strip)) if (strip[row].min(axis=-1) < 150).any()]
     assert ink, "no caption text in the rendered card"

@@ -62,12 +62,12 @@ def test_every_kind_reaches_tensorboard(tmp_path: Path) -> None:
     assert one.shape[0] > one.shape[1]  # The caption strip sits under the square image.
     strip = one[one.shape[1] :]  # Below the (square) image.
     assert (strip < 100).any() and (strip > 200).mean() > 0.5  # Dark text on a light strip.
-    assert "value/tone_spectrogram" in images and "value/tones_spectrogram" in images
+    assert "value/tone_spec" in images and "value/tones_spec" in images  # 0.2's spectrogram tags
 
     (tone,) = [a for a in acc.Audio("value/tone") if a.step == 1]
     assert tone.sample_rate == 8000 and tone.length_frames == 8000
     (tones,) = [a for a in acc.Audio("value/tones") if a.step == 1]
-    assert tones.length_frames == 2 * 8000 + 800  # Two clips and 0.1 s of silence between them.
+    assert tones.length_frames == 2 * 8000  # Two clips back to back (sep_ms=0, 0.2's default).
 
     clip = Image.open(io.BytesIO([e for e in acc.Images("value/clip")][0].encoded_image_string))
     assert clip.format == "GIF" and clip.n_frames == 10  # 30 frames at 30 fps resampled to 10 fps.

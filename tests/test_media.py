@@ -109,9 +109,12 @@ def test_normalize_image_pil_input() -> None:
 # normalize_image: values
 
 
-def test_normalize_image_floats_are_read_as_unit_range_and_clipped() -> None:
+def test_normalize_image_floats_are_min_max_normalised_as_in_02() -> None:
+    # mlfab 0.2's normalisation: [min(lowest, 0), max(highest, 1)] maps to [0, 255]; here [-0.5, 2].
     arr = np.array([[-0.5, 0.0, 0.5, 1.0, 2.0, np.nan]], dtype=np.float64)
-    assert normalize_image(arr, "img")[0, :, 0].tolist() == [0, 0, 128, 255, 255, 0]
+    assert normalize_image(arr, "img")[0, :, 0].tolist() == [0, 51, 102, 153, 255, 0]
+    inside = np.array([[0.25, 0.5, 0.75]], dtype=np.float32)  # Already in [0, 1]: unchanged, not stretched.
+    assert normalize_image(inside, "img")[0, :, 0].tolist() == [64, 128, 191]
 
 
 def test_normalize_image_float16_tensor() -> None:
@@ -369,18 +372,23 @@ def test_spectrogram_bad_shape_names_key() -> None:
         make_spectrogram(np.zeros((2, 3, 100)), "s", sample_rate=16000)
 
 
-def test_normalize_audio_layouts_and_clipping() -> None:
-    mono = normalize_audio(torch.tensor([0.5, 2.0, -3.0]), "a")
-    assert mono.dtype == np.float32 and mono.tolist() == [0.5, 1.0, -1.0]
+def test_normalize_audio_layouts_and_peak_normalisation() -> None:
+    mono = normalize_audio(torch.tensor([0.5, 2.0, -3.0]), "a")  # 0.2: divided by the peak when it exceeds 1
+    assert mono.dtype == np.float32 and mono.tolist() == pytest.approx([0.5 / 3, 2.0 / 3, -1.0])
+    assert normalize_audio(torch.tensor([0.5, -0.25]), "a").tolist() == [0.5, -0.25]  # quieter audio is unchanged
     stereo = normalize_audio(np.stack([np.zeros(10), np.ones(10)]), "a")
     assert stereo.shape == (10, 2) and stereo[:, 1].tolist() == [1.0] * 10
     pcm = normalize_audio(np.array([-32768, 16384], dtype=np.int16), "a")
     assert pcm.tolist() == [-1.0, 0.5]
 
 
-def test_normalize_audio_time_major_input_is_rejected_not_misread() -> None:
-    with pytest.raises(ValueError, match=re.escape("log_audio('a'): cannot read audio of shape (16000, 2)")):
-        normalize_audio(np.zeros((16000, 2)), "a")
+def test_normalize_audio_time_major_stereo_is_read_as_02_read_it() -> None:
+    clip = np.zeros((16000, 2), dtype=np.float32)  # (T, C): 0.2 accepted it, as mlfab does again
+    clip[:, 1] = 0.5
+    out = normalize_audio(clip, "a")
+    assert out.shape == (16000, 2) and (out[:, 1] == 0.5).all() and not out[:, 0].any()
+    with pytest.raises(ValueError, match=re.escape("log_audio('a'): cannot read audio of shape (16000, 3)")):
+        normalize_audio(np.zeros((16000, 3)), "a")
 
 
 # video
@@ -408,8 +416,8 @@ def test_video_thwc_float_and_upsampling() -> None:
 
 
 def test_video_bad_shape_names_key() -> None:
-    with pytest.raises(ValueError, match=re.escape("log_video('v'): cannot read a video of shape (3, 4, 5)")):
-        make_video(np.zeros((3, 4, 5)), "v", fps=30)
+    with pytest.raises(ValueError, match=re.escape("log_video('v'): cannot read a video of shape (2, 5, 6, 7)")):
+        make_video(np.zeros((2, 5, 6, 7)), "v", fps=30)
 
 
 # point clouds
@@ -428,9 +436,9 @@ def test_subsample_points_distinct_and_reproducible() -> None:
 
 
 def test_subsample_points_colors_follow_their_points() -> None:
-    points = np.random.default_rng(4).random((2, 3000, 3))  # (B, N, 3)
+    points = np.random.default_rng(4).random((2, 3000, 3))  # (B, N, 3): two clouds, each cut to max_points (0.2)
     sub, colors = subsample_points(points, "pc", max_points=500, colors=points)
-    assert sub.shape == (500, 3) and colors is not None and colors.dtype == np.uint8
+    assert sub.shape == (1000, 3) and colors is not None and colors.dtype == np.uint8
     np.testing.assert_array_equal(colors, np.rint(sub * 255).astype(np.uint8))
 
 
@@ -450,9 +458,27 @@ def test_subsample_points_bad_shapes_name_key() -> None:
 @pytest.mark.parametrize(
     ("name", "call"),
     [
-        ("log_audios", lambda lv: lv.audios(torch.zeros(0, 100), "k", 16000, None)),
-        ("log_spectrograms", lambda lv: lv.spectrograms(torch.zeros(0, 100), "k", 16000, None, 2)),
-        ("log_videos", lambda lv: lv.videos(torch.zeros(0, 3, 4, 4, 3), "k", 10, None, None, 2)),
+        ("log_audios", lambda lv: lv.audios(torch.zeros(0, 100), "k", sample_rate=16000, max_audios=None, sep_ms=0)),
+        (
+            "log_spectrograms",
+            lambda lv: lv.spectrograms(
+                torch.zeros(0, 100),
+                "k",
+                sample_rate=16000,
+                max_audios=None,
+                n_fft_ms=32,
+                hop_length_ms=None,
+                channel_select_mode="first",
+                spec_sep=2,
+                keep_resolution=False,
+            ),
+        ),
+        (
+            "log_videos",
+            lambda lv: lv.videos(
+                torch.zeros(0, 3, 4, 4, 3), "k", fps=10, length=None, target_fps=12, max_videos=None, sep=2
+            ),
+        ),
     ],
 )
 def test_an_empty_batch_is_reported_by_the_call_that_logged_it(name: str, call: Callable) -> None:

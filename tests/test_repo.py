@@ -25,6 +25,7 @@ def test_public_surface_is_exactly_what_is_meant() -> None:
             "MlfabLogger",
             "NonFiniteError",
             "Phase",
+            "PlainLogger",
             "SettingsError",
             "SlurmError",
             "State",

@@ -1,4 +1,7 @@
-"""What an mlfab logger is: a Lightning `Logger` that also takes mlfab's resolved `Logs`, with a write interval."""
+"""What an mlfab logger is: a Lightning `Logger` that also takes mlfab's resolved `Logs`, with a write interval.
+
+Write your own by subclassing `PlainLogger` (exported as `mlfab.PlainLogger`) and implementing `write(logs)`.
+"""
 
 from abc import ABC, abstractmethod
 from typing import Any
@@ -44,16 +47,54 @@ class MlfabLogger(ABC):
 
 
 class PlainLogger(MlfabLogger, Logger):
-    """Base of the mlfab loggers built on Lightning's bare `Logger` (no Lightning backend underneath): a fixed
-    `name`, no version, hyperparameters ignored unless overridden, and Lightning's own `self.log` metrics written
-    as scalar `Logs`."""
+    """The base class of your own logger (`mlfab.PlainLogger`); mlfab's JSON and stdout loggers are built on it.
 
-    logger_name: str
+    Implement one method, `write(self, logs)`, which gets every value logged for one write:
+
+        class PrintLogger(mlfab.PlainLogger):
+            def write(self, logs):
+                for tag, value in logs.scalars.items():
+                    print(logs.phase, logs.step, tag, value)
+                for tag, pixels in logs.of("image").items():
+                    Image.fromarray(pixels).save(f"{tag.replace('/', '_')}_{logs.step}.png")
+
+        class MyTask(mlfab.Task[Config]):
+            def set_loggers(self):
+                self.add_logger(PrintLogger(log_interval_seconds=10))
+
+    `logs` (`mlfab.logs.values.Logs`) holds `phase` ("train", "valid" or "test"), `step` (optimizer steps
+    done), `max_steps`, `elapsed_time_s`, `num_samples` and `values`, {kind: {tag: value}} with tags
+    `<namespace>/<key>` (`loss/loss`, `value/accuracy`); `logs.of(kind)` is one kind's dict (empty when nothing of
+    it was logged) and `logs.scalars` is `logs.of("scalar")`. Every value is resolved (lazy values computed,
+    tensors converted) before `write` is called:
+      "scalar": float; "string": str; "image": uint8 numpy array (H, W, 3), RGB, captions and grids drawn in;
+      "audio": `Audio`, `.samples` float32 in [-1, 1], (T,) mono or (T, C), `.sample_rate`, `.wav` (WAV bytes);
+      "video": `Video`, `.frames` uint8 (T, H, W, 3), `.fps`, `.gif` (animated GIF bytes);
+      "histogram": float64 array of the raw values, flattened (may hold NaN / inf);
+      "point_cloud": `PointCloud`, `.points` float32 (N, 3), `.colors` uint8 (N, 3) or None.
+    A kind your logger cannot show can simply be ignored.
+
+    When `write` is called: on rank zero only; for training, at most every `log_interval_seconds` seconds (a
+    float for training, or {"train": s, "valid": s, "test": s}; validation and test default to every evaluation),
+    the first training step, the last one and the step each validation follows always; for validation and test,
+    once per evaluation. Optional hooks: `write_config(config_yaml)` (once per run, the resolved config),
+    `write_run_info(info)` (once per run; by default the config goes to `write_config` and the provenance texts
+    reach `write` as strings `run/<name>` at step 0), `finalize(status)` (Lightning's, at the end of the run:
+    close files there). Lightning's own `self.log` metrics arrive through `write` too, as
+    scalars, and `name` is `logger_name` or the class name. It is a Lightning `Logger`, so it also works in a
+    plain `lightning.pytorch.Trainer(logger=...)`.
+    """
+
+    logger_name: str = ""
+
+    def __init__(self, log_interval_seconds: float | dict[Phase, float] = 2.0) -> None:
+        super().__init__()
+        self._set_interval(log_interval_seconds)
 
     @property
     @override
     def name(self) -> str:
-        return self.logger_name
+        return self.logger_name or type(self).__name__
 
     @property
     @override

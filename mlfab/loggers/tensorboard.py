@@ -30,8 +30,17 @@ def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> tuple[str, ...
     for tag, image in logs.of("image").items():
         writer.add_image(prefix + tag, image, step, dataformats="HWC")
     for tag, audio in logs.of("audio").items():
-        mono = audio.samples if audio.samples.ndim == 1 else audio.samples.mean(axis=1)
-        writer.add_audio(prefix + tag, torch.from_numpy(mono).reshape(1, -1), step, sample_rate=audio.sample_rate)
+        # Our own WAV, not `add_audio`: torch's takes mono only (it asserts a 1-D clip), while TensorBoard's audio
+        # summary and its player take any channel count, so stereo stays stereo.
+        frames, channels = audio.samples.shape[0], 1 if audio.samples.ndim == 1 else audio.samples.shape[1]
+        clip = Summary.Audio(
+            sample_rate=float(audio.sample_rate),
+            num_channels=channels,
+            length_frames=frames,
+            encoded_audio_string=audio.wav,
+            content_type="audio/wav",
+        )
+        file_writer(writer).add_summary(Summary(value=[Summary.Value(tag=prefix + tag, audio=clip)]), step)
     for tag, video in logs.of("video").items():
         _, h, w, c = video.frames.shape
         image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=video.gif)

@@ -55,7 +55,7 @@ def _text(value: str) -> Any:
     return wandb.Html(f'<pre style="white-space: pre-wrap">{html.escape(value)}</pre>', data_is_not_path=True)
 
 
-def _video(frames: np.ndarray, fps: int) -> Any:
+def _video(frames: np.ndarray, fps: float) -> Any:
     import wandb
 
     # MP4 (H.264, through moviepy's bundled ffmpeg): a few times smaller and faster to encode than GIF (measured
@@ -64,7 +64,7 @@ def _video(frames: np.ndarray, fps: int) -> Any:
     # height or width is padded by repeating the last row or column.
     _, h, w, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    return wandb.Video(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), fps=max(int(fps), 1), format="mp4")
+    return wandb.Video(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), fps=max(round(fps), 1), format="mp4")
 
 
 def write_wandb(run: Any, logs: Logs, prefix: str = "") -> None:

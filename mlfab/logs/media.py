@@ -3,10 +3,16 @@
 Pure functions, called lazily when a logger writes, so they favour correct output and errors that name the logging
 key over speed. Outputs may share memory with inputs when no conversion is needed; inputs are never written to.
 Images come out as uint8 HWC RGB, videos as uint8 THWC RGB, audio as float32 in [-1, 1].
+
+Float pixels are normalised as mlfab 0.2 did (`float_range`): the range [min(lowest, 0), max(highest, 1)] of the
+values maps to [0, 1], so an image already in [0, 1] is unchanged and a [-1, 1] image shows its full range. The
+defaults of these building blocks (`sep=2`, left-aligned captions, ...) are not what users get: the `log_*`
+methods (mlfab/logs/api.py) pass 0.2's defaults explicitly.
 """
 
 import io
 import math
+import wave
 from collections.abc import Callable
 from functools import cache, lru_cache
 
@@ -24,6 +30,7 @@ BASE_FONT_PX = 10  # Pillow's default font size: captions of an image shown at i
 _MIN_LINE_EMS = 4  # The font grows at most to a quarter of the image width (about eight characters on a line).
 _CHANNELS = (1, 3, 4)
 _MAX_AUDIO_CHANNELS = 8
+_STEREO = (1, 2)  # Channel counts 0.2 recognised on either side of a clip.
 _PAD = 2  # pixels around caption text (more for larger text)
 # Stops of a dark-to-bright (inferno-like) gradient; luminance rises monotonically, so brighter always means louder.
 _CMAP_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -41,8 +48,25 @@ def to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
-    """Pixels as uint8: floats are read as [0, 1] and clipped (NaN -> 0), bools as 0/255, other ints clipped."""
+ValueRange = tuple[float, float]
+
+
+def float_range(*arrays: np.ndarray) -> ValueRange:
+    """The float range that maps to black and white, over the finite values of all float `arrays` (mlfab 0.2's
+    normalisation): [min(lowest, 0), max(highest, 1)]. Values already in [0, 1] keep their brightness; a [-1, 1]
+    image or one in [0, 255] is stretched or squeezed into [0, 1] as a whole (never per channel)."""
+    low, high = 0.0, 1.0
+    for arr in arrays:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size:
+            finite = arr[np.isfinite(arr)]
+            if finite.size:
+                low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    return low, high
+
+
+def _to_uint8(arr: np.ndarray, where: str, value_range: ValueRange | None = None) -> np.ndarray:
+    """Pixels as uint8: floats are mapped from `value_range` (default: `float_range(arr)`) to [0, 255] (NaN -> 0,
+    +inf -> 255, -inf -> 0), bools to 0/255, other ints clipped to [0, 255]."""
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
@@ -50,19 +74,22 @@ def _to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.integer):
         return np.clip(arr, 0, min(255, np.iinfo(arr.dtype).max)).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
-        out = np.nan_to_num(arr.astype(np.float32), copy=False, nan=0.0)
+        low, high = float_range(arr) if value_range is None else value_range
+        out = arr.astype(np.float64)
+        out = np.nan_to_num(out, copy=False, nan=low, posinf=high, neginf=low)
+        out = (out - low) / (high - low)
         return np.rint(np.clip(out, 0.0, 1.0, out=out) * 255.0).astype(np.uint8)
     raise ValueError(f"{where}: cannot turn values of dtype {arr.dtype} into pixels")
 
 
-def _channels_to_rgb(arr: np.ndarray, where: str) -> np.ndarray:
+def _channels_to_rgb(arr: np.ndarray, where: str, value_range: ValueRange | None = None) -> np.ndarray:
     """Make the last axis RGB: gray is repeated, alpha is dropped (not composited); alpha is never converted."""
     channels = arr.shape[-1]
-    rgb = _to_uint8(arr[..., :3] if channels == 4 else arr, where)
+    rgb = _to_uint8(arr[..., :3] if channels == 4 else arr, where, value_range)
     return np.ascontiguousarray(np.repeat(rgb, 3, axis=-1) if channels == 1 else rgb)
 
 
-def _image_to_rgb(arr: np.ndarray, where: str) -> np.ndarray:
+def _image_to_rgb(arr: np.ndarray, where: str, value_range: ValueRange | None = None) -> np.ndarray:
     """Infer HW / HWC / CHW (HWC wins when both ends could be channels) and return uint8 HWC RGB."""
     shape = tuple(arr.shape)
     if arr.ndim == 2:
@@ -75,12 +102,24 @@ def _image_to_rgb(arr: np.ndarray, where: str) -> np.ndarray:
         raise ValueError(f"{where}: cannot read an image of shape {shape}; expected HW, CHW or HWC (C in 1, 3, 4)")
     if hwc.shape[0] == 0 or hwc.shape[1] == 0:
         raise ValueError(f"{where}: image of shape {shape} is empty")
-    return _channels_to_rgb(hwc, where)
+    return _channels_to_rgb(hwc, where, value_range)
 
 
 def normalize_image(value, key: str) -> np.ndarray:
-    """One image (HW, CHW or HWC; floats read as [0, 1] and clipped) as uint8 HWC RGB, alpha dropped."""
+    """One image (HW, CHW or HWC; floats normalised by `float_range`) as uint8 HWC RGB, alpha dropped."""
     return _image_to_rgb(to_numpy(value), f"log_image({key!r})")
+
+
+def evenly_spaced(count: int, keep: int | None) -> list[int]:
+    """Indices of `keep` of `count` items spread evenly from the first to the last, as mlfab 0.2 picked them
+    (`linspace(0, count - 1, keep)` rounded half to even): 3 of 8 are 0, 4, 7; all of them when `keep` is None or
+    at least `count`."""
+    if keep is None or keep >= count:
+        return list(range(count))
+    if keep < 1:
+        raise ValueError(f"need to keep at least one item, got {keep}")
+    spots = torch.linspace(0, count - 1, keep, dtype=torch.float32).round().long().clamp(0, count - 1)
+    return [int(i) for i in spots.tolist()]
 
 
 def _split(value, where: str) -> list[np.ndarray]:
@@ -195,10 +234,12 @@ def add_caption(
     rows: int | None = None,
     max_line_chars: int | None = None,
     font_size: int = BASE_FONT_PX,
+    centered: bool = False,
 ) -> np.ndarray:
     """Append a white strip with the caption wrapped in black text below uint8 HWC RGB; `rows` fixes its height.
 
-    Text needing more than `rows` rows is cut and ends in "..."; an empty caption (0 rows) adds nothing.
+    Text needing more than `rows` rows is cut and ends in "..."; an empty caption (0 rows) adds nothing. Lines are
+    centered under the image with `centered`, else start at the left edge.
     """
     width, pad = img.shape[1], _pad(font_size)
     lines = list(_wrap(caption, width - 2 * pad, max_line_chars, font_size))
@@ -212,7 +253,8 @@ def add_caption(
     draw = ImageDraw.Draw(strip)
     top = _ink_box(font_size)[0]
     for i, line in enumerate(lines):
-        draw.text((pad, pad + i * _line_height(font_size) - top), line, fill=(0, 0, 0), font=_font(font_size))
+        left = max(pad, round((width - _text_width(line, font_size)) / 2)) if centered else pad
+        draw.text((left, pad + i * _line_height(font_size) - top), line, fill=(0, 0, 0), font=_font(font_size))
     return np.concatenate([img, np.asarray(strip)], axis=0)
 
 
@@ -240,8 +282,11 @@ def _words_fit(images: list[np.ndarray], labels: list[str], font_size: int) -> b
     )
 
 
-def caption_layout(images: list[np.ndarray], labels: list[str], sep: int = 2) -> tuple[int, int, int]:
-    """(font size, caption rows, grid columns) for images captioned with `labels`, tiled with `sep`.
+def caption_layout(
+    images: list[np.ndarray], labels: list[str], sep: int = 2, max_line_chars: int | None = None
+) -> tuple[int, int, int]:
+    """(font size, caption rows, grid columns) for images captioned with `labels`, tiled with `sep`; lines hold at
+    most `max_line_chars` characters when given.
 
     The smallest font from BASE_FONT_PX up whose text is at least MIN_CAPTION_PX once the tiled image is fitted
     into CARD_SIZE, in as many columns as show the grid largest there; every caption gets the rows the longest
@@ -255,7 +300,10 @@ def caption_layout(images: list[np.ndarray], labels: list[str], sep: int = 2) ->
 
     @cache
     def layout(size: int) -> tuple[int, int, int, float]:
-        rows = max(caption_rows(img.shape[1], label, font_size=size) for img, label in zip(images, labels, strict=True))
+        rows = max(
+            caption_rows(img.shape[1], label, max_line_chars, font_size=size)
+            for img, label in zip(images, labels, strict=True)
+        )
         cell_h = image_h + caption_height(rows, size)
         cols = _card_columns(len(images), cell_w, cell_h, sep)
         return size, rows, cols, size * card_scale(*_grid_size(len(images), cols, cell_w, cell_h, sep))
@@ -314,14 +362,23 @@ def tile_images(
     return grid
 
 
-def make_image(value, key: str, *, label: str | None = None, keep_resolution: bool = False) -> np.ndarray:
+def make_image(
+    value,
+    key: str,
+    *,
+    label: str | None = None,
+    keep_resolution: bool = False,
+    max_line_chars: int | None = None,
+    centered: bool = False,
+) -> np.ndarray:
     """One logged image, ready to display: normalized to uint8 HWC RGB, resized to about DEFAULT_AREA pixels and,
     with a `label`, captioned in a strip under the image (legible in TensorBoard's card: `caption_layout`)."""
-    image = resize_to_area(normalize_image(value, key), keep_resolution=keep_resolution)
+    where = f"log_image({key!r})" if label is None else f"log_labeled_image({key!r})"
+    image = resize_to_area(_image_to_rgb(to_numpy(value), where), keep_resolution=keep_resolution)
     if label is None:
         return image
-    font_size, rows, _ = caption_layout([image], [label])
-    return add_caption(image, label, rows=rows, font_size=font_size)
+    font_size, rows, _ = caption_layout([image], [label], max_line_chars=max_line_chars)
+    return add_caption(image, label, rows=rows, max_line_chars=max_line_chars, font_size=font_size, centered=centered)
 
 
 def make_images(
@@ -332,13 +389,17 @@ def make_images(
     max_images: int | None = None,
     sep: int = 2,
     keep_resolution: bool = False,
+    max_line_chars: int | None = None,
+    centered: bool = False,
 ) -> np.ndarray:
     """A batch of images as one grid: split, normalize and resize each, then tile.
 
-    With `labels` (one per image), each image is captioned, and every caption gets as many rows as the longest
-    needs, so grid cells line up; the font size and the number of columns are chosen so that the captions can be
-    read where TensorBoard first shows the grid (`caption_layout`). Without labels the grid is near-square. The
-    batch is cut to `max_images` before converting: dropped images cost nothing.
+    Float images share one `float_range`, that of the whole batch, so their brightness can be compared.
+    `max_images` keeps that many images spread evenly over the batch (`evenly_spaced`), with their labels; dropped
+    images are never converted. With `labels` (one per image), each image is captioned, and every caption gets as
+    many rows as the longest needs, so grid cells line up; the font size and the number of columns are chosen so
+    that the captions can be read where TensorBoard first shows the grid (`caption_layout`). Without labels the grid
+    is near-square.
     """
     where = f"log_images({key!r})" if labels is None else f"log_labeled_images({key!r})"
     raw = _split(value, where)
@@ -346,29 +407,104 @@ def make_images(
         raise ValueError(f"{where}: got {len(raw)} images but {len(labels)} labels")
     if not raw or (max_images is not None and max_images < 1):
         raise ValueError(f"{where}: nothing to show ({len(raw)} images, max_images={max_images})")
+    value_range = float_range(*raw)
+    keep = evenly_spaced(len(raw), max_images)
     images = [
-        resize_to_area(_image_to_rgb(img, f"{where} image {i}"), keep_resolution=keep_resolution)
-        for i, img in enumerate(raw[:max_images])
+        resize_to_area(_image_to_rgb(raw[i], f"{where} image {i}", value_range), keep_resolution=keep_resolution)
+        for i in keep
     ]
     if labels is None:
         return tile_images(images, sep)
-    labels = labels[: len(images)]  # max_images may have cut the batch
-    font_size, rows, cols = caption_layout(images, labels, sep)
+    labels = [labels[i] for i in keep]
+    font_size, rows, cols = caption_layout(images, labels, sep, max_line_chars)
     captioned = [
-        add_caption(img, label, rows=rows, font_size=font_size) for img, label in zip(images, labels, strict=True)
+        add_caption(img, label, rows=rows, max_line_chars=max_line_chars, font_size=font_size, centered=centered)
+        for img, label in zip(images, labels, strict=True)
     ]
     return tile_images(captioned, sep, cols=cols)
 
 
-def _audio_array(audio, where: str) -> np.ndarray:
-    """Check the (T,) or (C, T) layout; C is capped so that a (T, C) array is reported rather than misread."""
+def audio_channels(audio, where: str) -> np.ndarray:
+    """A clip as float32 (C, T): (T,) is mono; (C, T) with C in 1, 2 is read first (0.2's order), then (T, C) with
+    C in 1, 2 (0.2's time-major layout), then (C, T) with C up to 8. Signed integer PCM is scaled by its full range
+    (int16 / 32768); NaN and infinities become silence."""
     arr = to_numpy(audio)
-    if arr.ndim == 1 or (arr.ndim == 2 and 1 <= arr.shape[0] <= _MAX_AUDIO_CHANNELS):
-        return arr
-    limit = _MAX_AUDIO_CHANNELS
-    raise ValueError(
-        f"{where}: cannot read audio of shape {tuple(arr.shape)}; expected (T,) or (C, T) with C <= {limit}"
-    )
+    if arr.ndim == 2 and arr.shape[0] not in _STEREO and arr.shape[1] in _STEREO:
+        arr = arr.T
+    elif arr.ndim == 1:
+        arr = arr[None]
+    elif not (arr.ndim == 2 and 1 <= arr.shape[0] <= _MAX_AUDIO_CHANNELS):
+        raise ValueError(
+            f"{where}: cannot read audio of shape {tuple(arr.shape)}; expected (T,), (C, T) with C <= "
+            f"{_MAX_AUDIO_CHANNELS}, or (T, C) with C in 1, 2"
+        )
+    if np.issubdtype(arr.dtype, np.signedinteger):
+        out = arr.astype(np.float32) / np.float32(-np.iinfo(arr.dtype).min)
+    elif np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float32)
+    else:
+        raise ValueError(f"{where}: cannot read audio of dtype {arr.dtype}; expected float or signed integer samples")
+    return np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def peak_normalize(clips: list[np.ndarray]) -> list[np.ndarray]:
+    """0.2's audio normalisation: clips whose loudest sample exceeds 1 are all divided by that peak (one factor for
+    the whole list, so their loudness can be compared); quieter audio is left as it is."""
+    peak = max((float(np.abs(c).max()) for c in clips if c.size), default=0.0)
+    return [c / np.float32(peak) for c in clips] if peak > 1.0 else clips
+
+
+def _time_major(channels: np.ndarray) -> np.ndarray:
+    """(C, T) as audio writers take it: (T,) for mono, (T, C) otherwise."""
+    return channels[0] if len(channels) == 1 else np.ascontiguousarray(channels.T)
+
+
+def normalize_audio(audio, key: str) -> np.ndarray:
+    """One clip as float32 in [-1, 1] (`audio_channels`, then `peak_normalize`): (T,) for mono, (T, C) for C
+    channels, as audio writers expect. Stereo stays stereo."""
+    return _time_major(peak_normalize([audio_channels(audio, f"log_audio({key!r})")])[0])
+
+
+def audio_batch(value, where: str) -> list[np.ndarray]:
+    """The clips of a batch as float32 (C, T) each: (B, T), (B, C, T) with C in 1, 2, (B, T, C) with C in 1, 2,
+    (B, C, T) with C up to 8, or a list of clips."""
+    if isinstance(value, list | tuple):
+        return [audio_channels(clip, where) for clip in value]
+    arr = to_numpy(value)
+    if arr.ndim == 3 and arr.shape[1] not in _STEREO and arr.shape[2] in _STEREO:
+        arr = arr.transpose(0, 2, 1)
+    elif arr.ndim not in (2, 3):
+        expected = "expected (B, T), (B, C, T) or (B, T, C)"
+        raise ValueError(f"{where}: cannot read a batch of audio of shape {tuple(arr.shape)}; {expected}")
+    return [audio_channels(clip, where) for clip in arr]
+
+
+def join_audio(clips: list[np.ndarray], sep_frames: int = 0) -> np.ndarray:
+    """(C, T) clips played one after another with `sep_frames` samples of silence between them, time-major
+    (`_time_major`); mono clips are repeated on every channel when others have more."""
+    channels = max(len(c) for c in clips)
+    gap = np.zeros((channels, max(sep_frames, 0)), dtype=np.float32)
+    parts = [part for c in clips for part in (np.broadcast_to(c, (channels, c.shape[1])), gap)][:-1]
+    return _time_major(np.concatenate(parts, axis=1).astype(np.float32, copy=False))
+
+
+def stft_frames(milliseconds: float, sample_rate: int) -> int:
+    """A duration as a power of two of samples (nearest on a log scale), as 0.2 sized its STFT: 32 ms at 44.1 kHz
+    is 1024 samples, at 16 kHz 512."""
+    if milliseconds <= 0 or sample_rate <= 0:
+        raise ValueError(f"need a positive duration and sample rate, got {milliseconds} ms at {sample_rate} Hz")
+    return 2 ** max(0, round(math.log2(milliseconds * sample_rate / 1000)))
+
+
+def select_channel(channels: np.ndarray, mode: str, where: str) -> np.ndarray:
+    """One waveform of a (C, T) clip: its "first" or "last" channel, or the "mean" of all (0.2's modes)."""
+    if mode == "first":
+        return channels[0]
+    if mode == "last":
+        return channels[-1]
+    if mode == "mean":
+        return channels.mean(axis=0)
+    raise ValueError(f"{where}: channel_select_mode must be 'first', 'last' or 'mean', got {mode!r}")
 
 
 def _colormap(level: np.ndarray) -> np.ndarray:
@@ -377,46 +513,63 @@ def _colormap(level: np.ndarray) -> np.ndarray:
     return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
 
 
-def make_spectrogram(audio, key: str, *, sample_rate: int, n_fft: int = 512, hop: int | None = None) -> np.ndarray:
-    """A waveform's log-magnitude STFT (80 dB below its peak, silence black) as colored uint8 HWC RGB.
-
-    Channels are averaged to mono; hop defaults to n_fft // 4. Columns are frames; row r from the top shows the
-    frequency (n_fft // 2 - r) * sample_rate / n_fft, so low frequencies are at the bottom.
-    """
-    where = f"log_spectrogram({key!r})"
-    arr = _audio_array(audio, where)
-    if sample_rate <= 0 or n_fft < 2 or (hop is not None and hop < 1):
-        raise ValueError(f"{where}: need sample_rate > 0, n_fft >= 2 and hop >= 1")
-    wave = np.array(arr.mean(axis=0) if arr.ndim == 2 else arr, dtype=np.float32)
-    np.nan_to_num(wave, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+def _stft_magnitude(wave: np.ndarray, n_fft: int, hop: int | None, where: str) -> np.ndarray:
+    if n_fft < 2 or (hop is not None and hop < 1):
+        raise ValueError(f"{where}: need n_fft >= 2 and hop >= 1, got {n_fft} and {hop}")
     window = torch.hann_window(n_fft)
     # Zero padding (not reflect) so clips shorter than n_fft work too.
     stft = torch.stft(
-        torch.from_numpy(wave), n_fft, hop or n_fft // 4, window=window, pad_mode="constant", return_complex=True
+        torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)),
+        n_fft,
+        hop or n_fft // 4,
+        window=window,
+        pad_mode="constant",
+        return_complex=True,
     )
-    magnitude = stft.abs().numpy()
-    peak = float(magnitude.max())
+    return stft.abs().numpy()
+
+
+def _spectrogram_picture(magnitude: np.ndarray, peak: float) -> np.ndarray:
     if peak <= 0.0:
         return _colormap(np.zeros_like(magnitude))
     level = 1.0 + np.log10(np.maximum(magnitude, peak * 1e-4) / peak) / 4.0  # 20 * log10(ratio) / 80 dB
     return _colormap(level[::-1])
 
 
-def normalize_audio(audio, key: str) -> np.ndarray:
-    """Audio as float32 clipped to [-1, 1]: (T,) stays (T,), (C, T) becomes (T, C) as audio writers expect.
+def make_spectrograms(
+    clips: list,
+    key: str,
+    *,
+    sample_rate: int,
+    n_fft: int = 512,
+    hop: int | None = None,
+    channel_select_mode: str = "mean",
+    where: str | None = None,
+) -> list[np.ndarray]:
+    """Log-magnitude STFTs of clips as colored uint8 HWC RGB, 80 dB below the loudest bin of all of them (so clips
+    can be compared), silence black.
 
-    Signed integer PCM is scaled by its full range (int16 / 32768); NaN becomes silence.
+    A clip's channel is picked by `channel_select_mode` (`select_channel`); hop defaults to n_fft // 4 and a Hann
+    window is used. Columns are frames; row r from the top shows the frequency (n_fft // 2 - r) * sample_rate /
+    n_fft, so low frequencies are at the bottom.
     """
-    where = f"log_audio({key!r})"
-    arr = _audio_array(audio, where)
-    if np.issubdtype(arr.dtype, np.signedinteger):
-        out = arr.astype(np.float32) / np.float32(-np.iinfo(arr.dtype).min)
-    elif np.issubdtype(arr.dtype, np.floating):
-        out = arr.astype(np.float32)
-    else:
-        raise ValueError(f"{where}: cannot read audio of dtype {arr.dtype}; expected float or signed integer samples")
-    out = np.clip(np.nan_to_num(out, copy=False, nan=0.0), -1.0, 1.0, out=out)
-    return np.ascontiguousarray(out.T) if out.ndim == 2 else out
+    where = where or f"log_spectrogram({key!r})"
+    if sample_rate <= 0:
+        raise ValueError(f"{where}: need sample_rate > 0, got {sample_rate}")
+    waves = [select_channel(audio_channels(clip, where), channel_select_mode, where) for clip in clips]
+    magnitudes = [_stft_magnitude(wave, n_fft, hop, where) for wave in waves]
+    peak = max(float(m.max()) for m in magnitudes)
+    return [_spectrogram_picture(m, peak) for m in magnitudes]
+
+
+def make_spectrogram(
+    audio, key: str, *, sample_rate: int, n_fft: int = 512, hop: int | None = None, channel_select_mode: str = "mean"
+) -> np.ndarray:
+    """One clip's spectrogram (`make_spectrograms`); the clip is read as by `audio_channels`."""
+    (picture,) = make_spectrograms(
+        [audio], key, sample_rate=sample_rate, n_fft=n_fft, hop=hop, channel_select_mode=channel_select_mode
+    )
+    return picture
 
 
 def _resample_indices(num_frames: int, fps: float, target_fps: float) -> np.ndarray:
@@ -425,57 +578,170 @@ def _resample_indices(num_frames: int, fps: float, target_fps: float) -> np.ndar
     return np.minimum(np.floor(np.arange(count) * fps / target_fps + 0.5).astype(np.int64), num_frames - 1)
 
 
-def make_video(frames, key: str, *, fps: int, target_fps: int | None = None) -> np.ndarray:
-    """Frames (TCHW, or THWC; TCHW wins when ambiguous; float [0, 1] or uint8) as uint8 THWC RGB, alpha dropped.
-
-    With a target_fps different from fps, frames are picked by nearest timestamp.
-    """
-    where = f"log_video({key!r})"
-    arr = to_numpy(frames)
+def _video_thwc(arr: np.ndarray, where: str) -> np.ndarray:
+    """THW (grayscale), TCHW or THWC (TCHW wins when ambiguous) as THWC."""
     shape = tuple(arr.shape)
+    if arr.ndim == 3:
+        return arr[..., None]
     if arr.ndim == 4 and shape[1] in _CHANNELS:
-        thwc = arr.transpose(0, 2, 3, 1)
-    elif arr.ndim == 4 and shape[-1] in _CHANNELS:
-        thwc = arr
-    else:
-        raise ValueError(f"{where}: cannot read a video of shape {shape}; expected TCHW or THWC (C in 1, 3, 4)")
+        return arr.transpose(0, 2, 3, 1)
+    if arr.ndim == 4 and shape[-1] in _CHANNELS:
+        return arr
+    raise ValueError(f"{where}: cannot read a video of shape {shape}; expected THW, TCHW or THWC (C in 1, 3, 4)")
+
+
+def video_range(*last_frames: np.ndarray) -> ValueRange:
+    """0.2's normalisation of float videos: `float_range` of the last frame(s), the one a generated video (noise
+    denoised into a sample) ends on; earlier frames outside that range are clipped."""
+    return float_range(*last_frames)
+
+
+def _render_video(
+    thwc: np.ndarray, where: str, fps: float, target_fps: float | None, value_range: ValueRange | None
+) -> np.ndarray:
+    shape = tuple(thwc.shape)
     if 0 in shape or fps <= 0 or (target_fps is not None and target_fps <= 0):
         raise ValueError(f"{where}: need a non-empty video and positive fps, got {shape} at {fps} -> {target_fps} fps")
+    value_range = video_range(thwc[-1]) if value_range is None else value_range
     if target_fps is not None and target_fps != fps:
         thwc = thwc[_resample_indices(len(thwc), fps, target_fps)]  # select first so only kept frames are converted
-    return _channels_to_rgb(thwc, where)
+    return _channels_to_rgb(thwc, where, value_range)
+
+
+def make_video(
+    frames, key: str, *, fps: float, target_fps: float | None = None, value_range: ValueRange | None = None
+) -> np.ndarray:
+    """Frames (THW grayscale, TCHW, or THWC; TCHW wins when ambiguous; float or uint8) as uint8 THWC RGB, alpha
+    dropped; gray frames are shown gray (R = G = B).
+
+    Floats are normalised by `value_range`, by default `video_range` of the last frame (0.2's). With a target_fps
+    different from fps, frames are picked by nearest timestamp.
+    """
+    where = f"log_video({key!r})"
+    return _render_video(_video_thwc(to_numpy(frames), where), where, fps, target_fps, value_range)
+
+
+def video_batch(value, where: str) -> np.ndarray:
+    """A batch of videos as (B, T, H, W, C): an array (B, T, H, W) (grayscale), (B, T, C, H, W) or (B, T, H, W, C),
+    or, as 0.2 took it, a list of the frames in time order, each a batch (B, H, W), (B, C, H, W) or (B, H, W, C)
+    (what a sampling loop collects step by step)."""
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ValueError(f"{where}: the list of frames is empty")
+        frames = [to_numpy(frame) for frame in value]
+        shapes = {tuple(f.shape) for f in frames}
+        if len(shapes) != 1:
+            raise ValueError(f"{where}: every frame batch in the list needs the same shape, got {sorted(shapes)}")
+        arr = np.stack(frames, axis=1)
+    else:
+        arr = to_numpy(value)
+    shape = tuple(arr.shape)
+    if arr.ndim == 4:
+        arr = arr[..., None]
+    elif arr.ndim == 5 and shape[2] in _CHANNELS:
+        arr = arr.transpose(0, 1, 3, 4, 2)
+    elif not (arr.ndim == 5 and shape[-1] in _CHANNELS):
+        raise ValueError(
+            f"{where}: cannot read videos of shape {shape}; expected (B, T, H, W), (B, T, C, H, W) or "
+            "(B, T, H, W, C) with C in 1, 3, 4, or a list of T frame batches"
+        )
+    if arr.shape[0] == 0:
+        raise ValueError(f"{where}: the batch is empty")
+    return arr
+
+
+def make_videos(
+    batch: np.ndarray,
+    key: str,
+    *,
+    fps: float,
+    target_fps: float | None = None,
+    max_videos: int | None = None,
+    sep: int = 0,
+) -> np.ndarray:
+    """A batch of videos, (B, T, H, W, C) as `video_batch` returns it, as one uint8 THWC video, tiled frame by
+    frame into a near-square grid.
+
+    Floats share one range, `video_range` of every video's last frame (0.2's); `max_videos` keeps the first ones
+    (as 0.2 did).
+    """
+    where = f"log_videos({key!r})"
+    if max_videos is not None and max_videos < 1:
+        raise ValueError(f"{where}: max_videos must be at least 1, got {max_videos}")
+    value_range = video_range(batch[:, -1])
+    videos = [_render_video(video, where, fps, target_fps, value_range) for video in batch[:max_videos]]
+    return np.stack([tile_images([video[t] for video in videos], sep=sep) for t in range(len(videos[0]))])
+
+
+_PALETTE = np.array(  # Distinct colors for the clouds of a batch logged without colors.
+    [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75], [227, 119, 194],
+     [127, 127, 127], [188, 189, 34], [23, 190, 207]], dtype=np.uint8,
+)  # fmt: skip
+
+
+def _points_last(arr: np.ndarray) -> np.ndarray:
+    """0.2's layouts: the axis of 3 coordinates is the last, or else the first axis of size 3 is moved there."""
+    if arr.ndim >= 2 and arr.shape[-1] != 3:
+        for axis in range(arr.ndim - 1):
+            if arr.shape[axis] == 3:
+                return np.moveaxis(arr, axis, -1)
+    return arr
 
 
 def subsample_points(
-    points, key: str, *, max_points: int = 10_000, colors=None, seed: int = 0
+    points, key: str, *, max_points: int = 1000, colors=None, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Points as float32 (N, 3) ((B, N, 3) is flattened), optional colors as uint8, cut to max_points at random.
+    """Points as float32 (N, 3), optional colors as uint8 (N, 3), each cloud cut to max_points at random.
 
-    Sampling is without replacement from a generator seeded with `seed` (reproducible) and keeps input order.
-    Float colors are read as [0, 1].
+    Layouts (0.2's): (N, 3) is one cloud; (B, ..., 3) is B clouds of the points in between, each cut to
+    `max_points` (the same indices in each), written as one cloud of B * max_points points; the 3 coordinates may
+    also come first, (3, N) or (B, 3, N). Clouds of a batch without colors get one color each (one cloud keeps
+    the viewer's default). Sampling is without replacement from a generator seeded with `seed` (reproducible)
+    and keeps input order. Float colors are normalised like images (`float_range`: [0, 1] or [0, 255] both work).
     """
     where = f"log_point_cloud({key!r})"
-    pts = to_numpy(points)
+    pts = _points_last(to_numpy(points))
     shape = tuple(pts.shape)
-    if pts.ndim not in (2, 3) or shape[-1] != 3 or max_points < 1:
-        raise ValueError(f"{where}: cannot read points of shape {shape}; expected (N, 3) or (B, N, 3), max_points >= 1")
-    cols = None if colors is None else to_numpy(colors)
+    if pts.ndim < 2 or shape[-1] != 3 or max_points < 1:
+        raise ValueError(
+            f"{where}: cannot read points of shape {tuple(to_numpy(points).shape)}; expected (N, 3), (B, ..., 3) "
+            "or (3, N), max_points >= 1"
+        )
+    cols = None if colors is None else _points_last(to_numpy(colors))
     if cols is not None and tuple(cols.shape) != shape:
         raise ValueError(f"{where}: colors of shape {tuple(cols.shape)} do not match points of shape {shape}")
-    pts, cols = pts.reshape(-1, 3), None if cols is None else cols.reshape(-1, 3)
-    if len(pts) > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(len(pts), size=max_points, replace=False))
-        pts, cols = pts[keep], None if cols is None else cols[keep]
-    return pts.astype(np.float32, copy=False), None if cols is None else _to_uint8(cols, where)
+    pts = pts.reshape(1 if pts.ndim == 2 else shape[0], -1, 3)
+    cols = None if cols is None else cols.reshape(pts.shape)
+    if pts.shape[1] > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(pts.shape[1], size=max_points, replace=False))
+        pts, cols = pts[:, keep], None if cols is None else cols[:, keep]
+    out_colors = None if cols is None else _to_uint8(cols.reshape(-1, 3), where)
+    if out_colors is None and len(pts) > 1:
+        cloud_colors = _PALETTE[np.arange(len(pts)) % len(_PALETTE)]
+        out_colors = np.repeat(cloud_colors, pts.shape[1], axis=0)
+    return pts.reshape(-1, 3).astype(np.float32, copy=False), out_colors
 
 
-def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
+def gif_bytes(frames: np.ndarray, fps: float) -> bytes:
     """Animated GIF of uint8 (T, H, W, 3) frames. Written with Pillow because torch's `add_video` needs
     `moviepy.editor`, which moviepy 2 removed (it then silently writes nothing). GIF frame times are in 10 ms
     units and browsers play anything under 20 ms at 100 ms, so faster videos get 20 ms frames."""
     out = io.BytesIO()
     pictures = [Image.fromarray(f) for f in frames]
-    pictures[0].save(
-        out, format="GIF", save_all=True, append_images=pictures[1:], duration=max(int(1000 / max(fps, 1)), 20), loop=0
-    )
+    duration = max(round(1000 / fps), 20) if fps > 0 else 100
+    pictures[0].save(out, format="GIF", save_all=True, append_images=pictures[1:], duration=duration, loop=0)
+    return out.getvalue()
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
+    """A 16-bit PCM WAV file of float samples in [-1, 1], (T,) mono or (T, C) with every channel kept (torch's
+    `add_audio` takes mono only)."""
+    frames = samples[:, None] if samples.ndim == 1 else samples
+    pcm = np.rint(np.clip(frames, -1.0, 1.0) * 32767.0).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(frames.shape[1])
+        wav.setsampwidth(2)
+        wav.setframerate(int(sample_rate))
+        wav.writeframes(np.ascontiguousarray(pcm).tobytes())
     return out.getvalue()

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mlfab.logs.media import gif_bytes
+from mlfab.logs.media import gif_bytes, wav_bytes
 from mlfab.state import Phase
 
 Kind = str  # One of KINDS.
@@ -21,18 +21,25 @@ KINDS = ("scalar", "string", "image", "audio", "video", "histogram", "point_clou
 
 @dataclass
 class Audio:
-    """float32 samples in [-1, 1], shape (T,) for mono or (T, C)."""
+    """float32 samples in [-1, 1], shape (T,) for mono or (T, C) for C channels (stereo stays stereo; a writer
+    that can only take mono mixes it down itself), at `sample_rate` samples per second."""
 
     samples: np.ndarray
     sample_rate: int
 
+    @functools.cached_property
+    def wav(self) -> bytes:
+        """The samples as a 16-bit PCM WAV file, every channel kept."""
+        return wav_bytes(self.samples, self.sample_rate)
+
 
 @dataclass
 class Video:
-    """uint8 frames, shape (T, H, W, 3)."""
+    """uint8 frames, shape (T, H, W, 3) (grayscale videos have R = G = B), to be played at `fps` frames per second
+    (fractional when a video was logged with `length`)."""
 
     frames: np.ndarray
-    fps: int
+    fps: float
 
     @functools.cached_property
     def gif(self) -> bytes:
@@ -63,7 +70,13 @@ def finite(values: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Logs:
-    """Resolved values for one write, grouped by kind; tags are `<namespace>/<key>`."""
+    """Resolved values for one write, grouped by kind; tags are `<namespace>/<key>`.
+
+    `phase`: "train", "valid" or "test". `step`: the optimizer steps done (training: the step the values were
+    logged at; validation: the steps the model had). `max_steps`: the run's limit, if any. `elapsed_time_s`:
+    training time so far. `num_samples`: samples seen so far. `values`: {kind: {tag: value}}, kinds as in the
+    module docstring (`of(kind)` is one kind, empty when nothing of it was logged; `scalars` is `of("scalar")`).
+    """
 
     phase: Phase
     step: int
