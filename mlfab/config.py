@@ -69,6 +69,7 @@ class SlurmConfig:
 
 
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
+Diagnostic = Literal["grad_norm", "speed", "time", "memory", "loss_scale"]  # mlfab.run.diagnostics
 
 
 @dataclass(kw_only=True)
@@ -109,6 +110,14 @@ class Config:
     )
     max_nonfinite_steps_in_a_row: int | None = field(
         10, help="Stop when this many optimizer steps in a row have a non-finite loss or gradient (each is skipped)"
+    )
+
+    # Diagnostics (mlfab.run.diagnostics): training values mlfab logs by itself, computed only at written steps
+    diagnostics: list[Diagnostic] = field(
+        list(typing.get_args(Diagnostic)),
+        help="Which to log: grad_norm (optim/grad_norm), speed (speed/steps_per_second, speed/samples_per_second, "
+        "speed/data_wait_s), time (time/remaining_s, with max_steps), memory (memory/cpu_peak_rss_mb, "
+        "memory/gpu_peak_mb on CUDA), loss_scale (optim/loss_scale, with 16-mixed); [] logs none",
     )
 
     # Hardware and reproducibility
@@ -199,6 +208,11 @@ RULES: dict[type, dict[str, Rule]] = {
         ),
         "max_bad_samples_in_a_row": Rule(_or_null(_at_least(1)), "an integer >= 1 or null", "null never stops"),
         "max_nonfinite_steps_in_a_row": Rule(_or_null(_at_least(1)), "an integer >= 1 or null", "null never stops"),
+        "diagnostics": Rule(
+            lambda v: all(d in typing.get_args(Diagnostic) for d in v),
+            "a list of " + ", ".join(typing.get_args(Diagnostic)),
+            "[] logs none",
+        ),
         "accelerator": Rule(lambda v: v in ACCELERATORS, "one of " + ", ".join(ACCELERATORS)),
         "devices": Rule(
             lambda v: (_integer(v) and v >= 1) or _matches(_DEVICES)(v),

@@ -2,7 +2,8 @@
 
 The check runs where Lightning clips gradients (after backward, before the optimizer updates anything):
 one total gradient norm, which clipping needs anyway, summed with the loss, and one device sync per step
-to read that number.
+to read that number. The norms it computed are kept for the `optim/grad_norm` diagnostic
+(`NonFiniteGuard.take_grad_norm`, `total_norm`), which adds no work at the steps no logger writes.
 """
 
 import logging
@@ -55,14 +56,17 @@ class NonFiniteGuard:
         self.total = 0
         self.last_reason = ""
         self.last_skip = ""  # "step N: <what> not finite", for the logs.
+        # The last check's gradient norm, before clipping: the total (0-d) or each gradient's (1-d, see total_norm).
+        self.grad_norm: Tensor | None = None
 
     def clip_and_check(
         self, params: Iterable[Tensor], losses: Mapping[str, Tensor], max_norm: float | None, check_grads: bool = True
     ) -> None:
         with_grad = [p for p in params if p.grad is not None]
         values = [v.detach() for v in losses.values()]
+        self.grad_norm = None
         if with_grad and max_norm:  # The total norm clipping computes is not finite when any gradient is not.
-            norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+            self.grad_norm = norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
             if check_grads:
                 values.append(norm)
         elif with_grad and check_grads:
@@ -70,7 +74,8 @@ class NonFiniteGuard:
             norms: tuple[Tensor, ...] | list[Tensor] = foreach_norm(grads)
             if any(n.device != norms[0].device for n in norms):  # Parameters spread over devices.
                 norms = [n.to(norms[0].device) for n in norms]
-            values.append(torch.stack(norms).sum(dtype=torch.float32))  # fp16 norms could overflow their sum.
+            self.grad_norm = stacked = torch.stack(norms)  # Their total is taken only where it is logged.
+            values.append(stacked.sum(dtype=torch.float32))  # fp16 norms could overflow their sum.
         if not values:
             return
         # One number and one device sync per step: the sum is finite when every part is (or it overflowed).
@@ -84,6 +89,12 @@ class NonFiniteGuard:
         self.last_reason = f"loss {', '.join(repr(k) for k in bad)}" if bad else "the gradient"
         raise SkipStep
 
+    def take_grad_norm(self) -> Tensor | None:
+        """The gradient norm of the last check (for `total_norm`), once: None after it was taken, and when the check
+        computed none (no clipping, and no gradient check: under 16-mixed loss scaling, which checks them itself)."""
+        norm, self.grad_norm = self.grad_norm, None
+        return norm
+
     def skipped(self, step: int) -> None:
         self.in_a_row += 1
         self.total += 1
@@ -95,3 +106,12 @@ class NonFiniteGuard:
                 "stopping (max_nonfinite_steps_in_a_row). The checkpoints written so far are intact. Lower the "
                 "learning rate, check the data, or raise max_nonfinite_steps_in_a_row."
             )
+
+
+def total_norm(norm: Tensor) -> float:
+    """The total 2-norm of the gradients from what `NonFiniteGuard.take_grad_norm` returned: the total itself (0-d,
+    from clipping) or the 2-norm of the gradients' norms (1-d), as `torch.nn.utils.clip_grad_norm_` combines them,
+    in at least float32 (fp16 squares overflow). One small reduction and a device sync, when it is logged."""
+    if norm.ndim == 0:
+        return float(norm)
+    return float(torch.linalg.vector_norm(norm, dtype=torch.promote_types(norm.dtype, torch.float32)))

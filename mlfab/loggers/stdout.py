@@ -24,6 +24,9 @@ def _fmt(value: float) -> str:
 
 class StdoutLogger(PlainLogger):
     logger_name = "stdout"
+    # mlfab's speed, time and memory diagnostics (mlfab/run/diagnostics.py) are left out of the terminal line, which
+    # has its own steps/s and ETA; the file loggers keep them. A subclass may show them: `hidden_namespaces = ()`.
+    hidden_namespaces: tuple[str, ...] = ("speed/", "time/", "memory/")
 
     def __init__(
         self,
@@ -70,7 +73,8 @@ class StdoutLogger(PlainLogger):
             parts.append(f"{rate:.1f} steps/s")
         if eta is not None:
             parts.append(f"ETA {eta}")
-        parts.extend(f"{tag}={_fmt(v)}" for tag, v in sorted(logs.scalars.items()))
+        shown = (kv for kv in sorted(logs.scalars.items()) if not kv[0].startswith(self.hidden_namespaces))
+        parts.extend(f"{tag}={_fmt(v)}" for tag, v in shown)
         parts.extend(f"{tag}={text!r}" for tag, text in sorted(logs.of("string").items()))
         return " | ".join(parts)
 

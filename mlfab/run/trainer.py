@@ -13,6 +13,7 @@ from mlfab._lightning import no_profiler
 from mlfab.checkpoints import AtomicCheckpointIO
 from mlfab.config import Config
 from mlfab.run.callbacks import FinalCheckpoint, GracefulStop, PeriodicCheckpoint, ValidationCadence
+from mlfab.run.diagnostics import Diagnostics
 from mlfab.run.distributed import resolve_hardware
 from mlfab.run.quiet import SummaryAfterHeader
 from mlfab.run.slurm import cluster_environment
@@ -40,8 +41,8 @@ def kept_checkpoints(config: Config) -> dict[str, int]:
 
 
 def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
-    """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints, and the model
-    summary shown after mlfab's header."""
+    """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints, the model
+    summary shown after mlfab's header, and the diagnostics (mlfab/run/diagnostics.py)."""
     ckpt_dir = exp_dir / "checkpoints"
     periodic: dict[str, Any] = {
         "monitor": "step",
@@ -59,6 +60,8 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
         GracefulStop(),
         SummaryAfterHeader(),
     ]
+    if config.diagnostics:
+        callbacks.append(Diagnostics(config.diagnostics))
     if config.save_every_n_steps:
         callbacks.append(
             PeriodicCheckpoint(
