@@ -12,6 +12,49 @@ from collections.abc import Mapping
 from typing import Any, get_args, get_origin
 
 from mlfab.config import build_config
+from mlfab.errors import TaskDefinitionError
+
+# Methods of mlfab 0.2's Task that a task author overrode and that nothing here calls (its own training loop is
+# Lightning's now): defining one is refused when the class is created, naming what to use instead, rather than the
+# override being silently ignored.
+REPLACED_0_2_METHODS = {
+    "train_step": "Lightning's `training_step(batch, batch_idx)` (call `super().training_step(...)`)",
+    "val_step": "Lightning's `validation_step(batch, batch_idx)` (call `super().validation_step(...)`)",
+    "get_dataloader": "Lightning's `train_dataloader()` / `val_dataloader()`, or a dataset's own `collate`",
+    "get_size_of_batch": "`get_num_samples(batch)`",
+    "get_single_loss": "`get_loss` returning a scalar or a dict of them (per-sample losses are reduced as in 0.2)",
+    "on_before_forward_step": "`on_step_start(state)` or Lightning's `on_train_batch_start(batch, batch_idx)`",
+    "on_after_forward_step": "Lightning's `on_train_batch_end(outputs, batch, batch_idx)` (call super)",
+    "on_after_compute_loss": "Lightning's `on_before_backward(loss)`",
+    "is_valid_step": "the config keys `valid_every_n_steps` / `valid_every_n_seconds`",
+    "should_save_ckpt": "the config keys `save_every_n_steps` / `save_every_n_seconds`",
+    "is_training_over": "`set_training_over()`, `max_steps`, or `--trainer.max_time`",
+    "get_remaining_percent": "`max_steps` (`time/remaining_s` is logged)",
+    "step_optimizer": "Lightning's `optimizer_step` hook (call super)",
+    "zero_optimizer": "Lightning's `optimizer_zero_grad` hook",
+    "backward_grads": "Lightning's `backward` hook",
+    "get_trainable_module": "Lightning's strategies (`strategy`, `devices`)",
+    "configure_model_": "Lightning's `configure_model()` hook",
+    "should_wrap": "Lightning's strategies (`strategy`)",
+    "compile_model": "nothing yet: mlfab has no compile option (issue 16); call torch.compile in __init__",
+    "get_compiler_backend": "nothing yet: mlfab has no compile option (issue 16); call torch.compile in __init__",
+    "data_worker_init_fn": "a dataset's `worker_init(worker_id, num_workers)` (dpshdl)",
+    "collate_worker_init_fn": "a dataset's `worker_init(worker_id, num_workers)` (dpshdl)",
+    "get_init_ckpt_path": "`--ckpt_path` (resume) or `Task.load_from_checkpoint`",
+    "get_profile": "`--trainer.profiler`",
+    "on_profiler_trace_ready": "`--trainer.profiler` (Lightning's PyTorchProfiler)",
+}
+
+
+def refuse_replaced_methods(cls: type) -> None:
+    """Refuses a subclass defining a method of mlfab 0.2 that is never called here (`REPLACED_0_2_METHODS`)."""
+    for name in cls.__dict__:
+        if name in REPLACED_0_2_METHODS:
+            raise TaskDefinitionError(
+                f"{cls.__name__}.{name} overrides a method of mlfab 0.2's own training loop, which this mlfab does "
+                f"not have, so it would never be called. Use {REPLACED_0_2_METHODS[name]} instead (or rename the "
+                "method if it is a helper of your own)."
+            )
 
 
 def find_config_class(cls: type, task_base: type) -> type | None:
@@ -42,6 +85,7 @@ def typed_config_init(init: Any) -> Any:
 
 
 def prepare_subclass(cls: type, task_base: type) -> None:
+    refuse_replaced_methods(cls)
     init = cls.__dict__.get("__init__")
     config_cls = find_config_class(cls, task_base)
     if init is None:

@@ -192,3 +192,13 @@ def test_state_helpers_field_without_help_and_use_cli(tmp_path: Path) -> None:
     assert "extra: 3\n" in (tmp_path / "cli" / "config.yaml").read_text()
     with pytest.raises(mlfab.TaskDefinitionError, match="give argv or use_cli, not both"):
         WithExtra.launch(Config(), argv=[], use_cli=False)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("mlfab.declaration").declaration.REPLACED_0_2_METHODS))
+def test_overriding_a_method_of_0_2s_own_loop_is_refused_with_its_replacement(name: str) -> None:
+    from mlfab.declaration import REPLACED_0_2_METHODS
+
+    replacement = REPLACED_0_2_METHODS[name]
+    with pytest.raises(mlfab.TaskDefinitionError, match=rf"Old\.{name} overrides a method of mlfab 0\.2") as error:
+        type("Old", (BoringTask,), {name: lambda self, *args: None})
+    assert replacement in str(error.value)
