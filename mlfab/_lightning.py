@@ -183,8 +183,11 @@ class FastFxName:
     nn.Module's __setattr__ (its parameter, buffer and submodule checks) made that ~8% of a small model's step
     time. The name is never a parameter, buffer or module, so it is set as a plain attribute."""
 
+    # Also the per-step flags of mlfab's Task (plain bools).
+    _plain_attributes = frozenset({"_current_fx_name", "_step_started"})
+
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "_current_fx_name":
+        if name in self._plain_attributes:
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
