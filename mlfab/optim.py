@@ -112,12 +112,16 @@ def use_training_weights(checkpoint: dict[str, Any]) -> None:
 def lightning_optimizers(built: Any, task: str, warmup_steps: int) -> Any:
     """What `build_optimizer` returned, as Lightning's `configure_optimizers` takes it: an `(optimizer, scheduler)`
     pair (mlfab 0.2's) becomes Lightning's dict with the scheduler stepped after every optimizer step; anything else
-    is Lightning's already. A scheduler on mlfab's default optimizer replaces its warmup (`warm_up` then leaves the
-    rate to the scheduler), so a config that also asks for warmup steps is refused instead of one being ignored."""
-    if not (isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.optim.Optimizer)):
+    is Lightning's already. A scheduler on mlfab's default optimizer (in either form) replaces its warmup (`warm_up`
+    then leaves the rate to the scheduler), so a config that also asks for warmup steps is refused instead of one of
+    the two being silently overridden."""
+    if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.optim.Optimizer):
+        built = {"optimizer": built[0], "lr_scheduler": {"scheduler": built[1], "interval": "step"}}
+    if not (isinstance(built, dict) and isinstance(built.get("optimizer"), torch.optim.Optimizer)):
         return built
-    optimizer, scheduler = built
-    groups = [g for g in optimizer.param_groups if "base_lr" in g]
+    if built.get("lr_scheduler") is None:
+        return built
+    groups = [g for g in built["optimizer"].param_groups if "base_lr" in g]
     if groups and warmup_steps:
         raise TaskDefinitionError(
             f"{task}.build_optimizer returned a learning-rate scheduler for the default optimizer, whose warmup "
@@ -126,4 +130,4 @@ def lightning_optimizers(built: Any, task: str, warmup_steps: int) -> Any:
         )
     for group in groups:
         del group["base_lr"]  # The scheduler's, from now on.
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    return built

@@ -100,6 +100,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._last_losses: dict[str, Tensor] = {}
         self._training_over = False  # `set_training_over()` was called.
+        self._cadence: ValidationCadence | None = None  # mlfab's validation decision, when its Trainer has one.
         self._step_started = False  # `on_step_start` ran for the step in progress.
         self._metric_names: set[str] = set()  # What this task `self.log`s for Lightning (not for its loggers).
         self._lightning_names: set[str] = set()  # What the task's own code `self.log`s (see `log`).
@@ -490,8 +491,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         trainer = self.trainer
         if trainer.should_stop or 0 < trainer.max_steps <= self.global_step:
             return True
-        cadences = [c for c in trainer.callbacks if isinstance(c, ValidationCadence)]  # type: ignore[attr-defined]
-        return bool(cadences) and cadences[0].validates_now(trainer)
+        return self._cadence is not None and self._cadence.validates_now(trainer)
 
     def _log_bad_data(self, check_every_n_steps: int = 50) -> None:
         """How many samples and batches the data pipeline skipped: once any were (asking the loader costs a state
@@ -515,6 +515,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_train_start(self) -> None:
+        cadences = [c for c in self.trainer.callbacks if isinstance(c, ValidationCadence)]  # type: ignore[attr-defined]
+        self._cadence = cadences[0] if cadences else None  # Looked up once, not at every step.
         set_optimizer_mode(self.trainer.optimizers, train=True)
         if self._resume_changes:  # After Lightning restored the optimizer state, which holds the old values.
             apply_optimizer_changes(self.trainer.optimizers, self._resume_changes)

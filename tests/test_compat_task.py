@@ -132,6 +132,14 @@ def test_a_scheduler_on_the_default_optimizer_and_its_warmup_is_refused(tmp_path
 
     with pytest.raises(mlfab.TaskDefinitionError, match=r"warmup_steps=5\) also sets the rate. Set warmup_steps=0"):
         run(Scheduled, tmp_path, warmup_steps=5)
+
+    class LightningDict(BoringTask):  # Lightning's own form of the same thing.
+        def build_optimizer(self, model: nn.Module | None = None) -> Any:
+            optimizer = super().build_optimizer()
+            return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)}
+
+    with pytest.raises(mlfab.TaskDefinitionError, match=r"warmup_steps=5\) also sets the rate"):
+        run(LightningDict, tmp_path / "dict", warmup_steps=5)
     exp = run(Scheduled, tmp_path / "no_warmup", warmup_steps=0)  # Without warmup the schedule sets the rate.
     assert (exp / "checkpoints" / "last.ckpt").is_file()
 
