@@ -6,6 +6,7 @@ Imports nothing from mlfab, so every other module may import it.
 
 import functools
 import inspect
+import time
 from collections.abc import Callable, Container
 from contextlib import nullcontext
 from typing import Any
@@ -17,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loops.evaluation_loop import RestartStage as EvaluationRestartStage
 from lightning.pytorch.profilers import PassThroughProfiler
 from torch import Tensor
+from torch._dynamo.callback import on_compile_end, on_compile_start
 from typing_extensions import override
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -231,3 +233,35 @@ def foreach_norm(tensors: list[Tensor]) -> tuple[Tensor, ...]:
     """Each tensor's 2-norm, in one fused call (one kernel per device and dtype instead of one per tensor).
     Private: `torch._foreach_norm`, which `torch.nn.utils.clip_grad_norm_` itself uses."""
     return torch._foreach_norm(tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.compile's cost.
+
+_compile_seconds = [0.0]
+_compile_started: dict[tuple[Any, str], float] = {}
+
+
+@functools.cache
+def _count_compile_time() -> None:
+    """Registers (once per process) torch's compile-start and -end callbacks, which Dynamo calls around each graph
+    it compiles, Inductor's code generation and the backward compiled lazily at the first backward included.
+    Private: `torch._dynamo.callback.on_compile_start` / `on_compile_end` (torch has no public compile timer)."""
+
+    def start(args: Any) -> None:
+        _compile_started[(args.callback_trigger, args.compile_id)] = time.perf_counter()
+
+    def end(args: Any) -> None:
+        started = _compile_started.pop((args.callback_trigger, args.compile_id), None)
+        if started is not None:
+            _compile_seconds[0] += time.perf_counter() - started
+
+    on_compile_start(start)
+    on_compile_end(end)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling with torch.compile, counted from the first call of this function
+    (call it before compiling)."""
+    _count_compile_time()
+    return _compile_seconds[0]

@@ -120,6 +120,15 @@ class Config:
         "memory/gpu_peak_mb on CUDA), loss_scale (optim/loss_scale, with 16-mixed); [] logs none",
     )
 
+    # Speed
+    compile: bool | dict[str, Any] = field(
+        False,
+        help="torch.compile the task's forward: true (torch's defaults), or a mapping of torch.compile's options "
+        "(mode, fullgraph, dynamic, backend, options), e.g. {mode: max-autotune}; false runs eagerly. Compiling "
+        "costs seconds to minutes at the first step (printed and logged as time/compile_s); it pays off for "
+        "compute-heavy models",
+    )
+
     # Hardware and reproducibility
     accelerator: str = field("auto", help="cpu, cuda, mps or auto (CUDA, then MPS, then CPU)")
     devices: int | str = field("auto", help="Devices per node: a number, or auto (every GPU; one CPU process)")
@@ -172,6 +181,22 @@ _DEVICES = r"auto|0*[1-9]\d*|(\d+\s*,\s*)+\d*"  # A number, or GPU indices as Li
 _SLURM_TIME = r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite"  # sbatch --time's formats.
 
 
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_OPTIONS: dict[str, Callable[[Any], bool]] = {  # torch.compile's keyword arguments mlfab passes on.
+    "mode": lambda v: v in COMPILE_MODES,
+    "fullgraph": lambda v: isinstance(v, bool),
+    "dynamic": lambda v: v is None or isinstance(v, bool),
+    "backend": lambda v: isinstance(v, str) and v != "",
+    "options": lambda v: isinstance(v, dict),
+}
+
+
+def _compile_options(v: Any) -> bool:
+    if isinstance(v, bool):
+        return True
+    return isinstance(v, dict) and all(k in COMPILE_OPTIONS and COMPILE_OPTIONS[k](x) for k, x in v.items())
+
+
 @dataclass(frozen=True)
 class Rule:
     check: Callable[[Any], bool]
@@ -212,6 +237,11 @@ RULES: dict[type, dict[str, Rule]] = {
             lambda v: all(d in typing.get_args(Diagnostic) for d in v),
             "a list of " + ", ".join(typing.get_args(Diagnostic)),
             "[] logs none",
+        ),
+        "compile": Rule(
+            _compile_options,
+            "true, false, or a mapping of " + ", ".join(COMPILE_OPTIONS),
+            "e.g. compile='{mode: max-autotune}'; modes: " + ", ".join(m for m in COMPILE_MODES if m),
         ),
         "accelerator": Rule(lambda v: v in ACCELERATORS, "one of " + ", ".join(ACCELERATORS)),
         "devices": Rule(

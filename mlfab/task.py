@@ -32,6 +32,7 @@ from mlfab._lightning import (
 )
 from mlfab.checkpoints import around_saves, check_compatible, gather_rng_states, restore_rng_states, task_id
 from mlfab.cli.parser import launch
+from mlfab.compiling import Compiled
 from mlfab.config import Config, ConfigT, build_config, check_config, to_dict
 from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
 from mlfab.declaration import find_config_class, prepare_subclass
@@ -98,6 +99,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._num_valid_steps = 0
         self._consumed = Consumed()  # Batches trained, so the loader knows which ones are still in flight.
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
+        self._compiled: Compiled | None = None  # The `compile` key, applied at setup.
         self._last_losses: dict[str, Tensor] = {}
         self._training_over = False  # `set_training_over()` was called.
         self._cadence: ValidationCadence | None = None  # mlfab's validation decision, when its Trainer has one.
@@ -365,6 +367,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def setup(self, stage: str) -> None:
         # mlfab writes its own values to every logger, and the `self.log` values to its own loggers.
         withhold_from_loggers(self.trainer, self._metric_names, lambda logger: isinstance(logger, MlfabLogger))
+        if self.config.compile is not False and self._compiled is None:  # Once, also when fit is followed by test.
+            self._compiled = Compiled(self, self.config.compile)
         if stage == "fit":
             self._weights_from_checkpoint = False
             around_saves(self.trainer.strategy.checkpoint_io, self.on_before_save_ckpt, self.on_after_save_ckpt)
@@ -481,6 +485,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 self.on_step_end(self.state("train"), {k: v.detach() for k, v in self._last_losses.items()})
             if self._training_over:
                 self.trainer.should_stop = True
+            if self._compiled is not None:
+                self._compiled.step_ended(self)
             self._log_bad_data()
             self._flush_logs("train", self.global_step - 1, everywhere=self._written_everywhere())
 

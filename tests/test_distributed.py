@@ -217,3 +217,20 @@ def test_the_test_subcommand_gives_each_rank_its_own_batches_of_an_endless_set(t
     assert [len(t) for t in tested] == [2, 2]  # valid_batches of the endless test set on each rank.
     ids = [{i for _, batch, _ in t for i in batch} for t in tested]
     assert len(ids[0]) == len(ids[1]) == 2 * 8 and not ids[0] & ids[1]
+
+
+def test_ddp_with_compile(tmp_path: Path) -> None:
+    """compile under DDP: the compiled forward runs inside Lightning's DDP wrapper on each rank; the ranks still
+    train on disjoint samples to identical weights, and each rank compiled (rank zero says what it cost)."""
+    script = write_script(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(script), "accelerator=cpu", "devices=2", "compile=true", f"run_dir={tmp_path / 'runs'}"],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_two_ranks(tmp_path, proc.stdout)
+    assert proc.stdout.count("torch.compile (torch's defaults): ") == 1

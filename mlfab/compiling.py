@@ -1,0 +1,55 @@
+"""The `compile` config key: `torch.compile` of the task's forward, in place, and what compiling cost.
+
+`nn.Module.compile` compiles the module's call, so the task's parameter names (and its checkpoints' keys) stay
+those of an eager run: a checkpoint loads and resumes either way. It runs when the task is called (`self(x)` in
+`get_loss`), inside whatever Lightning wrapped the task in (DDP included), the backward too. The seconds spent
+compiling (Dynamo, Inductor, the backward compiled at the first backward, and any later recompilation: evaluation
+mode, a new input shape) are printed after the first training step and logged as `time/compile_s`.
+"""
+
+from typing import Any
+
+from torch import nn
+
+from mlfab._lightning import compile_seconds
+from mlfab.errors import ConfigError
+
+
+class Compiled:
+    """A task compiled with `options` (True: torch's defaults; or torch.compile's keyword arguments)."""
+
+    def __init__(self, module: nn.Module, options: bool | dict[str, Any]) -> None:
+        self.options = {} if options is True else dict(options)  # type: ignore[arg-type]
+        self.start = compile_seconds()
+        self.checked = False
+        module.compile(**self.options)
+        compiled = module._compiled_call_impl
+        assert compiled is not None
+        self.called = False
+
+        def first_calls(*args: Any, **kwargs: Any) -> Any:  # Until the first step's check, then removed.
+            self.called = True
+            return compiled(*args, **kwargs)
+
+        module._compiled_call_impl = first_calls
+        self._compiled = compiled
+
+    def step_ended(self, task: Any) -> None:
+        """After each training step: the first time, check that compiling happened and say what it cost; on every
+        step log the seconds spent so far (they grow when something recompiles; a graph this process compiled
+        for another instance of the task's class is reused)."""
+        if not self.checked:
+            self.checked = True
+            task._compiled_call_impl = self._compiled
+            if not self.called:
+                raise ConfigError(
+                    f"compile: {type(task).__name__} was never called as self(...) in its first training step, so "
+                    "torch.compile compiled nothing (it compiles the task's forward, which runs when the task is "
+                    "called). Call self(x) in get_loss, or compile submodules yourself (self.net = "
+                    "torch.compile(self.net)) and set compile=false."
+                )
+            if task.trainer.is_global_zero:
+                how = ", ".join(f"{k}={v!r}" for k, v in self.options.items()) or "torch's defaults"
+                spent = compile_seconds() - self.start
+                print(f"torch.compile ({how}): {spent:.1f} s compiling in the first step (time/compile_s)", flush=True)
+        task.log_scalar("compile_s", compile_seconds() - self.start, namespace="time")
