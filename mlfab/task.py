@@ -8,6 +8,7 @@ attached logger. `Task.launch(Config(...))` runs it; `lightning.pytorch.Trainer(
 
 import functools
 import inspect
+import numbers
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -43,7 +44,7 @@ from mlfab.loggers.dispatch import flush_logs
 from mlfab.loggers.stdout import StdoutLogger
 from mlfab.loggers.tensorboard import TensorboardLogger
 from mlfab.logs.api import LogMethods
-from mlfab.logs.buffer import Cadence, LogBuffer
+from mlfab.logs.buffer import PREDICT, Cadence, LogBuffer
 from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
 from mlfab.optim import (
     lightning_optimizers,
@@ -54,7 +55,7 @@ from mlfab.optim import (
     warm_up,
 )
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
-from mlfab.run.callbacks import TrainingEndsOnError, ValidationCadence
+from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error
 from mlfab.run.distributed import broadcast_exp_dir
 from mlfab.state import PHASES, Phase, State
 
@@ -92,7 +93,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self.save_hyperparameters({"config": to_dict(config)})
         self._exp_dir: Path | None = None
         self._mlfab_loggers: list[Any] = []
-        self._log_buffers = {phase: LogBuffer(phase) for phase in PHASES}  # Validation may start mid-accumulation.
+        # A buffer per phase (validation may start mid-accumulation), and one for what is logged during predict.
+        self._log_buffers = {phase: LogBuffer(phase) for phase in (*PHASES, PREDICT)}
         self._bad_data_seen = False
         self._log_cadence = Cadence()
         self._num_samples = 0
@@ -242,6 +244,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def elapsed_time_s(self) -> float:
         return self._elapsed_before_s + time.monotonic() - self._session_start_s
 
+    @property
+    def nonfinite_guard(self) -> NonFiniteGuard:
+        """What skips steps with a non-finite loss or gradient (mlfab/nonfinite.py): the steps skipped so far
+        (`total`, `last_skip`) and the last gradient norm it computed, which the `optim/grad_norm` diagnostic reads."""
+        return self._nonfinite
+
     # ----------------------------------------------------------------------------------------------------------------
     # Logging: the `log_*` methods (mlfab/logs/api.py) store values in the current phase's buffer.
 
@@ -252,7 +260,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         stage = trainer.state.stage  # `is`, not `trainer.training`: its enum `==` costs ~1-5 us per log_* call.
         if stage is RunningStage.TRAINING:
             return "train"
-        return "test" if stage is RunningStage.TESTING else "valid"
+        if stage is RunningStage.TESTING:
+            return "test"
+        return PREDICT if stage is RunningStage.PREDICTING else "valid"
 
     def _log(self, kind: str, key: str, value: Any, namespace: str | None) -> None:
         self._log_buffers[self._phase()].add(kind, f"{namespace or self.default_namespace}/{key}", value)
@@ -262,7 +272,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         """Lightning's `self.log` (and `log_dict`): for Lightning as always (callbacks, its loggers), and also into
         mlfab's logs under `name`, so mlfab's loggers write it in the phase and at the step it was logged for, at
         their own cadence: a training value is the step's (averaged over accumulated batches), an evaluation value
-        the one Lightning reduces over the whole evaluation (its `reduce_fx`, `batch_size`, `sync_dist`)."""
+        the one Lightning reduces over the whole evaluation (its `reduce_fx`, `batch_size`, `sync_dist`).
+        `value`: a one-element tensor, a real number (Python's, a numpy scalar or 0-d array) or a torchmetrics Metric;
+        anything else is refused with a TypeError."""
+        given = value
+        if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:  # Lightning refuses 0-d arrays.
+            value = value.item()
+        if not isinstance(value, Tensor | numbers.Real) and not callable(getattr(value, "compute", None)):
+            raise TypeError(
+                f"self.log({name!r}, ...) got a {type(given).__name__}: mlfab logs a real number, a one-element tensor "
+                "or a torchmetrics Metric under each name. For several values, use self.log_dict({name: value, ...})."
+            )
         super().log(name, value, *args, **kwargs)
         to_loggers = args[1] if len(args) > 1 else kwargs.get("logger")
         if name in self._metric_names or to_loggers is False or self._trainer is None or self.trainer.sanity_checking:
@@ -270,7 +290,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._lightning_names.add(name)
         if isinstance(value, Tensor):
             value = value.detach()
-        elif not isinstance(value, int | float):  # A torchmetrics Metric: computed when it is written.
+        elif not isinstance(value, numbers.Real):  # A torchmetrics Metric: computed when it is written.
             value = value.compute
         self._log_buffers[self._phase()].add("scalar", name, value)
 
@@ -312,6 +332,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         trainer = self.trainer
         if trainer.barebones or not means:
             return means
+        if phase == PREDICT:  # Lightning keeps no metrics in predict (its `self.log` refuses to run there).
+            return mean_over_ranks(trainer, means, weights, self.device)
         own = self._lightning_names  # Lightning's already, from the task's `self.log`.
         if phase == "train":
             kept = {f"train/{tag}": v for tag, v in means.items() if tag not in own}
@@ -370,6 +392,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self.config.compile is not False and self._compiled is None:  # Once, also when fit is followed by test.
             self._compiled = Compiled(self, self.config.compile)
         if stage == "fit":
+            # Lightning tells callbacks, not modules, of an exception: this one calls `on_training_end` then. Added
+            # here rather than in `configure_callbacks`, which a task may override without calling super.
+            last_training_ends_on_error(self.trainer.callbacks)  # type: ignore[attr-defined]
             self._weights_from_checkpoint = False
             around_saves(self.trainer.strategy.checkpoint_io, self.on_before_save_ckpt, self.on_after_save_ckpt)
         if self.trainer.world_size > 1:
@@ -441,7 +466,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def predict_step(self, batch: Any, batch_idx: int) -> Any:
-        return None if batch is None else self.get_prediction(batch)  # None: it failed to collate (see test_step).
+        if batch is None:  # It failed to collate: None (see test_step).
+            return None
+        self._log_buffers[PREDICT].weight = max(1, self.get_num_samples(batch))
+        return self.get_prediction(batch)
+
+    @override
+    def on_predict_epoch_end(self) -> None:
+        """What was logged during predict (in `get_prediction`, ...) is written once, as phase "predict", at the step
+        of the weights: scalars as their sample-weighted mean over the whole run (and over ranks), other kinds from its
+        first batch, as for validation."""
+        self._flush_logs(PREDICT, self.weights_step)
 
     @override
     def configure_gradient_clipping(
@@ -541,11 +576,6 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def on_train_end(self) -> None:
         self.on_training_end(self.state("train"))
 
-    @override
-    def configure_callbacks(self) -> list[Any]:
-        """Lightning tells callbacks, not modules, of an exception: this one calls `on_training_end` then."""
-        return [TrainingEndsOnError()] if type(self).on_training_end is not Task.on_training_end else []
-
     def _evaluation_weights(self, evaluate: bool) -> None:
         """Schedule-free optimizers: evaluate with their evaluation weights, then go back to the training weights.
         Not after `validate` / `test` loaded a checkpoint, which holds evaluation weights already (saved in eval
@@ -638,6 +668,21 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 raise TaskDefinitionError(f"{cls.__name__}.launch: give argv or use_cli, not both.")
             argv = [] if use_cli is False else list(use_cli)
         launch(cls, *configs, launcher=launcher, argv=argv)
+
+
+def mean_over_ranks(
+    trainer: pl.Trainer, means: dict[str, float], weights: dict[str, Any], device: torch.device
+) -> dict[str, float]:
+    """Each scalar's mean over every rank's samples, from each rank's sample-weighted mean and weight, as Lightning's
+    `self.log(..., batch_size=n, sync_dist=True)` reduces a validation value: one all-reduce of every tag (each rank
+    logs the same tags, as in validation)."""
+    if trainer.world_size == 1:
+        return means
+    tags = sorted(means)
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64.
+    sums = torch.tensor([[means[t] * float(weights[t]), float(weights[t])] for t in tags], dtype=dtype, device=device)
+    sums = trainer.strategy.reduce(sums, reduce_op="sum")
+    return {tag: float(total / weight) for tag, (total, weight) in zip(tags, sums.tolist(), strict=True)}
 
 
 def per_sample_reduced(loss: Any, batch_samples: Callable[[], int], task: str) -> Any:

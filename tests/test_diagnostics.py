@@ -1,6 +1,7 @@
 """The diagnostics mlfab logs by itself (mlfab/run/diagnostics.py): read back from a run's JSON log, switched off by
 group, and computed only at the steps a logger writes."""
 
+import io
 import json
 import math
 import resource
@@ -171,6 +172,30 @@ def test_speed_and_time_remaining_leave_out_validation_and_the_wait_after_a_save
     )
 
 
+@pytest.mark.unit
+def test_the_grad_norm_comes_from_the_guard_the_task_exposes() -> None:
+    task = BoringTask(BoringConfig())
+    assert isinstance(task.nonfinite_guard, NonFiniteGuard)
+    assert task.nonfinite_guard is task.nonfinite_guard  # The one the task checks its steps with, not a copy.
+
+    guard = NonFiniteGuard(None)
+    trainer: Any = types.SimpleNamespace(
+        accumulate_grad_batches=1, world_size=1, max_steps=10, global_step=1, precision_plugin=None
+    )
+    logged: dict[str, Any] = {}
+    module: Any = types.SimpleNamespace(  # Any module that exposes a guard, under that name.
+        nonfinite_guard=guard,
+        config=types.SimpleNamespace(batch_size=4),
+        device=torch.device("cpu"),
+        log_scalar=lambda key, value, namespace: logged.__setitem__(f"{namespace}/{key}", value),
+    )
+    cb = Diagnostics(["grad_norm"])
+    cb.on_train_start(trainer, module)
+    guard.grad_norm = torch.tensor(2.5)  # Computed by the step's check.
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    assert {tag: value() for tag, value in logged.items()} == {"optim/grad_norm": 2.5}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Integration: a real run's JSON log.
 
@@ -325,3 +350,53 @@ def test_the_terminal_line_leaves_out_speed_time_and_memory() -> None:
                "memory/cpu_peak_rss_mb": 100.0}  # fmt: skip
     line = mlfab.StdoutLogger().format(Logs("train", 3, 10, 1.0, 24, {"scalar": scalars}))
     assert line == "[train] step 3/10 | loss/loss=1.5 | optim/grad_norm=2"
+
+
+@pytest.mark.unit
+def test_the_terminal_line_shows_a_tasks_own_values_in_the_speed_time_and_memory_namespaces() -> None:
+    from mlfab.logs.values import Logs
+
+    own = {"speed/tokens_per_second": 5.0, "time/data_s": 2.0, "memory/cache_mb": 7.0}
+    scalars = {**own, **{tag: 1.0 for tag in diagnostics.TERMINAL_HIDDEN_TAGS}}
+    logs = Logs("train", 3, 10, 1.0, 24, {"scalar": scalars})
+    line = mlfab.StdoutLogger().format(logs)
+    assert line == "[train] step 3/10 | memory/cache_mb=7 | speed/tokens_per_second=5 | time/data_s=2"
+
+    class ShowsEverything(mlfab.StdoutLogger):  # The way to see mlfab's own on the terminal too.
+        hidden_tags = frozenset()
+
+    shown = ShowsEverything().format(logs).split(" | ")[1:]
+    assert [part.split("=")[0] for part in shown] == sorted(scalars)
+
+
+class OwnTimeValues(Recorded):
+    """Logs values of its own in the namespaces of mlfab's speed, time and memory diagnostics."""
+
+    def set_loggers(self) -> None:
+        super().set_loggers()
+        self.add_logger(mlfab.StdoutLogger(log_interval_seconds=0.0, stream=self.terminal, tty=False))
+
+    def log_train_step(self, batch: Any, output: Any, state: mlfab.State) -> None:
+        self.log_scalar("x", 1, namespace="time")
+        self.log_scalar("tokens", 2, namespace="speed")
+        self.log_scalar("cache_mb", 3, namespace="memory")
+
+
+@pytest.mark.integration
+def test_a_run_shows_the_tasks_own_values_and_hides_exactly_the_diagnostics_on_the_terminal(tmp_path: Path) -> None:
+    terminal = io.StringIO()
+    OwnTimeValues.terminal = terminal  # type: ignore[attr-defined]
+    _, lines = run(tmp_path, OwnTimeValues, max_steps=3)
+
+    own = {"time/x", "speed/tokens", "memory/cache_mb"}
+    logged = set().union(*(line["scalars"] for line in lines))
+    diagnostic = {tag for tag in logged if tag.startswith(("speed/", "time/", "memory/"))} - own
+    assert diagnostic == KEYS["speed"] | KEYS["time"] | KEYS["memory"]  # What the JSON log got from Diagnostics ...
+    assert diagnostic <= diagnostics.TERMINAL_HIDDEN_TAGS  # ... is what the terminal leaves out.
+
+    train = [line for line in terminal.getvalue().splitlines() if line.startswith("[train]")]
+    assert len(train) == 3
+    for line in train:
+        shown = dict(part.split("=", 1) for part in line.split(" | ") if "=" in part)
+        assert {tag: shown.get(tag) for tag in own} == {"time/x": "1", "speed/tokens": "2", "memory/cache_mb": "3"}
+        assert not diagnostic.intersection(shown)

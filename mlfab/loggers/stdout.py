@@ -8,6 +8,7 @@ line with no escape codes.
 import datetime
 import sys
 import time
+from collections.abc import Collection
 from typing import TextIO
 
 from lightning.pytorch.utilities import rank_zero_only
@@ -15,6 +16,7 @@ from typing_extensions import override
 
 from mlfab.loggers.base import PlainLogger
 from mlfab.logs.values import Logs
+from mlfab.run.diagnostics import TERMINAL_HIDDEN_TAGS
 from mlfab.state import Phase
 
 
@@ -24,9 +26,10 @@ def _fmt(value: float) -> str:
 
 class StdoutLogger(PlainLogger):
     logger_name = "stdout"
-    # mlfab's speed, time and memory diagnostics (mlfab/run/diagnostics.py) are left out of the terminal line, which
-    # has its own steps/s and ETA; the file loggers keep them. A subclass may show them: `hidden_namespaces = ()`.
-    hidden_namespaces: tuple[str, ...] = ("speed/", "time/", "memory/")
+    # mlfab's speed, time and memory diagnostics (their exact tags, mlfab/run/diagnostics.py) are left out of the
+    # terminal line, which has its own steps/s and ETA; the file loggers keep them, and a task's own values in those
+    # namespaces are shown. A subclass may show them too (`hidden_tags = frozenset()`) or hide others.
+    hidden_tags: Collection[str] = TERMINAL_HIDDEN_TAGS
 
     def __init__(
         self,
@@ -73,7 +76,7 @@ class StdoutLogger(PlainLogger):
             parts.append(f"{rate:.1f} steps/s")
         if eta is not None:
             parts.append(f"ETA {eta}")
-        shown = (kv for kv in sorted(logs.scalars.items()) if not kv[0].startswith(self.hidden_namespaces))
+        shown = (kv for kv in sorted(logs.scalars.items()) if kv[0] not in self.hidden_tags)
         parts.extend(f"{tag}={_fmt(v)}" for tag, v in shown)
         parts.extend(f"{tag}={text!r}" for tag, text in sorted(logs.of("string").items()))
         return " | ".join(parts)

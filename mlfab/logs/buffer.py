@@ -8,8 +8,8 @@ What is written when several values arrive between two writes:
   last batch counts for its size.
 - everything else (strings, images, audio, video, histograms, point clouds), in training: the last value logged in
   the step (with accumulation, that of its last micro-batch).
-- everything else, in validation and test: the first value logged for each key in the evaluation, i.e. that of
-  its first batch. That batch is full (a partial batch can only come last), so a `max_images=16` grid shows 16
+- everything else, in validation, test and predict: the first value logged for each key in the evaluation, i.e.
+  that of its first batch. That batch is full (a partial batch can only come last), so a `max_images=16` grid shows 16
   images rather than what is left over at the end of the data, and with a fixed validation set every evaluation
   shows the same samples, which makes evaluations comparable. A string or histogram describes that batch too,
   matching the images beside it; only scalars summarize the whole evaluation. Later values of the key are not
@@ -23,7 +23,7 @@ key, then counted every 100th time). A scalar given as a string is refused at th
 
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -32,6 +32,11 @@ from mlfab.logs.values import Kind, resolve
 from mlfab.state import Phase
 
 log = logging.getLogger(__name__)
+
+# The phase of what is logged during predict (Lightning's `trainer.predict`, mlfab's `predict` subcommand), written
+# once at its end like an evaluation's, under its own name. (`mlfab.Phase` lists the phases `get_dataset` and `State`
+# see; the logs, `Logs.phase`, also have this one.)
+PREDICT = cast(Phase, "predict")
 
 
 def _to_float(value: Any) -> float:
@@ -44,13 +49,14 @@ def _to_float(value: Any) -> float:
 class LogBuffer:
     """Per-phase pending values. `add` is the hot path: it only stores a reference (and, for a scalar, its weight).
 
-    `phase`: the phase whose values it holds. For "valid" and "test" it keeps the first value of each non-scalar
-    key until it is cleared (the first batch of the evaluation); otherwise (training, or no phase given) the last.
+    `phase`: the phase whose values it holds. For "valid", "test" and "predict" it keeps the first value of each
+    non-scalar key until it is cleared (the first batch of the evaluation); otherwise (training, or no phase given)
+    the last.
     """
 
     def __init__(self, phase: Phase | None = None) -> None:
         self._pending: dict[Kind, dict[str, list[Any]]] = {}  # Scalars: [(value, weight), ...]; others: [value].
-        self.keep_first = phase in ("valid", "test")
+        self.keep_first = phase in ("valid", "test", PREDICT)
         self.weight = 1  # The weight of the scalars added now: the number of samples in the current batch.
         self.failures: dict[tuple[Kind, str], int] = {}  # Values skipped because they could not be written.
 

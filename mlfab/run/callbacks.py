@@ -279,10 +279,36 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class TrainingEndsOnError(StepFreeCallback):
-    """Calls an mlfab task's `on_training_end(state)` when training fails (Lightning calls `on_train_end` only when it
-    ends normally), as mlfab 0.2 did."""
+    """Calls an mlfab task's `on_training_end(state)` when training fails once it has started (Lightning calls
+    `on_train_end` only when it ends normally), as mlfab 0.2 did: an exception in a training step, in a validation
+    within `fit`, in a callback, or in a checkpoint written at the end. Each task's Trainer gets one, as its last
+    callback (`Task.setup`, whatever the task's `configure_callbacks` returns), so its `on_train_end` runs right before
+    the task's, which calls `on_training_end` when training ends normally: it is called once either way."""
+
+    def __init__(self) -> None:
+        self._running = False  # Between on_train_start and the on_train_end the task's own follows.
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._running = True
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._running = False
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
-        if trainer.training:
-            pl_module.on_training_end(pl_module.state("train"))
+        if not self._running:
+            return
+        self._running = False
+        end, state = getattr(pl_module, "on_training_end", None), getattr(pl_module, "state", None)
+        if callable(end) and callable(state):  # An mlfab task (any other LightningModule has neither).
+            end(state("train"))
+
+
+def last_training_ends_on_error(callbacks: list[Any]) -> None:
+    """Makes a `TrainingEndsOnError` the last of `callbacks` (a Trainer's list, changed in place), and the only one."""
+    found = [c for c in callbacks if isinstance(c, TrainingEndsOnError)]
+    for callback in found:
+        callbacks.remove(callback)
+    callbacks.append(found[0] if found else TrainingEndsOnError())

@@ -62,6 +62,25 @@ except ImportError:  # Windows: no getrusage.
 
 GROUPS: tuple[str, ...] = typing.get_args(Diagnostic)
 
+# The tags (`<namespace>/<key>`) of the `speed`, `time` and `memory` groups: what `Diagnostics` logs them as.
+STEPS_PER_SECOND = "speed/steps_per_second"
+SAMPLES_PER_SECOND = "speed/samples_per_second"
+DATA_WAIT_S = "speed/data_wait_s"
+REMAINING_S = "time/remaining_s"
+CPU_PEAK_RSS_MB = "memory/cpu_peak_rss_mb"
+GPU_PEAK_MB = "memory/gpu_peak_mb"
+# What the terminal line (mlfab.StdoutLogger, which shows its own steps/s and ETA) leaves out: exactly these tags, so
+# that a task's own values in the `speed`, `time` or `memory` namespaces are shown.
+TERMINAL_HIDDEN_TAGS: frozenset[str] = frozenset(
+    {STEPS_PER_SECOND, SAMPLES_PER_SECOND, DATA_WAIT_S, REMAINING_S, CPU_PEAK_RSS_MB, GPU_PEAK_MB}
+)
+
+
+def _entry(tag: str, value: Callable[[], float]) -> tuple[str, Callable[[], float], str]:
+    """(key, lazy value, namespace) of a tag, as `Diagnostics` hands it to `log_scalar`."""
+    namespace, _, key = tag.partition("/")
+    return key, value, namespace
+
 
 def cpu_peak_rss_mb() -> float:
     """This process's peak resident set size in MiB (`ru_maxrss` is in KiB on Linux, in bytes on macOS)."""
@@ -138,23 +157,23 @@ class Diagnostics(StepFreeCallback):
         if not callable(getattr(pl_module, "log_scalar", None)):  # Not an mlfab task: nothing to log through.
             return
         self._trainer = trainer
-        guard = getattr(pl_module, "_nonfinite", None)
+        guard = getattr(pl_module, "nonfinite_guard", None)
         self._guard = guard if "grad_norm" in self.groups and isinstance(guard, NonFiniteGuard) else None
         if self._guard is not None:
             self._guard.grad_norm = None  # Nothing from before this run.
         self._values = []
         if "speed" in self.groups:
-            self._values.append(("steps_per_second", lambda: self._speed()[0], "speed"))
+            self._values.append(_entry(STEPS_PER_SECOND, lambda: self._speed()[0]))
             if self._samples_per_batch:
-                self._values.append(("samples_per_second", lambda: self._speed()[1], "speed"))
-            self._values.append(("data_wait_s", lambda: self._speed()[2], "speed"))
+                self._values.append(_entry(SAMPLES_PER_SECOND, lambda: self._speed()[1]))
+            self._values.append(_entry(DATA_WAIT_S, lambda: self._speed()[2]))
         if "time" in self.groups and trainer.max_steps > 0:
-            self._values.append(("remaining_s", self._remaining_s, "time"))
+            self._values.append(_entry(REMAINING_S, self._remaining_s))
         if "memory" in self.groups:
             if resource is not None:
-                self._values.append(("cpu_peak_rss_mb", cpu_peak_rss_mb, "memory"))
+                self._values.append(_entry(CPU_PEAK_RSS_MB, cpu_peak_rss_mb))
             if pl_module.device.type == "cuda":
-                self._values.append(("gpu_peak_mb", functools.partial(gpu_peak_mb, pl_module.device), "memory"))
+                self._values.append(_entry(GPU_PEAK_MB, functools.partial(gpu_peak_mb, pl_module.device)))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if "loss_scale" in self.groups and callable(getattr(scaler, "get_scale", None)):
             self._values.append(("loss_scale", scaler.get_scale, "optim"))  # type: ignore[union-attr]

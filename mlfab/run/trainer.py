@@ -12,7 +12,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mlfab._lightning import no_profiler
 from mlfab.checkpoints import AtomicCheckpointIO
 from mlfab.config import Config
-from mlfab.run.callbacks import FinalCheckpoint, GracefulStop, PeriodicCheckpoint, ValidationCadence
+from mlfab.run.callbacks import (
+    FinalCheckpoint,
+    GracefulStop,
+    PeriodicCheckpoint,
+    TrainingEndsOnError,
+    ValidationCadence,
+)
 from mlfab.run.diagnostics import Diagnostics
 from mlfab.run.distributed import resolve_hardware
 from mlfab.run.quiet import SummaryAfterHeader
@@ -42,7 +48,7 @@ def kept_checkpoints(config: Config) -> dict[str, int]:
 
 def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints, the model
-    summary shown after mlfab's header, and the diagnostics (mlfab/run/diagnostics.py)."""
+    summary shown after mlfab's header, the diagnostics (mlfab/run/diagnostics.py) and `on_training_end` on errors."""
     ckpt_dir = exp_dir / "checkpoints"
     periodic: dict[str, Any] = {
         "monitor": "step",
@@ -79,6 +85,9 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
             )
         )
     callbacks.append(FinalCheckpoint(ckpt_dir / "last.ckpt"))
+    # `on_training_end` after an exception; `Task.setup` moves it to the end of the Trainer's callbacks (and adds one
+    # to any Trainer that has none), this one is there even for a task whose `setup` does not call super's.
+    callbacks.append(TrainingEndsOnError())
     return callbacks
 
 
