@@ -14,6 +14,8 @@ from torch import nn
 from mlfab._lightning import compile_seconds
 from mlfab.errors import ConfigError
 
+COMPILE_S = "time/compile_s"  # The tag of the seconds spent compiling (left off the terminal line).
+
 
 class Compiled:
     """A task compiled with `options` (True: torch's defaults; or torch.compile's keyword arguments)."""
@@ -52,4 +54,5 @@ class Compiled:
                 how = ", ".join(f"{k}={v!r}" for k, v in self.options.items()) or "torch's defaults"
                 spent = compile_seconds() - self.start
                 print(f"torch.compile ({how}): {spent:.1f} s compiling in the first step (time/compile_s)", flush=True)
-        task.log_scalar("compile_s", compile_seconds() - self.start, namespace="time")
+        namespace, _, key = COMPILE_S.partition("/")
+        task.log_scalar(key, compile_seconds() - self.start, namespace=namespace)

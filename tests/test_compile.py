@@ -80,6 +80,7 @@ def test_compiled_and_eager_runs_agree_and_resume_from_each_other(
 
     # What compiling cost: printed once after the first step, logged at every step.
     assert out.count("torch.compile (mode='default'): ") == 1
+    assert "[train] step 7/8" in out and "time/compile_s=" not in out  # Printed once, not on every line.
     scalars = read_scalars(tmp_path / "compiled" / "tensorboard" / "train")
     logged = scalars["time/compile_s"]
     assert [step for step, _ in logged] == [step for step, _ in scalars["loss/loss"]]  # Every step written.

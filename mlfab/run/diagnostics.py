@@ -52,6 +52,7 @@ import torch
 from typing_extensions import override
 
 from mlfab._lightning import StepFreeCallback, step_ends
+from mlfab.compiling import COMPILE_S
 from mlfab.config import Diagnostic
 from mlfab.nonfinite import NonFiniteGuard, total_norm
 
@@ -70,9 +71,9 @@ REMAINING_S = "time/remaining_s"
 CPU_PEAK_RSS_MB = "memory/cpu_peak_rss_mb"
 GPU_PEAK_MB = "memory/gpu_peak_mb"
 # What the terminal line (mlfab.StdoutLogger, which shows its own steps/s and ETA) leaves out: exactly these tags, so
-# that a task's own values in the `speed`, `time` or `memory` namespaces are shown.
+# that a task's own values in the `speed`, `time` or `memory` namespaces are shown; and the compile time, printed once.
 TERMINAL_HIDDEN_TAGS: frozenset[str] = frozenset(
-    {STEPS_PER_SECOND, SAMPLES_PER_SECOND, DATA_WAIT_S, REMAINING_S, CPU_PEAK_RSS_MB, GPU_PEAK_MB}
+    {STEPS_PER_SECOND, SAMPLES_PER_SECOND, DATA_WAIT_S, REMAINING_S, CPU_PEAK_RSS_MB, GPU_PEAK_MB, COMPILE_S}
 )
 
 
