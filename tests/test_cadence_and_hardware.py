@@ -2,6 +2,7 @@
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -102,14 +103,20 @@ def test_single_gpu_bf16(tmp_path: Path) -> None:
     expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     assert resolve_precision("auto") == expected
     devices: list[str] = []
+    pinned: list[bool] = []
 
     class OnGpu(BoringTask):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            pinned.append(batch[0].is_pinned())  # Pinned host memory: Lightning then copies with non_blocking.
+            return super().on_before_batch_transfer(batch, dataloader_idx)
+
         def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
             devices.append(batch[0].device.type)
             return super().get_loss(batch, state)
 
     OnGpu.launch(BoringConfig(max_steps=20, run_dir=str(tmp_path)), argv=[])
     assert set(devices) == {"cuda"}
+    assert pinned and all(pinned)
     valid = read_scalars(next((tmp_path / "on_gpu").iterdir()) / "tensorboard" / "valid")["loss/loss"]
     assert valid[-1][1] < valid[0][1]
 
