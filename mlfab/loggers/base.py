@@ -24,10 +24,8 @@ class MlfabLogger(ABC):
     log_interval_seconds: dict[Phase, float]
 
     def _set_interval(self, seconds: float | dict[Phase, float]) -> None:
-        if isinstance(seconds, dict):
-            self.log_interval_seconds = {"train": 0.0, "valid": 0.0, "test": 0.0, **seconds}
-        else:
-            self.log_interval_seconds = {"train": float(seconds), "valid": 0.0, "test": 0.0}
+        given: dict[Phase, float] = seconds if isinstance(seconds, dict) else {"train": float(seconds)}
+        self.log_interval_seconds = {"train": 0.0, "valid": 0.0, "test": 0.0, **given}
 
     @abstractmethod
     def write(self, logs: Logs) -> None:

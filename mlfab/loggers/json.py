@@ -33,16 +33,12 @@ from PIL import Image
 from typing_extensions import override
 
 from mlfab.loggers.base import PlainLogger
-from mlfab.logs.values import Audio, Logs, PointCloud, Video, finite
+from mlfab.logs.values import Audio, Logs, finite
 from mlfab.state import Phase
 
 
 def _safe_name(tag: str) -> str:
     return re.sub(r"[^\w.-]+", "_", tag.replace("/", "__"))
-
-
-def _save_image(path: Path, image: np.ndarray) -> None:
-    Image.fromarray(image).save(path)
 
 
 def _save_audio(path: Path, audio: Audio) -> None:
@@ -51,40 +47,22 @@ def _save_audio(path: Path, audio: Audio) -> None:
     soundfile.write(str(path), audio.samples, int(audio.sample_rate), subtype="PCM_16")
 
 
-def _save_video(path: Path, video: Video) -> None:
-    path.write_bytes(video.gif)
-
-
-def _save_histogram(path: Path, values: np.ndarray) -> None:
-    np.save(path, np.asarray(values).ravel())
-
-
-def _save_point_cloud(path: Path, cloud: PointCloud) -> None:
-    np.save(path, cloud.xyzrgb())
-
-
-_MEDIA: dict[str, tuple[str, Callable[[Path, Any], None]]] = {  # kind: (file extension, writer)
-    "image": ("png", _save_image),
+_MEDIA: dict[str, tuple[str, Callable[[Path, Any], object]]] = {  # kind: (file extension, writer)
+    "image": ("png", lambda path, image: Image.fromarray(image).save(path)),
     "audio": ("wav", _save_audio),
-    "video": ("gif", _save_video),
-    "histogram": ("npy", _save_histogram),
-    "point_cloud": ("npy", _save_point_cloud),
+    "video": ("gif", lambda path, video: path.write_bytes(video.gif)),
+    "histogram": ("npy", lambda path, values: np.save(path, np.asarray(values).ravel())),
+    "point_cloud": ("npy", lambda path, cloud: np.save(path, cloud.xyzrgb())),
 }
+_STATS: dict[str, Callable[[np.ndarray], Any]] = {"min": np.min, "max": np.max, "mean": np.mean, "std": np.std}
 
 
 def histogram_summary(values: np.ndarray) -> dict[str, float | int | None]:
-    """min / max / mean / std over the finite values; `count` is every value, NaN and inf included."""
+    """min / max / mean / std over the finite values (None when there are none); `count` is every value, NaN and
+    inf included."""
     kept = finite(values)
-    count = int(np.size(values))
-    if not kept.size:
-        return {"min": None, "max": None, "mean": None, "std": None, "count": count}
-    return {
-        "min": float(kept.min()),
-        "max": float(kept.max()),
-        "mean": float(kept.mean()),
-        "std": float(kept.std()),
-        "count": count,
-    }
+    summary = {name: float(stat(kept)) if kept.size else None for name, stat in _STATS.items()}
+    return {**summary, "count": int(np.size(values))}
 
 
 def _plain(value: Any) -> Any:
@@ -121,11 +99,10 @@ class JsonLogger(PlainLogger):
         log_interval_seconds: float | dict[Phase, float] = 2.0,
         file_name: str = "log.jsonl",
     ) -> None:
-        super().__init__()
+        super().__init__(log_interval_seconds)
         self._exp_dir = Path(exp_dir)
         self._dir = self._exp_dir / "json"
         self._file_name = file_name
-        self._set_interval(log_interval_seconds)
         self._file: IO[str] | None = None
 
     @property

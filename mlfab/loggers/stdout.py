@@ -37,10 +37,9 @@ class StdoutLogger(PlainLogger):
         stream: TextIO | None = None,
         tty: bool | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(log_interval_seconds)
         self._stream = stream
         self._tty = tty
-        self._set_interval(log_interval_seconds)
         self._last_step: int | None = None
         self._last_time = 0.0
         self._live_line = False

@@ -133,11 +133,7 @@ def has_wandb_credentials() -> bool:
 def resolve_mode(mode: str | None = None) -> str | None:
     """`mode` if given, else WANDB_MODE, else "offline" without credentials, else None (wandb decides: online
     unless `wandb offline` was run)."""
-    if mode:
-        return mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    return None if has_wandb_credentials() else "offline"
+    return mode or os.environ.get("WANDB_MODE") or (None if has_wandb_credentials() else "offline")
 
 
 LOCAL_MODES = ("offline", "dryrun", "disabled")  # Modes in which a run has no reason to reach W&B's servers.
@@ -161,6 +157,14 @@ def _offline_env() -> Iterator[None]:
         yield
     finally:
         os.environ.pop("WANDB_ERROR_REPORTING", None)
+
+
+def _save_file(run: Any, name: str, text: str) -> None:
+    """`text` as the file `name` of `run`, uploaded with it (a disabled run, WANDB_MODE=disabled, has no files)."""
+    if Path(run.dir).is_dir():
+        path = Path(run.dir) / name
+        path.write_text(text)
+        run.save(str(path), base_path=run.dir, policy="now")
 
 
 class WandbLogger(MlfabLogger, LightningWandbLogger):
@@ -233,23 +237,15 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
         config = yaml.safe_load(config_yaml)
         if isinstance(config, dict):
             run.config.update(config, allow_val_change=True)
-        if Path(run.dir).is_dir():  # A disabled run (WANDB_MODE=disabled) has no files directory.
-            path = Path(run.dir) / "mlfab_config.yaml"
-            path.write_text(config_yaml)
-            run.save(str(path), base_path=run.dir, policy="now")
+        _save_file(run, "mlfab_config.yaml", config_yaml)
 
     @rank_zero_only
     def write_run_info(self, info: dict[str, str]) -> None:
         """The config as the run's config; provenance, git diff and the task's source as files of the run."""
         self.write_config(info["config"])
-        run = self._run()
-        if not Path(run.dir).is_dir():
-            return
         for name, text in info.items():
             if name != "config":
-                path = Path(run.dir) / f"mlfab_{name}.txt"
-                path.write_text(text)
-                run.save(str(path), base_path=run.dir, policy="now")
+                _save_file(self._run(), f"mlfab_{name}.txt", text)
 
     @override
     @rank_zero_only

@@ -16,15 +16,10 @@ purpose, the method's docstring says so and why. Normalisation, as in 0.2:
 from typing import Any, Literal
 
 from mlfab.logs import convert as lv
+from mlfab.logs.media import check_channel_mode
 from mlfab.logs.values import resolve
 
 ChannelSelectMode = Literal["first", "last", "mean"]
-_MODES = ("first", "last", "mean")
-
-
-def _check_mode(method: str, key: str, mode: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"{method}({key!r}): channel_select_mode must be 'first', 'last' or 'mean', got {mode!r}")
 
 
 class LogMethods:
@@ -155,7 +150,7 @@ class LogMethods:
             n_fft_ms, hop_length_ms, channel_select_mode, keep_resolution: For the spectrogram, as in
                 `log_spectrogram`.
         """
-        _check_mode("log_audio", key, channel_select_mode)
+        check_channel_mode(channel_select_mode, f"log_audio({key!r})")
         value = lv.once(value)
         self._log("audio", key, lv.audio(value, key, sample_rate=sample_rate), namespace)
         if log_spec:
@@ -199,7 +194,7 @@ class LogMethods:
             n_fft_ms, hop_length_ms, channel_select_mode, spec_sep, keep_resolution: For the spectrograms, as in
                 `log_spectrograms`.
         """
-        _check_mode("log_audios", key, channel_select_mode)
+        check_channel_mode(channel_select_mode, f"log_audios({key!r})")
         value = lv.once(value)
         maker = lv.audios(value, key, sample_rate=sample_rate, max_audios=max_audios, sep_ms=sep_ms)
         self._log("audio", key, maker, namespace)
@@ -246,7 +241,7 @@ class LogMethods:
             keep_resolution: Keep one pixel per frame and frequency bin; by default the picture is resized like an
                 image (`log_image`).
         """
-        _check_mode("log_spectrogram", key, channel_select_mode)
+        check_channel_mode(channel_select_mode, f"log_spectrogram({key!r})")
         maker = lv.spectrogram(
             value,
             key,
@@ -280,7 +275,7 @@ class LogMethods:
             spec_sep: Black pixels between adjacent spectrograms.
             sample_rate, n_fft_ms, hop_length_ms, channel_select_mode, keep_resolution: As in `log_spectrogram`.
         """
-        _check_mode("log_spectrograms", key, channel_select_mode)
+        check_channel_mode(channel_select_mode, f"log_spectrograms({key!r})")
         maker = lv.spectrograms(
             value,
             key,

@@ -13,7 +13,7 @@ methods (mlfab/logs/api.py) pass 0.2's defaults explicitly.
 import io
 import math
 import wave
-from collections.abc import Callable
+from bisect import bisect_left
 from functools import cache, lru_cache
 
 import numpy as np
@@ -317,27 +317,14 @@ def caption_layout(
     smallest = BASE_FONT_PX
     if legible(smallest) or not unbroken(smallest) or not any(label.strip() for label in labels):
         return layout(smallest)[:3]
-    largest = _last_true(unbroken, smallest, max(smallest, cell_w // _MIN_LINE_EMS))
+    # Binary searches: the largest size whose words fit (true at `smallest`, false from some size on; searched from
+    # the top down), then the smallest legible size up to it (true at `largest`, and mostly from some size on).
+    top = max(smallest, cell_w // _MIN_LINE_EMS)
+    largest = top - bisect_left(range(top, smallest, -1), True, key=unbroken)
     if not legible(largest):  # Not legible at any allowed size: of a few of them, the one shown largest.
         sizes = {smallest + (largest - smallest) * k // 4 for k in range(5)}
         return max((layout(size) for size in sorted(sizes)), key=lambda lay: lay[3])[:3]
-    return layout(_first_true(legible, smallest, largest))[:3]
-
-
-def _last_true(holds: Callable[[int], bool], low: int, high: int) -> int:
-    """The largest n in [low, high] for which `holds` (true at `low`, and false from some n on) is true."""
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if holds(mid) else (low, mid - 1)
-    return low
-
-
-def _first_true(holds: Callable[[int], bool], low: int, high: int) -> int:
-    """The smallest n in [low, high] for which `holds` (true at `high`, and mostly from some n on) is true."""
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if holds(mid) else (mid + 1, high)
-    return low
+    return layout(smallest + bisect_left(range(smallest, largest), True, key=legible))[:3]
 
 
 def tile_images(
@@ -496,15 +483,18 @@ def stft_frames(milliseconds: float, sample_rate: int) -> int:
     return 2 ** max(0, round(math.log2(milliseconds * sample_rate / 1000)))
 
 
+def check_channel_mode(mode: str, where: str) -> None:
+    """Refuses a `channel_select_mode` other than 0.2's "first", "last" and "mean"."""
+    if mode not in ("first", "last", "mean"):
+        raise ValueError(f"{where}: channel_select_mode must be 'first', 'last' or 'mean', got {mode!r}")
+
+
 def select_channel(channels: np.ndarray, mode: str, where: str) -> np.ndarray:
     """One waveform of a (C, T) clip: its "first" or "last" channel, or the "mean" of all (0.2's modes)."""
-    if mode == "first":
-        return channels[0]
-    if mode == "last":
-        return channels[-1]
+    check_channel_mode(mode, where)
     if mode == "mean":
         return channels.mean(axis=0)
-    raise ValueError(f"{where}: channel_select_mode must be 'first', 'last' or 'mean', got {mode!r}")
+    return channels[0] if mode == "first" else channels[-1]
 
 
 def _colormap(level: np.ndarray) -> np.ndarray:
@@ -590,19 +580,13 @@ def _video_thwc(arr: np.ndarray, where: str) -> np.ndarray:
     raise ValueError(f"{where}: cannot read a video of shape {shape}; expected THW, TCHW or THWC (C in 1, 3, 4)")
 
 
-def video_range(*last_frames: np.ndarray) -> ValueRange:
-    """0.2's normalisation of float videos: `float_range` of the last frame(s), the one a generated video (noise
-    denoised into a sample) ends on; earlier frames outside that range are clipped."""
-    return float_range(*last_frames)
-
-
 def _render_video(
     thwc: np.ndarray, where: str, fps: float, target_fps: float | None, value_range: ValueRange | None
 ) -> np.ndarray:
     shape = tuple(thwc.shape)
     if 0 in shape or fps <= 0 or (target_fps is not None and target_fps <= 0):
         raise ValueError(f"{where}: need a non-empty video and positive fps, got {shape} at {fps} -> {target_fps} fps")
-    value_range = video_range(thwc[-1]) if value_range is None else value_range
+    value_range = float_range(thwc[-1]) if value_range is None else value_range
     if target_fps is not None and target_fps != fps:
         thwc = thwc[_resample_indices(len(thwc), fps, target_fps)]  # select first so only kept frames are converted
     return _channels_to_rgb(thwc, where, value_range)
@@ -614,7 +598,8 @@ def make_video(
     """Frames (THW grayscale, TCHW, or THWC; TCHW wins when ambiguous; float or uint8) as uint8 THWC RGB, alpha
     dropped; gray frames are shown gray (R = G = B).
 
-    Floats are normalised by `value_range`, by default `video_range` of the last frame (0.2's). With a target_fps
+    Floats are normalised by `value_range`, by default 0.2's: `float_range` of the last frame, the one a generated
+    video (noise denoised into a sample) ends on; earlier frames outside it are clipped. With a target_fps
     different from fps, frames are picked by nearest timestamp.
     """
     where = f"log_video({key!r})"
@@ -662,13 +647,13 @@ def make_videos(
     """A batch of videos, (B, T, H, W, C) as `video_batch` returns it, as one uint8 THWC video, tiled frame by
     frame into a near-square grid.
 
-    Floats share one range, `video_range` of every video's last frame (0.2's); `max_videos` keeps the first ones
+    Floats share one range, `float_range` of every video's last frame (0.2's); `max_videos` keeps the first ones
     (as 0.2 did).
     """
     where = f"log_videos({key!r})"
     if max_videos is not None and max_videos < 1:
         raise ValueError(f"{where}: max_videos must be at least 1, got {max_videos}")
-    value_range = video_range(batch[:, -1])
+    value_range = float_range(batch[:, -1])
     videos = [_render_video(video, where, fps, target_fps, value_range) for video in batch[:max_videos]]
     return np.stack([tile_images([video[t] for video in videos], sep=sep) for t in range(len(videos[0]))])
 
