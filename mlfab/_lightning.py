@@ -217,6 +217,12 @@ def file_writer(summary_writer: Any) -> Any:
     return summary_writer._get_file_writer()
 
 
+def uploads_checkpoints(logger: Any) -> bool:
+    """Whether a Lightning logger uploads checkpoint files right after they are saved (WandbLogger, MLFlowLogger, ...
+    with `log_model`). Private: the loggers' `_log_model`, which their `after_save_checkpoint` reads."""
+    return bool(getattr(logger, "_log_model", False))
+
+
 def collect_rng_states(include_cuda: bool) -> dict[str, Any]:
     """The global random states of torch (and CUDA), numpy and Python: `{"torch", "python", "numpy"[,
     "torch.cuda"]}`. Private: `lightning.fabric.utilities.seed._collect_rng_states`, the very function Lightning's

@@ -519,7 +519,12 @@ def numpy_rng_state(state: Any) -> Any:
 def around_saves(checkpoint_io: Any, before: Callable[[Path], None], after: Callable[[Path], None]) -> None:
     """Makes a Trainer's checkpoint IO call `before(path)` and `after(path)` around every checkpoint it writes (the
     task's `on_before_save_ckpt` / `on_after_save_ckpt`), whichever IO plugin it is; installing it again replaces
-    the previous pair."""
+    the previous pair. mlfab's background writer (`async_checkpoints`) takes them itself: it writes synchronously
+    for a task that overrides them, so that `after` runs once the file is on disk."""
+    set_save_hooks = getattr(checkpoint_io, "set_save_hooks", None)
+    if set_save_hooks is not None:
+        set_save_hooks(before, after, overridden=overrides(before) or overrides(after))
+        return
     save = getattr(checkpoint_io, "_save_without_hooks", checkpoint_io.save_checkpoint)
 
     def save_checkpoint(checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -529,3 +534,12 @@ def around_saves(checkpoint_io: Any, before: Callable[[Path], None], after: Call
 
     checkpoint_io._save_without_hooks = save
     checkpoint_io.save_checkpoint = save_checkpoint
+
+
+def overrides(hook: Callable[..., Any]) -> bool:
+    """Whether a bound method is a subclass's own (not the one of the class that declared it); any other callable
+    counts as the user's."""
+    func, owner = getattr(hook, "__func__", None), getattr(hook, "__self__", None)
+    if func is None or owner is None:
+        return True
+    return sum(func.__name__ in vars(c) for c in type(owner).__mro__) > 1

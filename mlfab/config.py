@@ -128,6 +128,12 @@ class Config:
         "costs seconds to minutes at the first step (printed and logged as time/compile_s); it pays off for "
         "compute-heavy models",
     )
+    async_checkpoints: bool = field(
+        True,
+        help="Write periodic checkpoints in a background thread: training waits only for a copy in host memory "
+        "(one checkpoint's size, on rank 0). The checkpoint at the end of training or on a signal, and every "
+        "checkpoint of a task overriding on_before_save_ckpt/on_after_save_ckpt, is written synchronously",
+    )
 
     # Hardware and reproducibility
     accelerator: str = field("auto", help="cpu, cuda, mps or auto (CUDA, then MPS, then CPU)")

@@ -29,6 +29,7 @@ from mlfab._lightning import (
     precompute_step_signatures,
     publish_metrics,
     step_ends,
+    uploads_checkpoints,
     withhold_from_loggers,
 )
 from mlfab.checkpoints import around_saves, check_compatible, gather_rng_states, restore_rng_states, task_id
@@ -55,6 +56,7 @@ from mlfab.optim import (
     warm_up,
 )
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
+from mlfab.run.async_save import BackgroundCheckpointIO
 from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error
 from mlfab.run.distributed import broadcast_exp_dir
 from mlfab.state import PHASES, Phase, State
@@ -397,6 +399,11 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             last_training_ends_on_error(self.trainer.callbacks)  # type: ignore[attr-defined]
             self._weights_from_checkpoint = False
             around_saves(self.trainer.strategy.checkpoint_io, self.on_before_save_ckpt, self.on_after_save_ckpt)
+            uploading = [type(lg).__name__ for lg in self.trainer.loggers if uploads_checkpoints(lg)]
+            if uploading and isinstance(self.trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
+                self.trainer.strategy.checkpoint_io.write_synchronously(
+                    f"{uploading[0]} uploads each checkpoint (log_model) as soon as it is saved"
+                )
         if self.trainer.world_size > 1:
             # Ranks started by torchrun, Slurm or by hand each made their own guess: rank zero's wins.
             self._exp_dir = broadcast_exp_dir(self.trainer, self._exp_dir)

@@ -342,3 +342,15 @@ def test_publish_metrics_reach_callbacks() -> None:
     trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[Reader()])
     trainer.fit(Publishing(BoringConfig(max_steps=None)))
     assert seen == [5.0] and float(trainer.logged_metrics["published"]) == 5.0
+
+
+def test_uploads_checkpoints_reads_the_loggers_log_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from mlfab._lightning import uploads_checkpoints
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # Nothing is started: the run begins at the first log.
+    assert uploads_checkpoints(WandbLogger(log_model="all"))
+    assert uploads_checkpoints(WandbLogger(log_model=True))
+    assert not uploads_checkpoints(WandbLogger(offline=True))
+    assert not uploads_checkpoints(CSVLogger("."))

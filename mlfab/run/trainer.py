@@ -1,5 +1,6 @@
 """The Lightning Trainer an mlfab config maps to (the mapping table in design.md), with mlfab's callbacks."""
 
+import re
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mlfab._lightning import no_profiler
 from mlfab.checkpoints import AtomicCheckpointIO
 from mlfab.config import Config
+from mlfab.run.async_save import BackgroundCheckpointIO
 from mlfab.run.callbacks import (
     FinalCheckpoint,
     GracefulStop,
@@ -44,6 +46,21 @@ def kept_checkpoints(config: Config) -> dict[str, int]:
     the directory (AtomicCheckpointIO), so that a relaunch honours keep_last_n_checkpoints too."""
     n = config.keep_last_n_checkpoints
     return {prefix: n for key, prefix in PERIODIC_PREFIXES.items() if getattr(config, key) and n > 0}
+
+
+PERIODIC_NAME = re.compile("(" + "|".join(re.escape(p) for p in PERIODIC_PREFIXES.values()) + r")\d+(-v\d+)?\.ckpt")
+
+
+def is_periodic(path: Path) -> bool:
+    """Whether a checkpoint file is one of the periodic cadences' (`step_00000010.ckpt`, `time_step_...`)."""
+    return PERIODIC_NAME.fullmatch(path.name) is not None
+
+
+def checkpoint_io(config: Config) -> AtomicCheckpointIO | BackgroundCheckpointIO:
+    """The Trainer's checkpoint IO: atomic writes with a checksum, keep_last pruning, and with `async_checkpoints` the
+    periodic checkpoints written in a background thread (mlfab/run/async_save.py)."""
+    atomic = AtomicCheckpointIO(kept_checkpoints(config))
+    return BackgroundCheckpointIO(atomic, background=is_periodic) if config.async_checkpoints else atomic
 
 
 def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
@@ -125,7 +142,7 @@ def trainer_settings(
     env = cluster_environment()
     return {
         **trainer_kwargs(config),
-        "plugins": [AtomicCheckpointIO(kept_checkpoints(config)), *([env] if env is not None else []), *extra_plugins],
+        "plugins": [checkpoint_io(config), *([env] if env is not None else []), *extra_plugins],
         "logger": loggers,
         "callbacks": callbacks,
         "profiler": no_profiler(),
