@@ -20,12 +20,17 @@ due in the timed window); its final `last.ckpt` is written after the timed windo
 the same for all; every run keeps its per-step losses (detached tensors, read after the run) and all must agree
 to 1e-5.
 
+The seed CNN also runs compiled: mlfab with `compile=true` against the raw loop eager and the raw loop compiled the
+same way (`nn.Module.compile`, torch's defaults), alternating; the first run of each pays the compile in its warmup
+steps. The full run ends with benchmarks/checkpoint_stall.py's measurement (training blocked per periodic save of a
+100M-parameter model, synchronous and with `async_checkpoints`).
+
 Also measured, in fresh subprocesses: `import mlfab` against `import lightning.pytorch`; the time from process
 start to the end of the first optimizer step and the peak RSS of a seed-CNN run (mlfab through `Task.launch`,
 as a user runs it); and batches/s of mlfab's training loader over a dpshdl dataset against dpshdl's own
 `Dataloader`, with 0 and 2 workers.
 
-    python benchmarks/parity.py            # the full run, about 3 minutes on 2 quiet CPU cores
+    python benchmarks/parity.py            # the full run, with the checkpoint stall: about 8 minutes on 2 CPU cores
     python benchmarks/parity.py --quick    # fewer steps and repeats, about 1.5 minutes
     python benchmarks/parity.py --profile  # where the tiny MLP's step time goes (cProfile): raw, Lightning, mlfab
     python benchmarks/parity.py --floor    # how low a Lightning step goes: barebones, mlfab's savings, manual
@@ -766,14 +771,42 @@ def steps_per_s(value: float) -> str:
     return f"{value:.1f} steps/s ({1e3 / value:.1f} ms)"
 
 
+def checkpoint_stall(bench: Bench) -> tuple[float, float] | None:
+    """Training blocked per periodic save of a 100M-parameter model, synchronous and in the background
+    (benchmarks/checkpoint_stall.py, same process); None in a --quick run."""
+    if bench.plan is QUICK:
+        return None
+    bench.section("checkpoint stall (100M parameters, sync then async)", retry_seconds=0)
+    import checkpoint_stall as stall
+
+    quiet()
+    width = 10_000
+    sync = stall.run(width, 119, 40, background=False, parent=None)
+    background = stall.run(width, 119, 40, background=True, parent=None)
+    return sync.blocked, background.blocked
+
+
 def report(
     plan: Plan,
     trained: dict[str, Any],
     imports: dict[str, Any],
     start: dict[str, Any],
     loaders: dict[int, dict[str, float]],
+    stall: tuple[float, float] | None = None,
 ) -> list[str]:
     lines = ["| measurement | mlfab | compared with | ratio | target | result |", "|---|---|---|---|---|---|"]
+    if stall is not None:
+        ratio = stall[1] / stall[0]
+        lines.append(
+            row(
+                "periodic save of 100M parameters (1.6 GB): training blocked per save, async_checkpoints",
+                f"{stall[1]:.2f} s",
+                f"synchronous save: {stall[0]:.2f} s",
+                ratio,
+                "<= 0.2x",
+                ratio <= 0.2,
+            )
+        )
     for model, label, targets in (
         ("mlp", "tiny MLP", {"raw": 0.8, "lightning": 2.0, "bare": None}),
         ("cnn", "seed CNN", {"raw": 0.97, "lightning": None}),
@@ -973,6 +1006,7 @@ def main() -> None:
     start = start_up(bench)
     trained = training_parity(bench)
     loaders = loader_throughput(bench)
+    stall = checkpoint_stall(bench)
     progress("done")
     import mlfab
 
@@ -981,7 +1015,7 @@ def main() -> None:
         f"`{command}`: mlfab {mlfab.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads; {time.perf_counter() - started:.0f} s; {bench.guard.summary()}\n"
     )
-    print("\n".join(report(plan, trained, imports, start, loaders)))
+    print("\n".join(report(plan, trained, imports, start, loaders, stall)))
 
 
 if __name__ == "__main__":
