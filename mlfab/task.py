@@ -58,7 +58,7 @@ from mlfab.optim import (
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
 from mlfab.run.async_save import BackgroundCheckpointIO
 from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error
-from mlfab.run.distributed import broadcast_exp_dir
+from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks
 from mlfab.state import PHASES, Phase, State
 
 
@@ -675,21 +675,6 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 raise TaskDefinitionError(f"{cls.__name__}.launch: give argv or use_cli, not both.")
             argv = [] if use_cli is False else list(use_cli)
         launch(cls, *configs, launcher=launcher, argv=argv)
-
-
-def mean_over_ranks(
-    trainer: pl.Trainer, means: dict[str, float], weights: dict[str, Any], device: torch.device
-) -> dict[str, float]:
-    """Each scalar's mean over every rank's samples, from each rank's sample-weighted mean and weight, as Lightning's
-    `self.log(..., batch_size=n, sync_dist=True)` reduces a validation value: one all-reduce of every tag (each rank
-    logs the same tags, as in validation)."""
-    if trainer.world_size == 1:
-        return means
-    tags = sorted(means)
-    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64.
-    sums = torch.tensor([[means[t] * float(weights[t]), float(weights[t])] for t in tags], dtype=dtype, device=device)
-    sums = trainer.strategy.reduce(sums, reduce_op="sum")
-    return {tag: float(total / weight) for tag, (total, weight) in zip(tags, sums.tolist(), strict=True)}
 
 
 def per_sample_reduced(loss: Any, batch_samples: Callable[[], int], task: str) -> Any:

@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
 from mlfab.errors import ConfigError
@@ -92,3 +93,18 @@ def _missing_accelerator(accelerator: str, available: list[str]) -> str:
         f"accelerator={accelerator} asks for {kind}, but torch finds none on this machine{why}. "
         f"Available here: {', '.join(available)}. Set accelerator to one of them, or to auto."
     )
+
+
+def mean_over_ranks(
+    trainer: pl.Trainer, means: dict[str, float], weights: dict[str, Any], device: torch.device
+) -> dict[str, float]:
+    """Each scalar's mean over every rank's samples, from each rank's sample-weighted mean and weight, as Lightning's
+    `self.log(..., batch_size=n, sync_dist=True)` reduces a validation value: one all-reduce of every tag (each rank
+    logs the same tags, as in validation)."""
+    if trainer.world_size == 1:
+        return means
+    tags = sorted(means)
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64.
+    sums = torch.tensor([[means[t] * float(weights[t]), float(weights[t])] for t in tags], dtype=dtype, device=device)
+    sums = trainer.strategy.reduce(sums, reduce_op="sum")
+    return {tag: float(total / weight) for tag, (total, weight) in zip(tags, sums.tolist(), strict=True)}
