@@ -2,6 +2,7 @@
 its cost printed and logged, and a task that compile cannot reach refused at its first step."""
 
 import importlib
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -129,13 +130,16 @@ def test_compile_that_reaches_nothing_stops_at_the_first_step(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_the_parity_benchmarks_compiled_variants_compile_and_train_like_the_raw_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     from mlfab._lightning import compile_seconds
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     parity = importlib.import_module("parity")
     monkeypatch.delitem(sys.modules, "parity")
+    quieted = ("lightning", "lightning.pytorch", "lightning.fabric", "mlfab")
+    levels = {name: logging.getLogger(name).level for name in quieted}
+    request.addfinalizer(lambda: [logging.getLogger(n).setLevel(level) for n, level in levels.items()])  # Quieted.
     before = compile_seconds()
     losses = {v: parity.train(v, "cnn", 4, 2, tmp_path / v).losses for v in ("raw", "raw_compiled", "mlfab_compiled")}
     assert compile_seconds() > before  # They compiled (loading a graph from torch's on-disk cache counts too).
