@@ -21,9 +21,8 @@ import shutil
 import sys
 import tempfile
 import time
-import weakref
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -184,23 +183,6 @@ def save_error(path: Path, checkpoint: Any, error: OSError, writer: "HashingWrit
         f"Could not write checkpoint {path}: the disk is full.{kept}{space}: free some space there (old runs, "
         "or fewer keep_last_n_checkpoints), or set run_dir to another disk."
     )
-
-
-# Tensors a checkpoint being saved holds copies of its own (made for it alone, as `optim.save_in_eval_mode` does): a
-# background save need not copy them again. By id, checked against a weak reference (ids are reused).
-_PRIVATE: dict[int, weakref.ref] = {}
-
-
-def mark_private(tensors: Iterable[torch.Tensor]) -> None:
-    for key in [key for key, ref in _PRIVATE.items() if ref() is None]:
-        del _PRIVATE[key]
-    _PRIVATE.update((id(t), weakref.ref(t)) for t in tensors)
-
-
-def take_private(t: torch.Tensor) -> bool:
-    """Whether `t` was marked as the checkpoint's own by `mark_private` (unmarked now: it is taken once)."""
-    ref = _PRIVATE.pop(id(t), None)
-    return ref is not None and ref() is t
 
 
 def tensor_bytes(obj: Any, seen: set[tuple[str, int]] | None = None) -> int:

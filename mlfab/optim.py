@@ -7,7 +7,6 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from mlfab.checkpoints import mark_private
 from mlfab.errors import TaskDefinitionError
 
 
@@ -99,7 +98,6 @@ def save_in_eval_mode(module: pl.LightningModule, checkpoint: dict[str, Any]) ->
         for group in opt.param_groups:
             group["train_mode"] = True
     checkpoint["mlfab"]["train_state_dict"] = train_weights
-    mark_private([*train_weights.values(), *checkpoint["state_dict"].values()])  # Not copied again to write them.
     checkpoint["mlfab"]["train_optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
 
 

@@ -543,18 +543,3 @@ def test_ddp_with_background_writes_finishes_with_every_checkpoint_intact(tmp_pa
         assert intact(ckpts / name)
         step = 8 if name == "last.ckpt" else int(name[5:13])
         assert torch.load(ckpts / name, weights_only=True)["global_step"] == step
-
-
-@pytest.mark.unit
-def test_tensors_made_for_the_checkpoint_alone_are_not_copied_again() -> None:
-    """`optim.save_in_eval_mode` clones the weights for the checkpoint (`mark_private`): the background save writes
-    those clones as they are and copies only what training still holds (live optimizer state, ...)."""
-    own, live = torch.randn(1000), torch.randn(1000)
-    checkpoints.mark_private([own])
-    snapshot = async_save.Staging().snapshot({"own": own, "live": live, "again": own})
-    assert snapshot["own"] is own and snapshot["again"] is own
-    assert snapshot["live"] is not live and torch.equal(snapshot["live"], live)
-    live.add_(1.0)
-    assert not torch.equal(snapshot["live"], live)
-    again = async_save.Staging().snapshot({"own": own})  # Taken once: a later save copies it like any other.
-    assert again["own"] is not own

@@ -51,7 +51,7 @@ from lightning.fabric.plugins import CheckpointIO
 from torch import nn
 from typing_extensions import override
 
-from mlfab.checkpoints import AtomicCheckpointIO, human_bytes, take_private, tensor_bytes
+from mlfab.checkpoints import AtomicCheckpointIO, human_bytes, tensor_bytes
 
 # Values torch.save writes as they are: nothing training does later changes them.
 IMMUTABLE = (
@@ -264,8 +264,8 @@ class Staging:
             return copies[key]
 
         def tensor(t: torch.Tensor) -> Any:
-            if t.device.type == "meta" or (type(t) is torch.Tensor and t.device.type == "cpu" and take_private(t)):
-                return t  # Nothing to copy, or a copy made for this checkpoint alone (`mark_private`).
+            if t.device.type == "meta":
+                return t
             plain = type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided
             if not plain or t.is_quantized or t.is_conj() or t.is_neg():
                 return t.detach().to("cpu", copy=True)
