@@ -87,7 +87,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def _prune(self, path: Path) -> None:
         for prefix, n in self.keep_last.items():
-            pattern = re.compile(rf"{re.escape(prefix)}\d+(-v\d+)?\.ckpt")
+            pattern = periodic_name(prefix)
             if pattern.fullmatch(path.name):
                 same = [p for p in checkpoint_files(path.parent) if pattern.fullmatch(p.name) and p != path]
                 for old in same[: max(len(same) - (n - 1), 0)]:
@@ -111,6 +111,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as e:
             raise unreadable(Path(path), e) from e
+
+
+def periodic_name(*prefixes: str) -> re.Pattern[str]:
+    """The file names of periodic checkpoints with these prefixes: `step_00000010.ckpt`, `step_00000010-v1.ckpt`."""
+    return re.compile("(" + "|".join(re.escape(p) for p in prefixes) + r")\d+(-v\d+)?\.ckpt")
 
 
 class HashingWriter:
@@ -516,14 +521,17 @@ def numpy_rng_state(state: Any) -> Any:
     return state
 
 
-def around_saves(checkpoint_io: Any, before: Callable[[Path], None], after: Callable[[Path], None]) -> None:
+def around_saves(
+    checkpoint_io: Any, before: Callable[[Path], None], after: Callable[[Path], None], synchronous: str | None = None
+) -> None:
     """Makes a Trainer's checkpoint IO call `before(path)` and `after(path)` around every checkpoint it writes (the
     task's `on_before_save_ckpt` / `on_after_save_ckpt`), whichever IO plugin it is; installing it again replaces
-    the previous pair. mlfab's background writer (`async_checkpoints`) takes them itself: it writes synchronously
-    for a task that overrides them, so that `after` runs once the file is on disk."""
+    the previous pair. mlfab's background writer (`async_checkpoints`) takes them itself, and writes every checkpoint
+    before the save call returns when given a reason to (`synchronous`: the task's own save hooks, which expect the
+    file on disk, or a logger that uploads each checkpoint as soon as it is saved)."""
     set_save_hooks = getattr(checkpoint_io, "set_save_hooks", None)
     if set_save_hooks is not None:
-        set_save_hooks(before, after, overridden=overrides(before) or overrides(after))
+        set_save_hooks(before, after, synchronous)
         return
     save = getattr(checkpoint_io, "_save_without_hooks", checkpoint_io.save_checkpoint)
 
@@ -534,12 +542,3 @@ def around_saves(checkpoint_io: Any, before: Callable[[Path], None], after: Call
 
     checkpoint_io._save_without_hooks = save
     checkpoint_io.save_checkpoint = save_checkpoint
-
-
-def overrides(hook: Callable[..., Any]) -> bool:
-    """Whether a bound method is a subclass's own (not the one of the class that declared it); any other callable
-    counts as the user's."""
-    func, owner = getattr(hook, "__func__", None), getattr(hook, "__self__", None)
-    if func is None or owner is None:
-        return True
-    return sum(func.__name__ in vars(c) for c in type(owner).__mro__) > 1

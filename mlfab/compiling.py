@@ -15,6 +15,7 @@ from mlfab._lightning import compile_seconds
 from mlfab.errors import ConfigError
 
 COMPILE_S = "time/compile_s"  # The tag of the seconds spent compiling (left off the terminal line).
+_NAMESPACE, _, _KEY = COMPILE_S.partition("/")
 
 
 class Compiled:
@@ -52,7 +53,9 @@ class Compiled:
                 )
             if task.trainer.is_global_zero:
                 how = ", ".join(f"{k}={v!r}" for k, v in self.options.items()) or "torch's defaults"
-                spent = compile_seconds() - self.start
-                print(f"torch.compile ({how}): {spent:.1f} s compiling in the first step (time/compile_s)", flush=True)
-        namespace, _, key = COMPILE_S.partition("/")
-        task.log_scalar(key, compile_seconds() - self.start, namespace=namespace)
+                spent = self._spent()
+                print(f"torch.compile ({how}): {spent:.1f} s compiling in the first step ({COMPILE_S})", flush=True)
+        task.log_scalar(_KEY, self._spent, namespace=_NAMESPACE)  # Lazy: read only at the steps a logger writes.
+
+    def _spent(self) -> float:
+        return compile_seconds() - self.start

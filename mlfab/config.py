@@ -200,7 +200,9 @@ COMPILE_OPTIONS: dict[str, Callable[[Any], bool]] = {  # torch.compile's keyword
 def _compile_options(v: Any) -> bool:
     if isinstance(v, bool):
         return True
-    return isinstance(v, dict) and all(k in COMPILE_OPTIONS and COMPILE_OPTIONS[k](x) for k, x in v.items())
+    if not isinstance(v, dict) or ("mode" in v and "options" in v):  # torch.compile takes one or the other.
+        return False
+    return all(k in COMPILE_OPTIONS and COMPILE_OPTIONS[k](x) for k, x in v.items())
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ RULES: dict[type, dict[str, Rule]] = {
         ),
         "compile": Rule(
             _compile_options,
-            "true, false, or a mapping of " + ", ".join(COMPILE_OPTIONS),
+            "true, false, or a mapping of " + ", ".join(COMPILE_OPTIONS) + " (mode or options, not both)",
             "e.g. compile='{mode: max-autotune}'; modes: " + ", ".join(m for m in COMPILE_MODES if m),
         ),
         "accelerator": Rule(lambda v: v in ACCELERATORS, "one of " + ", ".join(ACCELERATORS)),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.data import has_len
 from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -56,9 +57,9 @@ from mlfab.optim import (
     warm_up,
 )
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
-from mlfab.run.async_save import BackgroundCheckpointIO
 from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error
 from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks
+from mlfab.run.trainer import built_by_mlfab, unread_settings
 from mlfab.state import PHASES, Phase, State
 
 
@@ -278,7 +279,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         `value`: a one-element tensor, a real number (Python's, a numpy scalar or 0-d array) or a torchmetrics Metric;
         anything else is refused with a TypeError."""
         given = value
-        if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:  # Lightning refuses 0-d arrays.
+        if isinstance(value, NUMPY_VALUES) and np.ndim(value) == 0:  # Lightning refuses 0-d arrays.
             value = value.item()
         if not isinstance(value, Tensor | numbers.Real) and not callable(getattr(value, "compute", None)):
             raise TypeError(
@@ -397,13 +398,16 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             # Lightning tells callbacks, not modules, of an exception: this one calls `on_training_end` then. Added
             # here rather than in `configure_callbacks`, which a task may override without calling super.
             last_training_ends_on_error(self.trainer.callbacks)  # type: ignore[attr-defined]
-            self._weights_from_checkpoint = False
-            around_saves(self.trainer.strategy.checkpoint_io, self.on_before_save_ckpt, self.on_after_save_ckpt)
-            uploading = [type(lg).__name__ for lg in self.trainer.loggers if uploads_checkpoints(lg)]
-            if uploading and isinstance(self.trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
-                self.trainer.strategy.checkpoint_io.write_synchronously(
-                    f"{uploading[0]} uploads each checkpoint (log_model) as soon as it is saved"
+            if not built_by_mlfab(self.trainer) and (unread := unread_settings(self.config)):
+                rank_zero_warn(
+                    f"{type(self).__name__}'s config sets {', '.join(unread)}, which only a Trainer built by mlfab "
+                    "reads (Task.launch, the fit subcommand, mlfab.run.trainer.build_trainer). This Trainer has its "
+                    "own settings for them, so here they do nothing: pass them as its arguments, or build it with "
+                    "build_trainer(config, exp_dir)."
                 )
+            self._weights_from_checkpoint = False
+            io = self.trainer.strategy.checkpoint_io
+            around_saves(io, self.on_before_save_ckpt, self.on_after_save_ckpt, self._synchronous_saves())
         if self.trainer.world_size > 1:
             # Ranks started by torchrun, Slurm or by hand each made their own guess: rank zero's wins.
             self._exp_dir = broadcast_exp_dir(self.trainer, self._exp_dir)
@@ -531,6 +535,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 self._compiled.step_ended(self)
             self._log_bad_data()
             self._flush_logs("train", self.global_step - 1, everywhere=self._written_everywhere())
+
+    def _synchronous_saves(self) -> str | None:
+        """Why checkpoints must be on disk when the save call returns (`async_checkpoints` then writes every one at
+        once), if they must."""
+        if any(getattr(type(self), h) is not getattr(Task, h) for h in ("on_before_save_ckpt", "on_after_save_ckpt")):
+            return (
+                f"{type(self).__name__} overrides on_before_save_ckpt / on_after_save_ckpt, which run around the write "
+                "of each checkpoint (on_after_save_ckpt once it is on disk)"
+            )
+        uploading = [type(lg).__name__ for lg in self.trainer.loggers if uploads_checkpoints(lg)]
+        return f"{uploading[0]} uploads each checkpoint (log_model) as soon as it is saved" if uploading else None
 
     def _written_everywhere(self) -> bool:
         """Whether the step that just ended is written to every logger, whatever its cadence: the last step
@@ -675,6 +690,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 raise TaskDefinitionError(f"{cls.__name__}.launch: give argv or use_cli, not both.")
             argv = [] if use_cli is False else list(use_cli)
         launch(cls, *configs, launcher=launcher, argv=argv)
+
+
+NUMPY_VALUES = (np.generic, np.ndarray)
 
 
 def per_sample_reduced(loss: Any, batch_samples: Callable[[], int], task: str) -> Any:

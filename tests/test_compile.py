@@ -66,6 +66,8 @@ def test_compile_options_are_checked() -> None:
         check_config(BoringConfig(compile={"mode": "fastest", "fulgraph": True}))
     assert "key 'compile': must be true, false, or a mapping of mode, fullgraph, dynamic, backend" in str(e.value)
     assert "max-autotune" in str(e.value)
+    with pytest.raises(mlfab.ConfigError, match=r"\(mode or options, not both\)"):
+        check_config(BoringConfig(compile={"mode": "default", "options": {"trace.enabled": False}}))
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
 `validate(ckpt_path=...)` evaluates exactly the weights in the file, also in the Trainer that trained."""
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 import mlfab
+import mlfab.run.trainer
 from mlfab.testing import BoringConfig, BoringTask
 
 pytestmark = pytest.mark.integration
@@ -437,3 +439,23 @@ def test_the_lightning_pipeline_example_runs(tmp_path: Path) -> None:
     header = metrics.read_text().splitlines()[0].split(",")
     assert {"valid/loss/loss", "valid/value/accuracy", "train/loss/loss", "lr-AdamWScheduleFree/pg1"} <= set(header)
     assert len(list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))) == 2  # save_top_k=2
+
+
+def test_config_keys_a_trainer_built_elsewhere_does_not_read_are_named(tmp_path: Path) -> None:
+    """Trainer-level keys (max_steps, the cadences, async_checkpoints, ...) set in the config are read only by a Trainer
+    mlfab builds; in a user's own Trainer they would do nothing, so mlfab says which, instead of ignoring them."""
+    config = BoringConfig(max_steps=3, save_every_n_steps=2, async_checkpoints=False, learning_rate=0.01)
+    with pytest.warns(UserWarning) as caught:
+        trainer(tmp_path, max_steps=2).fit(BoringTask(config))
+    said = [str(w.message) for w in caught if "only a Trainer built by mlfab" in str(w.message)]
+    assert len(said) == 1
+    assert "config sets max_steps=3, save_every_n_steps=2, async_checkpoints=False, which" in said[0]
+    assert "learning_rate" not in said[0]  # The task reads that one itself.
+
+    with warnings.catch_warnings(record=True) as quiet:  # The config class's own defaults: nothing to say.
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=2).fit(BoringTask(BoringConfig()))
+        mlfab.run.trainer.build_trainer(config, tmp_path / "run", []).fit(
+            BoringTask(config)
+        )  # mlfab's: reads them all.
+    assert not [w for w in quiet if "only a Trainer built by mlfab" in str(w.message)]

@@ -79,7 +79,7 @@ class BackgroundCheckpointIO(CheckpointIO):
         self.checkpoint_io = checkpoint_io
         self.background = background
         self._hooks: tuple[Callable[[Path], None], Callable[[Path], None]] | None = None
-        self._sync_reason: str | None = None  # Why every save is synchronous (the task's save hooks), when it is.
+        self._sync_reason: str | None = None  # Why every save is synchronous, when it is (`set_save_hooks`).
         self._told: set[str] = set()
         self._start()
 
@@ -100,22 +100,13 @@ class BackgroundCheckpointIO(CheckpointIO):
         self.__dict__.update(state)
         self._start()
 
-    def set_save_hooks(self, before: Callable[[Path], None], after: Callable[[Path], None], overridden: bool) -> None:
-        """mlfab 0.2's `on_before_save_ckpt` / `on_after_save_ckpt` (`around_saves`): called around every write;
-        when the task overrides them (`overridden`), every save is synchronous."""
+    def set_save_hooks(
+        self, before: Callable[[Path], None], after: Callable[[Path], None], synchronous: str | None
+    ) -> None:
+        """mlfab 0.2's `on_before_save_ckpt` / `on_after_save_ckpt` (`around_saves`), called around every write;
+        given a reason (`synchronous`, said once), every save is written before its call returns."""
         self._hooks = (before, after)
-        owner = getattr(before, "__self__", None)
-        who = type(owner).__name__ if owner is not None else "The task"
-        self._sync_reason = (
-            f"{who} overrides on_before_save_ckpt / on_after_save_ckpt, which run around the write of each checkpoint "
-            "(on_after_save_ckpt once it is on disk)"
-            if overridden
-            else None
-        )
-
-    def write_synchronously(self, reason: str) -> None:
-        """Every save from now on is written at once, for `reason` (said once, at the first periodic save)."""
-        self._sync_reason = reason
+        self._sync_reason = synchronous
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:

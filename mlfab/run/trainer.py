@@ -1,6 +1,6 @@
 """The Lightning Trainer an mlfab config maps to (the mapping table in design.md), with mlfab's callbacks."""
 
-import re
+import dataclasses
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mlfab._lightning import no_profiler
-from mlfab.checkpoints import AtomicCheckpointIO
+from mlfab.checkpoints import AtomicCheckpointIO, periodic_name
 from mlfab.config import Config
 from mlfab.run.async_save import BackgroundCheckpointIO
 from mlfab.run.callbacks import (
@@ -48,7 +48,7 @@ def kept_checkpoints(config: Config) -> dict[str, int]:
     return {prefix: n for key, prefix in PERIODIC_PREFIXES.items() if getattr(config, key) and n > 0}
 
 
-PERIODIC_NAME = re.compile("(" + "|".join(re.escape(p) for p in PERIODIC_PREFIXES.values()) + r")\d+(-v\d+)?\.ckpt")
+PERIODIC_NAME = periodic_name(*PERIODIC_PREFIXES.values())
 
 
 def is_periodic(path: Path) -> bool:
@@ -106,6 +106,31 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     # to any Trainer that has none), this one is there even for a task whose `setup` does not call super's.
     callbacks.append(TrainingEndsOnError())
     return callbacks
+
+
+# The config keys only a Trainer built by mlfab reads (`trainer_kwargs`, `trainer_callbacks`, `checkpoint_io`).
+TRAINER_KEYS = (
+    "max_steps", "batches_per_step", "clip_grad_norm", "valid_every_n_steps", "valid_every_n_seconds",
+    "valid_first_n_seconds", "valid_batches", "save_every_n_steps", "save_every_n_seconds", "keep_last_n_checkpoints",
+    "async_checkpoints", "diagnostics", "accelerator", "devices", "num_nodes", "strategy", "precision",
+)  # fmt: skip
+
+
+def built_by_mlfab(trainer: pl.Trainer) -> bool:
+    return any(isinstance(c, ValidationCadence) for c in trainer.callbacks)  # type: ignore[attr-defined]
+
+
+def unread_settings(config: Config) -> list[str]:
+    """`key=value` of each of `TRAINER_KEYS` that `config` sets to something else than its class's default: what a
+    Trainer built elsewhere would not do."""
+    out = []
+    for f in dataclasses.fields(config):
+        if f.name not in TRAINER_KEYS:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not dataclasses.MISSING and getattr(config, f.name) != default:
+            out.append(f"{f.name}={getattr(config, f.name)!r}")
+    return out
 
 
 def trainer_kwargs(config: Config) -> dict[str, Any]:
