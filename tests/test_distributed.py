@@ -123,8 +123,17 @@ def check_two_ranks(tmp_path: Path, stdout: str) -> None:
         assert per_rank[0] != pytest.approx(per_rank[1])  # The ranks validated on different data.
 
 
-@pytest.mark.parametrize(("dataset", "strategy"), [("dpshdl", "auto"), ("map", "auto"), ("dpshdl", "ddp_spawn")])
-def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str) -> None:
+@pytest.mark.parametrize(
+    ("dataset", "strategy", "compile"),
+    [
+        ("dpshdl", "auto", "false"),
+        ("map", "auto", "false"),
+        ("dpshdl", "ddp_spawn", "false"),
+        ("dpshdl", "auto", "true"),
+    ],
+)
+def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str, compile: str) -> None:  # noqa: A002
+    """Also with compile=true: the compiled forward runs inside Lightning's DDP wrapper on each rank."""
     script = write_script(tmp_path)  # ddp_spawn pickles the Trainer and the task into each process.
     proc = subprocess.run(
         [
@@ -133,6 +142,7 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str) -
             "accelerator=cpu",
             "devices=2",
             f"strategy={strategy}",
+            f"compile={compile}",
             f"run_dir={tmp_path / 'runs'}",
         ],
         env=env_for(tmp_path, MASTER_PORT=str(free_port()), DATASET=dataset),
@@ -143,6 +153,7 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str) -
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_two_ranks(tmp_path, proc.stdout)
+    assert proc.stdout.count("torch.compile (torch's defaults): ") == (compile == "true")
 
 
 def test_two_simulated_nodes(tmp_path: Path) -> None:
@@ -217,20 +228,3 @@ def test_the_test_subcommand_gives_each_rank_its_own_batches_of_an_endless_set(t
     assert [len(t) for t in tested] == [2, 2]  # valid_batches of the endless test set on each rank.
     ids = [{i for _, batch, _ in t for i in batch} for t in tested]
     assert len(ids[0]) == len(ids[1]) == 2 * 8 and not ids[0] & ids[1]
-
-
-def test_ddp_with_compile(tmp_path: Path) -> None:
-    """compile under DDP: the compiled forward runs inside Lightning's DDP wrapper on each rank; the ranks still
-    train on disjoint samples to identical weights, and each rank compiled (rank zero says what it cost)."""
-    script = write_script(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, str(script), "accelerator=cpu", "devices=2", "compile=true", f"run_dir={tmp_path / 'runs'}"],
-        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    check_two_ranks(tmp_path, proc.stdout)
-    assert proc.stdout.count("torch.compile (torch's defaults): ") == 1
