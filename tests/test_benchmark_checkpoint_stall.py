@@ -43,4 +43,8 @@ def test_checkpoint_stall_benchmark_compares_sync_and_async_saves(tmp_path: Path
     assert blocked.group(3) == blocked.group(4) == "2"  # Steps 8 and 16 (last.ckpt is counted apart).
     sync_blocked, async_blocked = float(blocked.group(1)), float(blocked.group(2))
     assert sync_blocked > 0
-    assert float(ratio.group(1)) == pytest.approx(async_blocked / sync_blocked, abs=2e-3)
+    # Both times are printed to 3 decimals, so the ratio recomputed from them is only known within their rounding
+    # (a sync time of 0.037 s makes that +-1.4%), plus the ratio's own rounding.
+    half = 5e-4
+    low, high = (async_blocked - half) / (sync_blocked + half), (async_blocked + half) / (sync_blocked - half)
+    assert low - half <= float(ratio.group(1)) <= high + half, (low, high, out)
