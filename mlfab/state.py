@@ -6,6 +6,9 @@ from typing import Literal, get_args
 
 Phase = Literal["train", "valid", "test"]
 PHASES: tuple[Phase, ...] = get_args(Phase)
+# The phases logs are written for (`Logs.phase`, a logger's `log_interval_seconds`): those above and "predict", what
+# is logged during Lightning's `trainer.predict` (the `predict` subcommand).
+LogPhase = Literal["train", "valid", "test", "predict"]
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from mlfab.resume import apply_optimizer_changes, check_changes, config_changes,
 from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error
 from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks
 from mlfab.run.trainer import built_by_mlfab, unread_settings
-from mlfab.state import PHASES, Phase, State
+from mlfab.state import PHASES, LogPhase, Phase, State
 
 
 class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see mlfab/_lightning.py.
@@ -256,7 +256,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     # ----------------------------------------------------------------------------------------------------------------
     # Logging: the `log_*` methods (mlfab/logs/api.py) store values in the current phase's buffer.
 
-    def _phase(self) -> Phase:
+    def _phase(self) -> LogPhase:
         trainer = self._trainer
         if trainer is None:
             return "train"
@@ -309,7 +309,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         values = list(parts.values())
         return values[0] if len(values) == 1 else torch.stack([v.reshape(()) for v in values]).sum()
 
-    def _flush_logs(self, phase: Phase, step: int, everywhere: bool = False) -> None:
+    def _flush_logs(self, phase: LogPhase, step: int, everywhere: bool = False) -> None:
         flush_logs(
             self.trainer,
             self._log_buffers[phase],
@@ -323,7 +323,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             everywhere=everywhere,
         )
 
-    def _publish(self, phase: Phase, means: dict[str, float], weights: dict[str, Any]) -> dict[str, float]:
+    def _publish(self, phase: LogPhase, means: dict[str, float], weights: dict[str, Any]) -> dict[str, float]:
         """Puts a flush's scalars into Lightning's metrics as `<phase>/<namespace>/<key>`; returns what to write.
 
         Validation and test: `self.log` once per key at the evaluation's end, with the run's sample-weighted mean

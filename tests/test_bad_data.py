@@ -214,7 +214,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps_itself_with_clipping_on(tmp_p
     trainer.fit(task)
     assert trainer.global_step == 4
     assert scaler.get_scale() < 2.0**127  # The scaler saw the overflow and backed off ...
-    assert task._nonfinite.total == 0  # ... and mlfab left those steps to it.
+    assert task.nonfinite_guard.total == 0  # ... and mlfab left those steps to it.
 
 
 @pytest.mark.integration
@@ -227,7 +227,7 @@ def test_a_non_finite_loss_under_fp16_loss_scaling_is_skipped_and_training_goes_
     task = NaNAtOne(BoringConfig(max_steps=4, valid_every_n_steps=None))
     trainer = fp16_trainer(tmp_path, torch.amp.GradScaler("cpu"), clip=None)
     trainer.fit(task)  # Failed with "unscale_() has already been called" when the skipped step left the scaler open.
-    assert trainer.global_step == 4 and task._nonfinite.total == 1
+    assert trainer.global_step == 4 and task.nonfinite_guard.total == 1
 
 
 @pytest.mark.integration

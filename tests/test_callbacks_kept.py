@@ -13,6 +13,7 @@ from torch import Tensor
 import mlfab
 from mlfab.run.callbacks import TrainingEndsOnError
 from mlfab.testing import BoringConfig, BoringTask
+from tests.test_interop import trainer as plain_trainer
 
 pytestmark = pytest.mark.integration
 
@@ -50,22 +51,8 @@ class Ends(BoringTask):
         self.ended.append(state.num_steps)
 
 
-def trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
-    settings: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-        "default_root_dir": tmp_path,
-        "max_steps": 4,
-        "val_check_interval": 2,
-        "check_val_every_n_epoch": None,
-        "limit_val_batches": 2,
-    }
-    return pl.Trainer(**{**settings, **kwargs})
+def trainer(tmp_path: Path) -> pl.Trainer:
+    return plain_trainer(tmp_path, max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=2)
 
 
 @pytest.mark.parametrize("phase", ["train", "valid"])  # A validation within fit fails training too.

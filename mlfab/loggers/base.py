@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from mlfab.logs.values import Logs
-from mlfab.state import Phase
+from mlfab.state import LogPhase
 
 
 class MlfabLogger(ABC):
@@ -21,10 +21,10 @@ class MlfabLogger(ABC):
     logger's last write of the same phase (its first write of each phase always happens).
     """
 
-    log_interval_seconds: dict[Phase, float]
+    log_interval_seconds: dict[LogPhase, float]
 
-    def _set_interval(self, seconds: float | dict[Phase, float]) -> None:
-        given: dict[Phase, float] = seconds if isinstance(seconds, dict) else {"train": float(seconds)}
+    def _set_interval(self, seconds: float | dict[LogPhase, float]) -> None:
+        given: dict[LogPhase, float] = seconds if isinstance(seconds, dict) else {"train": float(seconds)}
         self.log_interval_seconds = {"train": 0.0, "valid": 0.0, "test": 0.0, **given}
 
     @abstractmethod
@@ -85,7 +85,7 @@ class PlainLogger(MlfabLogger, Logger):
 
     logger_name: str = ""
 
-    def __init__(self, log_interval_seconds: float | dict[Phase, float] = 2.0) -> None:
+    def __init__(self, log_interval_seconds: float | dict[LogPhase, float] = 2.0) -> None:
         super().__init__()
         self._set_interval(log_interval_seconds)
 

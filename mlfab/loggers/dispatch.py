@@ -18,7 +18,7 @@ from mlfab.loggers.tensorboard import write_summaries
 from mlfab.loggers.wandb import write_wandb
 from mlfab.logs.buffer import Cadence, LogBuffer, due_loggers
 from mlfab.logs.values import KINDS, Logs
-from mlfab.state import Phase
+from mlfab.state import LogPhase
 
 _warned: set[tuple[str, str]] = set()
 
@@ -79,7 +79,7 @@ def write_run_info(loggers: list[Any], config_yaml: str, provenance: str, exp_di
                 logger.experiment.add_text(f"run/{name}", f"```\n{text}\n```", 0)
 
 
-Publish = Callable[[Phase, dict[str, float], dict[str, Any]], dict[str, float]]
+Publish = Callable[[LogPhase, dict[str, float], dict[str, Any]], dict[str, float]]
 
 
 def flush_logs(
@@ -87,7 +87,7 @@ def flush_logs(
     buffer: LogBuffer,
     cadence: Cadence,
     *,
-    phase: Phase,
+    phase: LogPhase,
     step: int,
     elapsed_time_s: float,
     num_samples: int,

@@ -34,7 +34,7 @@ from typing_extensions import override
 
 from mlfab.loggers.base import PlainLogger
 from mlfab.logs.values import Audio, Logs, finite
-from mlfab.state import Phase
+from mlfab.state import LogPhase
 
 
 def _safe_name(tag: str) -> str:
@@ -96,7 +96,7 @@ class JsonLogger(PlainLogger):
     def __init__(
         self,
         exp_dir: str | Path,
-        log_interval_seconds: float | dict[Phase, float] = 2.0,
+        log_interval_seconds: float | dict[LogPhase, float] = 2.0,
         file_name: str = "log.jsonl",
     ) -> None:
         super().__init__(log_interval_seconds)

@@ -17,7 +17,7 @@ from typing_extensions import override
 from mlfab.loggers.base import PlainLogger
 from mlfab.logs.values import Logs
 from mlfab.run.diagnostics import TERMINAL_HIDDEN_TAGS
-from mlfab.state import Phase
+from mlfab.state import LogPhase
 
 
 def _fmt(value: float) -> str:
@@ -33,7 +33,7 @@ class StdoutLogger(PlainLogger):
 
     def __init__(
         self,
-        log_interval_seconds: float | dict[Phase, float] = 1.0,
+        log_interval_seconds: float | dict[LogPhase, float] = 1.0,
         stream: TextIO | None = None,
         tty: bool | None = None,
     ) -> None:

@@ -15,7 +15,7 @@ from typing_extensions import override
 from mlfab._lightning import file_writer
 from mlfab.loggers.base import MlfabLogger
 from mlfab.logs.values import KINDS, Logs, finite
-from mlfab.state import Phase
+from mlfab.state import LogPhase
 
 
 def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> tuple[str, ...]:
@@ -60,7 +60,7 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
     def __init__(
         self,
         exp_dir: str | Path,
-        log_interval_seconds: float | dict[Phase, float] = 2.0,
+        log_interval_seconds: float | dict[LogPhase, float] = 2.0,
         flush_secs: int = 10,
         **kwargs: Any,
     ) -> None:
@@ -77,7 +77,7 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
         self._flush_secs = flush_secs
         self._phase_writers: dict[str, Any] = {}
 
-    def writer(self, phase: Phase) -> Any:
+    def writer(self, phase: LogPhase) -> Any:
         if phase == "train":
             return self.experiment
         if phase not in self._phase_writers:

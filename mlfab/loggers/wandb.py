@@ -34,7 +34,7 @@ from typing_extensions import override
 
 from mlfab.loggers.base import MlfabLogger
 from mlfab.logs.values import Logs, finite
-from mlfab.state import Phase
+from mlfab.state import LogPhase
 
 STEP_METRIC = "trainer/global_step"  # The x-axis of every chart; Lightning's WandbLogger uses the same key.
 
@@ -190,7 +190,7 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
         exp_dir: str | Path,
         project: str | None = None,
         name: str | None = None,
-        log_interval_seconds: float | dict[Phase, float] = 2.0,
+        log_interval_seconds: float | dict[LogPhase, float] = 2.0,
         mode: str | None = None,
         **kwargs: Any,
     ) -> None:

@@ -23,20 +23,19 @@ key, then counted every 100th time). A scalar given as a string is refused at th
 
 import logging
 import time
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from mlfab.errors import TaskDefinitionError
 from mlfab.logs.values import Kind, resolve
-from mlfab.state import Phase
+from mlfab.state import LogPhase
 
 log = logging.getLogger(__name__)
 
 # The phase of what is logged during predict (Lightning's `trainer.predict`, mlfab's `predict` subcommand), written
-# once at its end like an evaluation's, under its own name. (`mlfab.Phase` lists the phases `get_dataset` and `State`
-# see; the logs, `Logs.phase`, also have this one.)
-PREDICT = cast(Phase, "predict")
+# once at its end like an evaluation's, under its own name.
+PREDICT: LogPhase = "predict"
 
 
 def _to_float(value: Any) -> float:
@@ -54,7 +53,7 @@ class LogBuffer:
     the last.
     """
 
-    def __init__(self, phase: Phase | None = None) -> None:
+    def __init__(self, phase: LogPhase | None = None) -> None:
         self._pending: dict[Kind, dict[str, list[Any]]] = {}  # Scalars: [(value, weight), ...]; others: [value].
         self.keep_first = phase in ("valid", "test", PREDICT)
         self.weight = 1  # The weight of the scalars added now: the number of samples in the current batch.
@@ -128,9 +127,9 @@ class Cadence:
     """Decides, per logger and phase, whether this flush is written (the first of each phase always is)."""
 
     def __init__(self) -> None:
-        self._last: dict[tuple[int, Phase], float] = {}
+        self._last: dict[tuple[int, LogPhase], float] = {}
 
-    def due(self, logger: Any, phase: Phase, step: int, every_n_steps: int, now: float) -> bool:
+    def due(self, logger: Any, phase: LogPhase, step: int, every_n_steps: int, now: float) -> bool:
         key = (id(logger), phase)
         last = self._last.get(key)
         interval = getattr(logger, "log_interval_seconds", None)
@@ -146,6 +145,6 @@ class Cadence:
         return due
 
 
-def due_loggers(cadence: Cadence, loggers: list[Any], *, phase: Phase, step: int, every_n_steps: int) -> list[Any]:
+def due_loggers(cadence: Cadence, loggers: list[Any], *, phase: LogPhase, step: int, every_n_steps: int) -> list[Any]:
     now = time.monotonic()
     return [lg for lg in loggers if cadence.due(lg, phase, step, every_n_steps, now)]

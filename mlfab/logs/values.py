@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from mlfab.logs.media import gif_bytes, wav_bytes
-from mlfab.state import Phase
+from mlfab.state import LogPhase
 
 Kind = str  # One of KINDS.
 KINDS = ("scalar", "string", "image", "audio", "video", "histogram", "point_cloud")
@@ -78,7 +78,7 @@ class Logs:
     module docstring (`of(kind)` is one kind, empty when nothing of it was logged; `scalars` is `of("scalar")`).
     """
 
-    phase: Phase
+    phase: LogPhase
     step: int
     max_steps: int | None
     elapsed_time_s: float
