@@ -8,14 +8,18 @@ and copying the checkpoint to memory) plus what the write, running beside traini
 Both are counted the same way for both runs: over the steps whose time overlaps a periodic save (from the save
 call to the end of its write), the time each takes beyond the run's median step that overlaps none, summed and
 divided by the number of saves. The ratio async / sync is the figure issue 16 sets a target for (<= 0.20).
-The final save (`last.ckpt`, always synchronous, after any background write) is shown apart.
+Printed apart: the save call alone (what training waits for), and the slowed steps beside the write with how much
+the same number of steps without a save vary (1.4826 MAD x sqrt(n)), to tell a slowdown from noise. The final save
+(`last.ckpt`, always synchronous, after any background write) is shown apart.
 
 The background writer runs at the lowest CPU priority, on the CPU time training leaves: where training keeps every
 core busy (this benchmark on a small CPU machine) a write takes several times as long as a synchronous one, and a
 save that comes before it finished waits for it (the script says so). The default cadence leaves it the time on a
-2-core machine; `--threads 1` leaves a core free, as a GPU's training loop does.
+2-core machine; `--threads 1` leaves a core free, as a GPU's training loop does. `--async-first` swaps the order of
+the two runs.
 
-    python benchmarks/checkpoint_stall.py [--params-millions 100] [--steps 119] [--every 40] [--threads N] [DIR]
+    python benchmarks/checkpoint_stall.py [--params-millions 100] [--steps 119] [--every 40] [--threads N]
+                                          [--async-first] [DIR]
 """
 
 import argparse
@@ -108,6 +112,7 @@ class Result:
     step: float  # Median step overlapping no save.
     blocked: float  # Per periodic save.
     slowed: float  # Of which: what the write added to the steps without a save call in them, per periodic save.
+    noise: float  # The spread of `slowed` were the write to slow nothing: steps without a save vary that much.
     call: float  # Median periodic save call.
     io_call: float  # Its checkpoint IO part (the rest: the Trainer and the task collecting the checkpoint).
     write: float  # Median periodic save, call start to write end.
@@ -132,8 +137,11 @@ def measure(timeline: Timeline, size: int, wall: float) -> Result:
     median = statistics.median(clean)
     extra = sum(max(0.0, b - a - median) for a, b in steps if overlaps(a, b))
     alone = [not any(a <= start < b for _, start, _ in timeline.calls) for a, b in steps]  # No save call in it.
-    slowed = sum(max(0.0, b - a - median) for (a, b), no_call in zip(steps, alone, strict=True)
-                 if no_call and overlaps(a, b))  # fmt: skip
+    beside = [b - a for (a, b), no_call in zip(steps, alone, strict=True) if no_call and overlaps(a, b)]
+    slowed = sum(max(0.0, t - median) for t in beside)
+    # The same sum over as many steps without a save, from their spread (1.4826 MAD: a robust standard deviation).
+    spread = 1.4826 * statistics.median(abs(t - median) for t in clean)
+    noise = spread * len(beside) ** 0.5
     final = [end - start for name, start, end in timeline.calls if name == "last.ckpt"]
     final_start = next((start for name, start, _ in timeline.calls if name == "last.ckpt"), float("inf"))
     final_waited = max(0.0, max(w1 for _, w1 in windows) - final_start)
@@ -141,6 +149,7 @@ def measure(timeline: Timeline, size: int, wall: float) -> Result:
         step=median,
         blocked=extra / len(periodic),
         slowed=slowed / len(periodic),
+        noise=noise / len(periodic),
         call=statistics.median(end - start for _, start, end in periodic),
         io_call=statistics.median(timeline.io_calls[name] for name, _, _ in periodic),
         write=statistics.median(w1 - w0 for w0, w1 in windows),
@@ -177,12 +186,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=119)
     parser.add_argument("--every", type=int, default=40, help="save_every_n_steps: leave the write time to finish")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads for training (default: all)")
+    parser.add_argument("--async-first", action="store_true", help="Run the background-saving run first")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dir is not None:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     width = int((args.params_millions * 1e6) ** 0.5)
-    sync = run(width, args.steps, args.every, background=False, parent=args.dir)
-    bg = run(width, args.steps, args.every, background=True, parent=args.dir)
+    if args.async_first:  # The order's own effect (the second run of a process may run slower or faster).
+        bg = run(width, args.steps, args.every, background=True, parent=args.dir)
+        sync = run(width, args.steps, args.every, background=False, parent=args.dir)
+    else:
+        sync = run(width, args.steps, args.every, background=False, parent=args.dir)
+        bg = run(width, args.steps, args.every, background=True, parent=args.dir)
     print(f"parameters: {(width * width + width) / 1e6:.1f} M; checkpoint: {sync.size / 1e9:.2f} GB; training on "
           f"{torch.get_num_threads()} of {os.cpu_count()} CPU threads")  # fmt: skip
     print(f"{'':28}{'sync':>10}{'async':>10}")
@@ -198,7 +214,9 @@ def main() -> None:
         print(f"{label + ' s':28}{a:10.3f}{b:10.3f}")
     print(f"training blocked per periodic save: sync {sync.blocked:.3f} s, async {bg.blocked:.3f} s "
           f"(over {sync.saves} and {bg.saves} saves; of which steps slowed by the write beside them: "
-          f"{bg.slowed:.3f} s)")  # fmt: skip
+          f"{bg.slowed:.3f} s, where steps without a save vary by +-{bg.noise:.3f} s over as many)")  # fmt: skip
+    print(f"save call alone (training waits for it): sync {sync.call:.3f} s, async {bg.call:.3f} s, "
+          f"ratio {bg.call / sync.call:.3f}")  # fmt: skip
     if bg.final_waited:
         print(f"the final save waited {bg.final_waited:.3f} s for the last background write")
     if bg.waited:

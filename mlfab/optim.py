@@ -88,10 +88,14 @@ def save_in_eval_mode(module: pl.LightningModule, checkpoint: dict[str, Any]) ->
     trainer = module.trainer
     if not any(g.get("train_mode") for opt in trainer.optimizers for g in opt.param_groups):
         return
-    train_weights = {k: v.detach().clone() for k, v in checkpoint["state_dict"].items()}
+    # The checkpoint IO's copies where it keeps them for this save anyway (a background save's host buffers).
+    staged = getattr(trainer.strategy.checkpoint_io, "staged_copies", None)
+    copy = staged() if callable(staged) and trainer.strategy.is_global_zero else None
+    copy = copy or (lambda t: t.detach().clone())
+    train_weights = {k: copy(v) for k, v in checkpoint["state_dict"].items()}
     set_optimizer_mode(trainer.optimizers, train=False)
     eval_weights = trainer.strategy.lightning_module_state_dict()
-    checkpoint["state_dict"] = {k: v.detach().clone() for k, v in eval_weights.items()}
+    checkpoint["state_dict"] = {k: copy(v) for k, v in eval_weights.items()}
     checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
     module.load_state_dict(train_weights)  # Not `train()`: its round trip rounds the weights.
     for opt in trainer.optimizers:

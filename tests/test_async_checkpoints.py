@@ -110,6 +110,40 @@ def test_background_write_has_the_checkpoint_as_it_was_at_the_save_call(tmp_path
 
 
 @pytest.mark.unit
+def test_copies_made_for_a_save_are_written_as_they_are_and_their_memory_serves_the_next_save(tmp_path: Path) -> None:
+    io = periodic_io()
+    seen: list[dict[str, Any]] = []
+    write = io.checkpoint_io.save_checkpoint
+
+    def save(checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        seen.append(checkpoint)
+        write(checkpoint, path, storage_options)
+
+    io.checkpoint_io.save_checkpoint = save  # type: ignore[method-assign]
+    weight, moment = torch.randn(40, 30), torch.randn(40, 30)
+    copy = io.staged_copies()
+    assert copy is not None
+    staged = copy(weight)  # As save_in_eval_mode collects the training weights.
+    assert torch.equal(staged, weight) and staged.data_ptr() != weight.data_ptr()
+    assert torch.equal(copy(weight[:, :3]), weight[:, :3])  # A view: copied as `clone` copies it.
+    io.save_checkpoint({"w": staged, "m": moment}, tmp_path / "step_00000001.ckpt")
+    weight.add_(1.0), moment.add_(1.0)  # Training goes on.
+    copy = io.staged_copies()  # Waits for the write: its buffers are free again.
+    assert copy is not None
+    assert seen[0]["w"].data_ptr() == staged.data_ptr()  # Written from the staged copy, not copied again ...
+    assert seen[0]["m"].data_ptr() != moment.data_ptr()  # ... and the rest copied.
+    loaded = torch.load(tmp_path / "step_00000001.ckpt", weights_only=True)
+    assert torch.equal(loaded["w"] + 1, weight) and torch.equal(loaded["m"] + 1, moment)
+    again = copy(weight)
+    assert again.data_ptr() in {staged.data_ptr(), seen[0]["m"].data_ptr()}  # The previous save's memory, reused.
+    io.save_checkpoint({"w": again, "m": moment}, tmp_path / "step_00000002.ckpt")
+    io.teardown()
+    loaded = torch.load(tmp_path / "step_00000002.ckpt", weights_only=True)
+    assert torch.equal(loaded["w"], weight) and torch.equal(loaded["m"], moment)
+    assert intact(tmp_path / "step_00000002.ckpt")
+
+
+@pytest.mark.unit
 def test_a_save_waits_for_the_write_before_it_and_other_saves_are_synchronous(tmp_path: Path) -> None:
     io = periodic_io()
     release = held(io)
@@ -312,7 +346,10 @@ def test_async_checkpoints_hold_their_steps_state_as_a_synchronous_run_writes_it
         assert a["global_step"] == (int(name[5:13]) if name.startswith("step_") else 6)
         differences = [d for key in ("state_dict", "optimizer_states", "loops", "global_step") for d in same(
             a[key], s[key], key)]  # fmt: skip
+        for key in ("train_state_dict", "train_optimizer_states"):  # Schedule-free's training weights and state.
+            differences += same(a["mlfab"][key], s["mlfab"][key], f"mlfab/{key}")
         assert differences == [], f"{name}: {differences}"
+        assert same(a["state_dict"], a["mlfab"]["train_state_dict"]) != []  # Evaluation and training weights.
     two, last = (torch.load(async_dir / name, weights_only=True) for name in ("step_00000002.ckpt", "last.ckpt"))
     assert same(two["state_dict"], last["state_dict"]) != []  # The comparison can fail: the weights moved.
 

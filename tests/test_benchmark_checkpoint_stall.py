@@ -36,13 +36,19 @@ def test_checkpoint_stall_benchmark_compares_sync_and_async_saves(tmp_path: Path
     assert io_call[0] <= call[0] and io_call[1] <= call[1]
 
     blocked = re.search(
-        r"training blocked per periodic save: sync ([\d.]+) s, async ([\d.]+) s \(over (\d+) and (\d+) saves;", out
+        r"training blocked per periodic save: sync ([\d.]+) s, async ([\d.]+) s \(over (\d+) and (\d+) saves; of "
+        r"which steps slowed by the write beside them: ([\d.]+) s, where steps without a save vary by \+-([\d.]+) s",
+        out,
     )
+    calls = re.search(
+        r"save call alone \(training waits for it\): sync ([\d.]+) s, async ([\d.]+) s, ratio ([\d.]+)", out
+    )
+    assert calls and (float(calls.group(1)), float(calls.group(2))) == pytest.approx(call, abs=1e-3), out
     ratio = re.search(r"ratio async/sync: ([\d.]+) \(target <= 0.20\)", out)
     assert blocked and ratio, out
     assert blocked.group(3) == blocked.group(4) == "2"  # Steps 8 and 16 (last.ckpt is counted apart).
     sync_blocked, async_blocked = float(blocked.group(1)), float(blocked.group(2))
-    assert sync_blocked > 0
+    assert sync_blocked > 0 and float(blocked.group(5)) <= async_blocked + 1e-3  # The slowed steps are part of it.
     # Both times are printed to 3 decimals, so the ratio recomputed from them is only known within their rounding
     # (a sync time of 0.037 s makes that +-1.4%), plus the ratio's own rounding.
     half = 5e-4

@@ -17,7 +17,9 @@ killed at the same point leaves: the previous checkpoints intact. How it behaves
 - The copy: each tensor storage of the checkpoint is copied once to host memory (views and tied weights keep
   sharing it, as torch.save stores them), into buffers kept from the previous save when the sizes match (a fresh
   allocation costs the page faults of the whole checkpoint again); containers are rebuilt and other mutable values
-  deep-copied, so nothing training does afterwards changes what is written. Tensors of a GPU are written as CPU
+  deep-copied, so nothing training does afterwards changes what is written. Copies the checkpoint was collected
+  with (schedule-free's evaluation and training weights, `optim.save_in_eval_mode`) are made into those buffers in
+  the first place (`staged_copies`) and written as they are, not copied twice. Tensors of a GPU are written as CPU
   tensors (Lightning loads every checkpoint onto the CPU anyway; `torch.load` without `map_location` gives CPU
   tensors instead of CUDA ones). When the copy would not fit in the memory the system has available, that save
   is written synchronously, saying so.
@@ -108,10 +110,27 @@ class BackgroundCheckpointIO(CheckpointIO):
         self._hooks = (before, after)
         self._sync_reason = synchronous
 
+    def staged_copies(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For a save about to be collected: a function that copies a tensor into this save's host buffers, so that
+        copies a checkpoint is collected with (`optim.save_in_eval_mode`'s) need not be copied again to be written in
+        the background, and reuse the memory of the previous save instead of faulting in new pages. None where
+        saves are synchronous."""
+        if self._sync_reason is not None:
+            return None
+        self._wait_for_jobs()  # The buffers of the previous save are free once it was written.
+        self._staging.begin()
+        return self._staging.copy
+
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         self.wait()  # One write at a time; raises the error of the previous one.
+        try:
+            self._save(checkpoint, path, storage_options)
+        finally:
+            self._staging.finish()
+
+    def _save(self, checkpoint: dict[str, Any], path: Path, storage_options: Any) -> None:
         if self.background(path) and self._sync_reason is None:
             needed = tensor_bytes(checkpoint) - self._staging.reusable_bytes()
             available = available_memory()
@@ -226,32 +245,66 @@ class BackgroundCheckpointIO(CheckpointIO):
 
 
 class Staging:
-    """Copies a checkpoint to host memory (`snapshot`), reusing the buffers of the previous copy."""
+    """Copies a checkpoint to host memory (`snapshot`), reusing the buffers of the previous copy. A save's copies
+    begin (`begin`) once no write reads the buffers of the previous one, and end with `finish`."""
 
     def __init__(self) -> None:
-        self._buffers: list[torch.UntypedStorage] = []  # Those of the last snapshot, free once it was written.
+        self._used: list[torch.UntypedStorage] = []  # Those of the last save: free once it was written.
+        self._free: dict[int, list[torch.UntypedStorage]] | None = None  # During a save: {size: unused buffers}.
+        self._staged: set[int] = set()  # During a save: the buffers `copy` filled (data pointers), not copied again.
+
+    def begin(self) -> None:
+        self._free = {}
+        for b in self._used:
+            self._free.setdefault(b.nbytes(), []).append(b)
+        self._used, self._staged = [], set()
+
+    def finish(self) -> None:
+        self._free, self._staged = None, set()
 
     def reusable_bytes(self) -> int:
-        return sum(b.nbytes() for b in self._buffers)
+        if self._free is None:
+            return sum(b.nbytes() for b in self._used)
+        return sum(b.nbytes() for bs in self._free.values() for b in bs) + sum(
+            b.nbytes() for b in self._used if b.data_ptr() in self._staged
+        )
 
     def release(self) -> None:
-        self._buffers = []
+        self._used = []
+        self.finish()
+
+    def _buffer(self, nbytes: int) -> torch.UntypedStorage:
+        if self._free is None:
+            self.begin()
+        assert self._free is not None
+        free = self._free.get(nbytes)
+        buffer = free.pop() if free else torch.UntypedStorage(nbytes, device="cpu")
+        self._used.append(buffer)
+        return buffer
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """`t.detach().clone()`, into one of this save's buffers where `t` fills its storage (a parameter's)."""
+        t = t.detach()
+        storage = t.untyped_storage()
+        whole = t.layout == torch.strided and t.storage_offset() == 0 and t.is_contiguous()
+        if type(t) is not torch.Tensor or not whole or t.nbytes != storage.nbytes() or t.is_conj() or t.is_neg():
+            return t.clone()
+        buffer = self._buffer(storage.nbytes())
+        as_bytes(buffer).copy_(as_bytes(storage))
+        self._staged.add(buffer.data_ptr())
+        return torch.empty(0, dtype=t.dtype).set_(buffer, 0, t.size(), t.stride())
 
     def snapshot(self, checkpoint: Any) -> Any:
-        pool: dict[int, list[torch.UntypedStorage]] = {}
-        for b in self._buffers:
-            pool.setdefault(b.nbytes(), []).append(b)
-        self._buffers = []
         copies: dict[tuple[str, int, int], torch.UntypedStorage] = {}
 
         def storage_copy(storage: torch.UntypedStorage, device: torch.device) -> torch.UntypedStorage:
+            if device.type == "cpu" and storage.data_ptr() in self._staged:
+                return storage  # Copied for this save already (`copy`).
             key = (str(device), storage.data_ptr(), storage.nbytes())
             if key not in copies:
-                free = pool.get(storage.nbytes())
-                buffer = free.pop() if free else torch.UntypedStorage(storage.nbytes(), device="cpu")
+                buffer = self._buffer(storage.nbytes())
                 as_bytes(buffer).copy_(as_bytes(storage))  # A tensor's copy uses torch's threads; a storage's fewer.
                 copies[key] = buffer
-                self._buffers.append(buffer)
             return copies[key]
 
         def tensor(t: torch.Tensor) -> Any:
