@@ -185,8 +185,8 @@ class FastFxName:
     nn.Module's __setattr__ (its parameter, buffer and submodule checks) made that ~8% of a small model's step
     time. The name is never a parameter, buffer or module, so it is set as a plain attribute."""
 
-    # Also the per-step flags of mlfab's Task (plain bools).
-    _plain_attributes = frozenset({"_current_fx_name", "_step_started"})
+    # Also what mlfab's Task sets on every step: a flag, a count and a dict of loss tensors (never a module's state).
+    _plain_attributes = frozenset({"_current_fx_name", "_step_started", "_num_samples", "_last_losses"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._plain_attributes:

@@ -195,13 +195,15 @@ def test_current_fx_name_skips_module_setattr(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(torch.nn.Module, "__setattr__", counting)
     task._current_fx_name = "training_step"
+    task._num_samples, task._last_losses = 16, {"loss": torch.ones(())}  # mlfab's per-step values.
     task.extra = extra
     monkeypatch.undo()
     assert through_module == ["extra"]  # Other attributes still go through nn.Module's checks.
     assert task._current_fx_name == "training_step"
     assert task.__dict__["_current_fx_name"] == "training_step"
+    assert task.__dict__["_num_samples"] == 16 and set(task.__dict__["_last_losses"]) == {"loss"}
     for registry in (task._modules, task._parameters, task._buffers):
-        assert "_current_fx_name" not in registry
+        assert not {"_current_fx_name", "_num_samples", "_last_losses"} & set(registry)
     assert "extra" in task._modules
 
     seen: set[tuple[str, str | None]] = set()
