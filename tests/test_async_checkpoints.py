@@ -134,13 +134,25 @@ def test_copies_made_for_a_save_are_written_as_they_are_and_their_memory_serves_
     assert seen[0]["m"].data_ptr() != moment.data_ptr()  # ... and the rest copied.
     loaded = torch.load(tmp_path / "step_00000001.ckpt", weights_only=True)
     assert torch.equal(loaded["w"] + 1, weight) and torch.equal(loaded["m"] + 1, moment)
+    first = {staged.data_ptr(), seen[0]["m"].data_ptr()}
+    del staged
     again = copy(weight)
-    assert again.data_ptr() in {staged.data_ptr(), seen[0]["m"].data_ptr()}  # The previous save's memory, reused.
+    assert again.data_ptr() in first  # The previous save's memory, reused.
     io.save_checkpoint({"w": again, "m": moment}, tmp_path / "step_00000002.ckpt")
+    # A copy kept past its save (a callback holding on to the checkpoint's weights) is never overwritten.
+    kept, before = again, again.clone()
+    weight.add_(1.0)
+    copy = io.staged_copies()
+    assert copy is not None
+    third = copy(weight)
+    assert third.data_ptr() != kept.data_ptr() and torch.equal(kept, before) and torch.equal(third, weight)
+    io.save_checkpoint({"w": third, "m": moment}, tmp_path / "step_00000003.ckpt")
     io.teardown()
+    assert torch.equal(kept, before)
     loaded = torch.load(tmp_path / "step_00000002.ckpt", weights_only=True)
-    assert torch.equal(loaded["w"], weight) and torch.equal(loaded["m"], moment)
-    assert intact(tmp_path / "step_00000002.ckpt")
+    assert torch.equal(loaded["w"], before) and torch.equal(loaded["m"], moment)
+    assert intact(tmp_path / "step_00000002.ckpt") and intact(tmp_path / "step_00000003.ckpt")
+    assert torch.equal(torch.load(tmp_path / "step_00000003.ckpt", weights_only=True)["w"], weight)
 
 
 @pytest.mark.unit

@@ -19,7 +19,8 @@ killed at the same point leaves: the previous checkpoints intact. How it behaves
   allocation costs the page faults of the whole checkpoint again); containers are rebuilt and other mutable values
   deep-copied, so nothing training does afterwards changes what is written. Copies the checkpoint was collected
   with (schedule-free's evaluation and training weights, `optim.save_in_eval_mode`) are made into those buffers in
-  the first place (`staged_copies`) and written as they are, not copied twice. Tensors of a GPU are written as CPU
+  the first place (`staged_copies`) and written as they are, not copied twice; one a callback kept past its save
+  keeps its buffer (a later save takes new memory rather than overwrite it). Tensors of a GPU are written as CPU
   tensors (Lightning loads every checkpoint onto the CPU anyway; `torch.load` without `map_location` gives CPU
   tensors instead of CUDA ones). When the copy would not fit in the memory the system has available, that save
   is written synchronously, saying so.
@@ -42,6 +43,7 @@ import enum
 import os
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path, PurePath
@@ -252,12 +254,17 @@ class Staging:
         self._used: list[torch.UntypedStorage] = []  # Those of the last save: free once it was written.
         self._free: dict[int, list[torch.UntypedStorage]] | None = None  # During a save: {size: unused buffers}.
         self._staged: set[int] = set()  # During a save: the buffers `copy` filled (data pointers), not copied again.
+        self._handed: list[tuple[weakref.ref[torch.Tensor], int]] = []  # What `copy` returned, and its buffer.
 
     def begin(self) -> None:
+        # A tensor `copy` returned for an earlier save that is still alive (a callback kept the checkpoint's weights)
+        # keeps its buffer: it is not overwritten, and the next save takes new memory instead.
+        kept = {ptr for ref, ptr in self._handed if ref() is not None}
         self._free = {}
         for b in self._used:
-            self._free.setdefault(b.nbytes(), []).append(b)
-        self._used, self._staged = [], set()
+            if b.data_ptr() not in kept:
+                self._free.setdefault(b.nbytes(), []).append(b)
+        self._used, self._staged, self._handed = [], set(), []
 
     def finish(self) -> None:
         self._free, self._staged = None, set()
@@ -270,7 +277,7 @@ class Staging:
         )
 
     def release(self) -> None:
-        self._used = []
+        self._used, self._handed = [], []
         self.finish()
 
     def _buffer(self, nbytes: int) -> torch.UntypedStorage:
@@ -292,7 +299,9 @@ class Staging:
         buffer = self._buffer(storage.nbytes())
         as_bytes(buffer).copy_(as_bytes(storage))
         self._staged.add(buffer.data_ptr())
-        return torch.empty(0, dtype=t.dtype).set_(buffer, 0, t.size(), t.stride())
+        out = torch.empty(0, dtype=t.dtype).set_(buffer, 0, t.size(), t.stride())
+        self._handed.append((weakref.ref(out), buffer.data_ptr()))
+        return out
 
     def snapshot(self, checkpoint: Any) -> Any:
         copies: dict[tuple[str, int, int], torch.UntypedStorage] = {}
