@@ -129,13 +129,17 @@ def test_digits_captions_in_tensorboard_time_series_card(tmp_path: Path) -> None
         expected = np.asarray(Image.fromarray(grid).resize(size, Image.Resampling.BOX)).astype(np.int16)
         url = f"{base}/?tagFilter={urllib.parse.quote('value/images')}#timeseries"
         found = None
-        for attempt in range(5):  # The card fetches the image after the page has loaded: try again if it was late.
+        # The card stays empty until TensorBoard's time-series data has the image, some seconds (of real time, not
+        # the page's virtual time) after the tags list it: on a busy machine the first several screenshots show an
+        # empty card (CI saw 5 in a row). Try again for up to about 2 minutes.
+        for attempt in range(12):
             shot = tmp_path / f"card{attempt}.png"
-            _screenshot(url, shot, budget_ms=20000 * (attempt + 1))  # A busy machine renders late (CI missed 3).
+            _screenshot(url, shot, budget_ms=20000 * (min(attempt, 2) + 1))
             page = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
             found = _locate(page, expected)
             if found is not None:
                 break
+            time.sleep(5)
     finally:
         server.terminate()
         server.wait(timeout=30)
