@@ -315,3 +315,11 @@ def test_non_finite_histograms_and_fast_videos_read_back_the_same_from_every_fil
     # 60 fps is 16.7 ms a frame; browsers play GIF frames under 20 ms at 100 ms, so both write 20 ms.
     assert tb_gif.info["duration"] == json_gif.info["duration"] == 20
     assert np.isnan(np.load(tmp_path / "json" / line["media"]["hist/all_nan"])).all()  # JSON keeps the raw values.
+
+
+@pytest.mark.unit
+def test_a_log_interval_for_an_unknown_phase_is_refused_naming_the_phases() -> None:
+    with pytest.raises(ValueError, match=r"got phase\(s\) 'vaild'; the phases are 'train', 'valid', 'test', 'predict'"):
+        mlfab.StdoutLogger(log_interval_seconds={"vaild": 5.0})  # type: ignore[dict-item]
+    logger = mlfab.StdoutLogger(log_interval_seconds={"valid": 5.0})
+    assert logger.log_interval_seconds == {"train": 0.0, "valid": 5.0, "test": 0.0, "predict": 0.0}

@@ -4,7 +4,7 @@ Write your own by subclassing `PlainLogger` (exported as `mlfab.PlainLogger`) an
 """
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, get_args
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -25,7 +25,12 @@ class MlfabLogger(ABC):
 
     def _set_interval(self, seconds: float | dict[LogPhase, float]) -> None:
         given: dict[LogPhase, float] = seconds if isinstance(seconds, dict) else {"train": float(seconds)}
-        self.log_interval_seconds = {"train": 0.0, "valid": 0.0, "test": 0.0, **given}
+        if unknown := sorted(map(str, set(given) - set(get_args(LogPhase)))):  # A typo would silently do nothing.
+            raise ValueError(
+                f"{type(self).__name__}(log_interval_seconds=...) got phase(s) {', '.join(map(repr, unknown))}; "
+                f"the phases are {', '.join(map(repr, get_args(LogPhase)))} (a number sets 'train' alone)."
+            )
+        self.log_interval_seconds = {"train": 0.0, "valid": 0.0, "test": 0.0, "predict": 0.0, **given}
 
     @abstractmethod
     def write(self, logs: Logs) -> None:
