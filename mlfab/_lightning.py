@@ -147,13 +147,10 @@ class CachedStateKey(Callback):
     every hook it dispatches (`_call_callback_hooks`), and e.g. ModelCheckpoint's key is a repr of its settings;
     this caches the first one. Only for callbacks whose key-making settings do not change after construction."""
 
-    @property
+    @functools.cached_property
     @override
     def state_key(self) -> str:
-        if "_state_key" not in self.__dict__:
-            self.__dict__["_state_key"] = super().state_key
-        key: str = self.__dict__["_state_key"]
-        return key
+        return super().state_key
 
 
 class NoProfiler(PassThroughProfiler):

@@ -178,12 +178,9 @@ def save_error(path: Path, checkpoint: Any, error: OSError, writer: "HashingWrit
     full = error.errno == errno.ENOSPC or (error.errno is None and free is not None and free < needed)
     if not full:
         return CheckpointError(f"Could not write checkpoint {path}: {error.strerror or error}.{kept}")
-    space = (
-        f" The checkpoint needs about {human_bytes(needed)} and {human_bytes(free)} are free on the disk of "
-        f"{path.parent}"
-        if free is not None
-        else f" The checkpoint needs about {human_bytes(needed)}"
-    )
+    space = f" The checkpoint needs about {human_bytes(needed)}"
+    if free is not None:
+        space += f" and {human_bytes(free)} are free on the disk of {path.parent}"
     return CheckpointError(
         f"Could not write checkpoint {path}: the disk is full.{kept}{space}: free some space there (old runs, "
         "or fewer keep_last_n_checkpoints), or set run_dir to another disk."
@@ -285,12 +282,8 @@ def remember_digest(path: Path, digest: str) -> None:
 def file_sha256(path: Path) -> str:
     key = _stat_key(path)
     if key not in _digests:
-        sha = hashlib.sha256()
-        buffer = memoryview(bytearray(8 << 20))
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buffer):
-                sha.update(buffer[:n])
-        remember_digest(path, sha.hexdigest())
+        with open(path, "rb") as f:
+            remember_digest(path, hashlib.file_digest(f, "sha256").hexdigest())
     return _digests[key]
 
 
@@ -427,7 +420,7 @@ def unreadable(path: Path, error: Exception) -> CheckpointError:
     """The error for a checkpoint torch cannot load, saying what to do about it."""
     # torch tries its legacy (non-zip) format on anything that is not a zip file, and with weights_only its
     # unpickler then refuses the first bytes: garbage, not an object of the user's.
-    complete = _is_zip(path)
+    complete = zipfile.is_zipfile(path)  # False also where it cannot be read.
     if complete and isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
         return CheckpointError(
             f"Checkpoint {path} holds an object that torch's safe loading (weights_only=True) refuses. The usual "
@@ -442,13 +435,6 @@ def unreadable(path: Path, error: Exception) -> CheckpointError:
     )
     what = str(error) if complete else "not a complete torch zip file"
     return CheckpointError(f"Checkpoint {path} is corrupt or truncated and cannot be loaded ({what}).{hint}")
-
-
-def _is_zip(path: Path) -> bool:
-    try:
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
 
 
 def task_id(task_cls: type) -> str:

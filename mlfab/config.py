@@ -27,8 +27,6 @@ from mlfab.errors import ConfigError
 
 ConfigT = TypeVar("ConfigT", bound="Config")
 
-HELP_KEY = "help"
-
 
 def field(default: Any = dataclasses.MISSING, *, help: str = "") -> Any:  # noqa: A002
     """A dataclass field with help text (shown by `--help`; optional, as in mlfab 0.2).
@@ -36,7 +34,7 @@ def field(default: Any = dataclasses.MISSING, *, help: str = "") -> Any:  # noqa
     A callable default becomes a default factory; a mutable default (list, dict, set, dataclass) is
     deep-copied for every instance, so two configs never share it.
     """
-    metadata = {HELP_KEY: help}
+    metadata = {"help": help}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=metadata)
     if callable(default):  # Includes classes: `field(ModelConfig, ...)` gives each instance a fresh one.
@@ -47,7 +45,7 @@ def field(default: Any = dataclasses.MISSING, *, help: str = "") -> Any:  # noqa
 
 
 def field_help(f: dataclasses.Field) -> str:
-    return f.metadata.get(HELP_KEY, "")
+    return f.metadata.get("help", "")
 
 
 @dataclass(kw_only=True)
@@ -288,15 +286,15 @@ def rules_for(cls: type) -> dict[str, Rule]:
     own = field_types(cls)
     found: dict[str, Rule] = {}
     for base, rules in RULES.items():
-        if isinstance(cls, type) and issubclass(cls, base):
+        if issubclass(cls, base):
             base_types = field_types(base)
             found.update({k: r for k, r in rules.items() if k in own and own[k] == base_types[k]})
     return found
 
 
-def _rule_problem(cls: type, key: str, value: Any, prefix: str, shown: Any = dataclasses.MISSING) -> str | None:
-    """The problem with `value` for `cls`'s field `key`, if its rule refuses it; the value shown is `shown` (the
-    value as given, before jsonargparse read it) when there is one."""
+def _rule_problem(cls: type, key: str, value: Any, prefix: str, shown: Any) -> str | None:
+    """The problem with `value` for `cls`'s field `key`, if its rule refuses it, showing `shown` (the value as
+    given, before jsonargparse read it)."""
     rule = rules_for(cls).get(key)
     if rule is None:
         return None
@@ -306,20 +304,20 @@ def _rule_problem(cls: type, key: str, value: Any, prefix: str, shown: Any = dat
         ok = False
     if ok:
         return None
-    shown = _plain(value if shown is dataclasses.MISSING else shown)  # A tuple as the list it is typed as.
+    shown = _plain(shown)  # A tuple as the list it is typed as.
     return f"key {prefix + key!r}: must be {rule.must} (got {shown!r})" + (f"; {rule.hint}" if rule.hint else "")
 
 
 def value_problems(config: Any, prefix: str = "", given: Any = None) -> list[str]:
     """Every value of a config instance (nested configs included) outside its rule's range, by dotted key; a value
     found in `given` (the plain data it was built from) is shown as given there."""
-    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+    if not _is_instance(config):
         return []
     given = given if isinstance(given, Mapping) else {}
     problems = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if _is_instance(value):
             problems.extend(value_problems(value, f"{prefix}{f.name}.", given.get(f.name)))
         elif (problem := _rule_problem(type(config), f.name, value, prefix, given.get(f.name, value))) is not None:
             problems.append(problem)
@@ -357,18 +355,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def to_dict(source: Any) -> dict[str, Any]:
     """A dataclass instance, mapping or YAML path as a plain nested dict."""
-    if dataclasses.is_dataclass(source) and not isinstance(source, type):
-        return {f.name: _plain(getattr(source, f.name)) for f in dataclasses.fields(source)}
-    if isinstance(source, Mapping):
-        return {k: _plain(v) for k, v in source.items()}
+    if _is_instance(source) or isinstance(source, Mapping):
+        return _plain(source)
     if isinstance(source, str | Path):
         return load_yaml(source)
     raise ConfigError(f"Cannot use {source!r} as a config: give a Config dataclass, a dict or a YAML file path.")
 
 
+def _is_instance(value: Any) -> bool:
+    """Whether `value` is a dataclass instance (`dataclasses.is_dataclass` is also true of the class)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
 def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_dict(value)
+    if _is_instance(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -391,10 +392,7 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def merge_sources(*sources: Any) -> dict[str, Any]:
     """Dataclasses, dicts and YAML files (of config keys) as one nested dict, later ones winning."""
-    merged: dict[str, Any] = {}
-    for source in sources:
-        merged = merge(merged, to_dict(source))
-    return merged
+    return functools.reduce(merge, map(to_dict, sources), {})
 
 
 def config_to_yaml(config: Any) -> str:
@@ -447,8 +445,10 @@ def config_problems(cls: type, data: Mapping[str, Any], prefix: str = "", rules:
             problems.extend(config_problems(sub, value, prefix=f"{prefix}{key}.", rules=rules))
         elif (why := _type_problem(ftypes[key], value)) is not None:
             problems.append(f"key {prefix + key!r}: {why}")
-        elif rules and (problem := _rule_problem(cls, key, _parsed(ftypes[key], value), prefix, value)) is not None:
-            problems.append(problem)
+        elif rules:  # Checked as jsonargparse reads it (`"1e-3"` -> 0.001, a list -> a tuple), shown as given.
+            parsed = _parser(ftypes[key]).parse_object({"config": value}).config
+            if (problem := _rule_problem(cls, key, parsed, prefix, value)) is not None:
+                problems.append(problem)
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in data:
@@ -484,14 +484,6 @@ def _accepts(tp: Any, value: Any) -> bool:
     except jsonargparse.ArgumentError:
         return False
     return True
-
-
-def _parsed(tp: Any, value: Any) -> Any:
-    """`value` as jsonargparse reads it for `tp` (`"1e-3"` -> 0.001, a list -> a tuple), or as it is."""
-    try:
-        return _parser(tp).parse_object({"config": value}).config
-    except jsonargparse.ArgumentError:
-        return value
 
 
 @functools.cache

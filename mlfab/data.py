@@ -62,12 +62,9 @@ def worker_shard() -> tuple[int, int]:
     return rank * num_workers + worker_id, world * num_workers
 
 
-# The signals a terminal (Ctrl-C), Slurm and Kubernetes send to a whole process group, dataloader workers included.
-GROUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
 def worker_init(worker_id: int) -> None:
-    """The `worker_init_fn` of every mlfab dataloader: the worker leaves the group signals to the main process.
+    """The `worker_init_fn` of every mlfab dataloader: the worker leaves the signals that a terminal (Ctrl-C), Slurm
+    and Kubernetes send to a whole process group (SIGINT, SIGTERM, SIGUSR1) to the main process.
 
     The main process stops at the end of the current step, saves a checkpoint and then stops its workers itself;
     a worker that died of the signal first would make it fail instead ("DataLoader worker ... is killed by signal")
@@ -78,9 +75,8 @@ def worker_init(worker_id: int) -> None:
     """
     if threading.current_thread() is not threading.main_thread():
         return  # Only the main thread may set signal handlers (a worker runs in its own process's main thread).
-    for signum in GROUP_SIGNALS:
-        if signum != signal.SIGTERM:
-            signal.signal(signum, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     # SIGTERM is blocked (in this thread and those started after it) and taken by a thread that can see who sent it.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_sigterm_from_parent_only, name="mlfab-sigterm", daemon=True).start()
@@ -145,13 +141,13 @@ class RepeatedWarning:
 class BadSamples:
     """Counts samples whose loading raised, by exception type and place; stops past `max_in_a_row`."""
 
-    def __init__(self, name: str, max_in_a_row: int | None, summary_every_s: float = 60.0) -> None:
+    def __init__(self, name: str, max_in_a_row: int | None) -> None:
         self.name = name
         self.max_in_a_row = max_in_a_row
         self.total = 0
         self.in_a_row = 0
         self.counts: collections.Counter[str] = collections.Counter()
-        self.warning = RepeatedWarning(f"samples from {name} failed to load", every_s=summary_every_s)
+        self.warning = RepeatedWarning(f"samples from {name} failed to load")
 
     def ok(self) -> None:
         self.in_a_row = 0
@@ -171,8 +167,8 @@ class BadSamples:
             lambda: "most frequent: " + "; ".join(f"{n} x {what}" for what, n in self.counts.most_common(3)),
         )
 
-    def summary(self, top: int = 5) -> str:
-        return "\n".join(f"  {n:6d} x {what}" for what, n in self.counts.most_common(top))
+    def summary(self) -> str:
+        return "\n".join(f"  {n:6d} x {what}" for what, n in self.counts.most_common(5))
 
 
 def _rng_attributes(obj: Any, depth: int = 2) -> dict[str, Any]:
@@ -239,9 +235,8 @@ class DpshdlIterable(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         own = getattr(self.dataset, "state_dict", None)
-        state: dict[str, Any] = {"bad_total": self.bad.total, "bad_counts": dict(self.bad.counts)}
-        gens = _rng_attributes(self.dataset)
-        state["dataset"] = own() if callable(own) else {k: _get_rng(g) for k, g in gens.items()}
+        dataset = own() if callable(own) else {k: _get_rng(g) for k, g in _rng_attributes(self.dataset).items()}
+        state = {"bad_total": self.bad.total, "bad_counts": dict(self.bad.counts), "dataset": dataset}
         if get_worker_info() is not None:  # The main process's global state is saved with the task.
             state["global_rng"] = plain_rng_state(collect_rng_states(include_cuda=False))
         return state

@@ -107,12 +107,7 @@ class MlfabLoader(StatefulDataLoader):
 
     def bad_samples(self) -> int:
         """Samples skipped because loading them raised, over all workers (as last reported)."""
-        return sum(int(state.get("bad_total", 0)) for state in self.dataset_states())
-
-    def dataset_states(self) -> list[dict[str, Any]]:
-        """The dataset state of the main process or of each worker, as last reported."""
-        state = super().state_dict()
-        if "dataset_state" in state:
-            return [state["dataset_state"] or {}]
-        workers = state.get("_snapshot", {}).get("_worker_snapshots", {})
-        return [w.get("dataset_state") or {} for w in workers.values()]
+        state = super().state_dict()  # The main process's dataset state, or each worker's.
+        workers = state.get("_snapshot", {}).get("_worker_snapshots", {}).values()
+        datasets = [state["dataset_state"]] if "dataset_state" in state else [w.get("dataset_state") for w in workers]
+        return sum(int((d or {}).get("bad_total", 0)) for d in datasets)

@@ -79,9 +79,7 @@ class NonFiniteGuard:
         if not values:
             return
         # One number and one device sync per step: the sum is finite when every part is (or it overflowed).
-        total = values[0]
-        for v in values[1:]:
-            total = total + v.to(total.device)
+        total = sum((v.to(values[0].device) for v in values[1:]), values[0])
         if math.isfinite(total.item()) or all(math.isfinite(v.float().sum().item()) for v in values):
             self.in_a_row = 0
             return

@@ -121,11 +121,10 @@ def lightning_optimizers(built: Any, task: str, warmup_steps: int) -> Any:
     the two being silently overridden."""
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.optim.Optimizer):
         built = {"optimizer": built[0], "lr_scheduler": {"scheduler": built[1], "interval": "step"}}
-    if not (isinstance(built, dict) and isinstance(built.get("optimizer"), torch.optim.Optimizer)):
+    optimizer = built.get("optimizer") if isinstance(built, dict) else None
+    if not isinstance(optimizer, torch.optim.Optimizer) or built.get("lr_scheduler") is None:
         return built
-    if built.get("lr_scheduler") is None:
-        return built
-    groups = [g for g in built["optimizer"].param_groups if "base_lr" in g]
+    groups = [g for g in optimizer.param_groups if "base_lr" in g]
     if groups and warmup_steps:
         raise TaskDefinitionError(
             f"{task}.build_optimizer returned a learning-rate scheduler for the default optimizer, whose warmup "

@@ -8,6 +8,7 @@ variable (`run: ${oc.env:RUN_DIR}`, as 0.2 wrote), which reads as empty. A comme
 first time settings are read.
 """
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -67,10 +68,7 @@ def _files() -> list[tuple[Path, dict[str, Any]]]:
 def load_settings() -> dict[str, Any]:
     """Reads the settings afresh each call (they are small), writing the default file if none exists. Values are as
     written: variables are expanded when a directory is read."""
-    settings: dict[str, Any] = {}
-    for _, data in _files():
-        settings = merge(settings, data)
-    return settings
+    return functools.reduce(merge, (data for _, data in _files()), {})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,15 +157,12 @@ def _interpolation(body: str, where: str, text: str) -> str | None:
             "${oc.env:DATA_DIR} or ${oc.env:DATA_DIR,/path/to/data} (quote a default that holds a comma)."
         )
     name = _unquote(args[0]) or args[0]
-    if name in os.environ:
-        return os.environ[name]
-    if len(args) == 1:
-        raise _Unset(name)
-    default = args[1]
-    quoted = _unquote(default)
+    if name in os.environ or len(args) == 1:
+        return _env(name)
+    quoted = _unquote(args[1])
     if quoted is not None:
         return quoted
-    return None if default == "null" else _expand(default, where)
+    return None if args[1] == "null" else _expand(args[1], where)
 
 
 def _env(name: str) -> str:

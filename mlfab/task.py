@@ -11,7 +11,7 @@ import inspect
 import numbers
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Generic
 
@@ -152,7 +152,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         """The number of samples in `batch`, which weighs the scalars logged for it in the mean over a validation
         run (and over a step's accumulated batches): by default the leading dimension of the first tensor or array
         in it (depth first), or 1. Override it where that is not the number of samples."""
-        return leading_dim(batch)
+        return next(_leading_dims(batch), 1)
 
     def get_batch_size(self) -> int:
         """The batch size when the config leaves `batch_size` unset (None), as in mlfab 0.2."""
@@ -279,7 +279,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         `value`: a one-element tensor, a real number (Python's, a numpy scalar or 0-d array) or a torchmetrics Metric;
         anything else is refused with a TypeError."""
         given = value
-        if isinstance(value, NUMPY_VALUES) and np.ndim(value) == 0:  # Lightning refuses 0-d arrays.
+        if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:  # Lightning refuses 0-d arrays.
             value = value.item()
         if not isinstance(value, Tensor | numbers.Real) and not callable(getattr(value, "compute", None)):
             raise TypeError(
@@ -299,10 +299,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     def _loss_total(self, loss: Any, phase: Phase, batch: Any) -> Tensor:
         """The loss to backpropagate; each part is logged under `loss/<name>`."""
-        name = type(self).__name__
-        self._last_losses = parts = loss_parts(
-            per_sample_reduced(loss, lambda: self.get_num_samples(batch), name), name
-        )
+        task = type(self).__name__
+        reduced = per_sample_reduced(loss, lambda: self.get_num_samples(batch), task)
+        self._last_losses = parts = loss_parts(reduced, task)
         buffer = self._log_buffers[phase]
         for name, part in parts.items():
             buffer.add("scalar", f"loss/{name}", part.detach())
@@ -427,10 +426,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def test_dataloader(self) -> DataLoader:
         """The "test" dataset; a task whose `get_dataset` does not handle "test" is tested on "valid". A whole
         test set is used, but of an endless one `valid_batches` batches (unless `limit_test_batches` was set)."""
-        loader = self._dataloader("test")
-        if self._trainer is not None and self.trainer.limit_test_batches == 1.0 and not has_len(loader):
-            self.trainer.limit_test_batches = self.config.valid_batches  # Lightning reads it after this hook.
-        return loader
+        return self._limited_dataloader("test")
 
     @override
     def configure_optimizers(self) -> Any:
@@ -446,21 +442,21 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._num_samples += self.config.batch_size * self.trainer.world_size
         return loss
 
-    @override
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+    def _evaluation_step(self, phase: Phase, batch: Any) -> Tensor | None:
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
             return None
-        self._log_buffers["valid"].weight = max(1, self.get_num_samples(batch))
-        loss = self._loss_total(self.get_loss(batch, self.state("valid")), "valid", batch)
-        self._num_valid_steps += 0 if self.trainer.sanity_checking else 1
+        self._log_buffers[phase].weight = max(1, self.get_num_samples(batch))
+        return self._loss_total(self.get_loss(batch, self.state(phase)), phase, batch)
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        loss = self._evaluation_step("valid", batch)
+        self._num_valid_steps += 0 if batch is None or self.trainer.sanity_checking else 1
         return loss
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        if batch is None:  # As in validation_step.
-            return None
-        self._log_buffers["test"].weight = max(1, self.get_num_samples(batch))
-        return self._loss_total(self.get_loss(batch, self.state("test")), "test", batch)
+        return self._evaluation_step("test", batch)
 
     @override
     def on_test_epoch_end(self) -> None:
@@ -470,14 +466,18 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def predict_dataloader(self) -> DataLoader:
         """The "predict" dataset, else "test", else "valid" (the first that `get_dataset` does not return None for);
         of an endless one `valid_batches` batches, unless `limit_predict_batches` was set."""
-        loader = self._dataloader("predict")
-        if self._trainer is not None and self.trainer.limit_predict_batches == 1.0 and not has_len(loader):
-            self.trainer.limit_predict_batches = self.config.valid_batches  # Lightning reads it after this hook.
+        return self._limited_dataloader("predict")
+
+    def _limited_dataloader(self, phase: str) -> DataLoader:
+        loader = self._dataloader(phase)
+        limit = f"limit_{phase}_batches"
+        if self._trainer is not None and getattr(self.trainer, limit) == 1.0 and not has_len(loader):
+            setattr(self.trainer, limit, self.config.valid_batches)  # Lightning reads it after this hook.
         return loader
 
     @override
     def predict_step(self, batch: Any, batch_idx: int) -> Any:
-        if batch is None:  # It failed to collate: None (see test_step).
+        if batch is None:  # It failed to collate: None (see _evaluation_step).
             return None
         self._log_buffers[PREDICT].weight = max(1, self.get_num_samples(batch))
         return self.get_prediction(batch)
@@ -578,8 +578,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_train_start(self) -> None:
-        cadences = [c for c in self.trainer.callbacks if isinstance(c, ValidationCadence)]  # type: ignore[attr-defined]
-        self._cadence = cadences[0] if cadences else None  # Looked up once, not at every step.
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        self._cadence = next((c for c in callbacks if isinstance(c, ValidationCadence)), None)  # Once, not every step.
         set_optimizer_mode(self.trainer.optimizers, train=True)
         if self._resume_changes:  # After Lightning restored the optimizer state, which holds the old values.
             apply_optimizer_changes(self.trainer.optimizers, self._resume_changes)
@@ -669,10 +669,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 "devices and num_nodes the run was started with, or start a new run."
             )
         changes = config_changes(checkpoint.get("hyper_parameters", {}).get("config", {}), to_dict(self.config))
-        own = type(self).build_optimizer is not Task.build_optimizer
-        check_changes(
-            changes, own or type(self).configure_optimizers is not Task.configure_optimizers, type(self).__name__, path
-        )
+        own = any(getattr(type(self), h) is not getattr(Task, h) for h in ("build_optimizer", "configure_optimizers"))
+        check_changes(changes, own, type(self).__name__, path)
         self._resume_changes = changes
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -690,9 +688,6 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 raise TaskDefinitionError(f"{cls.__name__}.launch: give argv or use_cli, not both.")
             argv = [] if use_cli is False else list(use_cli)
         launch(cls, *configs, launcher=launcher, argv=argv)
-
-
-NUMPY_VALUES = (np.generic, np.ndarray)
 
 
 def per_sample_reduced(loss: Any, batch_samples: Callable[[], int], task: str) -> Any:
@@ -723,22 +718,14 @@ def _takes_model(build_optimizer: Callable[..., Any]) -> bool:
     return bool(params) and params[0].default is inspect.Parameter.empty
 
 
-def leading_dim(batch: Any) -> int:
-    """The leading dimension of the first tensor or array in a batch (depth first through tuples, lists and dicts);
-    1 if there is none."""
-    found = _first_leading_dim(batch)
-    return 1 if found is None else found
-
-
-def _first_leading_dim(batch: Any) -> int | None:
+def _leading_dims(batch: Any) -> Iterator[int]:
+    """The leading dimension of each tensor or array in a batch (1 for a 0-d one), depth first through tuples, lists
+    and dicts."""
     if isinstance(batch, Tensor | np.ndarray):
-        return int(batch.shape[0]) if batch.ndim else 1
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, list | tuple) else ()
-    for item in items:
-        found = _first_leading_dim(item)
-        if found is not None:
-            return found
-    return None
+        yield int(batch.shape[0]) if batch.ndim else 1
+    elif isinstance(batch, Mapping | list | tuple):
+        for item in batch.values() if isinstance(batch, Mapping) else batch:
+            yield from _leading_dims(item)
 
 
 precompute_step_signatures(Task)  # Lightning inspects the step hooks' signatures on every batch.

@@ -3,6 +3,7 @@
 `self.log`, so EarlyStopping and ModelCheckpoint work on them, in a plain Trainer and through `Task.launch`; and
 `validate(ckpt_path=...)` evaluates exactly the weights in the file, also in the Trainer that trained."""
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -459,3 +460,26 @@ def test_config_keys_a_trainer_built_elsewhere_does_not_read_are_named(tmp_path:
             BoringTask(config)
         )  # mlfab's: reads them all.
     assert not [w for w in quiet if "only a Trainer built by mlfab" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"save_every_n_steps": 5, "save_every_n_seconds": 60.0, "diagnostics": False, "async_checkpoints": True}],
+)
+def test_trainer_keys_are_exactly_the_keys_mlfab_trainer_reads(tmp_path: Path, settings: dict[str, Any]) -> None:
+    """`TRAINER_KEYS` (what a user's own Trainer is warned it ignores) is written out by hand: a key the Trainer
+    settings start to read and missing there would be ignored silently by a Trainer built elsewhere."""
+    config = BoringConfig(**settings)
+    fields = {f.name for f in dataclasses.fields(config)}
+    read: set[str] = set()
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            read.add(name)
+            return getattr(config, name)
+
+    recorder: Any = Recording()
+    mlfab.run.trainer.trainer_kwargs(recorder)
+    mlfab.run.trainer.trainer_callbacks(recorder, tmp_path)
+    mlfab.run.trainer.checkpoint_io(recorder)
+    assert read & fields == set(mlfab.run.trainer.TRAINER_KEYS)

@@ -10,6 +10,7 @@ jsonargparse parses and checks every value; the run is mlfab/run/pipeline.py's.
 
 import contextlib
 import difflib
+import functools
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePath
@@ -102,12 +103,8 @@ class MlfabCLI(LightningCLI):
         short_form: bool = False,
         launcher: str | None = None,
     ) -> None:
-        self.task_cls, self.script_config, self.short_form, self.launcher = (
-            task_cls,
-            script_config,
-            short_form,
-            launcher,
-        )
+        self.task_cls, self.script_config = task_cls, script_config
+        self.short_form, self.launcher = short_form, launcher
         self.exit_code, self.args = 0, args
         # --print_config is answered here, after the checkpoint's config is merged, in config.yaml's layout.
         rest = [a for a in args[1:] if a.partition("=")[0] != "--print_config"]
@@ -137,31 +134,26 @@ class MlfabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """`mlfab.field(help=...)` as the help of each `--model.config.*` flag; the script's config as defaults."""
         cls = self.task_cls.config_class()
-        for action in parser._actions:
-            if action.dest.startswith("model.config."):
-                action.help = _field_help(cls, action.dest.split(".")[2:]) or action.help
         defaults = _flatten(cls, self.script_config, "model.config.")
         if defaults:
             parser.set_defaults(defaults)
-            for action in parser._actions:
-                if action.dest in defaults:  # A field the class requires but the script sets.
-                    action.required = False
+        for action in parser._actions:
+            if action.dest.startswith("model.config."):
+                action.help = _field_help(cls, action.dest.split(".")[2:]) or action.help
+            if action.dest in defaults:  # A field the class requires but the script sets.
+                action.required = False
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if any(a in ("-h", "--help") for a in args):
             self._show_current_values([a for a in args if a not in ("-h", "--help")])
         self.config = parser.parse_args(args)
-        sub = self.config.get("subcommand")
-        if sub and self.config[sub].get("ckpt_path") is not None:  # Before Lightning reads it, and before any run.
-            check_ckpt_path(self.config[sub]["ckpt_path"])
-        seed = self.config[self.config.subcommand].get("seed_everything")
+        cfg = self.config[self.config.subcommand]
+        if cfg.get("ckpt_path") is not None:  # Before Lightning reads it, and before any run.
+            check_ckpt_path(cfg["ckpt_path"])
+        seed = cfg.get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:  # Seeded before checks.
-            raise ConfigError(
-                problems_message(
-                    self.task_cls.config_class().__name__,
-                    [f"key 'seed_everything': must be an integer from 0 to {MAX_SEED} (got {seed})"],
-                )
-            )
+            problem = f"key 'seed_everything': must be an integer from 0 to {MAX_SEED} (got {seed})"
+            raise ConfigError(problems_message(self.task_cls.config_class().__name__, [problem]))
         # The same arguments without defaults: what the user gave (flags and --config files), which must win.
         self.given = parser.parse_args(args, defaults=False)
 
@@ -183,7 +175,9 @@ class MlfabCLI(LightningCLI):
         values = {k: v for k, v in given.items() if k.startswith("model.config.")}
         for action in parser._actions:
             if action.dest in values:
-                action.help = f"{action.help} [current: {show(_plain(values[action.dest]))}]"
+                value = values[action.dest]
+                value = value.as_dict() if isinstance(value, jsonargparse.Namespace) else value
+                action.help = f"{action.help} [current: {show(value)}]"
 
     def given_keys(self) -> list[str]:  # Dotted: "model.config.batch_size", "trainer.max_steps", "ckpt_path", ...
         sub = self.config.subcommand
@@ -257,18 +251,14 @@ def _as_list(value: Any) -> list[Any]:
     return [] if value is None or value is False else list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _plain(value: Any) -> Any:
-    return value.as_dict() if isinstance(value, jsonargparse.Namespace) else value
-
-
 def _field_help(cls: Any, parts: list[str]) -> str:
     """The `mlfab.field` help text of the (nested) config field at `parts`."""
     for part in parts[:-1]:
         cls = dataclass_type(field_types(cls).get(part))
         if cls is None:
             return ""
-    found = [f for f in getattr(cls, "__dataclass_fields__", {}).values() if f.name == parts[-1]]
-    return field_help(found[0]) if found else ""
+    found = getattr(cls, "__dataclass_fields__", {}).get(parts[-1])
+    return field_help(found) if found else ""
 
 
 def _flatten(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -321,9 +311,8 @@ def _has_unknown_keys(cls: type, data: dict[str, Any]) -> bool:
 def script_sources(task_cls: type["Task"], configs: Sequence[Any]) -> tuple[dict[str, Any], list[str], list[Any]]:
     """What the script gives `launch`: its dataclasses and dicts merged (the defaults), the arguments that read its
     YAML files, and those files' config values."""
-    files = [c for c in configs if isinstance(c, str | PurePath)]
     script = merge_sources(*(c for c in configs if not isinstance(c, str | PurePath)))
-    read = [config_file_args(task_cls, f) for f in files]
+    read = [config_file_args(task_cls, c) for c in configs if isinstance(c, str | PurePath)]
     return script, [a for args, _ in read for a in args], [values for _, values in read]
 
 
@@ -360,15 +349,14 @@ def _explain(task_cls: type["Task"], configs: Sequence[Any], values: list[dict[s
     """jsonargparse refused the short form's arguments: every problem, by the key as typed, when they are config
     values; else what jsonargparse said."""
     script, _, file_values = script_sources(task_cls, configs)
-    given = script
-    for value in [*file_values, *values]:
-        given = merge(given, value)
-    problems = config_problems(task_cls.config_class(), given)
+    given = functools.reduce(merge, [*file_values, *values], script)
+    config_cls = task_cls.config_class()
+    problems = config_problems(config_cls, given)
     hint = f"See `{command_name()} --help` for what each argument takes."
-    if problems and not config_problems(task_cls.config_class(), given, rules=False):
+    if problems and not config_problems(config_cls, given, rules=False):
         problems.append(f"{said} ({hint})")  # Values out of range, and a refusal they do not explain.
     if problems:
-        return problems_message(task_cls.config_class().__name__, problems)
+        return problems_message(config_cls.__name__, problems)
     return f"{said}\n{hint}"
 
 

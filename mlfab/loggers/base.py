@@ -30,7 +30,7 @@ class MlfabLogger(ABC):
                 f"{type(self).__name__}(log_interval_seconds=...) got phase(s) {', '.join(map(repr, unknown))}; "
                 f"the phases are {', '.join(map(repr, get_args(LogPhase)))} (a number sets 'train' alone)."
             )
-        self.log_interval_seconds = {"train": 0.0, "valid": 0.0, "test": 0.0, "predict": 0.0, **given}
+        self.log_interval_seconds = dict.fromkeys(get_args(LogPhase), 0.0) | given
 
     @abstractmethod
     def write(self, logs: Logs) -> None:

@@ -17,21 +17,10 @@ from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.tensorboard import write_summaries
 from mlfab.loggers.wandb import write_wandb
 from mlfab.logs.buffer import Cadence, LogBuffer, due_loggers
-from mlfab.logs.values import KINDS, Logs
+from mlfab.logs.values import Logs
 from mlfab.state import LogPhase
 
-_warned: set[tuple[str, str]] = set()
-
-
-def _warn_once(logger: Any, kind: str) -> None:
-    key = (type(logger).__name__, kind)
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(
-            f"{type(logger).__name__} cannot show logged {kind} values; they are skipped for this logger. "
-            "Add mlfab.TensorboardLogger or another logger that supports them.",
-            stacklevel=2,
-        )
+_warned: set[tuple[str, str]] = set()  # (logger type, kind) already warned about.
 
 
 def write_logs(logger: Any, logs: Logs, lightnings_own: Container[str] = ()) -> None:
@@ -43,43 +32,36 @@ def write_logs(logger: Any, logs: Logs, lightnings_own: Container[str] = ()) -> 
         scalars = {k: v for k, v in logs.scalars.items() if k not in lightnings_own}
         logs = dataclasses.replace(logs, values={**logs.values, "scalar": scalars})
     prefix = f"{logs.phase}/"
-    if isinstance(logger, TensorBoardLogger):
-        handled = write_summaries(logger.experiment, logs, prefix)
-    elif isinstance(logger, WandbLogger):
-        write_wandb(logger.experiment, logs, prefix)
-        handled = KINDS
-    else:
-        if logs.scalars:
-            logger.log_metrics({prefix + k: v for k, v in logs.scalars.items()}, step=logs.step)
-        handled = ("scalar",)
+    if isinstance(logger, TensorBoardLogger | WandbLogger):  # Their native calls show every kind.
+        (write_summaries if isinstance(logger, TensorBoardLogger) else write_wandb)(logger.experiment, logs, prefix)
+        return
+    if logs.scalars:
+        logger.log_metrics({prefix + k: v for k, v in logs.scalars.items()}, step=logs.step)
     for kind, values in logs.values.items():
-        if values and kind not in handled:
-            _warn_once(logger, kind)
+        if values and kind != "scalar" and (type(logger).__name__, kind) not in _warned:
+            _warned.add((type(logger).__name__, kind))
+            warnings.warn(
+                f"{type(logger).__name__} cannot show logged {kind} values; they are skipped for this logger. "
+                "Add mlfab.TensorboardLogger or another logger that supports them.",
+                stacklevel=1,
+            )
 
 
-def run_info(config_yaml: str, provenance: str, exp_dir: Path) -> dict[str, str]:
-    """The texts every logger gets once per run; the git diff and source come from the provenance folder."""
+def write_run_info(loggers: list[Any], config_yaml: str, provenance: str, exp_dir: Path) -> None:
+    """Once per run: the config and where the run came from, as text wherever a logger can show text; the git diff
+    and source come from the provenance folder."""
     info = {"config": config_yaml, "provenance": provenance}
     prov = exp_dir / "provenance"
     for name, pattern in (("git_diff", "git*.txt"), ("source", "source*/*")):
         records = sorted((p for p in prov.glob(pattern) if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
         if records:  # The most recently written one.
             info[name] = records[-1].read_text()
-    return info
-
-
-def write_run_info(loggers: list[Any], config_yaml: str, provenance: str, exp_dir: Path) -> None:
-    """Once per run: the config and where the run came from, as text wherever a logger can show text."""
-    info = run_info(config_yaml, provenance, exp_dir)
     for logger in loggers:
         if isinstance(logger, MlfabLogger):
             logger.write_run_info(info)
         elif isinstance(logger, TensorBoardLogger):
             for name, text in info.items():
                 logger.experiment.add_text(f"run/{name}", f"```\n{text}\n```", 0)
-
-
-Publish = Callable[[LogPhase, dict[str, float], dict[str, Any]], dict[str, float]]
 
 
 def flush_logs(
@@ -91,7 +73,7 @@ def flush_logs(
     step: int,
     elapsed_time_s: float,
     num_samples: int,
-    publish: Publish | None = None,
+    publish: Callable[[LogPhase, dict[str, float], dict[str, Any]], dict[str, float]],
     lightnings_own: Container[str] = (),
     everywhere: bool = False,
 ) -> None:
@@ -104,9 +86,7 @@ def flush_logs(
     zero, at the steps a logger writes or, with no logger attached, every `log_every_n_steps` steps; `everywhere`
     makes every logger write this training step, whatever its cadence."""
     if phase != "train":
-        means, weights = buffer.scalars(step)
-        if publish is not None:
-            means = publish(phase, means, weights)
+        means = publish(phase, *buffer.scalars(step))  # (means, weights)
         due = (
             due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=trainer.log_every_n_steps)
             if trainer.is_global_zero
@@ -121,9 +101,9 @@ def flush_logs(
         due = due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=every_n_steps)
         if everywhere:  # The last step, or one a validation follows: every logger writes it.
             due = list(trainer.loggers)
-        wanted = publish is not None and not trainer.loggers and step % max(every_n_steps, 1) == 0
+        wanted = not trainer.loggers and step % max(every_n_steps, 1) == 0
         values = buffer.resolve(step) if due else {"scalar": buffer.scalars(step)[0]} if wanted else {}
-        if publish is not None and (due or wanted):
+        if due or wanted:
             publish(phase, values.get("scalar", {}), {})
     buffer.clear()
     if due:

@@ -54,24 +54,21 @@ _MEDIA: dict[str, tuple[str, Callable[[Path, Any], object]]] = {  # kind: (file 
     "histogram": ("npy", lambda path, values: np.save(path, np.asarray(values).ravel())),
     "point_cloud": ("npy", lambda path, cloud: np.save(path, cloud.xyzrgb())),
 }
-_STATS: dict[str, Callable[[np.ndarray], Any]] = {"min": np.min, "max": np.max, "mean": np.mean, "std": np.std}
 
 
 def histogram_summary(values: np.ndarray) -> dict[str, float | int | None]:
     """min / max / mean / std over the finite values (None when there are none); `count` is every value, NaN and
     inf included."""
     kept = finite(values)
-    summary = {name: float(stat(kept)) if kept.size else None for name, stat in _STATS.items()}
+    summary = {stat: float(getattr(kept, stat)()) if kept.size else None for stat in ("min", "max", "mean", "std")}
     return {**summary, "count": int(np.size(values))}
 
 
 def _plain(value: Any) -> Any:
     """json.dumps fallback for hyperparameters: numbers and arrays as numbers, anything else as its str."""
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
-    if hasattr(value, "item") and callable(value.item):  # Scalar tensors.
+    if hasattr(value, "item") and callable(value.item):  # Numpy scalars and scalar tensors.
         try:
             return value.item()
         except (ValueError, RuntimeError):

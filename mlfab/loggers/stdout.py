@@ -75,22 +75,19 @@ class StdoutLogger(PlainLogger):
             parts.append(f"{rate:.1f} steps/s")
         if eta is not None:
             parts.append(f"ETA {eta}")
-        shown = (kv for kv in sorted(logs.scalars.items()) if kv[0] not in self.hidden_tags)
-        parts.extend(f"{tag}={_fmt(v)}" for tag, v in shown)
+        parts.extend(f"{tag}={_fmt(v)}" for tag, v in sorted(logs.scalars.items()) if tag not in self.hidden_tags)
         parts.extend(f"{tag}={text!r}" for tag, text in sorted(logs.of("string").items()))
         return " | ".join(parts)
 
     def write(self, logs: Logs) -> None:
         rate, eta = self._rate(logs) if logs.phase == "train" else (None, None)
         line = self.format(logs, rate, eta)
-        if self.is_tty and logs.phase == "train":
+        live = self.is_tty and logs.phase == "train"
+        if live:
             self.stream.write("\r\033[K" + line)
-            self._live_line = True
-        else:
-            if self._live_line and self.is_tty:
-                self.stream.write("\n")
-            self._live_line = False
-            self.stream.write(line + "\n")
+        else:  # Ends a live training line first.
+            self.stream.write(("\n" if self._live_line and self.is_tty else "") + line + "\n")
+        self._live_line = live
         self.stream.flush()
 
     @override

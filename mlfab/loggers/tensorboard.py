@@ -14,12 +14,12 @@ from typing_extensions import override
 
 from mlfab._lightning import file_writer
 from mlfab.loggers.base import MlfabLogger
-from mlfab.logs.values import KINDS, Logs, finite
+from mlfab.logs.values import Logs, finite
 from mlfab.state import LogPhase
 
 
-def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> tuple[str, ...]:
-    """Writes every kind of `logs` to a torch SummaryWriter; returns the kinds it handled."""
+def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> None:
+    """Writes every kind of `logs` to a torch SummaryWriter."""
     from torch.utils.tensorboard.summary import Summary
 
     step = logs.step
@@ -32,11 +32,10 @@ def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> tuple[str, ...
     for tag, audio in logs.of("audio").items():
         # Our own WAV, not `add_audio`: torch's takes mono only (it asserts a 1-D clip), while TensorBoard's audio
         # summary and its player take any channel count, so stereo stays stereo.
-        frames, channels = audio.samples.shape[0], 1 if audio.samples.ndim == 1 else audio.samples.shape[1]
         clip = Summary.Audio(
             sample_rate=float(audio.sample_rate),
-            num_channels=channels,
-            length_frames=frames,
+            num_channels=1 if audio.samples.ndim == 1 else audio.samples.shape[1],
+            length_frames=audio.samples.shape[0],
             encoded_audio_string=audio.wav,
             content_type="audio/wav",
         )
@@ -53,7 +52,6 @@ def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> tuple[str, ...
         writer.add_mesh(
             prefix + tag, vertices=torch.from_numpy(cloud.points).unsqueeze(0), colors=colors, global_step=step
         )
-    return KINDS
 
 
 class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
@@ -99,6 +97,5 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
     def finalize(self, status: str) -> None:
         super().finalize(status)
         for w in self._phase_writers.values():
-            w.flush()
-            w.close()
+            w.close()  # Flushes first.
         self._phase_writers = {}

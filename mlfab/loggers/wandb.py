@@ -39,12 +39,6 @@ from mlfab.state import LogPhase
 STEP_METRIC = "trainer/global_step"  # The x-axis of every chart; Lightning's WandbLogger uses the same key.
 
 
-def define_step_axis(run: Any) -> None:
-    """Plots every metric of `run` against `trainer/global_step` (what `write_wandb` logs in each row)."""
-    run.define_metric(STEP_METRIC)
-    run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)
-
-
 def _text(value: str) -> Any:
     import wandb
 
@@ -71,7 +65,7 @@ def write_wandb(run: Any, logs: Logs, prefix: str = "") -> None:
     """Writes every kind in `logs` as ONE history row of `run`, each tag as `prefix + tag`.
 
     The row also holds `trainer/global_step` (= `logs.step`), `trainer/num_samples` and
-    `trainer/elapsed_time_s`; call `define_step_axis(run)` once so charts use the step as their x-axis.
+    `trainer/elapsed_time_s`; `WandbLogger` makes the step every chart's x-axis (Lightning's WandbLogger does too).
     """
     import wandb
 
@@ -222,7 +216,8 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
     def _run(self) -> Any:
         run = self.experiment
         if run is not self._axis_run:  # Also for a run passed in as `experiment=`, which Lightning leaves alone.
-            define_step_axis(run)
+            run.define_metric(STEP_METRIC)  # Every metric is plotted against the step `write_wandb` logs in each row.
+            run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)
             self._axis_run = run
         return run
 
@@ -234,8 +229,7 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
     def write_config(self, config_yaml: str) -> None:
         """The config becomes the run's config (filterable columns in W&B) and a file of the run."""
         run = self._run()
-        config = yaml.safe_load(config_yaml)
-        if isinstance(config, dict):
+        if isinstance(config := yaml.safe_load(config_yaml), dict):
             run.config.update(config, allow_val_change=True)
         _save_file(run, "mlfab_config.yaml", config_yaml)
 

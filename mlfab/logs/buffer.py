@@ -54,7 +54,7 @@ class LogBuffer:
     """
 
     def __init__(self, phase: LogPhase | None = None) -> None:
-        self._pending: dict[Kind, dict[str, list[Any]]] = {}  # Scalars: [(value, weight), ...]; others: [value].
+        self._pending: dict[Kind, dict[str, Any]] = {}  # Scalars: {tag: [(value, weight), ...]}; others: {tag: value}.
         self.keep_first = phase in ("valid", "test", PREDICT)
         self.weight = 1  # The weight of the scalars added now: the number of samples in the current batch.
         self.failures: dict[tuple[Kind, str], int] = {}  # Values skipped because they could not be written.
@@ -69,7 +69,7 @@ class LogBuffer:
                 )
             by_tag.setdefault(tag, []).append((value, self.weight))
         elif not (self.keep_first and tag in by_tag):
-            by_tag[tag] = [value]
+            by_tag[tag] = value
 
     def __bool__(self) -> bool:
         return bool(self._pending)
@@ -106,9 +106,9 @@ class LogBuffer:
                 out[kind] = self.scalars(step)[0] if scalars is None else scalars
                 continue
             out[kind] = {}
-            for tag, vals in by_tag.items():
+            for tag, value in by_tag.items():
                 try:
-                    out[kind][tag] = resolve(vals[-1])
+                    out[kind][tag] = resolve(value)
                 except Exception as e:
                     self._skipped(kind, tag, step, e)
         return out

@@ -169,7 +169,7 @@ def video_rates(
             raise ValueError(f"{where}: need a positive length and at least one frame, got {num_frames} in {length} s")
         fps = num_frames / length
     if fps is None:
-        shown = float(target_fps) if target_fps is not None else float(DEFAULT_VIDEO_FPS)
+        shown = float(DEFAULT_VIDEO_FPS if target_fps is None else target_fps)
         return shown, shown
     if fps <= 0:
         raise ValueError(f"{where}: fps must be positive, got {fps}")
@@ -201,8 +201,7 @@ def videos(
         where = f"log_videos({key!r})"
         batch = media.video_batch(resolve(value), where)
         src, shown = video_rates(batch.shape[1], fps, length, target_fps, where)
-        frames = media.make_videos(batch, key, fps=src, target_fps=shown, max_videos=max_videos, sep=sep)
-        return Video(frames, shown)
+        return Video(media.make_videos(batch, key, fps=src, target_fps=shown, max_videos=max_videos, sep=sep), shown)
 
     return make
 
@@ -212,8 +211,6 @@ def histogram(value: Any) -> Maker:
 
 
 def point_cloud(value: Any, key: str, *, max_points: int, colors: Any) -> Maker:
-    def make() -> PointCloud:
-        points, cols = media.subsample_points(resolve(value), key, max_points=max_points, colors=resolve(colors))
-        return PointCloud(points, cols)
-
-    return make
+    return lambda: PointCloud(
+        *media.subsample_points(resolve(value), key, max_points=max_points, colors=resolve(colors))
+    )

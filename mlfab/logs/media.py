@@ -75,8 +75,7 @@ def _to_uint8(arr: np.ndarray, where: str, value_range: ValueRange | None = None
         return np.clip(arr, 0, min(255, np.iinfo(arr.dtype).max)).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
         low, high = float_range(arr) if value_range is None else value_range
-        out = arr.astype(np.float64)
-        out = np.nan_to_num(out, copy=False, nan=low, posinf=high, neginf=low)
+        out = np.nan_to_num(arr.astype(np.float64), copy=False, nan=low, posinf=high, neginf=low)
         out = (out - low) / (high - low)
         return np.rint(np.clip(out, 0.0, 1.0, out=out) * 255.0).astype(np.uint8)
     raise ValueError(f"{where}: cannot turn values of dtype {arr.dtype} into pixels")
@@ -165,7 +164,7 @@ def resize_to_area(img: np.ndarray, target_area: int = DEFAULT_AREA, keep_resolu
 
 
 @lru_cache(maxsize=64)
-def _font(size: int = BASE_FONT_PX) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's built-in font at `size` px (without FreeType, its bitmap font, whose size is fixed)."""
     return ImageFont.load_default(size)
 
@@ -192,7 +191,7 @@ def _text_width(text: str, font_size: int) -> float:
 
 
 @lru_cache(maxsize=1024)
-def _wrap(caption: str, width_px: int, max_line_chars: int | None, font_size: int = BASE_FONT_PX) -> tuple[str, ...]:
+def _wrap(caption: str, width_px: int, max_line_chars: int | None, font_size: int) -> tuple[str, ...]:
     """Greedy word wrap to a pixel width; words wider than a line are broken; explicit newlines are kept."""
 
     def fits(text: str) -> bool:
@@ -246,7 +245,7 @@ def add_caption(
     rows = len(lines) if rows is None else rows
     if 0 < rows < len(lines):
         lines = lines[:rows]
-        lines[-1] = lines[-1][: max(0, len(lines[-1]) - 3)] + "..."
+        lines[-1] = lines[-1][:-3] + "..."
     if rows == 0:
         return img
     strip = Image.new("RGB", (width, caption_height(rows, font_size)), "white")
@@ -268,20 +267,6 @@ def _grid_size(count: int, cols: int, cell_w: int, cell_h: int, sep: int) -> tup
     return cols * (cell_w + sep) - sep, rows * (cell_h + sep) - sep
 
 
-def _card_columns(count: int, cell_w: int, cell_h: int, sep: int) -> int:
-    """The number of columns that shows a grid of `count` cells largest in CARD_SIZE (the fewest, when tied)."""
-    return max(range(1, count + 1), key=lambda cols: (card_scale(*_grid_size(count, cols, cell_w, cell_h, sep)), -cols))
-
-
-def _words_fit(images: list[np.ndarray], labels: list[str], font_size: int) -> bool:
-    """Whether every word of every caption fits on a line under its image (no word is broken) at this size."""
-    return all(
-        _text_width(word, font_size) <= img.shape[1] - 2 * _pad(font_size)
-        for img, label in zip(images, labels, strict=True)
-        for word in label.split()
-    )
-
-
 def caption_layout(
     images: list[np.ndarray], labels: list[str], sep: int = 2, max_line_chars: int | None = None
 ) -> tuple[int, int, int]:
@@ -295,24 +280,28 @@ def caption_layout(
     one whose text the card shows largest, and the captions are read at full size (the card's expand button, or
     its "show actual image size").
     """
+    count = len(images)
     cell_w = max(img.shape[1] for img in images)
     image_h = max(img.shape[0] for img in images)
+    captioned = list(zip(images, labels, strict=True))
 
     @cache
     def layout(size: int) -> tuple[int, int, int, float]:
-        rows = max(
-            caption_rows(img.shape[1], label, max_line_chars, font_size=size)
-            for img, label in zip(images, labels, strict=True)
-        )
+        rows = max(caption_rows(img.shape[1], label, max_line_chars, font_size=size) for img, label in captioned)
         cell_h = image_h + caption_height(rows, size)
-        cols = _card_columns(len(images), cell_w, cell_h, sep)
-        return size, rows, cols, size * card_scale(*_grid_size(len(images), cols, cell_w, cell_h, sep))
+        scales = {cols: card_scale(*_grid_size(count, cols, cell_w, cell_h, sep)) for cols in range(1, count + 1)}
+        cols = max(scales, key=lambda c: (scales[c], -c))  # The grid shown largest in the card; the fewest if tied.
+        return size, rows, cols, size * scales[cols]
 
     def legible(size: int) -> bool:
         return layout(size)[3] >= MIN_CAPTION_PX
 
-    def unbroken(size: int) -> bool:
-        return _words_fit(images, labels, size)
+    def unbroken(size: int) -> bool:  # Every word of every caption fits on a line under its image.
+        return all(
+            _text_width(word, size) <= img.shape[1] - 2 * _pad(size)
+            for img, label in captioned
+            for word in label.split()
+        )
 
     smallest = BASE_FONT_PX
     if legible(smallest) or not unbroken(smallest) or not any(label.strip() for label in labels):
@@ -340,9 +329,9 @@ def tile_images(
     if not images:
         raise ValueError("tile_images: no images to tile")
     cols = min(cols, len(images)) if cols is not None else math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
     cell_h, cell_w = max(img.shape[0] for img in images), max(img.shape[1] for img in images)
-    grid = np.zeros((rows * (cell_h + sep) - sep, cols * (cell_w + sep) - sep, images[0].shape[2]), dtype=np.uint8)
+    width, height = _grid_size(len(images), cols, cell_w, cell_h, sep)
+    grid = np.zeros((height, width, images[0].shape[2]), dtype=np.uint8)
     for i, img in enumerate(images):
         y, x = (i // cols) * (cell_h + sep), (i % cols) * (cell_w + sep)
         grid[y : y + img.shape[0], x : x + img.shape[1]] = img
@@ -458,9 +447,7 @@ def audio_batch(value, where: str) -> list[np.ndarray]:
     if isinstance(value, list | tuple):
         return [audio_channels(clip, where) for clip in value]
     arr = to_numpy(value)
-    if arr.ndim == 3 and arr.shape[1] not in _STEREO and arr.shape[2] in _STEREO:
-        arr = arr.transpose(0, 2, 1)
-    elif arr.ndim not in (2, 3):
+    if arr.ndim not in (2, 3):  # A (T, C) clip is read time-major by `audio_channels`.
         expected = "expected (B, T), (B, C, T) or (B, T, C)"
         raise ValueError(f"{where}: cannot read a batch of audio of shape {tuple(arr.shape)}; {expected}")
     return [audio_channels(clip, where) for clip in arr]
@@ -506,13 +493,12 @@ def _colormap(level: np.ndarray) -> np.ndarray:
 def _stft_magnitude(wave: np.ndarray, n_fft: int, hop: int | None, where: str) -> np.ndarray:
     if n_fft < 2 or (hop is not None and hop < 1):
         raise ValueError(f"{where}: need n_fft >= 2 and hop >= 1, got {n_fft} and {hop}")
-    window = torch.hann_window(n_fft)
     # Zero padding (not reflect) so clips shorter than n_fft work too.
     stft = torch.stft(
         torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)),
         n_fft,
         hop or n_fft // 4,
-        window=window,
+        window=torch.hann_window(n_fft),
         pad_mode="constant",
         return_complex=True,
     )
@@ -702,8 +688,7 @@ def subsample_points(
         pts, cols = pts[:, keep], None if cols is None else cols[:, keep]
     out_colors = None if cols is None else _to_uint8(cols.reshape(-1, 3), where)
     if out_colors is None and len(pts) > 1:
-        cloud_colors = _PALETTE[np.arange(len(pts)) % len(_PALETTE)]
-        out_colors = np.repeat(cloud_colors, pts.shape[1], axis=0)
+        out_colors = np.repeat(_PALETTE[np.arange(len(pts)) % len(_PALETTE)], pts.shape[1], axis=0)
     return pts.reshape(-1, 3).astype(np.float32, copy=False), out_colors
 
 

@@ -38,6 +38,7 @@ before the write; torch's `torch.distributed.checkpoint.async_save` writes a dir
 checksum: so mlfab has this small writer of its own.
 """
 
+import contextlib
 import copy
 import enum
 import os
@@ -176,8 +177,7 @@ class BackgroundCheckpointIO(CheckpointIO):
         """The end of a Trainer call (also after an exception): the background write is finished and its error raised;
         while another exception is on its way out, printed instead."""
         self._staging.release()
-        propagating = sys.exc_info()[1]
-        if propagating is None:
+        if sys.exc_info()[1] is None:
             self.wait()
             return
         self._wait_for_jobs()
@@ -233,9 +233,7 @@ class BackgroundCheckpointIO(CheckpointIO):
                 with self._done:
                     self._error = e
                     self._jobs.clear()  # Nothing after a failed write: not the removal of an older checkpoint.
-                    self._thread = None
-                    self._done.notify_all()
-                return
+                continue  # The writer leaves: no job is left.
             with self._done:
                 self._jobs.popleft()
                 self._done.notify_all()
@@ -253,32 +251,34 @@ class Staging:
     def __init__(self) -> None:
         self._used: list[torch.UntypedStorage] = []  # Those of the last save: free once it was written.
         self._free: dict[int, list[torch.UntypedStorage]] | None = None  # During a save: {size: unused buffers}.
-        self._staged: set[int] = set()  # During a save: the buffers `copy` filled (data pointers), not copied again.
-        self._handed: list[tuple[weakref.ref[torch.Tensor], int]] = []  # What `copy` returned, and its buffer.
+        # The buffers `copy` filled (by data pointer; during a save, not copied again), and the tensor it returned.
+        self._handed: dict[int, weakref.ref[torch.Tensor]] = {}
+
+    def _reusable(self) -> list[torch.UntypedStorage]:
+        """The last save's buffers the next one may overwrite: a tensor `copy` returned for it that is still alive (a
+        callback kept the checkpoint's weights) keeps its buffer, and the next save takes new memory instead."""
+        kept = {ptr for ptr, ref in self._handed.items() if ref() is not None}
+        return [b for b in self._used if b.data_ptr() not in kept]
 
     def begin(self) -> None:
-        # A tensor `copy` returned for an earlier save that is still alive (a callback kept the checkpoint's weights)
-        # keeps its buffer: it is not overwritten, and the next save takes new memory instead.
-        kept = {ptr for ref, ptr in self._handed if ref() is not None}
         self._free = {}
-        for b in self._used:
-            if b.data_ptr() not in kept:
-                self._free.setdefault(b.nbytes(), []).append(b)
-        self._used, self._staged, self._handed = [], set(), []
+        for b in self._reusable():
+            self._free.setdefault(b.nbytes(), []).append(b)
+        self._used, self._handed = [], {}
 
     def finish(self) -> None:
-        self._free, self._staged = None, set()
+        self._free = None
 
     def reusable_bytes(self) -> int:
+        """The bytes of the buffers the copy of the save to come needs not allocate."""
         if self._free is None:
-            return sum(b.nbytes() for b in self._used)
+            return sum(b.nbytes() for b in self._reusable())
         return sum(b.nbytes() for bs in self._free.values() for b in bs) + sum(
-            b.nbytes() for b in self._used if b.data_ptr() in self._staged
+            b.nbytes() for b in self._used if b.data_ptr() in self._handed
         )
 
     def release(self) -> None:
-        self._used, self._handed = [], []
-        self.finish()
+        self._used, self._handed, self._free = [], {}, None
 
     def _buffer(self, nbytes: int) -> torch.UntypedStorage:
         if self._free is None:
@@ -298,17 +298,16 @@ class Staging:
             return t.clone()
         buffer = self._buffer(storage.nbytes())
         as_bytes(buffer).copy_(as_bytes(storage))
-        self._staged.add(buffer.data_ptr())
         out = torch.empty(0, dtype=t.dtype).set_(buffer, 0, t.size(), t.stride())
-        self._handed.append((weakref.ref(out), buffer.data_ptr()))
+        self._handed[buffer.data_ptr()] = weakref.ref(out)
         return out
 
     def snapshot(self, checkpoint: Any) -> Any:
         copies: dict[tuple[str, int, int], torch.UntypedStorage] = {}
 
         def storage_copy(storage: torch.UntypedStorage, device: torch.device) -> torch.UntypedStorage:
-            if device.type == "cpu" and storage.data_ptr() in self._staged:
-                return storage  # Copied for this save already (`copy`).
+            if device.type == "cpu" and self._free is not None and storage.data_ptr() in self._handed:
+                return storage  # Copied for this save already (`copy`; outside a save, `_handed` is the last one's).
             key = (str(device), storage.data_ptr(), storage.nbytes())
             if key not in copies:
                 buffer = self._buffer(storage.nbytes())
@@ -341,15 +340,11 @@ class Staging:
         def copied(obj: Any) -> Any:
             if isinstance(obj, torch.Tensor):
                 return tensor(obj)
-            if type(obj) is dict:
-                return {k: walk(v) for k, v in obj.items()}
-            if type(obj) is list:
-                return [walk(v) for v in obj]
             if type(obj) is tuple:
                 return tuple(walk(v) for v in obj)
             if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # A namedtuple.
                 return type(obj)(*(walk(v) for v in obj))
-            if isinstance(obj, dict | list):  # OrderedDict, Lightning's AttributeDict, defaultdict, ...
+            if isinstance(obj, dict | list):  # Also OrderedDict, Lightning's AttributeDict, defaultdict, ...
                 out = copy.copy(obj)
                 for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
                     out[k] = walk(v)
@@ -370,12 +365,9 @@ def lowest_priority() -> None:
     write uses the CPU time training leaves rather than slowing its steps (most with a training loop that keeps every
     core busy, as on a CPU; it leaves a GPU's training loop most of its core anyway). Elsewhere, or where the system
     refuses, the thread keeps the process's priority: the write is only slower to hide."""
-    if sys.platform != "linux":
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:
-        pass
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def available_memory() -> int | None:

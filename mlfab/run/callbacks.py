@@ -95,11 +95,9 @@ class ValidationCadence(StepFreeCallback):
         self._validated = self._validated or trainer.global_step > 0  # Resumed: the first validation happened.
         if self._owed and trainer.global_step > 0:
             validate_before_next_batch(trainer)
-
-        def should_check_val(lightning_decision: Callable[[Any], bool], data_fetcher: Any) -> bool:
-            return self.validates_now(trainer, data_fetcher)
-
-        self._lightning_decision = wrap_validation_decision(trainer, should_check_val)
+        self._lightning_decision = wrap_validation_decision(
+            trainer, lambda lightning_decision, data_fetcher: self.validates_now(trainer, data_fetcher)
+        )
         self._decided = (-1, False)
 
     def validates_now(self, trainer: pl.Trainer, data_fetcher: Any = None) -> bool:
@@ -209,9 +207,8 @@ class GracefulStop(StepFreeCallback):
         if self.signal_received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_received = signum
-        name = signal.Signals(signum).name
         print(
-            f"\n{name}: stopping after this step and saving a checkpoint"
+            f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
             + (" (Ctrl-C again to abort)." if signum == signal.SIGINT else "."),
             file=sys.stderr,
             flush=True,
@@ -309,6 +306,4 @@ class TrainingEndsOnError(StepFreeCallback):
 def last_training_ends_on_error(callbacks: list[Any]) -> None:
     """Makes a `TrainingEndsOnError` the last of `callbacks` (a Trainer's list, changed in place), and the only one."""
     found = [c for c in callbacks if isinstance(c, TrainingEndsOnError)]
-    for callback in found:
-        callbacks.remove(callback)
-    callbacks.append(found[0] if found else TrainingEndsOnError())
+    callbacks[:] = [c for c in callbacks if c not in found] + [found[0] if found else TrainingEndsOnError()]

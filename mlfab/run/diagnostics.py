@@ -89,11 +89,6 @@ def cpu_peak_rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def gpu_peak_mb(device: torch.device) -> float:
-    """The most memory tensors on a CUDA device have taken in this process, in MiB."""
-    return torch.cuda.max_memory_allocated(device) / 2**20
-
-
 class Diagnostics(StepFreeCallback):
     """Logs the diagnostics of the groups given (see the module's docstring) through an mlfab task's lazy
     `log_scalar`; with any other LightningModule it does nothing."""
@@ -173,8 +168,8 @@ class Diagnostics(StepFreeCallback):
         if "memory" in self.groups:
             if resource is not None:
                 self._values.append(_entry(CPU_PEAK_RSS_MB, cpu_peak_rss_mb))
-            if pl_module.device.type == "cuda":
-                self._values.append(_entry(GPU_PEAK_MB, functools.partial(gpu_peak_mb, pl_module.device)))
+            if (device := pl_module.device).type == "cuda":
+                self._values.append(_entry(GPU_PEAK_MB, lambda: torch.cuda.max_memory_allocated(device) / 2**20))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if "loss_scale" in self.groups and callable(getattr(scaler, "get_scale", None)):
             self._values.append(("loss_scale", scaler.get_scale, "optim"))  # type: ignore[union-attr]

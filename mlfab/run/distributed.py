@@ -76,9 +76,7 @@ def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: s
 
 def broadcast_exp_dir(trainer: Any, exp_dir: Any) -> Any:
     """Rank zero's run directory, on every rank (after the process group exists)."""
-    if trainer.world_size == 1:
-        return exp_dir
-    return trainer.strategy.broadcast(exp_dir, src=0)
+    return exp_dir if trainer.world_size == 1 else trainer.strategy.broadcast(exp_dir, src=0)
 
 
 def _missing_accelerator(accelerator: str, available: list[str]) -> str:

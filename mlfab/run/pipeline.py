@@ -99,36 +99,22 @@ class RunRecords(StepFreeCallback):
     def __init__(self, run: Run, task: "Task", resumed: bool) -> None:
         self.run, self.task, self.resumed, self.written = run, task, resumed, False
 
-    def _write(self, trainer: Any) -> None:
-        if self.written or not self.run.writer:
-            return
-        exp_dir, config_yaml = self.run.exp_dir, config_to_yaml(self.task.config)
-        if not self.run.keeps_config:
-            atomic_write(exp_dir / "config.yaml", self.run.run_file)
+    @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Also `on_validation_start` (`validate`; in `fit` the records were written when training started),
+        `on_test_start`, `on_predict_start` and `on_fit_end` (a relaunch of a finished run trains nothing; it is still
+        a launch): the first of them writes the records."""
         run = self.run
+        if self.written or not run.writer:
+            return
+        exp_dir, config_yaml = run.exp_dir, config_to_yaml(self.task.config)
+        if not run.keeps_config:
+            atomic_write(exp_dir / "config.yaml", run.run_file)
         write_provenance(exp_dir, type(self.task), resumed=self.resumed, config=run.run_file, subcommand=run.subcommand)
         write_run_info(trainer.loggers, config_yaml, provenance_text(exp_dir), exp_dir)
         self.written = True
 
-    @override
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._write(trainer)
-
-    @override
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        self._write(trainer)  # `validate` (in `fit` the records were written when training started).
-
-    @override
-    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
-        self._write(trainer)
-
-    @override
-    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
-        self._write(trainer)
-
-    @override
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self._write(trainer)  # A relaunch of a finished run trains nothing; it is still a launch.
+    on_validation_start = on_test_start = on_predict_start = on_fit_end = on_train_start
 
 
 def submit_to_slurm(task_cls: type, config: Config, args: list[str]) -> None:

@@ -62,10 +62,8 @@ def git_info(path: str | Path) -> dict[str, Any] | None:
         if diff.returncode != 0 or untracked.returncode != 0:
             info["error"] = (diff.stderr + untracked.stderr).strip()
         names = [n for n in untracked.stdout.split("\0") if n]
-        text = diff.stdout
-        if names:
-            text += "\n# Untracked files:\n" + "".join(f"#   {n}\n" for n in names)
-        info["diff"] = text
+        listed = "\n# Untracked files:\n" + "".join(f"#   {n}\n" for n in names) if names else ""
+        info["diff"] = diff.stdout + listed
         info["dirty"] = bool(diff.stdout.strip() or names)
     except (OSError, subprocess.SubprocessError) as e:
         info["error"] = f"{type(e).__name__}: {e}"
@@ -144,9 +142,10 @@ def _read_launches(path: Path, move_aside: bool) -> list[Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else []
     except (yaml.YAMLError, UnicodeDecodeError):
         data = None
-    if isinstance(data, list) or not move_aside:
-        return data if isinstance(data, list) else []
-    os.replace(path, path.with_name(f"launches.corrupt.{datetime.now(UTC):%Y%m%dT%H%M%S%f}.yaml"))
+    if isinstance(data, list):
+        return data
+    if move_aside:
+        os.replace(path, path.with_name(f"launches.corrupt.{datetime.now(UTC):%Y%m%dT%H%M%S%f}.yaml"))
     return []
 
 

@@ -47,22 +47,14 @@ HARMLESS_WARNINGS = (
 SUMMARY_LOGGER = "lightning.pytorch.callbacks.model_summary"  # Where Lightning's ModelSummary logs the table.
 
 
-class _DropLines(logging.Filter):
-    @override
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(pattern.match(message) for pattern in DROPPED_LINES)
-
-
-_DROP_LINES = _DropLines()
+def _drop_lines(record: logging.LogRecord) -> bool:
+    return not any(pattern.match(record.getMessage()) for pattern in DROPPED_LINES)
 
 
 def install_quiet_start() -> None:
     """Installs the filters in this process; installing them again changes nothing."""
     for name in RANK_ZERO_LOGGERS:
-        logger = logging.getLogger(name)
-        if _DROP_LINES not in logger.filters:
-            logger.addFilter(_DROP_LINES)
+        logging.getLogger(name).addFilter(_drop_lines)  # Not twice: `addFilter` skips a filter it has.
     for message, category, module in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)  # Replaces a twin.
 

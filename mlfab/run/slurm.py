@@ -66,9 +66,7 @@ def cluster_environment() -> Any:
     """The Trainer plugin for a Slurm job: Lightning's `SLURMEnvironment` without its own SIGUSR1 handler (which
     saves a checkpoint from inside the handler and requeues); mlfab's `GracefulStop` does both at a step boundary.
     None where Lightning would not pick `SLURMEnvironment` (torchrun inside Slurm keeps its own environment)."""
-    if not _lightning_sees_slurm():
-        return None
-    if TorchElasticEnvironment.detect():
+    if not _lightning_sees_slurm() or TorchElasticEnvironment.detect():
         return None
     return SLURMEnvironment(auto_requeue=False)
 
@@ -192,24 +190,18 @@ def requeue(global_rank: int = 0) -> bool:
     try:
         proc = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
-        log.warning(
-            "Requeueing Slurm job %s failed (%s); training goes on. Relaunch with the same exp_dir to "
-            "resume from the last checkpoint.",
-            jid,
-            e,
-        )
-        return False
-    if proc.returncode != 0:
-        log.warning(
-            "Requeueing Slurm job %s failed: `scontrol requeue %s` exited with status %d: %s; training "
-            "goes on. Relaunch with the same exp_dir to resume from the last checkpoint.",
-            jid,
-            jid,
-            proc.returncode,
-            proc.stderr.strip(),
-        )
-        return False
-    return True
+        failure = f" ({e})"
+    else:
+        if proc.returncode == 0:
+            return True
+        failure = f": `scontrol requeue {jid}` exited with status {proc.returncode}: {proc.stderr.strip()}"
+    log.warning(
+        "Requeueing Slurm job %s failed%s; training goes on. Relaunch with the same exp_dir to resume from the last "
+        "checkpoint.",
+        jid,
+        failure,
+    )
+    return False
 
 
 def after_signal_checkpoint(global_rank: int) -> bool:

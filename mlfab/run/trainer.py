@@ -31,23 +31,21 @@ NEVER = 2**62
 
 
 def resolve_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+    if precision == "auto":
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    return precision
+
+
+# The config keys only a Trainer built by mlfab reads (`trainer_kwargs`, `trainer_callbacks`, `checkpoint_io`);
+# tests/test_cadence_and_hardware.py checks that these are exactly the keys those functions read.
+TRAINER_KEYS = (
+    "max_steps", "batches_per_step", "clip_grad_norm", "valid_every_n_steps", "valid_every_n_seconds",
+    "valid_first_n_seconds", "valid_batches", "save_every_n_steps", "save_every_n_seconds", "keep_last_n_checkpoints",
+    "async_checkpoints", "diagnostics", "accelerator", "devices", "num_nodes", "strategy", "precision",
+)  # fmt: skip
 
 
 PERIODIC_PREFIXES = {"save_every_n_steps": "step_", "save_every_n_seconds": "time_step_"}
-
-
-def kept_checkpoints(config: Config) -> dict[str, int]:
-    """{file name prefix: N}: the newest N periodic checkpoints of each cadence are kept, counted over the files in
-    the directory (AtomicCheckpointIO), so that a relaunch honours keep_last_n_checkpoints too."""
-    n = config.keep_last_n_checkpoints
-    return {prefix: n for key, prefix in PERIODIC_PREFIXES.items() if getattr(config, key) and n > 0}
-
-
 PERIODIC_NAME = periodic_name(*PERIODIC_PREFIXES.values())
 
 
@@ -58,8 +56,13 @@ def is_periodic(path: Path) -> bool:
 
 def checkpoint_io(config: Config) -> AtomicCheckpointIO | BackgroundCheckpointIO:
     """The Trainer's checkpoint IO: atomic writes with a checksum, keep_last pruning, and with `async_checkpoints` the
-    periodic checkpoints written in a background thread (mlfab/run/async_save.py)."""
-    atomic = AtomicCheckpointIO(kept_checkpoints(config))
+    periodic checkpoints written in a background thread (mlfab/run/async_save.py). The newest N periodic checkpoints
+    of each cadence are kept, counted over the files in the directory, so that a relaunch honours
+    keep_last_n_checkpoints too."""
+    n = config.keep_last_n_checkpoints
+    atomic = AtomicCheckpointIO(
+        {prefix: n for key, prefix in PERIODIC_PREFIXES.items() if getattr(config, key) and n > 0}
+    )
     return BackgroundCheckpointIO(atomic, background=is_periodic) if config.async_checkpoints else atomic
 
 
@@ -67,17 +70,22 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     """mlfab's callbacks for a config: validation cadence, Ctrl-C, periodic and final checkpoints, the model
     summary shown after mlfab's header, the diagnostics (mlfab/run/diagnostics.py) and `on_training_end` on errors."""
     ckpt_dir = exp_dir / "checkpoints"
-    periodic: dict[str, Any] = {
-        "monitor": "step",
-        "mode": "max",
-        "save_top_k": config.keep_last_n_checkpoints,
-        "dirpath": ckpt_dir,
-        "auto_insert_metric_name": False,
-        # A name that exists is a checkpoint of the same step from before a resume (from an older checkpoint, or
-        # one written past the one resumed from): overwrite it rather than add `-v1`. (The `-v1` every resume
-        # wrote came from saves mid-accumulation, which PeriodicCheckpoint no longer makes.)
-        "enable_version_counter": False,
-    }
+
+    def periodic(key: str, **cadence: Any) -> PeriodicCheckpoint:
+        return PeriodicCheckpoint(
+            filename=PERIODIC_PREFIXES[key] + "{step:08.0f}",
+            monitor="step",
+            mode="max",
+            save_top_k=config.keep_last_n_checkpoints,
+            dirpath=ckpt_dir,
+            auto_insert_metric_name=False,
+            # A name that exists is a checkpoint of the same step from before a resume (from an older checkpoint, or
+            # one written past the one resumed from): overwrite it rather than add `-v1`. (The `-v1` every resume
+            # wrote came from saves mid-accumulation, which PeriodicCheckpoint no longer makes.)
+            enable_version_counter=False,
+            **cadence,
+        )
+
     callbacks: list[Any] = [
         ValidationCadence(config.valid_every_n_seconds, config.valid_first_n_seconds),
         GracefulStop(),
@@ -86,34 +94,15 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
     if config.diagnostics:
         callbacks.append(Diagnostics(config.diagnostics))
     if config.save_every_n_steps:
-        callbacks.append(
-            PeriodicCheckpoint(
-                filename=PERIODIC_PREFIXES["save_every_n_steps"] + "{step:08.0f}",
-                every_n_train_steps=config.save_every_n_steps,
-                **periodic,
-            )
-        )
+        callbacks.append(periodic("save_every_n_steps", every_n_train_steps=config.save_every_n_steps))
     if config.save_every_n_seconds:
-        callbacks.append(
-            PeriodicCheckpoint(
-                filename=PERIODIC_PREFIXES["save_every_n_seconds"] + "{step:08.0f}",
-                train_time_interval=timedelta(seconds=config.save_every_n_seconds),
-                **periodic,
-            )
-        )
+        seconds = timedelta(seconds=config.save_every_n_seconds)
+        callbacks.append(periodic("save_every_n_seconds", train_time_interval=seconds))
     callbacks.append(FinalCheckpoint(ckpt_dir / "last.ckpt"))
     # `on_training_end` after an exception; `Task.setup` moves it to the end of the Trainer's callbacks (and adds one
     # to any Trainer that has none), this one is there even for a task whose `setup` does not call super's.
     callbacks.append(TrainingEndsOnError())
     return callbacks
-
-
-# The config keys only a Trainer built by mlfab reads (`trainer_kwargs`, `trainer_callbacks`, `checkpoint_io`).
-TRAINER_KEYS = (
-    "max_steps", "batches_per_step", "clip_grad_norm", "valid_every_n_steps", "valid_every_n_seconds",
-    "valid_first_n_seconds", "valid_batches", "save_every_n_steps", "save_every_n_seconds", "keep_last_n_checkpoints",
-    "async_checkpoints", "diagnostics", "accelerator", "devices", "num_nodes", "strategy", "precision",
-)  # fmt: skip
 
 
 def built_by_mlfab(trainer: pl.Trainer) -> bool:
