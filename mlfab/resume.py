@@ -69,10 +69,12 @@ def apply_optimizer_changes(optimizers: Iterable[torch.optim.Optimizer], changes
             for group in opt.param_groups:
                 if name == "weight_decay" and not group.get("decay", True):
                     continue  # Biases, norms and embeddings never decay.
-                if name not in group:  # Written before mlfab did the warmup itself: schedule-free AdamW's keys.
-                    name = {"base_lr": "lr", "linear_warmup_steps": "warmup_steps"}.get(name, name)
-                if name in group:
-                    group[name] = tuple(new) if name == "betas" else new
+                # A group written before mlfab did the warmup itself holds schedule-free AdamW's own keys.
+                own = (
+                    name if name in group else {"base_lr": "lr", "linear_warmup_steps": "warmup_steps"}.get(name, name)
+                )
+                if own in group:
+                    group[own] = tuple(new) if own == "betas" else new
 
 
 def describe(changes: Mapping[str, tuple[Any, Any]]) -> str:

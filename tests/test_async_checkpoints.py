@@ -156,6 +156,23 @@ def test_copies_made_for_a_save_are_written_as_they_are_and_their_memory_serves_
 
 
 @pytest.mark.unit
+def test_staging_counts_only_buffers_the_next_save_may_reuse_and_clones_what_it_cannot_stage() -> None:
+    """The memory check before a background save counts the buffers it will reuse: not one whose copy a callback
+    still holds. Tensors without plain strided storage (sparse) are cloned, not staged."""
+    staging = async_save.Staging()
+    weight = torch.randn(40, 30)
+    kept = staging.copy(weight)
+    sparse = torch.eye(4).to_sparse()
+    cloned = staging.copy(sparse)
+    assert torch.equal(cloned.to_dense(), sparse.to_dense()) and cloned.layout == torch.sparse_coo
+    assert staging.reusable_bytes() == weight.nbytes  # During the save: the staged copy is this save's.
+    staging.finish()
+    assert staging.reusable_bytes() == 0  # Its copy is still alive: the next save takes new memory.
+    del kept
+    assert staging.reusable_bytes() == weight.nbytes
+
+
+@pytest.mark.unit
 def test_a_save_waits_for_the_write_before_it_and_other_saves_are_synchronous(tmp_path: Path) -> None:
     io = periodic_io()
     release = held(io)

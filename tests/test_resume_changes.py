@@ -127,3 +127,18 @@ def test_each_launch_keeps_its_settings_in_the_history(tmp_path: Path) -> None:
     records = [exp / "provenance" / entry["config_record"] for entry in launches]
     assert [yaml.safe_load(r.read_text())["model"]["config"]["learning_rate"] for r in records] == [0.05, 0.5]
     assert records[1].read_text() == (exp / "config.yaml").read_text()
+
+
+def test_a_changed_learning_rate_reaches_old_and_new_parameter_groups_alike() -> None:
+    """Groups saved before mlfab did the warmup itself hold schedule-free's `lr`; newer ones `base_lr` (their `lr` is
+    recomputed every step). One of each, in either order: each gets the new value under its own key."""
+    from mlfab.resume import apply_optimizer_changes
+
+    for old_first in (True, False):
+        params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+        opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+        old, new = opt.param_groups if old_first else opt.param_groups[::-1]
+        new["base_lr"] = 0.1
+        apply_optimizer_changes([opt], {"learning_rate": (0.1, 0.5)})
+        assert old["lr"] == 0.5
+        assert new["base_lr"] == 0.5 and new["lr"] == 0.1

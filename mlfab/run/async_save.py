@@ -292,9 +292,10 @@ class Staging:
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         """`t.detach().clone()`, into one of this save's buffers where `t` fills its storage (a parameter's)."""
         t = t.detach()
+        if type(t) is not torch.Tensor or t.layout != torch.strided or t.is_conj() or t.is_neg():
+            return t.clone()  # (Sparse tensors have no untyped storage.)
         storage = t.untyped_storage()
-        whole = t.layout == torch.strided and t.storage_offset() == 0 and t.is_contiguous()
-        if type(t) is not torch.Tensor or not whole or t.nbytes != storage.nbytes() or t.is_conj() or t.is_neg():
+        if t.storage_offset() != 0 or not t.is_contiguous() or t.nbytes != storage.nbytes():
             return t.clone()
         buffer = self._buffer(storage.nbytes())
         as_bytes(buffer).copy_(as_bytes(storage))
