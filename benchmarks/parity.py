@@ -363,7 +363,7 @@ def train_lightning(
     if kind == "bare":  # Lightning's own mode for measuring its overhead: no logging, checkpoints, summary, ...
         trainer = pl.Trainer(max_steps=warmup + steps, barebones=True, callbacks=[timer], **ON_CPU)
     elif kind.startswith("lean"):  # Barebones has no profiler argument: the same settings, given one by one.
-        from mlfab.run.trainer import no_profiler
+        from mlfab._lightning import no_profiler
 
         trainer = pl.Trainer(
             max_steps=warmup + steps,
