@@ -13,11 +13,13 @@ purpose, the method's docstring says so and why. Normalisation, as in 0.2:
   Stereo stays stereo (TensorBoard, W&B and the JSON logger's WAV files all keep both channels).
 """
 
+import functools
 from typing import Any, Literal
 
-from mlfab.logs import convert as lv
-from mlfab.logs.media import check_channel_mode
-from mlfab.logs.values import resolve
+import numpy as np
+
+from mlfab.logs import media
+from mlfab.logs.values import Audio, PointCloud, Video, resolve
 
 ChannelSelectMode = Literal["first", "last", "mean"]
 
@@ -49,7 +51,9 @@ class LogMethods:
                 its aspect ratio (0.2: about 512 x 512; mlfab's size already fills TensorBoard's image card,
                 350 x 215, and takes a quarter of the bytes).
         """
-        self._log("image", key, lv.image(value, key, keep_resolution=keep_resolution), namespace)
+        self._log(
+            "image", key, lambda: media.make_image(resolve(value), key, keep_resolution=keep_resolution), namespace
+        )
 
     def log_labeled_image(
         self,
@@ -70,10 +74,19 @@ class LogMethods:
             keep_resolution: As in `log_image`.
             centered: Center each caption line under the image (0.2's default); False aligns it to the left.
         """
-        maker = lv.labeled_image(
-            value, key, keep_resolution=keep_resolution, max_line_length=max_line_length, centered=centered
-        )
-        self._log("image", key, maker, namespace)
+
+        def make() -> np.ndarray:
+            img, label = resolve(value)
+            return media.make_image(
+                img,
+                key,
+                label=str(label),
+                keep_resolution=keep_resolution,
+                max_line_chars=max_line_length,
+                centered=centered,
+            )
+
+        self._log("image", key, make, namespace)
 
     def log_images(
         self,
@@ -94,8 +107,13 @@ class LogMethods:
                 choice: 4 of 10 are 0, 3, 6 and 9).
             sep: Black pixels between adjacent images.
         """
-        maker = lv.images(value, key, max_images=max_images, sep=sep, keep_resolution=keep_resolution)
-        self._log("image", key, maker, namespace)
+
+        def make() -> np.ndarray:
+            return media.make_images(
+                resolve(value), key, max_images=max_images, sep=sep, keep_resolution=keep_resolution
+            )
+
+        self._log("image", key, make, namespace)
 
     def log_labeled_images(
         self,
@@ -117,16 +135,21 @@ class LogMethods:
             max_line_length, centered: As in `log_labeled_image`.
             keep_resolution, max_images, sep: As in `log_images`; the labels follow their images.
         """
-        maker = lv.labeled_images(
-            value,
-            key,
-            max_images=max_images,
-            sep=sep,
-            keep_resolution=keep_resolution,
-            max_line_length=max_line_length,
-            centered=centered,
-        )
-        self._log("image", key, maker, namespace)
+
+        def make() -> np.ndarray:
+            imgs, labels = resolve(value)
+            return media.make_images(
+                imgs,
+                key,
+                labels=[str(x) for x in labels],
+                max_images=max_images,
+                sep=sep,
+                keep_resolution=keep_resolution,
+                max_line_chars=max_line_length,
+                centered=centered,
+            )
+
+        self._log("image", key, make, namespace)
 
     def log_audio(
         self,
@@ -150,9 +173,9 @@ class LogMethods:
             n_fft_ms, hop_length_ms, channel_select_mode, keep_resolution: For the spectrogram, as in
                 `log_spectrogram`.
         """
-        check_channel_mode(channel_select_mode, f"log_audio({key!r})")
-        value = lv.once(value)
-        self._log("audio", key, lv.audio(value, key, sample_rate=sample_rate), namespace)
+        media.check_channel_mode(channel_select_mode, f"log_audio({key!r})")
+        value = _once(value)
+        self._log("audio", key, lambda: Audio(media.normalize_audio(value(), key), sample_rate), namespace)
         if log_spec:
             self.log_spectrogram(
                 f"{key}_spec",
@@ -194,10 +217,14 @@ class LogMethods:
             n_fft_ms, hop_length_ms, channel_select_mode, spec_sep, keep_resolution: For the spectrograms, as in
                 `log_spectrograms`.
         """
-        check_channel_mode(channel_select_mode, f"log_audios({key!r})")
-        value = lv.once(value)
-        maker = lv.audios(value, key, sample_rate=sample_rate, max_audios=max_audios, sep_ms=sep_ms)
-        self._log("audio", key, maker, namespace)
+        media.check_channel_mode(channel_select_mode, f"log_audios({key!r})")
+        value = _once(value)
+
+        def make() -> Audio:
+            clips = media.peak_normalize(_audio_clips(value, f"log_audios({key!r})", max_audios))
+            return Audio(media.join_audio(clips, round(sep_ms * sample_rate / 1000)), sample_rate)
+
+        self._log("audio", key, make, namespace)
         if log_spec:
             self.log_spectrograms(
                 f"{key}_spec",
@@ -241,17 +268,21 @@ class LogMethods:
             keep_resolution: Keep one pixel per frame and frequency bin; by default the picture is resized like an
                 image (`log_image`).
         """
-        check_channel_mode(channel_select_mode, f"log_spectrogram({key!r})")
-        maker = lv.spectrogram(
-            value,
-            key,
-            sample_rate=sample_rate,
-            n_fft_ms=n_fft_ms,
-            hop_length_ms=hop_length_ms,
-            channel_select_mode=channel_select_mode,
-            keep_resolution=keep_resolution,
-        )
-        self._log("image", key, maker, namespace)
+        media.check_channel_mode(channel_select_mode, f"log_spectrogram({key!r})")
+
+        def make() -> np.ndarray:
+            n_fft, hop = _stft_sizes(sample_rate, n_fft_ms, hop_length_ms)
+            picture = media.make_spectrogram(
+                resolve(value),
+                key,
+                sample_rate=sample_rate,
+                n_fft=n_fft,
+                hop=hop,
+                channel_select_mode=channel_select_mode,
+            )
+            return media.resize_to_area(picture, keep_resolution=keep_resolution)
+
+        self._log("image", key, make, namespace)
 
     def log_spectrograms(
         self,
@@ -275,19 +306,26 @@ class LogMethods:
             spec_sep: Black pixels between adjacent spectrograms.
             sample_rate, n_fft_ms, hop_length_ms, channel_select_mode, keep_resolution: As in `log_spectrogram`.
         """
-        check_channel_mode(channel_select_mode, f"log_spectrograms({key!r})")
-        maker = lv.spectrograms(
-            value,
-            key,
-            sample_rate=sample_rate,
-            max_audios=max_audios,
-            n_fft_ms=n_fft_ms,
-            hop_length_ms=hop_length_ms,
-            channel_select_mode=channel_select_mode,
-            spec_sep=spec_sep,
-            keep_resolution=keep_resolution,
-        )
-        self._log("image", key, maker, namespace)
+        media.check_channel_mode(channel_select_mode, f"log_spectrograms({key!r})")
+
+        def make() -> np.ndarray:
+            where = f"log_spectrograms({key!r})"
+            clips = _audio_clips(value, where, max_audios)
+            n_fft, hop = _stft_sizes(sample_rate, n_fft_ms, hop_length_ms)
+            pictures = media.make_spectrograms(
+                clips,
+                key,
+                sample_rate=sample_rate,
+                n_fft=n_fft,
+                hop=hop,
+                channel_select_mode=channel_select_mode,
+                where=where,
+            )
+            return media.tile_images(
+                [media.resize_to_area(p, keep_resolution=keep_resolution) for p in pictures], spec_sep
+            )
+
+        self._log("image", key, make, namespace)
 
     def log_video(
         self,
@@ -311,7 +349,13 @@ class LogMethods:
                 one is shown at its own rate (0.2 repeated its frames up to 12 fps: the same playback, more
                 frames). None never drops frames.
         """
-        self._log("video", key, lv.video(value, key, fps=fps, length=length, target_fps=target_fps), namespace)
+
+        def make() -> Video:
+            frames = media.to_numpy(resolve(value))
+            src, shown = video_rates(len(frames) if frames.ndim else 0, fps, length, target_fps, f"log_video({key!r})")
+            return Video(media.make_video(frames, key, fps=src, target_fps=shown), shown)
+
+        self._log("video", key, make, namespace)
 
     def log_videos(
         self,
@@ -336,13 +380,21 @@ class LogMethods:
             fps, length, target_fps: As in `log_video` (0.2 resampled the batch axis instead of time here when
                 given a tensor; mlfab resamples time).
         """
-        maker = lv.videos(value, key, fps=fps, length=length, target_fps=target_fps, max_videos=max_videos, sep=sep)
-        self._log("video", key, maker, namespace)
+
+        def make() -> Video:
+            where = f"log_videos({key!r})"
+            batch = media.video_batch(resolve(value), where)
+            src, shown = video_rates(batch.shape[1], fps, length, target_fps, where)
+            return Video(
+                media.make_videos(batch, key, fps=src, target_fps=shown, max_videos=max_videos, sep=sep), shown
+            )
+
+        self._log("video", key, make, namespace)
 
     def log_histogram(self, key: str, value: Any, *, namespace: str | None = None) -> None:
         """The distribution of a tensor's values (e.g. weights or activations), any shape; NaN and inf are left out
         of the bins."""
-        self._log("histogram", key, lv.histogram(value), namespace)
+        self._log("histogram", key, lambda: media.to_numpy(resolve(value)).astype(np.float64).reshape(-1), namespace)
 
     def log_point_cloud(
         self,
@@ -360,4 +412,57 @@ class LogMethods:
             colors: A color per point, the points' shape; floats in [0, 1] or [0, 255], or uint8. Without colors,
                 each cloud of a batch gets its own color.
         """
-        self._log("point_cloud", key, lv.point_cloud(value, key, max_points=max_points, colors=colors), namespace)
+
+        def make() -> PointCloud:
+            points, cloud_colors = media.subsample_points(
+                resolve(value), key, max_points=max_points, colors=resolve(colors)
+            )
+            return PointCloud(points, cloud_colors)
+
+        self._log("point_cloud", key, make, namespace)
+
+
+DEFAULT_VIDEO_FPS = 12  # mlfab 0.2's TARGET_FPS: the rate videos are shown at.
+
+
+def _audio_clips(value: Any, where: str, max_audios: int | None) -> list[np.ndarray]:
+    """The clips of a batch as (C, T), `max_audios` of them spread evenly over it (0.2's choice)."""
+    clips = media.audio_batch(resolve(value), where)
+    if not clips:
+        raise ValueError(f"{where}: the batch is empty")
+    if max_audios is not None and max_audios < 1:
+        raise ValueError(f"{where}: max_audios must be at least 1, got {max_audios}")
+    return [clips[i] for i in media.evenly_spaced(len(clips), max_audios)]
+
+
+def _stft_sizes(sample_rate: int, n_fft_ms: float, hop_length_ms: float | None) -> tuple[int, int | None]:
+    n_fft = media.stft_frames(n_fft_ms, sample_rate)
+    return n_fft, None if hop_length_ms is None else media.stft_frames(hop_length_ms, sample_rate)
+
+
+def video_rates(
+    num_frames: int, fps: float | None, length: float | None, target_fps: float | None, where: str
+) -> tuple[float, float]:
+    """(the rate the frames were recorded at, the rate they are shown at) for `log_video(s)`.
+
+    Without `fps` or `length` the frames have no known rate: every one is shown, at `target_fps` (12 by default,
+    0.2's rate). `fps`, or else `length` (the clip's duration in seconds: fps = frames / length), gives it: a
+    clip faster than `target_fps` is resampled down to it by nearest timestamp, a slower one is shown at its own
+    rate. `target_fps=None` never resamples.
+    """
+    if fps is None and length is not None:
+        if length <= 0 or num_frames < 1:
+            raise ValueError(f"{where}: need a positive length and at least one frame, got {num_frames} in {length} s")
+        fps = num_frames / length
+    if fps is None:
+        shown = float(DEFAULT_VIDEO_FPS if target_fps is None else target_fps)
+        return shown, shown
+    if fps <= 0:
+        raise ValueError(f"{where}: fps must be positive, got {fps}")
+    return float(fps), float(fps) if target_fps is None or fps <= target_fps else float(target_fps)
+
+
+def _once(value: Any) -> Any:
+    """A callable returning `value` (called, if it is a callable) and remembering the result: the audio and its
+    spectrogram resolve a user's callable once."""
+    return functools.cache(lambda: resolve(value))
