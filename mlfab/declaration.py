@@ -8,6 +8,7 @@ of its own gets one whose annotation names its config, because jsonargparse read
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any, get_args, get_origin
 
@@ -92,9 +93,25 @@ def prepare_subclass(cls: type, task_base: type) -> None:
         if config_cls is None:
             return
         init = _next_init(cls, config_cls)
-    elif config_cls is not None and _needs_annotation(init, config_cls):
-        init.__annotations__["config"] = config_cls  # `def __init__(self, config)`: what jsonargparse must read.
+    elif config_cls is not None:
+        _check_config_parameter(cls, init, config_cls)
+        if _needs_annotation(init, config_cls):
+            init.__annotations__["config"] = config_cls  # `def __init__(self, config)`: what jsonargparse must read.
     cls.__init__ = typed_config_init(init)  # type: ignore[misc]
+
+
+def _check_config_parameter(cls: type, init: Any, config_cls: type) -> None:
+    """The command line and `load_from_checkpoint` pass the config by name: an `__init__` whose first parameter has
+    another name would fail deep inside jsonargparse."""
+    try:
+        params = list(inspect.signature(init).parameters.values())[1:2]
+    except (TypeError, ValueError):
+        return
+    if params and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and params[0].name != "config":
+        raise TaskDefinitionError(
+            f"{cls.__name__}.__init__ takes its config as {params[0].name!r}; name it 'config' (def __init__(self, "
+            f"config: {config_cls.__name__})): the command line and checkpoints pass it by that name."
+        )
 
 
 def _needs_annotation(init: Any, config_cls: type) -> bool:

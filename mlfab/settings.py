@@ -225,6 +225,11 @@ def _own_variable(key: str, value: Any) -> bool:
 def _directory(key: str) -> Path | None:
     """`directories.<key>` from the settings, else its environment variable; None when neither is set."""
     value, path = _entry(key)
+    if value is not None and not isinstance(value, str | int | float):  # (A number is a directory's name.)
+        raise SettingsError(
+            f"`directories.{key}` in {path} is {value!r}: give one path (a string), or leave it empty to use "
+            f"{_ENV_VARS[key]}."
+        )
     if isinstance(value, str):
         where = f"`directories.{key}` in {path}"
         try:

@@ -98,7 +98,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._mlfab_loggers: list[Any] = []
         # A buffer per phase (validation may start mid-accumulation), and one for what is logged during predict.
         self._log_buffers = {phase: LogBuffer(phase) for phase in (*PHASES, PREDICT)}
-        self._bad_data_seen = False
+        self._bad_data_seen = self._bad_data_asked = False
         self._log_cadence = Cadence()
         self._num_samples = 0
         self._num_valid_steps = 0
@@ -436,10 +436,11 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self._consumed.count += 1  # Counted now: checkpoint callbacks run before this task's batch-end hook.
+        samples = self.get_num_samples(batch)  # Not batch_size: a dataset's last batch may be short (as 0.2 counted).
         if self.trainer.accumulate_grad_batches > 1:  # Only then can a step's values come from batches of two sizes.
-            self._log_buffers["train"].weight = max(1, self.get_num_samples(batch))
+            self._log_buffers["train"].weight = max(1, samples)
         loss = self._loss_total(self.get_loss(batch, self.state("train")), "train", batch)
-        self._num_samples += self.config.batch_size * self.trainer.world_size
+        self._num_samples += samples * self.trainer.world_size
         return loss
 
     def _evaluation_step(self, phase: Phase, batch: Any) -> Tensor | None:
@@ -471,7 +472,13 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def _limited_dataloader(self, phase: str) -> DataLoader:
         loader = self._dataloader(phase)
         limit = f"limit_{phase}_batches"
-        if self._trainer is not None and getattr(self.trainer, limit) == 1.0 and not has_len(loader):
+        value = getattr(self.trainer, limit) if self._trainer is not None else None
+        if isinstance(value, float) and value == 1.0 and not has_len(loader):  # Lightning's unset (`1`: one batch).
+            if not self.config.valid_batches:
+                raise ConfigError(
+                    f"The {phase} dataset has no end and valid_batches is 0 (validation off), so {phase} would run no "
+                    f"batch: set valid_batches, or --trainer.{limit}, to the number of batches to {phase} on."
+                )
             setattr(self.trainer, limit, self.config.valid_batches)  # Lightning reads it after this hook.
         return loader
 
@@ -493,12 +500,14 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
     ) -> None:
-        if gradient_clip_algorithm not in (None, "norm"):  # Value clipping: Lightning's own, no finiteness check.
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         # fp16 loss scaling skips steps with inf gradients itself; there only the loss is checked.
         scaled = str(self.trainer.precision).startswith("16")
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._nonfinite.clip_and_check(params, self._last_losses, gradient_clip_val, check_grads=not scaled)
+        by_value = gradient_clip_algorithm not in (None, "norm")  # Lightning's own clipping, after the check.
+        norm_clip = None if by_value else gradient_clip_val
+        self._nonfinite.clip_and_check(params, self._last_losses, norm_clip, check_grads=not scaled)
+        if by_value:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -557,14 +566,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return self._cadence is not None and self._cadence.validates_now(trainer)
 
     def _log_bad_data(self, check_every_n_steps: int = 50) -> None:
-        """How many samples and batches the data pipeline skipped: once any were (asking the loader costs a state
-        snapshot, so that is checked every `check_every_n_steps` steps), logged lazily on every step."""
+        """How many samples and batches the data pipeline skipped: once any were, logged lazily on every step. Skipped
+        batches are seen the step they happen; bad samples (asking the loader costs a state snapshot) at a session's
+        first step and every `check_every_n_steps` steps."""
         loader = self.trainer.train_dataloader
         if not isinstance(loader, MlfabLoader):
             return
         dpshdl = isinstance(loader.dataset, DpshdlIterable)
-        if not self._bad_data_seen and self.global_step % check_every_n_steps == 1:
-            self._bad_data_seen = bool(loader.skipped_batches or (dpshdl and loader.bad_samples()))
+        if not self._bad_data_seen:  # Skipped batches are a plain count; bad samples ask for a state snapshot.
+            ask = dpshdl and (not self._bad_data_asked or self.global_step % check_every_n_steps == 1)
+            self._bad_data_seen = bool(loader.skipped_batches or (ask and loader.bad_samples()))
+            self._bad_data_asked = True
         if self._bad_data_seen:
             self.log_scalar("bad_samples", loader.bad_samples if dpshdl else 0, namespace="data")
             self.log_scalar("skipped_batches", lambda: loader.skipped_batches, namespace="data")
@@ -634,6 +646,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             "start_time_s": self._start_time_s,
             "elapsed_time_s": self.elapsed_time_s,
             "rng": gather_rng_states(self.trainer),  # Every rank's, so each resumes its own stream.
+            "nonfinite": self._nonfinite.state_dict(),
         }
         save_in_eval_mode(self, checkpoint)
 
@@ -650,6 +663,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._session_start_s = time.monotonic()
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._check_resume(checkpoint)
+            self._nonfinite.load_state_dict(saved.get("nonfinite", {}))
             use_training_weights(checkpoint)
             # Restored when training starts: Lightning builds the dataloaders in between, and `get_dataset` or a
             # dataset may draw from the global generators there, as the uninterrupted run did before step 0.
@@ -669,7 +683,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 "devices and num_nodes the run was started with, or start a new run."
             )
         changes = config_changes(checkpoint.get("hyper_parameters", {}).get("config", {}), to_dict(self.config))
-        own = any(getattr(type(self), h) is not getattr(Task, h) for h in ("build_optimizer", "configure_optimizers"))
+        hooks = ("get_optimizer_builder", "build_optimizer", "configure_optimizers")
+        own = any(getattr(type(self), h) is not getattr(Task, h) for h in hooks) or "configure_optimizers" in vars(self)
         check_changes(changes, own, type(self).__name__, path)
         self._resume_changes = changes
 

@@ -1,7 +1,9 @@
 """Bad samples, bad batches, non-finite losses and empty datasets: skipped and counted, or a clear stop."""
 
+import json
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -253,3 +255,78 @@ def test_a_training_set_smaller_than_one_batch_is_an_error(tmp_path: Path) -> No
     with pytest.raises(mlfab.DatasetError, match=r"get_dataset\('train'\) has 5 samples, fewer than one batch"):
         Tiny.launch(BoringConfig(batch_size=8, run_dir=str(tmp_path)), argv=[])
     assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").iterdir())  # No empty run left behind.
+
+
+@pytest.mark.integration
+def test_a_skipped_batch_is_logged_from_its_step_and_after_a_resume(tmp_path: Path) -> None:
+    class FourthFails(RegressionDataset):
+        def __init__(self, in_dim: int) -> None:
+            super().__init__(in_dim)
+            self.batches = 0
+
+        def collate(self, items: list) -> object:
+            self.batches += 1
+            if self.batches == 4:
+                raise ValueError("ragged batch")
+            return super().collate(items)
+
+    class Task(BoringTask):
+        def set_loggers(self) -> None:
+            self.add_logger(mlfab.JsonLogger(self.exp_dir, log_interval_seconds=0))
+
+        def get_dataset(self, phase: mlfab.Phase) -> FourthFails:
+            return FourthFails(self.config.in_dim)
+
+    exp = tmp_path / "run"
+    Task.launch(BoringConfig(max_steps=8, valid_batches=0, exp_dir=str(exp)), argv=[])
+    Task.launch(BoringConfig(max_steps=12, valid_batches=0, exp_dir=str(exp)), argv=[])
+    lines = [json.loads(line) for line in (exp / "json" / "log.jsonl").read_text().splitlines()]
+    skipped = {r["step"]: r["scalars"].get("data/skipped_batches") for r in lines if r.get("phase") == "train"}
+    # Written each step from the one that skipped it (a check every 50 steps missed it in a 12-step run), and on
+    # from the first step after the resume.
+    assert [skipped[s] for s in range(2)] == [None] * 2  # Batch 4 fails while step 2's batch is fetched.
+    assert [skipped[s] for s in range(2, 9)] == [1.0] * 7  # Step 8: the first after the resume, its count carried.
+
+
+@pytest.mark.integration
+def test_value_clipping_keeps_the_finiteness_check(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    class NaNAtOne(BoringTask):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            loss = super().get_loss(batch, state)
+            return loss * float("nan") if state.phase == "train" and state.num_steps == 1 else loss
+
+    task = NaNAtOne(BoringConfig(max_steps=3, valid_batches=0))
+    trainer = pl.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        gradient_clip_algorithm="value",
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(task)
+    assert task.nonfinite_guard.total == 1  # Step 1 skipped, as with norm clipping ...
+    assert bool(torch.isfinite(task.layer.weight).all())  # ... instead of NaN weights.
+
+
+@pytest.mark.integration
+def test_a_non_finite_streak_and_count_carry_over_a_resume(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class NaNFromOne(BoringTask):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            loss = super().get_loss(batch, state)
+            return loss * float("nan") if state.phase == "train" and state.num_steps >= 1 else loss
+
+    settings: dict[str, Any] = {"max_nonfinite_steps_in_a_row": 3, "valid_batches": 0, "exp_dir": str(tmp_path)}
+    NaNFromOne.launch(BoringConfig(max_steps=3, **settings), argv=[])  # Steps 1 and 2 skipped.
+    # The uninterrupted run stops at step 3, the third in a row; so does the resumed one.
+    with (
+        caplog.at_level(logging.WARNING, logger="mlfab.nonfinite"),
+        pytest.raises(mlfab.MlfabError, match=r"3 optimizer steps in a row had a non-finite loss .*\(last at step 3\)"),
+    ):
+        NaNFromOne.launch(BoringConfig(max_steps=10, **settings), argv=[])
+    assert "Step 3 skipped: loss 'loss' is not finite (3 skipped so far)" in caplog.text

@@ -141,3 +141,28 @@ def test_wall_clock_cadences_count_training_time_across_relaunches(tmp_path: Pat
     assert steps[0] == 1 and len(steps) >= 3 and len(set(steps)) == len(steps), steps
     timed = sorted((exp / "checkpoints").glob("time_step_*.ckpt"))
     assert len(timed) >= 2, [p.name for p in timed]
+
+
+@pytest.mark.integration
+def test_accumulation_given_as_a_trainer_flag_keeps_the_validation_cadence_in_optimizer_steps(tmp_path: Path) -> None:
+    """`--trainer.accumulate_grad_batches 2` accumulates as `batches_per_step=2` does; the validation cadence (in
+    optimizer steps) follows it instead of coming twice as often."""
+    validated: list[int] = []
+
+    class Recording(BoringTask):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            if state.phase == "valid":
+                validated.append(state.num_steps)
+            return super().get_loss(batch, state)
+
+    common = ["fit", "--model.config.valid_every_n_steps=4", "--model.config.max_steps=8"]
+    common += ["--model.config.valid_batches=1", "--model.config.valid_every_n_seconds=null"]
+    seen = []
+    for name, accumulation in (
+        ("flag", "--trainer.accumulate_grad_batches=2"),
+        ("key", "--model.config.batches_per_step=2"),
+    ):
+        validated.clear()
+        Recording.launch(BoringConfig(), argv=[*common, accumulation, f"--model.config.exp_dir={tmp_path / name}"])
+        seen.append(list(validated))
+    assert seen[0] == seen[1] == [1, 4, 8]

@@ -322,10 +322,11 @@ def test_print_config_prints_the_run_file_layout(tmp_path: Path, capsys: pytest.
 
 
 @pytest.mark.unit
-def test_seed_everything_becomes_the_config_seed(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("seed", [5, 0])  # 0 is a seed too (`0 == False` once dropped it).
+def test_seed_everything_becomes_the_config_seed(capsys: pytest.CaptureFixture[str], seed: int) -> None:
     with pytest.raises(SystemExit):
-        run_cli(BoringTask, ["fit", "--seed_everything=5", "--print_config"])
-    assert yaml.safe_load(capsys.readouterr().out)["model"]["config"]["seed"] == 5
+        run_cli(BoringTask, ["fit", f"--seed_everything={seed}", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["config"]["seed"] == seed
 
 
 @pytest.mark.unit

@@ -210,3 +210,17 @@ def test_overriding_a_method_of_0_2s_own_loop_is_refused_with_its_replacement(na
     with pytest.raises(mlfab.TaskDefinitionError, match=rf"Old\.{name} overrides a method of mlfab 0\.2") as error:
         type("Old", (BoringTask,), {name: lambda self, *args: None})
     assert replacement in str(error.value)
+
+
+def test_an_init_whose_config_parameter_has_another_name_is_refused_at_class_definition() -> None:
+    """The command line and `load_from_checkpoint` pass the config as `config=`: `def __init__(self, cfg)` failed
+    deep inside jsonargparse ("No action for key ...") at launch."""
+    with pytest.raises(mlfab.TaskDefinitionError, match=r"Renamed\.__init__ takes its config as 'cfg'; name it"):
+
+        class Renamed(mlfab.Task[BoringConfig]):
+            def __init__(self, cfg: BoringConfig) -> None:
+                super().__init__(cfg)
+
+    class Forwarding(mlfab.Task[BoringConfig]):  # A base that forwards everything stays allowed.
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)

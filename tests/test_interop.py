@@ -483,3 +483,26 @@ def test_trainer_keys_are_exactly_the_keys_mlfab_trainer_reads(tmp_path: Path, s
     mlfab.run.trainer.trainer_callbacks(recorder, tmp_path)
     mlfab.run.trainer.checkpoint_io(recorder)
     assert read & fields == set(mlfab.run.trainer.TRAINER_KEYS)
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(None, 3), (1, 1), (2, 2)])
+def test_an_endless_test_set_runs_valid_batches_unless_a_limit_is_given(
+    tmp_path: Path, limit: int | None, expected: int
+) -> None:
+    """BoringTask's data has no end: `test` runs `valid_batches` batches of it, unless `limit_test_batches` says how
+    many (1 is one batch, not Lightning's unset 1.0)."""
+    tested: list[int] = []
+
+    class Counting(BoringTask):
+        def test_step(self, batch: Any, batch_idx: int) -> Any:
+            tested.append(batch_idx)
+            return super().test_step(batch, batch_idx)
+
+    limits = {} if limit is None else {"limit_test_batches": limit}
+    trainer(tmp_path, **limits).test(Counting(BoringConfig(valid_batches=3)))
+    assert len(tested) == expected
+
+
+def test_an_endless_test_set_with_validation_off_is_an_error_not_an_empty_test(tmp_path: Path) -> None:
+    with pytest.raises(mlfab.ConfigError, match=r"The test dataset has no end and valid_batches is 0 .*limit_test_b"):
+        trainer(tmp_path).test(BoringTask(BoringConfig(valid_batches=0)))

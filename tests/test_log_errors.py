@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from torch import Tensor
 
 import mlfab
@@ -17,6 +18,7 @@ class BadLazyValue(BoringTask):
     def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
         self.log_scalar("broken", lambda: 1 / 0)
         self.log_scalar("fine", state.num_steps)
+        self.log_scalar("many", torch.arange(3.0))  # Not one number: no silent mean.
         return super().get_loss(batch, state)
 
 
@@ -31,6 +33,9 @@ def test_a_lazy_value_that_raises_is_skipped_with_its_key_and_step(
     assert len(first) == 2  # Once per key in each phase (training, validation), not once per step.
     scalars = read_scalars(tmp_path / "run" / "tensorboard" / "train")
     assert "value/fine" in scalars and "value/broken" not in scalars  # The rest of the step is written.
+    many = [r.getMessage() for r in caplog.records if "log_scalar('many', namespace='value')" in r.getMessage()]
+    assert many and "a scalar is one number, got a tensor of shape (3,)" in many[0]
+    assert "value/many" not in scalars
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # Training went on to the end.
 
 

@@ -323,3 +323,23 @@ def test_a_log_interval_for_an_unknown_phase_is_refused_naming_the_phases() -> N
         mlfab.StdoutLogger(log_interval_seconds={"vaild": 5.0})  # type: ignore[dict-item]
     logger = mlfab.StdoutLogger(log_interval_seconds={"valid": 5.0})
     assert logger.log_interval_seconds == {"train": 0.0, "valid": 5.0, "test": 0.0, "predict": 0.0}
+
+
+@pytest.mark.integration
+def test_a_loggers_prefix_applies_to_mlfabs_values_as_to_lightnings(tmp_path: Path) -> None:
+    """`prefix=` is Lightning's logger argument: it names every tag `<prefix>-<tag>`; mlfab's own writes follow it
+    (they ignored it, so a prefixed logger's metrics and mlfab's values landed under different names)."""
+    from mlfab.testing import read_scalars
+
+    tensorboard = mlfab.TensorboardLogger(tmp_path / "tb", prefix="exp1")
+    tensorboard.write(Logs("train", 1, 10, 1.0, 8, {"scalar": {"loss/loss": 0.5}}))
+    tensorboard.log_metrics({"lightning/metric": 2.0}, step=1)
+    tensorboard.finalize("success")
+    assert {"exp1-loss/loss", "exp1-lightning/metric"} <= set(read_scalars(tmp_path / "tb" / "tensorboard" / "train"))
+
+    wandb_logger = WandbLogger(tmp_path / "wb", prefix="exp1")
+    wandb_logger.write(Logs("train", 1, 10, 1.0, 8, {"scalar": {"loss/loss": 0.5}}))
+    wandb_logger.log_metrics({"lightning/metric": 2.0}, step=1)
+    wandb_logger.finalize("success")
+    rows = wandb_history(finished_wandb_run(tmp_path / "wb"))
+    assert rows[0]["exp1-train/loss/loss"] == 0.5 and rows[1]["exp1-lightning/metric"] == 2.0

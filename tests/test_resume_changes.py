@@ -2,6 +2,7 @@
 refused relaunch leaves the run's files as they were; checkpoints are written only where an optimizer step ends."""
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -87,11 +88,25 @@ class OwnOptimizer(BoringTask):
         return torch.optim.SGD(self.parameters(), lr=self.config.learning_rate)
 
 
-def test_an_optimizer_change_is_refused_when_the_task_builds_its_own(tmp_path: Path) -> None:
+class OwnBuilder(BoringTask):
+    """mlfab 0.2's way: the optimizer (and a scheduler, whose restored state would put the old rate back) from
+    `get_optimizer_builder`."""
+
+    def get_optimizer_builder(self) -> Any:
+        def build(model: torch.nn.Module) -> Any:
+            opt = torch.optim.Adam(model.parameters(), lr=self.config.learning_rate)
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2))
+
+        return build
+
+
+@pytest.mark.parametrize("task", [OwnOptimizer, OwnBuilder])
+def test_an_optimizer_change_is_refused_when_the_task_builds_its_own(tmp_path: Path, task: type[BoringTask]) -> None:
     exp = tmp_path / "run"
-    OwnOptimizer.launch(BoringConfig(max_steps=4, exp_dir=str(exp)), argv=[])
-    with pytest.raises(mlfab.ConfigError, match=r"learning_rate: 0.05 -> 0.5 \(OwnOptimizer builds its own optim"):
-        OwnOptimizer.launch(BoringConfig(max_steps=8, learning_rate=0.5, exp_dir=str(exp)), argv=[])
+    task.launch(BoringConfig(max_steps=4, exp_dir=str(exp)), argv=[])
+    name = task.__name__
+    with pytest.raises(mlfab.ConfigError, match=rf"learning_rate: 0.05 -> 0.5 \({name} builds its own optim"):
+        task.launch(BoringConfig(max_steps=8, learning_rate=0.5, exp_dir=str(exp)), argv=[])
 
 
 def test_checkpoints_are_written_only_where_an_optimizer_step_ends(tmp_path: Path) -> None:
@@ -115,6 +130,26 @@ def test_a_launch_that_fails_before_it_starts_leaves_no_run_directory(tmp_path: 
     with pytest.raises(FileNotFoundError):
         NoData.launch(BoringConfig(run_dir=str(tmp_path)), argv=[])
     assert list((tmp_path / "no_data").iterdir()) == []
+
+
+def test_a_launch_refused_before_the_trainer_exists_leaves_no_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused by Lightning's Trainer (a bad `--trainer.*` value), or a Slurm submission refused: the run
+    directory the launch made goes with it, as for a launch that fails once it runs."""
+    with pytest.raises(Exception, match="limit_val_batches"):
+        BoringTask.launch(BoringConfig(run_dir=str(tmp_path)), argv=["fit", "--trainer.limit_val_batches=-1.0"])
+    assert list((tmp_path / "boring_task").iterdir()) == []
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(mlfab.MlfabError, match="launcher=.slurm."):  # (pytest is no script the job can rerun)
+        BoringTask.launch(BoringConfig(run_dir=str(tmp_path / "slurm")), argv=[], launcher="slurm")
+    assert list((tmp_path / "slurm" / "boring_task").iterdir()) == []
+    existing = tmp_path / "mine"
+    (existing / "notes").mkdir(parents=True)
+    with pytest.raises(mlfab.MlfabError, match="launcher=.slurm."):  # (pytest is no script the job can rerun)
+        BoringTask.launch(BoringConfig(exp_dir=str(existing)), argv=[], launcher="slurm")
+    assert [p.name for p in existing.iterdir()] == ["notes"]  # A directory the launch did not make stays.
 
 
 def test_each_launch_keeps_its_settings_in_the_history(tmp_path: Path) -> None:
@@ -142,3 +177,12 @@ def test_a_changed_learning_rate_reaches_old_and_new_parameter_groups_alike() ->
         apply_optimizer_changes([opt], {"learning_rate": (0.1, 0.5)})
         assert old["lr"] == 0.5
         assert new["base_lr"] == 0.5 and new["lr"] == 0.1
+
+
+def test_an_optimizer_change_is_refused_under_the_command_lines_optimizer(tmp_path: Path) -> None:
+    """LightningCLI's `--optimizer` replaces `configure_optimizers` on the task instance: its optimizer never reads
+    `learning_rate`, so a changed value cannot be applied on resume."""
+    args = ["fit", "--optimizer=SGD", "--optimizer.lr=0.01", f"--model.config.exp_dir={tmp_path}"]
+    BoringTask.launch(BoringConfig(max_steps=3), argv=args)
+    with pytest.raises(mlfab.ConfigError, match=r"learning_rate: 0.05 -> 0.5 \(BoringTask builds its own optim"):
+        BoringTask.launch(BoringConfig(max_steps=4), argv=[*args, "--model.config.learning_rate=0.5"])

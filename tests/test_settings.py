@@ -171,3 +171,11 @@ def test_non_mapping_directories_section_is_a_settings_error(rc: Path) -> None:
     rc.write_text("directories:\n  - /data\n")
     with pytest.raises(mlfab.SettingsError):
         mlfab.get_data_dir()
+
+
+def test_a_directory_that_is_no_path_is_a_settings_error(rc: Path) -> None:
+    rc.parent.mkdir(parents=True)
+    rc.write_text("directories:\n  data: [/a, /b]\n  run: 7\n")
+    with pytest.raises(mlfab.SettingsError, match=r"`directories.data` in .*\.mlfab\.yml is \['/a', '/b'\]: give one"):
+        mlfab.get_data_dir()  # Was Path("['/a', '/b']").
+    assert mlfab.get_run_dir() == Path("7")  # A number names a directory.

@@ -161,6 +161,17 @@ def test_defaults_leave_cluster_defaults_alone(tmp_path: Path) -> None:
     ]
     script = slurm.sbatch_script(config, exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path)
     assert script.splitlines()[-1] == f"srun /opt/py/bin/python t.py --model.config.exp_dir={tmp_path / 'run'}"
+
+
+@pytest.mark.unit
+def test_extra_sbatch_options_come_before_any_verbatim_line(tmp_path: Path) -> None:
+    """sbatch stops reading `#SBATCH` lines at the first command: an option given after a verbatim line (`module
+    load ...`) would be ignored without a word."""
+    config = SlurmConfig(extra_sbatch_lines=["module load cuda", "--qos=high", "#SBATCH --constraint=a100"])
+    lines = slurm.sbatch_script(config, exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path).splitlines()
+    first_command = next(i for i, line in enumerate(lines) if i > 0 and line and not line.startswith("#"))
+    assert lines[first_command] == "module load cuda"
+    assert {"#SBATCH --qos=high", "#SBATCH --constraint=a100"} <= set(lines[:first_command])
     assert SlurmConfig().extra_sbatch_lines == [] and SlurmConfig().extra_sbatch_lines is not config.extra_sbatch_lines
 
 

@@ -319,3 +319,30 @@ def test_subclass_without_init_after_a_mixin_runs_the_tasks_init() -> None:
     task = MixedTask({"extra": 3})  # Failed with "object.__init__() takes exactly one argument".
     assert task.describe() == "MixedTask" and task.config.extra == 3
     assert task.hparams["config"]["extra"] == 3  # Task.__init__ ran.
+
+
+@pytest.mark.integration
+def test_num_samples_counts_the_samples_of_each_batch_not_batch_size(tmp_path: Path) -> None:
+    """A finite dataset's last batch is short (10 samples in batches of 4: 4, 4, 2): `num_samples` counts what was
+    trained on, as mlfab 0.2 did."""
+
+    class Ten(torch.utils.data.IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for i in range(10):
+                yield torch.full((4,), float(i)), torch.tensor(float(i))
+
+    seen: list[int] = []
+
+    class Counting(BoringTask):
+        def get_dataset(self, phase: mlfab.Phase) -> Ten:
+            return Ten()
+
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            if state.phase == "train":
+                seen.append(state.num_samples)
+            return super().get_loss(batch, state)
+
+    exp = tmp_path / "run"
+    Counting.launch(BoringConfig(batch_size=4, max_steps=4, valid_batches=0, exp_dir=str(exp)), argv=[])
+    assert seen == [0, 4, 8, 10]  # The fourth step starts the second pass.
+    assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["mlfab"]["num_samples"] == 14

@@ -38,10 +38,10 @@ from mlfab.config import (
 from mlfab.errors import ConfigError, MlfabError, report
 from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
-from mlfab.run.pipeline import Run, RunRecords, execute, prepare_run, show, submit_to_slurm
+from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
 from mlfab.run.rundir import checkpoint_run, newest_checkpoint
 from mlfab.run.slurm import in_slurm_job
-from mlfab.run.trainer import trainer_settings
+from mlfab.run.trainer import trainer_settings, val_check_interval
 
 if TYPE_CHECKING:
     from mlfab.task import Task
@@ -192,8 +192,9 @@ class MlfabCLI(LightningCLI):
         run = checkpoint_run(cfg["ckpt_path"]) if sub != "fit" and cfg.get("ckpt_path") is not None else None
         if run is not None and "model.config.exp_dir" not in self.given_keys():
             cfg["model.config.exp_dir"] = str(run)  # An evaluation of a run's checkpoint is logged into that run.
-        if "seed_everything" in self.given_keys() and cfg.get("seed_everything") not in (None, False):
-            cfg["model.config.seed"] = int(cfg["seed_everything"])  # Lightning seeded with it; so must the run.
+        seed = cfg.get("seed_everything")  # An int once Lightning seeded with it (`true` too); 0 is a seed.
+        if "seed_everything" in self.given_keys() and seed is not None and seed is not False:
+            cfg["model.config.seed"] = int(seed)  # Lightning seeded with it; so must the run.
         config = build_config(self.task_cls.config_class(), cfg["model.config"].as_dict())
         if not any(k.startswith("trainer.accelerator") for k in self.given_keys()):
             resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy)  # Before any run.
@@ -228,11 +229,15 @@ class MlfabCLI(LightningCLI):
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         callbacks += _as_list(values.get("callbacks")) if "callbacks" in trainer_given else []
         plugins = _as_list(values.get("plugins")) if "plugins" in trainer_given else []
-        settings = {**values, **trainer_settings(config, self.run.exp_dir, loggers, callbacks, plugins)}
-        for key in trainer_given:
-            if key not in ("logger", "callbacks", "plugins"):
-                settings[key] = values[key]
-        return self.trainer_class(**{**settings, **kwargs})
+        with forgotten_if_refused(self.run.exp_dir, self.run.created):  # E.g. a Trainer argument Lightning refuses.
+            settings = {**values, **trainer_settings(config, self.run.exp_dir, loggers, callbacks, plugins)}
+            for key in trainer_given:
+                if key not in ("logger", "callbacks", "plugins"):
+                    settings[key] = values[key]
+            if "accumulate_grad_batches" in trainer_given and "val_check_interval" not in trainer_given:
+                # Else validation would come that many times as often as `valid_every_n_steps` optimizer steps.
+                settings["val_check_interval"] = val_check_interval(config, settings["accumulate_grad_batches"])
+            return self.trainer_class(**{**settings, **kwargs})
 
     def _mlfab_run(self, subcommand: str, model: Any, kwargs: dict[str, Any]) -> None:
         """The run, for any subcommand: a fit into a run directory with checkpoints resumes from the newest."""

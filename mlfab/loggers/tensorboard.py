@@ -86,7 +86,7 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
         return self._phase_writers[phase]
 
     def write(self, logs: Logs) -> None:
-        write_summaries(self.writer(logs.phase), logs)
+        write_summaries(self.writer(logs.phase), logs, f"{self._prefix}-" if self._prefix else "")
 
     def write_run_info(self, info: dict[str, str]) -> None:
         for name, text in info.items():  # TensorBoard renders text as markdown: keep it verbatim in a code block.

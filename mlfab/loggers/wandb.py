@@ -223,7 +223,7 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
 
     @rank_zero_only
     def write(self, logs: Logs) -> None:
-        write_wandb(self._run(), logs, prefix=f"{logs.phase}/")
+        write_wandb(self._run(), logs, prefix=(f"{self._prefix}-" if self._prefix else "") + f"{logs.phase}/")
 
     @rank_zero_only
     def write_config(self, config_yaml: str) -> None:

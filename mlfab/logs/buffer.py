@@ -40,9 +40,12 @@ PREDICT: LogPhase = "predict"
 
 def _to_float(value: Any) -> float:
     value = resolve(value)
-    if isinstance(value, torch.Tensor):
-        return float(value.detach().float().mean().item()) if value.numel() != 1 else float(value.item())
-    return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(
+            f"a scalar is one number, got a tensor of shape {tuple(value.shape)}: reduce it first (e.g. .mean()), "
+            "or log it with log_histogram"
+        )
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 class LogBuffer:

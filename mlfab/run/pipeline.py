@@ -8,9 +8,11 @@ A Trainer the user builds (`lightning.pytorch.Trainer().fit(task)`) skips 1 and 
 rest (data, optimizer, logging, checkpoint contents).
 """
 
+import contextlib
 import datetime
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,15 +82,31 @@ def prepare_run(
     the task's loggers. `validate` / `test` / `predict` of a run's checkpoint use that run's directory (the CLI sets
     `exp_dir`), and leave its config.yaml as training wrote it."""
     install_quiet_start()  # Before the Trainer is built: it prints Lightning's tips and hardware lines.
-    given = task.config.exp_dir
-    existed = given is not None and Path(given).expanduser().exists()
+    existed = _exists(task.config.exp_dir)
     exp_dir, writer = agreed_exp_dir(type(task), task.config)
     task._exp_dir = exp_dir
-    if set_loggers:
-        task.set_loggers()
-    run_file = run_file_text(type(task), task.config, trainer, exp_dir / "config.yaml", extra)
+    with forgotten_if_refused(exp_dir, writer and not existed):
+        if set_loggers:
+            task.set_loggers()
+        run_file = run_file_text(type(task), task.config, trainer, exp_dir / "config.yaml", extra)
     keeps_config = subcommand != "fit" and existed and (exp_dir / "config.yaml").is_file()
     return Run(exp_dir, writer, writer and not existed, run_file, subcommand, keeps_config)
+
+
+def _exists(exp_dir: str | None) -> bool:
+    return exp_dir is not None and Path(exp_dir).expanduser().exists()
+
+
+@contextlib.contextmanager
+def forgotten_if_refused(exp_dir: Path, created: bool) -> Iterator[None]:
+    """A launch refused inside this block (bad Trainer arguments, a logger that fails, no sbatch) removes the run
+    directory it made."""
+    try:
+        yield
+    except BaseException:
+        if created:
+            forget_launch(exp_dir, True, set())
+        raise
 
 
 class RunRecords(StepFreeCallback):
@@ -119,7 +137,10 @@ class RunRecords(StepFreeCallback):
 
 def submit_to_slurm(task_cls: type, config: Config, args: list[str]) -> None:
     """Submits a Slurm job that runs `args` (Lightning-form arguments) with this program, in a new run directory."""
-    submit(config.slurm, exp_dir=new_exp_dir(task_cls, config), command=current_command(args), workdir=Path.cwd())
+    existed = _exists(config.exp_dir)
+    exp_dir = new_exp_dir(task_cls, config)
+    with forgotten_if_refused(exp_dir, not existed):
+        submit(config.slurm, exp_dir=exp_dir, command=current_command(args), workdir=Path.cwd())
 
 
 def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: Any = None, **kwargs: Any) -> int:

@@ -114,7 +114,10 @@ def sbatch_script(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str],
     for line in config.extra_sbatch_lines:
         if "\n" in line:
             raise SlurmError(f"slurm.extra_sbatch_lines entry {line!r} holds a newline: give one option per entry.")
-        lines.append(f"#SBATCH {line}" if line.startswith("-") else line)
+    # sbatch reads `#SBATCH` lines only up to the first command: every option first, then the verbatim lines.
+    options_given = [line for line in config.extra_sbatch_lines if line.startswith(("-", "#SBATCH"))]
+    lines += [line if line.startswith("#") else f"#SBATCH {line}" for line in options_given]
+    lines += [line for line in config.extra_sbatch_lines if line not in options_given]
     python = config.python or sys.executable
     srun = ["srun", python, *command, f"--model.config.exp_dir={exp_dir}"]
     lines += [

@@ -122,6 +122,11 @@ def unread_settings(config: Config) -> list[str]:
     return out
 
 
+def val_check_interval(config: Config, batches_per_step: int) -> int:
+    """Lightning counts batches, not optimizer steps: `valid_every_n_steps` scaled by the accumulation."""
+    return config.valid_every_n_steps * batches_per_step if config.valid_every_n_steps else NEVER
+
+
 def trainer_kwargs(config: Config) -> dict[str, Any]:
     """The Lightning Trainer arguments a config maps to (the mapping table in design.md)."""
     k = config.batches_per_step
@@ -133,8 +138,7 @@ def trainer_kwargs(config: Config) -> dict[str, Any]:
         "accumulate_grad_batches": k,
         "gradient_clip_val": config.clip_grad_norm,
         "gradient_clip_algorithm": "norm",
-        # Lightning counts batches, not optimizer steps: scale by the accumulation.
-        "val_check_interval": config.valid_every_n_steps * k if config.valid_every_n_steps else NEVER,
+        "val_check_interval": val_check_interval(config, k),
         "check_val_every_n_epoch": None,
         "limit_val_batches": config.valid_batches,
         "num_sanity_val_steps": 0,
