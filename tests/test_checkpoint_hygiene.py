@@ -411,3 +411,24 @@ def test_kill_during_saves_then_relaunch_cleans_up_and_resumes(tmp_path: Path) -
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == max_steps
     assert len(names(ckpts, "step_*.ckpt")) == 2
     assert all(damage(p) is None for p in ckpts.glob("*.ckpt"))
+
+
+@pytest.mark.integration
+def test_a_run_started_from_another_runs_checkpoint_goes_on_from_its_own_when_relaunched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relaunch (or a requeued Slurm job, whose command keeps `--ckpt_path`) of a run started from another run's
+    checkpoint resumes from this run's newest checkpoint: it used to start over from the other run's every time."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    launch(first, max_steps=4)
+    started = first / "checkpoints" / "last.ckpt"
+    args = ["fit", f"--ckpt_path={started}", f"--model.config.exp_dir={second}", "--model.config.save_every_n_steps=2"]
+    BoringTask.launch(BoringConfig(valid_every_n_steps=None), argv=[*args, "--model.config.max_steps=6"])
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    capsys.readouterr()
+    BoringTask.launch(BoringConfig(valid_every_n_steps=None), argv=[*args, "--model.config.max_steps=8"])
+    out = capsys.readouterr().out
+    assert f"Resuming from this run's newest checkpoint, not --ckpt_path {started}" in out
+    assert f"Resuming from {second / 'checkpoints' / 'last.ckpt'}" in out
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert torch.load(started, weights_only=True)["global_step"] == 4  # The other run is untouched.

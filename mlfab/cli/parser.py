@@ -240,9 +240,14 @@ class MlfabCLI(LightningCLI):
             return self.trainer_class(**{**settings, **kwargs})
 
     def _mlfab_run(self, subcommand: str, model: Any, kwargs: dict[str, Any]) -> None:
-        """The run, for any subcommand: a fit into a run directory with checkpoints resumes from the newest."""
-        if subcommand == "fit" and kwargs.get("ckpt_path") is None:
-            kwargs["ckpt_path"] = newest_checkpoint(self.run.exp_dir)
+        """The run, for any subcommand: a fit into a run directory with checkpoints resumes from the newest, also when
+        `--ckpt_path` names another run's checkpoint (it started this run: a relaunch or a requeued Slurm job, whose
+        command keeps it, goes on from where this run got to)."""
+        given, own = kwargs.get("ckpt_path"), newest_checkpoint(self.run.exp_dir) if subcommand == "fit" else None
+        if own is not None and (given is None or self.run.exp_dir.resolve() not in Path(given).resolve().parents):
+            if given is not None and self.run.writer:
+                print(f"Resuming from this run's newest checkpoint, not --ckpt_path {given} (which started it).")
+            kwargs["ckpt_path"] = own
         self.exit_code = execute(self.trainer, subcommand, model, self.run, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
