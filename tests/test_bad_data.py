@@ -73,24 +73,27 @@ def test_a_dataset_that_keeps_failing_stops_with_its_name_and_errors(tmp_path: P
     assert "Last error: OSError: cannot read sample 21" in message
 
 
+class FailsToCollate(RegressionDataset):
+    """Its `fail_at`-th batch (from 1, counted in this dataset object) fails to collate."""
+
+    def __init__(self, in_dim: int, fail_at: int) -> None:
+        super().__init__(in_dim)
+        self.fail_at, self.batches = fail_at, 0
+
+    def collate(self, items: list) -> object:
+        self.batches += 1
+        if self.batches == self.fail_at:
+            raise ValueError("ragged batch")
+        return super().collate(items)
+
+
 @pytest.mark.integration
 def test_batches_that_fail_to_collate_are_skipped(tmp_path: Path) -> None:
-    class BadCollate(RegressionDataset):
-        def __init__(self, in_dim: int) -> None:
-            super().__init__(in_dim)
-            self.batches = 0
-
-        def collate(self, items: list) -> object:
-            self.batches += 1
-            if self.batches == 2:
-                raise ValueError("ragged batch")
-            return super().collate(items)
-
     steps: list[tuple[str, int]] = []
 
     class Task(BoringTask):
-        def get_dataset(self, phase: mlfab.Phase) -> BadCollate:
-            return BadCollate(self.config.in_dim)
+        def get_dataset(self, phase: mlfab.Phase) -> FailsToCollate:
+            return FailsToCollate(self.config.in_dim, fail_at=2)
 
         def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
             steps.append((state.phase, state.num_steps))
@@ -259,23 +262,12 @@ def test_a_training_set_smaller_than_one_batch_is_an_error(tmp_path: Path) -> No
 
 @pytest.mark.integration
 def test_a_skipped_batch_is_logged_from_its_step_and_after_a_resume(tmp_path: Path) -> None:
-    class FourthFails(RegressionDataset):
-        def __init__(self, in_dim: int) -> None:
-            super().__init__(in_dim)
-            self.batches = 0
-
-        def collate(self, items: list) -> object:
-            self.batches += 1
-            if self.batches == 4:
-                raise ValueError("ragged batch")
-            return super().collate(items)
-
     class Task(BoringTask):
         def set_loggers(self) -> None:
             self.add_logger(mlfab.JsonLogger(self.exp_dir, log_interval_seconds=0))
 
-        def get_dataset(self, phase: mlfab.Phase) -> FourthFails:
-            return FourthFails(self.config.in_dim)
+        def get_dataset(self, phase: mlfab.Phase) -> FailsToCollate:
+            return FailsToCollate(self.config.in_dim, fail_at=4)
 
     exp = tmp_path / "run"
     Task.launch(BoringConfig(max_steps=8, valid_batches=0, exp_dir=str(exp)), argv=[])
