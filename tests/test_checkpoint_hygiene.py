@@ -432,3 +432,23 @@ def test_a_run_started_from_another_runs_checkpoint_goes_on_from_its_own_when_re
     assert f"Resuming from {second / 'checkpoints' / 'last.ckpt'}" in out
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
     assert torch.load(started, weights_only=True)["global_step"] == 4  # The other run is untouched.
+
+
+@pytest.mark.integration
+def test_a_copied_checkpoint_never_writes_into_the_run_it_was_copied_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lightning merges the checkpoint's config, `exp_dir` included: `validate` / `fit` of a copy of a checkpoint of
+    a run started with `exp_dir=` logged into that run, and `fit` rewrote its config.yaml and last.ckpt."""
+    original, copies = tmp_path / "original", tmp_path / "copies"
+    launch(original, max_steps=4)
+    copies.mkdir()
+    for path in (original / "checkpoints").glob("last.ckpt*"):
+        shutil.copy(path, copies / path.name)
+    before = {p: p.read_bytes() for p in (original / "config.yaml", original / "checkpoints" / "last.ckpt")}
+    runs = f"--model.config.run_dir={tmp_path / 'runs'}"
+    for command in (["validate"], ["fit", "--model.config.max_steps=6"]):
+        capsys.readouterr()
+        BoringTask.launch(BoringConfig(), argv=[*command, f"--ckpt_path={copies / 'last.ckpt'}", runs])
+        assert f"Run directory: {tmp_path / 'runs'}" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in before} == before

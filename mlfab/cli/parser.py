@@ -185,18 +185,23 @@ class MlfabCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.subcommand
-        cfg = self.config[sub]
-        for key in self.given_keys():
+        cfg, given = self.config[sub], self.given_keys()
+        for key in given:
             if key.startswith("model."):  # Lightning put the checkpoint's config over everything; undo that for these.
                 cfg[key] = self.given[sub][key]
-        run = checkpoint_run(cfg["ckpt_path"]) if sub != "fit" and cfg.get("ckpt_path") is not None else None
-        if run is not None and "model.config.exp_dir" not in self.given_keys():
+        ckpt = cfg.get("ckpt_path")
+        saved = cfg.get("model.config.exp_dir")  # The checkpoint's own, when its run was started with exp_dir.
+        if ckpt is not None and "model.config.exp_dir" not in given and not _holds(saved, ckpt):
+            # A copied checkpoint (or another run's): this launch's directory, never the run it was copied from.
+            cfg["model.config.exp_dir"] = self.script_config.get("exp_dir")
+        run = checkpoint_run(ckpt) if sub != "fit" and ckpt is not None else None
+        if run is not None and "model.config.exp_dir" not in given:
             cfg["model.config.exp_dir"] = str(run)  # An evaluation of a run's checkpoint is logged into that run.
         seed = cfg.get("seed_everything")  # An int once Lightning seeded with it (`true` too); 0 is a seed.
-        if "seed_everything" in self.given_keys() and seed is not None and seed is not False:
+        if "seed_everything" in given and seed is not None and seed is not False:
             cfg["model.config.seed"] = int(seed)  # Lightning seeded with it; so must the run.
         config = build_config(self.task_cls.config_class(), cfg["model.config"].as_dict())
-        if not any(k.startswith("trainer.accelerator") for k in self.given_keys()):
+        if not any(k.startswith("trainer.accelerator") for k in given):
             resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy)  # Before any run.
         if self.print_run_file:
             trainer, extra = self.given_sections(with_ckpt=True)
@@ -255,6 +260,11 @@ class MlfabCLI(LightningCLI):
         if name in SUBCOMMANDS:
             return lambda model, **kwargs: self._mlfab_run(name, model, kwargs)
         raise AttributeError(name)
+
+
+def _holds(exp_dir: Any, ckpt: Any) -> bool:
+    """Whether the checkpoint file lies inside the run directory `exp_dir`."""
+    return bool(exp_dir) and Path(exp_dir).expanduser().resolve() in Path(ckpt).expanduser().resolve().parents
 
 
 def _as_list(value: Any) -> list[Any]:
