@@ -575,8 +575,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         dpshdl = isinstance(loader.dataset, DpshdlIterable)
         if not self._bad_data_seen:  # Skipped batches are a plain count; bad samples ask for a state snapshot.
             ask = dpshdl and (not self._bad_data_asked or self.global_step % check_every_n_steps == 1)
-            self._bad_data_seen = bool(loader.skipped_batches or (ask and loader.bad_samples()))
-            self._bad_data_asked = True
+            if loader.skipped_batches or (ask and loader.bad_samples()):
+                self._bad_data_seen = True  # (Set only when it changes: a Module's attributes are slow to set.)
+            if ask:
+                self._bad_data_asked = True
         if self._bad_data_seen:
             self.log_scalar("bad_samples", loader.bad_samples if dpshdl else 0, namespace="data")
             self.log_scalar("skipped_batches", lambda: loader.skipped_batches, namespace="data")
