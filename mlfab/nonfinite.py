@@ -87,13 +87,16 @@ class NonFiniteGuard:
         self.last_reason = f"loss {', '.join(repr(k) for k in bad)}" if bad else "the gradient"
         raise SkipStep
 
+    SAVED = ("in_a_row", "total", "last_reason", "last_skip")
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run continues from: the totals and the current streak (which `max_in_a_row` counts)."""
-        return {k: getattr(self, k) for k in ("in_a_row", "total", "last_reason", "last_skip")}
+        return {k: getattr(self, k) for k in self.SAVED}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        for key in self.SAVED:  # Only these: a checkpoint's other entries never become attributes.
+            if key in state:
+                setattr(self, key, state[key])
 
     def take_grad_norm(self) -> Tensor | None:
         """The gradient norm of the last check (for `total_norm`), once: None after it was taken, and when the check

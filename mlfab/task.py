@@ -62,6 +62,8 @@ from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks
 from mlfab.run.trainer import built_by_mlfab, unread_settings
 from mlfab.state import PHASES, LogPhase, Phase, State
 
+NUMPY_VALUES = (np.generic, np.ndarray)  # Built once: `self.log` checks every value against it.
+
 
 class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # FastFxName: see mlfab/_lightning.py.
     default_namespace = "value"
@@ -279,7 +281,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         `value`: a one-element tensor, a real number (Python's, a numpy scalar or 0-d array) or a torchmetrics Metric;
         anything else is refused with a TypeError."""
         given = value
-        if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:  # Lightning refuses 0-d arrays.
+        if isinstance(value, NUMPY_VALUES) and np.ndim(value) == 0:  # Lightning refuses 0-d arrays.
             value = value.item()
         if not isinstance(value, Tensor | numbers.Real) and not callable(getattr(value, "compute", None)):
             raise TypeError(
