@@ -249,7 +249,7 @@ class MlfabCLI(LightningCLI):
         `--ckpt_path` names another run's checkpoint (it started this run: a relaunch or a requeued Slurm job, whose
         command keeps it, goes on from where this run got to)."""
         given, own = kwargs.get("ckpt_path"), newest_checkpoint(self.run.exp_dir) if subcommand == "fit" else None
-        if own is not None and (given is None or self.run.exp_dir.resolve() not in Path(given).resolve().parents):
+        if own is not None and (given is None or not _holds(self.run.exp_dir, given)):
             if given is not None and self.run.writer:
                 print(f"Resuming from this run's newest checkpoint, not --ckpt_path {given} (which started it).")
             kwargs["ckpt_path"] = own
