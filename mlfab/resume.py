@@ -39,18 +39,32 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (checkpoint's value, this launch's value), for every key that differs."""
+def config_changes(
+    saved: Mapping[str, Any], now: Mapping[str, Any], every_key: bool = False
+) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (checkpoint's value, this launch's value), for every key that differs (a key only one of them
+    has counts with `every_key`; else a key the checkpoint lacks, added to the config since, does not)."""
     old, new = _flat(saved), _flat(now)
-    return {k: (old.get(k), new.get(k)) for k in new if k in old and old[k] != new[k]}
+    keys = dict.fromkeys([*old, *new]) if every_key else [k for k in new if k in old]
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
 
 
-def check_changes(changes: Mapping[str, tuple[Any, Any]], own_optimizer: bool, task: str, path: Any) -> None:
-    """Refuses the changes a resumed run cannot apply, all at once."""
+def check_changes(
+    changes: Mapping[str, tuple[Any, Any]],
+    own_optimizer: bool,
+    task: str,
+    path: Any,
+    optimizer_args: Mapping[str, tuple[Any, Any]] = {},  # noqa: B006 - read only
+) -> None:
+    """Refuses the changes a resumed run cannot apply, all at once; `optimizer_args` are the changes of the command
+    line's `--optimizer` / `--lr_scheduler`, whose restored state would keep every old value."""
     problems = [f"{k}: {old!r} -> {new!r} ({REFUSED[k]})" for k, (old, new) in changes.items() if k in REFUSED]
     if own_optimizer:
         why = f"{task} builds its own optimizer, whose restored state keeps the old value"
         problems += [f"{k}: {old!r} -> {new!r} ({why})" for k, (old, new) in changes.items() if k in OPTIMIZER_KEYS]
+    why = "the restored optimizer and scheduler state keep the old one"
+    shown = {k.replace(".init_args.", "."): v for k, v in optimizer_args.items()}  # As typed: --optimizer.lr
+    problems += [f"--{k}: {old!r} -> {new!r} ({why})" for k, (old, new) in shown.items()]
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(

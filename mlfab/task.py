@@ -117,6 +117,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._checkpoint_step = 0  # The step of those weights, which their evaluation is logged at.
         self._pending_rng: list[dict[str, Any]] | None = None
         self._resume_changes: dict[str, tuple[Any, Any]] = {}  # Config changes since the checkpoint we resume from.
+        self._optimizer_args: dict[str, Any] | None = None  # The command line's --optimizer / --lr_scheduler.
         self._start_time_s = time.time()
         self._elapsed_before_s = 0.0  # Time spent in earlier sessions of this run (restored on resume).
         self._session_start_s = time.monotonic()
@@ -422,7 +423,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def val_dataloader(self) -> DataLoader:
-        return self._dataloader("valid")
+        """The "valid" dataset; `valid_batches` batches of it, or what `limit_val_batches` says (of an endless one,
+        its 1.0, "all", is `valid_batches`)."""
+        return self._limited_dataloader("valid")
 
     @override
     def test_dataloader(self) -> DataLoader:
@@ -473,7 +476,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     def _limited_dataloader(self, phase: str) -> DataLoader:
         loader = self._dataloader(phase)
-        limit = f"limit_{phase}_batches"
+        limit = f"limit_{phase.removesuffix('id')}_batches"  # limit_val_batches, limit_test_batches, ...
         value = getattr(self.trainer, limit) if self._trainer is not None else None
         if isinstance(value, float) and value == 1.0 and not has_len(loader):  # Lightning's unset (`1`: one batch).
             if not self.config.valid_batches:
@@ -651,6 +654,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             "elapsed_time_s": self.elapsed_time_s,
             "rng": gather_rng_states(self.trainer),  # Every rank's, so each resumes its own stream.
             "nonfinite": self._nonfinite.state_dict(),
+            "optimizer_args": self._optimizer_args,
         }
         save_in_eval_mode(self, checkpoint)
 
@@ -689,7 +693,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         changes = config_changes(checkpoint.get("hyper_parameters", {}).get("config", {}), to_dict(self.config))
         hooks = ("get_optimizer_builder", "build_optimizer", "configure_optimizers")
         own = any(getattr(type(self), h) is not getattr(Task, h) for h in hooks) or "configure_optimizers" in vars(self)
-        check_changes(changes, own, type(self).__name__, path)
+        saved, now = checkpoint.get("mlfab", {}).get("optimizer_args"), self._optimizer_args
+        changes_of_args = {} if saved is None or now is None else config_changes(saved, now, every_key=True)
+        check_changes(changes, own, type(self).__name__, path, changes_of_args)
         self._resume_changes = changes
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -267,11 +267,47 @@ def test_fit_runs_like_launch_and_explicit_trainer_args_win(tmp_path: Path) -> N
     exp = fit(tmp_path, "--model.config.max_steps=5", "--trainer.max_steps=3", "--model.config.in_dim=3")
     assert exp == tmp_path / "runs" / "boring_task" / "run_0"
     data = run_file(exp)
-    assert data["model"]["config"]["max_steps"] == 5 and data["model"]["config"]["in_dim"] == 3
+    # The Trainer's max_steps is the config's too (what a relaunch of config.yaml, progress and time/remaining read).
+    assert data["model"]["config"]["max_steps"] == 3 and data["model"]["config"]["in_dim"] == 3
     assert data["trainer"] == {"max_steps": 3}  # Only what was given: the rest follows from the config.
     assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert (exp / "tensorboard" / "train").is_dir()  # The task's default loggers.
     assert "#   val_check_interval: 10\n" in (exp / "config.yaml").read_text()  # Derived settings, for the record.
+
+
+@pytest.mark.integration
+def test_trainer_arguments_that_set_a_config_key_set_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--trainer.accelerator cpu` over a config's `accelerator: cuda` trains on the CPU (the config's value was
+    resolved first, and refused on a machine without CUDA); each such argument is the config's value too."""
+    exp = fit(
+        tmp_path,
+        "--model.config.in_dim=3",
+        "--model.config.accelerator=cuda",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=2",
+        "--trainer.accumulate_grad_batches=2",
+        "--trainer.precision=32",
+        "--trainer.limit_val_batches=3",
+        "--trainer.gradient_clip_val=0",
+        "--seed_everything=0",
+    )
+    config = run_file(exp)["model"]["config"]
+    assert {k: config[k] for k in ("accelerator", "max_steps", "batches_per_step", "precision")} == {
+        "accelerator": "cpu",
+        "max_steps": 2,
+        "batches_per_step": 2,
+        "precision": "32-true",
+    }
+    assert config["valid_batches"] == 3 and config["clip_grad_norm"] is None and config["seed"] == 0
+    assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    # A share of the validation set (1 is all of it) is the Trainer's alone: valid_batches keeps the config's count.
+    capsys.readouterr()
+    for share in ("0.5", "1"):
+        with pytest.raises(SystemExit):
+            run_cli(
+                BoringTask, ["fit", "--model.config.in_dim=3", f"--trainer.limit_val_batches={share}", "--print_config"]
+            )
+        assert yaml.safe_load(capsys.readouterr().out)["model"]["config"]["valid_batches"] == BoringConfig.valid_batches
 
 
 @pytest.mark.integration
@@ -301,6 +337,7 @@ def test_config_yaml_reruns_the_same_settings_in_both_forms(tmp_path: Path) -> N
 def test_trainer_args_from_a_config_file_are_kept(tmp_path: Path) -> None:
     first = fit(tmp_path, "--trainer.max_steps=2", "--trainer.gradient_clip_val=null")
     assert run_file(first)["trainer"] == {"max_steps": 2, "gradient_clip_val": None}
+    assert run_file(first)["model"]["config"]["clip_grad_norm"] is None
     again = fit(tmp_path, "--config", str(first / "config.yaml"))
     assert run_file(again)["trainer"] == {"max_steps": 2, "gradient_clip_val": None}
     assert torch.load(again / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

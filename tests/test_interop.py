@@ -485,22 +485,28 @@ def test_trainer_keys_are_exactly_the_keys_mlfab_trainer_reads(tmp_path: Path, s
     assert read & fields == set(mlfab.run.trainer.TRAINER_KEYS)
 
 
+@pytest.mark.parametrize("phase", ["test", "val"])
 @pytest.mark.parametrize(("limit", "expected"), [(None, 3), (1, 1), (2, 2)])
-def test_an_endless_test_set_runs_valid_batches_unless_a_limit_is_given(
-    tmp_path: Path, limit: int | None, expected: int
+def test_an_endless_evaluation_set_runs_valid_batches_unless_a_limit_is_given(
+    tmp_path: Path, phase: str, limit: int | None, expected: int
 ) -> None:
-    """BoringTask's data has no end: `test` runs `valid_batches` batches of it, unless `limit_test_batches` says how
-    many (1 is one batch, not Lightning's unset 1.0)."""
-    tested: list[int] = []
+    """BoringTask's data has no end: `test` and `validate` run `valid_batches` batches of it, unless
+    `limit_<phase>_batches` says how many (1 is one batch, not Lightning's unset 1.0, which never ended)."""
+    seen: list[int] = []
 
     class Counting(BoringTask):
         def test_step(self, batch: Any, batch_idx: int) -> Any:
-            tested.append(batch_idx)
-            return super().test_step(batch, batch_idx)
+            return self.validation_step(batch, batch_idx)
 
-    limits = {} if limit is None else {"limit_test_batches": limit}
-    trainer(tmp_path, **limits).test(Counting(BoringConfig(valid_batches=3)))
-    assert len(tested) == expected
+        def validation_step(self, batch: Any, batch_idx: int) -> Any:
+            seen.append(batch_idx)
+            assert len(seen) < 100, "an endless evaluation"
+            return super().validation_step(batch, batch_idx)
+
+    limits = {} if limit is None else {f"limit_{phase}_batches": limit}
+    run = trainer(tmp_path, **limits)
+    (run.test if phase == "test" else run.validate)(Counting(BoringConfig(valid_batches=3)))
+    assert len(seen) == expected
 
 
 def test_an_endless_test_set_with_validation_off_is_an_error_not_an_empty_test(tmp_path: Path) -> None:

@@ -186,3 +186,19 @@ def test_an_optimizer_change_is_refused_under_the_command_lines_optimizer(tmp_pa
     BoringTask.launch(BoringConfig(max_steps=3), argv=args)
     with pytest.raises(mlfab.ConfigError, match=r"learning_rate: 0.05 -> 0.5 \(BoringTask builds its own optim"):
         BoringTask.launch(BoringConfig(max_steps=4), argv=[*args, "--model.config.learning_rate=0.5"])
+
+
+def test_a_changed_command_line_optimizer_or_scheduler_is_refused_on_resume(tmp_path: Path) -> None:
+    """The restored optimizer and scheduler state hold every value they were built with (SGD's `lr`, StepLR's
+    `step_size`): a relaunch that changes them would record the new values in config.yaml and train with the old."""
+    args = ["fit", "--optimizer=SGD", "--optimizer.lr=0.01", f"--model.config.exp_dir={tmp_path}"]
+    BoringTask.launch(BoringConfig(max_steps=3), argv=args)
+    recorded = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(mlfab.ConfigError, match=r"--optimizer.lr: 0.01 -> 0.1 \(the restored optimizer and sch"):
+        BoringTask.launch(BoringConfig(max_steps=4), argv=[*args, "--optimizer.lr=0.1"])
+    scheduler = ["--lr_scheduler=StepLR", "--lr_scheduler.step_size=2"]
+    with pytest.raises(mlfab.ConfigError, match=r"--lr_scheduler.class_path: None -> 'torch.optim.lr_sch"):
+        BoringTask.launch(BoringConfig(max_steps=4), argv=[*args, *scheduler])
+    assert (tmp_path / "config.yaml").read_text() == recorded
+    BoringTask.launch(BoringConfig(max_steps=4), argv=args)  # The same arguments resume.
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -41,7 +41,7 @@ from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
 from mlfab.run.rundir import checkpoint_run, newest_checkpoint
 from mlfab.run.slurm import in_slurm_job
-from mlfab.run.trainer import trainer_settings, val_check_interval
+from mlfab.run.trainer import trainer_settings
 
 if TYPE_CHECKING:
     from mlfab.task import Task
@@ -50,7 +50,9 @@ PRECEDENCE = (
     "Config values, later winning: the Config class defaults, the script's launch() config, the checkpoint's config "
     "(--ckpt_path), then --config files and --model.config.* flags in the order given, so values you give are never "
     "replaced by the checkpoint's. A --trainer.* argument given (as a flag or in a --config file) wins over the "
-    "Trainer setting mlfab derives from the config. --print_config prints the run in config.yaml's layout."
+    "Trainer setting mlfab derives from the config, and one that sets what a config key sets (max_steps, "
+    "accumulate_grad_batches, gradient_clip_val, limit_val_batches, accelerator, devices, num_nodes, strategy, "
+    "precision; --seed_everything) sets that key too. --print_config prints the run in config.yaml's layout."
 )
 DESCRIPTIONS = {
     "fit": "Trains the task: run directory, config.yaml, loggers, callbacks, Trainer settings from the config.",
@@ -63,6 +65,29 @@ DESCRIPTIONS = {
     "--ckpt_path's checkpoint, else a new run directory).",
 }
 LAUNCHERS = (None, "auto", "local", "slurm")
+SKIP = object()
+# Arguments that set what a config key sets: a value given is also the config's (converted by the function, which
+# also sees the other arguments), so that the run (its cadences, checks, progress, diagnostics) and config.yaml
+# agree with the Trainer. A value the key cannot hold (a fraction of batches, an Accelerator object, a list of
+# devices) is the Trainer's alone.
+SAME_AS_CONFIG: dict[str, tuple[str, Any]] = {
+    "seed_everything": ("seed", lambda v, _: SKIP if v is None or v is False else int(v)),  # `true`: the seed drawn.
+    "trainer.max_steps": ("max_steps", lambda v, _: None if v == -1 else v),
+    "trainer.accumulate_grad_batches": ("batches_per_step", lambda v, _: v),
+    "trainer.gradient_clip_val": (  # Lightning's 0 is no clipping; clipping by value is no norm clipping.
+        "clip_grad_norm",
+        lambda v, cfg: SKIP if cfg.get("trainer.gradient_clip_algorithm") == "value" else v or None,
+    ),
+    "trainer.limit_val_batches": ("valid_batches", lambda v, _: _batch_count(v)),
+    "trainer.accelerator": ("accelerator", lambda v, _: v),
+    "trainer.devices": ("devices", lambda v, _: v),
+    "trainer.num_nodes": ("num_nodes", lambda v, _: v),
+    "trainer.strategy": ("strategy", lambda v, _: v),
+    "trainer.precision": (  # Lightning's short names, as it reads them.
+        "precision",
+        lambda v, _: {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}.get(str(v), str(v)),
+    ),
+}
 
 
 class ShortFormError(Exception):
@@ -197,12 +222,13 @@ class MlfabCLI(LightningCLI):
         run = checkpoint_run(ckpt) if sub != "fit" and ckpt is not None else None
         if run is not None and "model.config.exp_dir" not in given:
             cfg["model.config.exp_dir"] = str(run)  # An evaluation of a run's checkpoint is logged into that run.
-        seed = cfg.get("seed_everything")  # An int once Lightning seeded with it (`true` too); 0 is a seed.
-        if "seed_everything" in given and seed is not None and seed is not False:
-            cfg["model.config.seed"] = int(seed)  # Lightning seeded with it; so must the run.
-        config = build_config(self.task_cls.config_class(), cfg["model.config"].as_dict())
-        if not any(k.startswith("trainer.accelerator") for k in given):
-            resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy)  # Before any run.
+        config_cls = self.task_cls.config_class()
+        for flag, (key, convert) in SAME_AS_CONFIG.items():
+            value = convert(cfg[flag], cfg) if flag in given else SKIP
+            if value is not SKIP and not [p for p in config_problems(config_cls, {key: value}) if "required" not in p]:
+                cfg[f"model.config.{key}"] = value
+        config = build_config(config_cls, cfg["model.config"].as_dict())
+        resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy)  # Before any run.
         if self.print_run_file:
             trainer, extra = self.given_sections(with_ckpt=True)
             print(yaml.safe_dump({**extra, "model": {"config": to_dict(config)}, "trainer": trainer}, sort_keys=False))
@@ -230,6 +256,7 @@ class MlfabCLI(LightningCLI):
         values = self._get(self.config_init, "trainer", default={})
         own_loggers = "logger" in trainer_given
         self.run: Run = prepare_run(task, trainer_given, extra, not own_loggers, self.config.subcommand)
+        task._optimizer_args = {k: extra[k] for k in ("optimizer", "lr_scheduler") if k in extra}  # For resumes.
         loggers = values["logger"] if own_loggers else task._mlfab_loggers
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         callbacks += _as_list(values.get("callbacks")) if "callbacks" in trainer_given else []
@@ -239,9 +266,6 @@ class MlfabCLI(LightningCLI):
             for key in trainer_given:
                 if key not in ("logger", "callbacks", "plugins"):
                     settings[key] = values[key]
-            if "accumulate_grad_batches" in trainer_given and "val_check_interval" not in trainer_given:
-                # Else validation would come that many times as often as `valid_every_n_steps` optimizer steps.
-                settings["val_check_interval"] = val_check_interval(config, settings["accumulate_grad_batches"])
             return self.trainer_class(**{**settings, **kwargs})
 
     def _mlfab_run(self, subcommand: str, model: Any, kwargs: dict[str, Any]) -> None:
@@ -260,6 +284,12 @@ class MlfabCLI(LightningCLI):
         if name in SUBCOMMANDS:
             return lambda model, **kwargs: self._mlfab_run(name, model, kwargs)
         raise AttributeError(name)
+
+
+def _batch_count(value: Any) -> Any:
+    """Lightning reads a whole number other than 1 as a number of batches (the command line gives `3` as 3.0), and
+    1 or 1.0, like any other fraction, as a share of them."""
+    return int(value) if isinstance(value, int | float) and value != 1 and float(value).is_integer() else SKIP
 
 
 def _holds(exp_dir: Any, ckpt: Any) -> bool:
