@@ -379,20 +379,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep-merges `over` into a copy of `base`; nested mappings merge, anything else replaces."""
-    out = dict(base)
+def merge(cls: type, base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` laid over a copy of `base` (config data of `cls`) as the command line lays a later source over an
+    earlier one: a nested config (a dataclass field, e.g. `slurm`) merges key by key; any other value, a mapping
+    such as `compile` too, is replaced whole."""
+    out, types = dict(base), field_types(cls)
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
+        sub = dataclass_type(types.get(key))
+        if sub is not None and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(sub, out[key], value)
         else:
             out[key] = value
     return out
 
 
-def merge_sources(*sources: Any) -> dict[str, Any]:
-    """Dataclasses, dicts and YAML files (of config keys) as one nested dict, later ones winning."""
-    return functools.reduce(merge, map(to_dict, sources), {})
+def merge_sources(cls: type, *sources: Any) -> dict[str, Any]:
+    """Dataclasses, dicts and YAML files (of config keys of `cls`) as one nested dict, later ones winning."""
+    return functools.reduce(functools.partial(merge, cls), map(to_dict, sources), {})
 
 
 def config_to_yaml(config: Any) -> str:
@@ -404,7 +407,7 @@ def config_to_yaml(config: Any) -> str:
 
 
 def resolve_config(cls: type[ConfigT], *sources: Any) -> ConfigT:
-    return build_config(cls, merge_sources(*sources))
+    return build_config(cls, merge_sources(cls, *sources))
 
 
 def build_config(cls: type[ConfigT], data: Mapping[str, Any], prefix: str = "") -> ConfigT:

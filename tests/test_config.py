@@ -245,6 +245,25 @@ def test_nested_override_keeps_sibling_keys() -> None:
     assert config.model == ModelConfig(hidden=10, depth=1)
 
 
+def test_a_mapping_value_is_replaced_whole_by_every_later_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mapping-valued key (`compile`, `extra`) is a value: a later source replaces it whole, as jsonargparse does for
+    a later file or `key=value` (only nested configs, dataclass fields, merge key by key). The script's own sources
+    merged it, so `mode` survived there and was dropped on the command line."""
+    assert resolve_config(MyConfig, {"batch_size": 1, "extra": {"a": 1, "b": 2}}, {"extra": {"c": 3}}).extra == {"c": 3}
+    first, later = {"compile": {"mode": "max-autotune"}}, {"compile": {"fullgraph": True}}
+    path = _write(tmp_path / "later.yml", "compile:\n  fullgraph: true\n")
+    for configs, argv in (
+        ((first, later), []),  # Two sources of the script.
+        ((first,), [str(path)]),  # A file on the command line.
+        ((first,), ["compile.fullgraph=true"]),  # A dotted key.
+    ):
+        with pytest.raises(SystemExit):
+            BoringTask.launch(*configs, argv=[*argv, "in_dim=3", "--print_config"])
+        assert yaml.safe_load(capsys.readouterr().out)["model"]["config"]["compile"] == {"fullgraph": True}, argv
+
+
 def test_overrides_read_values_as_yaml() -> None:
     config = resolve_config(
         MyConfig,

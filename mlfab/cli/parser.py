@@ -361,7 +361,7 @@ def _has_unknown_keys(cls: type, data: dict[str, Any]) -> bool:
 def script_sources(task_cls: type["Task"], configs: Sequence[Any]) -> tuple[dict[str, Any], list[str], list[Any]]:
     """What the script gives `launch`: its dataclasses and dicts merged (the defaults), the arguments that read its
     YAML files, and those files' config values."""
-    script = merge_sources(*(c for c in configs if not isinstance(c, str | PurePath)))
+    script = merge_sources(task_cls.config_class(), *(c for c in configs if not isinstance(c, str | PurePath)))
     read = [config_file_args(task_cls, c) for c in configs if isinstance(c, str | PurePath)]
     return script, [a for args, _ in read for a in args], [values for _, values in read]
 
@@ -399,8 +399,8 @@ def _explain(task_cls: type["Task"], configs: Sequence[Any], values: list[dict[s
     """jsonargparse refused the short form's arguments: every problem, by the key as typed, when they are config
     values; else what jsonargparse said."""
     script, _, file_values = script_sources(task_cls, configs)
-    given = functools.reduce(merge, [*file_values, *values], script)
     config_cls = task_cls.config_class()
+    given = functools.reduce(functools.partial(merge, config_cls), [*file_values, *values], script)
     problems = config_problems(config_cls, given)
     hint = f"See `{command_name()} --help` for what each argument takes."
     if problems and not config_problems(config_cls, given, rules=False):
