@@ -379,15 +379,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def merge(cls: type, base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """`over` laid over a copy of `base` (config data of `cls`) as the command line lays a later source over an
-    earlier one: a nested config (a dataclass field, e.g. `slurm`) merges key by key; any other value, a mapping
-    such as `compile` too, is replaced whole."""
-    out, types = dict(base), field_types(cls)
+def merge(base: Mapping[str, Any], over: Mapping[str, Any], cls: type | None = None) -> dict[str, Any]:
+    """`over` laid over a copy of `base`: mappings merge key by key. For config data of `cls`, as the command line
+    lays a later source over an earlier one: only a nested config (a dataclass field, e.g. `slurm`) merges; any
+    other value, a mapping such as `compile` too, is replaced whole."""
+    out, types = dict(base), field_types(cls) if cls is not None else {}
     for key, value in over.items():
         sub = dataclass_type(types.get(key))
-        if sub is not None and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(sub, out[key], value)
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and (cls is None or sub is not None):
+            out[key] = merge(out[key], value, sub)
         else:
             out[key] = value
     return out
@@ -395,7 +395,7 @@ def merge(cls: type, base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[s
 
 def merge_sources(cls: type, *sources: Any) -> dict[str, Any]:
     """Dataclasses, dicts and YAML files (of config keys of `cls`) as one nested dict, later ones winning."""
-    return functools.reduce(functools.partial(merge, cls), map(to_dict, sources), {})
+    return functools.reduce(lambda base, over: merge(base, over, cls), map(to_dict, sources), {})
 
 
 def config_to_yaml(config: Any) -> str:

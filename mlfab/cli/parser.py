@@ -400,7 +400,7 @@ def _explain(task_cls: type["Task"], configs: Sequence[Any], values: list[dict[s
     values; else what jsonargparse said."""
     script, _, file_values = script_sources(task_cls, configs)
     config_cls = task_cls.config_class()
-    given = functools.reduce(functools.partial(merge, config_cls), [*file_values, *values], script)
+    given = functools.reduce(lambda base, over: merge(base, over, config_cls), [*file_values, *values], script)
     problems = config_problems(config_cls, given)
     hint = f"See `{command_name()} --help` for what each argument takes."
     if problems and not config_problems(config_cls, given, rules=False):
