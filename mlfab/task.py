@@ -615,7 +615,21 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_train_end(self) -> None:
+        self._end_training()
+
+    def _end_training(self, failed: bool = False) -> None:
+        """`on_training_end`, then what was logged since the last written step (in that hook, or in the step an
+        error ended) written at that step, every logger's cadence aside."""
         self.on_training_end(self.state("train"))
+        if not self._log_buffers["train"]:
+            return
+        step = self.global_step if self._step_started else self.global_step - 1  # The step in progress, or the last.
+        try:
+            self._flush_logs("train", max(step, 0), everywhere=True)
+        except Exception as e:
+            if not failed:
+                raise
+            rank_zero_warn(f"The values logged as training failed could not be written: {e!r}")
 
     def _evaluation_weights(self, evaluate: bool) -> None:
         """Schedule-free optimizers: evaluate with their evaluation weights, then go back to the training weights.

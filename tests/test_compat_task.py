@@ -98,6 +98,31 @@ def test_on_training_end_runs_when_training_fails(tmp_path: Path) -> None:
     assert ended == [2]
 
 
+def test_values_logged_when_training_ends_are_written_also_when_it_fails(tmp_path: Path) -> None:
+    """`log_*` in `on_training_end` is written at the last step (it was buffered and never flushed); when an error
+    ends training, so are the values the failed step logged before it, at that step."""
+
+    class Ending(Json):
+        fail_at: int | None = None
+
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            self.log_scalar("seen_step", state.num_steps)
+            if state.num_steps == self.fail_at:
+                raise RuntimeError("boom")
+            return super().get_loss(batch, state)
+
+        def on_training_end(self, state: mlfab.State) -> None:
+            self.log_scalar("ended_at", state.num_steps)
+
+    exp = run(Ending, tmp_path / "ok")
+    assert train_lines(exp, "value/ended_at") == [(3, 4)]
+    Ending.fail_at = 2
+    with pytest.raises(RuntimeError, match="boom"):
+        run(Ending, tmp_path / "failed")
+    exp = tmp_path / "failed" / "run"
+    assert train_lines(exp, "value/ended_at") == [(2, 2)] and train_lines(exp, "value/seen_step")[-1] == (2, 2)
+
+
 def test_build_optimizer_with_the_model_argument_and_an_optimizer_builder(tmp_path: Path) -> None:
     class OldSignature(BoringTask):
         def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:  # type: ignore[override]

@@ -298,9 +298,9 @@ class TrainingEndsOnError(StepFreeCallback):
         if not self._running:
             return
         self._running = False
-        end, state = getattr(pl_module, "on_training_end", None), getattr(pl_module, "state", None)
-        if callable(end) and callable(state):  # An mlfab task (any other LightningModule has neither).
-            end(state("train"))
+        end = getattr(pl_module, "_end_training", None)
+        if callable(end):  # An mlfab task (any other LightningModule has none).
+            end(failed=True)
 
 
 def last_training_ends_on_error(callbacks: list[Any]) -> None:
