@@ -607,6 +607,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             self.log_string("changed_settings", describe(self._resume_changes), namespace="resume")
             self._resume_changes = {}
         warm_up(self.trainer.optimizers)
+        if self.trainer.ckpt_path is not None and self.trainer.is_global_zero:  # Resumed: steps past it come again.
+            validated = self._cadence is None or not self._cadence.owed
+            steps: dict[LogPhase, int] = {"train": self.global_step, "valid": self.global_step + validated}
+            for logger in self.trainer.loggers:
+                if isinstance(logger, MlfabLogger):
+                    logger.resumed(steps)
         if self._pending_rng is not None:
             restore_rng_states(self.trainer, self._pending_rng)
             self._pending_rng = None

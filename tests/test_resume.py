@@ -7,6 +7,7 @@ import pwd
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,56 @@ def test_map_style_data_resumes_exactly(tmp_path: Path, workers: int, stop_at: i
     got = launch(tmp_path / "run", 12)  # Resumes from the final checkpoint of step `stop_at`.
     assert sorted(got) == list(range(stop_at, 12))
     assert got == {step: expected[step] for step in range(stop_at, 12)}
+
+
+class CrashOnce(mlfab.testing.BoringTask):
+    """Writes every step to TensorBoard and log.jsonl; raises at step 8 of its first launch into a directory."""
+
+    def set_loggers(self) -> None:
+        self.add_logger(
+            mlfab.JsonLogger(self.exp_dir, log_interval_seconds=0.0),
+            mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=0.0),
+        )
+
+    def get_loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: mlfab.State) -> torch.Tensor:
+        marker = self.exp_dir / "crashed_once"
+        if state.phase == "train" and state.num_steps == 8 and self.config.run_dir == "crash" and not marker.exists():
+            marker.touch()
+            raise RuntimeError("crash after the checkpoint")
+        return super().get_loss(batch, state)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("valid_every", [4, 3])  # At 3, the checkpoint at step 6 comes before its validation.
+def test_steps_written_after_the_checkpoint_before_a_crash_read_once(tmp_path: Path, valid_every: int) -> None:
+    """A crash at step 8 after a checkpoint at step 6: the first launch wrote steps 6-7 (and a validation) that the
+    resumed run writes again. TensorBoard's reader and a log.jsonl reader that honours its resume line see every
+    step once, with the uninterrupted run's values."""
+    from mlfab.testing import read_scalars
+
+    def launch(exp: Path, run_dir: str) -> None:
+        settings = {"max_steps": 10, "save_every_n_steps": 3, "valid_every_n_steps": valid_every}
+        CrashOnce.launch(BoringConfig(**settings, run_dir=run_dir, exp_dir=str(exp)), argv=[])
+
+    launch(tmp_path / "once", "once")
+    with pytest.raises(RuntimeError, match="crash after the checkpoint"):
+        launch(tmp_path / "crashed", "crash")
+    # TensorBoard reads a directory's event files in name order, whose time is in whole seconds: a relaunch (a new
+    # process, later) names its file after the crashed launch's.
+    time.sleep(1.05)
+    launch(tmp_path / "crashed", "crash")
+
+    def json_lines(exp: Path) -> list[tuple[str, int, float]]:
+        kept: list[dict] = []
+        for line in map(json.loads, (exp / "json" / "log.jsonl").read_text().splitlines()):
+            if line["phase"] == "resume":
+                kept = [k for k in kept if k["step"] < line["steps"].get(k["phase"], k["step"] + 1)]
+            elif "loss/loss" in line.get("scalars", {}):
+                kept.append(line)
+        return [(k["phase"], k["step"], k["scalars"]["loss/loss"]) for k in kept]
+
+    assert json_lines(tmp_path / "crashed") == json_lines(tmp_path / "once")
+    for phase in ("train", "valid"):
+        once = read_scalars(tmp_path / "once" / "tensorboard" / phase)["loss/loss"]
+        assert read_scalars(tmp_path / "crashed" / "tensorboard" / phase)["loss/loss"] == once
+    assert [step for step, _ in once] == [1, *range(valid_every, 11, valid_every), *([10] if 10 % valid_every else [])]

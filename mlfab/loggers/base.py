@@ -39,6 +39,10 @@ class MlfabLogger(ABC):
     def write_config(self, config_yaml: str) -> None:  # noqa: B027 - optional hook
         """Called once per run with the resolved config as YAML."""
 
+    def resumed(self, steps: dict[LogPhase, int]) -> None:  # noqa: B027 - optional hook
+        """The run resumed from a checkpoint: what an earlier launch wrote of each phase at `steps[phase]` or later
+        came after that checkpoint (before a crash), and the resumed run writes those steps again."""
+
     def write_run_info(self, info: dict[str, str]) -> None:
         """Called once per run with texts describing it: `config` (YAML), `provenance` (commit, versions),
         `git_diff` and `source` (the task's file) when known. By default: the config through

@@ -18,6 +18,10 @@ histograms as .npy (the raw values; the line has their summary) and point clouds
 Lightning's `log_hyperparams` adds a line {"phase": "hparams", "hparams": {...}} (for an mlfab task, its config);
 `write_config` writes nothing, since `<exp_dir>/config.yaml` and that line already hold the config.
 `log_metrics` (Lightning's `self.log` path) writes scalar lines like any other write.
+
+A run that resumes from a checkpoint adds {"phase": "resume", "steps": {"train": 6, "valid": 7}}: the lines
+before it of a phase at that step or later were written after the checkpoint by a launch that then stopped (a
+crash), and the resumed run writes those steps again; drop them to read each step once.
 """
 
 import argparse
@@ -152,6 +156,11 @@ class JsonLogger(PlainLogger):
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         params = vars(params) if isinstance(params, argparse.Namespace) else params
         self._write_line({"phase": "hparams", "hparams": dict(params)})
+
+    @override
+    @rank_zero_only
+    def resumed(self, steps: dict[LogPhase, int]) -> None:
+        self._write_line({"phase": "resume", "steps": steps})
 
     def write_run_info(self, info: dict[str, str]) -> None:
         """One line with phase "run": the config and the run's origin (commit, diff, task source)."""

@@ -88,6 +88,15 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
     def write(self, logs: Logs) -> None:
         write_summaries(self.writer(logs.phase), logs, f"{self._prefix}-" if self._prefix else "")
 
+    @override
+    def resumed(self, steps: dict[LogPhase, int]) -> None:
+        """TensorBoard's restart marker (what `SummaryWriter(purge_step=N)` writes), in each phase's events: its
+        reader drops the earlier launch's events of that step and after, so each step shows once."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        for phase, step in steps.items():
+            file_writer(self.writer(phase)).add_event(Event(session_log=SessionLog(status=SessionLog.START)), step)
+
     def write_run_info(self, info: dict[str, str]) -> None:
         for name, text in info.items():  # TensorBoard renders text as markdown: keep it verbatim in a code block.
             self.experiment.add_text(f"run/{name}", f"```\n{text}\n```", 0)

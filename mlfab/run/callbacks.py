@@ -83,6 +83,11 @@ class ValidationCadence(StepFreeCallback):
         self._lightning_decision: Callable[[Any], bool] | None = None  # Lightning's own, once training starts.
         self._decided = (-1, False)  # (global step, whether a validation follows it)
 
+    @property
+    def owed(self) -> bool:
+        """Whether the resumed run validates first: its checkpoint was written before a validation still due."""
+        return self._owed
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.monotonic()
