@@ -452,3 +452,24 @@ def test_a_copied_checkpoint_never_writes_into_the_run_it_was_copied_from(
         BoringTask.launch(BoringConfig(), argv=[*command, f"--ckpt_path={copies / 'last.ckpt'}", runs])
         assert f"Run directory: {tmp_path / 'runs'}" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.integration
+def test_fit_from_a_runs_checkpoint_starts_a_new_run_and_leaves_that_run_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fit --ckpt_path <run>/checkpoints/step_4.ckpt` rewound that run when it had been started with `exp_dir=`
+    (the checkpoint's config carries it): its later checkpoints were pruned and its config.yaml rewritten, while a run
+    started with `run_dir=` got a new directory. It is a new run either way, as in Lightning; `exp_dir=<run>` given
+    on purpose continues that run from the checkpoint."""
+    original = tmp_path / "original"
+    launch(original)  # exp_dir=original, checkpoints at steps 4 and 6 kept.
+    before = {p: p.read_bytes() for p in original.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+    step_4 = original / "checkpoints" / "step_00000004.ckpt"
+    capsys.readouterr()
+    BoringTask.launch(BoringConfig(), argv=["fit", f"--ckpt_path={step_4}", f"--model.config.run_dir={tmp_path}/runs"])
+    out = capsys.readouterr().out
+    assert f"Run directory: {tmp_path / 'runs'}" in out and f"Resuming from {step_4}" in out
+    (new,) = (tmp_path / "runs" / "boring_task").iterdir()
+    assert torch.load(new / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert {p: p.read_bytes() for p in before} == before

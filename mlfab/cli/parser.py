@@ -215,13 +215,12 @@ class MlfabCLI(LightningCLI):
             if key.startswith("model."):  # Lightning put the checkpoint's config over everything; undo that for these.
                 cfg[key] = self.given[sub][key]
         ckpt = cfg.get("ckpt_path")
-        saved = cfg.get("model.config.exp_dir")  # The checkpoint's own, when its run was started with exp_dir.
-        if ckpt is not None and "model.config.exp_dir" not in given and not _holds(saved, ckpt):
-            # A copied checkpoint (or another run's): this launch's directory, never the run it was copied from.
-            cfg["model.config.exp_dir"] = self.script_config.get("exp_dir")
-        run = checkpoint_run(ckpt) if sub != "fit" and ckpt is not None else None
-        if run is not None and "model.config.exp_dir" not in given:
-            cfg["model.config.exp_dir"] = str(run)  # An evaluation of a run's checkpoint is logged into that run.
+        if ckpt is not None and "model.config.exp_dir" not in given:
+            # Not the checkpoint's own exp_dir, which Lightning merged in: an evaluation of a run's checkpoint is
+            # logged into that run; a fit from a checkpoint (or anything of a file outside a run) gets this launch's
+            # directory, so it never rewinds nor rewrites another run.
+            run = checkpoint_run(ckpt) if sub != "fit" else None
+            cfg["model.config.exp_dir"] = str(run) if run is not None else self.script_config.get("exp_dir")
         config_cls = self.task_cls.config_class()
         for flag, (key, convert) in SAME_AS_CONFIG.items():
             value = convert(cfg[flag], cfg) if flag in given else SKIP
