@@ -11,7 +11,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mlfab"
 # Backends imported when first used, so `import mlfab` does not pay for them (or fail without them).
-LAZY = ("wandb", "soundfile", "moviepy", "schedulefree", "torch.utils.tensorboard", "tensorboard.backend")
+LAZY = (
+    "wandb",
+    "soundfile",
+    "moviepy",
+    "schedulefree",
+    "torch.utils.tensorboard",
+    "tensorboard.backend",
+    "tensorboard.compat",
+)
 
 
 def module_name(path: Path) -> str:
