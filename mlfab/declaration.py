@@ -85,8 +85,71 @@ def typed_config_init(init: Any) -> Any:
     return wrapper
 
 
+# Lightning hooks that hold mlfab's own work (Task's implementation): an override of one runs that work whether or not
+# it calls super(), once per call, where it calls super() or else after its own code. For the hooks marked True the
+# work always comes after the override's code, so what the override logs is written with the rest.
+MLFAB_HOOKS = {
+    "setup": False,
+    "on_train_start": False,
+    "on_train_batch_start": False,
+    "on_train_batch_end": True,
+    "on_train_end": True,
+    "on_validation_epoch_end": True,
+    "on_test_epoch_end": True,
+    "on_predict_epoch_end": True,
+    "on_save_checkpoint": False,
+    "on_load_checkpoint": False,
+}
+_IN_OVERRIDE = "_mlfab_in_override"  # {hook: whether Task's work ran} of the overrides in progress, on the instance.
+
+
+def _runs_task_work(name: str, override: Any, task_base: type) -> Any:
+    @functools.wraps(override)
+    def hook(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls = self.__dict__.setdefault(_IN_OVERRIDE, {})
+        if name in calls:  # An override further up the class hierarchy, reached through super().
+            return override(self, *args, **kwargs)
+        calls[name] = False
+        try:
+            result = override(self, *args, **kwargs)
+        finally:
+            ran = calls.pop(name)
+        if not ran:
+            getattr(task_base, name)(self, *args, **kwargs)
+        return result
+
+    return hook
+
+
+def task_work_due(task: Any, name: str) -> bool:
+    """Whether Task's own `name` hook does its work now: not when it is reached through super() from an override
+    that runs it afterwards (see `MLFAB_HOOKS`)."""
+    calls = task.__dict__.get(_IN_OVERRIDE)
+    if not calls or name not in calls:
+        return True
+    if MLFAB_HOOKS[name]:
+        return False
+    calls[name] = True
+    return True
+
+
+# Lightning's mode switches around an evaluation, where Task also switches a schedule-free optimizer between its
+# training and evaluation weights: an override that does not call super() would evaluate the training weights.
+SUPER_REQUIRED = ("on_validation_model_eval", "on_validation_model_train", "on_test_model_eval", "on_test_model_train")
+
+
 def prepare_subclass(cls: type, task_base: type) -> None:
     refuse_replaced_methods(cls)
+    for name in MLFAB_HOOKS.keys() & vars(cls).keys():
+        setattr(cls, name, _runs_task_work(name, vars(cls)[name], task_base))
+    for name in SUPER_REQUIRED:
+        names = getattr(getattr(vars(cls).get(name), "__code__", None), "co_names", ("super", name))
+        if "super" not in names or name not in names:
+            raise TaskDefinitionError(
+                f"{cls.__name__}.{name} does not call super().{name}(): besides Lightning's switch of the model's "
+                "mode, it switches a schedule-free optimizer to the weights evaluation must use (its evaluation "
+                "weights, then back to the training weights). Call it in your override."
+            )
     init = cls.__dict__.get("__init__")
     config_cls = find_config_class(cls, task_base)
     if init is None:

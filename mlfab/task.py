@@ -38,7 +38,7 @@ from mlfab.cli.parser import launch
 from mlfab.compiling import Compiled
 from mlfab.config import Config, ConfigT, build_config, check_config, to_dict
 from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
-from mlfab.declaration import find_config_class, prepare_subclass
+from mlfab.declaration import find_config_class, prepare_subclass, task_work_due
 from mlfab.errors import ConfigError, TaskDefinitionError
 from mlfab.loader import Consumed, MlfabLoader
 from mlfab.loggers.base import MlfabLogger
@@ -365,7 +365,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return out
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Lightning hooks.
+    # Lightning hooks. Those with mlfab's work in them start with `task_work_due`: a task's override runs that work
+    # whether or not it calls super() (mlfab.declaration.MLFAB_HOOKS).
 
     def _dataloader(self, phase: str) -> DataLoader:
         try:
@@ -392,6 +393,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def setup(self, stage: str) -> None:
+        if not task_work_due(self, "setup"):
+            return
         # mlfab writes its own values to every logger, and the `self.log` values to its own loggers.
         withhold_from_loggers(self.trainer, self._metric_names, lambda logger: isinstance(logger, MlfabLogger))
         if self.config.compile is not False and self._compiled is None:  # Once, also when fit is followed by test.
@@ -466,6 +469,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_test_epoch_end(self) -> None:
+        if not task_work_due(self, "on_test_epoch_end"):
+            return
         self._flush_logs("test", self.weights_step)
 
     @override
@@ -499,6 +504,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         """What was logged during predict (in `get_prediction`, ...) is written once, as phase "predict", at the step
         of the weights: scalars as their sample-weighted mean over the whole run (and over ranks), other kinds from its
         first batch, as for validation."""
+        if not task_work_due(self, "on_predict_epoch_end"):
+            return
         self._flush_logs(PREDICT, self.weights_step)
 
     @override
@@ -532,6 +539,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not task_work_due(self, "on_train_batch_start"):
+            return
         if not self._step_started:
             self._step_started = True
             if type(self).on_step_start is not Task.on_step_start:  # A State costs ~3 us: only when overridden.
@@ -539,6 +548,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not task_work_due(self, "on_train_batch_end"):
+            return
         if step_ends(self.trainer):
             self._step_started = False
             if type(self).on_step_end is not Task.on_step_end:
@@ -590,6 +601,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_validation_epoch_end(self) -> None:
+        if not task_work_due(self, "on_validation_epoch_end"):
+            return
         if self.trainer.sanity_checking:  # Like Lightning, nothing from the sanity check is logged.
             self._log_buffers["valid"].clear()
             return
@@ -597,6 +610,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_train_start(self) -> None:
+        if not task_work_due(self, "on_train_start"):
+            return
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         self._cadence = next((c for c in callbacks if isinstance(c, ValidationCadence)), None)  # Once, not every step.
         set_optimizer_mode(self.trainer.optimizers, train=True)
@@ -621,6 +636,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_train_end(self) -> None:
+        if not task_work_due(self, "on_train_end"):
+            return
         self._end_training()
 
     def _end_training(self, failed: bool = False) -> None:
@@ -666,6 +683,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not task_work_due(self, "on_save_checkpoint"):
+            return
         checkpoint["mlfab"] = {
             "task": task_id(type(self)),
             "num_samples": self._num_samples,
@@ -680,6 +699,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not task_work_due(self, "on_load_checkpoint"):
+            return
         # Lightning calls this before it loads the weights, so a checkpoint of another task or config is refused
         # with an explanation instead of a key or shape error.
         check_compatible(checkpoint, Path(str(self._trainer and self.trainer.ckpt_path or "the checkpoint")), self)
