@@ -97,6 +97,13 @@ def withhold_from_loggers(trainer: pl.Trainer, names: Container[str], writes_its
     connector.log_metrics = log_metrics  # type: ignore[method-assign]
 
 
+def metric_step_value(metric: Any) -> Tensor | None:
+    """A torchmetrics Metric's value for the last batch it was called on (what Lightning logs for a Metric on step),
+    or None when it was only `update`d. Private: torchmetrics' `Metric._forward_cache`, which Lightning reads too."""
+    value = getattr(metric, "_forward_cache", None)
+    return value.detach().clone() if isinstance(value, Tensor) else None
+
+
 def publish_metrics(trainer: pl.Trainer, metrics: dict[str, Tensor]) -> None:
     """Puts values into `trainer.callback_metrics` and `trainer.logged_metrics` without `self.log`, for training
     values mlfab resolves only at the steps it writes: `self.log` costs about 0.5 ms per call, and an on-step
@@ -218,6 +225,15 @@ def uploads_checkpoints(logger: Any) -> bool:
     """Whether a Lightning logger uploads checkpoint files right after they are saved (WandbLogger, MLFlowLogger, ...
     with `log_model`). Private: the loggers' `_log_model`, which their `after_save_checkpoint` reads."""
     return bool(getattr(logger, "_log_model", False))
+
+
+def metric_prefix(logger: Any) -> str:
+    """What a Lightning logger puts before each metric name it is given (its `prefix=`, then its join character:
+    `"exp1-"`), or "" without one; mlfab writes its values to Lightning's TensorBoard and W&B loggers past their
+    `log_metrics`, so it applies the prefix itself, as they do to `self.log` values. Private: the loggers' `_prefix`,
+    which their `log_metrics` adds with `LOGGER_JOIN_CHAR` (`lightning.fabric.utilities.logger._add_prefix`)."""
+    prefix = getattr(logger, "_prefix", "")
+    return f"{prefix}{logger.LOGGER_JOIN_CHAR}" if prefix else ""
 
 
 def collect_rng_states(include_cuda: bool) -> dict[str, Any]:

@@ -139,7 +139,7 @@ class RepeatedWarning:
 
 
 class BadSamples:
-    """Counts samples whose loading raised, by exception type and place; stops past `max_in_a_row`."""
+    """Counts samples whose loading raised, by exception type and place; stops at `max_in_a_row` in a row."""
 
     def __init__(self, name: str, max_in_a_row: int | None) -> None:
         self.name = name
@@ -157,7 +157,7 @@ class BadSamples:
         self.counts[f"{type(exc).__name__} at {where}"] += 1
         self.total += 1
         self.in_a_row += 1
-        if self.max_in_a_row is not None and self.in_a_row > self.max_in_a_row:
+        if self.max_in_a_row is not None and self.in_a_row >= self.max_in_a_row:  # As the help says: this many.
             raise DatasetError(
                 f"{self.in_a_row} samples in a row from {self.name} failed to load (max_bad_samples_in_a_row="
                 f"{self.max_in_a_row}); most frequent:\n{self.summary()}\nLast error: {type(exc).__name__}: {exc}"
@@ -263,7 +263,7 @@ class Collate:
     """Uses the dataset's own `collate` when it has one, then turns numpy arrays into tensors.
 
     A batch that fails to collate becomes None, which the training loader skips and counts and the validation
-    and test steps skip. More than `max_bad_in_a_row` such batches in a row (in one process: each dataloader
+    and test steps skip. `max_bad_in_a_row` such batches in a row (in one process: each dataloader
     worker counts its own) stop the run with a DatasetError; the key is `max_bad_samples_in_a_row`, which counts
     batches here. The warnings are rate-limited (RepeatedWarning)."""
 
@@ -288,7 +288,7 @@ class Collate:
     def failed(self, exc: Exception) -> None:
         self.in_a_row += 1
         error = f"{type(exc).__name__}: {exc} (at {_where(exc)})"
-        if self.max_bad_in_a_row is not None and self.in_a_row > self.max_bad_in_a_row:
+        if self.max_bad_in_a_row is not None and self.in_a_row >= self.max_bad_in_a_row:
             raise DatasetError(
                 f"{self.in_a_row} batches in a row from {self.name} failed to collate (max_bad_samples_in_a_row="
                 f"{self.max_bad_in_a_row}, which also counts batches that fail to collate). Last error: {error}"

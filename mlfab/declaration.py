@@ -93,6 +93,7 @@ MLFAB_HOOKS = {
     "on_train_start": False,
     "on_train_batch_start": False,
     "on_train_batch_end": True,
+    "on_train_epoch_end": True,
     "on_train_end": True,
     "on_validation_epoch_end": True,
     "on_test_epoch_end": True,

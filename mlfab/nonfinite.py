@@ -110,8 +110,11 @@ class NonFiniteGuard:
         self.last_skip = f"step {step}: {self.last_reason} not finite"
         log.warning("Step %d skipped: %s is not finite (%d skipped so far)", step, self.last_reason, self.total)
         if self.max_in_a_row is not None and self.in_a_row >= self.max_in_a_row:
+            # `last_reason` reads "loss 'x'" or "the gradient" (as in "the gradient is not finite"); the article
+            # does not fit after "a non-finite".
+            what = self.last_reason.removeprefix("the ")
             raise NonFiniteError(
-                f"{self.in_a_row} optimizer steps in a row had a non-finite {self.last_reason} (last at step {step}); "
+                f"{self.in_a_row} optimizer steps in a row had a non-finite {what} (last at step {step}); "
                 "stopping (max_nonfinite_steps_in_a_row). The checkpoints written so far are intact. Lower the "
                 "learning rate, check the data, or raise max_nonfinite_steps_in_a_row."
             )

@@ -5,9 +5,11 @@ the `RUN_DIR`, `DATA_DIR` and `MODEL_DIR` environment variables. Values may use 
 file mlfab 0.2 wrote does, OmegaConf's `${oc.env:VAR}` and `${oc.env:VAR,default}`; a variable they name that is
 not set is an error naming the file, the entry and the variable, except in an entry that is just its own fallback
 variable (`run: ${oc.env:RUN_DIR}`, as 0.2 wrote), which reads as empty. A commented default file is written the
-first time settings are read.
+first time settings are read. Any other `directories` key, or a section other than `directories` and those mlfab 0.2
+wrote (kept unused), is an error naming the file, the key and the closest known one: a typo is never ignored.
 """
 
+import difflib
 import functools
 import os
 import re
@@ -33,6 +35,10 @@ directories:
 """
 
 _ENV_VARS = {"run": "RUN_DIR", "data": "DATA_DIR", "pretrained_models": "MODEL_DIR"}
+# The sections a settings file may hold: `directories`, and those mlfab 0.2 wrote, which are accepted (so a 0.2 file
+# works as it is) and unused. Anything else is a typo or a setting mlfab does not have: an error, never ignored.
+_V02_SECTIONS = ("error_handling", "logging", "device", "triton", "experiment")
+_SECTIONS = ("directories", *_V02_SECTIONS)
 
 
 def settings_path() -> Path:
@@ -48,7 +54,29 @@ def _read(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise SettingsError(f"The mlfab settings file {path} must hold a mapping (see the default it writes).")
+    _check_keys(path, data, _SECTIONS)
+    directories = data.get("directories")
+    if isinstance(directories, dict):  # (Its other shapes are refused, naming them, where it is read.)
+        _check_keys(path, directories, tuple(_ENV_VARS), parent="directories")
     return data
+
+
+def _check_keys(path: Path, data: dict[Any, Any], known: tuple[str, ...], parent: str = "") -> None:
+    """Refuses a key of `data` (the file's top level, or its section `parent`) that is not in `known`."""
+    name = (lambda key: f"`{parent}.{key}`") if parent else (lambda key: f"`{key}`")
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            hint = f" (did you mean {name(close[0])}?)" if close else ""
+            listing = (
+                f"the keys of `{parent}` are {', '.join(known)}"
+                if parent
+                else f"the sections are directories and, accepted unused from mlfab 0.2, {', '.join(_V02_SECTIONS)}"
+            )
+            raise SettingsError(
+                f"The mlfab settings file {path} has an unknown {'key' if parent else 'section'} {name(key)}{hint}; "
+                f"{listing}. Rename or remove it."
+            )
 
 
 def _files() -> list[tuple[Path, dict[str, Any]]]:

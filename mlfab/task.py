@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from mlfab._lightning import (
     FastFxName,
+    metric_step_value,
     precompute_step_signatures,
     publish_metrics,
     step_ends,
@@ -113,6 +114,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._step_started = False  # `on_step_start` ran for the step in progress.
         self._metric_names: set[str] = set()  # What this task `self.log`s for Lightning (not for its loggers).
         self._lightning_names: set[str] = set()  # What the task's own code `self.log`s (see `log`).
+        self._split_names: set[str] = (
+            set()
+        )  # Of those, logged in an evaluation with on_step: Lightning's `<name>_epoch`.
         self._weights_from_checkpoint = False  # Evaluation weights loaded for validate/test: no mode switch.
         self._checkpoint_step = 0  # The step of those weights, which their evaluation is logged at.
         self._pending_rng: list[dict[str, Any]] | None = None
@@ -223,8 +227,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         """This run's directory (checkpoints, logs, config.yaml)."""
         if self._exp_dir is not None:
             return self._exp_dir
-        if self._trainer is not None:
+        if self._trainer is not None:  # A Trainer built elsewhere: its directory (its `default_root_dir`).
             return Path(self.trainer.default_root_dir)
+        if self.config.exp_dir:
+            return Path(self.config.exp_dir).expanduser()
         raise RuntimeError(
             f"{type(self).__name__}.exp_dir is only known once the task runs: use it in set_loggers or later, "
             "or set exp_dir in the config."
@@ -294,11 +300,15 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if name in self._metric_names or to_loggers is False or self._trainer is None or self.trainer.sanity_checking:
             return
         self._lightning_names.add(name)
+        phase = self._phase()
+        if phase != "train" and (args[2] if len(args) > 2 else kwargs.get("on_step")):
+            self._split_names.add(name)
         if isinstance(value, Tensor):
             value = value.detach()
-        elif not isinstance(value, numbers.Real):  # A torchmetrics Metric: computed when it is written.
-            value = value.compute
-        self._log_buffers[self._phase()].add("scalar", name, value)
+        elif not isinstance(value, numbers.Real):  # A torchmetrics Metric: the step's value, or computed when written.
+            step_value = metric_step_value(value) if phase == "train" else None
+            value = value.compute if step_value is None else step_value
+        self._log_buffers[phase].add("scalar", name, value)
 
     def _loss_total(self, loss: Any, phase: Phase, batch: Any) -> Tensor:
         """The loss to backpropagate; each part is logged under `loss/<name>`."""
@@ -361,7 +371,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         computed = trainer.callback_metrics  # Computed (and synchronised) once here, as Lightning would later.
         out = {tag: float(computed[f"{phase}/{tag}"]) for tag in means if tag not in own}
         for tag in own.intersection(means):  # Lightning's reduction; the mean over batches if it made none.
-            out[tag] = float(computed.get(f"{tag}_epoch", computed.get(tag, means[tag])))
+            out[tag] = float(computed.get(f"{tag}_epoch" if tag in self._split_names else tag, means[tag]))
         return out
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -598,6 +608,14 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self._bad_data_seen:
             self.log_scalar("bad_samples", loader.bad_samples if dpshdl else 0, namespace="data")
             self.log_scalar("skipped_batches", lambda: loader.skipped_batches, namespace="data")
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        """What was logged at the end of an epoch (here or in a callback's hook) is written at its last step."""
+        if not task_work_due(self, "on_train_epoch_end"):
+            return
+        if self._log_buffers["train"]:
+            self._flush_logs("train", max(self.global_step - 1, 0), everywhere=True)
 
     @override
     def on_validation_epoch_end(self) -> None:

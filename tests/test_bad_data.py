@@ -68,9 +68,9 @@ def test_a_dataset_that_keeps_failing_stops_with_its_name_and_errors(tmp_path: P
     with pytest.raises(mlfab.DatasetError) as info:
         Broken.launch(BoringConfig(max_steps=5, max_bad_samples_in_a_row=20, run_dir=str(tmp_path)), argv=[])
     message = str(info.value)
-    assert "21 samples in a row from Flaky failed to load (max_bad_samples_in_a_row=20)" in message
+    assert "20 samples in a row from Flaky failed to load (max_bad_samples_in_a_row=20)" in message
     assert "OSError at " in message and "test_bad_data.py" in message
-    assert "Last error: OSError: cannot read sample 21" in message
+    assert "Last error: OSError: cannot read sample 20" in message
 
 
 class FailsToCollate(RegressionDataset):

@@ -58,7 +58,9 @@ def test_steps_and_seconds_together(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
-def test_hardware_auto_on_cpu() -> None:
+def test_hardware_auto_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "NODE_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)  # For num_nodes=2 below.
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the test checks the CPU defaults")
     assert resolve_hardware("auto", "auto", 1, "auto") == {

@@ -267,9 +267,10 @@ def test_fit_runs_like_launch_and_explicit_trainer_args_win(tmp_path: Path) -> N
     exp = fit(tmp_path, "--model.config.max_steps=5", "--trainer.max_steps=3", "--model.config.in_dim=3")
     assert exp == tmp_path / "runs" / "boring_task" / "run_0"
     data = run_file(exp)
-    # The Trainer's max_steps is the config's too (what a relaunch of config.yaml, progress and time/remaining read).
+    # The Trainer's max_steps is the config's (what a relaunch of config.yaml, progress and time/remaining read),
+    # recorded there only; the trainer section holds what was given and no config key holds.
     assert data["model"]["config"]["max_steps"] == 3 and data["model"]["config"]["in_dim"] == 3
-    assert data["trainer"] == {"max_steps": 3}  # Only what was given: the rest follows from the config.
+    assert data["trainer"] == {}
     assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert (exp / "tensorboard" / "train").is_dir()  # The task's default loggers.
     assert "#   val_check_interval: 10\n" in (exp / "config.yaml").read_text()  # Derived settings, for the record.
@@ -335,12 +336,16 @@ def test_config_yaml_reruns_the_same_settings_in_both_forms(tmp_path: Path) -> N
 
 @pytest.mark.integration
 def test_trainer_args_from_a_config_file_are_kept(tmp_path: Path) -> None:
-    first = fit(tmp_path, "--trainer.max_steps=2", "--trainer.gradient_clip_val=null")
-    assert run_file(first)["trainer"] == {"max_steps": 2, "gradient_clip_val": None}
+    first = fit(tmp_path, "--trainer.max_steps=2", "--trainer.max_time=00:01:00:00", "--trainer.gradient_clip_val=0")
+    assert run_file(first)["trainer"] == {"max_time": "00:01:00:00"}  # The others are config values now.
     assert run_file(first)["model"]["config"]["clip_grad_norm"] is None
     again = fit(tmp_path, "--config", str(first / "config.yaml"))
-    assert run_file(again)["trainer"] == {"max_steps": 2, "gradient_clip_val": None}
+    assert run_file(again) == run_file(first)
     assert torch.load(again / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    # A later key=value wins over the run file's value, for the config and the Trainer alike.
+    BoringTask.launch(argv=[str(first / "config.yaml"), "max_steps=3"])
+    (last,) = set((tmp_path / "runs" / "boring_task").iterdir()) - {first, again}
+    assert torch.load(last / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
 @pytest.mark.unit
@@ -528,3 +533,37 @@ def test_an_init_without_the_config_annotation_reads_the_declared_config(
 ) -> None:
     printed = printed_config(capsys, task, ["in_dim=3", "max_steps=2"])
     assert printed["model"]["config"]["in_dim"] == 3  # A BoringConfig key, which mlfab.Config does not have.
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trainer.default_root_dir=elsewhere"], r"--trainer.default_root_dir: a run keeps everything"),
+        (["--trainer.enable_checkpointing=false"], r"--trainer.enable_checkpointing: mlfab writes last.ckpt"),
+        (["--trainer.gradient_clip_algorithm=value"], r"gradient_clip_algorithm value needs --trainer.gradient_cl"),
+        (["--optimizer=SGD", "--optimizer.lr=0.1", "--model.config.learning_rate=0.5"], r"learning_rate with --opti"),
+        (["--trainer.log_every_n_steps=1"], r"--trainer.log_every_n_steps: mlfab's loggers write every log_int"),
+    ],
+)
+def test_arguments_mlfab_would_ignore_are_refused(tmp_path: Path, args: list[str], message: str) -> None:
+    """Each was taken and then ignored or contradicted: the signal checkpoint went to default_root_dir while the run
+    resumed from exp_dir; last.ckpt was written anyway; clip_grad_norm became a value clip; SGD never read
+    learning_rate; mlfab's loggers never read log_every_n_steps. Refused before anything is written."""
+    with pytest.raises(mlfab.ConfigError, match=message):
+        fit(tmp_path, "--model.config.in_dim=3", "--model.config.max_steps=1", *args)
+    assert not (tmp_path / "runs" / "boring_task").exists() or not any((tmp_path / "runs" / "boring_task").iterdir())
+
+
+@pytest.mark.integration
+def test_value_clipping_records_no_norm_clipping(tmp_path: Path) -> None:
+    exp = fit(
+        tmp_path,
+        "--model.config.in_dim=3",
+        "--model.config.max_steps=1",
+        "--trainer.gradient_clip_algorithm=value",
+        "--trainer.gradient_clip_val=0.5",
+    )
+    data = run_file(exp)
+    assert data["model"]["config"]["clip_grad_norm"] is None
+    assert data["trainer"] == {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"}

@@ -57,12 +57,12 @@ def test_a_collate_that_keeps_failing_stops_with_the_error_and_the_count(caplog:
         for _ in range(4):
             assert collate_fn(["bad"]) is None
         assert collate_fn([1.0, 2.0]).tolist() == [1.0, 2.0]  # A good batch starts the count again.
-        for _ in range(5):
+        for _ in range(4):
             assert collate_fn(["bad"]) is None
-        with pytest.raises(mlfab.DatasetError) as info:
+        with pytest.raises(mlfab.DatasetError) as info:  # The fifth in a row: max_bad_in_a_row=5.
             collate_fn(["bad"])
     message = str(info.value)
-    assert "6 batches in a row from Ragged failed to collate (max_bad_samples_in_a_row=5, which also counts" in message
+    assert "5 batches in a row from Ragged failed to collate (max_bad_samples_in_a_row=5, which also counts" in message
     assert "Last error: ValueError: ragged batch (at " in message and "test_faults_collate.py" in message
     lines = data_warnings(caplog)
     assert len(lines) == 3 and lines[0].startswith("Skipping a batch from Ragged that failed to collate: ValueError")
@@ -103,7 +103,7 @@ def test_an_endless_dataset_whose_collate_always_fails_stops(tmp_path: Path, cap
     with caplog.at_level(logging.WARNING, logger="mlfab.data"), pytest.raises(mlfab.DatasetError) as info:
         RaggedTask.launch(config, argv=[])
     assert time.monotonic() - started < 60
-    assert "3001 batches in a row from AlwaysRagged failed to collate (max_bad_samples_in_a_row=3000" in str(info.value)
+    assert "3000 batches in a row from AlwaysRagged failed to collate (max_bad_samples_in_a_row=3000" in str(info.value)
     assert "ValueError: ragged batch" in str(info.value)
     assert len(data_warnings(caplog)) <= 3 + 1  # 3000 skipped batches, a handful of lines.
 
@@ -134,7 +134,7 @@ def test_with_workers_a_collate_that_always_fails_stops_with_a_short_log(tmp_pat
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log[-4000:]
     assert elapsed < 60
-    assert "1001 batches in a row from AlwaysRagged failed to collate (max_bad_samples_in_a_row=1000" in log
+    assert "1000 batches in a row from AlwaysRagged failed to collate (max_bad_samples_in_a_row=1000" in log
     skipping = [line for line in log.splitlines() if "Skipping a batch" in line]
     assert 1 <= len(skipping) <= 2 * 3, skipping  # At most three from each worker.
     assert all(line.startswith("[dataloader worker ") for line in skipping)

@@ -417,7 +417,7 @@ def test_lightning_command_line_arguments_are_recorded_and_the_run_file_reproduc
     recorded = yaml.safe_load((first / "config.yaml").read_text())
     assert recorded["optimizer"]["class_path"] == "torch.optim.SGD" and recorded["optimizer"]["init_args"]["lr"] == 0.01
     assert recorded["lr_scheduler"]["init_args"]["step_size"] == 2
-    assert recorded["model"]["config"]["seed"] == 7 and recorded["trainer"] == {"gradient_clip_val": 0.5}
+    assert recorded["model"]["config"]["seed"] == 7 and recorded["model"]["config"]["clip_grad_norm"] == 0.5
 
     LossesToFile.launch(argv=["fit", f"--config={first / 'config.yaml'}", f"--model.config.exp_dir={again}"])
     losses = (first / "losses.txt").read_text().splitlines()

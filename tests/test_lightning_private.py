@@ -29,6 +29,8 @@ from mlfab._lightning import (
     collect_rng_states,
     file_writer,
     foreach_norm,
+    metric_prefix,
+    metric_step_value,
     publish_metrics,
     set_rng_states,
     step_ends,
@@ -314,7 +316,7 @@ def test_withhold_from_loggers_keeps_the_metrics_but_no_logger_gets_them() -> No
             received[self.name].append(dict(metrics))
 
     class TwoMetrics(BoringTask):
-        def setup(self, stage: str) -> None:
+        def on_validation_start(self) -> None:  # After mlfab's own (in `setup`), which this one replaces.
             withhold_from_loggers(self.trainer, {"withheld"}, lambda logger: logger.name == "own")
 
         def on_validation_epoch_end(self) -> None:
@@ -324,9 +326,13 @@ def test_withhold_from_loggers_keeps_the_metrics_but_no_logger_gets_them() -> No
     loggers = [Recording("plain"), Recording("own")]
     trainer = endless_trainer(1, logger=loggers, limit_val_batches=1)
     (result,) = trainer.validate(TwoMetrics(BoringConfig()), verbose=False)
-    assert result == {"withheld": 1.0, "passed": 2.0}
+    assert result == {"withheld": 1.0, "passed": 2.0, "valid/loss/loss": result["valid/loss/loss"]}  # mlfab's too.
     assert {"withheld", "passed"} <= set(trainer.callback_metrics) and "withheld" in trainer.logged_metrics
-    assert [set(m) for m in received["plain"]] == [{"passed", "epoch"}] and received["own"] == []
+    # Lightning's values, and mlfab's `valid/loss/loss`: this withholding replaced mlfab's, which withholds it.
+    from_lightning = [set(m) for m in received["plain"] if "passed" in m]
+    assert from_lightning == [{"passed", "epoch", "valid/loss/loss"}]
+    assert not any("withheld" in m for m in received["plain"])
+    assert [set(m) for m in received["own"]] == [{"valid/loss/loss"}]  # Only what mlfab writes to every logger.
     assert trainer.loggers == loggers  # Put back after the call.
 
 
@@ -356,3 +362,30 @@ def test_uploads_checkpoints_reads_the_loggers_log_model(monkeypatch: pytest.Mon
     assert uploads_checkpoints(WandbLogger(log_model=True))
     assert not uploads_checkpoints(WandbLogger(offline=True))
     assert not uploads_checkpoints(CSVLogger("."))
+
+
+def test_metric_prefix_reads_lightnings_private_prefix(tmp_path: Path) -> None:
+    """`mlfab._lightning.metric_prefix`: Lightning's `_prefix` and `LOGGER_JOIN_CHAR`, as `log_metrics` uses them."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    assert metric_prefix(TensorBoardLogger(str(tmp_path), prefix="exp1")) == "exp1-"
+    assert metric_prefix(TensorBoardLogger(str(tmp_path))) == ""
+    assert metric_prefix(WandbLogger(save_dir=str(tmp_path), prefix="w", offline=True)) == "w-"
+    assert metric_prefix(CSVLogger(str(tmp_path), prefix="c")) == "c-"
+    csv = CSVLogger(str(tmp_path), name="csv", version=0, prefix="c")
+    csv.log_metrics({"x": 1.0}, step=0)  # What the accessor mirrors: Lightning's own prefixing.
+    csv.save()
+    assert set((Path(csv.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")) == {"c-x", "step"}
+
+
+def test_metric_step_value_is_the_last_forward_of_a_torchmetrics_metric() -> None:
+    """`mlfab._lightning.metric_step_value`: torchmetrics' private `Metric._forward_cache`, as Lightning reads it."""
+    import torchmetrics
+
+    metric = torchmetrics.MeanMetric()
+    assert metric_step_value(metric) is None
+    metric(torch.tensor([1.0, 3.0]))
+    metric(torch.tensor([5.0]))
+    assert float(metric_step_value(metric)) == 5.0 and float(metric.compute()) == 3.0  # type: ignore[arg-type]
+    metric.update(torch.tensor([9.0]))
+    assert float(metric_step_value(metric)) == 5.0  # type: ignore[arg-type]  # What Lightning would log too.

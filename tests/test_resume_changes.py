@@ -185,7 +185,7 @@ def test_an_optimizer_change_is_refused_under_the_command_lines_optimizer(tmp_pa
     args = ["fit", "--optimizer=SGD", "--optimizer.lr=0.01", f"--model.config.exp_dir={tmp_path}"]
     BoringTask.launch(BoringConfig(max_steps=3), argv=args)
     with pytest.raises(mlfab.ConfigError, match=r"learning_rate: 0.05 -> 0.5 \(BoringTask builds its own optim"):
-        BoringTask.launch(BoringConfig(max_steps=4), argv=[*args, "--model.config.learning_rate=0.5"])
+        BoringTask.launch(BoringConfig(max_steps=4, learning_rate=0.5), argv=args)  # Typed, it is refused sooner.
 
 
 def test_a_changed_command_line_optimizer_or_scheduler_is_refused_on_resume(tmp_path: Path) -> None:

@@ -81,14 +81,14 @@ def test_file_values_expand_home_and_vars(rc: Path, monkeypatch: pytest.MonkeyPa
 
 def test_local_file_merged_over_user_file(rc: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_rc(rc, {"data": "/user/data", "pretrained_models": "/user/models", "run": None})
-    Path("mlfab.yml").write_text("directories:\n  data: /local/data\nextra:\n  key: 1\n")
+    Path("mlfab.yml").write_text("directories:\n  data: /local/data\nlogging:\n  log_level: INFO\n")
     monkeypatch.setenv("RUN_DIR", "/env/runs")
     assert mlfab.get_data_dir() == Path("/local/data")
     assert mlfab.get_pretrained_models_dir() == Path("/user/models")  # the local file does not set it
     assert mlfab.get_run_dir() == Path("/env/runs")
     settings = load_settings()
     assert settings["directories"] == {"data": "/local/data", "pretrained_models": "/user/models", "run": None}
-    assert settings["extra"] == {"key": 1}
+    assert settings["logging"] == {"log_level": "INFO"}  # A section mlfab 0.2 wrote: kept, unused.
 
 
 def test_local_file_in_other_directory_is_ignored(rc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

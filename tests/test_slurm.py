@@ -11,6 +11,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ import mlfab
 from mlfab.config import SlurmConfig
 from mlfab.errors import SlurmError
 from mlfab.run import invocation, slurm
+from mlfab.run.distributed import resolve_hardware
+from mlfab.testing import BoringConfig, BoringTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -461,3 +464,81 @@ def test_launcher_slurm_submits_and_the_job_requeues_and_resumes(fake_slurm: Pat
     assert "Resuming from" in second.stdout
     assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 12
     assert [p.name for p in runs.joinpath("interrupted").iterdir()] == ["run_0"]  # Every launch used one directory.
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Slurm: the job's shape comes from slurm.*
+
+
+@pytest.mark.unit
+def test_slurm_submission_refuses_devices_and_nodes_the_job_would_not_have(fake_slurm: Path, tmp_path: Path) -> None:
+    exp_dir, work = tmp_path / "run", tmp_path
+
+    def submit(config: SlurmConfig, devices: Any, num_nodes: int) -> str:
+        return slurm.submit(
+            config, exp_dir=exp_dir, command=["t.py"], workdir=work, devices=devices, num_nodes=num_nodes
+        )
+
+    with pytest.raises(SlurmError) as info:
+        submit(SlurmConfig(), 4, 2)
+    message = str(info.value)
+    assert "devices=4" in message and "slurm.gpus_per_node=1" in message, message
+    assert "num_nodes=2" in message and "slurm.nodes=1" in message, message
+    assert "set slurm.gpus_per_node=4 and slurm.nodes=2" in message, message
+    assert fake_slurm.read_text() == "" and not (exp_dir / "slurm" / "job.sbatch").exists()
+    with pytest.raises(SlurmError, match=r"devices=2 .* slurm.gpus_per_node=0 \(a CPU job: one task per node\)"):
+        submit(SlurmConfig(gpus_per_node=0), 2, 1)
+
+    assert submit(SlurmConfig(nodes=2, gpus_per_node=4), 4, 2) == "1234"  # Agreeing values, or left at defaults.
+    assert submit(SlurmConfig(nodes=2, gpus_per_node=4), "auto", 1) == "1234"
+    assert submit(SlurmConfig(gpus_per_node=0), "1", 1) == "1234"
+
+
+@pytest.mark.unit
+def test_slurm_launch_refuses_devices_and_nodes_at_submission(
+    fake_slurm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs, script = tmp_path / "runs", tmp_path / "my_task.py"
+    script.touch()  # The job runs this script again.
+    monkeypatch.setattr(sys, "argv", [str(script), "devices=4", "num_nodes=2", "accelerator=cpu", f"run_dir={runs}"])
+    with pytest.raises(SystemExit) as info:
+        BoringTask.launch(BoringConfig(), launcher="slurm")
+    assert info.value.code == 2
+    assert "slurm.gpus_per_node=1" in capsys.readouterr().err
+    assert fake_slurm.read_text() == "" and not list(runs.rglob("job.sbatch"))
+
+
+@pytest.mark.unit
+def test_inside_a_slurm_job_devices_and_nodes_must_match_what_srun_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    in_task(monkeypatch)
+    runs = tmp_path / "runs"
+    assert run_as_program(monkeypatch, "accelerator=cpu", "devices=4", "num_nodes=2", f"run_dir={runs}") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert "devices=4" in err and "num_nodes=2" in err and "srun started 1 task(s) per node on 1 node(s)" in err, err
+    assert "slurm.gpus_per_node=4 and slurm.nodes=2" in err, err
+    assert not runs.exists()
+
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    assert resolve_hardware("cpu", 4, 2, "auto") == {
+        "accelerator": "cpu",
+        "devices": 4,
+        "num_nodes": 2,
+        "strategy": "ddp",
+    }
+    assert resolve_hardware("cpu", "auto", 1, "auto")["devices"] == 4  # Left at their defaults: srun's values.
+    with pytest.raises(mlfab.ConfigError, match="num_nodes=3"):
+        resolve_hardware("cpu", 4, 3, "auto")
+
+
+def run_as_program(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """`BoringTask.launch(BoringConfig())` as `python my_task.py ARGS` runs it; returns the exit status."""
+    monkeypatch.setattr(sys, "argv", ["my_task.py", *args])
+    with pytest.raises(SystemExit) as info:
+        BoringTask.launch(BoringConfig())
+    assert isinstance(info.value.code, int)
+    return info.value.code

@@ -36,12 +36,13 @@ from mlfab.config import (
     to_dict,
 )
 from mlfab.errors import ConfigError, MlfabError, report
+from mlfab.loggers.base import MlfabLogger
 from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
 from mlfab.run.rundir import checkpoint_run, newest_checkpoint
 from mlfab.run.slurm import in_slurm_job
-from mlfab.run.trainer import trainer_settings
+from mlfab.run.trainer import resolve_precision, trainer_settings
 
 if TYPE_CHECKING:
     from mlfab.task import Task
@@ -221,18 +222,26 @@ class MlfabCLI(LightningCLI):
             # directory, so it never rewinds nor rewrites another run.
             run = checkpoint_run(ckpt) if sub != "fit" else None
             cfg["model.config.exp_dir"] = str(run) if run is not None else self.script_config.get("exp_dir")
+        refuse_ignored_arguments(given, cfg, self.args)
         config_cls = self.task_cls.config_class()
+        self.translated: set[str] = set()  # Given as config values: config.yaml records them there only.
         for flag, (key, convert) in SAME_AS_CONFIG.items():
             value = convert(cfg[flag], cfg) if flag in given else SKIP
             if value is not SKIP and not [p for p in config_problems(config_cls, {key: value}) if "required" not in p]:
                 cfg[f"model.config.{key}"] = value
+                self.translated.add(flag)
+        if cfg.get("trainer.gradient_clip_algorithm") == "value":
+            cfg["model.config.clip_grad_norm"] = None  # Clipped by value: not by norm (the flag below is required).
         config = build_config(config_cls, cfg["model.config"].as_dict())
-        resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy)  # Before any run.
+        to_slurm = self.launcher == "slurm" and not in_slurm_job()
+        if not to_slurm:  # Before any run (a login node submitting to Slurm need not have the job's hardware).
+            hardware = resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy)
+            resolve_precision(config.precision, hardware["accelerator"])
         if self.print_run_file:
             trainer, extra = self.given_sections(with_ckpt=True)
             print(yaml.safe_dump({**extra, "model": {"config": to_dict(config)}, "trainer": trainer}, sort_keys=False))
             raise SystemExit(0)
-        if self.launcher == "slurm" and not in_slurm_job():
+        if to_slurm:
             submit_to_slurm(self.task_cls, config, self.args)
             raise Submitted
         pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -242,7 +251,9 @@ class MlfabCLI(LightningCLI):
         sub = self.config.subcommand
         dump = yaml.safe_load(self._parser(sub).dump(self.config[sub])) or {}
         keys = self.given_keys()
-        trainer_keys = dict.fromkeys(k.split(".")[1] for k in keys if k.startswith("trainer."))
+        trainer_keys = dict.fromkeys(
+            k.split(".")[1] for k in keys if k.startswith("trainer.") and k not in self.translated
+        )
         trainer = {k: (dump.get("trainer") or {}).get(k) for k in trainer_keys}
         skip = {"config", "model", "trainer", "seed_everything", *(() if with_ckpt else ("ckpt_path", "weights_only"))}
         extra = {k: dump.get(k) for k in dict.fromkeys(k.split(".")[0] for k in keys) if k not in skip}
@@ -261,6 +272,11 @@ class MlfabCLI(LightningCLI):
         callbacks += _as_list(values.get("callbacks")) if "callbacks" in trainer_given else []
         plugins = _as_list(values.get("plugins")) if "plugins" in trainer_given else []
         with forgotten_if_refused(self.run.exp_dir, self.run.created):  # E.g. a Trainer argument Lightning refuses.
+            if "log_every_n_steps" in trainer_given and all(isinstance(x, MlfabLogger) for x in _as_list(loggers)):
+                raise ConfigError(
+                    "--trainer.log_every_n_steps: mlfab's loggers write every log_interval_seconds (an argument of "
+                    "each logger; 0 writes every step), not every N steps; it applies to Lightning's own loggers."
+                )
             settings = {**values, **trainer_settings(config, self.run.exp_dir, loggers, callbacks, plugins)}
             for key in trainer_given:
                 if key not in ("logger", "callbacks", "plugins"):
@@ -283,6 +299,40 @@ class MlfabCLI(LightningCLI):
         if name in SUBCOMMANDS:
             return lambda model, **kwargs: self._mlfab_run(name, model, kwargs)
         raise AttributeError(name)
+
+
+# Optimizer keys of the config that `--optimizer` (which builds the optimizer from its own arguments) never reads.
+OPTIMIZER_CONFIG_KEYS = ("learning_rate", "betas", "weight_decay", "warmup_steps")
+
+
+def refuse_ignored_arguments(given: Sequence[str], cfg: Any, args: Sequence[str]) -> None:
+    """Arguments that Lightning would take and mlfab would then ignore or contradict, refused before any run."""
+    problems = []
+    if "trainer.default_root_dir" in given:
+        problems.append(
+            "--trainer.default_root_dir: a run keeps everything (checkpoints, logs, signal checkpoints) in its "
+            "directory; give exp_dir (this run's directory) or run_dir (where new runs go) instead"
+        )
+    if "trainer.enable_checkpointing" in given:
+        problems.append(
+            "--trainer.enable_checkpointing: mlfab writes last.ckpt when training ends and the checkpoints of "
+            "save_every_n_steps / save_every_n_seconds (null turns each off); set those instead"
+        )
+    if cfg.get("trainer.gradient_clip_algorithm") == "value" and "trainer.gradient_clip_val" not in given:
+        problems.append(
+            "--trainer.gradient_clip_algorithm value needs --trainer.gradient_clip_val, the value to clip at "
+            "(clip_grad_norm is a gradient norm, which value clipping does not use)"
+        )
+    if any(k == "optimizer" or k.startswith("optimizer.") for k in given):
+        typed = [k for k in OPTIMIZER_CONFIG_KEYS if any(a.startswith(f"--model.config.{k}") for a in args)]
+        if typed:
+            problems.append(
+                f"{', '.join(typed)} with --optimizer: the optimizer --optimizer names is built from its own "
+                "arguments and never reads them; give them as --optimizer.* arguments (e.g. --optimizer.lr), or "
+                "drop --optimizer to use mlfab's default optimizer"
+            )
+    if problems:
+        raise ConfigError("Arguments mlfab would ignore:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _batch_count(value: Any) -> Any:

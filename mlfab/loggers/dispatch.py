@@ -13,6 +13,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+from mlfab._lightning import metric_prefix
 from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.tensorboard import write_summaries
 from mlfab.loggers.wandb import write_wandb
@@ -33,6 +34,8 @@ def write_logs(logger: Any, logs: Logs, lightnings_own: Container[str] = ()) -> 
         logs = dataclasses.replace(logs, values={**logs.values, "scalar": scalars})
     prefix = f"{logs.phase}/"
     if isinstance(logger, TensorBoardLogger | WandbLogger):  # Their native calls show every kind.
+        # Past their `log_metrics`, which adds their `prefix=` to `self.log` values: add it here too.
+        prefix = metric_prefix(logger) + prefix
         (write_summaries if isinstance(logger, TensorBoardLogger) else write_wandb)(logger.experiment, logs, prefix)
         return
     if logs.scalars:
@@ -61,7 +64,7 @@ def write_run_info(loggers: list[Any], config_yaml: str, provenance: str, exp_di
             logger.write_run_info(info)
         elif isinstance(logger, TensorBoardLogger):
             for name, text in info.items():
-                logger.experiment.add_text(f"run/{name}", f"```\n{text}\n```", 0)
+                logger.experiment.add_text(f"{metric_prefix(logger)}run/{name}", f"```\n{text}\n```", 0)
 
 
 def flush_logs(

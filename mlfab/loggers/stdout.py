@@ -90,10 +90,14 @@ class StdoutLogger(PlainLogger):
         self._live_line = live
         self.stream.flush()
 
-    @override
-    @rank_zero_only
-    def finalize(self, status: str) -> None:
+    def end_live_line(self) -> None:
+        """Ends the live training line (a newline), so that what is printed next starts a line of its own."""
         if self._live_line:
             self.stream.write("\n")
             self.stream.flush()
             self._live_line = False
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.end_live_line()

@@ -23,6 +23,7 @@ from mlfab._lightning import (
     validate_before_next_batch,
     wrap_validation_decision,
 )
+from mlfab.loggers.stdout import StdoutLogger
 from mlfab.run.slurm import after_signal_checkpoint
 
 
@@ -60,22 +61,37 @@ class PeriodicCheckpoint(StepFreeCallback, CachedStateKey, ModelCheckpoint):
 
 
 class ValidationCadence(StepFreeCallback):
-    """Validates after the first optimizer step of a new run (or once `first_n_seconds` have passed), then
-    every N steps (Lightning's own `val_check_interval`) and/or every N seconds of training time.
+    """Validates after the first optimizer step of a new run, then every `every_n_steps` optimizer steps and/or every
+    `every_n_seconds` seconds of training time, and after the last step. With `first_n_seconds`, nothing but the
+    final validation comes before that much training time; the first comes at the first step end after it.
 
-    Lightning validates on a step cadence or a time cadence, not both, and not after the first step,
-    so this wraps the training loop's validation decision with the extra conditions. A resumed run does
-    not add a validation of its own, so it validates at the same steps as an uninterrupted one; the seconds
-    are the task's training clock (`elapsed_time_s`, which continues across relaunches), so a run preempted
-    more often than the interval still validates on time. A checkpoint written at a step that was to validate
-    (they are written before the validation) records it, and the resumed run does that validation first.
+    Lightning validates on a step cadence or a time cadence, not both, and not after the first step, so this wraps
+    the training loop's validation decision. Lightning counts batches, and its count drifts from the optimizer steps
+    where an epoch ends part-way through a gradient accumulation (Lightning steps the optimizer at an epoch's last
+    batch): mlfab decides at step ends by `global_step`. A Trainer whose `val_check_interval` is not the one mlfab
+    derived (`lightning_interval`: `--trainer.val_check_interval` given) validates where Lightning decides instead
+    of every `every_n_steps` steps. A resumed run does not add a validation of its own, so it validates at the same
+    steps as an uninterrupted one; the seconds are the task's training clock (`elapsed_time_s`, which continues
+    across relaunches), so a run preempted more often than the interval still validates on time. A checkpoint
+    written at a step that was to validate (they are written before the validation) records it, and the resumed run
+    does that validation first.
     """
 
-    def __init__(self, every_n_seconds: float | None, first_n_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        every_n_seconds: float | None,
+        first_n_seconds: float | None = None,
+        every_n_steps: int | None = None,
+        lightning_interval: Any = None,
+    ) -> None:
         self.every_n_seconds = every_n_seconds
         self.first_n_seconds = first_n_seconds
+        self.every_n_steps = every_n_steps
+        self.lightning_interval = lightning_interval  # The `val_check_interval` mlfab gave the Trainer (None: none).
+        self._by_steps = False  # mlfab's step cadence decides, not Lightning's batch count (set when training starts).
         self._last_valid_s = 0.0  # On the training clock.
         self._validated = False
+        self._restored = False  # The checkpoint resumed from had this callback's state.
         self._validated_step = -1
         self._owed = False  # The checkpoint we resumed from was written before a validation that is still due.
         self._trainer: pl.Trainer | None = None  # Set when training starts, with the clock and Lightning's decision.
@@ -97,7 +113,9 @@ class ValidationCadence(StepFreeCallback):
             return elapsed if isinstance(elapsed, float) else time.monotonic() - start
 
         self._trainer, self._clock = trainer, clock
-        self._validated = self._validated or trainer.global_step > 0  # Resumed: the first validation happened.
+        # Resumed from a checkpoint without this state (written by another Trainer): the first validation happened.
+        self._validated = self._validated or (trainer.global_step > 0 and not self._restored)
+        self._by_steps = self.lightning_interval is not None and trainer.val_check_interval == self.lightning_interval
         if self._owed and trainer.global_step > 0:
             validate_before_next_batch(trainer)
         self._lightning_decision = wrap_validation_decision(
@@ -122,23 +140,32 @@ class ValidationCadence(StepFreeCallback):
 
     def _due(self, data_fetcher: Any) -> bool:
         """Whether the step that just ended was to validate (asked after its last batch), whether or not training is
-        stopping: Lightning's own decision is asked as if it were not (it says yes to any stop request)."""
+        stopping. Nothing is due before `first_n_seconds` of training time (the final validation, `_final`, is)."""
         trainer = self._trainer
         if trainer is None or self._lightning_decision is None or self._validated_step == trainer.global_step:
             return False
-        stopping, trainer.should_stop = trainer.should_stop, False
-        try:
-            lightning_says = self._lightning_decision(data_fetcher)
-        finally:
-            trainer.should_stop = stopping
-        if lightning_says:
-            return True
+        if not self._by_steps and self._lightning_says(trainer, data_fetcher):
+            return self.first_n_seconds is None or self._clock() >= self.first_n_seconds
         if not step_ends(trainer) or trainer.limit_val_batches == 0:
             return False
         now = self._clock()
+        if self.first_n_seconds is not None and now < self.first_n_seconds:
+            return False
         if not self._validated:
-            return self.first_n_seconds is None or now >= self.first_n_seconds
+            return True
+        if self._by_steps and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            return True
         return self.every_n_seconds is not None and now - self._last_valid_s >= self.every_n_seconds
+
+    def _lightning_says(self, trainer: pl.Trainer, data_fetcher: Any) -> bool:
+        """Lightning's own decision (the user's `val_check_interval`), asked as if training were not stopping (it says
+        yes to any stop request)."""
+        assert self._lightning_decision is not None
+        stopping, trainer.should_stop = trainer.should_stop, False
+        try:
+            return self._lightning_decision(data_fetcher)
+        finally:
+            trainer.should_stop = stopping
 
     def _final(self, trainer: pl.Trainer) -> bool:
         """Whether the step that just ended is the last one (max_steps, or a stop asked for by max_time or a
@@ -169,7 +196,15 @@ class ValidationCadence(StepFreeCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_valid_s = float(state_dict.get("last_valid_s", 0.0))
         self._validated = bool(state_dict.get("validated", False))
+        self._restored = "validated" in state_dict
         self._owed = bool(state_dict.get("validation_owed", False))
+
+
+def end_live_lines(trainer: pl.Trainer) -> None:
+    """Ends a terminal logger's live training line, so that a message printed next is not glued onto it."""
+    for logger in trainer.loggers:
+        if isinstance(logger, StdoutLogger):
+            logger.end_live_line()
 
 
 class FinalCheckpoint(StepFreeCallback):
@@ -182,6 +217,7 @@ class FinalCheckpoint(StepFreeCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)
         if trainer.is_global_zero:
+            end_live_lines(trainer)  # The loggers' `finalize`, which also ends it, comes after this callback.
             print(f"Saved checkpoint {self.path}", flush=True)
 
 
@@ -244,6 +280,7 @@ class GracefulStop(StepFreeCallback):
             path = Path(trainer.default_root_dir) / "checkpoints" / f"signal_step_{trainer.global_step:08d}.ckpt"
             trainer.save_checkpoint(path, weights_only=False)
             if trainer.is_global_zero:
+                end_live_lines(trainer)
                 print(f"SIGUSR1: saved checkpoint {path}", file=sys.stderr, flush=True)
             requeued = after_signal_checkpoint(trainer.global_rank)  # In a Slurm job: requeue, then stop.
             if trainer.world_size > 1:  # Only rank zero knows whether `scontrol requeue` worked.

@@ -16,6 +16,7 @@ import torch
 
 from mlfab.errors import ConfigError
 from mlfab.run.slurm import hardware as slurm_hardware
+from mlfab.run.slurm import shape_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,23 @@ def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: s
         devices, launched = int(os.environ["LOCAL_WORLD_SIZE"]), True
         num_nodes = max(int(os.environ["WORLD_SIZE"]) // devices, 1)
     elif (slurm := slurm_hardware()) is not None:  # srun started the processes: match what it started.
+        given, wanted = shape_mismatch(devices, num_nodes, slurm["devices"], slurm["num_nodes"])
+        if given:  # Set in the config, they would be dropped for srun's.
+            verb = "disagree" if len(given) > 1 else "disagrees"
+            raise ConfigError(
+                f"{' and '.join(given)} {verb} with this Slurm job: srun started {slurm['devices']} task(s) per "
+                f"node on {slurm['num_nodes']} node(s). The job's shape comes from how it was submitted: with "
+                f"launcher='slurm' set {' and '.join(wanted)} (in your own batch script, sbatch's --ntasks-per-node "
+                f"and --nodes), or leave {' and '.join(g.split('=')[0] for g in given)} out."
+            )
         devices, num_nodes, launched = slurm["devices"], slurm["num_nodes"], True
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if v not in os.environ]
+    if num_nodes > 1 and not launched and missing:  # Lightning would wait for the other machines forever.
+        raise ConfigError(
+            f"num_nodes={num_nodes} without {', '.join(missing)}: run the same command on each machine with "
+            "MASTER_ADDR and MASTER_PORT (the first machine's address and a free port) and NODE_RANK (0 to "
+            f"{num_nodes - 1}) set, or launch with Slurm or torchrun."
+        )
     available, asked = available_accelerators(), accelerator
     if accelerator == "auto":
         accelerator = available[0]
@@ -58,6 +75,12 @@ def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: s
         accelerator = available[0] if available[0] != "cpu" else "gpu"
     if accelerator not in available:
         raise ConfigError(_missing_accelerator(asked, available))
+    if accelerator == "cpu" and "," in str(devices):  # Lightning would fail with a TypeError and a traceback.
+        count = len([i for i in str(devices).split(",") if i.strip()])
+        raise ConfigError(
+            f"devices={devices} picks GPUs by index, but this run trains on the CPU (accelerator={asked}). Set "
+            f"devices to a number of processes (devices={count}), or accelerator=cuda on a machine with GPUs."
+        )
     if accelerator == "cuda" and not launched and str(devices).isdigit() and int(devices) > torch.cuda.device_count():
         raise ConfigError(
             f"devices={devices}, but this machine has {torch.cuda.device_count()} CUDA GPU(s). Set devices to at "

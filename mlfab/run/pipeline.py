@@ -140,7 +140,14 @@ def submit_to_slurm(task_cls: type, config: Config, args: list[str]) -> None:
     existed = _exists(config.exp_dir)
     exp_dir = new_exp_dir(task_cls, config)
     with forgotten_if_refused(exp_dir, not existed):
-        submit(config.slurm, exp_dir=exp_dir, command=current_command(args), workdir=Path.cwd())
+        submit(
+            config.slurm,
+            exp_dir=exp_dir,
+            command=current_command(args),
+            workdir=Path.cwd(),
+            devices=config.devices,
+            num_nodes=config.num_nodes,
+        )
 
 
 def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: Any = None, **kwargs: Any) -> int:

@@ -62,6 +62,36 @@ def hardware() -> dict[str, int] | None:
     return {"devices": devices, "num_nodes": nodes}
 
 
+def shape_mismatch(devices: Any, num_nodes: int, per_node: int, nodes: int) -> tuple[list[str], list[str]]:
+    """Where `devices` / `num_nodes`, when set (not auto / 1), disagree with a Slurm job of `per_node` tasks on each of
+    `nodes` nodes: each such `key=value`, and the `slurm.*` settings that would give the job that shape."""
+    given, wanted, text = [], [], str(devices)
+    count = int(text) if text.isdigit() else len([i for i in text.split(",") if i.strip()])  # "0,1": two GPUs.
+    if text != "auto" and count != per_node:
+        given.append(f"devices={devices}")
+        wanted.append(f"slurm.gpus_per_node={count}")
+    if num_nodes != 1 and num_nodes != nodes:
+        given.append(f"num_nodes={num_nodes}")
+        wanted.append(f"slurm.nodes={num_nodes}")
+    return given, wanted
+
+
+def check_shape(config: SlurmConfig, devices: Any, num_nodes: int) -> None:
+    """A SlurmError when the config's `devices` / `num_nodes` ask for another shape than the job `slurm.*` submits:
+    inside the job, the processes are the ones `srun` starts, so they would be dropped."""
+    per_node = max(config.gpus_per_node, 1)
+    given, wanted = shape_mismatch(devices, num_nodes, per_node, config.nodes)
+    if given:
+        why = "a CPU job: one task per node" if config.gpus_per_node == 0 else "one task per GPU"
+        verb = "disagree" if len(given) > 1 else "disagrees"
+        raise SlurmError(
+            f"{' and '.join(given)} {verb} with the Slurm job, which starts {per_node} task(s) per node, from "
+            f"slurm.gpus_per_node={config.gpus_per_node} ({why}), on slurm.nodes={config.nodes} node(s). A Slurm "
+            f"job's shape comes from slurm.*: set {' and '.join(wanted)}, or leave "
+            f"{' and '.join(g.split('=')[0] for g in given)} out."
+        )
+
+
 def cluster_environment() -> Any:
     """The Trainer plugin for a Slurm job: Lightning's `SLURMEnvironment` without its own SIGUSR1 handler (which
     saves a checkpoint from inside the handler and requeues); mlfab's `GracefulStop` does both at a step boundary.
@@ -135,8 +165,18 @@ def sbatch_script(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str],
     return "\n".join(lines)
 
 
-def submit(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str], workdir: Path) -> str:
-    """Writes `<exp_dir>/slurm/job.sbatch`, submits it with `sbatch` and returns the job id."""
+def submit(
+    config: SlurmConfig,
+    *,
+    exp_dir: Path,
+    command: Sequence[str],
+    workdir: Path,
+    devices: Any = "auto",
+    num_nodes: int = 1,
+) -> str:
+    """Writes `<exp_dir>/slurm/job.sbatch`, submits it with `sbatch` and returns the job id. `devices` and `num_nodes`
+    (the config's) must match the job's shape when they are set (`check_shape`)."""
+    check_shape(config, devices, num_nodes)
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise SlurmError(

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mlfab._lightning import no_profiler
 from mlfab.checkpoints import AtomicCheckpointIO, periodic_name
 from mlfab.config import Config
+from mlfab.errors import ConfigError
 from mlfab.run.async_save import BackgroundCheckpointIO
 from mlfab.run.callbacks import (
     FinalCheckpoint,
@@ -22,7 +23,7 @@ from mlfab.run.callbacks import (
     ValidationCadence,
 )
 from mlfab.run.diagnostics import Diagnostics
-from mlfab.run.distributed import resolve_hardware
+from mlfab.run.distributed import available_accelerators, resolve_hardware
 from mlfab.run.quiet import SummaryAfterHeader
 from mlfab.run.slurm import cluster_environment
 
@@ -30,9 +31,19 @@ from mlfab.run.slurm import cluster_environment
 NEVER = 2**62
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, accelerator: str | None = None) -> str:
+    """The Trainer's precision on `accelerator` (as `resolve_hardware` resolved it; None: the one accelerator=auto
+    picks here). A ConfigError for one it cannot train in: Lightning would switch 16-mixed on CPU to bf16-mixed with
+    only a warning, while config.yaml said 16-mixed."""
+    accelerator = accelerator or available_accelerators()[0]
     if precision == "auto":
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+        return "bf16-mixed" if accelerator == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    if precision == "16-mixed" and accelerator == "cpu":
+        raise ConfigError(
+            "precision=16-mixed (fp16 mixed precision) needs a GPU, and this run's accelerator is cpu. On the CPU set "
+            "precision to one of bf16-mixed, 32-true, bf16-true, 16-true, 64-true (or auto), or set accelerator=cuda "
+            "on a machine with GPUs."
+        )
     return precision
 
 
@@ -87,7 +98,12 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
         )
 
     callbacks: list[Any] = [
-        ValidationCadence(config.valid_every_n_seconds, config.valid_first_n_seconds),
+        ValidationCadence(
+            config.valid_every_n_seconds,
+            config.valid_first_n_seconds,
+            every_n_steps=config.valid_every_n_steps,
+            lightning_interval=val_check_interval(config, config.batches_per_step),
+        ),
         GracefulStop(),
         SummaryAfterHeader(),
     ]
@@ -110,11 +126,11 @@ def built_by_mlfab(trainer: pl.Trainer) -> bool:
 
 
 def unread_settings(config: Config) -> list[str]:
-    """`key=value` of each of `TRAINER_KEYS` that `config` sets to something else than its class's default: what a
-    Trainer built elsewhere would not do."""
+    """`key=value` of each of `TRAINER_KEYS` (and `exp_dir` / `run_dir`) that `config` sets to something else than
+    its class's default: what a Trainer built elsewhere would not do."""
     out = []
     for f in dataclasses.fields(config):
-        if f.name not in TRAINER_KEYS:
+        if f.name not in (*TRAINER_KEYS, "exp_dir", "run_dir"):  # The run directory too: mlfab's pipeline picks it.
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if default is not dataclasses.MISSING and getattr(config, f.name) != default:
@@ -123,16 +139,19 @@ def unread_settings(config: Config) -> list[str]:
 
 
 def val_check_interval(config: Config, batches_per_step: int) -> int:
-    """Lightning counts batches, not optimizer steps: `valid_every_n_steps` scaled by the accumulation."""
+    """The Trainer's `val_check_interval` for `valid_every_n_steps`, scaled by the accumulation, as a record: an epoch
+    that ends part-way through an accumulation makes Lightning's batch count drift from the optimizer steps, so
+    `ValidationCadence` counts the steps itself while the Trainer has this value (not one given with `--trainer`)."""
     return config.valid_every_n_steps * batches_per_step if config.valid_every_n_steps else NEVER
 
 
 def trainer_kwargs(config: Config) -> dict[str, Any]:
     """The Lightning Trainer arguments a config maps to (the mapping table in design.md)."""
     k = config.batches_per_step
+    hardware = resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy)
     return {
-        **resolve_hardware(config.accelerator, config.devices, config.num_nodes, config.strategy),
-        "precision": resolve_precision(config.precision),
+        **hardware,
+        "precision": resolve_precision(config.precision, hardware["accelerator"]),
         "max_steps": config.max_steps if config.max_steps is not None else -1,
         "max_epochs": -1,
         "accumulate_grad_batches": k,

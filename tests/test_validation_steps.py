@@ -1,0 +1,95 @@
+"""Validation cadence in optimizer steps when an epoch ends part-way through a gradient accumulation,
+`valid_first_n_seconds` holding back every validation but the final one, and the final checkpoint's message on a
+line of its own on a terminal."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import mlfab
+from mlfab._lightning import step_ends
+from mlfab.testing import BoringConfig, BoringTask, read_scalars
+
+pytestmark = pytest.mark.integration
+
+
+def valid_steps(exp: Path) -> list[int]:
+    return [step for step, _ in read_scalars(exp / "tensorboard" / "valid")["loss/loss"]]
+
+
+class FiveBatchEpochs(BoringTask):
+    """A map-style training set of 5 batches of 8: with 2 batches a step, each epoch ends mid-accumulation."""
+
+    batches: list[tuple[int, bool]] = []  # (global_step after the batch, whether mlfab saw a step end)
+    validations: list[tuple[int, bool]] = []  # (global_step, whether the batch before ended a step)
+
+    def get_dataset(self, phase: mlfab.Phase) -> Any:
+        if phase == "train":
+            g = torch.Generator().manual_seed(0)
+            return TensorDataset(torch.randn(40, 4, generator=g), torch.randn(40, generator=g))
+        return super().get_dataset(phase)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        FiveBatchEpochs.batches.append((self.trainer.global_step, step_ends(self.trainer)))
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        FiveBatchEpochs.validations.append((self.trainer.global_step, step_ends(self.trainer)))
+
+
+def test_validation_every_n_optimizer_steps_when_epochs_end_mid_accumulation(tmp_path: Path) -> None:
+    FiveBatchEpochs.batches, FiveBatchEpochs.validations = [], []
+    config = BoringConfig(max_steps=8, valid_every_n_steps=2, batches_per_step=2, exp_dir=str(tmp_path / "run"))
+    FiveBatchEpochs.launch(config, argv=[])
+    # Lightning steps the optimizer at an epoch's last batch (batches 2, 4, 5, 7, 9, 10, ...), and that is where
+    # mlfab's step ends are: global_step grows at exactly those batches.
+    steps = [step for step, _ in FiveBatchEpochs.batches]
+    grew = [b > a for a, b in zip([0, *steps], steps, strict=False)]
+    assert grew == [ends for _, ends in FiveBatchEpochs.batches]
+    assert steps[:10] == [0, 1, 1, 2, 3, 3, 4, 4, 5, 6]
+    # After the first step, then every 2 optimizer steps (Lightning's count of 4 batches gave 1, 2, 4, 7, 8), and
+    # never in the middle of a step.
+    assert valid_steps(tmp_path / "run") == [1, 2, 4, 6, 8]
+    assert FiveBatchEpochs.validations == [(1, True), (2, True), (4, True), (6, True), (8, True)]
+
+
+def test_an_explicit_trainer_val_check_interval_is_lightnings_batch_count(tmp_path: Path) -> None:
+    argv = ["fit", "--model.config.max_steps=7", "--model.config.valid_every_n_steps=2"]
+    argv.append("--trainer.val_check_interval=3")  # Lightning's meaning: every 3 training batches.
+    BoringTask.launch(BoringConfig(exp_dir=str(tmp_path / "run")), argv=argv)
+    assert valid_steps(tmp_path / "run") == [1, 3, 6, 7]  # The first step, every 3 batches, the final model.
+
+
+def test_valid_first_n_seconds_holds_back_the_step_cadence_across_relaunches(tmp_path: Path) -> None:
+    exp = tmp_path / "run"
+    hour = 3600.0
+    for max_steps in (6, 12):
+        config = BoringConfig(max_steps=max_steps, valid_every_n_steps=4, valid_first_n_seconds=hour, exp_dir=str(exp))
+        BoringTask.launch(config, argv=[])
+    # No validation in the first hour of training but the final model's at the end of each launch.
+    assert valid_steps(exp) == [6, 12]
+
+
+def test_valid_first_n_seconds_then_the_step_cadence(tmp_path: Path) -> None:
+    config = BoringConfig(max_steps=12, valid_every_n_steps=4, valid_first_n_seconds=1e-9, exp_dir=str(tmp_path))
+    BoringTask.launch(config, argv=[])
+    assert valid_steps(tmp_path) == [1, 4, 8, 12]  # Once the seconds have passed: the first step end, the cadence.
+
+
+class OnATerminal(BoringTask):
+    def set_loggers(self) -> None:
+        self.add_logger(mlfab.StdoutLogger(tty=True, log_interval_seconds=0.0))  # Writes to sys.stdout as captured.
+
+
+def test_saved_checkpoint_is_printed_on_a_line_of_its_own_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    OnATerminal.launch(BoringConfig(max_steps=3, valid_batches=0, exp_dir=str(tmp_path)), argv=[])
+    out = capsys.readouterr().out
+    assert "\r\033[K[train] step 2/3" in out  # The live line was drawn, and nothing ended it since.
+    assert f"\nSaved checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'}\n" in out
+    assert "\n\n" not in out.split("Saved checkpoint", 1)[1]  # Ended once, not again by the logger's finalize.
