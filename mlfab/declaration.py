@@ -119,6 +119,7 @@ def _runs_task_work(name: str, override: Any, task_base: type) -> Any:
             getattr(task_base, name)(self, *args, **kwargs)
         return result
 
+    hook._mlfab_runs_task_work = True  # type: ignore[attr-defined]
     return hook
 
 
@@ -141,8 +142,10 @@ SUPER_REQUIRED = ("on_validation_model_eval", "on_validation_model_train", "on_t
 
 def prepare_subclass(cls: type, task_base: type) -> None:
     refuse_replaced_methods(cls)
-    for name in MLFAB_HOOKS.keys() & vars(cls).keys():
-        setattr(cls, name, _runs_task_work(name, vars(cls)[name], task_base))
+    for name in MLFAB_HOOKS:  # Defined here or in a class mixed in before the Task.
+        override = getattr(cls, name)
+        if override is not getattr(task_base, name) and not getattr(override, "_mlfab_runs_task_work", False):
+            setattr(cls, name, _runs_task_work(name, override, task_base))
     for name in SUPER_REQUIRED:
         names = getattr(getattr(vars(cls).get(name), "__code__", None), "co_names", ("super", name))
         if "super" not in names or name not in names:

@@ -114,3 +114,19 @@ def test_an_evaluation_mode_switch_without_super_is_refused_when_the_class_is_de
             self.layer.train()
 
     assert Calling(BoringConfig())
+
+
+def test_a_hook_of_a_class_mixed_in_before_the_task_gets_mlfabs_work_too(tmp_path: Path) -> None:
+    class Mixin:
+        def on_validation_epoch_end(self) -> None:
+            self.log_scalar("from_mixin", 1.0)  # type: ignore[attr-defined]
+
+    class Mixed(Mixin, Json):  # type: ignore[misc]
+        pass
+
+    run(Mixed, tmp_path)
+    assert [(step, scalars["value/from_mixin"]) for step, scalars in lines(tmp_path, "valid")] == [
+        (1, 1.0),
+        (2, 1.0),
+        (4, 1.0),
+    ]
