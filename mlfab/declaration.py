@@ -98,6 +98,7 @@ MLFAB_HOOKS = {
     "on_validation_epoch_end": True,
     "on_test_epoch_end": True,
     "on_predict_epoch_end": True,
+    "on_predict_end": False,
     "on_save_checkpoint": False,
     "on_load_checkpoint": False,
 }
@@ -137,7 +138,13 @@ def task_work_due(task: Any, name: str) -> bool:
 
 # Lightning's mode switches around an evaluation, where Task also switches a schedule-free optimizer between its
 # training and evaluation weights: an override that does not call super() would evaluate the training weights.
-SUPER_REQUIRED = ("on_validation_model_eval", "on_validation_model_train", "on_test_model_eval", "on_test_model_train")
+SUPER_REQUIRED = (
+    "on_validation_model_eval",
+    "on_validation_model_train",
+    "on_test_model_eval",
+    "on_test_model_train",
+    "on_predict_model_eval",
+)
 
 
 def prepare_subclass(cls: type, task_base: type) -> None:

@@ -18,6 +18,8 @@ REFUSED = {
     "seed": "the random state restored from the checkpoint continues the streams of the old seed",
     "batch_size": "the data stream's saved position counts batches of the old size",
     "num_dataloader_workers": "the data stream's saved position is kept per worker",
+    "batches_per_step": "the restored batch count decides where each optimizer step ends: the first resumed step would "
+    "take another number of batches than it is averaged over",
     # devices / num_nodes are judged by what they start: Task._check_resume refuses a different process count
     # (devices 'auto' -> 1 on a one-process machine changes nothing and resumes).
 }

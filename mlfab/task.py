@@ -700,6 +700,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._evaluation_weights(False)
 
     @override
+    def on_predict_model_eval(self) -> None:
+        super().on_predict_model_eval()
+        self._evaluation_weights(True)
+
+    @override
+    def on_predict_end(self) -> None:  # Lightning has no `on_predict_model_train`: its loop restores the mode itself.
+        if not task_work_due(self, "on_predict_end"):
+            return
+        self._evaluation_weights(False)
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not task_work_due(self, "on_save_checkpoint"):
             return

@@ -35,7 +35,7 @@ def test_validation_every_n_seconds(tmp_path: Path) -> None:
     # final model.
     steps, final = steps[:-1], steps[-1]
     assert steps[0] == 1 and 3 <= len(steps) <= 6 and final == 40
-    assert all(5 <= b - a <= 15 for a, b in zip(steps, steps[1:], strict=False))
+    assert all(2 <= b - a <= 15 for a, b in zip(steps, steps[1:], strict=False))  # Steps slow down on a busy machine.
 
 
 @pytest.mark.integration

@@ -20,7 +20,7 @@ from mlfab import checkpoints
 from mlfab.checkpoints import AtomicCheckpointIO, check_ckpt_path, checksum_path, damage, unreadable
 from mlfab.cli import parser as cli_parser
 from mlfab.run.rundir import newest_checkpoint
-from mlfab.testing import BoringConfig, BoringTask
+from mlfab.testing import BoringConfig, BoringTask, read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHONPATH = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -473,3 +473,37 @@ def test_fit_from_a_runs_checkpoint_starts_a_new_run_and_leaves_that_run_alone(
     (new,) = (tmp_path / "runs" / "boring_task").iterdir()
     assert torch.load(new / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.integration
+def test_a_rewind_is_done_once_and_its_relaunch_goes_on_from_the_newest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fit --ckpt_path <run>/checkpoints/step_4.ckpt exp_dir=<run>` rewinds the run, as asked; the same command again
+    (a relaunch, a requeued Slurm job) went back to step 4 every time, or failed once step 4 was pruned."""
+    run = tmp_path / "run"
+    launch(run, keep_last_n_checkpoints=10)  # Steps 2, 4, 6.
+    step_4 = run / "checkpoints" / "step_00000004.ckpt"
+    rewind = ["fit", f"--ckpt_path={step_4}", "--model.config.max_steps=8", "--model.config.keep_last_n_checkpoints=10"]
+    BoringTask.launch(BoringConfig(exp_dir=str(run), save_every_n_steps=2, valid_every_n_steps=None), argv=rewind)
+    assert f"Resuming from {step_4}" in capsys.readouterr().out
+    rewind[2] = "--model.config.max_steps=10"
+    BoringTask.launch(BoringConfig(exp_dir=str(run), save_every_n_steps=2, valid_every_n_steps=None), argv=rewind)
+    out = capsys.readouterr().out
+    assert f"not --ckpt_path {step_4} (which an earlier launch of this run already went on from)" in out
+    assert f"Resuming from {run / 'checkpoints' / 'last.ckpt'}" in out
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+
+
+@pytest.mark.integration
+def test_an_evaluation_of_a_run_without_ckpt_path_evaluates_its_newest_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`validate exp_dir=<trained run>` evaluated a freshly initialised model and logged it into the run at step 0."""
+    run = tmp_path / "run"
+    launch(run)
+    capsys.readouterr()
+    BoringTask.launch(BoringConfig(exp_dir=str(run)), argv=["validate"])
+    assert f"Weights from {run / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    valid = read_scalars(run / "tensorboard" / "valid")["loss/loss"]
+    assert [step for step, _ in valid][-1] == 6 and 0 not in [step for step, _ in valid]

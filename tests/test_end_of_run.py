@@ -1,9 +1,12 @@
 """The end of a run is always logged (#15): the last optimizer step reaches every logger whatever its cadence, the
 final model is validated, and the terminal says where the run ended and where its results are."""
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 from torch import Tensor
 
 import mlfab
@@ -71,3 +74,15 @@ def test_early_stopping_ends_with_its_step_written_everywhere(tmp_path: Path) ->
     WorseEveryTime.launch(argv=["fit", *args])
     expected = {"train": [0, 4, 9], "valid": [1, 5, 10]}  # Worse at 5 and 10: stopped after the validation at 10.
     assert written_steps(tmp_path / "run") == {"tensorboard": expected, "json": expected, "wandb": expected}
+
+
+def test_a_signal_once_training_has_ended_stops_nothing_and_exits_0(tmp_path: Path) -> None:
+    """A SIGTERM during the final checkpoint (here: in `on_training_end`) exited 143 although the run had finished
+    at max_steps, so a requeue setup relaunched a finished run."""
+
+    class LateSignal(BoringTask):
+        def on_training_end(self, state: mlfab.State) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    LateSignal.launch(BoringConfig(max_steps=3, exp_dir=str(tmp_path)), argv=[])  # No SystemExit(143).
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -512,3 +512,19 @@ def test_an_endless_evaluation_set_runs_valid_batches_unless_a_limit_is_given(
 def test_an_endless_test_set_with_validation_off_is_an_error_not_an_empty_test(tmp_path: Path) -> None:
     with pytest.raises(mlfab.ConfigError, match=r"The test dataset has no end and valid_batches is 0 .*limit_test_b"):
         trainer(tmp_path).test(BoringTask(BoringConfig(valid_batches=0)))
+
+
+def test_predict_after_fit_uses_the_evaluation_weights_then_goes_back(tmp_path: Path) -> None:
+    """`trainer.predict(task)` after `trainer.fit(task)` ran the schedule-free optimizer's training weights, unlike
+    validate and test (and a checkpoint's weights)."""
+    task = BoringTask(BoringConfig(max_steps=5, valid_every_n_steps=None))
+    run = mlfab.run.trainer.build_trainer(task.config, tmp_path, [])
+    run.fit(task)
+    training = [p.detach().clone() for p in task.parameters()]
+    x = torch.randn(8, task.config.in_dim)
+    (predicted,) = run.predict(task, dataloaders=torch.utils.data.DataLoader([(row, 0.0) for row in x], batch_size=8))
+    saved = BoringTask.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    with torch.no_grad():
+        assert torch.allclose(predicted, saved(x), atol=1e-5)  # type: ignore[arg-type]
+    # Back to the training weights (the switch there and back rounds in the last bits).
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(task.parameters(), training, strict=True))

@@ -177,7 +177,7 @@ def test_resume_appends_and_keeps_first_launch(repo: Path, task: type, tmp_path:
     prov = write_provenance(tmp_path / "run", task)
     first = launches(prov)[0]
     git_before = (prov / "git.txt").read_bytes()
-    write_provenance(tmp_path / "run", task, resumed=True)
+    write_provenance(tmp_path / "run", task, resumed_from=tmp_path / "run" / "checkpoints" / "last.ckpt")
     both = launches(prov)
     assert len(both) == 2
     assert both[0] == first
@@ -193,7 +193,7 @@ def test_resume_with_changed_source_keeps_both(repo: Path, task: type, tmp_path:
     git_before = (prov / "git.txt").read_text()
     changed = TASK_SOURCE + "    lr_changed = 0.2\n"
     (repo / "task_mod.py").write_text(changed)
-    write_provenance(tmp_path / "run", task, resumed=True)
+    write_provenance(tmp_path / "run", task, resumed_from=tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert (prov / "source" / "task_mod.py").read_text() == TASK_SOURCE
     assert (prov / "source.2" / "task_mod.py").read_text() == changed
     assert (prov / "git.txt").read_text() == git_before
@@ -216,7 +216,7 @@ def test_unreadable_launches_file_is_kept(task: type, tmp_path: Path) -> None:
 def test_provenance_text(repo: Path, task: type, tmp_path: Path) -> None:
     assert "No provenance" in provenance_text(tmp_path / "run")
     write_provenance(tmp_path / "run", task)
-    write_provenance(tmp_path / "run", task, resumed=True)
+    write_provenance(tmp_path / "run", task, resumed_from=tmp_path / "run" / "checkpoints" / "last.ckpt")
     text = provenance_text(tmp_path / "run")
     assert git(repo, "rev-parse", "HEAD") in text
     assert "main" in text and "dirty: false" in text

@@ -202,3 +202,11 @@ def test_a_changed_command_line_optimizer_or_scheduler_is_refused_on_resume(tmp_
     assert (tmp_path / "config.yaml").read_text() == recorded
     BoringTask.launch(BoringConfig(max_steps=4), argv=args)  # The same arguments resume.
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_a_changed_batches_per_step_is_refused_on_resume(tmp_path: Path) -> None:
+    """Lightning's restored batch count decides where each step ends: with 2 -> 3 the first resumed step took 2
+    batches and was averaged over 3."""
+    BoringTask.launch(BoringConfig(max_steps=4, batches_per_step=2, exp_dir=str(tmp_path)), argv=[])
+    with pytest.raises(mlfab.ConfigError, match=r"batches_per_step: 2 -> 3 \(the restored batch count"):
+        BoringTask.launch(BoringConfig(max_steps=8, batches_per_step=3, exp_dir=str(tmp_path)), argv=[])

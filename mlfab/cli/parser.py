@@ -40,6 +40,7 @@ from mlfab.loggers.base import MlfabLogger
 from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
+from mlfab.run.provenance import resumed_from_before
 from mlfab.run.rundir import checkpoint_run, newest_checkpoint
 from mlfab.run.slurm import in_slurm_job
 from mlfab.run.trainer import resolve_precision, trainer_settings
@@ -284,13 +285,22 @@ class MlfabCLI(LightningCLI):
             return self.trainer_class(**{**settings, **kwargs})
 
     def _mlfab_run(self, subcommand: str, model: Any, kwargs: dict[str, Any]) -> None:
-        """The run, for any subcommand: a fit into a run directory with checkpoints resumes from the newest, also when
-        `--ckpt_path` names another run's checkpoint (it started this run: a relaunch or a requeued Slurm job, whose
-        command keeps it, goes on from where this run got to)."""
-        given, own = kwargs.get("ckpt_path"), newest_checkpoint(self.run.exp_dir) if subcommand == "fit" else None
-        if own is not None and (given is None or not _holds(self.run.exp_dir, given)):
-            if given is not None and self.run.writer:
-                print(f"Resuming from this run's newest checkpoint, not --ckpt_path {given} (which started it).")
+        """The run, for any subcommand: into a run directory with checkpoints, without `--ckpt_path`, a fit resumes
+        from the newest and an evaluation evaluates it. A fit also does when `--ckpt_path` names another run's
+        checkpoint, or one of this run's that an earlier launch already went on from (it started this run, or rewound
+        it: a relaunch or a requeued Slurm job, whose command keeps it, goes on from where this run got to)."""
+        given = kwargs.get("ckpt_path")
+        own = newest_checkpoint(self.run.exp_dir) if subcommand == "fit" or given is None else None
+        if own is not None and given is not None and Path(own).resolve() != Path(given).resolve():
+            if not _holds(self.run.exp_dir, given):
+                why = "which started it"
+            elif resumed_from_before(self.run.exp_dir, given):
+                why = "which an earlier launch of this run already went on from"
+            else:
+                own = None  # A rewind of this run to one of its checkpoints, asked for.
+            if own is not None and self.run.writer:
+                print(f"Resuming from this run's newest checkpoint, not --ckpt_path {given} ({why}).")
+        if own is not None:
             kwargs["ckpt_path"] = own
         self.exit_code = execute(self.trainer, subcommand, model, self.run, **kwargs)
 

@@ -114,8 +114,8 @@ class RunRecords(StepFreeCallback):
     starts: after the config, the checkpoint and the data were accepted, so a refused relaunch leaves an existing
     run's records as they were."""
 
-    def __init__(self, run: Run, task: "Task", resumed: bool) -> None:
-        self.run, self.task, self.resumed, self.written = run, task, resumed, False
+    def __init__(self, run: Run, task: "Task", resumed_from: Any) -> None:
+        self.run, self.task, self.resumed_from, self.written = run, task, resumed_from, False
 
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -128,7 +128,9 @@ class RunRecords(StepFreeCallback):
         exp_dir, config_yaml = run.exp_dir, config_to_yaml(self.task.config)
         if not run.keeps_config:
             atomic_write(exp_dir / "config.yaml", run.run_file)
-        write_provenance(exp_dir, type(self.task), resumed=self.resumed, config=run.run_file, subcommand=run.subcommand)
+        write_provenance(
+            exp_dir, type(self.task), resumed_from=self.resumed_from, config=run.run_file, subcommand=run.subcommand
+        )
         write_run_info(trainer.loggers, config_yaml, provenance_text(exp_dir), exp_dir)
         self.written = True
 
@@ -157,7 +159,7 @@ def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: An
     `Task.on_load_checkpoint`.)"""
     exp_dir = run.exp_dir
     kept = set(exp_dir.rglob("*")) if run.writer and not run.created else set()
-    records = RunRecords(run, task, resumed=subcommand == "fit" and ckpt_path is not None)
+    records = RunRecords(run, task, resumed_from=ckpt_path if subcommand == "fit" else None)
     trainer.callbacks.append(records)
     if subcommand == "predict":  # Its outputs go to a file in the run directory (and are returned by Lightning).
         trainer.callbacks.append(PredictionWriter(exp_dir / "predictions"))
@@ -179,7 +181,8 @@ def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: An
     if run.writer:
         print(finish_text(trainer, subcommand, task, exp_dir), flush=True)
     stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
-    return 128 + stop.signal_received if stop is not None and stop.signal_received else 0
+    # A signal that came once training had ended (during the final validation or checkpoint) stopped nothing.
+    return 128 + stop.signal_received if stop is not None and stop.signal_received and stop.stopping else 0
 
 
 def finish_text(trainer: Any, subcommand: str, task: "Task", exp_dir: Path) -> str:

@@ -150,11 +150,17 @@ def _read_launches(path: Path, move_aside: bool) -> list[Any]:
 
 
 def write_provenance(
-    exp_dir: Path, task_cls: type, *, resumed: bool = False, config: str | None = None, subcommand: str = "fit"
+    exp_dir: Path,
+    task_cls: type,
+    *,
+    resumed_from: Path | str | None = None,
+    config: str | None = None,
+    subcommand: str = "fit",
 ) -> Path:
     """Record this launch under `<exp_dir>/provenance/` and return that directory. `config` is the launch's
     config.yaml text, kept as a record so that earlier launches' settings stay in the history; `subcommand` says
-    what it did (`fit`, or `validate` / `test` / `predict` of one of the run's checkpoints).
+    what it did (`fit`, or `validate` / `test` / `predict` of one of the run's checkpoints); `resumed_from` the
+    checkpoint a `fit` went on from.
 
     The git state is that of the repository holding the task's source file (the working directory when the
     task has no file), since that is the code that runs.
@@ -168,7 +174,8 @@ def write_provenance(
     entry: dict[str, Any] = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "subcommand": subcommand,
-        "resumed": resumed,
+        "resumed": resumed_from is not None,
+        "resumed_from": str(Path(resumed_from).resolve()) if resumed_from is not None else None,
         "argv": list(sys.argv),
         "host": socket.gethostname(),
         "commit": info["commit"] if info else None,
@@ -182,6 +189,13 @@ def write_provenance(
     launches.append(entry)
     atomic_write(prov / "launches.yaml", yaml.safe_dump(launches, sort_keys=False))
     return prov
+
+
+def resumed_from_before(exp_dir: Path, checkpoint: Path | str) -> bool:
+    """Whether an earlier `fit` of the run went on from `checkpoint` (a rewind: relaunches go on from the newest)."""
+    launches = _read_launches(Path(exp_dir) / "provenance" / "launches.yaml", move_aside=False)
+    path = str(Path(checkpoint).resolve())
+    return any(isinstance(e, dict) and e.get("resumed_from") == path for e in launches)
 
 
 def provenance_text(exp_dir: Path) -> str:
