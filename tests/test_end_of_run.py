@@ -86,3 +86,36 @@ def test_a_signal_once_training_has_ended_stops_nothing_and_exits_0(tmp_path: Pa
 
     LateSignal.launch(BoringConfig(max_steps=3, exp_dir=str(tmp_path)), argv=[])  # No SystemExit(143).
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_signal_during_a_validation_stops_at_its_step_and_resumes_exactly(tmp_path: Path) -> None:
+    """It acted one optimizer step later (the step after the validation ran first); the resumed run has the
+    uninterrupted run's losses and validations."""
+    losses: dict[int, float] = {}
+    validated: list[int] = []
+
+    class Recorded(BoringTask):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            loss = super().get_loss(batch, state)
+            if state.phase == "train":
+                losses[state.num_steps] = float(loss)
+            elif state.num_steps not in validated:
+                validated.append(state.num_steps)
+                if state.num_steps == 4 and self.config.run_dir == "signal" and len(validated) == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return loss
+
+    def launch(run_dir: str, exp: Path) -> None:
+        config = BoringConfig(max_steps=8, valid_every_n_steps=2, run_dir=run_dir, exp_dir=str(exp))
+        Recorded.launch(config, argv=[])
+
+    launch("once", tmp_path / "once")
+    expected, expected_valid = dict(losses), list(validated)
+    losses.clear()
+    validated.clear()
+    with pytest.raises(SystemExit) as info:
+        launch("signal", tmp_path / "signal")
+    assert info.value.code == 143
+    assert torch.load(tmp_path / "signal" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    launch("signal", tmp_path / "signal")
+    assert losses == expected and validated == expected_valid == [1, 2, 4, 6, 8]

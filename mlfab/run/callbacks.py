@@ -266,9 +266,21 @@ class GracefulStop(StepFreeCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if (self.signal_received is not None or self._save_requested or self._distributed) and step_ends(trainer):
+            self._act(trainer)  # The common case costs two attribute reads.
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A signal that came during a validation inside `fit` acts when it ends (at the step it followed), not one
+        optimizer step later; during the final validation, training ends anyway (and the signal stopped nothing)."""
+        ending = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not ending:
+            self._act(trainer)
+
+    def _act(self, trainer: pl.Trainer) -> None:
         stop, save = self.signal_received is not None, self._save_requested
-        if not (stop or save or self._distributed) or not step_ends(trainer):
-            return  # The common case costs two attribute reads.
+        if not (stop or save or self._distributed):
+            return
         if trainer.world_size > 1:  # Every rank must act at the same step: one all-reduce for both flags.
             flags = torch.tensor([float(stop), float(save)], device=trainer.strategy.root_device)
             flags = trainer.strategy.reduce(flags, reduce_op="max")
