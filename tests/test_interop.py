@@ -252,6 +252,21 @@ def test_launch_with_model_checkpoint_from_the_command_line_keeps_the_two_best(t
         assert fresh_validation_loss(tmp_path, MapTask, path) == pytest.approx(score, abs=1e-6)
 
 
+def test_a_model_checkpoint_without_dirpath_saves_into_the_runs_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lightning put it under the first logger's name (`<run>/stdout/checkpoints/`), where `validate --ckpt_path`
+    saw no run and started a new one."""
+    args = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=valid/loss/loss"]
+    MapTask.launch(argv=[*launch_args(tmp_path, *args), "--model.config.max_steps=10"])
+    exp = run_dir(tmp_path, "map_task")
+    (best,) = (exp / "checkpoints").glob("epoch=*.ckpt")
+    assert not (exp / "stdout").exists()
+    capsys.readouterr()
+    MapTask.launch(argv=["validate", f"--ckpt_path={best}", f"--model.config.batch_size={BATCH}"])
+    assert f"Run directory: {exp}" in capsys.readouterr().out
+
+
 class SelfLogging(MapTask):
     """Logs with Lightning's `self.log` in `get_loss`: the step number, so each written value says where it belongs."""
 

@@ -207,6 +207,21 @@ def end_live_lines(trainer: pl.Trainer) -> None:
             logger.end_live_line()
 
 
+class CheckpointsInRun(StepFreeCallback):
+    """Gives a `ModelCheckpoint` of the user's without a `dirpath` the run's `checkpoints/` (Lightning would put it
+    under the first logger's name, `<run>/stdout/checkpoints/`, where `validate --ckpt_path` sees no run). It is the
+    first callback: its `setup` comes before theirs, which resolve the directory."""
+
+    def __init__(self, ckpt_dir: Path) -> None:
+        self.ckpt_dir = ckpt_dir
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(self.ckpt_dir)
+
+
 class FinalCheckpoint(StepFreeCallback):
     """Writes `<exp_dir>/checkpoints/last.ckpt` when training ends, however it ends at a step boundary."""
 

@@ -16,6 +16,7 @@ from mlfab.config import Config
 from mlfab.errors import ConfigError
 from mlfab.run.async_save import BackgroundCheckpointIO
 from mlfab.run.callbacks import (
+    CheckpointsInRun,
     FinalCheckpoint,
     GracefulStop,
     PeriodicCheckpoint,
@@ -98,6 +99,7 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
         )
 
     callbacks: list[Any] = [
+        CheckpointsInRun(ckpt_dir),
         ValidationCadence(
             config.valid_every_n_seconds,
             config.valid_first_n_seconds,
