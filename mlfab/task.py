@@ -114,9 +114,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._step_started = False  # `on_step_start` ran for the step in progress.
         self._metric_names: set[str] = set()  # What this task `self.log`s for Lightning (not for its loggers).
         self._lightning_names: set[str] = set()  # What the task's own code `self.log`s (see `log`).
-        self._split_names: set[str] = (
-            set()
-        )  # Of those, logged in an evaluation with on_step: Lightning's `<name>_epoch`.
+        # Of those, the ones logged in an evaluation with on_step, which Lightning reduces into `<name>_epoch`.
+        self._split_names: set[str] = set()
         self._weights_from_checkpoint = False  # Evaluation weights loaded for validate/test: no mode switch.
         self._checkpoint_step = 0  # The step of those weights, which their evaluation is logged at.
         self._pending_rng: list[dict[str, Any]] | None = None
