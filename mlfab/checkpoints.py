@@ -83,6 +83,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_checksum(path, digest)
         sync_directory(path.parent)
         remember_digest(path, digest)
+        if isinstance(saved := checkpoint.get("mlfab", {}).get("saved_at"), float):
+            _saved_at[_stat_key(path)] = saved
         self._prune(path)
 
     def _prune(self, path: Path) -> None:
@@ -409,11 +411,31 @@ def check_ckpt_path(path: Any) -> Path:
 
 
 def checkpoint_files(ckpt_dir: Path) -> list[Path]:
-    """Checkpoint files in a directory, oldest first (by modification time, then name)."""
+    """Checkpoint files in a directory, oldest first: by when their state was saved (`saved_at`), then name."""
     if not ckpt_dir.is_dir():
         return []
     files = [p for p in ckpt_dir.glob("*.ckpt") if p.is_file() and not p.name.startswith(".")]
-    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+    return sorted(files, key=lambda p: (saved_at(p), p.name))
+
+
+# When each checkpoint's state was saved, by (path, inode, size, mtime), read from the file once per process.
+_saved_at: dict[tuple[str, int, int, int], float] = {}
+
+
+def saved_at(path: Path) -> float:
+    """The time a checkpoint's state was saved, recorded in it by the Task (`checkpoint["mlfab"]["saved_at"]`), so
+    that a run copied without its files' times (`cp -r`, an object store) resumes from its newest checkpoint and
+    prunes its oldest; the modification time for a checkpoint without it (or one that does not load)."""
+    key = _stat_key(path)
+    if key not in _saved_at:
+        try:  # The pickled part only: tensors are mapped, not read. A file torch cannot load is judged elsewhere.
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("mlfab", {}).get("saved_at")
+        except Exception:
+            saved = None
+        if len(_saved_at) > 10_000:
+            _saved_at.clear()
+        _saved_at[key] = saved if isinstance(saved, float) else path.stat().st_mtime
+    return _saved_at[key]
 
 
 def unreadable(path: Path, error: Exception) -> CheckpointError:

@@ -722,6 +722,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             "rng": gather_rng_states(self.trainer),  # Every rank's, so each resumes its own stream.
             "nonfinite": self._nonfinite.state_dict(),
             "optimizer_args": self._optimizer_args,
+            "saved_at": time.time(),  # Orders the run's checkpoints where file times were lost (a copied run).
         }
         save_in_eval_mode(self, checkpoint)
 

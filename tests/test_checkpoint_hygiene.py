@@ -507,3 +507,47 @@ def test_an_evaluation_of_a_run_without_ckpt_path_evaluates_its_newest_checkpoin
     assert f"Weights from {run / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
     valid = read_scalars(run / "tensorboard" / "valid")["loss/loss"]
     assert [step for step, _ in valid][-1] == 6 and 0 not in [step for step, _ in valid]
+
+
+@pytest.mark.integration
+def test_a_run_copied_without_file_times_resumes_from_its_newest_and_prunes_its_oldest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cp -r` or an object store gives every file a new modification time, in whatever order they were copied: the
+    relaunch resumed from (and `keep_last_n_checkpoints` pruned by) those times, here from step 2 and pruning step 6."""
+    run = tmp_path / "run"
+    launch(run, keep_last_n_checkpoints=3)  # step_2, step_4, step_6, last (step 6).
+    ckpts = run / "checkpoints"
+    copied_first_to_last = ["last.ckpt", "step_00000006.ckpt", "step_00000004.ckpt", "step_00000002.ckpt"]
+    for i, name in enumerate(copied_first_to_last):
+        os.utime(ckpts / name, (1_000_000 + i, 1_000_000 + i))
+    capsys.readouterr()
+    launch(run, keep_last_n_checkpoints=3, max_steps=8)
+    assert f"Resuming from {ckpts / 'last.ckpt'}" in capsys.readouterr().out
+    assert names(ckpts, "step_*.ckpt") == ["step_00000004.ckpt", "step_00000006.ckpt", "step_00000008.ckpt"]
+
+
+@pytest.mark.integration
+def test_a_rewind_that_saved_nothing_is_done_again_by_its_relaunch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rewind to step 2 that crashed before its first checkpoint: its relaunch (the same command) went on from the
+    newest checkpoint, step 6 of the branch the rewind had left."""
+    run = tmp_path / "run"
+    launch(run, keep_last_n_checkpoints=10)  # Steps 2, 4, 6.
+    step_2 = run / "checkpoints" / "step_00000002.ckpt"
+    rewind = ["fit", f"--ckpt_path={step_2}", "--model.config.max_steps=8", "--model.config.keep_last_n_checkpoints=10"]
+    config = BoringConfig(exp_dir=str(run), save_every_n_steps=2, valid_every_n_steps=None)
+
+    def crash(self: BoringTask, batch: object, state: object) -> None:
+        raise RuntimeError("crash at the first step after the rewind")
+
+    with monkeypatch.context() as m:
+        m.setattr(BoringTask, "get_loss", crash)
+        with pytest.raises(RuntimeError, match="crash at the first step"):
+            BoringTask.launch(config, argv=rewind)
+    capsys.readouterr()
+    BoringTask.launch(config, argv=rewind)
+    out = capsys.readouterr().out
+    assert f"Resuming from {step_2}" in out and "already went on from" not in out
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8

@@ -555,6 +555,22 @@ def test_arguments_mlfab_would_ignore_are_refused(tmp_path: Path, args: list[str
     assert not (tmp_path / "runs" / "boring_task").exists() or not any((tmp_path / "runs" / "boring_task").iterdir())
 
 
+@dataclass(kw_only=True)
+class DecayConfig(BoringConfig):
+    learning_rate_decay: float = mlfab.field(1.0, help="A key of the task's own whose name starts like learning_rate")
+
+
+class DecayTask(BoringTask, mlfab.Task[DecayConfig]):
+    pass
+
+
+@pytest.mark.integration
+def test_a_key_named_like_an_optimizer_key_is_not_refused_with_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
+    """Only the config's own optimizer keys are refused with --optimizer, not a task's key that starts like one."""
+    args = ["fit", "--optimizer=SGD", "--optimizer.lr=0.1", "--model.config.learning_rate_decay=0.5"]
+    assert printed_config(capsys, DecayTask, args)["model"]["config"]["learning_rate_decay"] == 0.5
+
+
 @pytest.mark.integration
 def test_value_clipping_records_no_norm_clipping(tmp_path: Path) -> None:
     exp = fit(

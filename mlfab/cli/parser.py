@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mlfab.checkpoints import check_ckpt_path
+from mlfab.checkpoints import check_ckpt_path, saved_at
 from mlfab.cli.args import SUBCOMMANDS, config_file_args, short_form_args, short_form_usage
 from mlfab.config import (
     MAX_SEED,
@@ -40,7 +40,7 @@ from mlfab.loggers.base import MlfabLogger
 from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
-from mlfab.run.provenance import resumed_from_before
+from mlfab.run.provenance import rewound_at
 from mlfab.run.rundir import checkpoint_run, newest_checkpoint
 from mlfab.run.slurm import in_slurm_job
 from mlfab.run.trainer import resolve_precision, trainer_settings
@@ -292,12 +292,15 @@ class MlfabCLI(LightningCLI):
         given = kwargs.get("ckpt_path")
         own = newest_checkpoint(self.run.exp_dir) if subcommand == "fit" or given is None else None
         if own is not None and given is not None and Path(own).resolve() != Path(given).resolve():
+            rewound = rewound_at(self.run.exp_dir, given)
             if not _holds(self.run.exp_dir, given):
                 why = "which started it"
-            elif resumed_from_before(self.run.exp_dir, given):
+            elif rewound is not None and saved_at(own) >= rewound:
                 why = "which an earlier launch of this run already went on from"
             else:
-                own = None  # A rewind of this run to one of its checkpoints, asked for.
+                # A rewind of this run to one of its checkpoints, asked for; or asked again, where the launch that
+                # rewound saved nothing (the newest checkpoint is from before the rewind).
+                own = None
             if own is not None and self.run.writer:
                 print(f"Resuming from this run's newest checkpoint, not --ckpt_path {given} ({why}).")
         if own is not None:
@@ -334,7 +337,7 @@ def refuse_ignored_arguments(given: Sequence[str], cfg: Any, args: Sequence[str]
             "(clip_grad_norm is a gradient norm, which value clipping does not use)"
         )
     if any(k == "optimizer" or k.startswith("optimizer.") for k in given):
-        typed = [k for k in OPTIMIZER_CONFIG_KEYS if any(a.startswith(f"--model.config.{k}") for a in args)]
+        typed = [k for k in OPTIMIZER_CONFIG_KEYS if any(a.split("=")[0] == f"--model.config.{k}" for a in args)]
         if typed:
             problems.append(
                 f"{', '.join(typed)} with --optimizer: the optimizer --optimizer names is built from its own "

@@ -172,7 +172,7 @@ def write_provenance(
     info = git_info(where)
     vers = versions()
     entry: dict[str, Any] = {
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "subcommand": subcommand,
         "resumed": resumed_from is not None,
         "resumed_from": str(Path(resumed_from).resolve()) if resumed_from is not None else None,
@@ -191,11 +191,22 @@ def write_provenance(
     return prov
 
 
-def resumed_from_before(exp_dir: Path, checkpoint: Path | str) -> bool:
-    """Whether an earlier `fit` of the run went on from `checkpoint` (a rewind: relaunches go on from the newest)."""
+def rewound_at(exp_dir: Path, checkpoint: Path | str) -> float | None:
+    """When the latest `fit` of the run that went on from `checkpoint` started (a rewind to it, or the run's start
+    from it), as a POSIX time; None when none did."""
     launches = _read_launches(Path(exp_dir) / "provenance" / "launches.yaml", move_aside=False)
     path = str(Path(checkpoint).resolve())
-    return any(isinstance(e, dict) and e.get("resumed_from") == path for e in launches)
+    times = [e.get("time") for e in launches if isinstance(e, dict) and e.get("resumed_from") == path]
+    return max((_timestamp(t) for t in times), default=None)
+
+
+def _timestamp(value: Any) -> float:
+    """A launch's recorded time (ISO text; a datetime where YAML parsed it as one); 0 where unreadable."""
+    try:
+        when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except ValueError:
+        return 0.0
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def provenance_text(exp_dir: Path) -> str:
