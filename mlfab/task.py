@@ -585,10 +585,13 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         """Whether the step that just ended is written to every logger, whatever its cadence: the last step
         (max_steps, or a stop: max_time, a signal, a callback) and a step a validation follows (so that also the
         last step before EarlyStopping stops, and each validation has the training values of its step)."""
-        trainer = self.trainer
-        if trainer.should_stop or 0 < trainer.max_steps <= self.global_step:
+        if self._training_ends():
             return True
-        return self._cadence is not None and self._cadence.validates_now(trainer)
+        return self._cadence is not None and self._cadence.validates_now(self.trainer)
+
+    def _training_ends(self) -> bool:
+        """Whether the step that just ended is the last (max_steps, or a stop: max_time, a signal, a callback)."""
+        return self.trainer.should_stop or 0 < self.trainer.max_steps <= self.global_step
 
     def _log_bad_data(self, check_every_n_steps: int = 50) -> None:
         """How many samples and batches the data pipeline skipped: once any were, logged lazily on every step. Skipped
@@ -623,7 +626,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self.trainer.sanity_checking:  # Like Lightning, nothing from the sanity check is logged.
             self._log_buffers["valid"].clear()
             return
-        self._flush_logs("valid", self.weights_step)
+        self._flush_logs(
+            "valid", self.weights_step, everywhere=self.trainer.state.fn == "fit" and self._training_ends()
+        )
 
     @override
     def on_train_start(self) -> None:

@@ -62,6 +62,24 @@ def test_the_last_step_and_a_final_validation_reach_every_logger(
     assert f"  last checkpoint: {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in out
 
 
+class RarelyValidated(BoringTask):
+    def set_loggers(self) -> None:
+        every = {"train": HOURLY, "valid": HOURLY}
+        self.add_logger(
+            mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=every),
+            mlfab.JsonLogger(self.exp_dir, log_interval_seconds=every),
+            mlfab.WandbLogger(self.exp_dir, log_interval_seconds=every),
+        )
+
+
+def test_a_validation_interval_keeps_the_final_validation(tmp_path: Path) -> None:
+    """A write interval for `valid` dropped the validation of the final model (the training step before it was
+    written): the run's results ended at the first validation."""
+    RarelyValidated.launch(BoringConfig(max_steps=12, valid_every_n_steps=5, exp_dir=str(tmp_path / "run")), argv=[])
+    expected = {"train": [0, 4, 9, 11], "valid": [1, 12]}  # The validations at 5 and 10 fall within the interval.
+    assert written_steps(tmp_path / "run") == {"tensorboard": expected, "json": expected, "wandb": expected}
+
+
 def test_early_stopping_ends_with_its_step_written_everywhere(tmp_path: Path) -> None:
     args = [
         f"--model.config.exp_dir={tmp_path / 'run'}",

@@ -87,23 +87,20 @@ def flush_logs(
     published there, where they are averaged over ranks weighted by their sample counts (a collective: every rank
     comes here and logs the same keys). Training scalars stay lazy: they are resolved and published only on rank
     zero, at the steps a logger writes or, with no logger attached, every `log_every_n_steps` steps; `everywhere`
-    makes every logger write this training step, whatever its cadence."""
+    makes every logger write this step, whatever its cadence (the last training step, one a validation follows, and
+    the validation that ends training)."""
+    if phase == "train" and (not trainer.is_global_zero or not buffer):
+        buffer.clear()
+        return
+    every_n_steps = trainer.log_every_n_steps
+    due = []
+    if trainer.is_global_zero:  # (The cadence counts every write, also those made everywhere.)
+        due = due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=every_n_steps)
+        due = list(trainer.loggers) if everywhere else due
     if phase != "train":
         means = publish(phase, *buffer.scalars(step))  # (means, weights)
-        due = (
-            due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=trainer.log_every_n_steps)
-            if trainer.is_global_zero
-            else []
-        )
         values = buffer.resolve(step, scalars=means) if due else {}
     else:
-        if not trainer.is_global_zero or not buffer:
-            buffer.clear()
-            return
-        every_n_steps = trainer.log_every_n_steps
-        due = due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=every_n_steps)
-        if everywhere:  # The last step, or one a validation follows: every logger writes it.
-            due = list(trainer.loggers)
         wanted = not trainer.loggers and step % max(every_n_steps, 1) == 0
         values = buffer.resolve(step) if due else {"scalar": buffer.scalars(step)[0]} if wanted else {}
         if due or wanted:
