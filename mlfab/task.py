@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Generic
+from typing import Any, Generic, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -109,6 +109,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._compiled: Compiled | None = None  # The `compile` key, applied at setup.
         self._last_losses: dict[str, Tensor] = {}
+        self._step_losses: list[dict[str, Tensor]] | None = None  # This step's batches' losses, for on_step_end.
         self._training_over = False  # `set_training_over()` was called.
         self._cadence: ValidationCadence | None = None  # mlfab's validation decision, when its Trainer has one.
         self._step_started = False  # `on_step_start` ran for the step in progress.
@@ -142,11 +143,13 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return output
 
     def log_step(self, batch: Any, output: Any, state: State) -> None:
-        """Calls `log_train_step` in training, `log_valid_step` in validation and testing."""
-        if state.phase == "train":
-            self.log_train_step(batch, output, state)
-        else:
-            self.log_valid_step(batch, output, state)
+        """Calls `log_train_step` in training, `log_valid_step` in validation and testing, without autograd (as mlfab
+        0.2): a value logged from the output keeps no graph until it is written."""
+        with torch.no_grad():
+            if state.phase == "train":
+                self.log_train_step(batch, output, state)
+            else:
+                self.log_valid_step(batch, output, state)
 
     def log_train_step(self, batch: Any, output: Any, state: State) -> None:
         """Override to log values on training steps (`self.log_scalar(...)`, ...)."""
@@ -206,7 +209,15 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         of steps done."""
 
     def on_step_end(self, state: State, loss_dict: dict[str, Tensor]) -> None:
-        """After each optimizer step, with the losses of its last batch (detached)."""
+        """After each optimizer step, with its losses (detached; the mean over its batches under batches_per_step)."""
+
+    def task_state_dict(self) -> dict[str, Any]:
+        """State of your own to keep in checkpoints (tensors and plain data), handed back on resume and by
+        `load_from_checkpoint` to `load_task_state_dict_` (as in mlfab 0.2)."""
+        return {}
+
+    def load_task_state_dict_(self, state_dict: dict[str, Any]) -> None:
+        """Restores what `task_state_dict` returned when the checkpoint was saved."""
 
     def on_before_save_ckpt(self, ckpt_path: Path) -> None:
         """Before a checkpoint is written to `ckpt_path` (on the process that writes it)."""
@@ -314,6 +325,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         task = type(self).__name__
         reduced = per_sample_reduced(loss, lambda: self.get_num_samples(batch), task)
         self._last_losses = parts = loss_parts(reduced, task)
+        if self._step_losses is not None and phase == "train":
+            self._step_losses.append(parts)
         buffer = self._log_buffers[phase]
         for name, part in parts.items():
             buffer.add("scalar", f"loss/{name}", part.detach())
@@ -561,8 +574,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             return
         if step_ends(self.trainer):
             self._step_started = False
-            if type(self).on_step_end is not Task.on_step_end:
-                self.on_step_end(self.state("train"), {k: v.detach() for k, v in self._last_losses.items()})
+            if self._step_losses is not None:
+                losses, self._step_losses = self._step_losses or [self._last_losses], []
+                mean = {k: sum(p[k].detach() for p in losses) / len(losses) for k in losses[-1]}
+                self.on_step_end(self.state("train"), cast(dict[str, Tensor], mean))
             if self._training_over:
                 self.trainer.should_stop = True
             if self._compiled is not None:
@@ -654,6 +669,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             restore_rng_states(self.trainer, self._pending_rng)
             self._pending_rng = None
         self._training_over = self._step_started = False
+        self._step_losses = [] if type(self).on_step_end is not Task.on_step_end else None  # Only when overridden.
         self.on_training_start(self.state("train"))
 
     @override
@@ -728,6 +744,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             "nonfinite": self._nonfinite.state_dict(),
             "optimizer_args": self._optimizer_args,
             "saved_at": time.time(),  # Orders the run's checkpoints where file times were lost (a copied run).
+            "task_state": self.task_state_dict(),
         }
         save_in_eval_mode(self, checkpoint)
 
@@ -743,6 +760,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._num_valid_steps = int(saved.get("num_valid_steps", 0))
         self._start_time_s = float(saved.get("start_time_s", self._start_time_s))
         self._elapsed_before_s = float(saved.get("elapsed_time_s", 0.0))
+        if "task_state" in saved:
+            self.load_task_state_dict_(saved["task_state"])
         self._session_start_s = time.monotonic()
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._check_resume(checkpoint)

@@ -249,3 +249,71 @@ def test_an_init_whose_config_parameter_has_another_name_is_refused_at_class_def
     class Forwarding(mlfab.Task[BoringConfig]):  # A base that forwards everything stays allowed.
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+
+
+class Counting(Json):
+    """Keeps a count of its training batches in checkpoints the mlfab 0.2 way."""
+
+    def __init__(self, config: BoringConfig) -> None:
+        super().__init__(config)
+        self.seen_batches = 0
+
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        self.seen_batches += state.phase == "train"
+        return super().get_loss(batch, state)
+
+    def task_state_dict(self) -> dict[str, Any]:
+        return {"seen_batches": self.seen_batches}
+
+    def load_task_state_dict_(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> None:
+        self.seen_batches = state_dict["seen_batches"]
+
+
+def test_task_state_dict_is_saved_and_restored_on_resume_and_load(tmp_path: Path) -> None:
+    """0.2's `task_state_dict` / `load_task_state_dict_` were accepted and never called: the state was lost."""
+    exp = run(Counting, tmp_path, max_steps=4)
+    run(Counting, tmp_path, max_steps=6)
+    assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["mlfab"]["task_state"] == {
+        "seen_batches": 6
+    }
+    assert Counting.load_from_checkpoint(exp / "checkpoints" / "last.ckpt").seen_batches == 6
+
+
+def test_on_step_end_gets_the_steps_mean_loss_over_its_batches(tmp_path: Path) -> None:
+    """0.2 passed the mean over the step's `batches_per_step` batches (what it logged); it got the last batch's."""
+    per_batch: list[float] = []
+    got: list[float] = []
+
+    class StepEnd(Json):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            loss = super().get_loss(batch, state)
+            per_batch.extend([float(loss.detach())] if state.phase == "train" else [])
+            return loss
+
+        def on_step_end(self, state: mlfab.State, loss_dict: dict[str, Tensor]) -> None:
+            got.append(float(loss_dict["loss"]))
+
+    exp = run(StepEnd, tmp_path, max_steps=3, batches_per_step=2)
+    means = [(a + b) / 2 for a, b in zip(per_batch[::2], per_batch[1::2], strict=True)]
+    assert got == pytest.approx(means, rel=1e-6) and len(got) == 3
+    assert [v for _, v in train_lines(exp, "loss/loss")] == pytest.approx(means, rel=1e-5)
+
+
+def test_log_train_step_runs_without_autograd(tmp_path: Path) -> None:
+    """0.2 ran `log_train_step` under `torch.no_grad()`: a value logged from the output held its graph (and the
+    activations) until the logger wrote it."""
+    logged: list[bool] = []
+
+    class Logs(Json):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            x, y = batch
+            output = self(x)
+            self.log_step(batch, output, state)
+            return F.mse_loss(output, y)
+
+        def log_train_step(self, batch: Any, output: Tensor, state: mlfab.State) -> None:
+            logged.append(output.mean().requires_grad)
+            self.log_scalar("output_mean", output.mean())
+
+    exp = run(Logs, tmp_path, max_steps=2)
+    assert logged == [False, False] and len(train_lines(exp, "value/output_mean")) == 2
