@@ -319,6 +319,11 @@ def value_problems(config: Any, prefix: str = "", given: Any = None) -> list[str
         value = getattr(config, f.name)
         if _is_instance(value):
             problems.extend(value_problems(value, f"{prefix}{f.name}.", given.get(f.name)))
+        elif isinstance(value, str) and "${" in value:  # mlfab 0.2 resolved them (OmegaConf): never kept as text.
+            problems.append(
+                f"key {prefix + f.name!r}: {value!r} is an OmegaConf interpolation, which mlfab configs do not "
+                "resolve (mlfab 0.2 did); give the value itself, or derive it from the other key in the task"
+            )
         elif (problem := _rule_problem(type(config), f.name, value, prefix, given.get(f.name, value))) is not None:
             problems.append(problem)
     return problems

@@ -439,3 +439,18 @@ def test_config_to_yaml_is_plain_yaml_in_field_order() -> None:
     assert data["betas"] == [0.9, 0.999]
     assert data["model"] == {"hidden": 1, "depth": 2}
     assert data["max_steps"] is None
+
+
+@dataclass(kw_only=True)
+class InterpolatingConfig(mlfab.Config):
+    batch_size: int = 4
+    model_dir: str = mlfab.field("/models/large", help="Where the model lives")
+    tokenizer_path: str = mlfab.field("${model_dir}/tok.json", help="An mlfab 0.2 (OmegaConf) interpolation")
+
+
+def test_an_omegaconf_interpolation_is_refused_not_kept_as_text() -> None:
+    """mlfab 0.2 resolved `${model_dir}` and `${oc.env:VAR}` in configs; the text reached the task as it was."""
+    with pytest.raises(mlfab.ConfigError, match=r"key 'tokenizer_path': '\$\{model_dir\}/tok.json' is an OmegaConf"):
+        resolve_config(InterpolatingConfig)
+    with pytest.raises(mlfab.ConfigError, match=r"key 'model_dir': '\$\{oc.env:MODELS\}' is an OmegaConf"):
+        resolve_config(InterpolatingConfig, {"model_dir": "${oc.env:MODELS}", "tokenizer_path": "/t.json"})
