@@ -438,7 +438,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self.trainer.world_size > 1:
             # Ranks started by torchrun, Slurm or by hand each made their own guess: rank zero's wins.
             self._exp_dir = broadcast_exp_dir(self.trainer, self._exp_dir)
-            # Data code that draws from numpy's or Python's global generator gets a stream per rank.
+            # Each rank draws its own stream from the global generators (dropout, augmentation in the main process);
+            # the weights, initialised alike from the seed, are rank zero's in DDP anyway.
+            torch.manual_seed(self.config.seed + self.global_rank)
             np.random.seed((self.config.seed + self.global_rank) % 2**32)
             random.seed(self.config.seed + self.global_rank)
 
@@ -471,6 +473,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             self._log_buffers["train"].weight = max(1, samples)
         loss = self._loss_total(self.get_loss(batch, self.state("train")), "train", batch)
         self._num_samples += samples * self.trainer.world_size
+        k, n = self.trainer.accumulate_grad_batches, self.trainer.num_training_batches
+        if k > 1 and n != float("inf") and n - (start := batch_idx - batch_idx % k) < k:
+            # An epoch's last step, short of batches: Lightning still divides each batch's loss by k.
+            loss = loss * (k / (n - start))
         return loss
 
     def _evaluation_step(self, phase: Phase, batch: Any) -> Tensor | None:

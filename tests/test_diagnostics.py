@@ -231,6 +231,20 @@ def test_grad_norm_under_gradient_accumulation_is_the_steps(tmp_path: Path) -> N
         assert samples == pytest.approx(24 * sps)
 
 
+class Tokens(Recorded):
+    def get_num_samples(self, batch: Any) -> int:  # Counting tokens, say: 5 per batch of 8 here.
+        return 5
+
+
+@pytest.mark.integration
+def test_samples_per_second_counts_what_num_samples_counts(tmp_path: Path) -> None:
+    """It counted `batch_size` per batch (8 here), while `num_samples` counts `get_num_samples` (5)."""
+    _, lines = run(tmp_path, task_cls=Tokens, max_steps=4, valid_every_n_steps=None)
+    for line in lines:
+        sps, samples = line["scalars"]["speed/steps_per_second"], line["scalars"]["speed/samples_per_second"]
+        assert samples == pytest.approx(5 * sps)
+
+
 @pytest.mark.integration
 def test_a_group_switched_off_is_not_logged(tmp_path: Path) -> None:
     for i, off in enumerate(GROUPS):

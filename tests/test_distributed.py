@@ -63,6 +63,8 @@ class Distributed(BoringTask):
         out = os.environ["OUT_DIR"]
         with open(f"{out}/{state.phase}_rank{self.global_rank}.jsonl", "a") as f:
             f.write(json.dumps([state.num_steps, ids.tolist(), loss.item()]) + "\\n")
+        with open(f"{out}/{state.phase}_draws_rank{self.global_rank}.jsonl", "a") as f:  # As dropout would draw.
+            f.write(json.dumps([torch.rand(()).item(), float(np.random.rand())]) + "\\n")
         return loss
 
     def on_train_end(self):
@@ -104,6 +106,11 @@ def check_two_ranks(tmp_path: Path, stdout: str) -> None:
     ids = [{i for _, batch, _ in t for i in batch} for t in train]
     assert len(ids[0]) == len(ids[1]) == 8 * 8
     assert not ids[0] & ids[1], "two ranks trained on the same samples"
+
+    # Each rank has its own torch and numpy streams (dropout masks, augmentation): torch's was the same on every rank.
+    draws = [[json.loads(x) for x in (tmp_path / "out" / f"train_draws_rank{r}.jsonl").open()] for r in (0, 1)]
+    for generator in (0, 1):  # torch, numpy
+        assert not {d[generator] for d in draws[0]} & {d[generator] for d in draws[1]}, "ranks drew the same numbers"
 
     w0, w1 = (torch.load(tmp_path / "out" / f"weights_rank{r}.pt") for r in (0, 1))
     assert torch.equal(w0["weight"], w1["weight"]) and torch.equal(w0["bias"], w1["bias"])

@@ -57,6 +57,33 @@ def test_validation_every_n_optimizer_steps_when_epochs_end_mid_accumulation(tmp
     assert FiveBatchEpochs.validations == [(1, True), (2, True), (4, True), (6, True), (8, True)]
 
 
+class GradientOfItsBatches(FiveBatchEpochs):
+    """Compares each step's gradient with the gradient of one batch of all that step's samples."""
+
+    ratios: list[tuple[int, float]] = []  # (batches in the step, applied gradient norm / one big batch's)
+
+    def get_loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: mlfab.State) -> torch.Tensor:
+        if state.phase == "train":
+            self.seen = [*getattr(self, "seen", []), batch]
+        return super().get_loss(batch, state)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        x, y = (torch.cat([b[i] for b in self.seen]) for i in (0, 1))
+        wanted = torch.autograd.grad(super().get_loss((x, y), self.state("train")), self.layer.weight)[0]
+        GradientOfItsBatches.ratios.append((len(self.seen), float(self.layer.weight.grad.norm() / wanted.norm())))
+        self.seen = []
+
+
+def test_a_step_an_epoch_ends_short_of_batches_gets_its_batches_whole_gradient(tmp_path: Path) -> None:
+    """Batches 5, 10, ... end an epoch and a step alone: their gradient was applied at 1/3 (Lightning divides each
+    batch's loss by batches_per_step), where `batches_per_step` promises the update of one batch of the step's."""
+    GradientOfItsBatches.ratios = []
+    config = BoringConfig(max_steps=4, batches_per_step=3, clip_grad_norm=None, exp_dir=str(tmp_path / "run"))
+    GradientOfItsBatches.launch(config, argv=[])
+    assert [n for n, _ in GradientOfItsBatches.ratios] == [3, 2, 3, 2]
+    assert [r for _, r in GradientOfItsBatches.ratios] == pytest.approx([1.0] * 4, rel=1e-4)
+
+
 def test_an_explicit_trainer_val_check_interval_is_lightnings_batch_count(tmp_path: Path) -> None:
     argv = ["fit", "--model.config.max_steps=7", "--model.config.valid_every_n_steps=2"]
     argv.append("--trainer.val_check_interval=3")  # Lightning's meaning: every 3 training batches.

@@ -20,7 +20,8 @@ What they mean:
   step skipped for a non-finite gradient it is inf or nan.
 - `speed/*` are means over the steps since the previous written step (the previous time a logger wrote this
   run's training values), on the training clock: time spent validating is left out; writing checkpoints and logs
-  is in. `samples_per_second` counts `batch_size` samples per batch and rank, as mlfab's `num_samples` does.
+  is in. `samples_per_second` counts what mlfab's `num_samples` counts (each batch's `get_num_samples`; for a module
+  that is not an mlfab Task, `batch_size` samples per batch and rank).
   `data_wait_s` is the time per optimizer step between the end of one batch (Lightning's `on_train_batch_end`)
   and the start of the next (`on_train_batch_start`): waiting for the data loader (with workers: for a batch
   they had not finished) and moving the batch to the device, plus mlfab's own log writing on the steps it writes.
@@ -103,7 +104,7 @@ class Diagnostics(StepFreeCallback):
         self._values: list[tuple[str, Callable[[], float], str]] = []  # (key, lazy value, namespace) per step.
         self._guard: NonFiniteGuard | None = None
         self._batch_is_step = True  # No gradient accumulation: no need to ask Lightning whether a step ends.
-        self._samples_per_batch = 0
+        self._samples_now: Callable[[], int] = lambda: 0  # The run's sample count so far.
         self._validation_start_t = 0.0
         self._restart(0.0)
 
@@ -113,7 +114,7 @@ class Diagnostics(StepFreeCallback):
         self._batch_end_t: float | None = now  # The first batch's wait includes starting the loader.
         self._wait_s = self._paused_s = 0.0
         self._batches = self._steps = 0
-        self._window = (now, 0, 0, 0.0)  # (training clock, steps, batches, wait) at the last written step.
+        self._window = (now, 0, 0, 0.0)  # (training clock, steps, samples, wait) at the last written step.
         self._speed_at = -1  # The step `_speed` was computed at.
         self._speed_values = (0.0, 0.0, 0.0)
 
@@ -148,8 +149,12 @@ class Diagnostics(StepFreeCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restart(time.perf_counter())
         self._batch_is_step = trainer.accumulate_grad_batches == 1
-        config = getattr(pl_module, "config", None)
-        self._samples_per_batch = (getattr(config, "batch_size", None) or 0) * trainer.world_size
+        config, state = getattr(pl_module, "config", None), getattr(pl_module, "state", None)
+        per_batch = (getattr(config, "batch_size", None) or 0) * trainer.world_size
+        self._samples_now = (
+            (lambda: state("train").num_samples) if callable(state) else lambda: self._batches * per_batch
+        )
+        self._window = (self._start_t, 0, self._samples_now(), 0.0)  # A resumed run's count starts where it was.
         if not callable(getattr(pl_module, "log_scalar", None)):  # Not an mlfab task: nothing to log through.
             return
         self._trainer = trainer
@@ -160,7 +165,7 @@ class Diagnostics(StepFreeCallback):
         self._values = []
         if "speed" in self.groups:
             self._values.append(_entry(STEPS_PER_SECOND, lambda: self._speed()[0]))
-            if self._samples_per_batch:
+            if callable(state) or per_batch:
                 self._values.append(_entry(SAMPLES_PER_SECOND, lambda: self._speed()[1]))
             self._values.append(_entry(DATA_WAIT_S, lambda: self._speed()[2]))
         if "time" in self.groups and trainer.max_steps > 0:
@@ -209,15 +214,15 @@ class Diagnostics(StepFreeCallback):
         per step (for whichever of its keys is resolved first), which then starts the next window."""
         if self._speed_at != self._steps:
             clock = self._step_end_t - self._paused_s
-            start, steps, batches, wait = self._window
+            start, steps, samples, wait = self._window
             seconds = max(clock - start, 1e-9)
             n = max(self._steps - steps, 1)
             self._speed_values = (
                 (self._steps - steps) / seconds,
-                (self._batches - batches) * self._samples_per_batch / seconds,
+                (self._samples_now() - samples) / seconds,
                 (self._wait_s - wait) / n,
             )
-            self._window = (clock, self._steps, self._batches, self._wait_s)
+            self._window = (clock, self._steps, self._samples_now(), self._wait_s)
             self._speed_at = self._steps
         return self._speed_values
 
