@@ -37,25 +37,47 @@ REPLACED_0_2_METHODS = {
     "get_trainable_module": "Lightning's strategies (`strategy`, `devices`)",
     "configure_model_": "Lightning's `configure_model()` hook",
     "should_wrap": "Lightning's strategies (`strategy`)",
-    "compile_model": "nothing yet: mlfab has no compile option (issue 16); call torch.compile in __init__",
-    "get_compiler_backend": "nothing yet: mlfab has no compile option (issue 16); call torch.compile in __init__",
+    "compile_model": "the config key `compile` (`true` or a mapping of torch.compile options)",
+    "get_compiler_backend": "the config key `compile` with a `backend` (`compile='{backend: inductor}'`)",
     "data_worker_init_fn": "a dataset's `worker_init(worker_id, num_workers)` (dpshdl)",
     "collate_worker_init_fn": "a dataset's `worker_init(worker_id, num_workers)` (dpshdl)",
     "get_init_ckpt_path": "`--ckpt_path` (resume) or `Task.load_from_checkpoint`",
     "get_profile": "`--trainer.profiler`",
     "on_profiler_trace_ready": "`--trainer.profiler` (Lightning's PyTorchProfiler)",
+    "load_ckpt_": "`--ckpt_path` (resume), `Task.load_from_checkpoint` or Lightning's `on_load_checkpoint` hook",
+    "save_ckpt": "the config keys `save_every_n_steps` / `save_every_n_seconds` (files in <exp_dir>/checkpoints), "
+    "`on_before_save_ckpt` / `on_after_save_ckpt`, or Lightning's `on_save_checkpoint(checkpoint)`",
+    "get_ckpt_path": "`--ckpt_path` to resume from a checkpoint (they are written to <exp_dir>/checkpoints)",
+    "get_wrapped_model": "the config key `strategy` (Lightning's DDP or FSDP wraps the model)",
+    "write_logs": "a logger of your own (subclass `mlfab.PlainLogger`, implement `write(logs)`)",
+    "log_loss_dict": "`get_loss` returning a dict (each part is logged as `loss/<name>`), or `log_scalar`",
+    "batches_per_step_schedule": "the config key `batches_per_step`, or Lightning's `GradientAccumulationScheduler`",
+    "get_device_manager": "the config keys `accelerator` / `devices` / `precision`",
+    "stage_environment": "the run directory's `provenance/`, which mlfab writes (git commit, branch and diff)",
 }
 
 
-def refuse_replaced_methods(cls: type) -> None:
-    """Refuses a subclass defining a method of mlfab 0.2 that is never called here (`REPLACED_0_2_METHODS`)."""
-    for name in cls.__dict__:
-        if name in REPLACED_0_2_METHODS:
-            raise TaskDefinitionError(
-                f"{cls.__name__}.{name} overrides a method of mlfab 0.2's own training loop, which this mlfab does "
-                f"not have, so it would never be called. Use {REPLACED_0_2_METHODS[name]} instead (or rename the "
-                "method if it is a helper of your own)."
-            )
+def own_classes(cls: type, task_base: type) -> list[type]:
+    """`cls` and the classes it inherits methods from other than `task_base` and Lightning's under it: Task
+    subclasses and mixins (`class T(DataMixin, mlfab.Task[C])`) alike."""
+    return [klass for klass in cls.__mro__ if klass not in task_base.__mro__]
+
+
+def _defined_in(klass: type, cls: type) -> str:
+    return klass.__name__ if klass is cls else f"{klass.__name__} (a base class of {cls.__name__})"
+
+
+def refuse_replaced_methods(cls: type, task_base: type) -> None:
+    """Refuses a subclass defining, or inheriting from a mixin, a method of mlfab 0.2 that is never called here
+    (`REPLACED_0_2_METHODS`)."""
+    for klass in own_classes(cls, task_base):
+        for name in klass.__dict__:
+            if name in REPLACED_0_2_METHODS:
+                raise TaskDefinitionError(
+                    f"{_defined_in(klass, cls)}.{name} overrides a method of mlfab 0.2's own training loop, which "
+                    f"this mlfab does not have, so it would never be called. Use {REPLACED_0_2_METHODS[name]} "
+                    "instead (or rename the method if it is a helper of your own)."
+                )
 
 
 def find_config_class(cls: type, task_base: type) -> type | None:
@@ -148,19 +170,20 @@ SUPER_REQUIRED = (
 
 
 def prepare_subclass(cls: type, task_base: type) -> None:
-    refuse_replaced_methods(cls)
+    refuse_replaced_methods(cls, task_base)
     for name in MLFAB_HOOKS:  # Defined here or in a class mixed in before the Task.
         override = getattr(cls, name)
         if override is not getattr(task_base, name) and not getattr(override, "_mlfab_runs_task_work", False):
             setattr(cls, name, _runs_task_work(name, override, task_base))
-    for name in SUPER_REQUIRED:
-        names = getattr(getattr(vars(cls).get(name), "__code__", None), "co_names", ("super", name))
-        if "super" not in names or name not in names:
-            raise TaskDefinitionError(
-                f"{cls.__name__}.{name} does not call super().{name}(): besides Lightning's switch of the model's "
-                "mode, it switches a schedule-free optimizer to the weights evaluation must use (its evaluation "
-                "weights, then back to the training weights). Call it in your override."
-            )
+    for klass in own_classes(cls, task_base):  # A mixin's override too: it runs in place of Task's.
+        for name in SUPER_REQUIRED:
+            names = getattr(getattr(vars(klass).get(name), "__code__", None), "co_names", ("super", name))
+            if "super" not in names or name not in names:
+                raise TaskDefinitionError(
+                    f"{_defined_in(klass, cls)}.{name} does not call super().{name}(): besides Lightning's switch "
+                    "of the model's mode, it switches a schedule-free optimizer to the weights evaluation must use "
+                    "(its evaluation weights, then back to the training weights). Call it in your override."
+                )
     init = cls.__dict__.get("__init__")
     config_cls = find_config_class(cls, task_base)
     if init is None:

@@ -11,17 +11,18 @@ from mlfab.errors import TaskDefinitionError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Splits parameters so decay applies to Linear/Conv weight matrices, never to biases, norms or embeddings."""
+    """Splits parameters so decay applies to every weight matrix (ndim >= 2: Linear, Conv, attention and RNN
+    weights, a model's own 2-D tables, as in mlfab 0.2), never to biases, norms or embeddings."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
     for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            is_matrix = name == "weight" and param.ndim >= 2
-            if is_matrix and not isinstance(module, nn.Embedding | nn.EmbeddingBag):
+            # Any parameter name: MultiheadAttention's `in_proj_weight`, an LSTM's `weight_ih_l0` are matrices too.
+            if param.ndim >= 2 and not isinstance(module, nn.Embedding | nn.EmbeddingBag):
                 decay.append(param)
             else:
                 no_decay.append(param)

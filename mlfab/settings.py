@@ -6,7 +6,9 @@ file mlfab 0.2 wrote does, OmegaConf's `${oc.env:VAR}` and `${oc.env:VAR,default
 not set is an error naming the file, the entry and the variable, except in an entry that is just its own fallback
 variable (`run: ${oc.env:RUN_DIR}`, as 0.2 wrote), which reads as empty. A commented default file is written the
 first time settings are read. Any other `directories` key, or a section other than `directories` and those mlfab 0.2
-wrote (kept unused), is an error naming the file, the key and the closest known one: a typo is never ignored.
+wrote (kept unused), is an error naming the file, the key and the closest known one: a typo is never ignored. In
+those, a value 0.2 acted on where mlfab has a config key instead (`device.gpu: false`, a `device.use_*` dtype, an
+`experiment.default_random_seed` other than 1337) is an error naming the key to set (`_V02_VALUES`).
 """
 
 import difflib
@@ -36,9 +38,22 @@ directories:
 
 _ENV_VARS = {"run": "RUN_DIR", "data": "DATA_DIR", "pretrained_models": "MODEL_DIR"}
 # The sections a settings file may hold: `directories`, and those mlfab 0.2 wrote, which are accepted (so a 0.2 file
-# works as it is) and unused. Anything else is a typo or a setting mlfab does not have: an error, never ignored.
+# works as it is) and unused but for `_V02_VALUES`. Anything else is a typo or a setting mlfab does not have: an
+# error, never ignored.
 _V02_SECTIONS = ("error_handling", "logging", "device", "triton", "experiment")
 _SECTIONS = ("directories", *_V02_SECTIONS)
+# The values of those sections mlfab 0.2 acted on where mlfab has a config key instead: 0.2's default is accepted, any
+# other value stops with the key to set. {(section, key): (0.2's default, what 0.2 then did, the config key now)}.
+_V02_VALUES: dict[tuple[str, str], tuple[bool | int, str, str]] = {
+    ("device", "gpu"): (True, "trained on the CPU", "accelerator=cpu"),
+    ("device", "metal"): (True, "trained on the CPU instead of Apple's MPS", "accelerator=cpu"),
+    ("device", "use_fp64"): (False, "cast batches to float64", "precision=64-true"),
+    ("device", "use_fp32"): (False, "trained in float32", "precision=32-true"),
+    ("device", "use_bf16"): (False, "cast batches to bfloat16 and ran under autocast", "precision=bf16-mixed"),
+    ("device", "use_fp16"): (False, "cast batches to float16 and ran under autocast", "precision=16-mixed"),
+    ("experiment", "default_random_seed"): (1337, "seeded with it", "seed={value}"),
+}
+_TRUE, _FALSE = ("y", "yes", "on", "true"), ("n", "no", "off", "false")  # As OmegaConf reads a bool.
 
 
 def settings_path() -> Path:
@@ -90,7 +105,49 @@ def _files() -> list[tuple[Path, dict[str, Any]]]:
         except OSError:
             pass  # A read-only home is fine: the environment variables still work.
     local = Path.cwd() / "mlfab.yml"
-    return [(p, _read(p)) for p in (path, local) if p.is_file()]
+    files = [(p, _read(p)) for p in (path, local) if p.is_file()]
+    problems = [problem for entry in _V02_VALUES.items() if (problem := _v02_value_problem(files, *entry))]
+    if problems:
+        raise SettingsError("\n".join(problems))
+    return files
+
+
+def _v02_value_problem(
+    files: list[tuple[Path, dict[str, Any]]], where: tuple[str, str], entry: tuple[bool | int, str, str]
+) -> str | None:
+    """What is wrong with `section.key` (a `_V02_VALUES` entry) where the file that sets it last gives a value other
+    than mlfab 0.2's default: 0.2 acted on it, mlfab does not read it."""
+    (section, key), (default, did, instead) = where, entry
+    found = [(p, d[section][key]) for p, d in files if isinstance(d.get(section), dict) and key in d[section]]
+    if not found:
+        return None
+    path, written = found[-1]  # ./mlfab.yml is merged over the user file.
+    name = f"`{section}.{key}` in {path}"
+    try:
+        value: Any = _expand(written, name) if isinstance(written, str) else written
+    except _Unset as e:
+        return f"{name} is {written!r}, but the environment variable {e.name} is not set: set it or remove the entry."
+    if isinstance(default, bool) and isinstance(value, str):
+        lowered = value.strip().lower()
+        value = True if lowered in _TRUE else False if lowered in _FALSE else value
+    try:
+        value = value if isinstance(value, bool) else type(default)(int(value))
+    except (TypeError, ValueError):
+        kind = "true or false" if isinstance(default, bool) else "an integer"
+        return f"{name} is {written!r}: it must be {kind} (mlfab 0.2's default is {_shown(default)})."
+    if value == default:
+        return None
+    read = f"{_shown(written)}, read as {_shown(value)}" if isinstance(written, str) else _shown(written)
+    fix = instead.format(value=value)
+    return (
+        f"{name} is {read}: mlfab 0.2 then {did}, but mlfab does not read this setting. Set the config key "
+        f"instead (`{fix}` on the command line, `{fix.replace('=', ': ', 1)}` in a config file) and remove "
+        f"`{section}.{key}` from that file."
+    )
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else str(value)
 
 
 def load_settings() -> dict[str, Any]:

@@ -9,7 +9,7 @@ from mlfab.checkpoints import intact_checkpoint, remove_stale_temporary_files
 from mlfab.config import Config
 from mlfab.errors import ConfigError
 from mlfab.run.distributed import EXP_DIR_ENV, env_rank_zero
-from mlfab.settings import default_run_dir
+from mlfab.settings import default_run_dir, load_settings
 
 
 def snake_case(name: str) -> str:
@@ -18,6 +18,7 @@ def snake_case(name: str) -> str:
 
 def new_exp_dir(task_cls: type, config: Config) -> Path:
     """`<run_dir>/<snake_case task name>/run_<N>` with the next unused N, or `exp_dir` when given."""
+    load_settings()  # Checked by every launch (a 0.2 value mlfab does not read stops it), not only where run_dir is.
     where = Path(config.exp_dir or config.run_dir or default_run_dir()).expanduser()
     try:
         if config.exp_dir:
