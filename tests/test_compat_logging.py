@@ -414,7 +414,7 @@ def test_a_grayscale_video_is_shown_gray_with_every_frame(defaults_run: Path) ->
     """(T, H, W) floats: 15 gray frames (not resampled), normalised by the last frame's range, [-1, 1], as in 0.2:
     the last frame spans black to white, the first frame's [-3, 3] is clipped to it."""
     frames, durations = _tb_gif(defaults_run, "value/gray")
-    assert len(frames) == 15 and set(durations) == {80}  # 0.2: every frame, at 12 fps (83 ms: 80 in GIF units).
+    assert len(frames) == 15 and set(durations) == {80, 90} and sum(durations) == 1250  # 12 fps: 83.3 ms each.
     for frame in frames:
         assert frame.shape == (8, 8, 3) and (frame == frame[..., :1]).all()  # R = G = B.
     rows = [frame[0, :, 0].astype(int) for frame in frames]
@@ -428,7 +428,7 @@ def test_a_grayscale_video_is_shown_gray_with_every_frame(defaults_run: Path) ->
 @pytest.mark.integration
 def test_videos_are_not_resampled_unless_asked(defaults_run: Path) -> None:
     frames, durations = _tb_gif(defaults_run, "value/rgb")
-    assert len(frames) == 30 and set(durations) == {80}  # 12 fps
+    assert len(frames) == 30 and set(durations) == {80, 90} and sum(durations) == 2500  # 12 fps
 
 
 @pytest.mark.integration
@@ -508,7 +508,7 @@ def test_audio_keywords_keep_their_02_meaning(keywords_run: Path) -> None:
 @pytest.mark.integration
 def test_video_keywords_keep_their_02_meaning(keywords_run: Path) -> None:
     frames, durations = _tb_gif(keywords_run, "kw/timed")
-    assert len(frames) == 12 and set(durations) == {80}  # fps=24: 1 s of video, shown at 12 fps as in 0.2.
+    assert len(frames) == 12 and set(durations) == {80, 90} and sum(durations) == 1000  # fps=24: 1 s, at 12 fps.
     frames, durations = _tb_gif(keywords_run, "kw/by_length")
     assert len(frames) == 20 and set(durations) == {250}  # length=5 s for 20 frames: 4 fps.
     frames, _ = _tb_gif(keywords_run, "kw/videos")

@@ -104,7 +104,8 @@ def _check_grid(grid: np.ndarray) -> None:
 
 
 def _text(acc: EventAccumulator, tag: str) -> list[str]:
-    return [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(f"{tag}/text_summary")]
+    texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(f"{tag}/text_summary")]
+    return [t.removeprefix("```\n").removesuffix("\n```") for t in texts]  # Shown verbatim: in a code block.
 
 
 @pytest.mark.integration

@@ -10,7 +10,8 @@ one line:
      "histograms": {"hist/w": {"min": ..., "max": ..., "mean": ..., "std": ..., "count": ...}},
      "media": {"image/x": "media/train/image__x/10.png", "hist/w": "media/train/hist__w/10.npy"}}
 
-Media paths are relative to `<exp_dir>/json`: `media/<phase>/<tag, "/" written as "__">/<step>.<ext>`, with
+Media paths are relative to `<exp_dir>/json`: `media/<phase>/<tag, "/" written as "__">/<step>.<ext>` (other
+characters than letters, digits, "_", "." and "-" written as "_", then a hash of the tag: `value__a_b_1c2d3e`), with
 images as .png, audio as .wav (16-bit PCM), video as .gif (every frame, looping, frame time from fps),
 histograms as .npy (the raw values; the line has their summary) and point clouds as .npy ((N, 6) xyz + rgb, or
 (N, 3) without colours). Non-finite scalars are written as NaN / Infinity, which Python and pandas read.
@@ -25,9 +26,10 @@ crash), and the resumed run writes those steps again; drop them to read each ste
 """
 
 import argparse
+import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,7 +44,25 @@ from mlfab.state import LogPhase
 
 
 def _safe_name(tag: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", tag.replace("/", "__"))
+    """A directory name for `tag`: "/" becomes "__", other characters than letters, digits, "_", "." and "-"
+    become "_". Where that is not undone by reading "__" as "/" ("a b" and "a_b" would both be "a_b"), 6 hex
+    digits of the tag's SHA-1 are appended, so two tags never share a directory."""
+    name = re.sub(r"[^\w.-]+", "_", tag.replace("/", "__"))
+    if name.replace("__", "/") == tag:
+        return name
+    return f"{name}_{hashlib.sha1(tag.encode()).hexdigest()[:6]}"
+
+
+def free_tag(tag: str, kind: str, taken: Collection[str]) -> str:
+    """`tag`, or `<tag>/<kind>` where a value of another kind already has that name in the same write (a key
+    logged as a scalar and as a histogram in one step): writers that keep all kinds under one name would
+    otherwise keep only one of them."""
+    if tag not in taken:
+        return tag
+    name, n = f"{tag}/{kind}", 2
+    while name in taken:  # The user also logged `<tag>/<kind>` itself.
+        name, n = f"{tag}/{kind}{n}", n + 1
+    return name
 
 
 def _save_audio(path: Path, audio: Audio) -> None:
@@ -134,10 +154,11 @@ class JsonLogger(PlainLogger):
         media: dict[str, str] = {}
         for kind, (ext, save) in _MEDIA.items():
             for tag, value in logs.of(kind).items():
-                relative = Path("media") / logs.phase / _safe_name(tag) / f"{logs.step}.{ext}"
+                name = free_tag(tag, kind, media)
+                relative = Path("media") / logs.phase / _safe_name(name) / f"{logs.step}.{ext}"
                 (self._dir / relative).parent.mkdir(parents=True, exist_ok=True)
                 save(self._dir / relative, value)
-                media[tag] = relative.as_posix()
+                media[name] = relative.as_posix()
         self._write_line(
             {
                 "phase": logs.phase,

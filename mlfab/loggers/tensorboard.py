@@ -4,6 +4,7 @@ One directory per phase, so TensorBoard overlays the training and validation cur
 It is Lightning's `TensorBoardLogger` (`experiment` is the training writer), so it works in any Trainer.
 """
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,14 @@ from mlfab.logs.values import Logs, finite
 from mlfab.state import LogPhase
 
 
+def verbatim(text: str) -> str:
+    """`text` in a Markdown code block, which TensorBoard's text dashboard shows as written (it renders text as
+    Markdown: newlines, indentation and `__init__`'s underscores would be lost). The fence is longer than any run
+    of backticks in `text`, so a ``` inside it cannot close the block early."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{fence}\n{text}\n{fence}"
+
+
 def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> None:
     """Writes every kind of `logs` to a torch SummaryWriter."""
     from torch.utils.tensorboard.summary import Summary
@@ -26,7 +35,7 @@ def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> None:
     for tag, value in logs.scalars.items():
         writer.add_scalar(prefix + tag, value, step)
     for tag, text in logs.of("string").items():
-        writer.add_text(prefix + tag, text, step)
+        writer.add_text(prefix + tag, verbatim(str(text)), step)
     for tag, image in logs.of("image").items():
         writer.add_image(prefix + tag, image, step, dataformats="HWC")
     for tag, audio in logs.of("audio").items():
@@ -85,8 +94,11 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
             self._phase_writers[phase] = SummaryWriter(str(path), flush_secs=self._flush_secs)
         return self._phase_writers[phase]
 
+    def _tag_prefix(self) -> str:
+        return f"{self._prefix}-" if self._prefix else ""
+
     def write(self, logs: Logs) -> None:
-        write_summaries(self.writer(logs.phase), logs, f"{self._prefix}-" if self._prefix else "")
+        write_summaries(self.writer(logs.phase), logs, self._tag_prefix())
 
     @override
     def resumed(self, steps: dict[LogPhase, int]) -> None:
@@ -98,8 +110,8 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
             file_writer(self.writer(phase)).add_event(Event(session_log=SessionLog(status=SessionLog.START)), step)
 
     def write_run_info(self, info: dict[str, str]) -> None:
-        for name, text in info.items():  # TensorBoard renders text as markdown: keep it verbatim in a code block.
-            self.experiment.add_text(f"run/{name}", f"```\n{text}\n```", 0)
+        for name, text in info.items():
+            self.experiment.add_text(f"{self._tag_prefix()}run/{name}", verbatim(text), 0)
 
     @override
     @rank_zero_only

@@ -18,9 +18,11 @@ Why it is built this way:
 
 import configparser
 import html
+import io
 import netrc
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,9 +32,11 @@ import numpy as np
 import yaml
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
 from typing_extensions import override
 
 from mlfab.loggers.base import MlfabLogger
+from mlfab.loggers.json import free_tag
 from mlfab.logs.values import Logs, finite
 from mlfab.state import LogPhase
 
@@ -50,15 +54,38 @@ def _text(value: str) -> Any:
 
 
 def _video(frames: np.ndarray, fps: float) -> Any:
+    import imageio_ffmpeg  # type: ignore[import-untyped]  # No type information; installed with moviepy.
     import wandb
 
-    # MP4 (H.264, through moviepy's bundled ffmpeg): a few times smaller and faster to encode than GIF (measured
-    # on 60 frames of 128x128), and full colour where GIF has 256. moviepy only asks for the 4:2:0 pixel format
-    # that browsers play when both sides are even (its docs warn other formats fail in some players), so an odd
-    # height or width is padded by repeating the last row or column.
+    # MP4 (H.264, through the ffmpeg that moviepy bundles): a few times smaller and faster to encode than GIF
+    # (measured on 60 frames of 128x128), and full colour where GIF has 256. Encoded here rather than by
+    # wandb.Video from the array: that goes through moviepy's clip timing, which drops or repeats frames by float
+    # rounding (7 frames at 12 fps came out as 6) and takes whole frame rates only (2.5 fps played as 2). The 4:2:0
+    # pixel format that browsers play needs even sides, so an odd height or width is padded by repeating the last
+    # row or column.
     _, h, w, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    return wandb.Video(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), fps=max(round(fps), 1), format="mp4")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "video.mp4"
+        size = (frames.shape[2], frames.shape[1])
+        writer = imageio_ffmpeg.write_frames(
+            str(path),
+            size,
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            macro_block_size=2,
+            ffmpeg_log_level="error",
+        )
+        writer.send(None)  # Starts ffmpeg.
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        video = wandb.Video(io.BytesIO(path.read_bytes()), format="mp4")
+    # What wandb.Video records (as `width` and `height` in the row) when it encodes an array itself, which it does
+    # not read back from a file: kept so the row has the same fields either way.
+    video._height, video._width = frames.shape[1:3]
+    return video
 
 
 def write_wandb(run: Any, logs: Logs, prefix: str = "") -> None:
@@ -66,6 +93,8 @@ def write_wandb(run: Any, logs: Logs, prefix: str = "") -> None:
 
     The row also holds `trainer/global_step` (= `logs.step`), `trainer/num_samples` and
     `trainer/elapsed_time_s`; `WandbLogger` makes the step every chart's x-axis (Lightning's WandbLogger does too).
+    A tag logged as two kinds in one write (a scalar and a histogram `w`) keeps both: the later kind, in the order
+    scalar, string, image, audio, video, histogram, point cloud, is written as `<tag>/<kind>` (`w/histogram`).
     """
     import wandb
 
@@ -74,21 +103,22 @@ def write_wandb(run: Any, logs: Logs, prefix: str = "") -> None:
         "trainer/num_samples": logs.num_samples,
         "trainer/elapsed_time_s": logs.elapsed_time_s,
     }
-    for tag, value in logs.scalars.items():
-        row[prefix + tag] = float(value)
-    for tag, text in logs.of("string").items():
-        row[prefix + tag] = _text(str(text))
-    for tag, image in logs.of("image").items():
-        row[prefix + tag] = wandb.Image(image)
-    for tag, audio in logs.of("audio").items():
-        row[prefix + tag] = wandb.Audio(audio.samples, sample_rate=audio.sample_rate)
-    for tag, video in logs.of("video").items():
-        row[prefix + tag] = _video(video.frames, video.fps)
-    for tag, values in logs.of("histogram").items():
-        if (values := finite(values)).size:  # An all-NaN histogram is skipped.
-            row[prefix + tag] = wandb.Histogram(np_histogram=np.histogram(values, bins=64))  # As wandb bins it.
-    for tag, cloud in logs.of("point_cloud").items():
-        row[prefix + tag] = wandb.Object3D(cloud.xyzrgb())
+    writers: dict[str, Callable[[Any], Any]] = {
+        "scalar": float,
+        "string": lambda text: _text(str(text)),
+        "image": lambda image: wandb.Image(Image.fromarray(image)),  # From an array, wandb squeezes a 1-pixel side.
+        "audio": lambda audio: wandb.Audio(audio.samples, sample_rate=audio.sample_rate),
+        "video": lambda video: _video(video.frames, video.fps),
+        "histogram": lambda values: wandb.Histogram(np_histogram=np.histogram(values, bins=64)),  # As wandb bins.
+        "point_cloud": lambda cloud: wandb.Object3D(cloud.xyzrgb()),
+    }
+    taken: set[str] = set()  # Tags of this row: a tag logged as two kinds keeps both, the later as <tag>/<kind>.
+    for kind, convert in writers.items():
+        for tag, value in logs.of(kind).items():
+            if kind == "histogram" and not (value := finite(value)).size:  # An all-NaN histogram is skipped.
+                continue
+            taken.add(name := free_tag(tag, kind, taken))
+            row[prefix + name] = convert(value)
     run.log(row)
 
 

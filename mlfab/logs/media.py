@@ -43,8 +43,11 @@ def to_numpy(value) -> np.ndarray:
         tensor = value.detach()
         tensor = tensor.float() if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
         return tensor.cpu().resolve_conj().resolve_neg().numpy()
-    if isinstance(value, Image.Image) and value.mode not in ("1", "L", "RGB", "RGBA"):
-        value = value.convert("RGBA")  # palette, 16-bit, CMYK, ...: let Pillow map them to 8-bit
+    # Float ("F") and 32/16-bit integer ("I", "I;16") images are read as their values, so they follow the same
+    # float and integer rules as an array: Pillow's conversion would clip floats to 0..255 (a [0, 1] image black).
+    as_values = ("1", "L", "RGB", "RGBA", "F", "I", "I;16", "I;16L", "I;16B", "I;16N")
+    if isinstance(value, Image.Image) and value.mode not in as_values:
+        value = value.convert("RGBA")  # palette, CMYK, ...: let Pillow map them to 8-bit
     return np.asarray(value)
 
 
@@ -651,9 +654,10 @@ _PALETTE = np.array(  # Distinct colors for the clouds of a batch logged without
 
 
 def _points_last(arr: np.ndarray) -> np.ndarray:
-    """0.2's layouts: the axis of 3 coordinates is the last, or else the first axis of size 3 is moved there."""
+    """0.2's layouts: the axis of 3 coordinates is the last, or else the nearest axis of size 3 before it is moved
+    there, so (3, N) and (B, 3, N) read right even with B == 3."""
     if arr.ndim >= 2 and arr.shape[-1] != 3:
-        for axis in range(arr.ndim - 1):
+        for axis in range(arr.ndim - 2, -1, -1):
             if arr.shape[axis] == 3:
                 return np.moveaxis(arr, axis, -1)
     return arr
@@ -695,10 +699,18 @@ def subsample_points(
 def gif_bytes(frames: np.ndarray, fps: float) -> bytes:
     """Animated GIF of uint8 (T, H, W, 3) frames. Written with Pillow because torch's `add_video` needs
     `moviepy.editor`, which moviepy 2 removed (it then silently writes nothing). GIF frame times are in 10 ms
-    units and browsers play anything under 20 ms at 100 ms, so faster videos get 20 ms frames."""
+    units (Pillow truncates to them) and browsers play anything under 20 ms at 100 ms, so faster videos get 20 ms
+    frames; slower ones get times whose running total stays within 5 ms of k * 1000 / fps (12 fps: 80, 90, 80, ...
+    ms, 1000 ms a second, where 80 ms frames would play 960)."""
     out = io.BytesIO()
     pictures = [Image.fromarray(f) for f in frames]
-    duration = max(round(1000 / fps), 20) if fps > 0 else 100
+    if fps <= 0:
+        duration: int | list[int] = 100
+    elif fps > 50:
+        duration = 20
+    else:
+        ends = [10 * math.floor(k * 100 / fps + 0.5) for k in range(len(pictures) + 1)]  # Rounded to 10 ms.
+        duration = np.diff(ends).tolist()
     pictures[0].save(out, format="GIF", save_all=True, append_images=pictures[1:], duration=duration, loop=0)
     return out.getvalue()
 
