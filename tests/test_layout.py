@@ -15,6 +15,7 @@ LAZY = (
     "wandb",
     "soundfile",
     "moviepy",
+    "imageio_ffmpeg",  # moviepy's ffmpeg, for W&B videos.
     "schedulefree",
     "torch.utils.tensorboard",
     "tensorboard.backend",
