@@ -16,6 +16,7 @@ import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loops.evaluation_loop import RestartStage as EvaluationRestartStage
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.profilers import PassThroughProfiler
 from torch import Tensor
 from torch._dynamo.callback import on_compile_end, on_compile_start
@@ -246,6 +247,13 @@ def collect_rng_states(include_cuda: bool) -> dict[str, Any]:
 def set_rng_states(states: dict[str, Any]) -> None:
     """Restores what `collect_rng_states` returned. Private: `lightning.fabric.utilities.seed._set_rng_states`."""
     _set_rng_states(states)
+
+
+def unrepeated_sampler(dataset: Any, num_replicas: int, rank: int) -> UnrepeatedDistributedSampler:
+    """Rank `rank`'s share of a map-style dataset in order (`rank`, `rank + num_replicas`, ...), no sample repeated.
+    Lightning's own for `predict`, from `lightning.pytorch.overrides` (undocumented): a DistributedSampler, so
+    Lightning keeps it instead of injecting its padded one (`_DataConnector._requires_distributed_sampler`)."""
+    return UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
 
 def foreach_norm(tensors: list[Tensor]) -> tuple[Tensor, ...]:

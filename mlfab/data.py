@@ -23,7 +23,7 @@ from dpshdl.dataset import Dataset as DpshdlDataset
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
-from mlfab._lightning import collect_rng_states, set_rng_states
+from mlfab._lightning import collect_rng_states, set_rng_states, unrepeated_sampler
 from mlfab.checkpoints import numpy_rng_state, plain_rng_state
 from mlfab.errors import DatasetError
 from mlfab.loader import MlfabLoader
@@ -259,6 +259,41 @@ class DpshdlIterable(IterableDataset):
             set_rng_states(numpy_rng_state(state["global_rng"]))
 
 
+class MapStateful(TorchDataset):
+    """A map-style training dataset as the dataloader sees it, so that exact resume restores each dataloader worker's
+    global random states (torch, numpy, random: what augmentation code draws from), as `DpshdlIterable` does for
+    streams: torchdata's StatefulDataLoader saves and restores a map-style dataset's `state_dict` in every worker.
+    A dataset's own `state_dict` / `load_state_dict` are kept in it; any other attribute is the dataset's."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # Not set yet (unpickling in a worker): no recursion.
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def state_dict(self) -> dict[str, Any]:
+        own = getattr(self.dataset, "state_dict", None)
+        state: dict[str, Any] = {"dataset": own() if callable(own) else None}
+        if get_worker_info() is not None:  # The main process's global state is saved with the task.
+            state["global_rng"] = plain_rng_state(collect_rng_states(include_cuda=False))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        own = getattr(self.dataset, "load_state_dict", None)
+        if callable(own) and state.get("dataset") is not None:
+            own(state["dataset"])
+        if "global_rng" in state and get_worker_info() is not None:  # Called in the worker, after torch seeded it.
+            set_rng_states(numpy_rng_state(state["global_rng"]))
+
+
 class Collate:
     """Uses the dataset's own `collate` when it has one, then turns numpy arrays into tensors.
 
@@ -326,7 +361,6 @@ def build_dataloader(
     global one, so how often validation runs cannot change the training run's random numbers.
     """
     os.environ[_RANK_ENV], os.environ[_WORLD_ENV] = str(rank), str(world_size)
-    streaming = isinstance(dataset, DpshdlDataset | IterableDataset)
     own_collate = getattr(dataset, "collate", None)
     collate = Collate(own_collate if callable(own_collate) else None, max_bad_in_a_row, type(dataset).__name__)
     is_train = phase == "train"
@@ -337,9 +371,10 @@ def build_dataloader(
         "pin_memory": pin_memory,
         "persistent_workers": num_workers > 0,
         "worker_init_fn": worker_init if num_workers > 0 else None,
-        # Its own stream per phase; for streams, also per rank (workers' seeds derive from it). Map-style data
-        # shuffles the same way on every rank: Lightning's distributed sampler splits that one order by rank.
-        "generator": torch.Generator().manual_seed(seed + (0 if is_train else 1) + (2 * rank if streaming else 0)),
+        # Its own stream per phase and rank: workers' seeds (their torch, numpy and random streams) derive from it.
+        # Map-style data still shuffles the same way on every rank, as Lightning's distributed sampler must to split
+        # that one order by rank: its order comes from its own seed (PL_GLOBAL_SEED), not from this generator.
+        "generator": torch.Generator().manual_seed(seed + (0 if is_train else 1) + 2 * rank),
     }
     loader_cls: Any = DataLoader
     if is_train:
@@ -356,10 +391,34 @@ def build_dataloader(
             f"get_dataset('train') has {len(dataset)} samples{per_process}, fewer than one batch (batch_size="
             f"{batch_size}), so training would do nothing. Lower batch_size or add data."
         )
+    if is_train and num_workers > 0:
+        dataset = MapStateful(dataset)
+    if not is_train and world_size > 1:
+        kwargs["sampler"] = _evaluation_split(dataset, rank, world_size)
     loader = loader_cls(dataset, shuffle=is_train, drop_last=is_train, **kwargs)
     if is_train:  # The order from a generator of its own: the loader's also seeds each new iterator, and a resumed
         loader.sampler.generator = torch.Generator().manual_seed(seed + 3)  # run draws those in another order.
     return loader
+
+
+def _evaluation_split(dataset: Any, rank: int, world_size: int) -> Any:
+    """This rank's share of a map-style validation or test set, each sample evaluated once over all ranks (ranks may
+    get one sample more than others). Lightning's own split pads the shares to equal sizes with repeated samples,
+    which would count those twice in the means; it keeps a distributed sampler it is given.
+
+    Unequal shares are safe for mlfab's evaluation: its only collectives are DDP's buffer broadcast at the first
+    batch and one synchronised `self.log` per key at the end. So every rank needs one sample at least: a set
+    smaller than the number of processes keeps Lightning's padded split (None), with a warning."""
+    if len(dataset) < world_size:
+        if rank == 0:
+            log.warning(
+                "The evaluation set has %d samples, fewer than the %d processes: Lightning's split evaluates some "
+                "twice, which weighs them twice in its means. Evaluate on one process (devices=1) or add samples.",
+                len(dataset),
+                world_size,
+            )
+        return None
+    return unrepeated_sampler(dataset, num_replicas=world_size, rank=rank)
 
 
 def _failed_download(exc: BaseException) -> tuple[str, str] | None:

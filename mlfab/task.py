@@ -377,7 +377,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 torch.tensor(value, dtype=dtype, device=self.device),
                 on_step=False,
                 on_epoch=True,
-                batch_size=weights[tag],
+                batch_size=float(weights[tag]),  # An int count would be floored when averaged over ranks.
                 sync_dist=True,
             )
         computed = trainer.callback_metrics  # Computed (and synchronised) once here, as Lightning would later.

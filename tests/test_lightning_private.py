@@ -34,6 +34,7 @@ from mlfab._lightning import (
     publish_metrics,
     set_rng_states,
     step_ends,
+    unrepeated_sampler,
     withhold_from_loggers,
     wrap_validation_decision,
 )
@@ -389,3 +390,18 @@ def test_metric_step_value_is_the_last_forward_of_a_torchmetrics_metric() -> Non
     assert float(metric_step_value(metric)) == 5.0 and float(metric.compute()) == 3.0  # type: ignore[arg-type]
     metric.update(torch.tensor([9.0]))
     assert float(metric_step_value(metric)) == 5.0  # type: ignore[arg-type]  # What Lightning would log too.
+
+
+def test_unrepeated_sampler_splits_without_repeats_and_lightning_keeps_it() -> None:
+    """`unrepeated_sampler` (mlfab's split of a map-style evaluation set under DDP; behaviour in a real 2-process run
+    tested in tests/test_data_ranks.py): every index once over the ranks, and Lightning injects no sampler of its own
+    over a DistributedSampler."""
+    from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    shares = [list(unrepeated_sampler(range(9), num_replicas=2, rank=r)) for r in (0, 1)]
+    assert shares == [[0, 2, 4, 6, 8], [1, 3, 5, 7]]
+    assert isinstance(unrepeated_sampler(range(9), num_replicas=2, rank=0), DistributedSampler)
+    source = inspect.getsource(_DataConnector._requires_distributed_sampler)
+    assert "not isinstance(dataloader.sampler, DistributedSampler)" in source
+    assert isinstance(DataLoader(range(9), sampler=unrepeated_sampler(range(9), 2, 1)).sampler, DistributedSampler)

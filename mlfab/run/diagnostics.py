@@ -104,7 +104,8 @@ class Diagnostics(StepFreeCallback):
         self._values: list[tuple[str, Callable[[], float], str]] = []  # (key, lazy value, namespace) per step.
         self._guard: NonFiniteGuard | None = None
         self._batch_is_step = True  # No gradient accumulation: no need to ask Lightning whether a step ends.
-        self._samples_now: Callable[[], int] = lambda: 0  # The run's sample count so far.
+        self._task: Any = None  # While training an mlfab task: whose `num_samples` `samples_per_second` counts.
+        self._per_batch = 0  # Otherwise `batch_size` samples per batch and rank.
         self._validation_start_t = 0.0
         self._restart(0.0)
 
@@ -151,9 +152,7 @@ class Diagnostics(StepFreeCallback):
         self._batch_is_step = trainer.accumulate_grad_batches == 1
         config, state = getattr(pl_module, "config", None), getattr(pl_module, "state", None)
         per_batch = (getattr(config, "batch_size", None) or 0) * trainer.world_size
-        self._samples_now = (
-            (lambda: state("train").num_samples) if callable(state) else lambda: self._batches * per_batch
-        )
+        self._task, self._per_batch = (pl_module if callable(state) else None), per_batch
         self._window = (self._start_t, 0, self._samples_now(), 0.0)  # A resumed run's count starts where it was.
         if not callable(getattr(pl_module, "log_scalar", None)):  # Not an mlfab task: nothing to log through.
             return
@@ -181,7 +180,7 @@ class Diagnostics(StepFreeCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer, self._values, self._guard = None, [], None
+        self._trainer, self._values, self._guard, self._task = None, [], None, None
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -225,6 +224,10 @@ class Diagnostics(StepFreeCallback):
             self._window = (clock, self._steps, self._samples_now(), self._wait_s)
             self._speed_at = self._steps
         return self._speed_values
+
+    def _samples_now(self) -> int:
+        """The run's sample count so far (a method, not a lambda: ddp_spawn pickles callbacks)."""
+        return self._task.state("train").num_samples if self._task is not None else self._batches * self._per_batch
 
     def _remaining_s(self) -> float:
         trainer = self._trainer
