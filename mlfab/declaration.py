@@ -158,15 +158,22 @@ def task_work_due(task: Any, name: str) -> bool:
     return True
 
 
-# Lightning's mode switches around an evaluation, where Task also switches a schedule-free optimizer between its
-# training and evaluation weights: an override that does not call super() would evaluate the training weights.
-SUPER_REQUIRED = (
-    "on_validation_model_eval",
-    "on_validation_model_train",
-    "on_test_model_eval",
-    "on_test_model_train",
-    "on_predict_model_eval",
+# Hooks whose override must call super(), and why: an override without it would silently lose Task's work there.
+_MODE_SWITCH = (
+    "besides Lightning's switch of the model's mode, it switches a schedule-free optimizer to the weights evaluation "
+    "must use (its evaluation weights, then back to the training weights)"
 )
+SUPER_REQUIRED = {
+    "on_validation_model_eval": _MODE_SWITCH,
+    "on_validation_model_train": _MODE_SWITCH,
+    "on_test_model_eval": _MODE_SWITCH,
+    "on_test_model_train": _MODE_SWITCH,
+    "on_predict_model_eval": _MODE_SWITCH,
+    "optimizer_step": "it warms the learning rate up (without it the rate stays at its first warmup value) and "
+    "skips a step whose loss or gradient is not finite",
+    "configure_gradient_clipping": "besides clipping, it checks the step's losses and gradients and skips a step "
+    "where one is not finite (without it, NaN steps are applied)",
+}
 
 
 def prepare_subclass(cls: type, task_base: type) -> None:
@@ -180,9 +187,8 @@ def prepare_subclass(cls: type, task_base: type) -> None:
             names = getattr(getattr(vars(klass).get(name), "__code__", None), "co_names", ("super", name))
             if "super" not in names or name not in names:
                 raise TaskDefinitionError(
-                    f"{_defined_in(klass, cls)}.{name} does not call super().{name}(): besides Lightning's switch "
-                    "of the model's mode, it switches a schedule-free optimizer to the weights evaluation must use "
-                    "(its evaluation weights, then back to the training weights). Call it in your override."
+                    f"{_defined_in(klass, cls)}.{name} does not call super().{name}(): {SUPER_REQUIRED[name]}. "
+                    "Call it in your override."
                 )
     init = cls.__dict__.get("__init__")
     config_cls = find_config_class(cls, task_base)

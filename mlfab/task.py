@@ -541,7 +541,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
     ) -> None:
         # fp16 loss scaling skips steps with inf gradients itself; there only the loss is checked.
-        scaled = str(self.trainer.precision).startswith("16")
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # 16-mixed, not 16-true.
         params = [p for group in optimizer.param_groups for p in group["params"]]
         by_value = gradient_clip_algorithm not in (None, "norm")  # Lightning's own clipping, after the check.
         norm_clip = None if by_value else gradient_clip_val

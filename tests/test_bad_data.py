@@ -322,3 +322,30 @@ def test_a_non_finite_streak_and_count_carry_over_a_resume(tmp_path: Path, caplo
     ):
         NaNFromOne.launch(BoringConfig(max_steps=10, **settings), argv=[])
     assert "Step 3 skipped: loss 'loss' is not finite (3 skipped so far)" in caplog.text
+
+
+class InfGradient(BoringTask):
+    """A finite loss whose gradient overflows at step 2, as a float16 backward can."""
+
+    def get_loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: mlfab.State) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        if state.phase == "train" and state.num_steps == 2:
+            out.register_hook(lambda g: g * float("inf"))
+        return torch.nn.functional.mse_loss(out.float(), y.float())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("precision", ["32-true", "16-true"])
+def test_an_overflowing_gradient_is_skipped_without_loss_scaling(tmp_path: Path, precision: str) -> None:
+    """16-true has no loss scaler; mlfab took any "16" precision for one and checked no gradient there: the inf
+    gradient was applied (NaN weights)."""
+    tasks: list[InfGradient] = []
+
+    class Kept(InfGradient):
+        def on_training_end(self, state: mlfab.State) -> None:
+            tasks.append(self)
+
+    config = BoringConfig(max_steps=4, valid_batches=0, precision=precision, exp_dir=str(tmp_path / "run"))
+    Kept.launch(config, argv=[])
+    assert tasks[0].nonfinite_guard.total == 1 and torch.isfinite(tasks[0].layer.weight).all()

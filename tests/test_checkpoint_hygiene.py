@@ -551,3 +551,16 @@ def test_a_rewind_that_saved_nothing_is_done_again_by_its_relaunch(
     out = capsys.readouterr().out
     assert f"Resuming from {step_2}" in out and "already went on from" not in out
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+@pytest.mark.integration
+def test_validate_of_a_run_trained_without_validation_says_it_would_run_nothing(tmp_path: Path) -> None:
+    """It ran no batch, logged nothing and said `Finished.`, as if it had validated."""
+    run = tmp_path / "run"
+    launch(run, valid_batches=0)
+    with pytest.raises(mlfab.ConfigError, match=r"validate would run no batch: valid_batches is 0"):
+        BoringTask.launch(argv=["validate", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    BoringTask.launch(
+        argv=["validate", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--model.config.valid_batches=2"]
+    )
+    assert [step for step, _ in read_scalars(run / "tensorboard" / "valid")["loss/loss"]] == [6]

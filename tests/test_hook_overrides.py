@@ -116,6 +116,39 @@ def test_an_evaluation_mode_switch_without_super_is_refused_when_the_class_is_de
     assert Calling(BoringConfig())
 
 
+def test_an_optimizer_step_or_clipping_override_without_super_is_refused() -> None:
+    """Lightning's documented `optimizer_step` override (`optimizer.step(closure=...)`) kept the learning rate at its
+    first warmup value for the whole run; a `configure_gradient_clipping` of one's own applied NaN steps."""
+    with pytest.raises(
+        mlfab.TaskDefinitionError, match=r"OwnStep.optimizer_step does not call super\(\).optimizer_step\(\): it warms"
+    ):
+
+        class OwnStep(BoringTask):
+            def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any) -> None:
+                optimizer.step(closure=optimizer_closure)
+
+    with pytest.raises(mlfab.TaskDefinitionError, match=r"OwnClip.configure_gradient_clipping does not call super"):
+
+        class OwnClip(BoringTask):
+            def configure_gradient_clipping(
+                self, optimizer: Any, gradient_clip_val: Any = None, algo: Any = None
+            ) -> None:
+                self.clip_gradients(optimizer, gradient_clip_val=1.0)
+
+
+def test_an_optimizer_step_override_calling_super_warms_up(tmp_path: Path) -> None:
+    rates: list[float] = []
+
+    class Counting(BoringTask):
+        def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any) -> None:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            rates.append(optimizer.param_groups[0]["lr"])
+
+    config = BoringConfig(max_steps=4, warmup_steps=4, learning_rate=0.1, exp_dir=str(tmp_path / "run"))
+    Counting.launch(config, argv=[])
+    assert rates == pytest.approx([0.05, 0.075, 0.1, 0.1])  # After each step, the next step's rate.
+
+
 def test_a_hook_of_a_class_mixed_in_before_the_task_gets_mlfabs_work_too(tmp_path: Path) -> None:
     class Mixin:
         def on_validation_epoch_end(self) -> None:

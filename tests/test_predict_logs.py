@@ -192,3 +192,26 @@ def test_under_ddp_a_predict_scalar_is_the_mean_over_every_ranks_samples(tmp_pat
     (predict,) = [line for line in json_lines(exp) if line["phase"] == "predict"]
     assert predict["step"] == 0
     assert predict["scalars"]["value/mean_output"] == pytest.approx(float(torch.cat(per_rank).mean()), rel=1e-6)
+
+
+class ListPredictions(BoringTask):
+    """20 samples in batches of 8, 8 and 4; each batch's prediction a list of floats (`.tolist()`, decoded text)."""
+
+    def get_dataset(self, phase: mlfab.Phase) -> Any:
+        x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.TensorDataset(x, x.sum(-1))
+
+    def get_prediction(self, batch: Any) -> Any:
+        return self(batch[0]).tolist()
+
+
+@pytest.mark.integration
+def test_predictions_that_are_lists_are_saved_for_every_batch(tmp_path: Path) -> None:
+    """The file held only the first batch's list (read as Lightning's per-dataloader nesting)."""
+    exp = tmp_path / "run"
+    ListPredictions.launch(BoringConfig(max_steps=2, batch_size=8, valid_batches=0, exp_dir=str(exp)), argv=[])
+    ListPredictions.launch(argv=["predict", "--ckpt_path", str(exp / "checkpoints" / "last.ckpt")])
+    (path,) = (exp / "predictions").glob("*.pt")
+    saved = torch.load(path, weights_only=True)
+    assert [len(batch) for batch in saved["predictions"]] == [8, 8, 4]
+    assert saved["batch_indices"] == [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15], [16, 17, 18, 19]]

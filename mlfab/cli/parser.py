@@ -305,6 +305,11 @@ class MlfabCLI(LightningCLI):
                 print(f"Resuming from this run's newest checkpoint, not --ckpt_path {given} ({why}).")
         if own is not None:
             kwargs["ckpt_path"] = own
+        if subcommand == "validate" and self.trainer.limit_val_batches == 0:  # Lightning would skip it, silently.
+            raise ConfigError(
+                "validate would run no batch: valid_batches is 0 (validation off). Set --model.config.valid_batches "
+                "(or --trainer.limit_val_batches) to the number of batches to validate on."
+            )
         self.exit_code = execute(self.trainer, subcommand, model, self.run, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -338,7 +338,10 @@ class PredictionWriter(BasePredictionWriter):
         rank = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         self.predictions_dir.mkdir(parents=True, exist_ok=True)
         path = self.written = self.predictions_dir / f"step_{step:08d}{rank}.pt"
-        outputs = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        # Lightning nests both per dataloader only with several; batch indices always. (A batch's own predictions
+        # may be a list: that says nothing about the nesting.)
+        several = len(batch_indices) > 1 and isinstance(batch_indices[0], list)
+        outputs = predictions[0] if several else predictions
         indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
         torch.save({"predictions": move_data_to_device(outputs, "cpu"), "batch_indices": indices}, path)
         print(f"Predictions of {len(outputs)} batches: {path}", flush=True)
