@@ -8,7 +8,7 @@ to read that number. The norms it computed are kept for the `optim/grad_norm` di
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -60,8 +60,16 @@ class NonFiniteGuard:
         self.grad_norm: Tensor | None = None
 
     def clip_and_check(
-        self, params: Iterable[Tensor], losses: Mapping[str, Tensor], max_norm: float | None, check_grads: bool = True
+        self,
+        params: Iterable[Tensor],
+        losses: Mapping[str, Tensor],
+        max_norm: float | None,
+        check_grads: bool = True,
+        reduce: Callable[..., Tensor] | None = None,
     ) -> None:
+        """Clips (with `max_norm`) and raises SkipStep where a loss or (with `check_grads`) a gradient is not finite.
+        With `reduce` (the strategy's sum over ranks, under DDP) every rank skips where any rank's loss is not finite:
+        a step skipped on one rank only would leave the replicas apart."""
         with_grad = [p for p in params if p.grad is not None]
         values = [v.detach() for v in losses.values()]
         self.grad_norm = None
@@ -78,13 +86,20 @@ class NonFiniteGuard:
             values.append(stacked.sum(dtype=torch.float32))  # fp16 norms could overflow their sum.
         if not values:
             return
-        # One number and one device sync per step: the sum is finite when every part is (or it overflowed).
-        total = sum((v.to(values[0].device) for v in values[1:]), values[0])
-        if math.isfinite(total.item()) or all(math.isfinite(v.float().sum().item()) for v in values):
-            self.in_a_row = 0
-            return
+        if reduce is not None:  # A 0/1 flag per rank, summed: exact, and the same decision everywhere.
+            flags = torch.stack([~torch.isfinite(v.float().sum()) for v in values]).any().float()
+            if reduce(flags, reduce_op="sum").item() == 0:
+                self.in_a_row = 0
+                return
+        else:  # One number and one device sync per step: the sum is finite when every part is (or it overflowed).
+            total = sum((v.to(values[0].device) for v in values[1:]), values[0])
+            if math.isfinite(total.item()) or all(math.isfinite(v.float().sum().item()) for v in values):
+                self.in_a_row = 0
+                return
         bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
+        finite_here = not bad and all(math.isfinite(v.float().sum().item()) for v in values)
         self.last_reason = f"loss {', '.join(repr(k) for k in bad)}" if bad else "the gradient"
+        self.last_reason = "loss on another process" if finite_here else self.last_reason
         raise SkipStep
 
     SAVED = ("in_a_row", "total", "last_reason", "last_skip")

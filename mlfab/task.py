@@ -109,7 +109,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._compiled: Compiled | None = None  # The `compile` key, applied at setup.
         self._last_losses: dict[str, Tensor] = {}
-        self._step_losses: list[dict[str, Tensor]] | None = None  # This step's batches' losses, for on_step_end.
+        # This step's batches' losses, for on_step_end and the non-finite check (under batches_per_step).
+        self._step_losses: list[dict[str, Tensor]] | None = None
         self._training_over = False  # `set_training_over()` was called.
         self._cadence: ValidationCadence | None = None  # mlfab's validation decision, when its Trainer has one.
         self._step_started = False  # `on_step_start` ran for the step in progress.
@@ -545,7 +546,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         params = [p for group in optimizer.param_groups for p in group["params"]]
         by_value = gradient_clip_algorithm not in (None, "norm")  # Lightning's own clipping, after the check.
         norm_clip = None if by_value else gradient_clip_val
-        self._nonfinite.clip_and_check(params, self._last_losses, norm_clip, check_grads=not scaled)
+        steps = self._step_losses  # Every batch's losses of the step, not only the last one's.
+        losses = {k: sum(p[k].detach() for p in steps) for k in steps[-1]} if steps else self._last_losses
+        reduce = self.trainer.strategy.reduce if self.trainer.world_size > 1 else None  # One decision for all ranks.
+        self._nonfinite.clip_and_check(params, cast(dict[str, Tensor], losses), norm_clip, not scaled, reduce)
         if by_value:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -675,7 +679,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             restore_rng_states(self.trainer, self._pending_rng)
             self._pending_rng = None
         self._training_over = self._step_started = False
-        self._step_losses = [] if type(self).on_step_end is not Task.on_step_end else None  # Only when overridden.
+        wanted = type(self).on_step_end is not Task.on_step_end or self.trainer.accumulate_grad_batches > 1
+        self._step_losses = [] if wanted else None  # Only when on_step_end is overridden, or a step has batches.
         self.on_training_start(self.state("train"))
 
     @override

@@ -349,3 +349,26 @@ def test_an_overflowing_gradient_is_skipped_without_loss_scaling(tmp_path: Path,
     config = BoringConfig(max_steps=4, valid_batches=0, precision=precision, exp_dir=str(tmp_path / "run"))
     Kept.launch(config, argv=[])
     assert tasks[0].nonfinite_guard.total == 1 and torch.isfinite(tasks[0].layer.weight).all()
+
+
+class NanInAStepsFirstBatch(BoringTask):
+    """A NaN loss part without a gradient in the first of step 1's two batches."""
+
+    def get_loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: mlfab.State) -> dict[str, torch.Tensor]:
+        self.batches = getattr(self, "batches", 0) + (state.phase == "train")
+        bad = state.phase == "train" and self.batches == 3  # Step 1's first batch.
+        return {"mse": super().get_loss(batch, state), "aux": torch.tensor(float("nan") if bad else 0.0)}
+
+
+@pytest.mark.integration
+def test_a_non_finite_loss_in_any_batch_of_an_accumulated_step_skips_it(tmp_path: Path) -> None:
+    """Only the step's last batch's losses were checked: a NaN in an earlier batch went unnoticed."""
+    tasks: list[NanInAStepsFirstBatch] = []
+
+    class Kept(NanInAStepsFirstBatch):
+        def on_training_end(self, state: mlfab.State) -> None:
+            tasks.append(self)
+
+    config = BoringConfig(max_steps=3, batches_per_step=2, valid_batches=0, exp_dir=str(tmp_path / "run"))
+    Kept.launch(config, argv=[])
+    assert tasks[0].nonfinite_guard.total == 1 and tasks[0].nonfinite_guard.last_skip == "step 1: loss 'aux' not finite"

@@ -7,6 +7,7 @@ logs written once, validation scalars averaged over ranks.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -235,3 +236,45 @@ def test_the_test_subcommand_gives_each_rank_its_own_batches_of_an_endless_set(t
     assert [len(t) for t in tested] == [2, 2]  # valid_batches of the endless test set on each rank.
     ids = [{i for _, batch, _ in t for i in batch} for t in tested]
     assert len(ids[0]) == len(ids[1]) == 2 * 8 and not ids[0] & ids[1]
+
+
+NAN_ON_ONE_RANK = """
+import sys
+import torch
+from mlfab.testing import BoringConfig, BoringTask
+
+class RankNaN(BoringTask):
+    def get_loss(self, batch, state):
+        loss = super().get_loss(batch, state)
+        bad = state.phase == "train" and state.num_steps == 1 and self.global_rank == 1
+        return {"mse": loss, "aux": torch.tensor(float("nan") if bad else 0.0)}
+
+    def on_training_end(self, state):
+        w = self.layer.weight.detach().clone()
+        both = [torch.zeros_like(w) for _ in range(2)]
+        torch.distributed.all_gather(both, w)
+        print(f"RANK {self.global_rank} skipped {self.nonfinite_guard.total} same {torch.equal(*both)}", flush=True)
+
+if __name__ == "__main__":
+    RankNaN.launch(BoringConfig(max_steps=4, valid_batches=0), argv=sys.argv[1:])
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
+    """Each rank decided alone: rank 1 skipped the step, rank 0 applied it, and the replicas drifted apart."""
+    script = tmp_path / "nan_on_one_rank.py"
+    script.write_text(NAN_ON_ONE_RANK)
+    proc = subprocess.run(
+        [sys.executable, str(script), "accelerator=cpu", "devices=2", f"run_dir={tmp_path / 'runs'}"],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(re.findall(r"RANK (\d) skipped (\d) same (\w+)", proc.stdout)) == [
+        ("0", "1", "True"),
+        ("1", "1", "True"),
+    ]
+    assert "Step 1 skipped: loss on another process is not finite" in proc.stderr + proc.stdout
