@@ -82,9 +82,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         digest = writer.sha256.hexdigest()
         write_checksum(path, digest)
         sync_directory(path.parent)
-        remember_digest(path, digest)
+        remember("sha256", path, digest)
         if isinstance(saved := checkpoint.get("mlfab", {}).get("saved_at"), float):
-            _saved_at[_stat_key(path)] = saved
+            remember("saved_at", path, saved)
         self._prune(path)
 
     def _prune(self, path: Path) -> None:
@@ -265,28 +265,36 @@ def expected_digest(path: Path) -> str | None:
     return m.group(1) if m else "unreadable (not a sha256 line)"
 
 
-# The digest of each file hashed (or written) by this process, by (path, inode, size, mtime), so that choosing
-# the checkpoint to resume from and loading it read it for its hash once.
-_digests: dict[tuple[str, int, int, int], str] = {}
+# What this process read from (or wrote into) each checkpoint file, by (what, path, inode, size, mtime): its
+# "sha256", when its state was "saved_at"; so that choosing the checkpoint to resume from, pruning and loading read
+# each file once.
+_known: dict[tuple[str, str, int, int, int], Any] = {}
 
 
-def _stat_key(path: Path) -> tuple[str, int, int, int]:
+def _key(what: str, path: Path) -> tuple[str, str, int, int, int]:
     st = path.stat()
-    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    return (what, str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def remember_digest(path: Path, digest: str) -> None:
-    if len(_digests) > 10_000:
-        _digests.clear()
-    _digests[_stat_key(path)] = digest
+def remember(what: str, path: Path, value: Any) -> None:
+    if len(_known) > 10_000:
+        _known.clear()
+    _known[_key(what, path)] = value
+
+
+def _recalled(what: str, path: Path, read: Callable[[], Any]) -> Any:
+    key = _key(what, path)
+    if key not in _known:
+        remember(what, path, read())
+    return _known[key]
 
 
 def file_sha256(path: Path) -> str:
-    key = _stat_key(path)
-    if key not in _digests:
+    def read() -> str:
         with open(path, "rb") as f:
-            remember_digest(path, hashlib.file_digest(f, "sha256").hexdigest())
-    return _digests[key]
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    return str(_recalled("sha256", path, read))
 
 
 def checksum_problem(path: Path) -> str | None:
@@ -418,24 +426,19 @@ def checkpoint_files(ckpt_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: (saved_at(p), p.name))
 
 
-# When each checkpoint's state was saved, by (path, inode, size, mtime), read from the file once per process.
-_saved_at: dict[tuple[str, int, int, int], float] = {}
-
-
 def saved_at(path: Path) -> float:
     """The time a checkpoint's state was saved, recorded in it by the Task (`checkpoint["mlfab"]["saved_at"]`), so
     that a run copied without its files' times (`cp -r`, an object store) resumes from its newest checkpoint and
     prunes its oldest; the modification time for a checkpoint without it (or one that does not load)."""
-    key = _stat_key(path)
-    if key not in _saved_at:
+
+    def read() -> float:
         try:  # The pickled part only: tensors are mapped, not read. A file torch cannot load is judged elsewhere.
             saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("mlfab", {}).get("saved_at")
         except Exception:
             saved = None
-        if len(_saved_at) > 10_000:
-            _saved_at.clear()
-        _saved_at[key] = saved if isinstance(saved, float) else path.stat().st_mtime
-    return _saved_at[key]
+        return saved if isinstance(saved, float) else path.stat().st_mtime
+
+    return float(_recalled("saved_at", path, read))
 
 
 def unreadable(path: Path, error: Exception) -> CheckpointError:

@@ -97,9 +97,12 @@ class NonFiniteGuard:
                 self.in_a_row = 0
                 return
         bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
-        finite_here = not bad and all(math.isfinite(v.float().sum().item()) for v in values)
-        self.last_reason = f"loss {', '.join(repr(k) for k in bad)}" if bad else "the gradient"
-        self.last_reason = "loss on another process" if finite_here else self.last_reason
+        if bad:
+            self.last_reason = f"loss {', '.join(repr(k) for k in bad)}"
+        elif reduce is not None and all(math.isfinite(v.float().sum().item()) for v in values):
+            self.last_reason = "loss on another process"
+        else:
+            self.last_reason = "the gradient"
         raise SkipStep
 
     SAVED = ("in_a_row", "total", "last_reason", "last_skip")

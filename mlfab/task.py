@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Generic, cast
+from typing import Any, Generic
 
 import lightning.pytorch as pl
 import numpy as np
@@ -109,8 +109,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._compiled: Compiled | None = None  # The `compile` key, applied at setup.
         self._last_losses: dict[str, Tensor] = {}
-        # This step's batches' losses, for on_step_end and the non-finite check (under batches_per_step).
-        self._step_losses: list[dict[str, Tensor]] | None = None
+        # The sum of this step's batches' losses and their count, for the non-finite check and on_step_end (kept only
+        # where a step has several batches or on_step_end is overridden).
+        self._step_losses: dict[str, Tensor] | None = None
+        self._step_batches = 0
         self._training_over = False  # `set_training_over()` was called.
         self._cadence: ValidationCadence | None = None  # mlfab's validation decision, when its Trainer has one.
         self._step_started = False  # `on_step_start` ran for the step in progress.
@@ -327,7 +329,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         reduced = per_sample_reduced(loss, lambda: self.get_num_samples(batch), task)
         self._last_losses = parts = loss_parts(reduced, task)
         if self._step_losses is not None and phase == "train":
-            self._step_losses.append(parts)
+            sums = self._step_losses
+            for name, part in parts.items():
+                sums[name] = sums[name] + part.detach() if name in sums else part.detach()
+            self._step_batches += 1
         buffer = self._log_buffers[phase]
         for name, part in parts.items():
             buffer.add("scalar", f"loss/{name}", part.detach())
@@ -546,10 +551,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         params = [p for group in optimizer.param_groups for p in group["params"]]
         by_value = gradient_clip_algorithm not in (None, "norm")  # Lightning's own clipping, after the check.
         norm_clip = None if by_value else gradient_clip_val
-        steps = self._step_losses  # Every batch's losses of the step, not only the last one's.
-        losses = {k: sum(p[k].detach() for p in steps) for k in steps[-1]} if steps else self._last_losses
+        losses = self._step_losses or self._last_losses  # Every batch's of the step, not only the last one's.
         reduce = self.trainer.strategy.reduce if self.trainer.world_size > 1 else None  # One decision for all ranks.
-        self._nonfinite.clip_and_check(params, cast(dict[str, Tensor], losses), norm_clip, not scaled, reduce)
+        self._nonfinite.clip_and_check(params, losses, norm_clip, not scaled, reduce)
         if by_value:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -585,9 +589,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if step_ends(self.trainer):
             self._step_started = False
             if self._step_losses is not None:
-                losses, self._step_losses = self._step_losses or [self._last_losses], []
-                mean = {k: sum(p[k].detach() for p in losses) / len(losses) for k in losses[-1]}
-                self.on_step_end(self.state("train"), cast(dict[str, Tensor], mean))
+                sums, batches, self._step_losses, self._step_batches = self._step_losses, self._step_batches, {}, 0
+                if type(self).on_step_end is not Task.on_step_end:
+                    mean = {k: v / batches for k, v in sums.items()} if batches else {}
+                    self.on_step_end(self.state("train"), mean or {k: v.detach() for k, v in self._last_losses.items()})
             if self._training_over:
                 self.trainer.should_stop = True
             if self._compiled is not None:
@@ -680,7 +685,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             self._pending_rng = None
         self._training_over = self._step_started = False
         wanted = type(self).on_step_end is not Task.on_step_end or self.trainer.accumulate_grad_batches > 1
-        self._step_losses = [] if wanted else None  # Only when on_step_end is overridden, or a step has batches.
+        self._step_losses, self._step_batches = ({} if wanted else None), 0
         self.on_training_start(self.state("train"))
 
     @override

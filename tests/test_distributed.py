@@ -273,7 +273,8 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path: Pa
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert sorted(re.findall(r"RANK (\d) skipped (\d) same (\w+)", proc.stdout)) == [
+    # The two processes' lines may run together on the shared stdout: each record is matched on its own.
+    assert sorted(re.findall(r"RANK (\d) skipped (\d) same (True|False)", proc.stdout)) == [
         ("0", "1", "True"),
         ("1", "1", "True"),
     ]

@@ -292,10 +292,9 @@ class MlfabCLI(LightningCLI):
         given = kwargs.get("ckpt_path")
         own = newest_checkpoint(self.run.exp_dir) if subcommand == "fit" or given is None else None
         if own is not None and given is not None and Path(own).resolve() != Path(given).resolve():
-            rewound = rewound_at(self.run.exp_dir, given)
             if not _holds(self.run.exp_dir, given):
                 why = "which started it"
-            elif rewound is not None and saved_at(own) >= rewound:
+            elif (rewound := rewound_at(self.run.exp_dir, given)) is not None and saved_at(own) >= rewound:
                 why = "which an earlier launch of this run already went on from"
             else:
                 # A rewind of this run to one of its checkpoints, asked for; or asked again, where the launch that

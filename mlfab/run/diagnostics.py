@@ -216,12 +216,13 @@ class Diagnostics(StepFreeCallback):
             start, steps, samples, wait = self._window
             seconds = max(clock - start, 1e-9)
             n = max(self._steps - steps, 1)
+            samples_now = self._samples_now()
             self._speed_values = (
                 (self._steps - steps) / seconds,
-                (self._samples_now() - samples) / seconds,
+                (samples_now - samples) / seconds,
                 (self._wait_s - wait) / n,
             )
-            self._window = (clock, self._steps, self._samples_now(), self._wait_s)
+            self._window = (clock, self._steps, samples_now, self._wait_s)
             self._speed_at = self._steps
         return self._speed_values
 
