@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from mlfab._lightning import metric_prefix
 from mlfab.loggers.base import MlfabLogger
-from mlfab.loggers.tensorboard import write_summaries
+from mlfab.loggers.tensorboard import verbatim, write_summaries
 from mlfab.loggers.wandb import write_wandb
 from mlfab.logs.buffer import Cadence, LogBuffer, due_loggers
 from mlfab.logs.values import Logs
@@ -64,7 +64,7 @@ def write_run_info(loggers: list[Any], config_yaml: str, provenance: str, exp_di
             logger.write_run_info(info)
         elif isinstance(logger, TensorBoardLogger):
             for name, text in info.items():
-                logger.experiment.add_text(f"{metric_prefix(logger)}run/{name}", f"```\n{text}\n```", 0)
+                logger.experiment.add_text(f"{metric_prefix(logger)}run/{name}", verbatim(text), 0)
 
 
 def flush_logs(

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardL
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from mlfab._lightning import file_writer
+from mlfab._lightning import file_writer, metric_prefix
 from mlfab.loggers.base import MlfabLogger
 from mlfab.logs.values import Logs, finite
 from mlfab.state import LogPhase
@@ -94,11 +94,8 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
             self._phase_writers[phase] = SummaryWriter(str(path), flush_secs=self._flush_secs)
         return self._phase_writers[phase]
 
-    def _tag_prefix(self) -> str:
-        return f"{self._prefix}-" if self._prefix else ""
-
     def write(self, logs: Logs) -> None:
-        write_summaries(self.writer(logs.phase), logs, self._tag_prefix())
+        write_summaries(self.writer(logs.phase), logs, metric_prefix(self))
 
     @override
     def resumed(self, steps: dict[LogPhase, int]) -> None:
@@ -111,7 +108,7 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
 
     def write_run_info(self, info: dict[str, str]) -> None:
         for name, text in info.items():
-            self.experiment.add_text(f"{self._tag_prefix()}run/{name}", verbatim(text), 0)
+            self.experiment.add_text(f"{metric_prefix(self)}run/{name}", verbatim(text), 0)
 
     @override
     @rank_zero_only
