@@ -190,6 +190,37 @@ def _get_rng(gen: Any) -> Any:
     return gen.getstate()
 
 
+def dataset_state(dataset: Any) -> Any:
+    """What resumes a dataset exactly: its own `state_dict()`, or the states of the generators it holds."""
+    own = getattr(dataset, "state_dict", None)
+    return own() if callable(own) else {k: _get_rng(g) for k, g in _rng_attributes(dataset).items()}
+
+
+def load_dataset_state(dataset: Any, state: Any) -> None:
+    own = getattr(dataset, "load_state_dict", None)
+    if callable(own):
+        if state is not None:
+            own(state)
+        return
+    gens = _rng_attributes(dataset)
+    for name, value in (state or {}).items():
+        if name in gens:
+            _set_rng(gens[name], value)
+
+
+def worker_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with the global random states of the dataloader worker it is taken in (the main process's are saved
+    with the task)."""
+    if get_worker_info() is not None:
+        state["global_rng"] = plain_rng_state(collect_rng_states(include_cuda=False))
+    return state
+
+
+def load_worker_rng_state(state: dict[str, Any]) -> None:
+    if "global_rng" in state and get_worker_info() is not None:  # In the worker, after torch seeded it.
+        set_rng_states(numpy_rng_state(state["global_rng"]))
+
+
 def _set_rng(gen: Any, state: Any) -> None:
     if isinstance(gen, np.random.Generator):
         gen.bit_generator.state = state
@@ -234,12 +265,8 @@ class DpshdlIterable(IterableDataset):
             yield item
 
     def state_dict(self) -> dict[str, Any]:
-        own = getattr(self.dataset, "state_dict", None)
-        dataset = own() if callable(own) else {k: _get_rng(g) for k, g in _rng_attributes(self.dataset).items()}
-        state = {"bad_total": self.bad.total, "bad_counts": dict(self.bad.counts), "dataset": dataset}
-        if get_worker_info() is not None:  # The main process's global state is saved with the task.
-            state["global_rng"] = plain_rng_state(collect_rng_states(include_cuda=False))
-        return state
+        bad = {"bad_total": self.bad.total, "bad_counts": dict(self.bad.counts)}
+        return worker_rng_state({**bad, "dataset": dataset_state(self.dataset)})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending_state = state  # Applied after `worker_init`, which may reset the dataset's generators.
@@ -247,23 +274,16 @@ class DpshdlIterable(IterableDataset):
     def _apply(self, state: dict[str, Any]) -> None:
         self.bad.total = state.get("bad_total", 0)
         self.bad.counts.update(state.get("bad_counts", {}))
-        own = getattr(self.dataset, "load_state_dict", None)
-        if callable(own):
-            own(state["dataset"])
-        else:
-            gens = _rng_attributes(self.dataset)
-            for name, value in state.get("dataset", {}).items():
-                if name in gens:
-                    _set_rng(gens[name], value)
-        if "global_rng" in state and get_worker_info() is not None:
-            set_rng_states(numpy_rng_state(state["global_rng"]))
+        load_dataset_state(self.dataset, state.get("dataset"))
+        load_worker_rng_state(state)
 
 
 class MapStateful(TorchDataset):
-    """A map-style training dataset as the dataloader sees it, so that exact resume restores each dataloader worker's
-    global random states (torch, numpy, random: what augmentation code draws from), as `DpshdlIterable` does for
-    streams: torchdata's StatefulDataLoader saves and restores a map-style dataset's `state_dict` in every worker.
-    A dataset's own `state_dict` / `load_state_dict` are kept in it; any other attribute is the dataset's."""
+    """A map-style training dataset as the dataloader sees it, so that exact resume restores what augmentation draws
+    from, as `DpshdlIterable` does for streams: the generators the dataset holds (or its own `state_dict`), and each
+    dataloader worker's global random states (torch, numpy, random). torchdata's StatefulDataLoader saves and
+    restores a map-style dataset's `state_dict` in every worker (and in the main process without workers). Any other
+    attribute is the dataset's."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -280,18 +300,11 @@ class MapStateful(TorchDataset):
         return getattr(self.dataset, name)
 
     def state_dict(self) -> dict[str, Any]:
-        own = getattr(self.dataset, "state_dict", None)
-        state: dict[str, Any] = {"dataset": own() if callable(own) else None}
-        if get_worker_info() is not None:  # The main process's global state is saved with the task.
-            state["global_rng"] = plain_rng_state(collect_rng_states(include_cuda=False))
-        return state
+        return worker_rng_state({"dataset": dataset_state(self.dataset)})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        own = getattr(self.dataset, "load_state_dict", None)
-        if callable(own) and state.get("dataset") is not None:
-            own(state["dataset"])
-        if "global_rng" in state and get_worker_info() is not None:  # Called in the worker, after torch seeded it.
-            set_rng_states(numpy_rng_state(state["global_rng"]))
+        load_dataset_state(self.dataset, state.get("dataset"))
+        load_worker_rng_state(state)
 
 
 class Collate:
@@ -391,7 +404,7 @@ def build_dataloader(
             f"get_dataset('train') has {len(dataset)} samples{per_process}, fewer than one batch (batch_size="
             f"{batch_size}), so training would do nothing. Lower batch_size or add data."
         )
-    if is_train and num_workers > 0:
+    if is_train:
         dataset = MapStateful(dataset)
     if not is_train and world_size > 1:
         kwargs["sampler"] = _evaluation_split(dataset, rank, world_size)

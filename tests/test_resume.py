@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,11 +289,23 @@ class ThirtyTwo(torch.utils.data.Dataset):
         return x, x.sum()
 
 
+class OwnGenerator(ThirtyTwo):
+    """Augments each sample with noise from a generator of its own (not the global ones)."""
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().__getitem__(i)
+        return x + torch.from_numpy(self.rng.normal(size=4).astype(np.float32)), y
+
+
 class MapStyle(mlfab.testing.BoringTask):
     losses: dict[int, float] = {}
+    dataset_cls: type[ThirtyTwo] = ThirtyTwo
 
     def get_dataset(self, phase: mlfab.Phase) -> ThirtyTwo:
-        return ThirtyTwo()
+        return self.dataset_cls()
 
     def get_loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: mlfab.State) -> torch.Tensor:
         loss = super().get_loss(batch, state)
@@ -303,8 +316,17 @@ class MapStyle(mlfab.testing.BoringTask):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("stop_at", [4, 6])  # At an epoch's end, and half-way through the second epoch.
-def test_map_style_data_resumes_exactly(tmp_path: Path, workers: int, stop_at: int) -> None:
+@pytest.mark.parametrize(
+    ("stop_at", "dataset_cls"),
+    # At an epoch's end, and half-way through the second epoch; and a dataset drawing from a generator it holds,
+    # whose state a resume did not restore.
+    [(4, ThirtyTwo), (6, ThirtyTwo), (6, OwnGenerator)],
+)
+def test_map_style_data_resumes_exactly(
+    tmp_path: Path, workers: int, stop_at: int, dataset_cls: type[ThirtyTwo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(MapStyle, "dataset_cls", dataset_cls)
+
     def launch(exp_dir: Path, max_steps: int) -> dict[int, float]:
         MapStyle.losses = {}
         MapStyle.launch(
