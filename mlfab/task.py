@@ -115,6 +115,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._step_batches = 0
         self._training_over = False  # `set_training_over()` was called.
         self._cadence: ValidationCadence | None = None  # mlfab's validation decision, when its Trainer has one.
+        self._valid_unwritten: Callable[[], None] | None = None  # Writes the last validation where it was skipped.
         self._step_started = False  # `on_step_start` ran for the step in progress.
         self._metric_names: set[str] = set()  # What this task `self.log`s for Lightning (not for its loggers).
         self._lightning_names: set[str] = set()  # What the task's own code `self.log`s (see `log`).
@@ -339,8 +340,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         values = list(parts.values())
         return values[0] if len(values) == 1 else torch.stack([v.reshape(()) for v in values]).sum()
 
-    def _flush_logs(self, phase: LogPhase, step: int, everywhere: bool = False) -> None:
-        flush_logs(
+    def _flush_logs(self, phase: LogPhase, step: int, everywhere: bool = False) -> Callable[[], None] | None:
+        return flush_logs(
             self.trainer,
             self._log_buffers[phase],
             self._log_cadence,
@@ -656,9 +657,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self.trainer.sanity_checking:  # Like Lightning, nothing from the sanity check is logged.
             self._log_buffers["valid"].clear()
             return
-        self._flush_logs(
-            "valid", self.weights_step, everywhere=self.trainer.state.fn == "fit" and self._training_ends()
-        )
+        fitting = self.trainer.state.fn == "fit"
+        unwritten = self._flush_logs("valid", self.weights_step, everywhere=fitting and self._training_ends())
+        self._valid_unwritten = unwritten if fitting else None
 
     @override
     def on_train_start(self) -> None:
@@ -696,13 +697,16 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     def _end_training(self, failed: bool = False) -> None:
         """`on_training_end`, then what was logged since the last written step (in that hook, or in the step an
-        error ended) written at that step, every logger's cadence aside."""
+        error ended) written at that step, and the last validation where a write interval skipped it, every
+        logger's cadence aside."""
         self.on_training_end(self.state("train"))
-        if not self._log_buffers["train"]:
-            return
         step = self.global_step if self._step_started else self.global_step - 1  # The step in progress, or the last.
+        unwritten, self._valid_unwritten = self._valid_unwritten, None
         try:
-            self._flush_logs("train", max(step, 0), everywhere=True)
+            if self._log_buffers["train"]:
+                self._flush_logs("train", max(step, 0), everywhere=True)
+            if unwritten is not None:  # The last validation, skipped by a write interval (EarlyStopping ended on it).
+                unwritten()
         except Exception as e:
             if not failed:
                 raise

@@ -94,6 +94,28 @@ def test_early_stopping_ends_with_its_step_written_everywhere(tmp_path: Path) ->
     assert written_steps(tmp_path / "run") == {"tensorboard": expected, "json": expected, "wandb": expected}
 
 
+class WorseRarelyValidated(RarelyValidated):
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        loss = super().get_loss(batch, state)
+        return loss if state.phase == "train" else loss.detach() * 0 + state.num_steps
+
+
+def test_early_stopping_with_a_validation_interval_writes_the_validation_it_stopped_on(tmp_path: Path) -> None:
+    """EarlyStopping decides after the validation is flushed: with a `valid` write interval, the validation that
+    ended training (and that its decision was made on) was dropped."""
+    args = [
+        f"--model.config.exp_dir={tmp_path / 'run'}",
+        "--model.config.max_steps=100",
+        "--model.config.valid_every_n_steps=5",
+        "--trainer.callbacks+=EarlyStopping",
+        "--trainer.callbacks.monitor=valid/loss/loss",
+        "--trainer.callbacks.patience=2",
+    ]
+    WorseRarelyValidated.launch(argv=["fit", *args])
+    expected = {"train": [0, 4, 9], "valid": [1, 10]}  # The validation at 5 falls within the interval.
+    assert written_steps(tmp_path / "run") == {"tensorboard": expected, "json": expected, "wandb": expected}
+
+
 def test_a_signal_once_training_has_ended_stops_nothing_and_exits_0(tmp_path: Path) -> None:
     """A SIGTERM during the final checkpoint (here: in `on_training_end`) exited 143 although the run had finished
     at max_steps, so a requeue setup relaunched a finished run."""

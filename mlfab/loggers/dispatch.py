@@ -18,7 +18,7 @@ from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.tensorboard import verbatim, write_summaries
 from mlfab.loggers.wandb import write_wandb
 from mlfab.logs.buffer import Cadence, LogBuffer, due_loggers
-from mlfab.logs.values import Logs
+from mlfab.logs.values import Kind, Logs
 from mlfab.state import LogPhase
 
 _warned: set[tuple[str, str]] = set()  # (logger type, kind) already warned about.
@@ -79,7 +79,7 @@ def flush_logs(
     publish: Callable[[LogPhase, dict[str, float], dict[str, Any]], dict[str, float]],
     lightnings_own: Container[str] = (),
     everywhere: bool = False,
-) -> None:
+) -> Callable[[], None] | None:
     """Writes the buffer to the loggers that are due (rank zero only), then clears it.
 
     `publish(phase, means, weights)` hands the scalars to Lightning's metrics (`trainer.callback_metrics`) and
@@ -88,10 +88,13 @@ def flush_logs(
     comes here and logs the same keys). Training scalars stay lazy: they are resolved and published only on rank
     zero, at the steps a logger writes or, with no logger attached, every `log_every_n_steps` steps; `everywhere`
     makes every logger write this step, whatever its cadence (the last training step, one a validation follows, and
-    the validation that ends training)."""
+    the validation that ends training).
+
+    Returns, for a validation that some loggers skipped (their write interval), a call that writes it to them: run
+    where training ends, since a callback (EarlyStopping) may end it on this validation after it is flushed."""
     if phase == "train" and (not trainer.is_global_zero or not buffer):
         buffer.clear()
-        return
+        return None
     every_n_steps = trainer.log_every_n_steps
     due = []
     if trainer.is_global_zero:  # (The cadence counts every write, also those made everywhere.)
@@ -105,9 +108,16 @@ def flush_logs(
         values = buffer.resolve(step) if due else {"scalar": buffer.scalars(step)[0]} if wanted else {}
         if due or wanted:
             publish(phase, values.get("scalar", {}), {})
+    max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+
+    def write(loggers: list[Any], values: dict[Kind, dict[str, Any]]) -> None:
+        logs = Logs(phase, step, max_steps, elapsed_time_s, num_samples, values)
+        for logger in loggers:
+            write_logs(logger, logs, lightnings_own)
+
+    skipped = [lg for lg in trainer.loggers if lg not in due] if phase == "valid" and trainer.is_global_zero else []
+    held = buffer.take() if skipped and not due else None
     buffer.clear()
     if due:
-        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        logs = Logs(phase, step, max_steps, elapsed_time_s, num_samples, values)
-        for logger in due:
-            write_logs(logger, logs, lightnings_own)
+        write(due, values)
+    return (lambda: write(skipped, held.resolve(step, scalars=means) if held else values)) if skipped else None

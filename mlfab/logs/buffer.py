@@ -81,6 +81,13 @@ class LogBuffer:
         self._pending = {}
         self.weight = 1
 
+    def take(self) -> "LogBuffer":
+        """A buffer holding what this one held (its failures counted together); this one is left empty."""
+        held = LogBuffer()
+        held._pending, held.failures = self._pending, self.failures
+        self.clear()
+        return held
+
     def scalars(self, step: int) -> tuple[dict[str, float], dict[str, int | float]]:
         """Each pending scalar's weighted mean and the sum of its weights; runs each callable once. A scalar that
         fails is skipped and reported."""
