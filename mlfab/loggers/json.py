@@ -29,7 +29,7 @@ import argparse
 import hashlib
 import json
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,7 +39,7 @@ from PIL import Image
 from typing_extensions import override
 
 from mlfab.loggers.base import PlainLogger
-from mlfab.logs.values import Audio, Logs, finite
+from mlfab.logs.values import Audio, Logs, finite, free_tag
 from mlfab.state import LogPhase
 
 
@@ -51,18 +51,6 @@ def _safe_name(tag: str) -> str:
     if name.replace("__", "/") == tag:
         return name
     return f"{name}_{hashlib.sha1(tag.encode()).hexdigest()[:6]}"
-
-
-def free_tag(tag: str, kind: str, taken: Collection[str]) -> str:
-    """`tag`, or `<tag>/<kind>` where a value of another kind already has that name in the same write (a key
-    logged as a scalar and as a histogram in one step): writers that keep all kinds under one name would
-    otherwise keep only one of them."""
-    if tag not in taken:
-        return tag
-    name, n = f"{tag}/{kind}", 2
-    while name in taken:  # The user also logged `<tag>/<kind>` itself.
-        name, n = f"{tag}/{kind}{n}", n + 1
-    return name
 
 
 def _save_audio(path: Path, audio: Audio) -> None:

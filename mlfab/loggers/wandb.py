@@ -36,8 +36,7 @@ from PIL import Image
 from typing_extensions import override
 
 from mlfab.loggers.base import MlfabLogger
-from mlfab.loggers.json import free_tag
-from mlfab.logs.values import Logs, finite
+from mlfab.logs.values import Logs, finite, free_tag
 from mlfab.state import LogPhase
 
 STEP_METRIC = "trainer/global_step"  # The x-axis of every chart; Lightning's WandbLogger uses the same key.

@@ -7,6 +7,7 @@ Resolved value of each kind:
 """
 
 import functools
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,3 +96,15 @@ class Logs:
 
 def resolve(value: Any) -> Any:
     return value() if callable(value) else value
+
+
+def free_tag(tag: str, kind: str, taken: Collection[str]) -> str:
+    """`tag`, or `<tag>/<kind>` where a value of another kind already has that name in the same write (a key
+    logged as a scalar and as a histogram in one step): writers that keep all kinds under one name would
+    otherwise keep only one of them."""
+    if tag not in taken:
+        return tag
+    name, n = f"{tag}/{kind}", 2
+    while name in taken:  # The user also logged `<tag>/<kind>` itself.
+        name, n = f"{tag}/{kind}{n}", n + 1
+    return name
