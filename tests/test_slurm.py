@@ -21,7 +21,7 @@ from mlfab.config import SlurmConfig
 from mlfab.errors import SlurmError
 from mlfab.run import invocation, slurm
 from mlfab.run.distributed import resolve_hardware
-from mlfab.testing import BoringConfig, BoringTask
+from mlfab.testing import BoringConfig, BoringTask, read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -392,13 +392,15 @@ def test_cluster_environment_turns_off_lightnings_sigusr1_handler(
 
 TASK = """
 import os, signal, sys
-from mlfab.testing import BoringConfig, BoringTask
+from mlfab.testing import BoringConfig, BoringTask, read_scalars
 
 class Interrupted(BoringTask):
     def get_loss(self, batch, state):
         stop = os.environ.get("STOP_AT")
         if state.phase == "train" and stop and state.num_steps == int(stop):
             os.kill(os.getpid(), signal.SIGUSR1)  # What Slurm sends signal_seconds before the time limit.
+            if os.environ.get("ALSO_TERM"):  # A step longer than signal_seconds: the time limit's SIGTERM too.
+                os.kill(os.getpid(), signal.SIGTERM)
         return super().get_loss(batch, state)
 
 if __name__ == "__main__":
@@ -435,6 +437,47 @@ def test_sigusr1_in_a_slurm_job_checkpoints_requeues_and_resumes(fake_slurm: Pat
     assert "Resuming from" in second.stdout
     assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 12
     assert fake_slurm.read_text().splitlines().count("scontrol requeue 1234") == 1
+
+
+@pytest.mark.slow
+def test_sigusr1_in_the_last_step_neither_requeues_nor_skips_the_final_validation(
+    fake_slurm: Path, tmp_path: Path
+) -> None:
+    """The finished job was requeued (and its relaunch trained and validated nothing), and the signal's stop skipped
+    the final validation."""
+    exp_dir = tmp_path / "run"
+    python = [sys.executable, "task.py", *COMMON, f"exp_dir={exp_dir}"]
+    done = run_task(tmp_path, python, **TASK_ENV, STOP_AT="11")  # In the 12th (last) step.
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scontrol requeue" not in fake_slurm.read_text()
+    assert "this step ends training, so the job is not requeued" in done.stderr
+    assert [s for s, _ in read_scalars(exp_dir / "tensorboard" / "valid")["loss/loss"]] == [1, 12]
+
+
+@pytest.mark.slow
+def test_sigusr1_and_sigterm_in_one_step_still_requeue_the_job(fake_slurm: Path, tmp_path: Path) -> None:
+    """SIGTERM took precedence: the job stopped without the requeue the SIGUSR1 asked for."""
+    exp_dir = tmp_path / "run"
+    python = [sys.executable, "task.py", *COMMON, f"exp_dir={exp_dir}"]
+    first = run_task(tmp_path, python, **TASK_ENV, STOP_AT="5", ALSO_TERM="1")
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+    assert "scontrol requeue 1234" in fake_slurm.read_text().splitlines()
+    assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 6
+
+
+@pytest.mark.slow
+def test_a_stop_in_the_last_step_says_the_final_model_is_not_validated(fake_slurm: Path, tmp_path: Path) -> None:
+    exp_dir = tmp_path / "run"
+    python = [sys.executable, "task.py", *COMMON, f"exp_dir={exp_dir}"]
+    done = run_task(tmp_path, python, **TASK_ENV, STOP_AT="11", ALSO_TERM="1")
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert "scontrol requeue" not in fake_slurm.read_text()
+    last = exp_dir / "checkpoints" / "last.ckpt"
+    assert (
+        f"The final model is not validated: the signal came in the last step, and the checkpoint comes first. "
+        f"`validate --ckpt_path {last}` runs that validation" in done.stderr
+    )
+    assert [s for s, _ in read_scalars(exp_dir / "tensorboard" / "valid")["loss/loss"]] == [1]
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from mlfab._lightning import (
     wrap_validation_decision,
 )
 from mlfab.loggers.stdout import StdoutLogger
-from mlfab.run.slurm import after_signal_checkpoint
+from mlfab.run.slurm import after_signal_checkpoint, in_slurm_job
 
 
 class PeriodicCheckpoint(StepFreeCallback, CachedStateKey, ModelCheckpoint):
@@ -300,20 +300,30 @@ class GracefulStop(StepFreeCallback):
             flags = torch.tensor([float(stop), float(save)], device=trainer.strategy.root_device)
             flags = trainer.strategy.reduce(flags, reduce_op="max")
             stop, save = bool(flags[0]), bool(flags[1])
-        if stop:
-            trainer.should_stop = self.stopping = True
-        elif save:
+        last = 0 < trainer.max_steps <= trainer.global_step  # Training ends at this step anyway.
+        if save:  # (Also with a stop in the same step: a Slurm job is still requeued, from this checkpoint.)
             self._save_requested = False
             path = Path(trainer.default_root_dir) / "checkpoints" / f"signal_step_{trainer.global_step:08d}.ckpt"
             trainer.save_checkpoint(path, weights_only=False)
             if trainer.is_global_zero:
                 end_live_lines(trainer)
-                print(f"SIGUSR1: saved checkpoint {path}", file=sys.stderr, flush=True)
-            requeued = after_signal_checkpoint(trainer.global_rank)  # In a Slurm job: requeue, then stop.
-            if trainer.world_size > 1:  # Only rank zero knows whether `scontrol requeue` worked.
-                requeued = trainer.strategy.broadcast(requeued, src=0)
-            if requeued:
-                trainer.should_stop = self.stopping = True
+                ends = "; this step ends training, so the job is not requeued" if last and in_slurm_job() else ""
+                print(f"SIGUSR1: saved checkpoint {path}{ends}", file=sys.stderr, flush=True)
+            if not last:  # A requeued finished job would skip the final validation and train nothing.
+                requeued = after_signal_checkpoint(trainer.global_rank)  # In a Slurm job: requeue, then stop.
+                if trainer.world_size > 1:  # Only rank zero knows whether `scontrol requeue` worked.
+                    requeued = trainer.strategy.broadcast(requeued, src=0)
+                stop = stop or requeued
+        if stop:
+            trainer.should_stop = self.stopping = True
+            if last and trainer.is_global_zero and trainer.limit_val_batches != 0:
+                print(
+                    "The final model is not validated: the signal came in the last step, and the checkpoint comes "
+                    f"first. `validate --ckpt_path {Path(trainer.default_root_dir) / 'checkpoints' / 'last.ckpt'}` "
+                    "runs that validation and logs it into this run.",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
