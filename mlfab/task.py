@@ -598,8 +598,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 self.trainer.should_stop = True
             if self._compiled is not None:
                 self._compiled.step_ended(self)
-            self._log_bad_data()
-            self._flush_logs("train", self.global_step - 1, everywhere=self._written_everywhere())
+            everywhere = self._written_everywhere()
+            self._log_bad_data(ask=everywhere)
+            self._flush_logs("train", self.global_step - 1, everywhere=everywhere)
 
     def _synchronous_saves(self) -> str | None:
         """Why checkpoints must be on disk when the save call returns (`async_checkpoints` then writes every one at
@@ -624,16 +625,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         """Whether the step that just ended is the last (max_steps, or a stop: max_time, a signal, a callback)."""
         return self.trainer.should_stop or 0 < self.trainer.max_steps <= self.global_step
 
-    def _log_bad_data(self, check_every_n_steps: int = 50) -> None:
+    def _log_bad_data(self, ask: bool = False, check_every_n_steps: int = 50) -> None:
         """How many samples and batches the data pipeline skipped: once any were, logged lazily on every step. Skipped
         batches are seen the step they happen; bad samples (asking the loader costs a state snapshot) at a session's
-        first step and every `check_every_n_steps` steps."""
+        first step, every `check_every_n_steps` steps and where `ask` (a step every logger writes: the last, and one
+        a validation follows), so that a short run's last step has them."""
         loader = self.trainer.train_dataloader
         if not isinstance(loader, MlfabLoader):
             return
         dpshdl = isinstance(loader.dataset, DpshdlIterable)
         if not self._bad_data_seen:  # Skipped batches are a plain count; bad samples ask for a state snapshot.
-            ask = dpshdl and (not self._bad_data_asked or self.global_step % check_every_n_steps == 1)
+            ask = dpshdl and (ask or not self._bad_data_asked or self.global_step % check_every_n_steps == 1)
             if loader.skipped_batches or (ask and loader.bad_samples()):
                 self._bad_data_seen = True  # (Set only when it changes: a Module's attributes are slow to set.)
             if ask:

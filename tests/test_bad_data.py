@@ -32,6 +32,33 @@ class Flaky(RegressionDataset):
         return super().next()
 
 
+class LateFlaky(Flaky):
+    """Samples fail only from the 41st read on (after the first steps)."""
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        if self.calls > 40 and self.calls % 5 == 0:
+            raise OSError(f"cannot read sample {self.calls}")
+        return RegressionDataset.next(self)
+
+
+@pytest.mark.integration
+def test_bad_samples_that_start_late_are_counted_by_the_last_step(tmp_path: Path) -> None:
+    """Bad samples were looked for at a session's first step and every 50 steps: in a 12-step run whose samples
+    began to fail after the first steps, `data/bad_samples` was never written."""
+
+    class LateTask(BoringTask):
+        def set_loggers(self) -> None:
+            self.add_logger(mlfab.TensorboardLogger(self.exp_dir, log_interval_seconds=0))
+
+        def get_dataset(self, phase: mlfab.Phase) -> Flaky:
+            return LateFlaky(self.config.in_dim) if phase == "train" else super().get_dataset(phase)
+
+    LateTask.launch(BoringConfig(max_steps=12, valid_every_n_steps=None, exp_dir=str(tmp_path)), argv=[])
+    counted = read_scalars(tmp_path / "tensorboard" / "train")["data/bad_samples"]
+    assert counted[-1][0] == 11 and counted[-1][1] >= 10  # The last step, with what failed (12 x 8 read, 1 in 5 bad).
+
+
 @pytest.mark.integration
 def test_bad_samples_are_skipped_and_training_goes_on(tmp_path: Path) -> None:
     seen: list[int] = []
