@@ -77,14 +77,26 @@ def test_warning_filter_is_narrow() -> None:
     text = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead."
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        install_quiet_start()
-        install_quiet_start()  # Twice is once.
+        install_quiet_start(Path("/runs/x/run_0/checkpoints"))
+        install_quiet_start(Path("/runs/x/run_0/checkpoints"))  # Twice is once.
         for module in ("lightning.pytorch.utilities._pytree", "my_project.model"):
             warnings.warn_explicit(text, FutureWarning, "x.py", 1, module=module)
         warnings.warn_explicit("something else", FutureWarning, "x.py", 2, module="lightning.pytorch.utilities._pytree")
-        not_empty = "Checkpoint directory /runs/x/run_0/checkpoints exists and is not empty."
-        warnings.warn_explicit(not_empty, UserWarning, "x.py", 3, module="lightning.pytorch.callbacks.model_checkpoint")
-    assert [(str(w.message), w.lineno) for w in caught] == [(text, 1), ("something else", 2)]
+        # The run's own checkpoints folder is meant to be reused; any other folder is the user's to hear about
+        # (the filter matched every folder named `checkpoints`, for the rest of the process).
+        for line, folder in enumerate(
+            ("/runs/x/run_0/checkpoints", "/old/experiment/checkpoints", "/runs/x/run_01/checkpoints"), 3
+        ):
+            not_empty = f"Checkpoint directory {folder} exists and is not empty."
+            warnings.warn_explicit(
+                not_empty, UserWarning, "x.py", line, module="lightning.pytorch.callbacks.model_checkpoint"
+            )
+    expected = [(text, 1), ("something else", 2)]
+    expected += [
+        (f"Checkpoint directory {f} exists and is not empty.", n)
+        for f, n in (("/old/experiment/checkpoints", 4), ("/runs/x/run_01/checkpoints", 5))
+    ]
+    assert [(str(w.message), w.lineno) for w in caught] == expected
 
 
 @pytest.mark.unit

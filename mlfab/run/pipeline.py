@@ -81,9 +81,9 @@ def prepare_run(
     """The run directory (one for all ranks; its files are written once the run has started, see RunRecords) and
     the task's loggers. `validate` / `test` / `predict` of a run's checkpoint use that run's directory (the CLI sets
     `exp_dir`), and leave its config.yaml as training wrote it."""
-    install_quiet_start()  # Before the Trainer is built: it prints Lightning's tips and hardware lines.
     existed = _exists(task.config.exp_dir)
     exp_dir, writer = agreed_exp_dir(type(task), task.config)
+    install_quiet_start(exp_dir / "checkpoints")  # Before the Trainer is built: it prints tips and hardware lines.
     task._exp_dir = exp_dir
     with forgotten_if_refused(exp_dir, writer and not existed):
         if set_loggers:

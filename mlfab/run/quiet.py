@@ -13,6 +13,7 @@
 import logging
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 from typing_extensions import override
@@ -37,13 +38,8 @@ HARMLESS_WARNINGS = (
         FutureWarning,
         r"(lightning\.pytorch|pytorch_lightning)\.utilities\._pytree$",
     ),
-    # At every resume: mlfab's checkpoints are meant to go on in the run's own `checkpoints` folder.
-    (
-        r"Checkpoint directory .*[/\\]checkpoints exists and is not empty",
-        UserWarning,
-        r"(lightning\.pytorch|pytorch_lightning)\.callbacks\.model_checkpoint$",
-    ),
 )
+CHECKPOINT_MODULE = r"(lightning\.pytorch|pytorch_lightning)\.callbacks\.model_checkpoint$"
 SUMMARY_LOGGER = "lightning.pytorch.callbacks.model_summary"  # Where Lightning's ModelSummary logs the table.
 
 
@@ -51,12 +47,17 @@ def _drop_lines(record: logging.LogRecord) -> bool:
     return not any(pattern.match(record.getMessage()) for pattern in DROPPED_LINES)
 
 
-def install_quiet_start() -> None:
-    """Installs the filters in this process; installing them again changes nothing."""
+def install_quiet_start(checkpoint_dir: Path | None = None) -> None:
+    """Installs the filters in this process; installing them again changes nothing. `checkpoint_dir`: a run's own
+    `checkpoints` folder, whose "exists and is not empty" warning (at every resume: its checkpoints are meant to go
+    on there) is dropped; the same warning about any other folder still shows."""
     for name in RANK_ZERO_LOGGERS:
         logging.getLogger(name).addFilter(_drop_lines)  # Not twice: `addFilter` skips a filter it has.
     for message, category, module in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)  # Replaces a twin.
+    if checkpoint_dir is not None:
+        own = rf"Checkpoint directory {re.escape(str(checkpoint_dir))} exists and is not empty\.$"
+        warnings.filterwarnings("ignore", message=own, category=UserWarning, module=CHECKPOINT_MODULE)
 
 
 def hardware_line(trainer: Any) -> str:
