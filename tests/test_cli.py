@@ -14,10 +14,11 @@ import yaml
 from torch import Tensor, nn
 
 import mlfab
-from mlfab.cli.args import config_file_args
+from mlfab.cli.args import config_file_args, short_form_args
 from mlfab.cli.main import import_task, main
 from mlfab.cli.parser import run_cli
 from mlfab.config import resolve_config
+from mlfab.run.invocation import command_name
 from mlfab.testing import BoringConfig, BoringTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -583,3 +584,24 @@ def test_value_clipping_records_no_norm_clipping(tmp_path: Path) -> None:
     data = run_file(exp)
     assert data["model"]["config"]["clip_grad_norm"] is None
     assert data["trainer"] == {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("flag", "says"),
+    [
+        (
+            "--trainer.max_epochs=2",
+            "--trainer.max_epochs needs a subcommand first, as in `{cmd} fit --trainer.max_epochs=2`",
+        ),
+        ("--model.config.max_steps=3", "give max_steps=3, or `{cmd} fit --model.config.max_steps=3`"),
+        ("--max_steps", "(e.g. max_steps=...). Flags such as --model.config.max_steps and --trainer.max_steps need"),
+    ],
+)
+def test_a_flag_in_the_short_form_is_refused_saying_what_to_type(flag: str, says: str) -> None:
+    """`--trainer.max_epochs=2` was answered with `--model.config.trainer.max_epochs` and
+    `--trainer.trainer.max_epochs`, neither of which exists."""
+    with pytest.raises(mlfab.ConfigError) as info:
+        short_form_args(BoringTask, ["max_steps=4", flag])
+    assert says.format(cmd=command_name()) in str(info.value)
+    assert "trainer.trainer" not in str(info.value) and "config.trainer" not in str(info.value)

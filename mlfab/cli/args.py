@@ -24,6 +24,22 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 PASSED_ON = ("-h", "--help", "--print_config")  # Flags the short form takes as they are.
 
 
+def _flag_refusal(arg: str) -> str:
+    """Why the short form refuses the flag `arg`, and what to type instead."""
+    flag, given, value = arg.partition("=")
+    value = value if given else "..."
+    key, cmd = flag.lstrip("-"), command_name()
+    start = f"Unknown option {arg!r}: this form takes YAML files and key=value arguments"
+    if key.startswith("model.config."):
+        return f"{start}: give {key.removeprefix('model.config.')}={value}, or `{cmd} fit {flag}={value}`."
+    if "." in key:  # --trainer.max_epochs, --optimizer.lr, ...: flags of the subcommand form alone.
+        return f"{start} (config keys); {flag} needs a subcommand first, as in `{cmd} fit {flag}={value}`."
+    return (
+        f"{start} (e.g. {key}={value}). Flags such as --model.config.{key} and --trainer.{key} need a subcommand "
+        f"first, as in `{cmd} fit --model.config.{key} ...`; see `{cmd} --help`."
+    )
+
+
 def short_form_args(task_cls: Any, argv: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     """`fit`'s arguments for `argv` in the short form, and the plain values each argument sets."""
     args: list[str] = []
@@ -32,12 +48,7 @@ def short_form_args(task_cls: Any, argv: list[str]) -> tuple[list[str], list[dic
         if arg.partition("=")[0] in PASSED_ON:
             args.append(arg)
         elif arg.startswith("-"):
-            key = arg.lstrip("-").partition("=")[0]
-            raise ConfigError(
-                f"Unknown option {arg!r}: this form takes YAML files and key=value arguments (e.g. {key}=...). "
-                f"Flags such as --model.config.{key} and --trainer.{key} need a subcommand first, as in "
-                f"`{command_name()} fit --model.config.{key} ...`; see `{command_name()} --help`."
-            )
+            raise ConfigError(_flag_refusal(arg))
         elif "=" in arg:
             key, _, raw = arg.partition("=")
             if not key or "" in key.split("."):
