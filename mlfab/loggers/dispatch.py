@@ -97,7 +97,7 @@ def flush_logs(
         return None
     every_n_steps = trainer.log_every_n_steps
     due = []
-    if trainer.is_global_zero:  # (The cadence counts every write, also those made everywhere.)
+    if trainer.is_global_zero:  # (The cadence times the writes it decides; one made everywhere does not reset it.)
         due = due_loggers(cadence, trainer.loggers, phase=phase, step=step, every_n_steps=every_n_steps)
         due = list(trainer.loggers) if everywhere else due
     if phase != "train":
