@@ -142,9 +142,41 @@ def test_stdout_plain_lines_without_escape_codes() -> None:
     logger.write(Logs("valid", 10, 100, 1.0, 0, {"scalar": {"loss/loss": 0.5}}))
     lines = out.getvalue().splitlines()
     assert lines[0] == "[train] step 0/100 | loss/loss=1.5"
-    assert lines[1].startswith("[train] step 10/100 | ") and "steps/s | ETA " in lines[1]
+    # 10 steps in 1 s of training time; steps 11-99 are left (the step written is step 10, counted from 0).
+    assert lines[1] == "[train] step 10/100 | 10.0 steps/s | ETA 0:00:09 | loss/loss=0.25"
     assert lines[2] == "[valid] step 10/100 | loss/loss=0.5"
     assert "\033" not in out.getvalue() and "\r" not in out.getvalue()
+
+
+@pytest.mark.integration
+def test_stdout_speed_and_eta_are_the_diagnostics_written_at_the_same_step(tmp_path: Path) -> None:
+    """The terminal measured steps/s between its own last two writes: a window with a validation in it showed a
+    fraction of the training speed, the others none of the validations, so the ETA jumped between far too long and
+    0:00:00 and disagreed with `speed/steps_per_second` and `time/remaining_s` in the files."""
+    out = io.StringIO()
+
+    class Both(BoringTask):
+        def set_loggers(self) -> None:
+            self.add_logger(
+                mlfab.StdoutLogger(log_interval_seconds=0, stream=out, tty=False),
+                mlfab.JsonLogger(self.exp_dir, log_interval_seconds=0),
+            )
+
+        def log_valid_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
+            time.sleep(0.2)  # A validation much longer than a step.
+
+    Both.launch(BoringConfig(max_steps=12, valid_every_n_steps=4, valid_batches=1, exp_dir=str(tmp_path)), argv=[])
+    written = [json.loads(line) for line in (tmp_path / "json" / "log.jsonl").read_text().splitlines()]
+    files = {j["step"]: j["scalars"] for j in written if j.get("phase") == "train"}
+    shown = 0
+    for line in out.getvalue().splitlines():
+        if line.startswith("[train] step ") and "steps/s" in line:
+            step = int(line.split()[2].split("/")[0])
+            rate, eta = files[step]["speed/steps_per_second"], files[step]["time/remaining_s"]
+            h, m, sec = (int(x) for x in line.split("ETA ")[1].split(" ")[0].split(":"))
+            assert f"| {rate:.1f} steps/s |" in line and h * 3600 + m * 60 + sec == round(eta), line
+            shown += 1
+    assert shown >= 10
 
 
 @pytest.mark.unit

@@ -6,8 +6,8 @@ line with no escape codes.
 """
 
 import datetime
+import math
 import sys
-import time
 from collections.abc import Collection
 from typing import TextIO
 
@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from mlfab.loggers.base import PlainLogger
 from mlfab.logs.values import Logs
-from mlfab.run.diagnostics import TERMINAL_HIDDEN_TAGS
+from mlfab.run.diagnostics import REMAINING_S, STEPS_PER_SECOND, TERMINAL_HIDDEN_TAGS
 from mlfab.state import LogPhase
 
 
@@ -59,15 +59,18 @@ class StdoutLogger(PlainLogger):
             self.stream.flush()
 
     def _rate(self, logs: Logs) -> tuple[float | None, str | None]:
-        now = time.monotonic()
-        rate = None
-        if self._last_step is not None and logs.step > self._last_step and now > self._last_time:
-            rate = (logs.step - self._last_step) / (now - self._last_time)
-        self._last_step, self._last_time = logs.step, now
-        eta = None
-        if rate and logs.max_steps:
-            eta = str(datetime.timedelta(seconds=int(max(logs.max_steps - logs.step, 0) / rate)))
-        return rate, eta
+        """Steps/s and the time left: mlfab's diagnostics of this step where the write has them (so the terminal
+        and the files agree), else steps/s over the training clock since this logger's last write (validation
+        time left out, as in `speed/*`) and the steps left at that rate."""
+        rate, left = logs.scalars.get(STEPS_PER_SECOND), logs.scalars.get(REMAINING_S)
+        last = self._last_step, self._last_time
+        self._last_step, self._last_time = logs.step, logs.elapsed_time_s
+        if rate is None and last[0] is not None and logs.step > last[0] and logs.elapsed_time_s > last[1]:
+            rate = (logs.step - last[0]) / (logs.elapsed_time_s - last[1])
+        if left is None and rate and logs.max_steps:
+            left = max(logs.max_steps - logs.step - 1, 0) / rate  # `step` is the step's own 0-based number.
+        rate = rate if rate is not None and math.isfinite(rate) else None
+        return rate, str(datetime.timedelta(seconds=round(left))) if left is not None and math.isfinite(left) else None
 
     def format(self, logs: Logs, rate: float | None = None, eta: str | None = None) -> str:
         parts = [f"[{logs.phase}] step {logs.step}" + (f"/{logs.max_steps}" if logs.max_steps else "")]
