@@ -322,7 +322,26 @@ def test_a_log_interval_for_an_unknown_phase_is_refused_naming_the_phases() -> N
     with pytest.raises(ValueError, match=r"got phase\(s\) 'vaild'; the phases are 'train', 'valid', 'test', 'predict'"):
         mlfab.StdoutLogger(log_interval_seconds={"vaild": 5.0})  # type: ignore[dict-item]
     logger = mlfab.StdoutLogger(log_interval_seconds={"valid": 5.0})
-    assert logger.log_interval_seconds == {"train": 0.0, "valid": 5.0, "test": 0.0, "predict": 0.0}
+    assert logger.log_interval_seconds == {"train": 1.0, "valid": 5.0, "test": 0.0, "predict": 0.0}
+
+
+@pytest.mark.unit
+def test_a_log_interval_dict_without_train_keeps_the_loggers_training_interval(tmp_path: Path) -> None:
+    """`{"valid": 30}` meant to change validation alone set training's interval to 0: every step was written and
+    every lazy value computed every step."""
+
+    class Mine(mlfab.PlainLogger):
+        def write(self, logs: Any) -> None:
+            pass
+
+    for logger, train in (
+        (mlfab.JsonLogger(tmp_path, log_interval_seconds={"valid": 30.0}), 2.0),
+        (mlfab.StdoutLogger(log_interval_seconds={"valid": 30.0}), 1.0),
+        (mlfab.TensorboardLogger(tmp_path, log_interval_seconds={"valid": 30.0}), 2.0),
+        (Mine({"valid": 30.0}), 2.0),
+        (mlfab.JsonLogger(tmp_path, log_interval_seconds={"valid": 30.0, "train": 0.0}), 0.0),
+    ):
+        assert logger.log_interval_seconds == {"train": train, "valid": 30.0, "test": 0.0, "predict": 0.0}
 
 
 @pytest.mark.integration

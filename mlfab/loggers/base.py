@@ -3,6 +3,7 @@
 Write your own by subclassing `PlainLogger` (exported as `mlfab.PlainLogger`) and implementing `write(logs)`.
 """
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, get_args
 
@@ -24,13 +25,18 @@ class MlfabLogger(ABC):
     log_interval_seconds: dict[LogPhase, float]
 
     def _set_interval(self, seconds: float | dict[LogPhase, float]) -> None:
+        """A number sets `train`; a dict sets the phases it names. `train` not named keeps the logger's default
+        (its `log_interval_seconds` default: a dict of other phases does not make it write every step); the
+        other phases default to 0 (every evaluation is written)."""
         given: dict[LogPhase, float] = seconds if isinstance(seconds, dict) else {"train": float(seconds)}
         if unknown := sorted(map(str, set(given) - set(get_args(LogPhase)))):  # A typo would silently do nothing.
             raise ValueError(
                 f"{type(self).__name__}(log_interval_seconds=...) got phase(s) {', '.join(map(repr, unknown))}; "
                 f"the phases are {', '.join(map(repr, get_args(LogPhase)))} (a number sets 'train' alone)."
             )
-        self.log_interval_seconds = dict.fromkeys(get_args(LogPhase), 0.0) | given
+        param = inspect.signature(type(self).__init__).parameters.get("log_interval_seconds")
+        train = param.default if param is not None and isinstance(param.default, int | float) else 2.0
+        self.log_interval_seconds = dict.fromkeys(get_args(LogPhase), 0.0) | {"train": float(train)} | given
 
     @abstractmethod
     def write(self, logs: Logs) -> None:
