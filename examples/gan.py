@@ -6,7 +6,8 @@ python -m examples.gan max_steps=300
 Two networks trained against each other with one optimizer: `get_loss` returns both losses, summed for one
 backward pass, and `mlfab.detached_call` runs the discriminator on the generated images with its parameters
 detached, so the generator's loss trains only the generator and the discriminator's loss (on detached images) only
-the discriminator. Each network gets its own learning rate and betas through parameter groups. mlfab's clipping,
+the discriminator. Each network gets its own learning rate through parameter groups (both use Adam's betas
+(0.5, 0.999)). mlfab's clipping,
 non-finite checks, loss logging, sample counts, `max_steps` (one step per batch) and exact resume apply as for any
 task.
 """

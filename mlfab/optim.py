@@ -1,5 +1,6 @@
 """The default optimizer: schedule-free AdamW with linear warmup, weight decay on weight matrices only."""
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -7,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from mlfab.errors import TaskDefinitionError
+from mlfab.errors import ConfigError, TaskDefinitionError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -135,3 +136,33 @@ def lightning_optimizers(built: Any, task: str, warmup_steps: int) -> Any:
     for group in groups:
         del group["base_lr"]  # The scheduler's, from now on.
     return built
+
+
+OPTIMIZER_CONFIG_KEYS = ("learning_rate", "betas", "weight_decay", "warmup_steps")  # What the default optimizer reads.
+
+
+class ReadsRecorded:
+    """A config that records the names of the keys read from it (`reads`)."""
+
+    def __init__(self, config: Any) -> None:
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "reads", set())
+
+    def __getattr__(self, name: str) -> Any:
+        self.reads.add(name)
+        return getattr(self._config, name)
+
+
+def refuse_unread_optimizer_keys(config: Any, reads: set[str], task: str) -> None:
+    """The default optimizer's keys set away from their defaults that the task's own optimizer did not read while
+    it was built: the run would train with other values than config.yaml records. Refused, naming them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    same = lambda a, b: tuple(a) == tuple(b) if isinstance(a, list | tuple) else a == b  # noqa: E731 - YAML lists
+    unread = [k for k in OPTIMIZER_CONFIG_KEYS if k not in reads and not same(getattr(config, k), defaults.get(k))]
+    if unread:
+        given = ", ".join(f"{k}={getattr(config, k)!r} (default {defaults.get(k)!r})" for k in unread)
+        raise ConfigError(
+            f"{given}: {task} builds its own optimizer (build_optimizer / get_optimizer_builder), which does not "
+            f"read {'these keys' if len(unread) > 1 else 'this key'}, so the run would not use the value. Read it "
+            f"there (self.config.{unread[0]}) or leave it at its default."
+        )

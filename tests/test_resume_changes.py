@@ -210,3 +210,26 @@ def test_a_changed_batches_per_step_is_refused_on_resume(tmp_path: Path) -> None
     BoringTask.launch(BoringConfig(max_steps=4, batches_per_step=2, exp_dir=str(tmp_path)), argv=[])
     with pytest.raises(mlfab.ConfigError, match=r"batches_per_step: 2 -> 3 \(the restored batch count"):
         BoringTask.launch(BoringConfig(max_steps=8, batches_per_step=3, exp_dir=str(tmp_path)), argv=[])
+
+
+class FixedOptimizer(BoringTask):
+    """Its own optimizer, with settings of its own: it reads none of the default optimizer's keys."""
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01, betas=(0.5, 0.999))
+
+
+def test_an_optimizer_key_the_tasks_own_optimizer_does_not_read_is_refused(tmp_path: Path) -> None:
+    """`learning_rate=0.5` was recorded in config.yaml and ignored: the run trained at the task's own 0.01."""
+    with pytest.raises(mlfab.ConfigError) as info:
+        FixedOptimizer.launch(argv=["learning_rate=0.5", "betas=[0.1,0.2]", f"exp_dir={tmp_path / 'run'}"])
+    message = str(info.value)
+    assert message.startswith("learning_rate=0.5 (default 0.05), betas=(0.1, 0.2) (default (0.9, 0.999)): ")
+    assert (
+        "FixedOptimizer builds its own optimizer (build_optimizer / get_optimizer_builder), which does not " in message
+    )
+    assert "Read it there (self.config.learning_rate) or leave it at its default." in message
+    assert not (tmp_path / "run").exists()  # Refused before the run started: no directory left behind.
+    # Keys at their defaults (also typed out, as a YAML list), and keys the task reads, are fine.
+    FixedOptimizer.launch(argv=["max_steps=2", "betas=[0.9,0.999]", f"exp_dir={tmp_path / 'ok'}"])
+    OwnOptimizer.launch(argv=["max_steps=2", "learning_rate=0.5", f"exp_dir={tmp_path / 'reads'}"])

@@ -37,6 +37,7 @@ from mlfab.config import (
 )
 from mlfab.errors import ConfigError, MlfabError, report
 from mlfab.loggers.base import MlfabLogger
+from mlfab.optim import OPTIMIZER_CONFIG_KEYS
 from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
@@ -319,7 +320,6 @@ class MlfabCLI(LightningCLI):
 
 
 # Optimizer keys of the config that `--optimizer` (which builds the optimizer from its own arguments) never reads.
-OPTIMIZER_CONFIG_KEYS = ("learning_rate", "betas", "weight_decay", "warmup_steps")
 
 
 def refuse_ignored_arguments(given: Sequence[str], cfg: Any, args: Sequence[str]) -> None:
