@@ -228,8 +228,8 @@ def train_raw(
 ) -> Run:
     torch.manual_seed(SEED)
     net = MODELS[model]()
-    if compiled:  # As mlfab's `compile=true` does: nn.Module.compile, torch.compile's defaults.
-        net.compile()
+    if compiled:  # torch.compile's defaults, as mlfab's `compile=true`. (`net.compile()` on an nn.Sequential, whose
+        net = torch.compile(net)  # forward is torch's own, compiled nothing: this arm ran eagerly.)
     opt = optimizer(net)
     net.train()
     losses: list[Tensor] = []
