@@ -25,7 +25,13 @@ class Compiled:
         self.options = {} if options is True else dict(options)  # type: ignore[arg-type]
         self.start = compile_seconds()
         self.checked = False
-        module.compile(**self.options)
+        try:
+            module.compile(**self.options)
+        except Exception as e:  # A backend or option torch does not know: it checks them here, before any run.
+            raise ConfigError(
+                f"compile: torch.compile refused {self.options}: {type(e).__name__}: {e}. Fix the key's `backend` / "
+                "`options` (see torch.compile), or set compile=true for torch's defaults."
+            ) from None
         compiled = module._compiled_call_impl
         assert compiled is not None
         self.called = False

@@ -173,3 +173,15 @@ def test_compile_through_the_fit_subcommand_and_a_users_own_trainer(
     assert "torch.compile (torch's defaults): " in capsys.readouterr().out
     assert task._compiled_call_impl is not None  # nn.Module.compile's: the task's calls run compiled.
     assert sorted(task.state_dict()) == ["layer.bias", "layer.weight"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("value", "says"), [({"backend": "nonexistent"}, "nonexistent"), ({"options": {"bogus_opt": 1}}, "bogus_opt")]
+)
+def test_a_backend_or_option_torch_does_not_know_is_a_config_error(tmp_path: Path, value: dict, says: str) -> None:
+    """It crashed with torch's traceback (exit 1), after the run directory was made."""
+    with pytest.raises(mlfab.ConfigError) as e:
+        BoringTask.launch(BoringConfig(exp_dir=str(tmp_path / "run"), compile=value), argv=[])
+    assert str(e.value).startswith(f"compile: torch.compile refused {value}: ") and says in str(e.value)
+    assert not (tmp_path / "run").exists()  # Refused before the run started.
