@@ -145,11 +145,14 @@ def measure(timeline: Timeline, size: int, wall: float) -> Result:
     final = [end - start for name, start, end in timeline.calls if name == "last.ckpt"]
     final_start = next((start for name, start, _ in timeline.calls if name == "last.ckpt"), float("inf"))
     final_waited = max(0.0, max(w1 for _, w1 in windows) - final_start)
+    # Per periodic save that a measured step (batch start to next batch start) holds: one called after the last
+    # batch started (`--steps` a multiple of `--every`) blocks no measured step and is not counted.
+    measured = max(1, sum(any(a <= start < b for a, b in steps) for _, start, _ in periodic))
     return Result(
         step=median,
-        blocked=extra / len(periodic),
-        slowed=slowed / len(periodic),
-        noise=noise / len(periodic),
+        blocked=extra / measured,
+        slowed=slowed / measured,
+        noise=noise / measured,
         call=statistics.median(end - start for _, start, end in periodic),
         io_call=statistics.median(timeline.io_calls[name] for name, _, _ in periodic),
         write=statistics.median(w1 - w0 for w0, w1 in windows),
