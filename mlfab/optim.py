@@ -1,5 +1,6 @@
 """The default optimizer: schedule-free AdamW with linear warmup, weight decay on weight matrices only."""
 
+import copy
 import dataclasses
 from collections.abc import Iterable
 from typing import Any
@@ -141,16 +142,19 @@ def lightning_optimizers(built: Any, task: str, warmup_steps: int) -> Any:
 OPTIMIZER_CONFIG_KEYS = ("learning_rate", "betas", "weight_decay", "warmup_steps")  # What the default optimizer reads.
 
 
-class ReadsRecorded:
-    """A config that records the names of the keys read from it (`reads`)."""
+def reads_recorded(config: Any) -> tuple[Any, set[str]]:
+    """A copy of `config` that records the names read from it, and that set. The copy is of a subclass of the
+    config's class, so `isinstance` and `dataclasses` see the config as it is."""
+    reads: set[str] = set()
+    cls = type(config)
 
-    def __init__(self, config: Any) -> None:
-        object.__setattr__(self, "_config", config)
-        object.__setattr__(self, "reads", set())
+    def __getattribute__(self: Any, name: str) -> Any:  # noqa: N807 - the hook itself
+        reads.add(name)
+        return object.__getattribute__(self, name)  # (Config classes define no __getattribute__ of their own.)
 
-    def __getattr__(self, name: str) -> Any:
-        self.reads.add(name)
-        return getattr(self._config, name)
+    recording = copy.copy(config)
+    object.__setattr__(recording, "__class__", type(cls.__name__, (cls,), {"__getattribute__": __getattribute__}))
+    return recording, reads
 
 
 def refuse_unread_optimizer_keys(config: Any, reads: set[str], task: str) -> None:

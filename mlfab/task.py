@@ -50,8 +50,8 @@ from mlfab.logs.api import LogMethods
 from mlfab.logs.buffer import PREDICT, Cadence, LogBuffer
 from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
 from mlfab.optim import (
-    ReadsRecorded,
     lightning_optimizers,
+    reads_recorded,
     refuse_unread_optimizer_keys,
     save_in_eval_mode,
     schedule_free_adamw,
@@ -471,11 +471,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def configure_optimizers(self) -> Any:
-        config, self.config = self.config, ReadsRecorded(self.config)  # type: ignore[assignment]
+        config = self.config
+        self.config, reads = reads_recorded(config)  # Which keys the optimizer is built from.
         try:
             built = self.build_optimizer(self) if _takes_model(type(self).build_optimizer) else self.build_optimizer()
         finally:
-            reads, self.config = self.config.reads, config  # type: ignore[attr-defined]
+            self.config = config
         refuse_unread_optimizer_keys(config, reads, type(self).__name__)
         return lightning_optimizers(built, type(self).__name__, self.config.warmup_steps)
 

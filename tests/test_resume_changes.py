@@ -233,3 +233,21 @@ def test_an_optimizer_key_the_tasks_own_optimizer_does_not_read_is_refused(tmp_p
     # Keys at their defaults (also typed out, as a YAML list), and keys the task reads, are fine.
     FixedOptimizer.launch(argv=["max_steps=2", "betas=[0.9,0.999]", f"exp_dir={tmp_path / 'ok'}"])
     OwnOptimizer.launch(argv=["max_steps=2", "learning_rate=0.5", f"exp_dir={tmp_path / 'reads'}"])
+
+
+def test_a_task_that_hands_its_config_on_while_building_its_optimizer_is_not_refused(tmp_path: Path) -> None:
+    """The config the optimizer is built from is still the task's config class (isinstance, dataclasses)."""
+    import dataclasses
+
+    class HandsOn(BoringTask):
+        def build_optimizer(self) -> torch.optim.Optimizer:
+            assert isinstance(self.config, BoringConfig)
+            return torch.optim.SGD(self.parameters(), lr=dataclasses.asdict(self.config)["learning_rate"])
+
+    HandsOn.launch(argv=["max_steps=2", "learning_rate=0.5", f"exp_dir={tmp_path / 'run'}"])
+    assert (
+        torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0][
+            "param_groups"
+        ][0]["lr"]
+        == 0.5
+    )
