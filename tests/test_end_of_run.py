@@ -28,10 +28,14 @@ class RarelyLogged(BoringTask):
         )
 
 
+def worse_every_validation(loss: Tensor, state: mlfab.State) -> Tensor:
+    """The training loss, and a validation loss that grows with the steps trained (for EarlyStopping to stop on)."""
+    return loss if state.phase == "train" else loss.detach() * 0 + state.num_steps
+
+
 class WorseEveryTime(RarelyLogged):
     def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
-        loss = super().get_loss(batch, state)
-        return loss if state.phase == "train" else loss.detach() * 0 + state.num_steps
+        return worse_every_validation(super().get_loss(batch, state), state)
 
 
 def written_steps(exp: Path) -> dict[str, dict[str, list[int]]]:
@@ -80,38 +84,34 @@ def test_a_validation_interval_keeps_the_final_validation(tmp_path: Path) -> Non
     assert written_steps(tmp_path / "run") == {"tensorboard": expected, "json": expected, "wandb": expected}
 
 
-def test_early_stopping_ends_with_its_step_written_everywhere(tmp_path: Path) -> None:
-    args = [
-        f"--model.config.exp_dir={tmp_path / 'run'}",
+def early_stopping_args(exp: Path) -> list[str]:
+    """A fit of 100 steps, validated every 5, that EarlyStopping ends after two worse validations."""
+    return [
+        "fit",
+        f"--model.config.exp_dir={exp}",
         "--model.config.max_steps=100",
         "--model.config.valid_every_n_steps=5",
         "--trainer.callbacks+=EarlyStopping",
         "--trainer.callbacks.monitor=valid/loss/loss",
         "--trainer.callbacks.patience=2",
     ]
-    WorseEveryTime.launch(argv=["fit", *args])
+
+
+def test_early_stopping_ends_with_its_step_written_everywhere(tmp_path: Path) -> None:
+    WorseEveryTime.launch(argv=early_stopping_args(tmp_path / "run"))
     expected = {"train": [0, 4, 9], "valid": [1, 5, 10]}  # Worse at 5 and 10: stopped after the validation at 10.
     assert written_steps(tmp_path / "run") == {"tensorboard": expected, "json": expected, "wandb": expected}
 
 
 class WorseRarelyValidated(RarelyValidated):
     def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
-        loss = super().get_loss(batch, state)
-        return loss if state.phase == "train" else loss.detach() * 0 + state.num_steps
+        return worse_every_validation(super().get_loss(batch, state), state)
 
 
 def test_early_stopping_with_a_validation_interval_writes_the_validation_it_stopped_on(tmp_path: Path) -> None:
     """EarlyStopping decides after the validation is flushed: with a `valid` write interval, the validation that
     ended training (and that its decision was made on) was dropped."""
-    args = [
-        f"--model.config.exp_dir={tmp_path / 'run'}",
-        "--model.config.max_steps=100",
-        "--model.config.valid_every_n_steps=5",
-        "--trainer.callbacks+=EarlyStopping",
-        "--trainer.callbacks.monitor=valid/loss/loss",
-        "--trainer.callbacks.patience=2",
-    ]
-    WorseRarelyValidated.launch(argv=["fit", *args])
+    WorseRarelyValidated.launch(argv=early_stopping_args(tmp_path / "run"))
     expected = {"train": [0, 4, 9], "valid": [1, 10]}  # The validation at 5 falls within the interval.
     assert written_steps(tmp_path / "run") == {"tensorboard": expected, "json": expected, "wandb": expected}
 
