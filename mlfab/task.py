@@ -568,7 +568,11 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        self.log_scalar("lr", optimizer.param_groups[0]["lr"], namespace="optim")  # The rate this step applies.
+        groups = optimizer.param_groups
+        self.log_scalar("lr", groups[0]["lr"], namespace="optim")  # The rate this step applies.
+        for i in range(1, len(groups)):
+            if groups[i]["lr"] != groups[0]["lr"]:  # A group with a rate of its own (a GAN's two networks).
+                self.log_scalar(f"lr_pg{i}", groups[i]["lr"], namespace="optim")
         try:
             optimizer.step(closure=optimizer_closure)
         except SkipStep:  # Raised before the optimizer changed anything.

@@ -414,3 +414,16 @@ def test_a_run_shows_the_tasks_own_values_and_hides_exactly_the_diagnostics_on_t
         shown = dict(part.split("=", 1) for part in line.split(" | ") if "=" in part)
         assert {tag: shown.get(tag) for tag in own} == {"time/x": "1", "speed/tokens": "2", "memory/cache_mb": "3"}
         assert not diagnostic.intersection(shown)
+
+
+@pytest.mark.integration
+def test_a_parameter_group_with_a_rate_of_its_own_is_logged_too(tmp_path: Path) -> None:
+    """`optim/lr` was the first group's rate alone: a second network's rate was never shown."""
+
+    class TwoRates(Recorded):
+        def build_optimizer(self) -> torch.optim.Optimizer:
+            weight, bias = self.layer.weight, self.layer.bias
+            return torch.optim.SGD([{"params": [weight], "lr": 0.05}, {"params": [bias], "lr": 0.01}])
+
+    _, lines = run(tmp_path, TwoRates, max_steps=3)
+    assert [(line["scalars"]["optim/lr"], line["scalars"]["optim/lr_pg1"]) for line in lines] == [(0.05, 0.01)] * 3
