@@ -3,6 +3,7 @@ stdout, and Lightning's own loggers."""
 
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import Tensor
 
 import mlfab
+from mlfab.logs.values import Logs
 from mlfab.testing import BoringConfig, BoringTask, read_images, read_scalars
 
 
@@ -133,8 +135,6 @@ def test_lightning_csv_logger_gets_scalars_and_one_warning_per_kind(
 
 @pytest.mark.unit
 def test_stdout_plain_lines_without_escape_codes() -> None:
-    from mlfab.logs.values import Logs
-
     out = io.StringIO()
     logger = mlfab.StdoutLogger(stream=out, tty=False)
     logger.write(Logs("train", 0, 100, 0.0, 0, {"scalar": {"loss/loss": 1.5}}))
@@ -181,8 +181,6 @@ def test_stdout_speed_and_eta_are_the_diagnostics_written_at_the_same_step(tmp_p
 
 @pytest.mark.unit
 def test_stdout_live_line_on_a_terminal() -> None:
-    from mlfab.logs.values import Logs
-
     out = io.StringIO()
     logger = mlfab.StdoutLogger(stream=out, tty=True)
     logger.write(Logs("train", 1, None, 0.0, 0, {"scalar": {"loss/loss": 1.0}}))
@@ -307,3 +305,42 @@ def test_every_optimizer_step_is_written_once_and_phases_do_not_mix(tmp_path: Pa
     assert [step for step, _ in train["loss/loss"]] == [0, 1, 2, 3, 4, 5]
     assert {v for _, v in train["value/is_train"]} == {1.0}
     assert valid["value/is_train"] and {v for _, v in valid["value/is_train"]} == {0.0}
+
+
+@pytest.mark.unit
+def test_terminal_rate_without_diagnostics_leaves_a_validation_out() -> None:
+    """`elapsed_time_s` is wall-clock time, validation included: measured from the last training line, a window with
+    a 10 s validation in it showed 0.9 steps/s and an ETA of 0:01:28 for training running at 10 steps/s."""
+    out = io.StringIO()
+    logger = mlfab.StdoutLogger(stream=out, tty=False)
+    logger.write(Logs("train", 0, 100, 1.0, 8, {"scalar": {"loss/loss": 1.0}}))
+    logger.write(Logs("train", 9, 100, 2.0, 80, {"scalar": {"loss/loss": 1.0}}))  # 9 steps (1-9) in 1 s.
+    logger.write(Logs("valid", 10, 100, 12.0, 80, {"scalar": {"loss/loss": 1.0}}))  # 10 steps done, 10 s later.
+    logger.write(Logs("train", 19, 100, 13.0, 160, {"scalar": {"loss/loss": 1.0}}))  # Steps 10-19 in 1 s.
+    assert out.getvalue().splitlines() == [
+        "[train] step 0/100 | loss/loss=1",
+        "[train] step 9/100 | 9.0 steps/s | ETA 0:00:10 | loss/loss=1",  # Steps 10-99 left.
+        "[valid] step 10/100 | loss/loss=1",
+        "[train] step 19/100 | 10.0 steps/s | ETA 0:00:08 | loss/loss=1",  # Steps 20-99 left.
+    ]
+
+
+@pytest.mark.integration
+def test_terminal_rate_without_diagnostics_is_the_training_speed_in_a_run(tmp_path: Path) -> None:
+    out = io.StringIO()
+
+    class SlowValidation(BoringTask):
+        def set_loggers(self) -> None:
+            self.add_logger(mlfab.StdoutLogger(log_interval_seconds=0, stream=out, tty=False))
+
+        def log_valid_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
+            time.sleep(0.5)  # Each window with a validation in it ran at under 2 steps/s.
+
+    config = BoringConfig(max_steps=9, valid_every_n_steps=3, valid_batches=1, diagnostics=[], exp_dir=str(tmp_path))
+    SlowValidation.launch(config, argv=[])
+    rates = [float(r) for r in re.findall(r"^\[train\] .*\| ([\d.]+) steps/s \|", out.getvalue(), re.MULTILINE)]
+    assert len(rates) == 8 and min(rates) > 5, out.getvalue()  # A step of this task takes milliseconds.
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# log_interval_seconds={"valid": ...}

@@ -40,8 +40,7 @@ class StdoutLogger(PlainLogger):
         super().__init__(log_interval_seconds)
         self._stream = stream
         self._tty = tty
-        self._last_step: int | None = None
-        self._last_time = 0.0
+        self._since: tuple[int, float] | None = None  # (steps done, elapsed_time_s) the next rate is measured from.
         self._live_line = False
 
     @property
@@ -60,15 +59,16 @@ class StdoutLogger(PlainLogger):
 
     def _rate(self, logs: Logs) -> tuple[float | None, str | None]:
         """Steps/s and the time left: mlfab's diagnostics of this step where the write has them (so the terminal
-        and the files agree), else steps/s over the training clock since this logger's last write (validation
-        time left out, as in `speed/*`) and the steps left at that rate."""
+        and the files agree), else steps/s since this logger's last write and the steps left at that rate.
+        `elapsed_time_s` is wall-clock time, validation included, so that window starts again at the end of each
+        evaluation this logger writes (`write`)."""
         rate, left = logs.scalars.get(STEPS_PER_SECOND), logs.scalars.get(REMAINING_S)
-        last = self._last_step, self._last_time
-        self._last_step, self._last_time = logs.step, logs.elapsed_time_s
-        if rate is None and last[0] is not None and logs.step > last[0] and logs.elapsed_time_s > last[1]:
-            rate = (logs.step - last[0]) / (logs.elapsed_time_s - last[1])
+        done = logs.step + 1  # Steps done: a training write's `step` is the step's own 0-based number.
+        if rate is None and self._since is not None and done > self._since[0] and logs.elapsed_time_s > self._since[1]:
+            rate = (done - self._since[0]) / (logs.elapsed_time_s - self._since[1])
+        self._since = done, logs.elapsed_time_s
         if left is None and rate and logs.max_steps:
-            left = max(logs.max_steps - logs.step - 1, 0) / rate  # `step` is the step's own 0-based number.
+            left = max(logs.max_steps - done, 0) / rate
         rate = rate if rate is not None and math.isfinite(rate) else None
         return rate, str(datetime.timedelta(seconds=round(left))) if left is not None and math.isfinite(left) else None
 
@@ -84,6 +84,8 @@ class StdoutLogger(PlainLogger):
 
     def write(self, logs: Logs) -> None:
         rate, eta = self._rate(logs) if logs.phase == "train" else (None, None)
+        if logs.phase in ("valid", "test"):  # An evaluation's step is the steps done; time counts from its end.
+            self._since = logs.step, logs.elapsed_time_s
         line = self.format(logs, rate, eta)
         live = self.is_tty and logs.phase == "train"
         if live:
