@@ -157,12 +157,22 @@ def reads_recorded(config: Any) -> tuple[Any, set[str]]:
     return recording, reads
 
 
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value  # `betas` from YAML is a list.
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default as a plain value (a `default_factory` called)."""
+    if f.default is not dataclasses.MISSING:
+        return _plain(f.default)
+    return _plain(f.default_factory()) if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
 def refuse_unread_optimizer_keys(config: Any, reads: set[str], task: str) -> None:
     """The default optimizer's keys set away from their defaults that the task's own optimizer did not read while
     it was built: the run would train with other values than config.yaml records. Refused, naming them."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    same = lambda a, b: tuple(a) == tuple(b) if isinstance(a, list | tuple) else a == b  # noqa: E731 - YAML lists
-    unread = [k for k in OPTIMIZER_CONFIG_KEYS if k not in reads and not same(getattr(config, k), defaults.get(k))]
+    defaults = {f.name: _default(f) for f in dataclasses.fields(config)}
+    unread = [k for k in OPTIMIZER_CONFIG_KEYS if k not in reads and _plain(getattr(config, k)) != defaults.get(k)]
     if unread:
         given = ", ".join(f"{k}={getattr(config, k)!r} (default {defaults.get(k)!r})" for k in unread)
         raise ConfigError(

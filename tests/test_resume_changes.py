@@ -251,3 +251,18 @@ def test_a_task_that_hands_its_config_on_while_building_its_optimizer_is_not_ref
         ][0]["lr"]
         == 0.5
     )
+
+
+def test_an_optimizer_key_whose_default_is_a_factory_is_compared_with_that_default() -> None:
+    """A config class giving `betas` a `default_factory` has no plain default: every value read as changed."""
+    import dataclasses
+
+    from mlfab.optim import refuse_unread_optimizer_keys
+
+    @dataclasses.dataclass
+    class FactoryConfig(BoringConfig):
+        betas: tuple[float, float] = dataclasses.field(default_factory=lambda: (0.5, 0.999))
+
+    refuse_unread_optimizer_keys(FactoryConfig(betas=[0.5, 0.999]), set(), "FactoryTask")  # type: ignore[arg-type]
+    with pytest.raises(mlfab.ConfigError, match=r"^betas=\(0\.1, 0\.2\) \(default \(0\.5, 0\.999\)\): FactoryTask"):
+        refuse_unread_optimizer_keys(FactoryConfig(betas=(0.1, 0.2)), set(), "FactoryTask")
