@@ -439,27 +439,33 @@ def test_sigusr1_in_a_slurm_job_checkpoints_requeues_and_resumes(fake_slurm: Pat
     assert fake_slurm.read_text().splitlines().count("scontrol requeue 1234") == 1
 
 
+def job_signalled(tmp_path: Path, **env: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """The task run as a Slurm job (12 steps; `STOP_AT`: the step SIGUSR1 comes in, `ALSO_TERM`: SIGTERM too)."""
+    exp_dir = tmp_path / "run"
+    return exp_dir, run_task(tmp_path, [sys.executable, "task.py", *COMMON, f"exp_dir={exp_dir}"], **TASK_ENV, **env)
+
+
+def valid_steps(exp_dir: Path) -> list[int]:
+    return [step for step, _ in read_scalars(exp_dir / "tensorboard" / "valid")["loss/loss"]]
+
+
 @pytest.mark.slow
 def test_sigusr1_in_the_last_step_neither_requeues_nor_skips_the_final_validation(
     fake_slurm: Path, tmp_path: Path
 ) -> None:
     """The finished job was requeued (and its relaunch trained and validated nothing), and the signal's stop skipped
     the final validation."""
-    exp_dir = tmp_path / "run"
-    python = [sys.executable, "task.py", *COMMON, f"exp_dir={exp_dir}"]
-    done = run_task(tmp_path, python, **TASK_ENV, STOP_AT="11")  # In the 12th (last) step.
+    exp_dir, done = job_signalled(tmp_path, STOP_AT="11")  # In the 12th (last) step.
     assert done.returncode == 0, done.stderr[-3000:]
     assert "scontrol requeue" not in fake_slurm.read_text()
     assert "this step ends training, so the job is not requeued" in done.stderr
-    assert [s for s, _ in read_scalars(exp_dir / "tensorboard" / "valid")["loss/loss"]] == [1, 12]
+    assert valid_steps(exp_dir) == [1, 12]
 
 
 @pytest.mark.slow
 def test_sigusr1_and_sigterm_in_one_step_still_requeue_the_job(fake_slurm: Path, tmp_path: Path) -> None:
     """SIGTERM took precedence: the job stopped without the requeue the SIGUSR1 asked for."""
-    exp_dir = tmp_path / "run"
-    python = [sys.executable, "task.py", *COMMON, f"exp_dir={exp_dir}"]
-    first = run_task(tmp_path, python, **TASK_ENV, STOP_AT="5", ALSO_TERM="1")
+    exp_dir, first = job_signalled(tmp_path, STOP_AT="5", ALSO_TERM="1")
     assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
     assert "scontrol requeue 1234" in fake_slurm.read_text().splitlines()
     assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 6
@@ -467,9 +473,7 @@ def test_sigusr1_and_sigterm_in_one_step_still_requeue_the_job(fake_slurm: Path,
 
 @pytest.mark.slow
 def test_a_stop_in_the_last_step_says_the_final_model_is_not_validated(fake_slurm: Path, tmp_path: Path) -> None:
-    exp_dir = tmp_path / "run"
-    python = [sys.executable, "task.py", *COMMON, f"exp_dir={exp_dir}"]
-    done = run_task(tmp_path, python, **TASK_ENV, STOP_AT="11", ALSO_TERM="1")
+    exp_dir, done = job_signalled(tmp_path, STOP_AT="11", ALSO_TERM="1")
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
     assert "scontrol requeue" not in fake_slurm.read_text()
     last = exp_dir / "checkpoints" / "last.ckpt"
@@ -477,7 +481,7 @@ def test_a_stop_in_the_last_step_says_the_final_model_is_not_validated(fake_slur
         f"The final model is not validated: the signal came in the last step, and the checkpoint comes first. "
         f"`validate --ckpt_path {last}` runs that validation" in done.stderr
     )
-    assert [s for s, _ in read_scalars(exp_dir / "tensorboard" / "valid")["loss/loss"]] == [1]
+    assert valid_steps(exp_dir) == [1]
 
 
 @pytest.mark.slow
