@@ -8,7 +8,8 @@ variable (`run: ${oc.env:RUN_DIR}`, as 0.2 wrote), which reads as empty. A comme
 first time settings are read. Any other `directories` key, or a section other than `directories` and those mlfab 0.2
 wrote (kept unused), is an error naming the file, the key and the closest known one: a typo is never ignored. In
 those, a value 0.2 acted on where mlfab has a config key instead (`device.gpu: false`, a `device.use_*` dtype, an
-`experiment.default_random_seed` other than 1337) is an error naming the key to set (`_V02_VALUES`).
+`experiment.default_random_seed` other than 1337, `error_handling.maximum_exceptions`, ...) is an error naming the key
+to set, or saying what mlfab does instead (`_V02_VALUES`).
 """
 
 import difflib
@@ -38,13 +39,16 @@ directories:
 
 _ENV_VARS = {"run": "RUN_DIR", "data": "DATA_DIR", "pretrained_models": "MODEL_DIR"}
 # The sections a settings file may hold: `directories`, and those mlfab 0.2 wrote, which are accepted (so a 0.2 file
-# works as it is) and unused but for `_V02_VALUES`. Anything else is a typo or a setting mlfab does not have: an
+# works as it is) at 0.2's defaults (`_V02_VALUES`). Anything else is a typo or a setting mlfab does not have: an
 # error, never ignored.
 _V02_SECTIONS = ("error_handling", "logging", "device", "triton", "experiment")
 _SECTIONS = ("directories", *_V02_SECTIONS)
-# The values of those sections mlfab 0.2 acted on where mlfab has a config key instead: 0.2's default is accepted, any
-# other value stops with the key to set. {(section, key): (0.2's default, what 0.2 then did, the config key now)}.
-_V02_VALUES: dict[tuple[str, str], tuple[bool | int, str, str]] = {
+# Every value of those sections 0.2 acted on: 0.2's default is accepted, any other value stops with what to do instead,
+# never ignored. {(section, key): (0.2's default, what 0.2 then did, the config key now, or what mlfab does instead)}.
+_NO_SLEEP = "mlfab skips a failing sample at once (no sleep); the limit is `max_bad_samples_in_a_row`"
+_SUMMARY = "mlfab logs the first 3 failures of each kind in full, then a summary of the kinds and places every minute"
+_THIRD_PARTY = "mlfab leaves the levels of Python's `logging` to you (`logging.getLogger(name).setLevel(...)`)"
+_V02_VALUES: dict[tuple[str, str], tuple[bool | int | float | str, str, str]] = {
     ("device", "gpu"): (True, "trained on the CPU", "accelerator=cpu"),
     ("device", "metal"): (True, "trained on the CPU instead of Apple's MPS", "accelerator=cpu"),
     ("device", "use_fp64"): (False, "cast batches to float64", "precision=64-true"),
@@ -52,6 +56,28 @@ _V02_VALUES: dict[tuple[str, str], tuple[bool | int, str, str]] = {
     ("device", "use_bf16"): (False, "cast batches to bfloat16 and ran under autocast", "precision=bf16-mixed"),
     ("device", "use_fp16"): (False, "cast batches to float16 and ran under autocast", "precision=16-mixed"),
     ("experiment", "default_random_seed"): (1337, "seeded with it", "seed={value}"),
+    ("experiment", "max_workers"): (32, "capped its default dataloader worker count at it", "num_dataloader_workers=N"),
+    ("experiment", "multiprocessing_start_method"): (
+        "forkserver",
+        "started dataloader workers that way",
+        "mlfab's workers start as torch's DataLoader starts them (fork on Linux)",
+    ),
+    ("error_handling", "enabled"): (True, "raised a sample's first exception", "max_bad_samples_in_a_row=1"),
+    ("error_handling", "maximum_exceptions"): (
+        10,
+        "stopped after that many failing samples",
+        "max_bad_samples_in_a_row={value}",
+    ),
+    ("error_handling", "backoff_after"): (5, "slept after that many failures", _NO_SLEEP),
+    ("error_handling", "sleep_backoff"): (0.1, "slept that long between failures", _NO_SLEEP),
+    ("error_handling", "sleep_backoff_power"): (2.0, "grew its sleep that way", _NO_SLEEP),
+    ("error_handling", "log_full_exception"): (False, "logged every failure in full", _SUMMARY),
+    ("error_handling", "flush_exception_summary_every"): (500, "summarised failures at that cadence", _SUMMARY),
+    ("error_handling", "report_top_n_exception_types"): (5, "summarised that many kinds of failure", _SUMMARY),
+    ("error_handling", "exception_location_traceback_depth"): (3, "located failures that deep", _SUMMARY),
+    ("logging", "hide_third_party_logs"): (True, "showed matplotlib's, PIL's and torch's INFO logs", _THIRD_PARTY),
+    ("logging", "log_level"): ("INFO", "set the root logger's level to it", _THIRD_PARTY),
+    # (`triton.use_triton_if_available` chose 0.2's own Triton kernels, which mlfab does not have: either value holds.)
 }
 _TRUE, _FALSE = ("y", "yes", "on", "true"), ("n", "no", "off", "false")  # As OmegaConf reads a bool.
 
@@ -113,7 +139,7 @@ def _files() -> list[tuple[Path, dict[str, Any]]]:
 
 
 def _v02_value_problem(
-    files: list[tuple[Path, dict[str, Any]]], where: tuple[str, str], entry: tuple[bool | int, str, str]
+    files: list[tuple[Path, dict[str, Any]]], where: tuple[str, str], entry: tuple[bool | int | float | str, str, str]
 ) -> str | None:
     """What is wrong with `section.key` (a `_V02_VALUES` entry) where the file that sets it last gives a value other
     than mlfab 0.2's default: 0.2 acted on it, mlfab does not read it."""
@@ -131,13 +157,25 @@ def _v02_value_problem(
         lowered = value.strip().lower()
         value = True if lowered in _TRUE else False if lowered in _FALSE else value
     try:
-        value = value if isinstance(value, bool) else type(default)(int(value))
+        if isinstance(default, str):
+            value = str(value)
+        elif not isinstance(value, bool):
+            value = float(value) if isinstance(default, float) else type(default)(int(value))
     except (TypeError, ValueError):
-        kind = "true or false" if isinstance(default, bool) else "an integer"
+        kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
         return f"{name} is {written!r}: it must be {kind} (mlfab 0.2's default is {_shown(default)})."
     if value == default:
         return None
-    read = f"{_shown(written)}, read as {_shown(value)}" if isinstance(written, str) else _shown(written)
+    read = (
+        f"{_shown(written)}, read as {_shown(value)}"
+        if isinstance(written, str) and value != written
+        else _shown(written)
+    )
+    if "=" not in instead or " " in instead:  # No config key does what 0.2 did: what mlfab does instead.
+        return (
+            f"{name} is {read}: mlfab 0.2 then {did}, but mlfab has no such setting; {instead}. Remove "
+            f"`{section}.{key}` from that file (0.2's default, {_shown(default)}, is accepted)."
+        )
     fix = instead.format(value=value)
     return (
         f"{name} is {read}: mlfab 0.2 then {did}, but mlfab does not read this setting. Set the config key "

@@ -202,3 +202,70 @@ def test_a_0_2_device_value_that_is_no_boolean_is_refused(rc: Path) -> None:
     rc.write_text(V02_DEVICE.replace("use_fp64: false", "use_fp64: maybe"))
     with pytest.raises(mlfab.SettingsError, match=r"`device.use_fp64` in .* is 'maybe': it must be true or false"):
         mlfab.get_run_dir(missing_ok=True)
+
+
+V02_OTHERS = """\
+error_handling:
+  enabled: true
+  maximum_exceptions: 10
+  sleep_backoff: 0.1
+  log_full_exception: false
+logging:
+  hide_third_party_logs: true
+  log_level: INFO
+triton:
+  use_triton_if_available: true
+"""
+
+
+def test_0_2_data_and_logging_values_stop_the_launch_saying_what_to_do(rc: Path) -> None:
+    rc.write_text(V02_DEVICE + V02_OTHERS)
+    assert mlfab.get_run_dir(missing_ok=True) is None  # 0.2's defaults, as its file holds them, are accepted.
+    changed = {
+        "maximum_exceptions: 10": "maximum_exceptions: 100",
+        "sleep_backoff: 0.1": "sleep_backoff: '0.5'",
+        "log_level: INFO": "log_level: DEBUG",
+        "max_workers: 32": "max_workers: 4",
+        "forkserver": "spawn",
+        "use_triton_if_available: true": "use_triton_if_available: false",  # 0.2's own kernels: either value holds.
+    }
+    text = V02_DEVICE + V02_OTHERS
+    for old, new in changed.items():
+        text = text.replace(old, new)
+    rc.write_text(text)
+    with pytest.raises(mlfab.SettingsError) as error:
+        BoringTask.launch(BoringConfig(max_steps=1), argv=[])
+    lines = str(error.value).splitlines()
+    assert lines == [
+        f"`experiment.max_workers` in {rc} is 4: mlfab 0.2 then capped its default dataloader worker count at it, but "
+        "mlfab does not read this setting. Set the config key instead (`num_dataloader_workers=N` on the command line, "
+        "`num_dataloader_workers: N` in a config file) and remove `experiment.max_workers` from that file.",
+        f"`experiment.multiprocessing_start_method` in {rc} is 'spawn': mlfab 0.2 then started dataloader workers that "
+        "way, but mlfab has no such setting; mlfab's workers start as torch's DataLoader starts them (fork on Linux). "
+        "Remove `experiment.multiprocessing_start_method` from that file (0.2's default, 'forkserver', is accepted).",
+        f"`error_handling.maximum_exceptions` in {rc} is 100: mlfab 0.2 then stopped after that many failing samples, "
+        "but mlfab does not read this setting. Set the config key instead (`max_bad_samples_in_a_row=100` on the "
+        "command line, `max_bad_samples_in_a_row: 100` in a config file) and remove `error_handling.maximum_exceptions` "
+        "from that file.",
+        f"`error_handling.sleep_backoff` in {rc} is '0.5', read as 0.5: mlfab 0.2 then slept that long between "
+        "failures, but mlfab has no such setting; mlfab skips a failing sample at once (no sleep); the limit is "
+        "`max_bad_samples_in_a_row`. Remove `error_handling.sleep_backoff` from that file (0.2's default, 0.1, is "
+        "accepted).",
+        f"`logging.log_level` in {rc} is 'DEBUG': mlfab 0.2 then set the root logger's level to it, but mlfab has no "
+        "such setting; mlfab leaves the levels of Python's `logging` to you (`logging.getLogger(name).setLevel(...)`). "
+        "Remove `logging.log_level` from that file (0.2's default, 'INFO', is accepted).",
+    ]
+    assert not (Path.cwd() / "runs").exists()
+
+
+def test_0_2_error_handling_off_names_the_limit_of_one(rc: Path) -> None:
+    rc.write_text(V02_DEVICE + V02_OTHERS.replace("enabled: true", "enabled: false"))
+    with pytest.raises(mlfab.SettingsError) as error:
+        mlfab.get_run_dir(missing_ok=True)
+    assert f"`error_handling.enabled` in {rc} is false: mlfab 0.2 then raised a sample's first exception" in str(
+        error.value
+    )
+    assert "`max_bad_samples_in_a_row=1` on the command line" in str(error.value)
+    rc.write_text(V02_DEVICE + V02_OTHERS.replace("maximum_exceptions: 10", "maximum_exceptions: many"))
+    with pytest.raises(mlfab.SettingsError, match=r"is 'many': it must be an integer \(mlfab 0.2's default is 10\)"):
+        mlfab.get_run_dir(missing_ok=True)
