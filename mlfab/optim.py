@@ -2,7 +2,8 @@
 
 import copy
 import dataclasses
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -168,6 +169,31 @@ def _default(f: dataclasses.Field) -> Any:
     return _plain(f.default_factory()) if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
 
 
+def checks_optimizer_reads(configure: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`configure_optimizers` (Task's, or a task's own, wrapped when its class is defined) building the optimizer
+    from a config that records the keys read, then refusing the optimizer keys set that it did not read. An override
+    calling `super().configure_optimizers()` is checked once, as a whole."""
+    if getattr(configure, "_mlfab_checks_reads", False):
+        return configure
+
+    @functools.wraps(configure)
+    def configure_optimizers(task: Any) -> Any:
+        if getattr(task, "_building_optimizer", False):  # Called by an override that is being checked.
+            return configure(task)
+        config = task.config
+        task.config, reads = reads_recorded(config)
+        task._building_optimizer = True
+        try:
+            built = configure(task)
+        finally:
+            task.config, task._building_optimizer = config, False
+        refuse_unread_optimizer_keys(config, reads, type(task).__name__)
+        return built
+
+    configure_optimizers._mlfab_checks_reads = True  # type: ignore[attr-defined]
+    return configure_optimizers
+
+
 def refuse_unread_optimizer_keys(config: Any, reads: set[str], task: str) -> None:
     """The default optimizer's keys set away from their defaults that the task's own optimizer did not read while
     it was built: the run would train with other values than config.yaml records. Refused, naming them."""
@@ -176,7 +202,8 @@ def refuse_unread_optimizer_keys(config: Any, reads: set[str], task: str) -> Non
     if unread:
         given = ", ".join(f"{k}={getattr(config, k)!r} (default {defaults.get(k)!r})" for k in unread)
         raise ConfigError(
-            f"{given}: {task} builds its own optimizer (build_optimizer / get_optimizer_builder), which does not "
+            f"{given}: {task} builds its own optimizer (build_optimizer / get_optimizer_builder / "
+            "configure_optimizers), which does not "
             f"read {'these keys' if len(unread) > 1 else 'this key'}, so the run would not use the value. Read it "
             f"there (self.config.{unread[0]}) or leave it at its default."
         )

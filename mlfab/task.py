@@ -50,9 +50,8 @@ from mlfab.logs.api import LogMethods
 from mlfab.logs.buffer import PREDICT, Cadence, LogBuffer
 from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
 from mlfab.optim import (
+    checks_optimizer_reads,
     lightning_optimizers,
-    reads_recorded,
-    refuse_unread_optimizer_keys,
     save_in_eval_mode,
     schedule_free_adamw,
     set_optimizer_mode,
@@ -74,6 +73,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         prepare_subclass(cls, Task)
+        cls.configure_optimizers = checks_optimizer_reads(cls.configure_optimizers)  # type: ignore[method-assign]
 
     @classmethod
     def config_class(cls) -> type[Config]:
@@ -470,14 +470,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return self._limited_dataloader("test")
 
     @override
+    @checks_optimizer_reads  # Optimizer keys set that the build does not read are refused.
     def configure_optimizers(self) -> Any:
-        config = self.config
-        self.config, reads = reads_recorded(config)  # Which keys the optimizer is built from.
-        try:
-            built = self.build_optimizer(self) if _takes_model(type(self).build_optimizer) else self.build_optimizer()
-        finally:
-            self.config = config
-        refuse_unread_optimizer_keys(config, reads, type(self).__name__)
+        built = self.build_optimizer(self) if _takes_model(type(self).build_optimizer) else self.build_optimizer()
         return lightning_optimizers(built, type(self).__name__, self.config.warmup_steps)
 
     @override

@@ -226,13 +226,58 @@ def test_an_optimizer_key_the_tasks_own_optimizer_does_not_read_is_refused(tmp_p
     message = str(info.value)
     assert message.startswith("learning_rate=0.5 (default 0.05), betas=(0.1, 0.2) (default (0.9, 0.999)): ")
     assert (
-        "FixedOptimizer builds its own optimizer (build_optimizer / get_optimizer_builder), which does not " in message
+        "FixedOptimizer builds its own optimizer (build_optimizer / get_optimizer_builder / configure_optimizers)" in message
     )
     assert "Read it there (self.config.learning_rate) or leave it at its default." in message
     assert not (tmp_path / "run").exists()  # Refused before the run started: no directory left behind.
     # Keys at their defaults (also typed out, as a YAML list), and keys the task reads, are fine.
     FixedOptimizer.launch(argv=["max_steps=2", "betas=[0.9,0.999]", f"exp_dir={tmp_path / 'ok'}"])
     OwnOptimizer.launch(argv=["max_steps=2", "learning_rate=0.5", f"exp_dir={tmp_path / 'reads'}"])
+
+
+class LightningOptimizer(BoringTask):
+    """Lightning's own hook, overridden: it builds an optimizer that reads no optimizer key."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class OptimizerMixin:
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)  # type: ignore[attr-defined]
+
+
+class MixedIn(OptimizerMixin, BoringTask):
+    pass
+
+
+class CallsSuper(BoringTask):
+    """Adds a scheduler to mlfab's default optimizer: the default optimizer reads the keys."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 100)}
+
+
+@pytest.mark.parametrize("task", [LightningOptimizer, MixedIn])
+def test_an_optimizer_key_an_own_configure_optimizers_does_not_read_is_refused(task: type, tmp_path: Path) -> None:
+    """`configure_optimizers` overridden (in the task, or a mixin before it) skipped the check: `learning_rate=0.5`
+    was recorded in config.yaml and the run trained at 0.01."""
+    with pytest.raises(mlfab.ConfigError) as info:
+        task.launch(argv=["max_steps=2", "learning_rate=0.5", f"exp_dir={tmp_path / 'run'}"])
+    assert str(info.value).startswith(
+        f"learning_rate=0.5 (default 0.05): {task.__name__} builds its own optimizer (build_optimizer / "
+        "get_optimizer_builder / configure_optimizers), which does not read this key"
+    )
+    assert not (tmp_path / "run").exists()
+    task.launch(argv=["max_steps=2", f"exp_dir={tmp_path / 'ok'}"])  # At its default: nothing to refuse.
+
+
+def test_an_own_configure_optimizers_calling_super_is_checked_once_and_trains_at_the_rate_set(tmp_path: Path) -> None:
+    CallsSuper.launch(argv=["max_steps=2", "learning_rate=0.5", "warmup_steps=0", f"exp_dir={tmp_path / 'run'}"])
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == 0.5
+    assert len(saved["lr_schedulers"]) == 1
 
 
 def test_a_task_that_hands_its_config_on_while_building_its_optimizer_is_not_refused(tmp_path: Path) -> None:
