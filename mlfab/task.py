@@ -105,8 +105,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._log_buffers = {phase: LogBuffer(phase) for phase in (*PHASES, PREDICT)}
         self._bad_data_seen = self._bad_data_asked = False
         self._log_cadence = Cadence()
-        self._num_samples = 0
-        self._num_valid_steps = 0
+        self._start_counts()
         self._consumed = Consumed()  # Batches trained, so the loader knows which ones are still in flight.
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._compiled: Compiled | None = None  # The `compile` key, applied at setup.
@@ -128,9 +127,6 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._pending_rng: list[dict[str, Any]] | None = None
         self._resume_changes: dict[str, tuple[Any, Any]] = {}  # Config changes since the checkpoint we resume from.
         self._optimizer_args: dict[str, Any] | None = None  # The command line's --optimizer / --lr_scheduler.
-        self._start_time_s = time.time()
-        self._elapsed_before_s = 0.0  # Time spent in earlier sessions of this run (restored on resume).
-        self._session_start_s = time.monotonic()
 
     # ----------------------------------------------------------------------------------------------------------------
     # What a task implements.
@@ -442,6 +438,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                     "build_trainer(config, exp_dir)."
                 )
             self._weights_from_checkpoint = False
+            if self.trainer.global_step == 0:  # A run from step 0 (a resume restores its own counts after this).
+                self._start_counts()
             io = self.trainer.strategy.checkpoint_io
             around_saves(io, self.on_before_save_ckpt, self.on_after_save_ckpt, self._synchronous_saves())
         if self.trainer.world_size > 1:
@@ -758,6 +756,16 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if not task_work_due(self, "on_predict_end"):
             return
         self._evaluation_weights(False)
+
+    def _start_counts(self) -> None:
+        """The run's counts and clocks at step 0: also where a task whose weights came from a checkpoint
+        (`load_from_checkpoint`, an earlier `validate`) starts a new fit, which would otherwise count on from the
+        file's samples and time."""
+        self._num_samples = 0
+        self._num_valid_steps = 0
+        self._start_time_s = time.time()
+        self._elapsed_before_s = 0.0  # Time spent in earlier sessions of this run (restored on resume).
+        self._session_start_s = time.monotonic()
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

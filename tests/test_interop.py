@@ -5,6 +5,7 @@
 
 import dataclasses
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -543,3 +544,21 @@ def test_predict_after_fit_uses_the_evaluation_weights_then_goes_back(tmp_path: 
         assert torch.allclose(predicted, saved(x), atol=1e-5)  # type: ignore[arg-type]
     # Back to the training weights (the switch there and back rounds in the last bits).
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(task.parameters(), training, strict=True))
+
+
+def test_a_fit_from_loaded_weights_counts_samples_and_time_from_step_0(tmp_path: Path) -> None:
+    """`load_from_checkpoint` then `fit` (fine-tuning) starts at step 0; its sample and validation counts and its
+    clock went on from the file's (48 samples at step 6 of batch 4), and the wait before the fit counted as time."""
+    first = BoringTask(config(max_steps=6, valid_every_n_steps=None))
+    mlfab.run.trainer.build_trainer(first.config, tmp_path / "first", []).fit(first)
+    tuned = BoringTask.load_from_checkpoint(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=False)
+    time.sleep(2.0)
+    mlfab.run.trainer.build_trainer(tuned.config, tmp_path / "tuned", []).fit(tuned)
+    saved = {
+        name: torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)
+        for name in ("first", "tuned")
+    }
+    assert saved["tuned"]["global_step"] == 6
+    assert saved["tuned"]["mlfab"]["num_samples"] == saved["first"]["mlfab"]["num_samples"] == 6 * BATCH
+    assert saved["tuned"]["mlfab"]["num_valid_steps"] == saved["first"]["mlfab"]["num_valid_steps"]
+    assert saved["tuned"]["mlfab"]["elapsed_time_s"] < 2.0
