@@ -6,9 +6,13 @@ from typing import Literal, get_args
 
 Phase = Literal["train", "valid", "test"]
 PHASES: tuple[Phase, ...] = get_args(Phase)
-# The phases logs are written for (`Logs.phase`, a logger's `log_interval_seconds`): those above and "predict", what
+# The phases mlfab writes logs for (a logger's `log_interval_seconds`, `Logs.phase`): those above and "predict", what
 # is logged during Lightning's `trainer.predict` (the `predict` subcommand).
 LogPhase = Literal["train", "valid", "test", "predict"]
+# What a logger's `write` may get as `Logs.phase`: a log phase, or "metrics", the values Lightning hands a logger's
+# `log_metrics` (`self.log` of a plain LightningModule, callbacks such as LearningRateMonitor): Lightning does not
+# say which phase those belong to (their names do: `val_loss`), nor the training time and samples so far.
+WritePhase = LogPhase | Literal["metrics"]
 
 
 @dataclass(frozen=True)

@@ -245,8 +245,8 @@ def test_0_2_data_and_logging_values_stop_the_launch_saying_what_to_do(rc: Path)
         "Remove `experiment.multiprocessing_start_method` from that file (0.2's default, 'forkserver', is accepted).",
         f"`error_handling.maximum_exceptions` in {rc} is 100: mlfab 0.2 then stopped after that many failing samples, "
         "but mlfab does not read this setting. Set the config key instead (`max_bad_samples_in_a_row=100` on the "
-        "command line, `max_bad_samples_in_a_row: 100` in a config file) and remove `error_handling.maximum_exceptions` "
-        "from that file.",
+        "command line, `max_bad_samples_in_a_row: 100` in a config file) and remove "
+        "`error_handling.maximum_exceptions` from that file.",
         f"`error_handling.sleep_backoff` in {rc} is '0.5', read as 0.5: mlfab 0.2 then slept that long between "
         "failures, but mlfab has no such setting; mlfab skips a failing sample at once (no sleep); the limit is "
         "`max_bad_samples_in_a_row`. Remove `error_handling.sleep_backoff` from that file (0.2's default, 0.1, is "

@@ -225,9 +225,8 @@ def test_an_optimizer_key_the_tasks_own_optimizer_does_not_read_is_refused(tmp_p
         FixedOptimizer.launch(argv=["learning_rate=0.5", "betas=[0.1,0.2]", f"exp_dir={tmp_path / 'run'}"])
     message = str(info.value)
     assert message.startswith("learning_rate=0.5 (default 0.05), betas=(0.1, 0.2) (default (0.9, 0.999)): ")
-    assert (
-        "FixedOptimizer builds its own optimizer (build_optimizer / get_optimizer_builder / configure_optimizers)" in message
-    )
+    own = "FixedOptimizer builds its own optimizer (build_optimizer / get_optimizer_builder / configure_optimizers)"
+    assert own in message
     assert "Read it there (self.config.learning_rate) or leave it at its default." in message
     assert not (tmp_path / "run").exists()  # Refused before the run started: no directory left behind.
     # Keys at their defaults (also typed out, as a YAML list), and keys the task reads, are fine.

@@ -75,11 +75,11 @@ class PlainLogger(MlfabLogger, Logger):
             def set_loggers(self):
                 self.add_logger(PrintLogger(log_interval_seconds=10))
 
-    `logs` (`mlfab.logs.values.Logs`) holds `phase` ("train", "valid" or "test"), `step` (optimizer steps
-    done), `max_steps`, `elapsed_time_s`, `num_samples` and `values`, {kind: {tag: value}} with tags
-    `<namespace>/<key>` (`loss/loss`, `value/accuracy`); `logs.of(kind)` is one kind's dict (empty when nothing of
-    it was logged) and `logs.scalars` is `logs.of("scalar")`. Every value is resolved (lazy values computed,
-    tensors converted) before `write` is called:
+    `logs` (`mlfab.logs.values.Logs`) holds `phase` ("train", "valid", "test", "predict", or "metrics", below),
+    `step` (optimizer steps done), `max_steps`, `elapsed_time_s`, `num_samples` (None where unknown) and `values`,
+    {kind: {tag: value}} with tags `<namespace>/<key>` (`loss/loss`, `value/accuracy`); `logs.of(kind)` is one
+    kind's dict (empty when nothing of it was logged) and `logs.scalars` is `logs.of("scalar")`. Every value is
+    resolved (lazy values computed, tensors converted) before `write` is called:
       "scalar": float; "string": str; "image": uint8 numpy array (H, W, 3), RGB, captions and grids drawn in;
       "audio": `Audio`, `.samples` float32 in [-1, 1], (T,) mono or (T, C), `.sample_rate`, `.wav` (WAV bytes);
       "video": `Video`, `.frames` uint8 (T, H, W, 3), `.fps`, `.gif` (animated GIF bytes);
@@ -93,9 +93,14 @@ class PlainLogger(MlfabLogger, Logger):
     once per evaluation. Optional hooks: `write_config(config_yaml)` (once per run, the resolved config),
     `write_run_info(info)` (once per run; by default the config goes to `write_config` and the provenance texts
     reach `write` as strings `run/<name>` at step 0), `finalize(status)` (Lightning's, at the end of the run:
-    close files there). Lightning's own `self.log` metrics arrive through `write` too, as
-    scalars, and `name` is `logger_name` or the class name. It is a Lightning `Logger`, so it also works in a
-    plain `lightning.pytorch.Trainer(logger=...)`.
+    close files there). `name` is `logger_name` or the class name.
+
+    It is a Lightning `Logger`, so it also works in a plain `lightning.pytorch.Trainer(logger=...)`. What Lightning
+    hands its `log_metrics` (a plain LightningModule's `self.log` values, callbacks such as LearningRateMonitor; an
+    mlfab task's own values come with their phase instead) reaches `write` as scalars with phase "metrics", at
+    Lightning's step, with `max_steps`, `elapsed_time_s` and `num_samples` None: Lightning says neither the phase
+    (the metric's name does: `val_loss`) nor the time or samples. Each such call is written (Lightning spaces them
+    out itself, `log_every_n_steps`), whatever `log_interval_seconds` says.
     """
 
     logger_name: str = ""
@@ -123,4 +128,4 @@ class PlainLogger(MlfabLogger, Logger):
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         values = {k: float(v) for k, v in metrics.items() if k != "epoch"}
-        self.write(Logs("train", step or 0, None, 0.0, 0, {"scalar": values}))
+        self.write(Logs("metrics", step or 0, None, None, None, {"scalar": values}))

@@ -18,11 +18,17 @@ histograms as .npy (the raw values; the line has their summary) and point clouds
 
 Lightning's `log_hyperparams` adds a line {"phase": "hparams", "hparams": {...}} (for an mlfab task, its config);
 `write_config` writes nothing, since `<exp_dir>/config.yaml` and that line already hold the config.
-`log_metrics` (Lightning's `self.log` path) writes scalar lines like any other write.
+What Lightning hands `log_metrics` (a plain LightningModule's `self.log` values in a Trainer with this logger,
+callbacks such as LearningRateMonitor) is a line of its own at each call (Lightning spaces them out itself,
+`log_every_n_steps`), at Lightning's step, with phase "metrics" and null time and samples, which Lightning does not
+give (the metric's name says its phase):
 
-A run that resumes from a checkpoint adds {"phase": "resume", "steps": {"train": 6, "valid": 7}}: the lines
-before it of a phase at that step or later were written after the checkpoint by a launch that then stopped (a
-crash), and the resumed run writes those steps again; drop them to read each step once.
+    {"phase": "metrics", "step": 4, "elapsed_time_s": null, "num_samples": null, "scalars": {"val_loss": 0.5}, ...}
+
+A run that resumes from a checkpoint adds {"phase": "resume", "steps": {"train": 6, "valid": 7, "metrics": 6}}: the
+lines before it of a phase at that step or later were written after the checkpoint by a launch that then stopped (a
+crash), and the resumed run writes those steps again; drop them to read each step once. "metrics" lines go by the
+training step: Lightning's step for them is the number of the training step under way, as a training line's.
 """
 
 import argparse
@@ -169,7 +175,8 @@ class JsonLogger(PlainLogger):
     @override
     @rank_zero_only
     def resumed(self, steps: dict[LogPhase, int]) -> None:
-        self._write_line({"phase": "resume", "steps": steps})
+        metrics = {"metrics": steps["train"]} if "train" in steps else {}  # Superseded as the training lines were
+        self._write_line({"phase": "resume", "steps": {**steps, **metrics}})  # when they were written as "train".
 
     def write_run_info(self, info: dict[str, str]) -> None:
         """One line with phase "run": the config and the run's origin (commit, diff, task source)."""

@@ -1,7 +1,8 @@
 """`mlfab.StdoutLogger`: progress and scalars on the terminal.
 
 On a TTY the training line is redrawn in place (phase, step / max_steps, steps/s, ETA, scalars) and each
-validation result is printed as a line of its own. Otherwise (a log file, CI) every write is one plain
+validation result is printed as a line of its own, as is each "metrics" write (what Lightning hands
+`log_metrics`: `[metrics] step 4 | val_loss=0.25`). Otherwise (a log file, CI) every write is one plain
 line with no escape codes.
 """
 
@@ -64,9 +65,10 @@ class StdoutLogger(PlainLogger):
         evaluation this logger writes (`write`)."""
         rate, left = logs.scalars.get(STEPS_PER_SECOND), logs.scalars.get(REMAINING_S)
         done = logs.step + 1  # Steps done: a training write's `step` is the step's own 0-based number.
-        if rate is None and self._since is not None and done > self._since[0] and logs.elapsed_time_s > self._since[1]:
-            rate = (done - self._since[0]) / (logs.elapsed_time_s - self._since[1])
-        self._since = done, logs.elapsed_time_s
+        now, since = logs.elapsed_time_s, self._since
+        if rate is None and since is not None and now is not None and done > since[0] and now > since[1]:
+            rate = (done - since[0]) / (now - since[1])
+        self._since = None if now is None else (done, now)  # (A time only a user's own write can leave unknown.)
         if left is None and rate and logs.max_steps:
             left = max(logs.max_steps - done, 0) / rate
         rate = rate if rate is not None and math.isfinite(rate) else None
@@ -84,8 +86,8 @@ class StdoutLogger(PlainLogger):
 
     def write(self, logs: Logs) -> None:
         rate, eta = self._rate(logs) if logs.phase == "train" else (None, None)
-        if logs.phase in ("valid", "test"):  # An evaluation's step is the steps done; time counts from its end.
-            self._since = logs.step, logs.elapsed_time_s
+        if logs.phase in ("valid", "test") and logs.elapsed_time_s is not None:
+            self._since = logs.step, logs.elapsed_time_s  # An evaluation's step is the steps done; time from its end.
         line = self.format(logs, rate, eta)
         live = self.is_tty and logs.phase == "train"
         if live:

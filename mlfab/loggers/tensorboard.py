@@ -16,7 +16,7 @@ from typing_extensions import override
 from mlfab._lightning import file_writer, metric_prefix
 from mlfab.loggers.base import MlfabLogger
 from mlfab.logs.values import Logs, finite
-from mlfab.state import LogPhase
+from mlfab.state import LogPhase, WritePhase
 
 
 def verbatim(text: str) -> str:
@@ -84,7 +84,7 @@ class TensorboardLogger(MlfabLogger, LightningTensorBoardLogger):
         self._flush_secs = flush_secs
         self._phase_writers: dict[str, Any] = {}
 
-    def writer(self, phase: LogPhase) -> Any:
+    def writer(self, phase: WritePhase) -> Any:
         if phase == "train":
             return self.experiment
         if phase not in self._phase_writers:

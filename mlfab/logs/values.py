@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from mlfab.logs.media import gif_bytes, wav_bytes
-from mlfab.state import LogPhase
+from mlfab.state import WritePhase
 
 Kind = str  # One of KINDS.
 KINDS = ("scalar", "string", "image", "audio", "video", "histogram", "point_cloud")
@@ -73,17 +73,20 @@ def finite(values: np.ndarray) -> np.ndarray:
 class Logs:
     """Resolved values for one write, grouped by kind; tags are `<namespace>/<key>`.
 
-    `phase`: "train", "valid" or "test". `step`: the optimizer steps done (training: the step the values were
-    logged at; validation: the steps the model had). `max_steps`: the run's limit, if any. `elapsed_time_s`:
-    training time so far. `num_samples`: samples seen so far. `values`: {kind: {tag: value}}, kinds as in the
-    module docstring (`of(kind)` is one kind, empty when nothing of it was logged; `scalars` is `of("scalar")`).
+    `phase`: "train", "valid", "test" or "predict", or "metrics": scalars Lightning handed the logger's
+    `log_metrics` (a plain LightningModule's `self.log`, LearningRateMonitor), whose phase Lightning does not say
+    (their names do: `val_loss`). `step`: the optimizer steps done (training: the step the values were logged at;
+    validation: the steps the model had; "metrics": Lightning's step). `max_steps`: the run's limit, if any.
+    `elapsed_time_s`: training time so far. `num_samples`: samples seen so far. Both are None where unknown (every
+    "metrics" write). `values`: {kind: {tag: value}}, kinds as in the module docstring (`of(kind)` is one kind, empty
+    when nothing of it was logged; `scalars` is `of("scalar")`).
     """
 
-    phase: LogPhase
+    phase: WritePhase
     step: int
     max_steps: int | None
-    elapsed_time_s: float
-    num_samples: int
+    elapsed_time_s: float | None
+    num_samples: int | None
     values: dict[Kind, dict[str, Any]] = field(default_factory=dict)
 
     def of(self, kind: Kind) -> dict[str, Any]:
