@@ -19,6 +19,7 @@ from mlfab.loggers.wandb import WandbLogger
 from mlfab.logs.api import LogMethods
 from mlfab.logs.buffer import LogBuffer
 from mlfab.logs.values import Logs
+from mlfab.testing import read_images
 from tests.test_loggers_wandb_json import (  # noqa: F401 (the fixture keeps W&B offline and out of the home dir)
     finished_wandb_run,
     read_lines,
@@ -88,6 +89,19 @@ def test_a_key_logged_as_two_kinds_keeps_both_in_wandb_and_json(tmp_path: Path) 
     assert np.load(tmp_path / "json" / media["value/cloud"]).tolist() == [0.0, 1.0, 2.0]
     assert np.load(tmp_path / "json" / media["value/cloud/point_cloud"]).shape == (5, 3)
     assert line["scalars"] == {"value/w": 7.5} and line["histograms"]["value/w"]["count"] == 6
+
+
+def test_an_image_and_a_video_of_one_key_are_both_shown_in_tensorboard(tmp_path: Path) -> None:
+    """TensorBoard shows a video as an animated image: under the image's tag, the later one hid the other."""
+    calls = Calls()
+    calls.log_image("sample", np.full((4, 4, 3), 255, np.uint8), keep_resolution=True)
+    calls.log_video("sample", np.zeros((3, 4, 4, 3), np.uint8), fps=4)
+    logger = mlfab.TensorboardLogger(tmp_path)
+    logger.write(calls.logs())
+    logger.finalize("success")
+    images = read_images(tmp_path / "tensorboard" / "train")
+    assert sorted(images) == ["value/sample", "value/sample/video"]
+    assert images["value/sample"][0][1].min() == 255 and images["value/sample/video"][0][1].max() == 0
 
 
 def test_json_media_of_keys_differing_only_in_special_characters_do_not_collide(tmp_path: Path) -> None:

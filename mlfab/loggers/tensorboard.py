@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from mlfab._lightning import file_writer, metric_prefix
 from mlfab.loggers.base import MlfabLogger
-from mlfab.logs.values import Logs, finite
+from mlfab.logs.values import Logs, finite, free_tag
 from mlfab.state import LogPhase, WritePhase
 
 
@@ -49,7 +49,8 @@ def write_summaries(writer: Any, logs: Logs, prefix: str = "") -> None:
             content_type="audio/wav",
         )
         file_writer(writer).add_summary(Summary(value=[Summary.Value(tag=prefix + tag, audio=clip)]), step)
-    for tag, video in logs.of("video").items():
+    for tag, video in logs.of("video").items():  # An animated image: beside an image of its name, `<tag>/video`.
+        tag = free_tag(tag, "video", logs.of("image"))
         _, h, w, c = video.frames.shape
         image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=video.gif)
         file_writer(writer).add_summary(Summary(value=[Summary.Value(tag=prefix + tag, image=image)]), step)
