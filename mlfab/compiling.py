@@ -21,8 +21,14 @@ _NAMESPACE, _, _KEY = COMPILE_S.partition("/")
 class Compiled:
     """A task compiled with `options` (True: torch's defaults; or torch.compile's keyword arguments)."""
 
-    def __init__(self, module: nn.Module, options: bool | dict[str, Any]) -> None:
+    def __init__(self, module: nn.Module, options: bool | dict[str, Any], device_type: str) -> None:
         self.options = {} if options is True else dict(options)  # type: ignore[arg-type]
+        if self.options.get("mode") == "reduce-overhead" and device_type != "cuda":  # torch then just compiles.
+            raise ConfigError(
+                f"compile: mode reduce-overhead captures CUDA graphs, and this run is on {device_type}, where torch "
+                "skips them and compiles as mode default does. Set compile='{mode: default}' (or true), or run on a "
+                "CUDA device."
+            )
         self.start = compile_seconds()
         self.checked = False
         try:

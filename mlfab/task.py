@@ -425,7 +425,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         # mlfab writes its own values to every logger, and the `self.log` values to its own loggers.
         withhold_from_loggers(self.trainer, self._metric_names, lambda logger: isinstance(logger, MlfabLogger))
         if self.config.compile is not False and self._compiled is None:  # Once, also when fit is followed by test.
-            self._compiled = Compiled(self, self.config.compile)
+            self._compiled = Compiled(self, self.config.compile, self.trainer.strategy.root_device.type)
         if stage == "fit":
             # Lightning tells callbacks, not modules, of an exception: this one calls `on_training_end` then. Added
             # here rather than in `configure_callbacks`, which a task may override without calling super.

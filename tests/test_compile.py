@@ -185,3 +185,15 @@ def test_a_backend_or_option_torch_does_not_know_is_a_config_error(tmp_path: Pat
         BoringTask.launch(BoringConfig(exp_dir=str(tmp_path / "run"), compile=value), argv=[])
     assert str(e.value).startswith(f"compile: torch.compile refused {value}: ") and says in str(e.value)
     assert not (tmp_path / "run").exists()  # Refused before the run started.
+
+
+@pytest.mark.integration
+def test_reduce_overhead_off_cuda_is_a_config_error(tmp_path: Path) -> None:
+    """Its CUDA graphs are skipped on CPU (a debug log of torch's): the run was compiled as mode default, silently."""
+    with pytest.raises(mlfab.ConfigError) as e:
+        BoringTask.launch(BoringConfig(exp_dir=str(tmp_path / "run"), compile={"mode": "reduce-overhead"}), argv=[])
+    assert str(e.value) == (
+        "compile: mode reduce-overhead captures CUDA graphs, and this run is on cpu, where torch skips them and "
+        "compiles as mode default does. Set compile='{mode: default}' (or true), or run on a CUDA device."
+    )
+    assert not (tmp_path / "run").exists()
