@@ -22,6 +22,8 @@ from mlfab.errors import SlurmError
 from mlfab.run import invocation, slurm
 from mlfab.run.distributed import resolve_hardware
 from mlfab.testing import BoringConfig, BoringTask, read_scalars
+from tests.test_loggers_wandb_json import read_lines
+from tests.test_resume_validation import GlobalDraws
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -472,16 +474,84 @@ def test_sigusr1_and_sigterm_in_one_step_still_requeue_the_job(fake_slurm: Path,
 
 
 @pytest.mark.slow
-def test_a_stop_in_the_last_step_says_the_final_model_is_not_validated(fake_slurm: Path, tmp_path: Path) -> None:
+def test_a_stop_in_the_last_step_leaves_the_final_validation_to_the_relaunch(fake_slurm: Path, tmp_path: Path) -> None:
+    """The time limit's SIGTERM in the last step: the checkpoint first, no validation, and a hint to relaunch; the
+    relaunch (the same command) validates the final model and ends with status 0; a third launch does nothing."""
     exp_dir, done = job_signalled(tmp_path, STOP_AT="11", ALSO_TERM="1")
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
     assert "scontrol requeue" not in fake_slurm.read_text()
     last = exp_dir / "checkpoints" / "last.ckpt"
     assert (
-        f"The final model is not validated: the signal came in the last step, and the checkpoint comes first. "
-        f"`validate --ckpt_path {last}` runs that validation" in done.stderr
+        "The final model is not validated yet: the signal came in the last step, and the checkpoint comes first. "
+        f"Relaunch the same command to run that validation: it resumes from {last}, validates" in done.stderr
     )
     assert valid_steps(exp_dir) == [1]
+    for _ in range(2):
+        again = job_signalled(tmp_path)[1]
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "Resuming from" in again.stdout and "Finished at step 12/12" in again.stdout
+        assert valid_steps(exp_dir) == [1, 12]  # Validated once, by the first relaunch.
+        assert saved_step(last) == 12
+
+
+class GlobalDrawsEverywhere(BoringTask):
+    """Training and validation samples drawn from numpy's global generator in the main process, so a validation's
+    values depend on the weights and on the random state it starts from; SIGTERM in step `sigterm_at`."""
+
+    sigterm_at: int | None = None
+
+    def set_loggers(self) -> None:
+        self.add_logger(mlfab.TensorboardLogger(self.exp_dir), mlfab.JsonLogger(self.exp_dir))
+
+    def get_dataset(self, phase: mlfab.Phase) -> GlobalDraws:
+        return GlobalDraws()
+
+    def get_loss(self, batch: Any, state: mlfab.State) -> torch.Tensor:
+        if state.phase == "train" and state.num_steps == GlobalDrawsEverywhere.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().get_loss(batch, state)
+
+
+def launch_steps(exp_dir: Path, max_steps: int = 12, sigterm_at: int | None = None) -> None:
+    GlobalDrawsEverywhere.sigterm_at = sigterm_at
+    config = BoringConfig(max_steps=max_steps, valid_every_n_steps=5, save_every_n_steps=6, exp_dir=str(exp_dir))
+    GlobalDrawsEverywhere.launch(config, argv=[])
+
+
+def validations(exp_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss/loss) of every validation written, from log.jsonl and from TensorBoard's event file."""
+    lines = read_lines(exp_dir / "json" / "log.jsonl")
+    return {
+        "json": [(x["step"], x["scalars"]["loss/loss"]) for x in lines if x["phase"] == "valid"],
+        "tensorboard": read_scalars(exp_dir / "tensorboard" / "valid")["loss/loss"],
+    }
+
+
+@pytest.mark.integration
+def test_the_relaunch_after_a_stop_in_the_last_step_validates_as_the_uninterrupted_run_did(tmp_path: Path) -> None:
+    """Written once, at max_steps, with the uninterrupted run's values: the same evaluation weights (schedule-free
+    AdamW's) and the same random state. Neither that run's relaunch nor a relaunch of a run that ended normally
+    writes a validation again, and both leave the run to train on exactly (a relaunch with a higher max_steps)."""
+    launch_steps(tmp_path / "whole")
+    whole = validations(tmp_path / "whole")
+    assert [s for s, _ in whole["json"]] == [1, 5, 10, 12]
+    with pytest.raises(SystemExit) as info:
+        launch_steps(tmp_path / "cut", sigterm_at=11)  # The 12th step, the last.
+    assert info.value.code == 128 + signal.SIGTERM
+    assert [s for s, _ in validations(tmp_path / "cut")["json"]] == [1, 5, 10]
+    launch_steps(tmp_path / "cut")  # Returns (exit status 0), where the signal raised SystemExit.
+    cut = validations(tmp_path / "cut")
+    assert cut == whole
+    trained = [x for x in read_lines(tmp_path / "cut" / "json" / "log.jsonl") if x["phase"] == "train"]
+    assert max(x["step"] for x in trained) == 11  # The relaunch validated and trained nothing.
+    for exp_dir in (tmp_path / "cut", tmp_path / "whole"):
+        launch_steps(exp_dir)
+        assert validations(exp_dir) == whole
+        launch_steps(exp_dir, max_steps=16)
+    cut, whole = validations(tmp_path / "cut"), validations(tmp_path / "whole")
+    assert [s for s, _ in cut["json"]] == [1, 5, 10, 12, 15, 16] and cut == whole
+    train = [read_scalars(tmp_path / name / "tensorboard" / "train")["loss/loss"] for name in ("cut", "whole")]
+    assert train[0][-1][0] == 15 and train[0] == train[1]
 
 
 @pytest.mark.slow

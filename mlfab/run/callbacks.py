@@ -74,7 +74,8 @@ class ValidationCadence(StepFreeCallback):
     steps as an uninterrupted one; the seconds are the task's training clock (`elapsed_time_s`, which continues
     across relaunches), so a run preempted more often than the interval still validates on time. A checkpoint
     written at a step that was to validate (they are written before the validation) records it, and the resumed run
-    does that validation first.
+    does that validation first. So does one written at `max_steps` before the final validation (a signal in the last
+    step): the relaunch validates and ends.
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class ValidationCadence(StepFreeCallback):
         self._clock: Callable[[], float] = time.monotonic
         self._lightning_decision: Callable[[Any], bool] | None = None  # Lightning's own, once training starts.
         self._decided = (-1, False)  # (global step, whether a validation follows it)
+        self._max_steps: int | None = None  # The Trainer's max_steps, while the fit loop is let start past it.
 
     @property
     def owed(self) -> bool:
@@ -157,6 +159,13 @@ class ValidationCadence(StepFreeCallback):
             return True
         return self.every_n_seconds is not None and now - self._last_valid_s >= self.every_n_seconds
 
+    def _final_due(self, trainer: pl.Trainer) -> bool:
+        """Whether the step that just ended is `max_steps`' and its final validation is still to come (a checkpoint
+        written now, before it, records it as owed)."""
+        if not step_ends(trainer) or trainer.limit_val_batches == 0 or self._validated_step == trainer.global_step:
+            return False
+        return 0 < trainer.max_steps <= trainer.global_step
+
     def _lightning_says(self, trainer: pl.Trainer, data_fetcher: Any) -> bool:
         """Lightning's own decision (the user's `val_check_interval`), asked as if training were not stopping (it says
         yes to any stop request)."""
@@ -171,8 +180,7 @@ class ValidationCadence(StepFreeCallback):
         """Whether the step that just ended is the last one (max_steps, or a stop asked for by max_time or a
         callback) and was not validated yet: training always ends with a validation of the final model. Not when a
         signal stops it (GracefulStop): the checkpoint comes first, within the grace period a cluster gives, and
-        the resumed run validates on its cadence (`validate --ckpt_path <exp_dir>/checkpoints/last.ckpt` runs
-        one at once)."""
+        records the validation as owed: the relaunch runs it first (at `max_steps`, it then ends)."""
         if not step_ends(trainer) or trainer.limit_val_batches == 0 or self._validated_step == trainer.global_step:
             return False
         if any(isinstance(c, GracefulStop) and c.stopping for c in getattr(trainer, "callbacks", [])):
@@ -189,7 +197,11 @@ class ValidationCadence(StepFreeCallback):
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
         training = trainer is not None and trainer.training and not trainer.validating
-        owed = trainer is not None and training and self._due(lightning_data_fetcher(trainer))
+        owed = (
+            trainer is not None
+            and training
+            and (self._due(lightning_data_fetcher(trainer)) or self._final_due(trainer))
+        )
         return {"last_valid_s": self._last_valid_s, "validated": self._validated, "validation_owed": owed}
 
     @override
@@ -198,6 +210,37 @@ class ValidationCadence(StepFreeCallback):
         self._validated = bool(state_dict.get("validated", False))
         self._restored = "validated" in state_dict
         self._owed = bool(state_dict.get("validation_owed", False))
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint at `max_steps` that owes a validation (the final one, skipped by a signal in the last step):
+        Lightning's fit loop, finding `max_steps` reached, would end before its epoch loop starts, and the relaunch
+        would end without it. The fit loop is let start with one step more (set where Lightning's own tuner sets
+        it); the limit is put back as the epoch starts (`on_train_epoch_start`), and the epoch loop, restarted with
+        a validation to run first (`validate_before_next_batch`), runs it and ends without training: with
+        `max_steps` reached, it is done after its first iteration, the validation (even one that finds no batch).
+        `last.ckpt` is then written after that validation, as an uninterrupted run writes it, so a later relaunch
+        does nothing new; the random state, data position and weights are the checkpoint's, so the validation's
+        values are the uninterrupted run's."""
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        step = int(checkpoint.get("global_step", 0))
+        if state.get("validation_owed") and trainer.enable_validation and 0 < trainer.max_steps <= step:
+            self._max_steps = trainer.max_steps
+            trainer.fit_loop.epoch_loop.max_steps = step + 1
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_max_steps(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_max_steps(trainer)  # (Also where fit failed before the epoch started.)
+
+    def _restore_max_steps(self, trainer: pl.Trainer) -> None:
+        if self._max_steps is not None:
+            trainer.fit_loop.epoch_loop.max_steps, self._max_steps = self._max_steps, None
 
 
 def end_live_lines(trainer: pl.Trainer) -> None:
@@ -318,9 +361,10 @@ class GracefulStop(StepFreeCallback):
             trainer.should_stop = self.stopping = True
             if last and trainer.is_global_zero and trainer.limit_val_batches != 0:
                 print(
-                    "The final model is not validated: the signal came in the last step, and the checkpoint comes "
-                    f"first. `validate --ckpt_path {Path(trainer.default_root_dir) / 'checkpoints' / 'last.ckpt'}` "
-                    "runs that validation and logs it into this run.",
+                    "The final model is not validated yet: the signal came in the last step, and the checkpoint comes "
+                    "first. Relaunch the same command to run that validation: it resumes from "
+                    f"{Path(trainer.default_root_dir) / 'checkpoints' / 'last.ckpt'}, validates, logs it into this "
+                    "run and ends.",
                     file=sys.stderr,
                     flush=True,
                 )
