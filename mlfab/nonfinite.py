@@ -127,6 +127,9 @@ class NonFiniteGuard:
         self.total += 1
         self.last_skip = f"step {step}: {self.last_reason} not finite"
         log.warning("Step %d skipped: %s is not finite (%d skipped so far)", step, self.last_reason, self.total)
+
+    def check_streak(self, step: int) -> None:
+        """Stops the run (NonFiniteError) once `max_in_a_row` steps in a row were skipped."""
         if self.max_in_a_row is not None and self.in_a_row >= self.max_in_a_row:
             # `last_reason` reads "loss 'x'" or "the gradient" (as in "the gradient is not finite"); the article
             # does not fit after "a non-finite".

@@ -41,14 +41,20 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Where the run lives, not how it trains: a resume into a run names it (`exp_dir` unset -> the run's directory), a
+# `fit --ckpt_path` of another run's checkpoint starts another; neither is a changed setting.
+PLACES = ("run_dir", "exp_dir")
+
+
 def config_changes(
     saved: Mapping[str, Any], now: Mapping[str, Any], every_key: bool = False
 ) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (checkpoint's value, this launch's value), for every key that differs (a key only one of them
-    has counts with `every_key`; else a key the checkpoint lacks, added to the config since, does not)."""
+    has counts with `every_key`; else a key the checkpoint lacks, added to the config since, does not), but
+    `PLACES`."""
     old, new = _flat(saved), _flat(now)
     keys = dict.fromkeys([*old, *new]) if every_key else [k for k in new if k in old]
-    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k) and k not in PLACES}
 
 
 def check_changes(

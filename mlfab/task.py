@@ -578,6 +578,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self._nonfinite.total:  # On every step from the first skip on, so the next written step shows them.
             self.log_scalar("skipped_steps", self._nonfinite.total, namespace="nonfinite")
             self.log_string("last_skipped_step", self._nonfinite.last_skip, namespace="nonfinite")
+        self._nonfinite.check_streak(self.global_step)  # After the logging: the step that stops the run shows it.
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -161,6 +161,9 @@ def test_non_finite_loss_skips_the_step_and_is_logged(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_non_finite_steps_in_a_row_stop_the_run_and_keep_checkpoints(tmp_path: Path) -> None:
     class AlwaysNaN(BoringTask):
+        def set_loggers(self) -> None:
+            self.add_logger(mlfab.TensorboardLogger(self.exp_dir), mlfab.JsonLogger(self.exp_dir))
+
         def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
             loss = super().get_loss(batch, state)
             return loss * float("nan") if state.num_steps >= 4 else loss
@@ -181,6 +184,11 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_checkpoints(tmp_path: P
     (exp,) = (tmp_path / "always_na_n").iterdir()
     ckpt = exp / "checkpoints" / "step_00000004.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    # The step that stopped the run is written with its count (it was written without any: the run that died of
+    # non-finite losses showed no skip at all in TensorBoard, its writes 2 s apart).
+    assert read_scalars(exp / "tensorboard" / "train")["nonfinite/skipped_steps"][-1] == (6, 3.0)
+    last = [line for line in map(json.loads, (exp / "json" / "log.jsonl").open()) if line["phase"] == "train"][-1]
+    assert last["step"] == 6 and last["strings"]["nonfinite/last_skipped_step"] == "step 6: loss 'loss' not finite"
 
 
 @pytest.mark.unit

@@ -37,6 +37,18 @@ def snapshot(exp: Path) -> dict[str, bytes]:
     return {str(p.relative_to(exp)): p.read_bytes() for p in sorted(exp.rglob("*")) if p.is_file()}
 
 
+def test_where_the_run_lives_is_not_a_changed_setting(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """A run started with `run_dir` records `exp_dir` unset; its relaunch names the run's directory. Every resume
+    reported `exp_dir None -> '<run>'` as a changed setting (printed, and logged as resume/changed_settings)."""
+    Recording.launch(BoringConfig(max_steps=6, valid_every_n_steps=None, run_dir=str(tmp_path)), argv=[])
+    (exp,) = (tmp_path / "recording").iterdir()
+    capfd.readouterr()
+    Recording.launch(BoringConfig(max_steps=8, valid_every_n_steps=None, exp_dir=str(exp)), argv=[])
+    out = capfd.readouterr().out
+    assert "Resuming from" in out
+    assert "Resumed with changed settings: max_steps 6 -> 8\n" in out
+
+
 def test_changed_optimizer_settings_reach_the_restored_optimizer(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     Recording.seen = []
     launch(tmp_path / "same")
