@@ -11,9 +11,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 
 import mlfab
 from mlfab import checkpoints
@@ -493,6 +495,77 @@ def test_a_rewind_is_done_once_and_its_relaunch_goes_on_from_the_newest(
     assert f"not --ckpt_path {step_4} (which an earlier launch of this run already went on from)" in out
     assert f"Resuming from {run / 'checkpoints' / 'last.ckpt'}" in out
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Training raises at `step` (the checkpoints of the steps before it are saved), as a crash would stop it."""
+    real = BoringTask.get_loss
+
+    def get_loss(self: BoringTask, batch: Any, state: mlfab.State) -> Any:
+        if state.phase == "train" and state.num_steps == step:
+            raise RuntimeError(f"crash at step {step}")
+        return real(self, batch, state)
+
+    monkeypatch.setattr(BoringTask, "get_loss", get_loss)
+
+
+@pytest.mark.integration
+def test_a_rewinds_relaunch_goes_on_once_the_checkpoint_it_rewound_to_was_pruned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewind's own command, relaunched (a requeued Slurm job) after keep_last_n_checkpoints pruned the step-4
+    checkpoint it rewound to, failed with "--ckpt_path ...step_00000004.ckpt: no such checkpoint file"."""
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    launch(run, keep_last_n_checkpoints=2, learning_rate=0.02)  # Steps 4 and 6 kept.
+    step_2, step_4 = ckpts / "step_00000002.ckpt", ckpts / "step_00000004.ckpt"
+    config = BoringConfig(save_every_n_steps=2, save_every_n_seconds=None, valid_every_n_steps=None)
+    rewind = ["fit", f"--ckpt_path={step_4}", f"--model.config.exp_dir={run}", "--model.config.max_steps=12"]
+    # A pruned checkpoint this run never went on from is still no checkpoint to start from.
+    with pytest.raises(mlfab.CheckpointError, match=rf"--ckpt_path {re.escape(str(step_2))}: no such checkpoint file"):
+        BoringTask.launch(config, argv=["fit", f"--ckpt_path={step_2}", *rewind[2:]])
+    with monkeypatch.context() as m:
+        crash_at(m, 9)
+        with pytest.raises(RuntimeError, match="crash at step 9"):
+            BoringTask.launch(config, argv=rewind)
+    assert names(ckpts, "step_*.ckpt") == ["step_00000006.ckpt", "step_00000008.ckpt"]  # Step 4 pruned.
+    capsys.readouterr()
+    BoringTask.launch(config, argv=rewind)
+    out = capsys.readouterr().out
+    assert f"not --ckpt_path {step_4} (which an earlier launch of this run already went on from)" in out
+    assert f"Resuming from {ckpts / 'step_00000008.ckpt'}" in out
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 12
+    # The config the rewind had: the checkpoint's (learning_rate) with the command's values over it.
+    written = yaml.safe_load((run / "config.yaml").read_text())["model"]["config"]
+    assert written["learning_rate"] == 0.02 and written["max_steps"] == 12
+    launches = yaml.safe_load((run / "provenance" / "launches.yaml").read_text())
+    assert [e["resumed_from"] for e in launches[-2:]] == [str(step_4), str(ckpts / "step_00000008.ckpt")]
+
+
+@pytest.mark.integration
+def test_a_run_started_from_another_runs_pruned_checkpoint_goes_on_from_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other run went on and pruned the checkpoint this run started from: this run's relaunch failed."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    launch(first, keep_last_n_checkpoints=2)  # Steps 4 and 6 kept.
+    started = first / "checkpoints" / "step_00000004.ckpt"
+    config = BoringConfig(save_every_n_steps=2, save_every_n_seconds=None, valid_every_n_steps=None)
+    args = ["fit", f"--ckpt_path={started}", f"--model.config.exp_dir={second}", "--model.config.max_steps=10"]
+    with monkeypatch.context() as m:
+        crash_at(m, 7)
+        with pytest.raises(RuntimeError, match="crash at step 7"):
+            BoringTask.launch(config, argv=args)
+    launch(first, keep_last_n_checkpoints=2, max_steps=10)
+    assert not started.exists()
+    capsys.readouterr()
+    BoringTask.launch(config, argv=args)
+    out = capsys.readouterr().out
+    assert f"not --ckpt_path {started} (which started it)" in out
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    # A new run from it has nothing to go on from.
+    with pytest.raises(mlfab.CheckpointError, match="no such checkpoint file"):
+        BoringTask.launch(config, argv=["fit", f"--ckpt_path={started}", f"--model.config.run_dir={tmp_path}"])
+    assert not (tmp_path / "boring_task").exists()
 
 
 @pytest.mark.integration

@@ -312,6 +312,85 @@ def test_trainer_arguments_that_set_a_config_key_set_it(tmp_path: Path, capsys: 
         assert yaml.safe_load(capsys.readouterr().out)["model"]["config"]["valid_batches"] == BoringConfig.valid_batches
 
 
+def batches_trained(exp: Path) -> int:
+    loops = torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["loops"]["fit_loop"]
+    return loops["epoch_loop.batch_progress"]["total"]["completed"]
+
+
+@pytest.mark.integration
+def test_a_config_key_given_after_the_trainer_argument_that_sets_it_wins(tmp_path: Path) -> None:
+    """`run.yaml max_steps=6` over a run file's `trainer: {max_steps: 4}`, and `fit --trainer.max_steps 4
+    --model.config.max_steps 6`, trained 4 steps and recorded 4: the earlier Trainer argument won. The same for
+    accumulate_grad_batches / batches_per_step."""
+    (tmp_path / "run.yaml").write_text(
+        "trainer:\n  max_steps: 4\n  accumulate_grad_batches: 2\n"
+        "model:\n  config:\n    max_steps: 9\n    batches_per_step: 1\n    in_dim: 3\n"
+    )
+    BoringTask.launch(
+        BoringConfig(run_dir=str(tmp_path / "runs")),
+        argv=[str(tmp_path / "run.yaml"), "max_steps=6", "batches_per_step=3"],
+    )
+    short = tmp_path / "runs" / "boring_task" / "run_0"
+    long = fit(
+        tmp_path,
+        "--model.config.in_dim=3",
+        "--trainer.max_steps=4",
+        "--model.config.max_steps=6",
+        "--trainer.accumulate_grad_batches=2",
+        "--model.config.batches_per_step=3",
+    )
+    for exp in (short, long):
+        data = run_file(exp)
+        assert data["model"]["config"]["max_steps"] == 6 and data["model"]["config"]["batches_per_step"] == 3
+        assert data["trainer"] == {}  # The Trainer took the config's values: no Trainer argument of its own.
+        assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+        assert batches_trained(exp) == 18
+    # Given after the config key, the Trainer argument wins, for the Trainer and the config alike.
+    later = fit(
+        tmp_path,
+        "--model.config.in_dim=3",
+        "--model.config.max_steps=6",
+        "--model.config.batches_per_step=3",
+        "--trainer.max_steps=4",
+        "--trainer.accumulate_grad_batches=2",
+    )
+    assert run_file(later)["model"]["config"]["max_steps"] == 4 and batches_trained(later) == 8
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("trainer", "config", "says"),
+    [
+        ("max_steps: 4", "max_steps: 9", "trainer.max_steps: 4 and model.config.max_steps: 9 both set max_steps"),
+        (
+            "accumulate_grad_batches: 2",
+            "batches_per_step: 3",
+            "trainer.accumulate_grad_batches: 2 and model.config.batches_per_step: 3 both set batches_per_step",
+        ),
+    ],
+)
+def test_a_file_giving_a_trainer_argument_and_its_config_key_apart_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trainer: str, config: str, says: str
+) -> None:
+    """One run file with `trainer: {max_steps: 4}` and `model: {config: {max_steps: 9}}` ran 4 steps: neither is
+    given later, so which one wins cannot follow from the order; the same value in both is no conflict."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"trainer:\n  {trainer}\nmodel:\n  config:\n    {config}\n")
+    for argv in ([str(path)], ["fit", "--config", str(path)]):
+        with pytest.raises(mlfab.ConfigError) as info:
+            BoringTask.launch(argv=[*argv, "--print_config"])
+        assert str(info.value) == (
+            f"{says}, and `--config {path}` gives both, so neither comes later to win: give only one of them, or "
+            "the same value in both."
+        )
+    key, value = config.split(": ")
+    path.write_text(f"trainer:\n  {trainer.split(':')[0]}: {value}\nmodel:\n  config:\n    {config}\n")
+    assert printed_config(capsys, BoringTask, [str(path)])["model"]["config"][key] == int(value)
+    # A key=value after the file is given later than both: it wins.
+    path.write_text(f"trainer:\n  {trainer}\nmodel:\n  config:\n    {config}\n")
+    assert printed_config(capsys, BoringTask, [str(path), f"{key}=5"])["model"]["config"][key] == 5
+
+
 @pytest.mark.integration
 def test_a_profiler_given_on_the_command_line_replaces_mlfabs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("INFO", logger="lightning.pytorch"):

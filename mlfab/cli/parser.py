@@ -11,6 +11,7 @@ jsonargparse parses and checks every value; the run is mlfab/run/pipeline.py's.
 import contextlib
 import difflib
 import functools
+import io
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePath
@@ -55,7 +56,8 @@ PRECEDENCE = (
     "replaced by the checkpoint's. A --trainer.* argument given (as a flag or in a --config file) wins over the "
     "Trainer setting mlfab derives from the config, and one that sets what a config key sets (max_steps, "
     "accumulate_grad_batches, gradient_clip_val, limit_val_batches, accelerator, devices, num_nodes, strategy, "
-    "precision; --seed_everything) sets that key too. --print_config prints the run in config.yaml's layout."
+    "precision; --seed_everything) sets that key too; given with the key as well, the later of the two wins (one file "
+    "giving both, with different values, is an error). --print_config prints the run in config.yaml's layout."
 )
 DESCRIPTIONS = {
     "fit": "Trains the task: run directory, config.yaml, loggers, callbacks, Trainer settings from the config.",
@@ -64,7 +66,8 @@ DESCRIPTIONS = {
     "test": "Runs get_dataset('test'), or 'valid' when it returns None for 'test': all of it, or valid_batches "
     "batches of an endless dataset; logged like validate.",
     "predict": "Runs get_prediction (by default the model on each batch's inputs) over get_dataset('predict'), or "
-    "'test' or 'valid' when it returns None; saves the outputs to <run dir>/predictions/step_<N>.pt (the run of "
+    "'test' or 'valid' when it returns None; saves the outputs to <run dir>/predictions/step_<N>.pt (N in 8 "
+    "digits; the run of "
     "--ckpt_path's checkpoint, else a new run directory).",
 }
 LAUNCHERS = (None, "auto", "local", "slurm")
@@ -176,14 +179,19 @@ class MlfabCLI(LightningCLI):
             self._show_current_values([a for a in args if a not in ("-h", "--help")])
         self.config = parser.parse_args(args)
         cfg = self.config[self.config.subcommand]
+        self.pruned_ckpt_path = None
         if cfg.get("ckpt_path") is not None:  # Before Lightning reads it, and before any run.
-            check_ckpt_path(cfg["ckpt_path"])
+            newest = _went_on_from_pruned(cfg) if self.config.subcommand == "fit" else None
+            if newest is None:
+                check_ckpt_path(cfg["ckpt_path"])
+            else:  # Lightning reads the config from the checkpoint the run goes on from; `--ckpt_path` comes back next.
+                self.pruned_ckpt_path, cfg["ckpt_path"] = cfg["ckpt_path"], str(newest)
         seed = cfg.get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:  # Seeded before checks.
             problem = f"key 'seed_everything': must be an integer from 0 to {MAX_SEED} (got {seed})"
             raise ConfigError(problems_message(self.task_cls.config_class().__name__, [problem]))
         # The same arguments without defaults: what the user gave (flags and --config files), which must win.
-        self.given = parser.parse_args(args, defaults=False)
+        self.given, self.parsed_args = parser.parse_args(args, defaults=False), list(args)
 
     def _show_current_values(self, args: list[str]) -> None:
         """For `--help` after other arguments: each config flag they set shows the value it now has."""
@@ -214,6 +222,8 @@ class MlfabCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.config.subcommand
         cfg, given = self.config[sub], self.given_keys()
+        if self.pruned_ckpt_path is not None:
+            cfg["ckpt_path"] = self.pruned_ckpt_path
         for key in given:
             if key.startswith("model."):  # Lightning put the checkpoint's config over everything; undo that for these.
                 cfg[key] = self.given[sub][key]
@@ -229,9 +239,11 @@ class MlfabCLI(LightningCLI):
         self.translated: set[str] = set()  # Given as config values: config.yaml records them there only.
         for flag, (key, convert) in SAME_AS_CONFIG.items():
             value = convert(cfg[flag], cfg) if flag in given else SKIP
-            if value is not SKIP and not [p for p in config_problems(config_cls, {key: value}) if "required" not in p]:
+            if value is SKIP or [p for p in config_problems(config_cls, {key: value}) if "required" not in p]:
+                continue
+            self.translated.add(flag)  # Where the config's key is given later, its value is the Trainer's too.
+            if f"model.config.{key}" not in given or self.given_later(flag, key, value):
                 cfg[f"model.config.{key}"] = value
-                self.translated.add(flag)
         if cfg.get("trainer.gradient_clip_algorithm") == "value":
             cfg["model.config.clip_grad_norm"] = None  # Clipped by value: not by norm (the flag below is required).
         config = build_config(config_cls, cfg["model.config"].as_dict())
@@ -247,6 +259,40 @@ class MlfabCLI(LightningCLI):
             submit_to_slurm(self.task_cls, config, self.args)
             raise Submitted
         pl.seed_everything(config.seed, workers=True, verbose=False)
+
+    def given_later(self, flag: str, key: str, value: Any) -> bool:
+        """Whether the argument `flag` (`value` for config key `key`) wins over the config key, both given: it was given
+        after it, or with the same value. Refused where one argument (a file) gives both, or the order is unknown."""
+        cfg, config_key = self.config[self.config.subcommand], f"model.config.{key}"
+        if cfg[config_key] == value:
+            return True
+        arguments = self.arguments_given()
+        last = {k: i for i, (_, keys) in enumerate(arguments or []) for k in keys}
+        if flag in last and config_key in last and last[flag] != last[config_key]:
+            return last[flag] > last[config_key]
+        where = f"`{arguments[last[flag]][0]}` gives both" if arguments and flag in last else "in no order mlfab reads"
+        raise ConfigError(
+            f"{flag}: {show(cfg[flag])} and {config_key}: {show(cfg[config_key])} both set {key}, and {where}, so "
+            "neither comes later to win: give only one of them, or the same value in both."
+        )
+
+    def arguments_given(self) -> list[tuple[str, list[str]]] | None:
+        """The arguments after the subcommand in order, each as typed (a flag with its values, or a file) with the
+        dotted keys it gives; None where one cannot be read on its own."""
+        groups: list[list[str]] = []
+        for token in self.parsed_args[1:]:
+            if token.startswith("--") or token == "-c" or not groups:
+                groups.append([token])
+            else:
+                groups[-1].append(token)
+        parser, arguments = self._parser(self.config.subcommand), []
+        for group in groups:
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    arguments.append((" ".join(group), list(parser.parse_args(group, defaults=False).keys())))
+            except (ShortFormError, SystemExit, jsonargparse.ArgumentError):
+                return None
+        return arguments
 
     def given_sections(self, with_ckpt: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         """The Trainer arguments given, and the other given top-level entries (optimizer, data, ...), as plain data."""
@@ -292,16 +338,11 @@ class MlfabCLI(LightningCLI):
         it: a relaunch or a requeued Slurm job, whose command keeps it, goes on from where this run got to)."""
         given = kwargs.get("ckpt_path")
         own = newest_checkpoint(self.run.exp_dir) if subcommand == "fit" or given is None else None
-        if own is not None and given is not None and Path(own).resolve() != Path(given).resolve():
-            if not _holds(self.run.exp_dir, given):
-                why = "which started it"
-            elif (rewound := rewound_at(self.run.exp_dir, given)) is not None and saved_at(own) >= rewound:
-                why = "which an earlier launch of this run already went on from"
-            else:
-                # A rewind of this run to one of its checkpoints, asked for; or asked again, where the launch that
-                # rewound saved nothing (the newest checkpoint is from before the rewind).
+        if own is not None and given is not None:
+            why = _goes_on_instead(self.run.exp_dir, given, own)
+            if why is None:
                 own = None
-            if own is not None and self.run.writer:
+            elif self.run.writer:
                 print(f"Resuming from this run's newest checkpoint, not --ckpt_path {given} ({why}).")
         if own is not None:
             kwargs["ckpt_path"] = own
@@ -356,6 +397,35 @@ def _batch_count(value: Any) -> Any:
     """Lightning reads a whole number other than 1 as a number of batches (the command line gives `3` as 3.0), and
     1 or 1.0, like any other fraction, as a share of them."""
     return int(value) if isinstance(value, int | float) and value != 1 and float(value).is_integer() else SKIP
+
+
+def _goes_on_instead(exp_dir: Path, given: Any, own: Path) -> str | None:
+    """Why a fit into the run `exp_dir` goes on from its newest checkpoint `own` rather than from `--ckpt_path` `given`
+    (see `MlfabCLI._mlfab_run`); None when it starts from `given`."""
+    if Path(own).resolve() == Path(given).resolve():
+        return None
+    if not _holds(exp_dir, given):
+        return "which started it"
+    if (rewound := rewound_at(exp_dir, given)) is not None and saved_at(own) >= rewound:
+        return "which an earlier launch of this run already went on from"
+    # A rewind of this run to one of its checkpoints, asked for; or asked again, where the launch that rewound saved
+    # nothing (the newest checkpoint is from before the rewind).
+    return None
+
+
+def _went_on_from_pruned(cfg: Any) -> Path | None:
+    """For `fit --ckpt_path` of a checkpoint file that is gone (pruned by keep_last_n_checkpoints): the run's newest
+    checkpoint, where an earlier fit of the run (`exp_dir`) went on from that file and the run goes on from its own
+    newest anyway. The same command, relaunched or requeued, then goes on; a missing file the run never started from
+    is refused (`check_ckpt_path`)."""
+    given, exp_dir = Path(cfg["ckpt_path"]).expanduser(), cfg.get("model.config.exp_dir")
+    if given.exists() or not exp_dir:
+        return None
+    exp_dir = Path(exp_dir).expanduser().resolve()
+    own = newest_checkpoint(exp_dir, writer=False)
+    if own is None or rewound_at(exp_dir, given) is None or _goes_on_instead(exp_dir, given, own) is None:
+        return None
+    return own
 
 
 def _holds(exp_dir: Any, ckpt: Any) -> bool:
