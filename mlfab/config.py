@@ -75,7 +75,9 @@ class Config:
     """The knobs every mlfab task has. Subclass it (also `kw_only=True`) to add your own."""
 
     # Data
-    batch_size: int = field(help="Number of samples in each batch (per device)")
+    batch_size: int | None = field(
+        help="Number of samples in each batch (per device); null: the task's get_batch_size()"
+    )
     num_dataloader_workers: int = field(0, help="Dataloader worker processes (0 loads in the training process)")
 
     # Optimizer (the default one: schedule-free AdamW with linear warmup)
@@ -151,8 +153,8 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Ranges: what each value of mlfab's configs must be, beyond its type. Keyed by the class that declares the field;
-# a subclass gets its bases' rules for every field it keeps the type of (a field redeclared with another type is its
-# own). A field without a rule takes any value of its type.
+# a subclass gets its bases' rules for every field it keeps the type of, or narrows to not None (a field redeclared
+# with another type is its own). A field without a rule takes any value of its type.
 
 
 def _integer(v: Any) -> bool:
@@ -288,8 +290,16 @@ def rules_for(cls: type) -> dict[str, Rule]:
     for base, rules in RULES.items():
         if issubclass(cls, base):
             base_types = field_types(base)
-            found.update({k: r for k, r in rules.items() if k in own and own[k] == base_types[k]})
+            found.update({k: r for k, r in rules.items() if k in own and _keeps(own[k], base_types[k])})
     return found
+
+
+def _keeps(own: Any, base: Any) -> bool:
+    """Whether a field typed `own` in a subclass keeps the base's type `base`: the same, or without its None
+    (`batch_size: int` over `int | None`)."""
+    args = typing.get_args(base)
+    rest = tuple(a for a in args if a is not type(None))
+    return own == base or (len(rest) < len(args) and own == typing.Union[rest])  # noqa: UP007 - built from a tuple
 
 
 def _rule_problem(cls: type, key: str, value: Any, prefix: str, shown: Any) -> str | None:
@@ -319,14 +329,27 @@ def value_problems(config: Any, prefix: str = "", given: Any = None) -> list[str
         value = getattr(config, f.name)
         if _is_instance(value):
             problems.extend(value_problems(value, f"{prefix}{f.name}.", given.get(f.name)))
-        elif isinstance(value, str) and "${" in value:  # mlfab 0.2 resolved them (OmegaConf): never kept as text.
-            problems.append(
-                f"key {prefix + f.name!r}: {value!r} is an OmegaConf interpolation, which mlfab configs do not "
-                "resolve (mlfab 0.2 did); give the value itself, or derive it from the other key in the task"
+        elif found := _interpolations(value, prefix + f.name):  # mlfab 0.2 resolved them: never kept as text.
+            problems.extend(
+                f"key {key!r}: {text!r} is an OmegaConf interpolation, which mlfab configs do not resolve (mlfab 0.2 "
+                "did); give the value itself, or derive it from the other key in the task"
+                for key, text in found
             )
         elif (problem := _rule_problem(type(config), f.name, value, prefix, given.get(f.name, value))) is not None:
             problems.append(problem)
     return problems
+
+
+def _interpolations(value: Any, key: str) -> list[tuple[str, str]]:
+    """(key, text) of each string in `value` that holds `${...}`, inside lists and mappings too (`paths[0]`,
+    `extra.k`)."""
+    if isinstance(value, str):
+        return [(key, value)] if "${" in value else []
+    if isinstance(value, Mapping):
+        return [found for k, v in value.items() for found in _interpolations(v, f"{key}.{k}")]
+    if isinstance(value, list | tuple):
+        return [found for i, v in enumerate(value) for found in _interpolations(v, f"{key}[{i}]")]
+    return []
 
 
 def check_config(config: Any, prefix: str = "", given: Any = None) -> None:
@@ -420,6 +443,8 @@ def build_config(cls: type[ConfigT], data: Mapping[str, Any], prefix: str = "") 
     checked against `RULES`. A ConfigError lists every problem, each key named with `prefix` before it."""
     parser = _parser(typing.cast(Any, cls))  # A class is hashable; mypy does not see it for a type variable.
     try:
+        if any(_required(f) and f.name not in data for f in dataclasses.fields(cls)):  # (jsonargparse: None.)
+            raise ValueError("a required key is missing")  # A field typed `X | None` without default is required.
         config = parser.instantiate(parser.parse_object({"config": dict(data)})).config
     except (jsonargparse.ArgumentError, TypeError, ValueError) as e:
         raise ConfigError(problems_message(cls.__name__, config_problems(cls, data, prefix) or [str(e)])) from None
@@ -458,11 +483,14 @@ def config_problems(cls: type, data: Mapping[str, Any], prefix: str = "", rules:
             if (problem := _rule_problem(cls, key, parsed, prefix, value)) is not None:
                 problems.append(problem)
     for f in dataclasses.fields(cls):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and f.name not in data:
+        if _required(f) and f.name not in data:
             key = prefix + f.name
             problems.append(f"missing required key {key!r}: set it in the config or pass {key}=<value>")
     return problems
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _type_problem(tp: Any, value: Any) -> str | None:

@@ -90,12 +90,11 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def __init__(self, config: ConfigT) -> None:
         super().__init__()
         config_cls = self.config_class()  # Fails early, with the fix, if the task names no config.
-        if not isinstance(config, Mapping) and getattr(config, "batch_size", 0) is None:
-            config.batch_size = self.get_batch_size()  # mlfab 0.2: the task gives the batch size.
         if isinstance(config, Mapping):  # Plain data, e.g. hyperparameters from a checkpoint.
             config = build_config(config_cls, config)
-        else:
-            check_config(config)  # A Config built in Python: its values' ranges (mlfab.config.RULES).
+        if getattr(config, "batch_size", 0) is None:
+            config.batch_size = self.get_batch_size()  # mlfab 0.2: the task gives the batch size.
+        check_config(config)  # Its values' ranges (mlfab.config.RULES), also the batch size the task gave.
         self.config: ConfigT = config
         # Plain data only, so checkpoints load under torch's `weights_only=True`.
         self.save_hyperparameters({"config": to_dict(config)})
@@ -408,7 +407,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return build_dataloader(
             dataset,
             phase=phase,
-            batch_size=self.config.batch_size,
+            batch_size=self.config.batch_size,  # type: ignore[arg-type]  # (None is replaced at __init__.)
             num_workers=self.config.num_dataloader_workers,
             pin_memory=self._trainer is not None and self.trainer.strategy.root_device.type == "cuda",
             max_bad_in_a_row=self.config.max_bad_samples_in_a_row,

@@ -191,6 +191,40 @@ def test_get_batch_size_fills_an_unset_batch_size(tmp_path: Path) -> None:
         BoringTask(BoringConfig(batch_size=None))  # type: ignore[arg-type]
 
 
+@dataclass(kw_only=True)
+class PlainConfig(mlfab.Config):
+    """A 0.2 config: `batch_size` as mlfab.Config declares it (BoringConfig gives it a default of its own)."""
+
+    in_dim: int = 4
+    max_steps: int | None = 2
+    valid_every_n_steps: int | None = None
+    valid_batches: int = 2
+
+
+class SizedByTask(BoringTask, mlfab.Task[PlainConfig]):
+    def get_batch_size(self) -> int:
+        return 5
+
+
+@pytest.mark.parametrize(
+    ("configs", "argv"),
+    [
+        ((PlainConfig(batch_size=None),), []),
+        ((PlainConfig(batch_size=None),), ["batch_size=null"]),
+        (({"batch_size": None},), []),
+        ((PlainConfig(batch_size=3),), ["batch_size=null"]),
+    ],
+)
+def test_get_batch_size_gives_a_batch_size_left_null_by_any_source(
+    tmp_path: Path, configs: tuple[Any, ...], argv: list[str]
+) -> None:
+    """mlfab.Config's `batch_size` was a required int: every launch of a config that left it None (the 0.2 way)
+    stopped with "the following arguments are required: config.batch_size"."""
+    SizedByTask.launch(*configs, argv=[*argv, f"exp_dir={tmp_path}"])
+    assert "batch_size: 5\n" in (tmp_path / "config.yaml").read_text()
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["mlfab"]["num_samples"] == 10
+
+
 def test_a_per_sample_loss_is_summed_and_divided_by_the_batch_size(tmp_path: Path) -> None:
     class PerSample(Json):
         def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> dict[str, Tensor]:

@@ -114,7 +114,9 @@ def test_immutable_default_is_plain_default() -> None:
 def test_help_text_is_in_metadata() -> None:
     fields = {f.name: f for f in dataclasses.fields(MyConfig)}
     assert fields["model"].metadata["help"] == "The model"
-    assert fields["batch_size"].metadata["help"] == "Number of samples in each batch (per device)"
+    assert fields["batch_size"].metadata["help"] == (
+        "Number of samples in each batch (per device); null: the task's get_batch_size()"
+    )
     assert field_help(fields["tags"]) == "Free-form tags"
     assert field_help(dataclasses.field()) == ""
 
@@ -454,3 +456,21 @@ def test_an_omegaconf_interpolation_is_refused_not_kept_as_text() -> None:
         resolve_config(InterpolatingConfig)
     with pytest.raises(mlfab.ConfigError, match=r"key 'model_dir': '\$\{oc.env:MODELS\}' is an OmegaConf"):
         resolve_config(InterpolatingConfig, {"model_dir": "${oc.env:MODELS}", "tokenizer_path": "/t.json"})
+
+
+@dataclass(kw_only=True)
+class ListConfig(mlfab.Config):
+    batch_size: int = 4
+    paths: list[str] = mlfab.field(["/data/a"], help="Data files")
+    extra: dict[str, str] = mlfab.field({}, help="Named extras")
+
+
+def test_an_interpolation_inside_a_list_or_mapping_is_refused_naming_its_place() -> None:
+    """Only a string value was looked at: `paths=["${oc.env:HOME}/data"]` reached the task as that text."""
+    given = {"paths": ["/ok", "${oc.env:HOME}/data"], "extra": {"k": "${oc.env:HOME}", "fine": "x"}}
+    with pytest.raises(mlfab.ConfigError) as error:
+        resolve_config(ListConfig, given)
+    message = str(error.value)
+    assert "key 'paths[1]': '${oc.env:HOME}/data' is an OmegaConf interpolation" in message
+    assert "key 'extra.k': '${oc.env:HOME}' is an OmegaConf interpolation" in message
+    assert "paths[0]" not in message and "extra.fine" not in message
