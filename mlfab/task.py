@@ -61,6 +61,7 @@ from mlfab.optim import (
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
 from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error
 from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks
+from mlfab.run.slurm import job_arguments
 from mlfab.run.trainer import built_by_mlfab, unread_settings
 from mlfab.state import PHASES, LogPhase, Phase, State
 
@@ -838,12 +839,14 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     ) -> None:
         """Resolves the config (defaults <- `configs` <- YAML files and key=value on the command line) and trains.
         `argv`: the arguments instead of the command line; mlfab 0.2's `use_cli=False` (no arguments) or
-        `use_cli=[...]` (these arguments) also work."""
+        `use_cli=[...]` (these arguments) also work. Inside the Slurm job `launcher="slurm"` submitted, the job's run
+        directory is added to these arguments (the job's command line holds it, for a launch that reads that), so the
+        job, and each requeue of it, trains in the run directory it was submitted for."""
         if use_cli is not True:
             if argv is not None:
                 raise TaskDefinitionError(f"{cls.__name__}.launch: give argv or use_cli, not both.")
             argv = [] if use_cli is False else list(use_cli)
-        launch(cls, *configs, launcher=launcher, argv=argv)
+        launch(cls, *configs, launcher=launcher, argv=None if argv is None else job_arguments(list(argv), launcher))
 
 
 def per_sample_reduced(loss: Any, batch_samples: Callable[[], int], task: str) -> Any:

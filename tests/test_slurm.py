@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 import mlfab
 from mlfab.config import SlurmConfig
@@ -66,8 +67,9 @@ TASK_ENV = {
 @pytest.fixture(autouse=True)
 def no_slurm_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests start outside any Slurm job (even when pytest itself runs in one)."""
+    variables = ("MLFAB_EXP_DIR", "MLFAB_SLURM_EXP_DIR", "LOCAL_WORLD_SIZE", "WORLD_SIZE")
     for var in list(os.environ):
-        if var.startswith(("SLURM_", "TORCHELASTIC_")) or var in ("MLFAB_EXP_DIR", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        if var.startswith(("SLURM_", "TORCHELASTIC_")) or var in variables:
             monkeypatch.delenv(var)
 
 
@@ -202,7 +204,8 @@ def test_the_script_runs_the_command_in_the_run_directory(fake_slurm: Path, tmp_
     work.mkdir()
     probe = (
         "import json, os, sys; print(json.dumps([sys.argv[1:], os.getcwd(), os.environ['MASTER_ADDR'], "
-        "os.environ['MASTER_PORT'], os.environ.get('MLFAB_EXP_DIR'), os.environ['SLURM_PROCID']]))"
+        "os.environ['MASTER_PORT'], os.environ.get('MLFAB_EXP_DIR'), os.environ['SLURM_PROCID'], "
+        "os.environ.get('MLFAB_SLURM_EXP_DIR')]))"
     )
     slurm.submit(SlurmConfig(), exp_dir=exp_dir, command=["-c", probe, "x=1"], workdir=work)
     env = {**os.environ, "SLURM_JOB_ID": "54321", "SLURM_JOB_NODELIST": "node[1-2]", "MLFAB_EXP_DIR": "/elsewhere"}
@@ -212,9 +215,10 @@ def test_the_script_runs_the_command_in_the_run_directory(fake_slurm: Path, tmp_
     assert proc.returncode == 0, proc.stderr
     import json
 
-    argv, cwd, addr, port, exp_env, rank = json.loads(proc.stdout.splitlines()[-1])
+    argv, cwd, addr, port, exp_env, rank, job_exp_dir = json.loads(proc.stdout.splitlines()[-1])
     assert argv == ["x=1", f"--model.config.exp_dir={exp_dir}"]
     assert (cwd, addr, port, exp_env, rank) == (str(work), "node1", str(10000 + 54321 % 20000), None, "0")
+    assert job_exp_dir == str(exp_dir)  # For a launch that does not read the command line (argv, use_cli=False).
     calls = fake_slurm.read_text().splitlines()
     assert "scontrol show hostnames node[1-2]" in calls
     assert any(c.startswith(f"srun {sys.executable} -c ") for c in calls)
@@ -305,6 +309,23 @@ def test_job_detection_and_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1200")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
     assert slurm.job_id() == "1200_7"
+
+
+@pytest.mark.unit
+def test_arguments_given_to_launch_get_the_jobs_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's command line holds its run directory, which a launch given its arguments (`argv`, `use_cli`) does
+    not read: they get it from the batch script's `MLFAB_SLURM_EXP_DIR`, in the form they are written in."""
+    exp_dir = str(tmp_path / "my runs" / "run_0")
+    monkeypatch.setenv("MLFAB_SLURM_EXP_DIR", exp_dir)
+    assert slurm.job_arguments(["max_steps=3"], "slurm") == ["max_steps=3"]  # The batch shell, not a task of srun.
+    in_task(monkeypatch)
+    assert slurm.job_arguments([], "slurm") == [f"exp_dir={exp_dir}"]
+    assert slurm.job_arguments(["max_steps=3"], "slurm") == ["max_steps=3", f"exp_dir={exp_dir}"]
+    fit = ["fit", "--model.config.max_steps=3"]
+    assert slurm.job_arguments(fit, "slurm") == [*fit, f"--model.config.exp_dir={exp_dir}"]
+    assert slurm.job_arguments(fit, None) == fit  # Another launch in the job (not the one that submitted it).
+    monkeypatch.delenv("MLFAB_SLURM_EXP_DIR")
+    assert slurm.job_arguments(fit, "slurm") == fit  # A job mlfab did not submit.
 
 
 @pytest.mark.unit
@@ -554,10 +575,39 @@ def test_the_relaunch_after_a_stop_in_the_last_step_validates_as_the_uninterrupt
     assert train[0][-1][0] == 15 and train[0] == train[1]
 
 
+# A script that gives `launch` its arguments itself, in each way; the job's command line (with the run directory)
+# is not read there.
+OWN_ARGUMENTS = """
+import os
+from mlfab.testing import BoringConfig
+from task import Interrupted
+
+COMMON = {common!r}
+if __name__ == "__main__":
+    config, form = BoringConfig(run_dir=os.environ["RUNS"]), os.environ["FORM"]
+    if form == "use_cli=False":  # mlfab 0.2's style: every setting in the script.
+        config = BoringConfig(
+            run_dir=os.environ["RUNS"], max_steps=12, valid_every_n_steps=None, save_every_n_seconds=None
+        )
+        Interrupted.launch(config, launcher="slurm", use_cli=False)
+    elif form == "argv":
+        Interrupted.launch(config, launcher="slurm", argv=COMMON)
+    else:
+        Interrupted.launch(config, launcher="slurm", argv=["fit", *("--model.config." + a for a in COMMON)])
+"""
+
+
 @pytest.mark.slow
-def test_launcher_slurm_submits_and_the_job_requeues_and_resumes(fake_slurm: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["command line", "use_cli=False", "argv", "argv fit"])
+def test_launcher_slurm_submits_and_the_job_requeues_and_resumes(fake_slurm: Path, tmp_path: Path, form: str) -> None:
+    """In the submitted run directory, with the script's settings, whether `launch` reads the command line or is
+    given its arguments (`argv`, `use_cli=False`)."""
     runs = tmp_path / "runs"
-    submitted = run_task(tmp_path, [sys.executable, "task.py", *COMMON, f"run_dir={runs}"], LAUNCHER="slurm")
+    if form == "command line":
+        submitted = run_task(tmp_path, [sys.executable, "task.py", *COMMON, f"run_dir={runs}"], LAUNCHER="slurm")
+    else:
+        (tmp_path / "own.py").write_text(OWN_ARGUMENTS.format(common=COMMON))
+        submitted = run_task(tmp_path, [sys.executable, "own.py"], RUNS=str(runs), FORM=form)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     assert "Submitted Slurm job 1234" in submitted.stdout
     exp_dir = runs / "interrupted" / "run_0"
@@ -571,16 +621,23 @@ def test_launcher_slurm_submits_and_the_job_requeues_and_resumes(fake_slurm: Pat
         "SLURM_JOB_NAME": "interrupted-run_0",
         "SLURM_JOB_NODELIST": "node1",
         "LAUNCHER": "slurm",
+        "RUNS": str(runs),
+        "FORM": form,
     }
     first = run_task(tmp_path, ["bash", str(script)], **job, STOP_AT="5")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert f"Run directory: {exp_dir}\n" in first.stdout
     assert "scontrol requeue 1234" in fake_slurm.read_text().splitlines(), first.stderr[-3000:]
     assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 6
     second = run_task(tmp_path, ["bash", str(script)], **job, SLURM_RESTART_COUNT="1")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "Resuming from" in second.stdout
+    assert f"Resuming from {exp_dir / 'checkpoints'}" in second.stdout
     assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 12
     assert [p.name for p in runs.joinpath("interrupted").iterdir()] == ["run_0"]  # Every launch used one directory.
+    config = yaml.safe_load((exp_dir / "config.yaml").read_text())["model"]["config"]
+    assert (config["max_steps"], config["valid_every_n_steps"], config["exp_dir"]) == (12, None, str(exp_dir))
+    launches = yaml.safe_load((exp_dir / "provenance" / "launches.yaml").read_text())
+    assert [x["resumed"] for x in launches] == [False, True]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

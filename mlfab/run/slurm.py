@@ -2,9 +2,11 @@
 
 `launch(..., launcher="slurm")` on a login node writes `<exp_dir>/slurm/job.sbatch` and submits it. The job
 runs the same command (as `fit` arguments) under `srun`, with `--model.config.exp_dir=<exp_dir>` appended, so
-every task and every requeue of the job uses the same run directory. Slurm sends SIGUSR1 `signal_seconds` before
-the time limit; mlfab saves a checkpoint at the next step boundary, calls `scontrol requeue` and stops; the
-requeued job resumes from that checkpoint.
+every task and every requeue of the job uses the same run directory; a `launch` that does not read the command
+line (given `argv=[...]`, or mlfab 0.2's `use_cli=False`) reads it from `MLFAB_SLURM_EXP_DIR`, which the batch
+script exports (`job_arguments`). Slurm sends SIGUSR1 `signal_seconds` before the time limit; mlfab saves a
+checkpoint at the next step boundary, calls `scontrol requeue` and stops; the requeued job resumes from that
+checkpoint.
 """
 
 import logging
@@ -20,6 +22,7 @@ from typing import Any
 
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
+from mlfab.cli.args import SUBCOMMANDS
 from mlfab.config import SlurmConfig
 from mlfab.errors import SlurmError
 
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Slurm job names with which Lightning treats the allocation as interactive, not as a job to run in.
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")
+# The run directory a job was submitted for, exported by its batch script.
+JOB_EXP_DIR_ENV = "MLFAB_SLURM_EXP_DIR"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -50,6 +55,18 @@ def job_id() -> str | None:
     if array_id and task_id:
         return f"{array_id}_{task_id}"
     return os.environ.get("SLURM_JOB_ID") or None
+
+
+def job_arguments(argv: list[str], launcher: Any) -> list[str]:
+    """`argv`, the arguments a script gives `launch` (instead of the command line), with the run directory of the
+    job it runs in: such a launch never reads the job's command line, whose `--model.config.exp_dir` would be lost,
+    and the job would train in a new run directory, and each requeue in yet another, from step 0. Unchanged outside
+    a job that `launcher="slurm"` submitted."""
+    exp_dir = os.environ.get(JOB_EXP_DIR_ENV)
+    if launcher != "slurm" or not exp_dir or not in_slurm_job():
+        return argv
+    key = "--model.config.exp_dir" if argv and argv[0] in SUBCOMMANDS else "exp_dir"  # The short form's: key=value.
+    return [*argv, f"{key}={exp_dir}"]
 
 
 def hardware() -> dict[str, int] | None:
@@ -114,7 +131,8 @@ def _sbatch_value(value: object) -> str:
 
 def sbatch_script(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str], workdir: Path) -> str:
     """The batch script of a run: resources, the requeue signal, then
-    `srun <python> <command> --model.config.exp_dir=<exp_dir>`."""
+    `srun <python> <command> --model.config.exp_dir=<exp_dir>` with `MLFAB_SLURM_EXP_DIR=<exp_dir>` exported, for a
+    `launch` that does not read the command line (`job_arguments`)."""
     exp_dir, logs = Path(exp_dir), Path(exp_dir) / "slurm"
     if config.nodes < 1 or config.gpus_per_node < 0 or config.cpus_per_task < 1:
         raise SlurmError(
@@ -158,6 +176,7 @@ def sbatch_script(config: SlurmConfig, *, exp_dir: Path, command: Sequence[str],
         "export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))",
         "export PYTHONUNBUFFERED=1",
         "unset MLFAB_EXP_DIR  # Set by the submitting process for its own ranks; the job uses exp_dir below.",
+        f"export {JOB_EXP_DIR_ENV}={shlex.quote(str(exp_dir))}  # For a launch given its arguments (argv, use_cli).",
         f"cd {shlex.quote(str(workdir))}",
         shlex.join(srun),
         "",
