@@ -292,3 +292,41 @@ def compile_seconds() -> float:
     (call it before compiling)."""
     _count_compile_time()
     return _compile_seconds[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Spawn-based strategies: what rank zero sends back to the launching process.
+
+
+class SpawnedResult:
+    """A value `collect(trainer)` computes in rank zero under a spawn-based strategy (`ddp_spawn`, `ddp_fork`,
+    `ddp_notebook`), brought back to the launching process as `result`; None under any other launcher (the launching
+    process did the work itself). There Lightning runs the work in processes it starts, on copies of the Trainer,
+    task and callbacks, and its launcher sends rank zero's weights, best checkpoint path and `callback_metrics` back.
+
+    Leans on: the launcher (`_MultiProcessingLauncher`) calling its own `get_extra_results(trainer)` in rank zero and
+    `update_main_process_results(trainer, extra)` in the launching process, its way for subclasses to send more; both
+    are replaced on this Trainer's launcher instance by bound methods of this object (picklable, with a module-level
+    `collect`), which call the class's own first."""
+
+    KEY = "mlfab_result"
+
+    def __init__(self, collect: Callable[[pl.Trainer], Any]) -> None:
+        self.collect = collect
+        self.result: Any = None
+
+    def install(self, trainer: pl.Trainer) -> "SpawnedResult":
+        launcher = trainer.strategy.launcher
+        if hasattr(launcher, "get_extra_results") and hasattr(launcher, "update_main_process_results"):
+            launcher.get_extra_results = self.get_extra_results  # type: ignore[union-attr]
+            launcher.update_main_process_results = self.update_main_process_results  # type: ignore[union-attr]
+        return self
+
+    def get_extra_results(self, trainer: pl.Trainer) -> dict[str, Any]:
+        launcher: Any = trainer.strategy.launcher
+        return {**type(launcher).get_extra_results(launcher, trainer), self.KEY: self.collect(trainer)}
+
+    def update_main_process_results(self, trainer: pl.Trainer, extra: dict[str, Any]) -> None:
+        launcher: Any = trainer.strategy.launcher
+        type(launcher).update_main_process_results(launcher, trainer, extra)
+        self.result = extra.get(self.KEY)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mlfab.testing import read_scalars
 
@@ -28,6 +29,7 @@ SCRIPT = """
 import json, os, sys
 import numpy as np
 import torch
+import yaml
 import torch.nn.functional as F
 from dpshdl.dataset import Dataset
 from torch import nn
@@ -241,6 +243,7 @@ def test_the_test_subcommand_gives_each_rank_its_own_batches_of_an_endless_set(t
 NAN_ON_ONE_RANK = """
 import sys
 import torch
+import yaml
 from mlfab.testing import BoringConfig, BoringTask
 
 class RankNaN(BoringTask):
@@ -279,3 +282,92 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path: Pa
         ("1", "1", "True"),
     ]
     assert "Step 1 skipped: loss on another process is not finite" in proc.stderr + proc.stdout
+
+
+SPAWNED = """
+import os, signal, sys
+import mlfab
+from mlfab.testing import BoringConfig, BoringTask
+
+class Spawned(BoringTask):
+    def set_loggers(self):
+        self.add_logger(mlfab.StdoutLogger(), mlfab.JsonLogger(self.exp_dir))
+
+    def get_loss(self, batch, state):
+        if state.phase == "train" and state.num_steps == 2:
+            if os.environ.get("AT_STEP_2") == "fail":  # On each rank: the launcher reports the first to end.
+                raise RuntimeError("failed at step 2")
+            if os.environ.get("AT_STEP_2") == "sigterm" and self.global_rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return super().get_loss(batch, state)
+
+if __name__ == "__main__":
+    Spawned.launch(BoringConfig(max_steps=4, valid_every_n_steps=2), argv=sys.argv[1:])
+"""
+
+
+def run_spawned(tmp_path: Path, at_step_2: str = "") -> tuple[subprocess.CompletedProcess[str], Path]:
+    """A `ddp_spawn` fit of 4 steps on 2 CPU processes, with a ModelCheckpoint that keeps the best validation loss."""
+    script = tmp_path / "spawned.py"
+    script.write_text(SPAWNED)
+    exp_dir = tmp_path / "run"
+    args = [
+        "fit",
+        f"--model.config.exp_dir={exp_dir}",
+        "--model.config.accelerator=cpu",
+        "--model.config.devices=2",
+        "--model.config.strategy=ddp_spawn",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.monitor=valid/loss/loss",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port()), AT_STEP_2=at_step_2),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc, exp_dir
+
+
+def launch_records(exp_dir: Path) -> tuple[int, int]:
+    """The launch entries in launches.yaml and the "run" lines in the JSON log."""
+    launches = yaml.safe_load((exp_dir / "provenance" / "launches.yaml").read_text())
+    lines = [json.loads(line) for line in (exp_dir / "json" / "log.jsonl").read_text().splitlines()]
+    return len(launches), sum(line["phase"] == "run" for line in lines)
+
+
+def test_ddp_spawn_ends_with_the_runs_step_and_training_time_and_records_it_once(tmp_path: Path) -> None:
+    """The processes Lightning spawns train on copies of the task and callbacks: the launching process's never trained
+    (it said `Finished at step 0/4` after its own wall time, with no best checkpoint), and each spawned process's
+    copy of the run wrote the launch's records."""
+    proc, exp_dir = run_spawned(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    finish, *listed = lines[max(i for i, line in enumerate(lines) if line.startswith("Finished at step")) :]
+    took = re.fullmatch(r"Finished at step 4/4 after 0:00:(\d\d) of training\. Run directory: (.*)", finish)
+    assert took is not None and took[2] == str(exp_dir), finish
+    last = torch.load(exp_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 4
+    assert last["mlfab"]["elapsed_time_s"] - 1 <= int(took[1]) <= last["mlfab"]["elapsed_time_s"] + 5
+    assert len(listed) == 2 and listed[0] == f"  last checkpoint: {exp_dir / 'checkpoints' / 'last.ckpt'}", listed
+    best = re.fullmatch(r"  best checkpoint \(valid/loss/loss=[0-9.e+-]+\): (.*\.ckpt)", listed[1])
+    assert best is not None and Path(best[1]).is_file(), listed
+    assert launch_records(exp_dir) == (1, 1)
+
+
+def test_ddp_spawn_keeps_the_directory_of_a_run_that_failed_once_started(tmp_path: Path) -> None:
+    """The launching process took the run as refused before it started (its records had not been written there) and
+    removed its directory, with what the spawned processes had written in it."""
+    proc, exp_dir = run_spawned(tmp_path, at_step_2="fail")
+    assert proc.returncode != 0 and "failed at step 2" in proc.stderr
+    assert (exp_dir / "config.yaml").is_file() and launch_records(exp_dir) == (1, 1)
+
+
+def test_ddp_spawn_exits_with_the_signal_that_stopped_training(tmp_path: Path) -> None:
+    """A SIGTERM to a spawned process stops training there (as under `ddp`); the launching process, whose callbacks
+    got no signal, exited 0."""
+    proc, exp_dir = run_spawned(tmp_path, at_step_2="sigterm")
+    assert proc.returncode == 128 + 15, proc.stderr[-4000:]
+    assert "Finished at step 3/4 after " in proc.stdout  # The step the signal came in (from 0) ended training.

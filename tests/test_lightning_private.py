@@ -405,3 +405,29 @@ def test_unrepeated_sampler_splits_without_repeats_and_lightning_keeps_it() -> N
     source = inspect.getsource(_DataConnector._requires_distributed_sampler)
     assert "not isinstance(dataloader.sampler, DistributedSampler)" in source
     assert isinstance(DataLoader(range(9), sampler=unrepeated_sampler(range(9), 2, 1)).sampler, DistributedSampler)
+
+
+def rank_zeros(trainer: pl.Trainer) -> str:
+    return f"rank zero's step {trainer.global_step}"
+
+
+def test_spawned_result_rides_on_the_spawn_launchers_extra_results() -> None:
+    """Rank zero's `get_extra_results` and the launching process's `update_main_process_results` are how Lightning's
+    spawn launcher sends results back; `SpawnedResult` adds its value there and keeps the launcher's own."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    assert "self.get_extra_results(trainer)" in inspect.getsource(_MultiProcessingLauncher._collect_rank_zero_results)
+    assert "self.update_main_process_results(trainer" in inspect.getsource(
+        _MultiProcessingLauncher._recover_results_in_main_process
+    )
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    spawned = _lightning.SpawnedResult(rank_zeros).install(trainer)
+    pickle.loads(pickle.dumps(spawned.get_extra_results))  # Travels into the started processes.
+    trainer.callback_metrics.update({"m": torch.tensor(1.0)})
+    extra = trainer.strategy.launcher.get_extra_results(trainer)  # type: ignore[union-attr]
+    assert extra[_lightning.SpawnedResult.KEY] == "rank zero's step 0" and "callback_metrics_bytes" in extra
+    trainer.callback_metrics.clear()
+    trainer.strategy.launcher.update_main_process_results(trainer, extra)  # type: ignore[union-attr]
+    assert spawned.result == "rank zero's step 0" and float(trainer.callback_metrics["m"]) == 1.0
+    plain = pl.Trainer(accelerator="cpu", devices=1, logger=False)
+    assert _lightning.SpawnedResult(rank_zeros).install(plain).result is None

@@ -15,18 +15,18 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 from typing_extensions import override
 
-from mlfab._lightning import StepFreeCallback
+from mlfab._lightning import SpawnedResult, StepFreeCallback
 from mlfab.config import Config, config_to_yaml, to_dict
 from mlfab.loggers.dispatch import write_run_info
 from mlfab.run.callbacks import GracefulStop, PredictionWriter
 from mlfab.run.distributed import EXP_DIR_ENV
 from mlfab.run.invocation import command_name, current_command
-from mlfab.run.provenance import atomic_write, provenance_text, write_provenance
+from mlfab.run.provenance import atomic_write, launch_count, provenance_text, write_provenance
 from mlfab.run.quiet import hardware_line, install_quiet_start
 from mlfab.run.rundir import agreed_exp_dir, new_exp_dir
 from mlfab.run.slurm import submit
@@ -121,9 +121,10 @@ class RunRecords(StepFreeCallback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Also `on_validation_start` (`validate`; in `fit` the records were written when training started),
         `on_test_start`, `on_predict_start` and `on_fit_end` (a relaunch of a finished run trains nothing; it is still
-        a launch): the first of them writes the records."""
+        a launch): the first of them writes the records. Only rank zero's: under a spawn-based strategy every started
+        process has a copy of the launching process's `Run`, which writes."""
         run = self.run
-        if self.written or not run.writer:
+        if self.written or not run.writer or not trainer.is_global_zero:
             return
         exp_dir, config_yaml = run.exp_dir, config_to_yaml(self.task.config)
         if not run.keeps_config:
@@ -159,10 +160,12 @@ def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: An
     `Task.on_load_checkpoint`.)"""
     exp_dir = run.exp_dir
     kept = set(exp_dir.rglob("*")) if run.writer and not run.created else set()
+    launches = launch_count(exp_dir) if run.writer else 0
     records = RunRecords(run, task, resumed_from=ckpt_path if subcommand == "fit" else None)
     trainer.callbacks.append(records)
     if subcommand == "predict":  # Its outputs go to a file in the run directory (and are returned by Lightning).
         trainer.callbacks.append(PredictionWriter(exp_dir / "predictions"))
+    spawned = SpawnedResult(outcome_of).install(trainer)  # Rank zero's, under a spawn-based strategy.
     if run.writer:
         print(f"Run directory: {exp_dir}", flush=True)
         print(hardware_line(trainer), flush=True)
@@ -172,33 +175,59 @@ def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: An
     try:
         getattr(trainer, subcommand)(task, ckpt_path=ckpt_path, **kwargs)
     except BaseException:
+        # Under a spawn-based strategy rank zero's copy of `records` wrote them (see SpawnedResult): the new
+        # launch entry says so.
+        records.written = records.written or (run.writer and launch_count(exp_dir) > launches)
         if run.writer and not records.written:  # Refused before it started: the directory as it was.
             forget_launch(exp_dir, run.created, kept)
         raise
     finally:
         if run.writer:
             os.environ.pop(EXP_DIR_ENV, None)
+    outcome = spawned.result or outcome_of(trainer)
     if run.writer:
-        print(finish_text(trainer, subcommand, task, exp_dir), flush=True)
-    stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+        print(finish_text(trainer, subcommand, outcome, exp_dir), flush=True)
     # A signal that came once training had ended (during the final validation or checkpoint) stopped nothing.
-    return 128 + stop.signal_received if stop is not None and stop.signal_received and stop.stopping else 0
+    return 128 + outcome.stopped_by if outcome.stopped_by else 0
 
 
-def finish_text(trainer: Any, subcommand: str, task: "Task", exp_dir: Path) -> str:
+class Outcome(NamedTuple):
+    """What a run's last lines and exit code say, as the process that did the work (rank zero) saw it."""
+
+    step: int
+    elapsed_time_s: float  # Training time.
+    stopped_by: int | None  # The signal that stopped training.
+    best: list[tuple[str, float, str]]  # (monitor, score, path) of each checkpoint callback with a monitor.
+
+
+def outcome_of(trainer: Any) -> Outcome:
+    """The `Outcome` of the work this process did with `trainer`."""
+    task = trainer.lightning_module
+    stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+    best = [
+        (str(c.monitor), float(c.best_model_score), str(c.best_model_path))
+        for c in trainer.checkpoint_callbacks  # A ModelCheckpoint with a monitor other than mlfab's step count.
+        if getattr(c, "monitor", None) not in (None, "step") and c.best_model_path and c.best_model_score is not None
+    ]
+    return Outcome(
+        step=task.global_step,
+        elapsed_time_s=task.elapsed_time_s,
+        stopped_by=stop.signal_received if stop is not None and stop.signal_received and stop.stopping else None,
+        best=best,
+    )
+
+
+def finish_text(trainer: Any, subcommand: str, outcome: Outcome, exp_dir: Path) -> str:
     """The run's last lines: where it ended (for `fit`, the step and the training time) and where its results are."""
     if subcommand != "fit":
         return f"Finished. Run directory: {exp_dir}"
     total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
-    took = datetime.timedelta(seconds=round(task.elapsed_time_s))
-    lines = [f"Finished at step {task.global_step}{total} after {took} of training. Run directory: {exp_dir}"]
+    took = datetime.timedelta(seconds=round(outcome.elapsed_time_s))
+    lines = [f"Finished at step {outcome.step}{total} after {took} of training. Run directory: {exp_dir}"]
     last = exp_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         lines.append(f"  last checkpoint: {last}")
-    for callback in trainer.checkpoint_callbacks:  # A ModelCheckpoint with a monitor other than mlfab's step count.
-        if getattr(callback, "monitor", None) not in (None, "step") and callback.best_model_path:
-            score = callback.best_model_score
-            lines.append(f"  best checkpoint ({callback.monitor}={float(score):.6g}): {callback.best_model_path}")
+    lines += [f"  best checkpoint ({monitor}={score:.6g}): {path}" for monitor, score, path in outcome.best]
     return "\n".join(lines)
 
 

@@ -191,6 +191,11 @@ def write_provenance(
     return prov
 
 
+def launch_count(exp_dir: Path) -> int:
+    """How many launches the run's `launches.yaml` records (0 without a readable one)."""
+    return len(_read_launches(Path(exp_dir) / "provenance" / "launches.yaml", move_aside=False))
+
+
 def rewound_at(exp_dir: Path, checkpoint: Path | str) -> float | None:
     """When the latest `fit` of the run that went on from `checkpoint` started (a rewind to it, or the run's start
     from it), as a POSIX time; None when none did."""
