@@ -174,7 +174,7 @@ class BadSamples:
 def _rng_attributes(obj: Any, depth: int = 2) -> dict[str, Any]:
     """Random generators held by a dataset (and datasets it wraps), found by attribute."""
     found: dict[str, Any] = {}
-    for name, value in vars(obj).items():
+    for name, value in getattr(obj, "__dict__", {}).items():  # (A plain list as a dataset has no attributes.)
         if isinstance(value, np.random.Generator | np.random.RandomState | random.Random | torch.Generator):
             found[name] = value
         elif depth > 0 and isinstance(value, DpshdlDataset):

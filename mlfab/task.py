@@ -61,6 +61,7 @@ from mlfab.optim import (
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
 from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error
 from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks
+from mlfab.run.quiet import quiet_log_interval_warning
 from mlfab.run.slurm import job_arguments
 from mlfab.run.trainer import built_by_mlfab, unread_settings
 from mlfab.state import PHASES, LogPhase, Phase, State
@@ -424,6 +425,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             return
         # mlfab writes its own values to every logger, and the `self.log` values to its own loggers.
         withhold_from_loggers(self.trainer, self._metric_names, lambda logger: isinstance(logger, MlfabLogger))
+        if self.trainer.loggers and all(isinstance(logger, MlfabLogger) for logger in self.trainer.loggers):
+            quiet_log_interval_warning()  # Lightning's advice to lower log_every_n_steps, which they do not read.
         if self.config.compile is not False and self._compiled is None:  # Once, also when fit is followed by test.
             self._compiled = Compiled(self, self.config.compile, self.trainer.strategy.root_device.type)
         if stage == "fit":

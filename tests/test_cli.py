@@ -674,12 +674,22 @@ def test_value_clipping_records_no_norm_clipping(tmp_path: Path) -> None:
             "--trainer.max_epochs needs a subcommand first, as in `{cmd} fit --trainer.max_epochs=2`",
         ),
         ("--model.config.max_steps=3", "give max_steps=3, or `{cmd} fit --model.config.max_steps=3`"),
-        ("--max_steps", "(e.g. max_steps=...). Flags such as --model.config.max_steps and --trainer.max_steps need"),
+        (
+            "--max_steps",
+            "(e.g. max_steps=... or `{cmd} fit --model.config.max_steps=...`): --model.config.max_steps and "
+            "--trainer.max_steps need a subcommand first",
+        ),
+        ("--max_epochs=2", "(e.g. `{cmd} fit --trainer.max_epochs=2`): --trainer.max_epochs need"),
+        ("--in_dim=3", "(e.g. in_dim=3 or `{cmd} fit --model.config.in_dim=3`): --model.config.in_dim need"),
+        ("--launcher", "; the launcher is chosen in the script, as `launch(..., launcher='slurm')`."),
+        ("-l", "; the launcher is chosen in the script, as `launch(..., launcher='slurm')`."),
+        ("--bogus=1", "; 'bogus' is neither a config key nor a Trainer argument (see `{cmd} --help`)."),
     ],
 )
 def test_a_flag_in_the_short_form_is_refused_saying_what_to_type(flag: str, says: str) -> None:
     """`--trainer.max_epochs=2` was answered with `--model.config.trainer.max_epochs` and
-    `--trainer.trainer.max_epochs`, neither of which exists."""
+    `--trainer.trainer.max_epochs`, neither of which exists; `--launcher` (mlfab 0.2's) with
+    `--model.config.launcher` and `--trainer.launcher`, which do not exist either."""
     with pytest.raises(mlfab.ConfigError) as info:
         short_form_args(BoringTask, ["max_steps=4", flag])
     assert says.format(cmd=command_name()) in str(info.value)

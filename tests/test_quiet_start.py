@@ -8,9 +8,11 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from mlfab.run.quiet import (
     RANK_ZERO_LOGGERS,
@@ -19,10 +21,12 @@ from mlfab.run.quiet import (
     hardware_line,
     install_quiet_start,
 )
+from mlfab.testing import BoringConfig, BoringTask
 
 SCRIPT = """
 import sys, warnings
 from pathlib import Path
+from typing import Any
 from mlfab.run.quiet import install_quiet_start
 from mlfab.testing import BoringConfig, BoringTask
 
@@ -146,3 +150,32 @@ def test_summary_hold_is_released_after_a_failed_fit() -> None:
     assert logger.filters == before
     callback.setup(None, None, stage="validate")  # Lightning's summary comes only with fit.
     assert logger.filters == before
+
+
+class SmallMapSet(BoringTask):
+    """A map-style training set of 6 batches, fewer than Lightning's log_every_n_steps (50)."""
+
+    extra_logger: bool = False
+
+    def set_loggers(self) -> None:
+        super().set_loggers()
+        if self.extra_logger:
+            self.add_logger(pl.loggers.CSVLogger(self.exp_dir))
+
+    def get_dataset(self, phase: str) -> list[tuple[Any, Any]]:  # type: ignore[override]
+        return [(torch.randn(self.config.in_dim), torch.randn(1)) for _ in range(48)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("extra_logger", [False, True])
+def test_lightnings_log_every_n_steps_advice_shows_only_where_a_logger_reads_it(
+    tmp_path: Path, extra_logger: bool
+) -> None:
+    """mlfab's loggers write by time, and the command line refuses `log_every_n_steps`: Lightning's advice to lower it
+    was shown at every run of a small map-style set. A Lightning logger of the run's still reads it."""
+    SmallMapSet.extra_logger = extra_logger
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SmallMapSet.launch(BoringConfig(max_steps=2, exp_dir=str(tmp_path)), argv=[])
+    advice = [w for w in caught if "is smaller than the logging interval" in str(w.message)]
+    assert len(advice) == (1 if extra_logger else 0), [str(w.message) for w in caught]

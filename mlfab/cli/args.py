@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePath
 from typing import Any
 
+import lightning.pytorch as pl
 import yaml
 
 from mlfab.config import dataclass_type, field_types, load_yaml
@@ -24,8 +25,9 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 PASSED_ON = ("-h", "--help", "--print_config")  # Flags the short form takes as they are.
 
 
-def _flag_refusal(arg: str) -> str:
-    """Why the short form refuses the flag `arg`, and what to type instead."""
+def _flag_refusal(arg: str, task_cls: Any) -> str:
+    """Why the short form refuses the flag `arg`, and what to type instead (only what exists: a config key of
+    `task_cls`, a Trainer argument)."""
     flag, given, value = arg.partition("=")
     value = value if given else "..."
     key, cmd = flag.lstrip("-"), command_name()
@@ -34,10 +36,17 @@ def _flag_refusal(arg: str) -> str:
         return f"{start}: give {key.removeprefix('model.config.')}={value}, or `{cmd} fit {flag}={value}`."
     if "." in key:  # --trainer.max_epochs, --optimizer.lr, ...: flags of the subcommand form alone.
         return f"{start} (config keys); {flag} needs a subcommand first, as in `{cmd} fit {flag}={value}`."
-    return (
-        f"{start} (e.g. {key}={value}). Flags such as --model.config.{key} and --trainer.{key} need a subcommand "
-        f"first, as in `{cmd} fit --model.config.{key} ...`; see `{cmd} --help`."
-    )
+    where = [f"--model.config.{key}"] if key in field_types(task_cls.config_class()) else []
+    where += [f"--trainer.{key}"] if key in inspect.signature(pl.Trainer.__init__).parameters else []
+    if where:
+        example = f"{key}={value} or " if where[0].startswith("--model") else ""
+        return (
+            f"{start} (e.g. {example}`{cmd} fit {where[0]}={value}`): {' and '.join(where)} need a subcommand first; "
+            f"see `{cmd} --help`."
+        )
+    if key in ("l", "launcher"):  # mlfab 0.2's `-l/--launcher slurm`.
+        return f"{start}; the launcher is chosen in the script, as `launch(..., launcher='slurm')`."
+    return f"{start}; {key!r} is neither a config key nor a Trainer argument (see `{cmd} --help`)."
 
 
 def short_form_args(task_cls: Any, argv: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -48,7 +57,7 @@ def short_form_args(task_cls: Any, argv: list[str]) -> tuple[list[str], list[dic
         if arg.partition("=")[0] in PASSED_ON:
             args.append(arg)
         elif arg.startswith("-"):
-            raise ConfigError(_flag_refusal(arg))
+            raise ConfigError(_flag_refusal(arg, task_cls))
         elif "=" in arg:
             key, _, raw = arg.partition("=")
             if not key or "" in key.split("."):

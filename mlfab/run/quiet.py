@@ -60,6 +60,18 @@ def install_quiet_start(checkpoint_dir: Path | None = None) -> None:
         warnings.filterwarnings("ignore", message=own, category=UserWarning, module=CHECKPOINT_MODULE)
 
 
+def quiet_log_interval_warning() -> None:
+    """Drops Lightning's "The number of training batches (6) is smaller than the logging interval
+    Trainer(log_every_n_steps=50)" for a Trainer whose loggers are all mlfab's: they write by time
+    (`log_interval_seconds`) and the command line refuses `log_every_n_steps`, so it advises what cannot be done.
+    (For the rest of the process, as every filter here.)"""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The number of training batches \(\d+\) is smaller than the logging interval",
+        module=r"(lightning\.pytorch|pytorch_lightning)\.loops\.fit_loop$",
+    )
+
+
 def hardware_line(trainer: Any) -> str:
     """What a Trainer runs on, for mlfab's header: `Hardware: cuda, 2 devices x 2 nodes, ddp, precision bf16-mixed`."""
     accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
