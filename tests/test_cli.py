@@ -178,7 +178,7 @@ def test_missing_yaml_file_is_reported() -> None:
 def test_lightning_flag_in_mlfab_form_points_to_both_forms() -> None:
     with pytest.raises(mlfab.ConfigError) as info:
         BoringTask.launch(argv=["--max_steps=3"])
-    assert "e.g. max_steps=3)" in str(info.value)  # The value typed, as a key=value argument.
+    assert "e.g. max_steps=3 or `" in str(info.value)  # The value typed, as a key=value argument.
     assert "fit --model.config.max_steps" in str(info.value)
 
 
