@@ -92,11 +92,14 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def __init__(self, config: ConfigT) -> None:
         super().__init__()
         config_cls = self.config_class()  # Fails early, with the fix, if the task names no config.
-        if isinstance(config, Mapping):  # Plain data, e.g. hyperparameters from a checkpoint.
+        built = isinstance(config, Mapping)
+        if isinstance(config, Mapping):  # Plain data, e.g. hyperparameters from a checkpoint: checked as it is built.
             config = build_config(config_cls, config)
         if getattr(config, "batch_size", 0) is None:
             config.batch_size = self.get_batch_size()  # mlfab 0.2: the task gives the batch size.
-        check_config(config)  # Its values' ranges (mlfab.config.RULES), also the batch size the task gave.
+            built = False  # That batch size is checked too.
+        if not built:
+            check_config(config)  # A Config built in Python: its values' ranges (mlfab.config.RULES).
         self.config: ConfigT = config
         # Plain data only, so checkpoints load under torch's `weights_only=True`.
         self.save_hyperparameters({"config": to_dict(config)})
