@@ -199,3 +199,16 @@ def test_a_resume_line_supersedes_metrics_lines_as_it_does_training_lines(tmp_pa
         else:
             kept.append(line)
     assert [(k["step"], k["scalars"]["lr-SGD"]) for k in kept] == [(5, 0.1), (6, 0.2), (7, 0.2)]
+
+
+@pytest.mark.unit
+def test_a_direct_log_metrics_call_without_a_step_is_refused_not_written_at_step_0(tmp_path: Path) -> None:
+    """Lightning always passes `step=`; a user's own call without one was written at step 0, the start of the
+    curve, whatever step training was at."""
+    logger = mlfab.JsonLogger(tmp_path)
+    with pytest.raises(ValueError, match=r"JsonLogger\.log_metrics\(\['lr'\]\) needs step="):
+        logger.log_metrics({"lr": 0.1})
+    logger.log_metrics({"lr": 0.1}, step=7)
+    logger.finalize("success")
+    lines = [json.loads(line) for line in (tmp_path / "json" / "log.jsonl").read_text().splitlines()]
+    assert [(line["phase"], line["step"], line["scalars"]) for line in lines] == [("metrics", 7, {"lr": 0.1})]

@@ -127,5 +127,10 @@ class PlainLogger(MlfabLogger, Logger):
     @override
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if step is None:  # Lightning always gives one; writing 0 would put a later value at the start of the curve.
+            raise ValueError(
+                f"{type(self).__name__}.log_metrics({sorted(metrics)}) needs step=: "
+                "mlfab's loggers write each value at a step"
+            )
         values = {k: float(v) for k, v in metrics.items() if k != "epoch"}
-        self.write(Logs("metrics", step or 0, None, None, None, {"scalar": values}))
+        self.write(Logs("metrics", step, None, None, None, {"scalar": values}))
