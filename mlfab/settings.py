@@ -44,10 +44,21 @@ _ENV_VARS = {"run": "RUN_DIR", "data": "DATA_DIR", "pretrained_models": "MODEL_D
 _V02_SECTIONS = ("error_handling", "logging", "device", "triton", "experiment")
 _SECTIONS = ("directories", *_V02_SECTIONS)
 # Every value of those sections 0.2 acted on: 0.2's default is accepted, any other value stops with what to do instead,
-# never ignored. {(section, key): (0.2's default, what 0.2 then did, the config key now, or what mlfab does instead)}.
-_NO_SLEEP = "mlfab skips a failing sample at once (no sleep); the limit is `max_bad_samples_in_a_row`"
-_SUMMARY = "mlfab logs the first 3 failures of each kind in full, then a summary of the kinds and places every minute"
-_THIRD_PARTY = "mlfab leaves the levels of Python's `logging` to you (`logging.getLogger(name).setLevel(...)`)"
+# never ignored. {(section, key): (0.2's default, what 0.2 then did, the config key now (`key=value`), or, where no
+# config key does what 0.2 did, what mlfab does instead (an `_Instead`))}.
+
+
+class _Instead(str):
+    """What mlfab does where no config key does what a 0.2 setting did."""
+
+
+_NO_SLEEP = _Instead("mlfab skips a failing sample at once (no sleep); the limit is `max_bad_samples_in_a_row`")
+_SUMMARY = _Instead(
+    "mlfab logs the first 3 failures of each kind in full, then a summary of the kinds and places every minute"
+)
+_THIRD_PARTY = _Instead(
+    "mlfab leaves the levels of Python's `logging` to you (`logging.getLogger(name).setLevel(...)`)"
+)
 _V02_VALUES: dict[tuple[str, str], tuple[bool | int | float | str, str, str]] = {
     ("device", "gpu"): (True, "trained on the CPU", "accelerator=cpu"),
     ("device", "metal"): (True, "trained on the CPU instead of Apple's MPS", "accelerator=cpu"),
@@ -60,7 +71,7 @@ _V02_VALUES: dict[tuple[str, str], tuple[bool | int | float | str, str, str]] = 
     ("experiment", "multiprocessing_start_method"): (
         "forkserver",
         "started dataloader workers that way",
-        "mlfab's workers start as torch's DataLoader starts them (fork on Linux)",
+        _Instead("mlfab's workers start as torch's DataLoader starts them (fork on Linux)"),
     ),
     ("error_handling", "enabled"): (True, "raised a sample's first exception", "max_bad_samples_in_a_row=1"),
     ("error_handling", "maximum_exceptions"): (
@@ -171,7 +182,7 @@ def _v02_value_problem(
         if isinstance(written, str) and value != written
         else _shown(written)
     )
-    if "=" not in instead or " " in instead:  # No config key does what 0.2 did: what mlfab does instead.
+    if isinstance(instead, _Instead):
         return (
             f"{name} is {read}: mlfab 0.2 then {did}, but mlfab has no such setting; {instead}. Remove "
             f"`{section}.{key}` from that file (0.2's default, {_shown(default)}, is accepted)."
