@@ -88,7 +88,15 @@ _V02_VALUES: dict[tuple[str, str], tuple[bool | int | float | str, str, str]] = 
     ("error_handling", "exception_location_traceback_depth"): (3, "located failures that deep", _SUMMARY),
     ("logging", "hide_third_party_logs"): (True, "showed matplotlib's, PIL's and torch's INFO logs", _THIRD_PARTY),
     ("logging", "log_level"): ("INFO", "set the root logger's level to it", _THIRD_PARTY),
-    # (`triton.use_triton_if_available` chose 0.2's own Triton kernels, which mlfab does not have: either value holds.)
+}
+# The keys of each 0.2 section: those above, and two whose either value holds: `device.cpu` (0.2 never read it) and
+# `triton.use_triton_if_available` (it chose 0.2's own Triton kernels, which mlfab does not have).
+_V02_KEYS = {
+    section: (
+        *(k for s, k in _V02_VALUES if s == section),
+        *{"device": ("cpu",), "triton": ("use_triton_if_available",)}.get(section, ()),
+    )
+    for section in _V02_SECTIONS
 }
 _TRUE, _FALSE = ("y", "yes", "on", "true"), ("n", "no", "off", "false")  # As OmegaConf reads a bool.
 
@@ -110,6 +118,14 @@ def _read(path: Path) -> dict[str, Any]:
     directories = data.get("directories")
     if isinstance(directories, dict):  # (Its other shapes are refused, naming them, where it is read.)
         _check_keys(path, directories, tuple(_ENV_VARS), parent="directories")
+    for section in _V02_SECTIONS:  # A typo in one (`default_random_sed`) would keep 0.2's default unseen.
+        if isinstance(data.get(section), dict):
+            _check_keys(path, data[section], _V02_KEYS[section], parent=section)
+        elif data.get(section) is not None:
+            raise SettingsError(
+                f"The mlfab settings file {path} has `{section}: {data[section]!r}`; mlfab 0.2's `{section}` section "
+                f"holds the keys {', '.join(_V02_KEYS[section])}. Remove it, or give it as a mapping."
+            )
     return data
 
 

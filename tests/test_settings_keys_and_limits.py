@@ -54,6 +54,29 @@ def test_unknown_section_is_an_error_and_mlfab_02_sections_are_accepted() -> Non
     assert load_settings()["logging"] == {"log_level": "INFO"}
 
 
+@pytest.mark.integration
+def test_a_mistyped_key_inside_a_mlfab_02_section_stops_the_launch(tmp_path: Path) -> None:
+    """`default_random_sed: 7` kept 0.2's seed 1337 unseen, where `default_random_seed: 7` is refused with the key to
+    set; a section that is not a mapping (`device: false`) was ignored too."""
+    for text, said in [
+        (
+            "experiment:\n  default_random_sed: 7\n",
+            "`experiment.default_random_sed` (did you mean "
+            "`experiment.default_random_seed`?); the keys of `experiment` are default_random_seed, max_workers, "
+            "multiprocessing_start_method",
+        ),
+        ("device:\n  gpus: false\n", "`device.gpus` (did you mean `device.gpu`?)"),
+        ("device: false\n", "has `device: False`; mlfab 0.2's `device` section holds the keys gpu, metal, use_fp64"),
+    ]:
+        Path("mlfab.yml").write_text(text)
+        with pytest.raises(mlfab.SettingsError) as info:
+            BoringTask.launch(BoringConfig(max_steps=1), argv=[])
+        assert said in str(info.value), text
+        assert list(Path.cwd().iterdir()) == [Path.cwd() / "mlfab.yml"]  # No run started.
+    Path("mlfab.yml").write_text("device:\n  cpu: false\ntriton:\n  use_triton_if_available: false\nexperiment:\n")
+    assert load_settings()["device"] == {"cpu": False}  # Keys 0.2 had whose either value holds; an empty section.
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # max_bad_samples_in_a_row: "stop when this many in a row fail", like max_nonfinite_steps_in_a_row.
 
