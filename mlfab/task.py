@@ -59,7 +59,7 @@ from mlfab.optim import (
     warm_up,
 )
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
-from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error
+from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error, monitored_training_tags
 from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks
 from mlfab.run.quiet import quiet_log_interval_warning
 from mlfab.run.slurm import job_arguments
@@ -120,6 +120,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._step_batches = 0
         self._training_over = False  # `set_training_over()` was called.
         self._cadence: ValidationCadence | None = None  # mlfab's validation decision, when its Trainer has one.
+        self._monitored: list[str] = []  # Training tags a callback or scheduler reads: published at every step.
         self._valid_unwritten: Callable[[], None] | None = None  # Writes the last validation where it was skipped.
         self._step_started = False  # `on_step_start` ran for the step in progress.
         self._metric_names: set[str] = set()  # What this task `self.log`s for Lightning (not for its loggers).
@@ -448,6 +449,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 self._start_counts()
             io = self.trainer.strategy.checkpoint_io
             around_saves(io, self.on_before_save_ckpt, self.on_after_save_ckpt, self._synchronous_saves())
+        if self._exp_dir is None and type(self).set_loggers is not Task.set_loggers:  # Not mlfab's run: not called.
+            rank_zero_warn(
+                f"{type(self).__name__} overrides set_loggers, which only a run mlfab starts calls (Task.launch, the "
+                "fit / validate / test / predict subcommands), so its loggers are not attached to this Trainer: pass "
+                "them as its logger=[...] argument."
+            )
         if self.trainer.world_size > 1:
             # Ranks started by torchrun, Slurm or by hand each made their own guess: rank zero's wins.
             self._exp_dir = broadcast_exp_dir(self.trainer, self._exp_dir)
@@ -585,6 +592,22 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             self.log_scalar("skipped_steps", self._nonfinite.total, namespace="nonfinite")
             self.log_string("last_skipped_step", self._nonfinite.last_skip, namespace="nonfinite")
         self._nonfinite.check_streak(self.global_step)  # After the logging: the step that stops the run shows it.
+        if self._monitored:
+            self._publish_monitored()
+
+    def _publish_monitored(self) -> None:
+        """The step's values of the training metrics a callback or scheduler monitors, on every rank, averaged over
+        ranks by samples (as validation values are), in Lightning's metrics before the callbacks' `on_train_batch_end`
+        reads them (this task's runs after those): `ModelCheckpoint(monitor="train/loss/loss",
+        every_n_train_steps=N)` scores each checkpoint with its own step's value (it read the last written step's, and
+        under DDP waited forever for rank one, which had none)."""
+        tags = [tag for tag in self._monitored if tag not in self._lightning_names]  # Not the task's own `self.log`s.
+        if not tags:
+            return
+        means, weights = self._log_buffers["train"].settle(self.global_step - 1, tags)
+        means = mean_over_ranks(self.trainer, means, weights, self.device, tags=tags)
+        values = {f"train/{tag}": torch.tensor(v, dtype=torch.float64) for tag, v in means.items()}
+        publish_metrics(self.trainer, values)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -681,6 +704,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             return
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         self._cadence = next((c for c in callbacks if isinstance(c, ValidationCadence)), None)  # Once, not every step.
+        self._monitored = monitored_training_tags(self.trainer)
         set_optimizer_mode(self.trainer.optimizers, train=True)
         if self._resume_changes:  # After Lightning restored the optimizer state, which holds the old values.
             apply_optimizer_changes(self.trainer.optimizers, self._resume_changes)

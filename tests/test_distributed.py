@@ -371,3 +371,37 @@ def test_ddp_spawn_exits_with_the_signal_that_stopped_training(tmp_path: Path) -
     proc, exp_dir = run_spawned(tmp_path, at_step_2="sigterm")
     assert proc.returncode == 128 + 15, proc.stderr[-4000:]
     assert "Finished at step 3/4 after " in proc.stdout  # The step the signal came in (from 0) ended training.
+
+
+def test_a_checkpoint_monitoring_a_training_metric_under_ddp_is_scored_with_the_mean_over_ranks(tmp_path: Path) -> None:
+    """Training values reached Lightning on rank zero alone: its ModelCheckpoint waited forever for rank one's vote
+    on whether to save, and rank one for rank zero."""
+    script = write_script(tmp_path)
+    args = [
+        "fit",
+        "--model.config.accelerator=cpu",
+        "--model.config.devices=2",
+        f"--model.config.run_dir={tmp_path / 'runs'}",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.monitor=train/loss/loss",
+        "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run,) = (tmp_path / "runs" / "distributed").iterdir()
+    losses = [read_rank(tmp_path, "train", r) for r in (0, 1)]
+    for step in (2, 4, 6, 8):
+        saved = torch.load(run / "checkpoints" / f"step={step}.ckpt", weights_only=False)
+        (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("ModelCheckpoint")]
+        per_rank = [loss for r in (0, 1) for s, _, loss in losses[r] if s == step - 1]
+        assert len(per_rank) == 2
+        assert float(state["current_score"]) == pytest.approx(np.mean(per_rank), rel=1e-5), step

@@ -478,6 +478,24 @@ def test_config_keys_a_trainer_built_elsewhere_does_not_read_are_named(tmp_path:
     assert not [w for w in quiet if "only a Trainer built by mlfab" in str(w.message)]
 
 
+def test_a_set_loggers_a_trainer_built_elsewhere_does_not_call_is_named(tmp_path: Path) -> None:
+    """A task's `set_loggers` runs only in a run mlfab starts: in a user's own Trainer its loggers were silently not
+    there (no JSON file, no warning)."""
+    with pytest.warns(UserWarning) as caught:
+        trainer(tmp_path, max_steps=2).fit(MapTask(config()))
+    said = [str(w.message) for w in caught if "overrides set_loggers" in str(w.message)]
+    assert said == [
+        "MapTask overrides set_loggers, which only a run mlfab starts calls (Task.launch, the fit / validate / test / "
+        "predict subcommands), so its loggers are not attached to this Trainer: pass them as its logger=[...] argument."
+    ]
+    with warnings.catch_warnings(record=True) as quiet:  # The default set_loggers, and a run mlfab starts.
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=2).fit(BoringTask(config()))
+        MapTask.launch(config(max_steps=2), argv=[f"exp_dir={tmp_path / 'run'}"])
+    assert not [w for w in quiet if "overrides set_loggers" in str(w.message)]
+    assert (tmp_path / "run" / "json" / "log.jsonl").is_file()
+
+
 @pytest.mark.parametrize(
     "settings",
     [{}, {"save_every_n_steps": 5, "save_every_n_seconds": 60.0, "diagnostics": False, "async_checkpoints": True}],
@@ -564,3 +582,32 @@ def test_a_fit_from_loaded_weights_counts_samples_and_time_from_step_0(tmp_path:
     assert saved["tuned"]["mlfab"]["num_samples"] == saved["first"]["mlfab"]["num_samples"] == 6 * BATCH
     assert saved["tuned"]["mlfab"]["num_valid_steps"] == saved["first"]["mlfab"]["num_valid_steps"]
     assert saved["tuned"]["mlfab"]["elapsed_time_s"] <= fit_s  # Not the first run's time, nor the wait after it.
+
+
+class StepLosses(MapTask):
+    """Keeps each training step's batch losses as `get_loss` computed them."""
+
+    def __init__(self, config: BoringConfig) -> None:
+        super().__init__(config)
+        self.step_losses: dict[int, list[float]] = {}
+
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        loss = super().get_loss(batch, state)
+        if state.phase == "train":
+            self.step_losses.setdefault(state.num_steps, []).append(float(loss))
+        return loss
+
+
+def test_a_checkpoint_monitoring_a_training_metric_is_scored_with_its_own_steps_value(tmp_path: Path) -> None:
+    """ModelCheckpoint(monitor="train/loss/loss", every_n_train_steps=N) read the value before this step's was put
+    there: each checkpoint was scored with an earlier step's loss (the last one a logger wrote)."""
+    every = ModelCheckpoint(
+        dirpath=tmp_path / "every", monitor="train/loss/loss", every_n_train_steps=2, save_top_k=-1, filename="{step}"
+    )
+    task = StepLosses(config())
+    logger = mlfab.JsonLogger(tmp_path / "json", log_interval_seconds=0)  # Writes every step.
+    fit_trainer(tmp_path, [every], logger=logger, max_steps=6, accumulate_grad_batches=2).fit(task)
+    scores = {Path(path).stem: float(score) for path, score in every.best_k_models.items()}
+    assert sorted(scores) == ["step=2", "step=4", "step=5", "step=6"]  # Step 5's after its validation.
+    for name, score in scores.items():  # Step 2's checkpoint follows step index 1: the mean of its two batches.
+        assert score == pytest.approx(np.mean(task.step_losses[int(name[5:]) - 1]), rel=1e-6), name

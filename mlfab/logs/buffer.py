@@ -23,6 +23,7 @@ key, then counted every 100th time). A scalar given as a string is refused at th
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -105,6 +106,17 @@ class LogBuffer:
             else:
                 means[tag] = sum(v * w for v, (_, w) in zip(values, pairs, strict=True)) / total
             weights[tag] = total
+        return means, weights
+
+    def settle(self, step: int, tags: Iterable[str]) -> tuple[dict[str, float], dict[str, int | float]]:
+        """`scalars` of `tags` alone (those pending), each then held as its resolved mean: a callable runs once, also
+        when the buffer is written later."""
+        by_tag = self._pending.get("scalar", {})
+        some = LogBuffer()
+        some._pending = {"scalar": {tag: by_tag.pop(tag) for tag in tags if tag in by_tag}}
+        some.failures = self.failures
+        means, weights = some.scalars(step)
+        by_tag.update({tag: [(means[tag], weights[tag])] for tag in means})
         return means, weights
 
     def resolve(self, step: int, scalars: dict[str, float] | None = None) -> dict[Kind, dict[str, Any]]:

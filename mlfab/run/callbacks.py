@@ -433,3 +433,11 @@ def last_training_ends_on_error(callbacks: list[Any]) -> None:
     """Makes a `TrainingEndsOnError` the last of `callbacks` (a Trainer's list, changed in place), and the only one."""
     found = [c for c in callbacks if isinstance(c, TrainingEndsOnError)]
     callbacks[:] = [c for c in callbacks if c not in found] + [found[0] if found else TrainingEndsOnError()]
+
+
+def monitored_training_tags(trainer: pl.Trainer) -> list[str]:
+    """The tags (`loss/loss`) of the training metrics (`train/loss/loss`) that a callback (ModelCheckpoint,
+    EarlyStopping: any with a `monitor`) or a learning-rate scheduler (`ReduceLROnPlateau`'s `monitor`) reads."""
+    monitors = [getattr(c, "monitor", None) for c in trainer.callbacks]  # type: ignore[attr-defined]
+    monitors += [config.monitor for config in trainer.lr_scheduler_configs]
+    return sorted({m.removeprefix("train/") for m in monitors if isinstance(m, str) and m.startswith("train/")})

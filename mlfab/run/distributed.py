@@ -9,6 +9,7 @@ and each rank (and each dataloader worker) gets its own share of the data.
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -117,15 +118,20 @@ def _missing_accelerator(accelerator: str, available: list[str]) -> str:
 
 
 def mean_over_ranks(
-    trainer: pl.Trainer, means: dict[str, float], weights: dict[str, Any], device: torch.device
+    trainer: pl.Trainer,
+    means: dict[str, float],
+    weights: dict[str, Any],
+    device: torch.device,
+    tags: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Each scalar's mean over every rank's samples, from each rank's sample-weighted mean and weight, as Lightning's
     `self.log(..., batch_size=n, sync_dist=True)` reduces a validation value: one all-reduce of every tag (each rank
-    logs the same tags, as in validation)."""
+    logs the same tags, as in validation). `tags`: the tags every rank reduces, each rank's missing ones weighing 0
+    (a tag no rank has is left out)."""
     if trainer.world_size == 1:
         return means
-    tags = sorted(means)
+    tags = sorted(means) if tags is None else tags
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64.
-    sums = torch.tensor([[means[t] * float(weights[t]), float(weights[t])] for t in tags], dtype=dtype, device=device)
-    sums = trainer.strategy.reduce(sums, reduce_op="sum")
-    return {tag: float(total / weight) for tag, (total, weight) in zip(tags, sums.tolist(), strict=True)}
+    pairs = [[means[t] * float(weights[t]), float(weights[t])] if t in means else [0.0, 0.0] for t in tags]
+    sums = trainer.strategy.reduce(torch.tensor(pairs, dtype=dtype, device=device), reduce_op="sum")
+    return {tag: float(total / weight) for tag, (total, weight) in zip(tags, sums.tolist(), strict=True) if weight}
