@@ -118,6 +118,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         # where a step has several batches or on_step_end is overridden).
         self._step_losses: dict[str, Tensor] | None = None
         self._step_batches = 0
+        self._step_samples: tuple[int, int] | None = None  # The step's first batch's samples and its total so far.
         self._training_over = False  # `set_training_over()` was called.
         self._cadence: ValidationCadence | None = None  # mlfab's validation decision, when its Trainer has one.
         self._monitored: list[str] = []  # Training tags a callback or scheduler reads: published at every step.
@@ -494,11 +495,27 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             self._log_buffers["train"].weight = max(1, samples)
         loss = self._loss_total(self.get_loss(batch, self.state("train")), "train", batch)
         self._num_samples += samples * self.trainer.world_size
-        k, n = self.trainer.accumulate_grad_batches, self.trainer.num_training_batches
-        if k > 1 and n != float("inf") and n - (start := batch_idx - batch_idx % k) < k:
-            # An epoch's last step, short of batches: Lightning still divides each batch's loss by k.
-            loss = loss * (k / (n - start))
-        return loss
+        return self._accumulated(loss, max(1, samples)) if self.trainer.accumulate_grad_batches > 1 else loss
+
+    def _accumulated(self, loss: Tensor, samples: int) -> Tensor:
+        """A batch's loss within a step of k batches, so that the step's update is the gradient of the mean over all
+        the step's samples (the loss logged for it), as one batch of them all gives. Lightning divides each batch's
+        loss by k: a step of batches of other sizes got the mean of their means, and one short of batches (a finite
+        dataset's last) a fraction of its gradient. Each batch's loss is weighted by its samples; at the step's last
+        batch, once the step's samples are known, the gradient this process accumulated so far (DDP sums it over
+        ranks only in the last batch's backward) is rescaled to them, and the last batch's loss weighted to match."""
+        first, total = self._step_samples or (samples, 0)
+        total += samples
+        if not step_ends(self.trainer):
+            self._step_samples = (first, total)
+            return loss * (samples / first)
+        self._step_samples = None
+        k = self.trainer.accumulate_grad_batches
+        if total != k * first:  # Fewer batches than k, or batches of other sizes (rare: only then is it needed).
+            for param in self.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(k * first / total)
+        return loss * (k * samples / total)
 
     def _evaluation_step(self, phase: Phase, batch: Any) -> Tensor | None:
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
@@ -705,6 +722,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         self._cadence = next((c for c in callbacks if isinstance(c, ValidationCadence)), None)  # Once, not every step.
         self._monitored = monitored_training_tags(self.trainer)
+        self._step_samples = None  # (A fit that failed mid-step left its own.)
         set_optimizer_mode(self.trainer.optimizers, train=True)
         if self._resume_changes:  # After Lightning restored the optimizer state, which holds the old values.
             apply_optimizer_changes(self.trainer.optimizers, self._resume_changes)

@@ -84,6 +84,41 @@ def test_a_step_an_epoch_ends_short_of_batches_gets_its_batches_whole_gradient(t
     assert [r for _, r in GradientOfItsBatches.ratios] == pytest.approx([1.0] * 4, rel=1e-4)
 
 
+class FirstSamples(torch.utils.data.IterableDataset):
+    """The first `n` of FiveBatchEpochs' samples, as a finite iterable (its last batch is kept, short)."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, generator=g)
+
+    def __iter__(self) -> Any:
+        return iter(zip(self.x, self.y, strict=True))
+
+
+class IterableGradients(GradientOfItsBatches):
+    samples = 20
+
+    def get_dataset(self, phase: mlfab.Phase) -> Any:
+        return FirstSamples(IterableGradients.samples) if phase == "train" else super().get_dataset(phase)
+
+
+@pytest.mark.parametrize(
+    ("samples", "sizes"), [(20, [[8, 8], [4]]), (28, [[8, 8], [8, 4]]), (36, [[8, 8], [8, 8], [4]])]
+)
+def test_each_step_of_a_finite_iterable_gets_the_gradient_of_all_its_samples(
+    tmp_path: Path, samples: int, sizes: list[list[int]]
+) -> None:
+    """An iterable's epoch may end in a step short of batches (it was applied at 1/2) or with a short batch (it
+    counted as a whole one: the mean of the batches' means, not of their samples)."""
+    GradientOfItsBatches.ratios, IterableGradients.samples = [], samples
+    config = BoringConfig(
+        max_steps=2 * len(sizes), batch_size=8, batches_per_step=2, clip_grad_norm=None, exp_dir=str(tmp_path / "run")
+    )
+    IterableGradients.launch(config, argv=[])
+    assert [n for n, _ in GradientOfItsBatches.ratios] == [len(step) for step in sizes] * 2
+    assert [r for _, r in GradientOfItsBatches.ratios] == pytest.approx([1.0] * 2 * len(sizes), rel=1e-4)
+
+
 def test_an_explicit_trainer_val_check_interval_is_lightnings_batch_count(tmp_path: Path) -> None:
     argv = ["fit", "--model.config.max_steps=7", "--model.config.valid_every_n_steps=2"]
     argv.append("--trainer.val_check_interval=3")  # Lightning's meaning: every 3 training batches.
