@@ -314,10 +314,12 @@ class SpawnedResult:
     def __init__(self, collect: Callable[[pl.Trainer], Any]) -> None:
         self.collect = collect
         self.result: Any = None
+        self.spawns = False
 
     def install(self, trainer: pl.Trainer) -> "SpawnedResult":
         launcher = trainer.strategy.launcher
-        if hasattr(launcher, "get_extra_results") and hasattr(launcher, "update_main_process_results"):
+        self.spawns = hasattr(launcher, "get_extra_results") and hasattr(launcher, "update_main_process_results")
+        if self.spawns:  # The work runs in processes the launcher starts.
             launcher.get_extra_results = self.get_extra_results  # type: ignore[union-attr]
             launcher.update_main_process_results = self.update_main_process_results  # type: ignore[union-attr]
         return self

@@ -299,6 +299,10 @@ class Spawned(BoringTask):
                 raise RuntimeError("failed at step 2")
             if os.environ.get("AT_STEP_2") == "sigterm" and self.global_rank == 0:
                 os.kill(os.getpid(), signal.SIGTERM)
+            if os.environ.get("AT_STEP_2") == "group-sigterm" and self.global_rank == 0:  # As Slurm and a terminal do.
+                os.killpg(0, signal.SIGTERM)
+            if os.environ.get("AT_STEP_2") == "launcher-sigterm" and self.global_rank == 0:  # `kill <its pid>`.
+                os.kill(os.getppid(), signal.SIGTERM)
         return super().get_loss(batch, state)
 
 if __name__ == "__main__":
@@ -327,6 +331,7 @@ def run_spawned(tmp_path: Path, at_step_2: str = "") -> tuple[subprocess.Complet
         capture_output=True,
         text=True,
         timeout=300,
+        start_new_session=True,  # A process group of its own, which a test may signal as a whole.
     )
     return proc, exp_dir
 
@@ -365,10 +370,12 @@ def test_ddp_spawn_keeps_the_directory_of_a_run_that_failed_once_started(tmp_pat
     assert (exp_dir / "config.yaml").is_file() and launch_records(exp_dir) == (1, 1)
 
 
-def test_ddp_spawn_exits_with_the_signal_that_stopped_training(tmp_path: Path) -> None:
+@pytest.mark.parametrize("at_step_2", ["sigterm", "group-sigterm", "launcher-sigterm"])
+def test_ddp_spawn_exits_with_the_signal_that_stopped_training(tmp_path: Path, at_step_2: str) -> None:
     """A SIGTERM to a spawned process stops training there (as under `ddp`); the launching process, whose callbacks
-    got no signal, exited 0."""
-    proc, exp_dir = run_spawned(tmp_path, at_step_2="sigterm")
+    got no signal, exited 0. One to the whole process group (Slurm's, a terminal's) or to the launching process alone
+    ended the launching process at once (exit 1, no last lines), leaving the spawned ones without it."""
+    proc, exp_dir = run_spawned(tmp_path, at_step_2=at_step_2)
     assert proc.returncode == 128 + 15, proc.stderr[-4000:]
     assert "Finished at step 3/4 after " in proc.stdout  # The step the signal came in (from 0) ended training.
 

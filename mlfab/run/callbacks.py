@@ -1,11 +1,14 @@
 """Callbacks `launch` adds to the Trainer: validation cadence, the final checkpoint, stopping on Ctrl-C, and the
 `predict` subcommand's output file."""
 
+import contextlib
+import multiprocessing
+import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +430,31 @@ class TrainingEndsOnError(StepFreeCallback):
         end = getattr(pl_module, "_end_training", None)
         if callable(end):  # An mlfab task (any other LightningModule has none).
             end(failed=True)
+
+
+@contextlib.contextmanager
+def signals_passed_to_spawned() -> Iterator[None]:
+    """While the launching process of a spawn-based strategy (`ddp_spawn`) waits for the processes it started, which
+    train and have their own `GracefulStop`: a SIGTERM or SIGUSR1 to it is passed on to them (they stop or save, and
+    the launcher reports rank zero's outcome), not the end of it, and SIGINT, which a terminal sends to the whole
+    group, is left to them. (A signal to the whole group reaches them twice: a second SIGTERM or SIGUSR1 adds
+    nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def pass_on(signum: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)  # type: ignore[arg-type]
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def last_training_ends_on_error(callbacks: list[Any]) -> None:

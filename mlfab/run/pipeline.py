@@ -23,7 +23,7 @@ from typing_extensions import override
 from mlfab._lightning import SpawnedResult, StepFreeCallback
 from mlfab.config import Config, config_to_yaml, to_dict
 from mlfab.loggers.dispatch import write_run_info
-from mlfab.run.callbacks import GracefulStop, PredictionWriter
+from mlfab.run.callbacks import GracefulStop, PredictionWriter, signals_passed_to_spawned
 from mlfab.run.distributed import EXP_DIR_ENV
 from mlfab.run.invocation import command_name, current_command
 from mlfab.run.provenance import atomic_write, launch_count, provenance_text, write_provenance
@@ -173,7 +173,8 @@ def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: An
             print(f"Resuming from {ckpt_path}" if subcommand == "fit" else f"Weights from {ckpt_path}", flush=True)
         os.environ[EXP_DIR_ENV] = str(exp_dir)
     try:
-        getattr(trainer, subcommand)(task, ckpt_path=ckpt_path, **kwargs)
+        with signals_passed_to_spawned() if spawned.spawns else contextlib.nullcontext():
+            getattr(trainer, subcommand)(task, ckpt_path=ckpt_path, **kwargs)
     except BaseException:
         # Under a spawn-based strategy rank zero's copy of `records` wrote them (see SpawnedResult): the new
         # launch entry says so.
