@@ -6,6 +6,8 @@ Batches reach the task as torch tensors with their dtypes kept (uint8 images sta
 """
 
 import collections
+import copy
+import dataclasses
 import logging
 import os
 import random
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from dpshdl.dataset import Dataset as DpshdlDataset
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
@@ -31,19 +34,70 @@ from mlfab.loader import MlfabLoader
 log = logging.getLogger(__name__)
 
 
+_TORCH_KINDS = "biufc"  # numpy dtype kinds torch has a dtype for: bool, ints, unsigned ints, floats, complex.
+
+
 def to_torch(value: Any) -> Any:
-    """numpy arrays (anywhere in tuples, lists, dicts, dataclass-free structures) -> torch tensors."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value)) if value.dtype != np.object_ else value
-    if isinstance(value, np.generic):
-        return torch.as_tensor(value)
+    """numpy arrays (anywhere in tuples, lists, mappings, namedtuples and dataclasses) -> torch tensors.
+
+    Each container keeps its type (see `_rebuilt`). Arrays of a kind torch has no dtype for (strings, bytes, dates,
+    objects) stay numpy arrays."""
+    if isinstance(value, np.ndarray | np.generic):
+        if value.dtype.kind not in _TORCH_KINDS:
+            return value
+        array = np.asarray(value, dtype=value.dtype.newbyteorder("="))  # A scalar as a 0-d array; native byte order.
+        # (np.ascontiguousarray would make a 0-d array 1-d.)
+        return torch.from_numpy(array if array.flags.c_contiguous else np.ascontiguousarray(array))
+    return _rebuilt(value, to_torch)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Lightning's `move_data_to_device` (tensors, and anything with a `to` method), also for a frozen dataclass
+    anywhere in the batch, which Lightning refuses ("A frozen dataclass was passed to `apply_to_collection`")."""
+    if callable(getattr(batch, "to", None)):
+        return move_data_to_device(batch, device)
+    return _rebuilt(batch, lambda item: to_device(item, device))
+
+
+def _rebuilt(value: Any, convert: Callable[[Any], Any]) -> Any:
+    """`value` with `convert` applied to each item where it is a container, of the same type: a dataclass (its fields
+    that `__init__` takes; `dataclasses.replace`, so a frozen one too), a mapping, a namedtuple, a list or a tuple.
+    Anything else is returned as it is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _replaced(value, {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init})
     if isinstance(value, Mapping):
-        return type(value)({k: to_torch(v) for k, v in value.items()})  # type: ignore[call-arg]
+        return _with_items(value, {k: convert(v) for k, v in value.items()})
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(to_torch(v) for v in value))
+        return type(value)(*(convert(v) for v in value))
     if isinstance(value, list | tuple):
-        return type(value)(to_torch(v) for v in value)
+        return type(value)(convert(v) for v in value)
     return value
+
+
+def _replaced(value: Any, changes: dict[str, Any]) -> Any:
+    """A copy of a dataclass instance with `changes`. `dataclasses.replace` builds it as its class does (frozen ones
+    too); where its `__init__` or `__post_init__` refuses that (an InitVar without a default, a check of the numpy
+    type), the fields of a shallow copy are set directly, as Lightning does when it moves a batch to the device."""
+    try:
+        return dataclasses.replace(value, **changes)
+    except Exception:
+        out = copy.copy(value)
+        for name, item in changes.items():
+            object.__setattr__(out, name, item)
+        return out
+
+
+def _with_items(value: Mapping, items: dict[Any, Any]) -> Mapping:
+    """A copy of a mapping holding `items`, of the same type where a shallow copy takes them: a defaultdict keeps its
+    default factory (its constructor does not take a dict), an OrderedDict, Counter or dict subclass its type. A
+    mapping that cannot be copied or changed (MappingProxyType, a read-only Mapping) becomes a plain dict."""
+    try:
+        out = copy.copy(value)
+        for key, item in items.items():
+            out[key] = item  # type: ignore[index]
+    except Exception:
+        return items
+    return out
 
 
 _RANK_ENV, _WORLD_ENV = "MLFAB_GLOBAL_RANK", "MLFAB_WORLD_SIZE"
@@ -310,10 +364,12 @@ class MapStateful(TorchDataset):
 class Collate:
     """Uses the dataset's own `collate` when it has one, then turns numpy arrays into tensors.
 
-    A batch that fails to collate becomes None, which the training loader skips and counts and the validation
-    and test steps skip. `max_bad_in_a_row` such batches in a row (in one process: each dataloader
-    worker counts its own) stop the run with a DatasetError; the key is `max_bad_samples_in_a_row`, which counts
-    batches here. The warnings are rate-limited (RepeatedWarning)."""
+    A batch that fails to collate (its collate raised, or returned None: a missing `return`, or a batch it dropped)
+    becomes None, which the training loader skips and counts and the validation and test steps skip.
+    `max_bad_in_a_row` such batches in a row (in one process: each dataloader worker counts its own) stop the run
+    with a DatasetError; the key is `max_bad_samples_in_a_row`, which counts batches here. The warnings are
+    rate-limited (RepeatedWarning). A batch mlfab cannot turn into tensors stops the run at once: it is no fault of
+    the collate, and every batch would fail the same way."""
 
     def __init__(
         self, collate: Callable[[list[Any]], Any] | None, max_bad_in_a_row: int | None = 100, name: str = "the dataset"
@@ -326,22 +382,48 @@ class Collate:
 
     def __call__(self, items: list[Any]) -> Any:
         try:
-            batch = default_collate(items) if self.collate is None else to_torch(self.collate(items))
+            batch = default_collate(items) if self.collate is None else self.collate(items)
         except Exception as e:
             self.failed(e)
             return None
+        if batch is None:
+            where = _source(self.collate)
+            self.failed(
+                DatasetError(
+                    f"{self.name}.collate returned None for a batch of {len(items)} samples: check that it returns "
+                    "the batch (is its `return` missing?). A batch it skips on purpose (by raising, or returning "
+                    "None) counts against max_bad_samples_in_a_row"
+                ),
+                where,
+            )
+            return None
         self.in_a_row = 0
-        return batch
+        if self.collate is None:
+            return batch  # default_collate's tensors.
+        try:
+            return to_torch(batch)
+        except Exception as e:
+            raise DatasetError(
+                f"mlfab could not turn the numpy arrays in the batch from {self.name}.collate (a "
+                f"{type(batch).__name__}) into tensors: {type(e).__name__}: {e} (at {_where(e)}). Return the batch "
+                "as tensors or numpy arrays in tuples, lists, dicts, namedtuples or dataclasses."
+            ) from e
 
-    def failed(self, exc: Exception) -> None:
+    def failed(self, exc: Exception, where: str | None = None) -> None:
         self.in_a_row += 1
-        error = f"{type(exc).__name__}: {exc} (at {_where(exc)})"
+        error = f"{type(exc).__name__}: {exc} (at {where or _where(exc)})"
         if self.max_bad_in_a_row is not None and self.in_a_row >= self.max_bad_in_a_row:
             raise DatasetError(
                 f"{self.in_a_row} batches in a row from {self.name} failed to collate (max_bad_samples_in_a_row="
                 f"{self.max_bad_in_a_row}, which also counts batches that fail to collate). Last error: {error}"
             ) from exc
         self.warning(f"Skipping a batch from {self.name} that failed to collate: {error}", lambda: f"the last: {error}")
+
+
+def _source(function: Any) -> str:
+    """Where a function (or method) is defined, as `path:line`."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else "unknown"
 
 
 def check_dataset(dataset: Any, phase: str, task_name: str) -> Any:

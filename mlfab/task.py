@@ -6,6 +6,7 @@ builds the default optimizer from the config, and writes everything passed to `l
 attached logger. `Task.launch(Config(...))` runs it; `lightning.pytorch.Trainer().fit(task)` works too.
 """
 
+import dataclasses
 import functools
 import inspect
 import numbers
@@ -38,7 +39,7 @@ from mlfab.checkpoints import around_saves, check_compatible, gather_rng_states,
 from mlfab.cli.parser import launch
 from mlfab.compiling import Compiled
 from mlfab.config import Config, ConfigT, build_config, check_config, to_dict
-from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure
+from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure, to_device
 from mlfab.declaration import find_config_class, prepare_subclass, task_work_due
 from mlfab.errors import ConfigError, TaskDefinitionError
 from mlfab.loader import Consumed, MlfabLoader
@@ -164,6 +165,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     def log_valid_step(self, batch: Any, output: Any, state: State) -> None:
         """Override to log values on validation steps."""
+
+    @override
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return to_device(batch, device)  # Lightning's move, also of a frozen dataclass (which Lightning refuses).
 
     def get_num_samples(self, batch: Any) -> int:
         """The number of samples in `batch`, which weighs the scalars logged for it in the mean over a validation
@@ -926,13 +931,17 @@ def _takes_model(build_optimizer: Callable[..., Any]) -> bool:
 
 
 def _leading_dims(batch: Any) -> Iterator[int]:
-    """The leading dimension of each tensor or array in a batch (1 for a 0-d one), depth first through tuples, lists
-    and dicts."""
+    """The leading dimension of each tensor or array in a batch (1 for a 0-d one), depth first through tuples, lists,
+    dicts and dataclasses (their fields that `__init__` takes, in order: those `mlfab.data.to_torch` converts)."""
     if isinstance(batch, Tensor | np.ndarray):
         yield int(batch.shape[0]) if batch.ndim else 1
     elif isinstance(batch, Mapping | list | tuple):
         for item in batch.values() if isinstance(batch, Mapping) else batch:
             yield from _leading_dims(item)
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for field in dataclasses.fields(batch):
+            if field.init:
+                yield from _leading_dims(getattr(batch, field.name))
 
 
 precompute_step_signatures(Task)  # Lightning inspects the step hooks' signatures on every batch.
