@@ -58,6 +58,11 @@ def schedule_free_adamw(
     for group in groups:  # The warmup is mlfab's (`warm_up`), so the applied rate is each group's "lr".
         group.update(base_lr=lr, linear_warmup_steps=warmup_steps)
     b1, b2 = tuple(betas)
+    if b1 == 0:  # It moves the weights between train and eval mode by 1 - 1/beta1.
+        raise ConfigError(
+            f"betas={[b1, b2]}: the default optimizer, schedule-free AdamW, needs betas[0] > 0 (its evaluation weights "
+            "divide by it). Set betas[0] above 0 (0.9 is the default), or build your own optimizer (build_optimizer)."
+        )
     optimizer = AdamWScheduleFree(groups, lr=lr, betas=(b1, b2), weight_decay=weight_decay, warmup_steps=0)
     warm_up([optimizer])
     return optimizer
