@@ -362,3 +362,18 @@ def test_a_loggers_prefix_applies_to_mlfabs_values_as_to_lightnings(tmp_path: Pa
     wandb_logger.finalize("success")
     rows = wandb_history(finished_wandb_run(tmp_path / "wb"))
     assert rows[0]["exp1-train/loss/loss"] == 0.5 and rows[1]["exp1-lightning/metric"] == 2.0
+
+
+@pytest.mark.unit
+def test_json_media_written_twice_at_one_step_keep_a_file_each(tmp_path: Path) -> None:
+    """A `validate` of the run's checkpoint writes at the step the training validated at: its image replaced the
+    training's, which that line still pointed at."""
+    for launch, shade in enumerate((10, 200)):
+        logger = JsonLogger(tmp_path, log_interval_seconds=0)
+        image = np.full((4, 4, 3), shade, dtype=np.uint8)
+        logger.write(Logs("valid", 3, 3, 1.0, 8, {"image": {"value/img": image}}))
+        logger.finalize("success")
+    lines = [json.loads(line) for line in (tmp_path / "json" / "log.jsonl").read_text().splitlines()]
+    paths = [line["media"]["value/img"] for line in lines]
+    assert paths == ["media/valid/value__img/3.png", "media/valid/value__img/3-2.png"]
+    assert [np.asarray(Image.open(tmp_path / "json" / p))[0, 0, 0] for p in paths] == [10, 200]

@@ -94,6 +94,17 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _unused(root: Path, folder: Path, step: int, ext: str) -> Path:
+    """`folder/<step>.<ext>` (relative to `root`, its folder made), or `<step>-2.<ext>`, ... where an earlier write
+    has that name (an evaluation of the run's checkpoint at the step its training validated at, a step written
+    again after a resume): each line keeps pointing at its own file."""
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    relative, n = folder / f"{step}.{ext}", 2
+    while (root / relative).exists():
+        relative, n = folder / f"{step}-{n}.{ext}", n + 1
+    return relative
+
+
 class JsonLogger(PlainLogger):
     """`<exp_dir>/json/log.jsonl` and its media (see the module docstring for what a line holds).
 
@@ -149,8 +160,7 @@ class JsonLogger(PlainLogger):
         for kind, (ext, save) in _MEDIA.items():
             for tag, value in logs.of(kind).items():
                 name = free_tag(tag, kind, media)
-                relative = Path("media") / logs.phase / _safe_name(name) / f"{logs.step}.{ext}"
-                (self._dir / relative).parent.mkdir(parents=True, exist_ok=True)
+                relative = _unused(self._dir, Path("media") / logs.phase / _safe_name(name), logs.step, ext)
                 save(self._dir / relative, value)
                 media[name] = relative.as_posix()
         self._write_line(
