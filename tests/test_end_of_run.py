@@ -116,16 +116,29 @@ def test_early_stopping_with_a_validation_interval_writes_the_validation_it_stop
     assert written_steps(tmp_path / "run") == {"tensorboard": expected, "json": expected, "wandb": expected}
 
 
-def test_a_signal_once_training_has_ended_stops_nothing_and_exits_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["final checkpoint", "final validation"])
+def test_a_signal_once_training_has_ended_stops_nothing_and_exits_0(
+    tmp_path: Path, when: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A SIGTERM during the final checkpoint (here: in `on_training_end`) exited 143 although the run had finished
-    at max_steps, so a requeue setup relaunched a finished run."""
+    at max_steps, so a requeue setup relaunched a finished run. During the final validation it said it was
+    stopping after this step and saving a checkpoint, though nothing stopped."""
 
     class LateSignal(BoringTask):
         def on_training_end(self, state: mlfab.State) -> None:
-            os.kill(os.getpid(), signal.SIGTERM)
+            if when == "final checkpoint":
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            if when == "final validation" and state.phase == "valid" and state.num_steps == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().get_loss(batch, state)
 
     LateSignal.launch(BoringConfig(max_steps=3, exp_dir=str(tmp_path)), argv=[])  # No SystemExit(143).
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    said = capsys.readouterr().err
+    assert "SIGTERM: training has ended; its final validation and checkpoint finish." in said
+    assert "stopping after this step" not in said
 
 
 def test_a_signal_during_a_validation_stops_at_its_step_and_resumes_exactly(tmp_path: Path) -> None:

@@ -301,6 +301,7 @@ class GracefulStop(StepFreeCallback):
         self._save_requested = False
         self._distributed = False
         self._previous: dict[int, Any] = {}
+        self._trainer: pl.Trainer | None = None  # The Trainer training, which the handler asks whether it ended.
 
     def _handler(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGUSR1:
@@ -309,8 +310,12 @@ class GracefulStop(StepFreeCallback):
         if self.signal_received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_received = signum
+        trainer = self._trainer
+        ended = trainer is not None and (trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step)
+        what = "training has ended; its final validation and checkpoint finish" if ended else "stopping after this step"
         print(
-            f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
+            f"\n{signal.Signals(signum).name}: {what}"
+            + ("" if ended else " and saving a checkpoint")
             + (" (Ctrl-C again to abort)." if signum == signal.SIGINT else "."),
             file=sys.stderr,
             flush=True,
@@ -318,7 +323,7 @@ class GracefulStop(StepFreeCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._distributed, self.stopping = trainer.world_size > 1, False
+        self._distributed, self.stopping, self._trainer = trainer.world_size > 1, False, trainer
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
                 self._previous[signum] = signal.signal(signum, self._handler)
