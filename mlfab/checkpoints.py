@@ -449,8 +449,9 @@ def unreadable(path: Path, error: Exception) -> CheckpointError:
     if complete and isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
         return CheckpointError(
             f"Checkpoint {path} holds an object that torch's safe loading (weights_only=True) refuses. The usual "
-            "cause is a batch of a type of your own (e.g. a namedtuple from a dataset's collate), saved as the "
-            "batch in flight: return tuples, dicts or tensors from collate. torch said: " + str(error)[:2000]
+            "cause is a batch holding a type of your own (a tuple or list subclass, an object; dataclasses, "
+            "namedtuples and mappings are stored as data), saved as the batch in flight: return tuples, dicts or "
+            "tensors from collate. torch said: " + str(error)[:2000]
         )
     intact = next((p for p in reversed(checkpoint_files(path.parent)) if p != path and damage(p) is None), None)
     hint = (

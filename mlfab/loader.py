@@ -10,18 +10,24 @@ Under DDP each rank reads its own share of the data, so the state is every rank'
 written, which every rank does), and a resumed rank takes its own.
 
 A batch whose collation failed (None) is skipped here and counted.
+
+A batch in flight is stored as data torch's safe loading (`weights_only=True`) reads: a dataclass, namedtuple or
+mapping other than a dict (dpshdl's collate of dataclass samples, a `defaultdict`) as a dict naming its type, which
+the restored loader looks up among the modules already imported (the task's and its dataset's) and rebuilds.
 """
 
 import collections
+import dataclasses
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
-from mlfab.errors import DatasetError
+from mlfab.errors import CheckpointError, DatasetError
 
 # torchdata calls a deprecated torch function on every iterator start; the warning is not the user's concern.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -85,7 +91,8 @@ class MlfabLoader(StatefulDataLoader):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        own = {"loader": super().state_dict(), "in_flight": self.in_flight(), "skipped": self.skipped_batches}
+        in_flight = [stored(batch) for batch in self.in_flight()]
+        own = {"loader": super().state_dict(), "in_flight": in_flight, "skipped": self.skipped_batches}
         if not _distributed():
             return own
         everyone: list[Any] = [None] * dist.get_world_size()
@@ -99,7 +106,7 @@ class MlfabLoader(StatefulDataLoader):
             rank = dist.get_rank() if _distributed() else 0
             state_dict = ranks[rank if rank < len(ranks) else 0]
         super().load_state_dict(state_dict["loader"])
-        self._replay = list(state_dict.get("in_flight", []))
+        self._replay = [restored(batch) for batch in state_dict.get("in_flight", [])]
         self.skipped_batches = int(state_dict.get("skipped", 0))
         self._ever_produced = True  # It trained before it was saved.
         self._yielded = self.consumed.count = 0
@@ -111,3 +118,66 @@ class MlfabLoader(StatefulDataLoader):
         workers = state.get("_snapshot", {}).get("_worker_snapshots", {}).values()
         datasets = [state["dataset_state"]] if "dataset_state" in state else [w.get("dataset_state") for w in workers]
         return sum(int((d or {}).get("bad_total", 0)) for d in datasets)
+
+
+_TYPE = "__mlfab_type__"  # The key of a stored container of a type of its own: `module:qualname`.
+
+
+def stored(value: Any) -> Any:
+    """`value` with each dataclass, namedtuple and mapping other than a dict in it made a dict naming its type."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: stored(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return {_TYPE: _name(type(value)), "fields": fields}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return {_TYPE: _name(type(value)), "items": [stored(item) for item in value]}
+    if isinstance(value, Mapping):
+        items = {key: stored(item) for key, item in value.items()}
+        if type(value) is dict:
+            return items
+        factory = getattr(value, "default_factory", None)
+        return {_TYPE: _name(type(value)), "items": list(items.items()), "factory": factory and _name(factory)}
+    if isinstance(value, list | tuple):
+        return type(value)(stored(item) for item in value)
+    return value
+
+
+def restored(value: Any) -> Any:
+    """The batch `stored` stored."""
+    if isinstance(value, list | tuple):
+        return type(value)(restored(item) for item in value)
+    if not isinstance(value, dict):
+        return value
+    if _TYPE not in value:
+        return {key: restored(item) for key, item in value.items()}
+    cls: Any = _named(value[_TYPE])
+    make: Callable[..., Any] = cls
+    if "fields" in value and dataclasses.is_dataclass(cls):
+        return make(**{name: restored(item) for name, item in value["fields"].items()})
+    if issubclass(cls, tuple) and hasattr(cls, "_fields"):
+        return cls(*(restored(item) for item in value["items"]))
+    if issubclass(cls, Mapping):
+        items = [(key, restored(item)) for key, item in value["items"]]
+        if issubclass(cls, collections.defaultdict):
+            return cls(value["factory"] and _named(value["factory"]), items)
+        return cls(items)
+    raise CheckpointError(f"The checkpoint's batch in flight names {value[_TYPE]}, which is no container of a batch.")
+
+
+def _name(cls: Any) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _named(name: str) -> type:
+    """The class `module:qualname` names (a batch's container, or a defaultdict's factory), from a module already
+    imported: a checkpoint never imports a module, nor calls anything but such a class."""
+    module, _, qualname = name.partition(":")
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if not isinstance(found, type):  # Only a class is called (a batch's container, a defaultdict's factory).
+        raise CheckpointError(
+            f"The checkpoint's batch in flight holds a {name}, which is not found among the modules imported: define "
+            "it at the top level of the module of your task or dataset (not inside a function), so that a resumed "
+            "run finds it."
+        )
+    return found

@@ -306,3 +306,47 @@ def test_a_frozen_dataclass_batch_trains(tmp_path: Path) -> None:
 
     Task.launch(BoringConfig(max_steps=3, batch_size=8, valid_batches=0, exp_dir=str(tmp_path / "run")), argv=[])
     assert seen == [(FrozenBatch, torch.device("cpu"), 8)] * 3
+
+
+class DefaultdictPairs(FrozenPairs):
+    """FrozenPairs' samples, collated into a defaultdict."""
+
+    def collate(self, items: list[tuple[np.ndarray, np.float32]]) -> collections.defaultdict:  # type: ignore[override]
+        batch = super().collate(items)
+        return collections.defaultdict(list, {"x": batch.x, "y": batch.y})
+
+
+def _inputs(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, Sample | FrozenBatch):
+        return batch.x, batch.y
+    return batch["x"], batch["y"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["dpshdl dataclass", "frozen dataclass", "defaultdict"])
+def test_a_run_of_batches_of_its_own_type_resumes_exactly(tmp_path: Path, kind: str) -> None:
+    """The batch in flight is in the checkpoint: torch's safe loading refused a dataclass or defaultdict there, so
+    every relaunch of such a run stopped with a CheckpointError."""
+    losses: dict[str, list[tuple[int, float]]] = {}
+
+    class Task(JsonTask):
+        def get_dataset(self, phase: mlfab.Phase) -> Any:
+            if kind == "dpshdl dataclass":
+                return DataclassSamples(self.config.in_dim, seed=0 if phase == "train" else 1)
+            return FrozenPairs() if kind == "frozen dataclass" else DefaultdictPairs()
+
+        def get_loss(self, batch: Any, state: mlfab.State) -> Tensor:
+            x, y = _inputs(batch)
+            loss = F.mse_loss(self(x), y)
+            if state.phase == "train":
+                losses.setdefault(self.config.run_dir or "", []).append((state.num_steps, float(loss)))
+            return loss
+
+    def launch(name: str, max_steps: int) -> None:
+        config = BoringConfig(max_steps=max_steps, batch_size=8, valid_batches=0, run_dir=name)
+        Task.launch(config, argv=[f"exp_dir={tmp_path / name}"])
+
+    launch("whole", 4)
+    launch("resumed", 2)
+    launch("resumed", 4)  # Goes on from step 2, with the batch Lightning had fetched for step 2 replayed first.
+    assert losses["resumed"] == losses["whole"]
