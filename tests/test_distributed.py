@@ -98,6 +98,19 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": PYTHONPATH, "OUT_DIR": str(tmp_path / "out"), **extra}
 
 
+def run_ddp(tmp_path: Path, script: Path, args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """`python script *args` on a free port, in a process group of its own (which a test may signal as a whole)."""
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port()), **env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+
+
 def read_rank(tmp_path: Path, phase: str, rank: int) -> list[tuple[int, list[int], float]]:
     path = tmp_path / "out" / f"{phase}_rank{rank}.jsonl"
     return [tuple(json.loads(line)) for line in path.read_text().splitlines()]  # type: ignore[misc]
@@ -145,22 +158,9 @@ def check_two_ranks(tmp_path: Path, stdout: str) -> None:
 def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str, compile: str) -> None:  # noqa: A002
     """Also with compile=true: the compiled forward runs inside Lightning's DDP wrapper on each rank."""
     script = write_script(tmp_path)  # ddp_spawn pickles the Trainer and the task into each process.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "accelerator=cpu",
-            "devices=2",
-            f"strategy={strategy}",
-            f"compile={compile}",
-            f"run_dir={tmp_path / 'runs'}",
-        ],
-        env=env_for(tmp_path, MASTER_PORT=str(free_port()), DATASET=dataset),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ["accelerator=cpu", "devices=2", f"strategy={strategy}", f"compile={compile}"]
+    args.append(f"run_dir={tmp_path / 'runs'}")
+    proc = run_ddp(tmp_path, script, args, DATASET=dataset)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_two_ranks(tmp_path, proc.stdout)
     assert proc.stdout.count("torch.compile (torch's defaults): ") == (compile == "true")
@@ -267,14 +267,7 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path: Pa
     """Each rank decided alone: rank 1 skipped the step, rank 0 applied it, and the replicas drifted apart."""
     script = tmp_path / "nan_on_one_rank.py"
     script.write_text(NAN_ON_ONE_RANK)
-    proc = subprocess.run(
-        [sys.executable, str(script), "accelerator=cpu", "devices=2", f"run_dir={tmp_path / 'runs'}"],
-        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_ddp(tmp_path, script, ["accelerator=cpu", "devices=2", f"run_dir={tmp_path / 'runs'}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     # The two processes' lines may run together on the shared stdout: each record is matched on its own.
     assert sorted(re.findall(r"RANK (\d) skipped (\d) same (True|False)", proc.stdout)) == [
@@ -324,15 +317,7 @@ def run_spawned(tmp_path: Path, at_step_2: str = "") -> tuple[subprocess.Complet
         "--trainer.callbacks+=ModelCheckpoint",
         "--trainer.callbacks.monitor=valid/loss/loss",
     ]
-    proc = subprocess.run(
-        [sys.executable, str(script), *args],
-        env=env_for(tmp_path, MASTER_PORT=str(free_port()), AT_STEP_2=at_step_2),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        start_new_session=True,  # A process group of its own, which a test may signal as a whole.
-    )
+    proc = run_ddp(tmp_path, script, args, AT_STEP_2=at_step_2)
     return proc, exp_dir
 
 
@@ -395,14 +380,7 @@ def test_a_checkpoint_monitoring_a_training_metric_under_ddp_is_scored_with_the_
         "--trainer.callbacks.save_top_k=-1",
         "--trainer.callbacks.filename={step}",
     ]
-    proc = subprocess.run(
-        [sys.executable, str(script), *args],
-        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = run_ddp(tmp_path, script, args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run,) = (tmp_path / "runs" / "distributed").iterdir()
     losses = [read_rank(tmp_path, "train", r) for r in (0, 1)]
