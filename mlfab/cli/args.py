@@ -8,16 +8,19 @@ Nothing else parses these arguments: jsonargparse does, as for `fit`. The plain 
 explain a refusal key by key.
 """
 
+import dataclasses
 import inspect
 import os
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
 import lightning.pytorch as pl
 import yaml
 
-from mlfab.config import dataclass_type, field_types, load_yaml
+from mlfab.config import dataclass_type, field_types, load_yaml, to_dict, type_name
 from mlfab.errors import ConfigError
 from mlfab.run.invocation import command_name
 
@@ -69,6 +72,107 @@ def short_form_args(task_cls: Any, argv: list[str]) -> tuple[list[str], list[dic
             args += file_args
             values.append(file_values)
     return args, values
+
+
+def args_into_whole_values(config_cls: type, argv: Sequence[str]) -> list[str]:
+    """The `key=value` arguments of the short form whose dotted key goes into a value that is set only whole (see
+    `whole_value_at`)."""
+    return [
+        arg
+        for arg in argv
+        if "=" in arg
+        and not arg.startswith("-")
+        and arg.partition("=")[0] not in PASSED_ON
+        and whole_value_at(config_cls, arg.partition("=")[0].split(".")) is not None
+    ]
+
+
+def whole_value_at(config_cls: type, parts: Sequence[str]) -> tuple[int, Any] | None:
+    """For a dotted key, split in `parts`: how many of its first parts name a value that is set only whole (a tuple,
+    list, number, string: jsonargparse reads `--x.1 16` for a tuple `x` as the pair (1, 16), silently), and that
+    value's type. None where each part but the last names a nested config or a mapping (a dotted key sets one of
+    its keys or entries), or where a part is no config key (refused as an unknown key)."""
+    tp: Any = config_cls
+    for i, part in enumerate(parts[:-1]):
+        cls = dataclass_type(tp)
+        if cls is not None:
+            if part not in field_types(cls):
+                return None
+            tp = field_types(cls)[part]
+        else:
+            tp = _entry_type(tp)
+        if tp is Any:
+            return None
+        if dataclass_type(tp) is None and _entry_type(tp) is None:
+            return i + 1, tp
+    return None
+
+
+def _entry_type(tp: Any) -> Any:
+    """The type of a mapping's entries (`dict[str, int]`: int; `bool | dict[str, Any]`: Any; Any for a value typed
+    Any), or None for a type that is no mapping."""
+    if tp is Any or tp is object:
+        return Any
+    origin = typing.get_origin(tp) or tp
+    if origin in (typing.Union, types.UnionType):
+        found = [entry for entry in map(_entry_type, typing.get_args(tp)) if entry is not None]
+        return found[0] if found else None
+    if isinstance(origin, type) and issubclass(origin, Mapping):
+        args = typing.get_args(tp)
+        return args[1] if len(args) == 2 else Any
+    return None
+
+
+def whole_value_problem(config_cls: type, key: str, raw: str | None, current: Mapping[str, Any], flag: bool) -> str:
+    """Why the dotted key `key` (with the value `raw` as typed) is refused, named as typed (`flag`: in the `fit` form,
+    `--model.config.<key>`), with the whole value to give instead, made from its value now (`current`, the config
+    data given so far; else the class default)."""
+    parts = key.split(".")
+    found = whole_value_at(config_cls, parts)
+    assert found is not None
+    count, tp = found
+    whole, rest = ".".join(parts[:count]), parts[count:]
+    now = _value_at(config_cls, current, parts[:count])
+    if isinstance(now, list | tuple):
+        items = list(now)
+        if len(rest) == 1 and rest[0].isdigit() and int(rest[0]) < len(items) and raw is not None:
+            items[int(rest[0])] = _yaml_value(raw)
+        example = "[" + ",".join(_flow(item) for item in items) + "]"
+    else:
+        example = raw if raw is not None else "..."
+    if flag:
+        named, instead = f"--model.config.{key}", f"--model.config.{whole} {example}"
+    else:
+        named, instead = f"key {key!r}", f"{whole}={example}"
+    return (
+        f"{named}: {whole} ({type_name(tp)}) takes a whole value, not one item or key of it (a dotted key goes "
+        f"into a nested config or a mapping only); give the whole value, e.g. {instead}"
+    )
+
+
+def _value_at(cls: Any, data: Any, parts: Sequence[str]) -> Any:
+    """The value at `parts` in plain config data of the dataclass `cls`, else `cls`'s default there (None for none)."""
+    if not parts:
+        return data
+    head, rest = parts[0], parts[1:]
+    sub = dataclass_type(field_types(cls).get(head)) if cls is not None else None
+    if isinstance(data, Mapping) and head in data:
+        return _value_at(sub, data[head], rest)
+    found = {f.name: f for f in dataclasses.fields(cls)}.get(head) if cls is not None else None
+    if found is None:
+        return None
+    if found.default is not dataclasses.MISSING:
+        default = found.default
+    elif found.default_factory is not dataclasses.MISSING:
+        default = found.default_factory()
+    else:
+        return None
+    return _value_at(sub, to_dict(default) if dataclasses.is_dataclass(default) else default, rest)
+
+
+def _flow(value: Any) -> str:
+    """A value as YAML in one line (what a `key=[...]` argument reads back)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).removesuffix("\n...\n").strip()
 
 
 def config_file_args(task_cls: Any, arg: str | PurePath) -> tuple[list[str], dict[str, Any]]:

@@ -23,7 +23,15 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlfab.checkpoints import check_ckpt_path, saved_at
-from mlfab.cli.args import SUBCOMMANDS, config_file_args, short_form_args, short_form_usage
+from mlfab.cli.args import (
+    SUBCOMMANDS,
+    args_into_whole_values,
+    config_file_args,
+    short_form_args,
+    short_form_usage,
+    whole_value_at,
+    whole_value_problem,
+)
 from mlfab.config import (
     MAX_SEED,
     build_config,
@@ -62,7 +70,8 @@ PRECEDENCE = (
 DESCRIPTIONS = {
     "fit": "Trains the task: run directory, config.yaml, loggers, callbacks, Trainer settings from the config.",
     "validate": "Runs one validation (valid_batches batches of get_dataset('valid')): with --ckpt_path of a run's "
-    "checkpoint, logged into that run at the checkpoint's step, else in a new run directory.",
+    "checkpoint, or --model.config.exp_dir of a run (its newest checkpoint, read as --ckpt_path), logged into that run "
+    "at the checkpoint's step, else in a new run directory.",
     "test": "Runs get_dataset('test'), or 'valid' when it returns None for 'test': all of it, or valid_batches "
     "batches of an endless dataset; logged like validate.",
     "predict": "Runs get_prediction (by default the model on each batch's inputs) over get_dataset('predict'), or "
@@ -177,6 +186,8 @@ class MlfabCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if any(a in ("-h", "--help") for a in args):
             self._show_current_values([a for a in args if a not in ("-h", "--help")])
+        else:
+            refuse_flags_into_whole_values(self.task_cls.config_class(), args, self.script_config)
         self.config = parser.parse_args(args)
         cfg = self.config[self.config.subcommand]
         self.pruned_ckpt_path = None
@@ -186,6 +197,12 @@ class MlfabCLI(LightningCLI):
                 check_ckpt_path(cfg["ckpt_path"])
             else:  # Lightning reads the config from the checkpoint the run goes on from; `--ckpt_path` comes back next.
                 self.pruned_ckpt_path, cfg["ckpt_path"] = cfg["ckpt_path"], str(newest)
+        elif self.config.subcommand != "fit" and cfg.get("model.config.exp_dir"):
+            # An evaluation into a run evaluates its newest checkpoint (see `_mlfab_run`): as its `--ckpt_path`, so that
+            # Lightning reads the run's config from it, under the values given, not the script's defaults.
+            newest = newest_checkpoint(Path(cfg["model.config.exp_dir"]).expanduser().resolve())
+            if newest is not None:
+                cfg["ckpt_path"] = str(newest)
         seed = cfg.get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:  # Seeded before checks.
             problem = f"key 'seed_everything': must be an integer from 0 to {MAX_SEED} (got {seed})"
@@ -202,8 +219,9 @@ class MlfabCLI(LightningCLI):
         for action in required:  # What the arguments set, even where they leave a required key out.
             action.required = False
         try:
+            refuse_flags_into_whole_values(self.task_cls.config_class(), args[1:], self.script_config)
             given = parser.parse_args(args[1:], defaults=False)
-        except (ShortFormError, SystemExit, jsonargparse.ArgumentError):
+        except (ShortFormError, SystemExit, jsonargparse.ArgumentError, ConfigError):
             return  # Arguments with a mistake: the help is still shown, without current values.
         finally:
             for action in required:
@@ -333,9 +351,10 @@ class MlfabCLI(LightningCLI):
 
     def _mlfab_run(self, subcommand: str, model: Any, kwargs: dict[str, Any]) -> None:
         """The run, for any subcommand: into a run directory with checkpoints, without `--ckpt_path`, a fit resumes
-        from the newest and an evaluation evaluates it. A fit also does when `--ckpt_path` names another run's
-        checkpoint, or one of this run's that an earlier launch already went on from (it started this run, or rewound
-        it: a relaunch or a requeued Slurm job, whose command keeps it, goes on from where this run got to)."""
+        from the newest and an evaluation evaluates it (`parse_arguments` made it the `--ckpt_path`, for its config). A
+        fit also does when `--ckpt_path` names another run's checkpoint, or one of this run's that an earlier launch
+        already went on from (it started this run, or rewound it: a relaunch or a requeued Slurm job, whose command
+        keeps it, goes on from where this run got to)."""
         given = kwargs.get("ckpt_path")
         own = newest_checkpoint(self.run.exp_dir) if subcommand == "fit" or given is None else None
         if own is not None and given is not None:
@@ -358,6 +377,21 @@ class MlfabCLI(LightningCLI):
         if name in SUBCOMMANDS:
             return lambda model, **kwargs: self._mlfab_run(name, model, kwargs)
         raise AttributeError(name)
+
+
+def refuse_flags_into_whole_values(config_cls: type, args: Sequence[str], script_config: dict[str, Any]) -> None:
+    """`--model.config.<key>.<more>` arguments into a value set only whole (a tuple, list, number...), which
+    jsonargparse would misread (`--model.config.crop.1 16` as crop (1, 16)), refused before it parses them."""
+    problems = []
+    for i, arg in enumerate(args):
+        flag, given, raw = arg.partition("=")
+        key = flag.removeprefix("--model.config.")
+        if key == flag or whole_value_at(config_cls, key.split(".")) is None:
+            continue
+        value = raw if given else args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
+        problems.append(whole_value_problem(config_cls, key, value, script_config, flag=True))
+    if problems:
+        raise ConfigError(problems_message(config_cls.__name__, problems))
 
 
 # Optimizer keys of the config that `--optimizer` (which builds the optimizer from its own arguments) never reads.
@@ -520,7 +554,11 @@ def launch(task_cls: type["Task"], *configs: Any, launcher: Any = None, argv: li
     if argv and argv[0] in SUBCOMMANDS:
         code = run_cli(task_cls, argv, configs, launcher)
     else:
-        args, values = short_form_args(task_cls, argv)
+        asks_help = any(a.partition("=")[0] in ("-h", "--help") for a in argv)
+        into_values = [] if asks_help else args_into_whole_values(task_cls.config_class(), argv)
+        args, values = short_form_args(task_cls, [a for a in argv if a not in into_values])
+        if into_values:  # Explained with every other problem of the config given.
+            raise ConfigError(_explain(task_cls, configs, values, None, into_values))
         if "--help" in args or "-h" in args:
             print(short_form_usage())
         try:
@@ -531,15 +569,26 @@ def launch(task_cls: type["Task"], *configs: Any, launcher: Any = None, argv: li
         raise SystemExit(code)
 
 
-def _explain(task_cls: type["Task"], configs: Sequence[Any], values: list[dict[str, Any]], said: str) -> str:
-    """jsonargparse refused the short form's arguments: every problem, by the key as typed, when they are config
-    values; else what jsonargparse said."""
+def _explain(
+    task_cls: type["Task"],
+    configs: Sequence[Any],
+    values: list[dict[str, Any]],
+    said: str | None,
+    into_values: Sequence[str] = (),
+) -> str:
+    """jsonargparse refused the short form's arguments (it `said` why), or mlfab refused `key=value` arguments
+    `into_values` (`args_into_whole_values`) before it parsed them: every problem, by the key as typed, when they
+    are config values; else what jsonargparse said."""
     script, _, file_values = script_sources(task_cls, configs)
     config_cls = task_cls.config_class()
     given = functools.reduce(lambda base, over: merge(base, over, config_cls), [*file_values, *values], script)
-    problems = config_problems(config_cls, given)
+    problems = [
+        whole_value_problem(config_cls, key, raw, given, flag=False)
+        for key, _, raw in (arg.partition("=") for arg in into_values)
+    ]
+    problems += config_problems(config_cls, given)
     hint = f"See `{command_name()} --help` for what each argument takes."
-    if problems and not config_problems(config_cls, given, rules=False):
+    if said is not None and problems and not config_problems(config_cls, given, rules=False):
         problems.append(f"{said} ({hint})")  # Values out of range, and a refusal they do not explain.
     if problems:
         return problems_message(config_cls.__name__, problems)
