@@ -124,6 +124,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._cadence: ValidationCadence | None = None  # mlfab's validation decision, when its Trainer has one.
         self._monitored: list[str] = []  # Training tags a callback or scheduler reads: published at every step.
         self._valid_unwritten: Callable[[], None] | None = None  # Writes the last validation where it was skipped.
+        # The evaluation in progress, once its scalars are in Lightning's metrics: their sample counts and values.
+        self._evaluation: tuple[dict[str, Any], dict[str, float]] | None = None
         self._step_started = False  # `on_step_start` ran for the step in progress.
         self._metric_names: set[str] = set()  # What this task `self.log`s for Lightning (not for its loggers).
         self._lightning_names: set[str] = set()  # What the task's own code `self.log`s (see `log`).
@@ -349,7 +351,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         values = list(parts.values())
         return values[0] if len(values) == 1 else torch.stack([v.reshape(()) for v in values]).sum()
 
-    def _flush_logs(self, phase: LogPhase, step: int, everywhere: bool = False) -> Callable[[], None] | None:
+    def _flush_logs(
+        self, phase: LogPhase, step: int, everywhere: bool = False, publish: Callable[..., Any] | None = None
+    ) -> Callable[[], None] | None:
         return flush_logs(
             self.trainer,
             self._log_buffers[phase],
@@ -358,7 +362,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             step=step,
             elapsed_time_s=self.elapsed_time_s,
             num_samples=self._num_samples,
-            publish=self._publish,
+            publish=publish or self._publish,
             lightnings_own=self._lightning_names,
             everywhere=everywhere,
         )
@@ -542,7 +546,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def on_test_epoch_end(self) -> None:
         if not task_work_due(self, "on_test_epoch_end"):
             return
-        self._flush_logs("test", self.weights_step)
+        self._publish_evaluation("test")
 
     @override
     def predict_dataloader(self) -> DataLoader:
@@ -716,9 +720,48 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self.trainer.sanity_checking:  # Like Lightning, nothing from the sanity check is logged.
             self._log_buffers["valid"].clear()
             return
-        fitting = self.trainer.state.fn == "fit"
-        unwritten = self._flush_logs("valid", self.weights_step, everywhere=fitting and self._training_ends())
-        self._valid_unwritten = unwritten if fitting else None
+        self._publish_evaluation("valid")
+
+    def _publish_evaluation(self, phase: LogPhase) -> None:
+        """An evaluation's scalars go into Lightning's metrics at its epoch end, where `self.log` is allowed and
+        `on_validation_end` (ModelCheckpoint, EarlyStopping) reads them; it is written once that hook has run, the
+        callbacks' and the task's (`_write_evaluation`), so what they log is written with it."""
+        buffer = self._log_buffers[phase]
+        means, weights = buffer.settle(self.weights_step)  # Held resolved: the write runs no callable again.
+        self._evaluation = (weights, self._publish(phase, means, weights))
+        if phase == "valid" and self.trainer.state.fn == "fit":  # An error in on_validation_end: written as it ends.
+            self._valid_unwritten = functools.partial(self._write_evaluation, "valid", failed=True)
+
+    def _write_evaluation(self, phase: LogPhase, failed: bool = False) -> None:
+        """Writes the evaluation at its step, with what was logged after `_publish_evaluation` (in `on_validation_end`
+        / `on_test_end`); those scalars also reach Lightning's metrics, averaged over ranks as the evaluation's others
+        (`failed`: training failed; this rank's, where the others may be gone)."""
+        buffer = self._log_buffers[phase]
+        pending, self._evaluation = self._evaluation, None
+        if self.trainer.sanity_checking:  # (Callbacks' on_validation_end runs in the sanity check too.)
+            buffer.clear()
+            return
+        if pending is None and not buffer:  # Written already.
+            return
+        counts, published = pending or ({}, {})
+        trainer = self.trainer
+
+        def publish(phase: LogPhase, means: dict[str, float], weights: dict[str, Any]) -> dict[str, float]:
+            out = {tag: value for tag, value in published.items() if weights.get(tag) == counts[tag]}
+            late = {tag: value for tag, value in means.items() if tag not in out}  # New, or averaged with new values.
+            if trainer.world_size > 1 and not failed:  # The tags rank zero writes (its loggers write them).
+                tags = trainer.strategy.broadcast(sorted(late), src=0)
+                late = mean_over_ranks(trainer, late, weights, self.device, tags=tags)
+            if late and not trainer.barebones:
+                names = {f"{phase}/{tag}": tag for tag in late if tag not in self._lightning_names}
+                publish_metrics(trainer, {n: torch.tensor(late[tag], dtype=torch.float64) for n, tag in names.items()})
+            return out | late
+
+        fitting = phase == "valid" and trainer.state.fn == "fit"
+        everywhere = failed or (fitting and self._training_ends())
+        unwritten = self._flush_logs(phase, self.weights_step, everywhere=everywhere, publish=publish)
+        if phase == "valid" and not failed:
+            self._valid_unwritten = unwritten if fitting else None
 
     @override
     def on_train_start(self) -> None:
@@ -787,6 +830,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_validation_model_train(self) -> None:
+        self._write_evaluation("valid")  # After on_validation_end; lazy values still see the evaluation's model.
         super().on_validation_model_train()
         self._evaluation_weights(False)
 
@@ -797,6 +841,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def on_test_model_train(self) -> None:
+        self._write_evaluation("test")  # After on_test_end; lazy values still see the evaluation's model.
         super().on_test_model_train()
         self._evaluation_weights(False)
 

@@ -108,10 +108,11 @@ class LogBuffer:
             weights[tag] = total
         return means, weights
 
-    def settle(self, step: int, tags: Iterable[str]) -> tuple[dict[str, float], dict[str, int | float]]:
-        """`scalars` of `tags` alone (those pending), each then held as its resolved mean: a callable runs once, also
-        when the buffer is written later."""
+    def settle(self, step: int, tags: Iterable[str] | None = None) -> tuple[dict[str, float], dict[str, int | float]]:
+        """`scalars` of `tags` alone (those pending; None: every one), each then held as its resolved mean: a callable
+        runs once, also when the buffer is written later."""
         by_tag = self._pending.get("scalar", {})
+        tags = list(by_tag) if tags is None else tags
         some = LogBuffer()
         some._pending = {"scalar": {tag: by_tag.pop(tag) for tag in tags if tag in by_tag}}
         some.failures = self.failures
