@@ -54,6 +54,20 @@ REPLACED_0_2_METHODS = {
     "batches_per_step_schedule": "the config key `batches_per_step`, or Lightning's `GradientAccumulationScheduler`",
     "get_device_manager": "the config keys `accelerator` / `devices` / `precision`",
     "stage_environment": "the run directory's `provenance/`, which mlfab writes (git commit, branch and diff)",
+    "run": "`Task.launch` (or a Lightning Trainer's `fit`) trains; work other than training goes in a script of yours",
+    "log_state": "`on_training_start(state)`, which runs once training starts (the config is in config.yaml)",
+    "step_context": "`--trainer.profiler` (Lightning's profilers time each step)",
+    "batch_iterator": "the config key `batches_per_step` (gradient accumulation)",
+    "get_grad_sync_context": "the config key `batches_per_step` (DDP syncs gradients at each step's last batch)",
+    "batch_chunks_schedule": "the config key `batches_per_step`, or Lightning's `GradientAccumulationScheduler`",
+    "log_mp_scale": "the config key `diagnostics` (`optim/loss_scale` is logged under 16-mixed)",
+    "debug": "a config key of your own (mlfab has no debug mode)",
+    "autocast_context": "the config key `precision` (Lightning's autocast)",
+    "scale_mixed_precision": "the config key `precision` (Lightning's gradient scaler under 16-mixed)",
+    "get_fsdp_mixed_precision": "the config keys `strategy` / `precision` (Lightning's FSDP)",
+    "multiprocessing_context": "a dataset's `worker_init` (workers start as torch's DataLoader starts them)",
+    "log_directory": "`exp_dir` (the run directory; logs are under it)",
+    "maybe_log_termination_time": "`max_steps` (`time/remaining_s` is logged)",
 }
 
 

@@ -14,8 +14,10 @@ from mlfab.errors import ConfigError, TaskDefinitionError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Splits parameters so decay applies to every weight matrix (ndim >= 2: Linear, Conv, attention and RNN
-    weights, a model's own 2-D tables, as in mlfab 0.2), never to biases, norms or embeddings."""
+    """Splits parameters so decay applies to every parameter of 2 or more dimensions (Linear, Conv, attention and RNN
+    weights, embedding tables, a model's own 2-D tables) and never to biases or norms (1-D), as mlfab 0.2 did: its
+    per-module exclusions (norms, embeddings) never applied, since it met every parameter first through the task
+    itself, a module of neither kind."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
@@ -25,7 +27,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 continue
             seen.add(id(param))
             # Any parameter name: MultiheadAttention's `in_proj_weight`, an LSTM's `weight_ih_l0` are matrices too.
-            if param.ndim >= 2 and not isinstance(module, nn.Embedding | nn.EmbeddingBag):
+            if param.ndim >= 2:
                 decay.append(param)
             else:
                 no_decay.append(param)

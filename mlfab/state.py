@@ -42,7 +42,7 @@ class State:
         return self.phase == "train"
 
     def num_phase_steps(self, phase: Phase) -> int:
-        """Steps of `phase` so far: optimizer steps for "train", validation batches for "valid"."""
+        """Steps of `phase` so far: optimizer steps for "train", validations done for "valid" (as 0.2 counted)."""
         if phase == "train":
             return self.num_steps
         if phase == "valid":

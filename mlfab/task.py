@@ -534,9 +534,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        loss = self._evaluation_step("valid", batch)
-        self._num_valid_steps += 0 if batch is None or self.trainer.sanity_checking else 1
-        return loss
+        return self._evaluation_step("valid", batch)
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
@@ -720,6 +718,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self.trainer.sanity_checking:  # Like Lightning, nothing from the sanity check is logged.
             self._log_buffers["valid"].clear()
             return
+        self._num_valid_steps += 1  # Validations done, as 0.2 counted them (one per validation, whatever its batches).
         self._publish_evaluation("valid")
 
     def _publish_evaluation(self, phase: LogPhase) -> None:
@@ -792,6 +791,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         wanted = type(self).on_step_end is not Task.on_step_end or self.trainer.accumulate_grad_batches > 1
         self._step_losses, self._step_batches = ({} if wanted else None), 0
         self.on_training_start(self.state("train"))
+        if self._training_over:  # Called there: no step at all (0.2 asked before each step, the first one too).
+            self.trainer.should_stop = True
 
     @override
     def on_train_end(self) -> None:

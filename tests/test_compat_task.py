@@ -180,6 +180,18 @@ def test_set_training_over_ends_after_that_step(tmp_path: Path) -> None:
     assert [step for step, _ in train_lines(exp, "loss/loss")] == [0, 1]
 
 
+def test_set_training_over_in_on_training_start_trains_no_step(tmp_path: Path) -> None:
+    """0.2 asked before each step, the first one too ("on resume, stop if done"); mlfab trained one step first."""
+
+    class Done(Json):
+        def on_training_start(self, state: mlfab.State) -> None:
+            self.set_training_over()
+
+    exp = run(Done, tmp_path, max_steps=100)
+    assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 0
+    assert train_lines(exp, "loss/loss") == []
+
+
 def test_get_batch_size_fills_an_unset_batch_size(tmp_path: Path) -> None:
     class Sized(BoringTask):
         def get_batch_size(self) -> int:

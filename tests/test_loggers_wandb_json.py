@@ -368,7 +368,7 @@ def test_a_loggers_prefix_applies_to_mlfabs_values_as_to_lightnings(tmp_path: Pa
 def test_json_media_written_twice_at_one_step_keep_a_file_each(tmp_path: Path) -> None:
     """A `validate` of the run's checkpoint writes at the step the training validated at: its image replaced the
     training's, which that line still pointed at."""
-    for launch, shade in enumerate((10, 200)):
+    for shade in (10, 200):
         logger = JsonLogger(tmp_path, log_interval_seconds=0)
         image = np.full((4, 4, 3), shade, dtype=np.uint8)
         logger.write(Logs("valid", 3, 3, 1.0, 8, {"image": {"value/img": image}}))
