@@ -21,7 +21,7 @@ from typing import Any, Literal, overload
 
 import yaml
 
-from mlfab.config import merge
+from mlfab.config import UniqueKeyLoader, merge
 from mlfab.errors import SettingsError
 
 DEFAULT_SETTINGS = """\
@@ -107,7 +107,7 @@ def settings_path() -> Path:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as e:
         raise SettingsError(f"The mlfab settings file {path} is not valid YAML; fix or delete it:\n{e}") from e
     if data is None:

@@ -474,3 +474,25 @@ def test_an_interpolation_inside_a_list_or_mapping_is_refused_naming_its_place()
     assert "key 'paths[1]': '${oc.env:HOME}/data' is an OmegaConf interpolation" in message
     assert "key 'extra.k': '${oc.env:HOME}' is an OmegaConf interpolation" in message
     assert "paths[0]" not in message and "extra.fine" not in message
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_it_and_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyYAML keeps the last of a key given twice, silently: the first `learning_rate` was ignored."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("learning_rate: 0.1\nmax_steps: 3\nlearning_rate: 0.5\n")
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("model:\n  config:\n    max_steps: 3\n    max_steps: 4\n")
+    runs = f"run_dir={tmp_path / 'runs'}"
+    for argv in ([str(twice), runs], ["fit", f"--model.config={twice}"], ["fit", "--config", str(run_file)]):
+        with pytest.raises(mlfab.ConfigError, match=r"found the key '(learning_rate|max_steps)' twice: remove one"):
+            BoringTask.launch(argv=argv)
+    assert not (tmp_path / "runs").exists()
+    shared = tmp_path / "shared.yaml"  # A merge key, then a key of the mapping's own, is no repeat.
+    shared.write_text("slurm: &base {partition: gpu, time: '1:00:00'}\nextra: {<<: *base, partition: cpu}\n")
+    assert mlfab.config.load_yaml(shared)["extra"] == {"partition": "cpu", "time": "1:00:00"}
+    monkeypatch.setenv("MLFABRC_PATH", str(tmp_path / "rc.yml"))
+    (tmp_path / "rc.yml").write_text("directories:\n  run: /a\n  run: /b\n")
+    with pytest.raises(mlfab.SettingsError, match=r"found the key 'run' twice"):
+        mlfab.get_run_dir()

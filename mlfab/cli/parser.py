@@ -39,6 +39,7 @@ from mlfab.config import (
     dataclass_type,
     field_help,
     field_types,
+    load_yaml,
     merge,
     merge_sources,
     problems_message,
@@ -188,6 +189,8 @@ class MlfabCLI(LightningCLI):
             self._show_current_values([a for a in args if a not in ("-h", "--help")])
         else:
             refuse_flags_into_whole_values(self.task_cls.config_class(), args, self.script_config)
+        for path in _files_given(args):  # jsonargparse reads them as PyYAML does: a key given twice, the last.
+            load_yaml(path)
         self.config = parser.parse_args(args)
         cfg = self.config[self.config.subcommand]
         self.pruned_ckpt_path = None
@@ -377,6 +380,14 @@ class MlfabCLI(LightningCLI):
         if name in SUBCOMMANDS:
             return lambda model, **kwargs: self._mlfab_run(name, model, kwargs)
         raise AttributeError(name)
+
+
+def _files_given(args: Sequence[str]) -> list[str]:
+    """The YAML files `--config` / `-c` / `--model.config` arguments name (a value that is no file is left alone)."""
+    flags = ("--config", "-c", "--model.config")
+    named = [arg.partition("=")[2] for arg in args if arg.partition("=")[0] in flags and "=" in arg]
+    named += [after for flag, after in zip(args, args[1:], strict=False) if flag in flags]
+    return [path for path in named if Path(path).expanduser().is_file()]
 
 
 def refuse_flags_into_whole_values(config_cls: type, args: Sequence[str], script_config: dict[str, Any]) -> None:
