@@ -517,14 +517,16 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         total += samples
         if not step_ends(self.trainer):
             self._step_samples = (first, total)
-            return loss * (samples / first)
-        self._step_samples = None
-        k = self.trainer.accumulate_grad_batches
-        if total != k * first:  # Fewer batches than k, or batches of other sizes (rare: only then is it needed).
-            for param in self.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(k * first / total)
-        return loss * (k * samples / total)
+            weight = samples / first
+        else:
+            self._step_samples = None
+            k = self.trainer.accumulate_grad_batches
+            if total != k * first:  # Fewer batches than k, or batches of other sizes (rare: only then is it needed).
+                for param in self.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(k * first / total)
+            weight = k * samples / total
+        return loss if weight == 1 else loss * weight  # Full steps of equal batches: no extra op on the graph.
 
     def _evaluation_step(self, phase: Phase, batch: Any) -> Tensor | None:
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
