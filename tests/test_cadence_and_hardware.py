@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 import mlfab
+from mlfab.errors import ConfigError
 from mlfab.run.distributed import resolve_hardware
 from mlfab.testing import BoringConfig, BoringTask, read_scalars
 
@@ -93,6 +94,22 @@ def test_torchrun_environment_sets_devices_and_nodes(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("WORLD_SIZE", "8")
     hw = resolve_hardware("cpu", "auto", 1, "auto")
     assert (hw["devices"], hw["num_nodes"], hw["strategy"]) == (4, 2, "ddp")
+    assert resolve_hardware("cpu", 4, 2, "auto")["devices"] == 4  # Given and matching: kept.
+
+
+@pytest.mark.unit
+def test_devices_or_nodes_other_than_torchruns_are_refused_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """They were replaced by torchrun's shape without a word, while config.yaml recorded the values given."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as info:
+        resolve_hardware("cpu", 4, 2, "auto")
+    message = str(info.value)
+    assert "devices=4 and num_nodes=2 disagree with torchrun" in message, message
+    assert "started 2 process(es) per node on 1 node(s)" in message and "--nproc_per_node" in message, message
+    with pytest.raises(ConfigError, match="num_nodes=3 disagrees with torchrun"):
+        resolve_hardware("cpu", "auto", 3, "auto")
 
 
 @pytest.mark.integration

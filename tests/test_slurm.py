@@ -691,7 +691,7 @@ def test_inside_a_slurm_job_devices_and_nodes_must_match_what_srun_started(
     assert run_as_program(monkeypatch, "accelerator=cpu", "devices=4", "num_nodes=2", f"run_dir={runs}") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
-    assert "devices=4" in err and "num_nodes=2" in err and "srun started 1 task(s) per node on 1 node(s)" in err, err
+    assert "devices=4" in err and "num_nodes=2" in err and "srun started 1 process(es) per node on 1 node" in err, err
     assert "slurm.gpus_per_node=4 and slurm.nodes=2" in err, err
     assert not runs.exists()
 

@@ -45,25 +45,37 @@ def available_accelerators() -> list[str]:
     return found + (["mps"] if torch.backends.mps.is_available() else []) + ["cpu"]
 
 
+def _refuse_other_shape(given: list[str], launcher: str, started: dict[str, int], fix: str) -> None:
+    """A ConfigError for config values (`given`, as `key=value`) that disagree with the processes a launcher started:
+    they would be dropped for its shape while config.yaml kept them."""
+    if given:
+        verb = "disagree" if len(given) > 1 else "disagrees"
+        raise ConfigError(
+            f"{' and '.join(given)} {verb} with {launcher} started {started['devices']} process(es) per node on "
+            f"{started['num_nodes']} node(s). Leave {' and '.join(g.split('=')[0] for g in given)} out, or {fix}."
+        )
+
+
 def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: str) -> dict[str, Any]:
     """Trainer arguments for the config's hardware keys; a ConfigError when this machine lacks what they ask for."""
-    launched = False
+    started: dict[str, int] | None
     if under_torchrun():  # torchrun started the processes: match what it started.
-        devices, launched = int(os.environ["LOCAL_WORLD_SIZE"]), True
-        num_nodes = max(int(os.environ["WORLD_SIZE"]) // devices, 1)
-    elif (slurm := slurm_hardware()) is not None:  # srun started the processes: match what it started.
-        given, wanted = shape_mismatch(devices, num_nodes, slurm["devices"], slurm["num_nodes"])
-        if given:  # Set in the config, they would be dropped for srun's.
-            verb = "disagree" if len(given) > 1 else "disagrees"
-            raise ConfigError(
-                f"{' and '.join(given)} {verb} with this Slurm job: srun started {slurm['devices']} task(s) per "
-                f"node on {slurm['num_nodes']} node(s). The job's shape comes from how it was submitted: with "
-                f"launcher='slurm' set {' and '.join(wanted)} (in your own batch script, sbatch's --ntasks-per-node "
-                f"and --nodes), or leave {' and '.join(g.split('=')[0] for g in given)} out."
-            )
-        devices, num_nodes, launched = slurm["devices"], slurm["num_nodes"], True
+        per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+        started = {"devices": per_node, "num_nodes": max(int(os.environ["WORLD_SIZE"]) // per_node, 1)}
+        given, _ = shape_mismatch(devices, num_nodes, started["devices"], started["num_nodes"])
+        fix = "start torchrun with that shape (--nproc_per_node, --nnodes)"
+        _refuse_other_shape(given, "torchrun, which", started, fix)
+    elif (started := slurm_hardware()) is not None:  # srun started the processes: match what it started.
+        given, wanted = shape_mismatch(devices, num_nodes, started["devices"], started["num_nodes"])
+        fix = (
+            f"with launcher='slurm' set {' and '.join(wanted)} (in your own batch script, sbatch's "
+            "--ntasks-per-node and --nodes)"
+        )
+        _refuse_other_shape(given, "this Slurm job: srun", started, fix)
+    if started is not None:  # Set in the config, devices / num_nodes would be dropped for the launcher's.
+        devices, num_nodes = started["devices"], started["num_nodes"]
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if v not in os.environ]
-    if num_nodes > 1 and not launched and missing:  # Lightning would wait for the other machines forever.
+    if num_nodes > 1 and started is None and missing:  # Lightning would wait for the other machines forever.
         raise ConfigError(
             f"num_nodes={num_nodes} without {', '.join(missing)}: run the same command on each machine with "
             "MASTER_ADDR and MASTER_PORT (the first machine's address and a free port) and NODE_RANK (0 to "
@@ -82,7 +94,7 @@ def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: s
             f"devices={devices} picks GPUs by index, but this run trains on the CPU (accelerator={asked}). Set "
             f"devices to a number of processes (devices={count}), or accelerator=cuda on a machine with GPUs."
         )
-    if accelerator == "cuda" and not launched and str(devices).isdigit() and int(devices) > torch.cuda.device_count():
+    if accelerator == "cuda" and not started and str(devices).isdigit() and int(devices) > torch.cuda.device_count():
         raise ConfigError(
             f"devices={devices}, but this machine has {torch.cuda.device_count()} CUDA GPU(s). Set devices to at "
             "most that number, or devices=auto to use every GPU."

@@ -80,8 +80,8 @@ def hardware() -> dict[str, int] | None:
 
 
 def shape_mismatch(devices: Any, num_nodes: int, per_node: int, nodes: int) -> tuple[list[str], list[str]]:
-    """Where `devices` / `num_nodes`, when set (not auto / 1), disagree with a Slurm job of `per_node` tasks on each of
-    `nodes` nodes: each such `key=value`, and the `slurm.*` settings that would give the job that shape."""
+    """Where `devices` / `num_nodes`, when set (not auto / 1), disagree with a job (Slurm's, torchrun's) of `per_node`
+    tasks on each of `nodes` nodes: each such `key=value`, and the `slurm.*` settings that would give that shape."""
     given, wanted, text = [], [], str(devices)
     count = int(text) if text.isdigit() else len([i for i in text.split(",") if i.strip()])  # "0,1": two GPUs.
     if text != "auto" and count != per_node:
