@@ -426,6 +426,11 @@ class Interrupted(BoringTask):
                 os.kill(os.getpid(), signal.SIGTERM)
         return super().get_loss(batch, state)
 
+    def get_dataset(self, phase):
+        if os.environ.get("SIGNAL_EARLY"):  # Before training: a time limit barely over signal_seconds, a slow start.
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().get_dataset(phase)
+
 if __name__ == "__main__":
     Interrupted.launch(BoringConfig(), launcher=os.environ.get("LAUNCHER"), argv=sys.argv[1:])
 """
@@ -460,6 +465,17 @@ def test_sigusr1_in_a_slurm_job_checkpoints_requeues_and_resumes(fake_slurm: Pat
     assert "Resuming from" in second.stdout
     assert saved_step(exp_dir / "checkpoints" / "last.ckpt") == 12
     assert fake_slurm.read_text().splitlines().count("scontrol requeue 1234") == 1
+
+
+@pytest.mark.slow
+def test_sigusr1_before_training_starts_checkpoints_and_requeues_at_the_first_step(
+    fake_slurm: Path, tmp_path: Path
+) -> None:
+    """Python's default for SIGUSR1 killed the job (exit -10): no checkpoint, no requeue."""
+    exp_dir, first = job_signalled(tmp_path, SIGNAL_EARLY="1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "scontrol requeue 1234" in fake_slurm.read_text().splitlines()
+    assert [saved_step(p) for p in (exp_dir / "checkpoints").glob("signal_step_*.ckpt")] == [1]
 
 
 def job_signalled(tmp_path: Path, **env: str) -> tuple[Path, subprocess.CompletedProcess]:
@@ -666,6 +682,32 @@ def test_slurm_submission_refuses_devices_and_nodes_the_job_would_not_have(fake_
     assert submit(SlurmConfig(nodes=2, gpus_per_node=4), 4, 2) == "1234"  # Agreeing values, or left at defaults.
     assert submit(SlurmConfig(nodes=2, gpus_per_node=4), "auto", 1) == "1234"
     assert submit(SlurmConfig(gpus_per_node=0), "1", 1) == "1234"
+
+
+@pytest.mark.unit
+def test_a_time_limit_not_longer_than_the_requeue_warning_is_refused(fake_slurm: Path, tmp_path: Path) -> None:
+    """The job got SIGUSR1 as it started: with nothing trained, it would checkpoint and requeue itself forever."""
+    assert [slurm.time_limit_s(t) for t in ("90", "1:30", "0:01:30", "1-0", "1-2:3", "1-00:00:01")] == [
+        5400,
+        90,
+        90,
+        86400,
+        93780,
+        86401,
+    ]
+    assert slurm.time_limit_s("UNLIMITED") is None
+
+    def submit(config: SlurmConfig) -> str:
+        return slurm.submit(config, exp_dir=tmp_path / "run", command=["t.py"], workdir=tmp_path)
+
+    with pytest.raises(SlurmError) as info:
+        submit(SlurmConfig(time="1:30"))
+    message = str(info.value)
+    assert "slurm.time=1:30 (90 s) is not longer than slurm.signal_seconds=90" in message, message
+    assert "Set a longer slurm.time, or a smaller slurm.signal_seconds" in message, message
+    assert fake_slurm.read_text() == "" and not (tmp_path / "run" / "slurm" / "job.sbatch").exists()
+    assert submit(SlurmConfig(time="1:30", signal_seconds=60)) == "1234"
+    assert submit(SlurmConfig(time="unlimited")) == "1234"
 
 
 @pytest.mark.unit

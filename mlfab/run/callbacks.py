@@ -302,6 +302,10 @@ class GracefulStop(StepFreeCallback):
         self._distributed = False
         self._previous: dict[int, Any] = {}
         self._trainer: pl.Trainer | None = None  # The Trainer training, which the handler asks whether it ended.
+        if in_slurm_job() and threading.current_thread() is threading.main_thread():
+            # Slurm's SIGUSR1 can come before training starts (a short time limit, a slow start), and by default it
+            # kills the job: kept until then, it checkpoints and requeues at the first step.
+            self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGUSR1:
@@ -326,7 +330,8 @@ class GracefulStop(StepFreeCallback):
         self._distributed, self.stopping, self._trainer = trainer.world_size > 1, False, trainer
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-                self._previous[signum] = signal.signal(signum, self._handler)
+                previous = signal.signal(signum, self._handler)
+                self._previous.setdefault(signum, previous)  # (Not SIGUSR1's own handler, set up in a Slurm job.)
 
     @override
     def on_train_batch_end(

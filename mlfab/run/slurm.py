@@ -109,6 +109,30 @@ def check_shape(config: SlurmConfig, devices: Any, num_nodes: int) -> None:
         )
 
 
+def time_limit_s(text: str) -> int | None:
+    """The seconds of an sbatch `--time` value (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]); None when unlimited."""
+    if text.lower() in ("unlimited", "infinite"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        hours, minutes, seconds = (*parts, 0, 0)[:3]
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    return sum(p * k for p, k in zip(parts, {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(parts)], strict=True))
+
+
+def check_time(config: SlurmConfig) -> None:
+    """A SlurmError when the time limit leaves no training before Slurm's SIGUSR1 warning (`signal_seconds` before
+    the end), after which the job checkpoints and requeues itself: it would requeue forever."""
+    limit = None if config.time is None else time_limit_s(str(config.time))
+    if limit is not None and limit <= config.signal_seconds:
+        raise SlurmError(
+            f"slurm.time={config.time} ({limit} s) is not longer than slurm.signal_seconds={config.signal_seconds}, "
+            "the warning before the time limit at which the job checkpoints and requeues itself: it would train "
+            "nothing. Set a longer slurm.time, or a smaller slurm.signal_seconds."
+        )
+
+
 def cluster_environment() -> Any:
     """The Trainer plugin for a Slurm job: Lightning's `SLURMEnvironment` without its own SIGUSR1 handler (which
     saves a checkpoint from inside the handler and requeues); mlfab's `GracefulStop` does both at a step boundary.
@@ -196,6 +220,7 @@ def submit(
     """Writes `<exp_dir>/slurm/job.sbatch`, submits it with `sbatch` and returns the job id. `devices` and `num_nodes`
     (the config's) must match the job's shape when they are set (`check_shape`)."""
     check_shape(config, devices, num_nodes)
+    check_time(config)
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise SlurmError(
