@@ -512,24 +512,17 @@ def gather_rng_states(trainer: Any) -> list[dict[str, Any]]:
 
 def restore_rng_states(trainer: Any, states: list[dict[str, Any]] | None) -> None:
     if states and trainer.global_rank < len(states):
-        set_rng_states(numpy_rng_state(states[trainer.global_rank]))
+        set_rng_states(plain_rng_state(states[trainer.global_rank], inverse=True))
 
 
-def plain_rng_state(state: Any) -> Any:
-    """numpy's legacy RNG state holds an ndarray, which `torch.load(weights_only=True)` refuses: store a tensor."""
+def plain_rng_state(state: Any, inverse: bool = False) -> Any:
+    """numpy's legacy RNG state holds an ndarray, which `torch.load(weights_only=True)` refuses: store a tensor
+    (`inverse`: the numpy state back)."""
     if isinstance(state, dict):
-        return {k: plain_rng_state(v) for k, v in state.items()}
-    if isinstance(state, tuple) and state and state[0] == "MT19937":
-        return ("MT19937", torch.from_numpy(np.asarray(state[1], dtype=np.int64)), *state[2:])
-    return state
-
-
-def numpy_rng_state(state: Any) -> Any:
-    """The inverse of `plain_rng_state`."""
-    if isinstance(state, dict):
-        return {k: numpy_rng_state(v) for k, v in state.items()}
+        return {k: plain_rng_state(v, inverse) for k, v in state.items()}
     if isinstance(state, tuple | list) and state and state[0] == "MT19937":
-        return ("MT19937", np.asarray(state[1], dtype=np.uint32), *state[2:])
+        array = np.asarray(state[1], dtype=np.uint32 if inverse else np.int64)
+        return ("MT19937", array if inverse else torch.from_numpy(array), *state[2:])
     return state
 
 

@@ -445,6 +445,14 @@ def merge_sources(cls: type, *sources: Any) -> dict[str, Any]:
     return functools.reduce(lambda base, over: merge(base, over, cls), map(to_dict, sources), {})
 
 
+def show(value: Any) -> str:
+    """A value as it is typed on the command line (YAML): null, [0.9, 0.999], auto."""
+    try:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+    except yaml.YAMLError:
+        return repr(value)
+
+
 def config_to_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
@@ -506,6 +514,11 @@ def config_problems(cls: type, data: Mapping[str, Any], prefix: str = "", rules:
             key = prefix + f.name
             problems.append(f"missing required key {key!r}: set it in the config or pass {key}=<value>")
     return problems
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default (its `default_factory` called), or `dataclasses.MISSING` where it has none."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _required(f: dataclasses.Field) -> bool:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from torch.utils.data import Dataset as TorchDataset
 
 from mlfab._lightning import collect_rng_states, set_rng_states, unrepeated_sampler
-from mlfab.checkpoints import numpy_rng_state, plain_rng_state
+from mlfab.checkpoints import plain_rng_state
 from mlfab.errors import DatasetError
 from mlfab.loader import MlfabLoader
 
@@ -272,14 +272,14 @@ def worker_rng_state(state: dict[str, Any]) -> dict[str, Any]:
 
 def load_worker_rng_state(state: dict[str, Any]) -> None:
     if "global_rng" in state and get_worker_info() is not None:  # In the worker, after torch seeded it.
-        set_rng_states(numpy_rng_state(state["global_rng"]))
+        set_rng_states(plain_rng_state(state["global_rng"], inverse=True))
 
 
 def _set_rng(gen: Any, state: Any) -> None:
     if isinstance(gen, np.random.Generator):
         gen.bit_generator.state = state
     elif isinstance(gen, np.random.RandomState):
-        gen.set_state(numpy_rng_state(tuple(state)))
+        gen.set_state(plain_rng_state(tuple(state), inverse=True))
     elif isinstance(gen, torch.Generator):
         gen.set_state(state)
     else:

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from mlfab.config import field_default
 from mlfab.errors import ConfigError, TaskDefinitionError
 
 
@@ -169,13 +170,6 @@ def _plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, list | tuple) else value  # `betas` from YAML is a list.
 
 
-def _default(f: dataclasses.Field) -> Any:
-    """A field's default as a plain value (a `default_factory` called)."""
-    if f.default is not dataclasses.MISSING:
-        return _plain(f.default)
-    return _plain(f.default_factory()) if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
-
-
 def checks_optimizer_reads(configure: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """`configure_optimizers` (Task's, or a task's own, wrapped when its class is defined) building the optimizer
     from a config that records the keys read, then refusing the optimizer keys set that it did not read. An override
@@ -204,7 +198,7 @@ def checks_optimizer_reads(configure: Callable[[Any], Any]) -> Callable[[Any], A
 def refuse_unread_optimizer_keys(config: Any, reads: set[str], task: str) -> None:
     """The default optimizer's keys set away from their defaults that the task's own optimizer did not read while
     it was built: the run would train with other values than config.yaml records. Refused, naming them."""
-    defaults = {f.name: _default(f) for f in dataclasses.fields(config)}
+    defaults = {f.name: _plain(field_default(f)) for f in dataclasses.fields(config)}
     unread = [k for k in OPTIMIZER_CONFIG_KEYS if k not in reads and _plain(getattr(config, k)) != defaults.get(k)]
     if unread:
         given = ", ".join(f"{k}={getattr(config, k)!r} (default {defaults.get(k)!r})" for k in unread)

@@ -20,7 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 
-from mlfab.config import dataclass_type, field_types, load_yaml, to_dict, type_name
+from mlfab.config import dataclass_type, field_default, field_types, load_yaml, show, to_dict, type_name
 from mlfab.errors import ConfigError
 from mlfab.run.invocation import command_name
 
@@ -137,7 +137,7 @@ def whole_value_problem(config_cls: type, key: str, raw: str | None, current: Ma
         items = list(now)
         if len(rest) == 1 and rest[0].isdigit() and int(rest[0]) < len(items) and raw is not None:
             items[int(rest[0])] = _yaml_value(raw)
-        example = "[" + ",".join(_flow(item) for item in items) + "]"
+        example = "[" + ",".join(show(item) for item in items) + "]"
     else:
         example = raw if raw is not None else "..."
     if flag:
@@ -152,27 +152,16 @@ def whole_value_problem(config_cls: type, key: str, raw: str | None, current: Ma
 
 def _value_at(cls: Any, data: Any, parts: Sequence[str]) -> Any:
     """The value at `parts` in plain config data of the dataclass `cls`, else `cls`'s default there (None for none)."""
-    if not parts:
-        return data
-    head, rest = parts[0], parts[1:]
-    sub = dataclass_type(field_types(cls).get(head)) if cls is not None else None
-    if isinstance(data, Mapping) and head in data:
-        return _value_at(sub, data[head], rest)
-    found = {f.name: f for f in dataclasses.fields(cls)}.get(head) if cls is not None else None
-    if found is None:
-        return None
-    if found.default is not dataclasses.MISSING:
-        default = found.default
-    elif found.default_factory is not dataclasses.MISSING:
-        default = found.default_factory()
-    else:
-        return None
-    return _value_at(sub, to_dict(default) if dataclasses.is_dataclass(default) else default, rest)
-
-
-def _flow(value: Any) -> str:
-    """A value as YAML in one line (what a `key=[...]` argument reads back)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**9).removesuffix("\n...\n").strip()
+    for part in parts:
+        found = {f.name: f for f in dataclasses.fields(cls)}.get(part) if cls is not None else None
+        if isinstance(data, Mapping) and part in data:
+            data = data[part]
+        elif (default := dataclasses.MISSING if found is None else field_default(found)) is dataclasses.MISSING:
+            return None
+        else:
+            data = to_dict(default) if dataclasses.is_dataclass(default) else default
+        cls = dataclass_type(field_types(cls).get(part)) if cls is not None else None
+    return data
 
 
 def config_file_args(task_cls: Any, arg: str | PurePath) -> tuple[list[str], dict[str, Any]]:

@@ -405,9 +405,6 @@ def refuse_flags_into_whole_values(config_cls: type, args: Sequence[str], script
         raise ConfigError(problems_message(config_cls.__name__, problems))
 
 
-# Optimizer keys of the config that `--optimizer` (which builds the optimizer from its own arguments) never reads.
-
-
 def refuse_ignored_arguments(given: Sequence[str], cfg: Any, args: Sequence[str]) -> None:
     """Arguments that Lightning would take and mlfab would then ignore or contradict, refused before any run."""
     problems = []

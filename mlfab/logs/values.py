@@ -16,8 +16,7 @@ import numpy as np
 from mlfab.logs.media import gif_bytes, wav_bytes
 from mlfab.state import WritePhase
 
-Kind = str  # One of KINDS.
-KINDS = ("scalar", "string", "image", "audio", "video", "histogram", "point_cloud")
+Kind = str  # scalar, string, image, audio, video, histogram or point_cloud.
 
 
 @dataclass

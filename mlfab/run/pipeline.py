@@ -21,7 +21,7 @@ import yaml
 from typing_extensions import override
 
 from mlfab._lightning import SpawnedResult, StepFreeCallback
-from mlfab.config import Config, config_to_yaml, to_dict
+from mlfab.config import Config, config_to_yaml, show, to_dict
 from mlfab.loggers.dispatch import write_run_info
 from mlfab.run.callbacks import GracefulStop, PredictionWriter, signals_passed_to_spawned
 from mlfab.run.distributed import EXP_DIR_ENV
@@ -44,14 +44,6 @@ class Run:
     run_file: str  # The text of its config.yaml.
     subcommand: str = "fit"
     keeps_config: bool = False  # An evaluation logged into a trained run: its config.yaml stays the training's.
-
-
-def show(value: Any) -> str:
-    """A value as it is typed on the command line (YAML): null, [0.9, 0.999], auto."""
-    try:
-        return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
-    except yaml.YAMLError:
-        return repr(value)
 
 
 def run_file_text(task_cls: type, config: Config, trainer: dict[str, Any], path: Path, extra: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mlfab._lightning import no_profiler
 from mlfab.checkpoints import AtomicCheckpointIO, periodic_name
-from mlfab.config import Config
+from mlfab.config import Config, field_default
 from mlfab.errors import ConfigError
 from mlfab.run.async_save import BackgroundCheckpointIO
 from mlfab.run.callbacks import (
@@ -134,7 +134,7 @@ def unread_settings(config: Config) -> list[str]:
     for f in dataclasses.fields(config):
         if f.name not in (*TRAINER_KEYS, "exp_dir", "run_dir"):  # The run directory too: mlfab's pipeline picks it.
             continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(f)
         if default is not dataclasses.MISSING and getattr(config, f.name) != default:
             out.append(f"{f.name}={getattr(config, f.name)!r}")
     return out
