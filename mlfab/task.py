@@ -115,10 +115,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._compiled: Compiled | None = None  # The `compile` key, applied at setup.
         self._last_losses: dict[str, Tensor] = {}
-        # The sum of this step's batches' losses and their count, for the non-finite check and on_step_end (kept only
-        # where a step has several batches or on_step_end is overridden).
+        # The sum of this step's batches' losses, each weighted by its samples, for the non-finite check and
+        # on_step_end (kept only where a step has several batches or on_step_end is overridden).
         self._step_losses: dict[str, Tensor] | None = None
-        self._step_batches = 0
+        self._step_weight = 0  # The samples of the step's batches so far, which `_step_losses` are weighted by.
         self._step_samples: tuple[int, int] | None = None  # The step's first batch's samples and its total so far.
         self._training_over = False  # `set_training_over()` was called.
         self._cadence: ValidationCadence | None = None  # mlfab's validation decision, when its Trainer has one.
@@ -341,10 +341,11 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         reduced = per_sample_reduced(loss, lambda: self.get_num_samples(batch), task)
         self._last_losses = parts = loss_parts(reduced, task)
         if self._step_losses is not None and phase == "train":
-            sums = self._step_losses
+            sums, weight = self._step_losses, self._log_buffers["train"].weight  # Its samples (under accumulation).
             for name, part in parts.items():
-                sums[name] = sums[name] + part.detach() if name in sums else part.detach()
-            self._step_batches += 1
+                part = part.detach() * weight if weight != 1 else part.detach()
+                sums[name] = sums[name] + part if name in sums else part
+            self._step_weight += weight
         buffer = self._log_buffers[phase]
         for name, part in parts.items():
             buffer.add("scalar", f"loss/{name}", part.detach())
@@ -651,9 +652,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if step_ends(self.trainer):
             self._step_started = False
             if self._step_losses is not None:
-                sums, batches, self._step_losses, self._step_batches = self._step_losses, self._step_batches, {}, 0
-                if type(self).on_step_end is not Task.on_step_end:
-                    mean = {k: v / batches for k, v in sums.items()} if batches else {}
+                sums, weight, self._step_losses, self._step_weight = self._step_losses, self._step_weight, {}, 0
+                if type(self).on_step_end is not Task.on_step_end:  # The step's mean loss, as logged.
+                    mean = {k: v / weight for k, v in sums.items()} if weight else {}
                     self.on_step_end(self.state("train"), mean or {k: v.detach() for k, v in self._last_losses.items()})
             if self._training_over:
                 self.trainer.should_stop = True
@@ -791,7 +792,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             self._pending_rng = None
         self._training_over = self._step_started = False
         wanted = type(self).on_step_end is not Task.on_step_end or self.trainer.accumulate_grad_batches > 1
-        self._step_losses, self._step_batches = ({} if wanted else None), 0
+        self._step_losses, self._step_weight = ({} if wanted else None), 0
         self.on_training_start(self.state("train"))
         if self._training_over:  # Called there: no step at all (0.2 asked before each step, the first one too).
             self.trainer.should_stop = True

@@ -97,9 +97,18 @@ class FirstSamples(torch.utils.data.IterableDataset):
 
 class IterableGradients(GradientOfItsBatches):
     samples = 20
+    step_losses: list[tuple[float, float]] = []  # (on_step_end's loss, the loss of one batch of the step's samples)
 
     def get_dataset(self, phase: mlfab.Phase) -> Any:
         return FirstSamples(IterableGradients.samples) if phase == "train" else super().get_dataset(phase)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        x, y = (torch.cat([b[i] for b in self.seen]) for i in (0, 1))
+        self.whole_loss = float(BoringTask.get_loss(self, (x, y), self.state("train")))
+        super().on_before_optimizer_step(optimizer)
+
+    def on_step_end(self, state: mlfab.State, loss_dict: dict[str, torch.Tensor]) -> None:
+        IterableGradients.step_losses.append((float(loss_dict["loss"]), self.whole_loss))
 
 
 @pytest.mark.parametrize(
@@ -110,13 +119,16 @@ def test_each_step_of_a_finite_iterable_gets_the_gradient_of_all_its_samples(
 ) -> None:
     """An iterable's epoch may end in a step short of batches (it was applied at 1/2) or with a short batch (it
     counted as a whole one: the mean of the batches' means, not of their samples)."""
-    GradientOfItsBatches.ratios, IterableGradients.samples = [], samples
+    GradientOfItsBatches.ratios, IterableGradients.samples, IterableGradients.step_losses = [], samples, []
     config = BoringConfig(
         max_steps=2 * len(sizes), batch_size=8, batches_per_step=2, clip_grad_norm=None, exp_dir=str(tmp_path / "run")
     )
     IterableGradients.launch(config, argv=[])
     assert [n for n, _ in GradientOfItsBatches.ratios] == [len(step) for step in sizes] * 2
     assert [r for _, r in GradientOfItsBatches.ratios] == pytest.approx([1.0] * 2 * len(sizes), rel=1e-4)
+    # on_step_end gets the step's mean loss over its samples, as logged (it got the mean of the batches' means).
+    got, wanted = zip(*IterableGradients.step_losses, strict=True)
+    assert len(got) == 2 * len(sizes) and got == pytest.approx(wanted, rel=1e-5)
 
 
 def test_an_explicit_trainer_val_check_interval_is_lightnings_batch_count(tmp_path: Path) -> None:
