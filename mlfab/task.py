@@ -453,7 +453,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                     f"{type(self).__name__}'s config sets {', '.join(unread)}, which only a Trainer built by mlfab "
                     "reads (Task.launch, the fit subcommand, mlfab.run.trainer.build_trainer). This Trainer has its "
                     "own settings for them, so here they do nothing: pass them as its arguments, or build it with "
-                    "build_trainer(config, exp_dir)."
+                    "build_trainer(config, exp_dir)"
+                    + (
+                        "; for seed, call lightning.pytorch.seed_everything(seed) before building the task."
+                        if any(s.startswith("seed=") for s in unread)
+                        else "."
+                    )
                 )
             self._weights_from_checkpoint = False
             if self.trainer.global_step == 0:  # A run from step 0 (a resume restores its own counts after this).

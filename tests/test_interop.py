@@ -461,12 +461,13 @@ def test_the_lightning_pipeline_example_runs(tmp_path: Path) -> None:
 def test_config_keys_a_trainer_built_elsewhere_does_not_read_are_named(tmp_path: Path) -> None:
     """Trainer-level keys (max_steps, the cadences, async_checkpoints, ...) set in the config are read only by a Trainer
     mlfab builds; in a user's own Trainer they would do nothing, so mlfab says which, instead of ignoring them."""
-    config = BoringConfig(max_steps=3, save_every_n_steps=2, async_checkpoints=False, learning_rate=0.01)
+    config = BoringConfig(max_steps=3, save_every_n_steps=2, async_checkpoints=False, learning_rate=0.01, seed=5)
     with pytest.warns(UserWarning) as caught:
         trainer(tmp_path, max_steps=2).fit(BoringTask(config))
     said = [str(w.message) for w in caught if "only a Trainer built by mlfab" in str(w.message)]
     assert len(said) == 1
-    assert "config sets max_steps=3, save_every_n_steps=2, async_checkpoints=False, which" in said[0]
+    assert "config sets max_steps=3, save_every_n_steps=2, async_checkpoints=False, seed=5, which" in said[0]
+    assert "call lightning.pytorch.seed_everything(seed) before building the task" in said[0]  # Seeded nothing.
     assert "learning_rate" not in said[0]  # The task reads that one itself.
 
     with warnings.catch_warnings(record=True) as quiet:  # The config class's own defaults: nothing to say.

@@ -128,11 +128,12 @@ def built_by_mlfab(trainer: pl.Trainer) -> bool:
 
 
 def unread_settings(config: Config) -> list[str]:
-    """`key=value` of each of `TRAINER_KEYS` (and `exp_dir` / `run_dir`) that `config` sets to something else than
+    """`key=value` of each of `TRAINER_KEYS` (and `exp_dir` / `run_dir`, `seed`: mlfab's pipeline picks the run
+    directory and seeds the global generators before the task is built) that `config` sets to something else than
     its class's default: what a Trainer built elsewhere would not do."""
     out = []
     for f in dataclasses.fields(config):
-        if f.name not in (*TRAINER_KEYS, "exp_dir", "run_dir"):  # The run directory too: mlfab's pipeline picks it.
+        if f.name not in (*TRAINER_KEYS, "exp_dir", "run_dir", "seed"):
             continue
         default = field_default(f)
         if default is not dataclasses.MISSING and getattr(config, f.name) != default:
