@@ -929,6 +929,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 f"{self.trainer.world_size}; each rank's data stream and random state were saved. Relaunch with the "
                 "devices and num_nodes the run was started with, or start a new run."
             )
+        step, max_steps = int(checkpoint.get("global_step", 0)), self.trainer.max_steps
+        if 0 <= max_steps < step:  # Lightning would end at once, and config.yaml record a max_steps the run is past.
+            raise ConfigError(
+                f"max_steps={max_steps} is below step {step}, which {path} is at: there is nothing to train. Set "
+                f"max_steps={step} or more to go on from there, or give a new exp_dir to train from the start."
+            )
         changes = config_changes(checkpoint.get("hyper_parameters", {}).get("config", {}), to_dict(self.config))
         hooks = ("get_optimizer_builder", "build_optimizer", "configure_optimizers")
         own = any(getattr(type(self), h) is not getattr(Task, h) for h in hooks) or "configure_optimizers" in vars(self)

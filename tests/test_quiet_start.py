@@ -39,7 +39,7 @@ class Warns(BoringTask):
             warnings.warn("a warning of the user's own code", UserWarning)
 
 
-Warns.launch(BoringConfig(max_steps=2, run_dir=sys.argv[1]), argv=[])
+Warns.launch(BoringConfig(max_steps=2, save_every_n_steps=1, run_dir=sys.argv[1]), argv=[])
 print("=== resume ===", flush=True)
 (exp_dir,) = Path(sys.argv[1], "warns").iterdir()
 Warns.launch(BoringConfig(max_steps=3, exp_dir=str(exp_dir)), argv=[])
@@ -61,6 +61,7 @@ def test_start_shows_header_then_summary_without_lightning_chatter(tmp_path: Pat
     )
     assert done.returncode == 0, done.stdout
     unwanted = ("Tip:", "litlogger", "GPU available:", "TPU available:", "LeafSpec", "exists and is not empty")
+    unwanted += ("callbacks used to create the checkpoint",)  # The resume turns save_every_n_steps off.
     for out in done.stdout.split("=== resume ===\n"):  # A new run, then a resumed one.
         for text in unwanted:
             assert text not in out, f"{text!r} in:\n{out}"
@@ -95,11 +96,19 @@ def test_warning_filter_is_narrow() -> None:
             warnings.warn_explicit(
                 not_empty, UserWarning, "x.py", line, module="lightning.pytorch.callbacks.model_checkpoint"
             )
+        # Lightning's "add the following callbacks" on a resume: mlfab's periodic ones are dropped, a user's shows.
+        for line, keys in enumerate((["PeriodicCheckpoint{'a': 1}", "PeriodicCheckpoint{'b': 2}"], ["MyCallback"]), 6):
+            missing = (
+                "Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided "
+                f"during `Trainer` instantiation. Please add the following callbacks: {keys}."
+            )
+            warnings.warn_explicit(missing, UserWarning, "x.py", line, module="lightning.pytorch.trainer.call")
     expected = [(text, 1), ("something else", 2)]
     expected += [
         (f"Checkpoint directory {f} exists and is not empty.", n)
         for f, n in (("/old/experiment/checkpoints", 4), ("/runs/x/run_01/checkpoints", 5))
     ]
+    expected.append((missing, 7))
     assert [(str(w.message), w.lineno) for w in caught] == expected
 
 

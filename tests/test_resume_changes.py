@@ -88,6 +88,20 @@ def test_a_change_the_resumed_run_cannot_apply_is_refused_and_the_run_is_untouch
     assert snapshot(exp) == before  # config.yaml, provenance and checkpoints as they were.
 
 
+def test_a_max_steps_below_the_runs_step_is_refused_and_the_run_is_untouched(tmp_path: Path) -> None:
+    """It ended at once ("Finished at step 6/3"), and config.yaml recorded max_steps 3 for a run at step 6."""
+    exp = tmp_path / "run"
+    launch(exp)
+    before = snapshot(exp)
+    with pytest.raises(mlfab.ConfigError) as info:
+        launch(exp, max_steps=3)
+    message = str(info.value)
+    assert f"max_steps=3 is below step 6, which {exp / 'checkpoints' / 'last.ckpt'} is at" in message, message
+    assert "Set max_steps=6 or more" in message, message
+    assert snapshot(exp) == before
+    launch(exp)  # max_steps=6 as before: a relaunch of the finished run, which trains nothing.
+
+
 def test_a_hardware_setting_that_starts_the_same_processes_resumes(tmp_path: Path) -> None:
     exp = tmp_path / "run"
     launch(exp)  # devices="auto": one process on this CPU machine.

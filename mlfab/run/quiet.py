@@ -38,6 +38,14 @@ HARMLESS_WARNINGS = (
         FutureWarning,
         r"(lightning\.pytorch|pytorch_lightning)\.utilities\._pytree$",
     ),
+    # A relaunch that changes or turns off `save_every_n_*`: the checkpoint holds the state of mlfab's periodic
+    # checkpoint callbacks the new launch no longer has (a callback of the user's in that list still shows).
+    (
+        r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided during "
+        r'`Trainer` instantiation\. Please add the following callbacks: \[("PeriodicCheckpoint\{[^"]*\}"(, )?)+\]\.$',
+        UserWarning,
+        r"(lightning\.pytorch|pytorch_lightning)\.trainer\.call$",
+    ),
 )
 CHECKPOINT_MODULE = r"(lightning\.pytorch|pytorch_lightning)\.callbacks\.model_checkpoint$"
 SUMMARY_LOGGER = "lightning.pytorch.callbacks.model_summary"  # Where Lightning's ModelSummary logs the table.
