@@ -342,8 +342,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._last_losses = parts = loss_parts(reduced, task)
         if self._step_losses is not None and phase == "train":
             sums, weight = self._step_losses, self._log_buffers["train"].weight  # Its samples (under accumulation).
-            for name, part in parts.items():
-                part = part.detach() * weight if weight != 1 else part.detach()
+            for name, part in parts.items():  # In float32: a sum of half-precision losses would overflow to inf.
+                part = part.detach().float() * weight
                 sums[name] = sums[name] + part if name in sums else part
             self._step_weight += weight
         buffer = self._log_buffers[phase]

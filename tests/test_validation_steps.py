@@ -167,3 +167,17 @@ def test_saved_checkpoint_is_printed_on_a_line_of_its_own_on_a_terminal(
     assert "\r\033[K[train] step 2/3" in out  # The live line was drawn, and nothing ended it since.
     assert f"\nSaved checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'}\n" in out
     assert "\n\n" not in out.split("Saved checkpoint", 1)[1]  # Ended once, not again by the logger's finalize.
+
+
+class HalfPrecisionLoss(BoringTask):
+    def get_loss(self, batch: Any, state: mlfab.State) -> torch.Tensor:
+        return (super().get_loss(batch, state) * 0 + 30000.0).half()  # Finite in float16 (its largest is 65504).
+
+
+def test_a_finite_half_precision_loss_is_not_taken_for_a_non_finite_one_under_batches_per_step(tmp_path: Path) -> None:
+    """The step's losses were summed (weighted by samples) in float16: 30000 x 8 samples is inf, and every step was
+    skipped as non-finite."""
+    config = BoringConfig(max_steps=2, batch_size=8, batches_per_step=2, valid_batches=0, exp_dir=str(tmp_path))
+    HalfPrecisionLoss.launch(config, argv=[])
+    assert "nonfinite/skipped_steps" not in read_scalars(tmp_path / "tensorboard" / "train")
+    assert [v for _, v in read_scalars(tmp_path / "tensorboard" / "train")["loss/loss"]] == [30000.0, 30000.0]
