@@ -64,7 +64,7 @@ from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error, 
 from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks
 from mlfab.run.quiet import quiet_log_interval_warning
 from mlfab.run.slurm import job_arguments
-from mlfab.run.trainer import built_by_mlfab, unread_settings
+from mlfab.run.trainer import built_by_mlfab, unread_settings, unseeded
 from mlfab.state import PHASES, LogPhase, Phase, State
 
 NUMPY_VALUES = (np.generic, np.ndarray)  # Built once: `self.log` checks every value against it.
@@ -453,12 +453,13 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                     f"{type(self).__name__}'s config sets {', '.join(unread)}, which only a Trainer built by mlfab "
                     "reads (Task.launch, the fit subcommand, mlfab.run.trainer.build_trainer). This Trainer has its "
                     "own settings for them, so here they do nothing: pass them as its arguments, or build it with "
-                    "build_trainer(config, exp_dir)"
-                    + (
-                        "; for seed, call lightning.pytorch.seed_everything(seed) before building the task."
-                        if any(s.startswith("seed=") for s in unread)
-                        else "."
-                    )
+                    "build_trainer(config, exp_dir)."
+                )
+            if (seed := unseeded(self.config)) is not None:
+                rank_zero_warn(
+                    f"{type(self).__name__}'s config sets seed={seed}, but torch's generator was not seeded with it: "
+                    "Task.launch and the subcommands seed torch, numpy and random before building the task. With a "
+                    f"Trainer of your own (or build_trainer's), call lightning.pytorch.seed_everything({seed}) first."
                 )
             self._weights_from_checkpoint = False
             if self.trainer.global_step == 0:  # A run from step 0 (a resume restores its own counts after this).

@@ -466,8 +466,7 @@ def test_config_keys_a_trainer_built_elsewhere_does_not_read_are_named(tmp_path:
         trainer(tmp_path, max_steps=2).fit(BoringTask(config))
     said = [str(w.message) for w in caught if "only a Trainer built by mlfab" in str(w.message)]
     assert len(said) == 1
-    assert "config sets max_steps=3, save_every_n_steps=2, async_checkpoints=False, seed=5, which" in said[0]
-    assert "call lightning.pytorch.seed_everything(seed) before building the task" in said[0]  # Seeded nothing.
+    assert "config sets max_steps=3, save_every_n_steps=2, async_checkpoints=False, which" in said[0]
     assert "learning_rate" not in said[0]  # The task reads that one itself.
 
     with warnings.catch_warnings(record=True) as quiet:  # The config class's own defaults: nothing to say.
@@ -477,6 +476,29 @@ def test_config_keys_a_trainer_built_elsewhere_does_not_read_are_named(tmp_path:
             BoringTask(config)
         )  # mlfab's: reads them all.
     assert not [w for w in quiet if "only a Trainer built by mlfab" in str(w.message)]
+
+
+def test_a_seed_no_one_seeded_with_is_named_in_any_trainer(tmp_path: Path) -> None:
+    """`Task.launch` and the subcommands seed the global generators before building the task; a Trainer of the user's
+    own, or `build_trainer`'s, never does: two seeds gave identical draws without a word."""
+    config = BoringConfig(max_steps=2, seed=5)
+    for fit in (trainer(tmp_path, max_steps=2).fit, mlfab.run.trainer.build_trainer(config, tmp_path / "run", []).fit):
+        torch.manual_seed(0)
+        with pytest.warns(UserWarning) as caught:
+            fit(BoringTask(config))
+        said = [str(w.message) for w in caught if "seed=5" in str(w.message)]
+        assert said == [
+            "BoringTask's config sets seed=5, but torch's generator was not seeded with it: Task.launch and the "
+            "subcommands seed torch, numpy and random before building the task. With a Trainer of your own (or "
+            "build_trainer's), call lightning.pytorch.seed_everything(5) first."
+        ]
+    with warnings.catch_warnings(record=True) as quiet:  # Seeded as said, or the class's default: nothing to say.
+        warnings.simplefilter("always")
+        pl.seed_everything(5, verbose=False)
+        mlfab.run.trainer.build_trainer(config, tmp_path / "seeded", []).fit(BoringTask(config))
+        torch.manual_seed(0)
+        trainer(tmp_path, max_steps=2).fit(BoringTask(BoringConfig()))
+    assert not [w for w in quiet if "seed" in str(w.message)]
 
 
 def test_a_set_loggers_a_trainer_built_elsewhere_does_not_call_is_named(tmp_path: Path) -> None:

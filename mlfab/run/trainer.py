@@ -128,17 +128,23 @@ def built_by_mlfab(trainer: pl.Trainer) -> bool:
 
 
 def unread_settings(config: Config) -> list[str]:
-    """`key=value` of each of `TRAINER_KEYS` (and `exp_dir` / `run_dir`, `seed`: mlfab's pipeline picks the run
-    directory and seeds the global generators before the task is built) that `config` sets to something else than
-    its class's default: what a Trainer built elsewhere would not do."""
+    """`key=value` of each of `TRAINER_KEYS` (and `exp_dir` / `run_dir`: mlfab's pipeline picks the run directory)
+    that `config` sets to something else than its class's default: what a Trainer built elsewhere would not do."""
     out = []
     for f in dataclasses.fields(config):
-        if f.name not in (*TRAINER_KEYS, "exp_dir", "run_dir", "seed"):
+        if f.name not in (*TRAINER_KEYS, "exp_dir", "run_dir"):
             continue
         default = field_default(f)
         if default is not dataclasses.MISSING and getattr(config, f.name) != default:
             out.append(f"{f.name}={getattr(config, f.name)!r}")
     return out
+
+
+def unseeded(config: Config) -> int | None:
+    """The config's seed where it is not its class's default and torch's generator was not seeded with it: mlfab's
+    pipeline seeds before the task is built, a Trainer of the user's own (or `build_trainer`'s) never does."""
+    (f,) = (f for f in dataclasses.fields(config) if f.name == "seed")
+    return config.seed if config.seed != field_default(f) and torch.initial_seed() != config.seed else None
 
 
 def val_check_interval(config: Config, batches_per_step: int) -> int:
