@@ -369,7 +369,7 @@ class Collate:
     `max_bad_in_a_row` such batches in a row (in one process: each dataloader worker counts its own) stop the run
     with a DatasetError; the key is `max_bad_samples_in_a_row`, which counts batches here. The warnings are
     rate-limited (RepeatedWarning). A batch mlfab cannot turn into tensors stops the run at once: it is no fault of
-    the collate, and every batch would fail the same way."""
+    the collate, and every batch would fail the same way; nor are samples torch's default_collate has no rule for."""
 
     def __init__(
         self, collate: Callable[[list[Any]], Any] | None, max_bad_in_a_row: int | None = 100, name: str = "the dataset"
@@ -383,6 +383,16 @@ class Collate:
     def __call__(self, items: list[Any]) -> Any:
         try:
             batch = default_collate(items) if self.collate is None else self.collate(items)
+        except TypeError as e:
+            if self.collate is None and str(e).startswith("default_collate: batch must contain"):
+                raise DatasetError(  # The samples' type, not a bad sample: every batch would fail the same way.
+                    f"{self.name} has no `collate` method, and torch's default_collate cannot batch its samples: {e}. "
+                    "Give the dataset a `collate(self, items)` method that builds the batch (dataclass samples and "
+                    "string arrays need one), or return tensors, numbers, numeric numpy arrays or strings in tuples, "
+                    "lists or dicts."
+                ) from e
+            self.failed(e)
+            return None
         except Exception as e:
             self.failed(e)
             return None

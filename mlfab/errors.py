@@ -64,8 +64,19 @@ def report(error: MlfabError, run_dir: Path | None = None) -> int:
     if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
         sys.stderr.write(text)
     where = f"\n(traceback in {logged})" if logged is not None else ""
-    print(f"error: {error}{where}", file=sys.stderr, flush=True)
+    print(f"error: {_message(error)}{where}", file=sys.stderr, flush=True)
     return exit_code(error)
+
+
+def _message(error: MlfabError) -> str:
+    """The error's message; for one a DataLoader worker raised, which torch raises again in the main process with the
+    worker's whole traceback as its message, the original message and which worker (the traceback goes to the log)."""
+    text = str(error)
+    head, original, _ = text.partition("\nOriginal Traceback")
+    at = text.rfind(name := f"{type(error).__module__}.{type(error).__qualname__}: ")
+    if not (original and head.startswith("Caught ") and at >= 0):
+        return text
+    return f"{text[at + len(name) :].strip()} ({head.removeprefix(f'Caught {type(error).__name__} ').rstrip('.')})"
 
 
 def _append_to_log(path: Path, text: str) -> Path | None:

@@ -66,15 +66,20 @@ class MlfabLoader(StatefulDataLoader):
     def _batches(self, replay: list[Any], inner: Iterator[Any]) -> Iterator[Any]:
         for batch in replay:
             yield self._note(batch)
+        skipped = 0
         for batch in inner:
             if batch is None:  # The dataset's collate failed for this batch.
                 self.skipped_batches += 1
+                skipped += 1
                 continue
             yield self._note(batch)
         if not self._ever_produced:  # Lightning would start a new epoch forever. (A resumed epoch may be empty.)
             name = type(getattr(self.dataset, "dataset", self.dataset)).__name__
             raise DatasetError(
-                f"The training dataset ({name}) produced no batches. Check that get_dataset('train') "
+                f"The training dataset ({name}) produced no batches: all {skipped} of its batches failed to collate "
+                "(the warnings above say why)."
+                if skipped
+                else f"The training dataset ({name}) produced no batches. Check that get_dataset('train') "
                 "returns a dataset with at least batch_size samples."
             )
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 import mlfab
 from mlfab.data import to_device, to_torch
+from mlfab.errors import report
 from mlfab.testing import BoringConfig, BoringTask, RegressionDataset, read_scalars
 
 
@@ -227,6 +228,63 @@ def test_a_batch_mlfab_cannot_convert_is_not_blamed_on_the_collate(tmp_path: Pat
     message = str(info.value)
     assert message.startswith("mlfab could not turn the numpy arrays in the batch from PairBatches.collate (a Pair)")
     assert "failed to collate" not in message
+
+
+class DataclassItems(torch.utils.data.Dataset):
+    """A torch map-style dataset of dataclass samples without a `collate`: torch's default_collate has no rule."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> Sample:
+        x = np.full(4, i, dtype=np.float32)
+        return Sample(x, x[:1], np.asarray(i % 2, dtype=np.uint8))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_samples_default_collate_cannot_batch_stop_the_run_at_the_first_batch(
+    tmp_path: Path, num_workers: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each batch was skipped as "failed to collate" until max_bad_samples_in_a_row: the samples' type, not bad data.
+    From a dataloader worker, the `error:` line shows the message, not torch's re-raise with the worker's traceback."""
+
+    class Task(BoringTask):
+        def get_dataset(self, phase: mlfab.Phase) -> DataclassItems:
+            return DataclassItems()
+
+    config = BoringConfig(max_steps=3, num_dataloader_workers=num_workers, exp_dir=str(tmp_path / "run"))
+    with pytest.raises(mlfab.DatasetError) as info:
+        Task.launch(config, argv=[])
+    assert report(info.value) == 1
+    message = capsys.readouterr().err
+    assert message.startswith(
+        "error: DataclassItems has no `collate` method, and torch's default_collate cannot batch its samples: "
+        "default_collate: batch must contain tensors, numpy arrays, numbers, dicts or lists; found <class "
+    )
+    assert "Give the dataset a `collate(self, items)` method" in message and "failed to collate" not in message
+    assert message.endswith("strings in tuples, lists or dicts.\n" if num_workers == 0 else " process 0)\n")
+    assert "Traceback" not in message
+
+
+@pytest.mark.integration
+def test_a_training_set_whose_every_batch_failed_to_collate_is_not_called_too_small(tmp_path: Path) -> None:
+    """Fewer failed batches than max_bad_samples_in_a_row, and none left: "at least batch_size samples" was wrong."""
+
+    class Refusing(Forgetful):
+        def collate(self, items: list[Any]) -> Any:
+            raise ValueError("no batch today")
+
+    class Task(BoringTask):
+        def get_dataset(self, phase: mlfab.Phase) -> Refusing:
+            return Refusing()
+
+    with pytest.raises(mlfab.DatasetError) as info:
+        Task.launch(BoringConfig(max_steps=3, exp_dir=str(tmp_path / "run")), argv=[])
+    assert str(info.value) == (
+        "The training dataset (Refusing) produced no batches: all 8 of its batches failed to collate (the warnings "
+        "above say why)."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
