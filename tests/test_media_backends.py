@@ -150,6 +150,27 @@ def test_pil_float_and_16_bit_images_follow_the_array_rules(tmp_path: Path) -> N
     assert gray("i16") == gray("i32") == [0, 100, 200, 255]  # As integer arrays: clipped to [0, 255].
 
 
+def test_nan_and_inf_in_an_image_or_a_clip_are_drawn_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A NaN pixel came out black and a NaN sample silent without a word: a model's NaN output looked like data."""
+    pixels = np.array([[0.0, np.nan, 0.5, np.inf, -np.inf, 1.0]], np.float32)
+    clip = np.array([0.5, np.nan, -0.5, 0.25], np.float32)
+    calls = Calls()
+    calls.log_image("nan_image", pixels, keep_resolution=True)
+    calls.log_image("fine_image", pixels[:, [0, 2, 5]], keep_resolution=True)
+    calls.log_audio("nan_clip", clip)
+    with caplog.at_level("WARNING", logger="mlfab.logs.media"):
+        media = json_line(tmp_path, calls.logs())["media"]
+        json_line(tmp_path / "again", calls.logs(6))  # Once per call and key.
+    gray = np.asarray(Image.open(tmp_path / "json" / media["value/nan_image"]))[0, :, 0].tolist()
+    assert gray == [0, 0, 128, 255, 0, 255]
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        "log_audio('nan_clip'): 1 of 4 values are NaN or infinite, shown as silence (said once)",
+        "log_image('nan_image'): 3 of 6 values are NaN or infinite, shown as black (NaN, -inf) and white (+inf) "
+        "(said once)",
+        "log_spectrogram('nan_clip_spec'): 1 of 4 values are NaN or infinite, shown as silence (said once)",
+    ]
+
+
 def text_rendered(event_dir: Path, tag: str) -> str:
     acc = EventAccumulator(str(event_dir), size_guidance={"tensors": 0})
     acc.Reload()

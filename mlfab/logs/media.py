@@ -11,6 +11,7 @@ methods (mlfab/logs/api.py) pass 0.2's defaults explicitly.
 """
 
 import io
+import logging
 import math
 import wave
 from bisect import bisect_left
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+log = logging.getLogger(__name__)
 DEFAULT_AREA = 256 * 256
 # Where a person first sees a logged image: TensorBoard's TIME SERIES dashboard (the one it opens on) fits it into
 # a 375 x 215 box (CSS pixels) in each image card, its IMAGES dashboard shows it 350 wide (TensorBoard 2.21,
@@ -67,6 +69,18 @@ def float_range(*arrays: np.ndarray) -> ValueRange:
     return low, high
 
 
+_said_nonfinite: set[str] = set()
+
+
+def _note_nonfinite(arr: np.ndarray, where: str, shown: str) -> None:
+    """Values with NaN or infinities are drawn anyway, as `shown` says, with a warning once per call and key: a
+    model's NaN output would otherwise look like a dark pixel or a pause."""
+    if where not in _said_nonfinite and not (finite := np.isfinite(arr)).all():
+        _said_nonfinite.add(where)
+        bad = arr.size - int(finite.sum())
+        log.warning("%s: %d of %d values are NaN or infinite, shown as %s (said once)", where, bad, arr.size, shown)
+
+
 def _to_uint8(arr: np.ndarray, where: str, value_range: ValueRange | None = None) -> np.ndarray:
     """Pixels as uint8: floats are mapped from `value_range` (default: `float_range(arr)`) to [0, 255] (NaN -> 0,
     +inf -> 255, -inf -> 0), bools to 0/255, other ints clipped to [0, 255]."""
@@ -78,6 +92,7 @@ def _to_uint8(arr: np.ndarray, where: str, value_range: ValueRange | None = None
         return np.clip(arr, 0, min(255, np.iinfo(arr.dtype).max)).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
         low, high = float_range(arr) if value_range is None else value_range
+        _note_nonfinite(arr, where, "black (NaN, -inf) and white (+inf)")
         out = np.nan_to_num(arr.astype(np.float64), copy=False, nan=low, posinf=high, neginf=low)
         out = (out - low) / (high - low)
         return np.rint(np.clip(out, 0.0, 1.0, out=out) * 255.0).astype(np.uint8)
@@ -423,6 +438,7 @@ def audio_channels(audio, where: str) -> np.ndarray:
         out = arr.astype(np.float32)
     else:
         raise ValueError(f"{where}: cannot read audio of dtype {arr.dtype}; expected float or signed integer samples")
+    _note_nonfinite(out, where, "silence")
     return np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
 
