@@ -150,7 +150,7 @@ def test_pil_float_and_16_bit_images_follow_the_array_rules(tmp_path: Path) -> N
     assert gray("i16") == gray("i32") == [0, 100, 200, 255]  # As integer arrays: clipped to [0, 255].
 
 
-def test_nan_and_inf_in_an_image_or_a_clip_are_drawn_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_nan_and_inf_in_logged_media_are_drawn_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A NaN pixel came out black and a NaN sample silent without a word: a model's NaN output looked like data."""
     pixels = np.array([[0.0, np.nan, 0.5, np.inf, -np.inf, 1.0]], np.float32)
     clip = np.array([0.5, np.nan, -0.5, 0.25], np.float32)
@@ -158,16 +158,21 @@ def test_nan_and_inf_in_an_image_or_a_clip_are_drawn_and_said(tmp_path: Path, ca
     calls.log_image("nan_image", pixels, keep_resolution=True)
     calls.log_image("fine_image", pixels[:, [0, 2, 5]], keep_resolution=True)
     calls.log_audio("nan_clip", clip)
+    calls.log_histogram("nan_histogram", clip)
+    calls.log_point_cloud("nan_cloud", np.array([[0.0, np.nan, 1.0], [0.0, 0.0, 1.0]], np.float32))
     with caplog.at_level("WARNING", logger="mlfab.logs.media"):
         media = json_line(tmp_path, calls.logs())["media"]
         json_line(tmp_path / "again", calls.logs(6))  # Once per call and key.
     gray = np.asarray(Image.open(tmp_path / "json" / media["value/nan_image"]))[0, :, 0].tolist()
     assert gray == [0, 0, 128, 255, 0, 255]
     assert sorted(r.getMessage() for r in caplog.records) == [
-        "log_audio('nan_clip'): 1 of 4 values are NaN or infinite, shown as silence (said once)",
-        "log_image('nan_image'): 3 of 6 values are NaN or infinite, shown as black (NaN, -inf) and white (+inf) "
+        "log_audio('nan_clip'): 1 of 4 values are NaN or infinite: played as silence (said once)",
+        "log_histogram('nan_histogram'): 1 of 4 values are NaN or infinite: left out of the bins (said once)",
+        "log_image('nan_image'): 3 of 6 values are NaN or infinite: drawn black (NaN, -inf) and white (+inf) "
         "(said once)",
-        "log_spectrogram('nan_clip_spec'): 1 of 4 values are NaN or infinite, shown as silence (said once)",
+        "log_point_cloud('nan_cloud'): 1 of 6 values are NaN or infinite: kept (viewers place or drop such points as "
+        "they do) (said once)",
+        "log_spectrogram('nan_clip_spec'): 1 of 4 values are NaN or infinite: played as silence (said once)",
     ]
 
 

@@ -394,7 +394,13 @@ class LogMethods:
     def log_histogram(self, key: str, value: Any, *, namespace: str | None = None) -> None:
         """The distribution of a tensor's values (e.g. weights or activations), any shape; NaN and inf are left out
         of the bins."""
-        self._log("histogram", key, lambda: media.to_numpy(resolve(value)).astype(np.float64).reshape(-1), namespace)
+
+        def make() -> np.ndarray:
+            values = media.to_numpy(resolve(value)).astype(np.float64).reshape(-1)
+            media.note_nonfinite(values, f"log_histogram({key!r})", "left out of the bins")
+            return values
+
+        self._log("histogram", key, make, namespace)
 
     def log_point_cloud(
         self,

@@ -72,13 +72,13 @@ def float_range(*arrays: np.ndarray) -> ValueRange:
 _said_nonfinite: set[str] = set()
 
 
-def _note_nonfinite(arr: np.ndarray, where: str, shown: str) -> None:
-    """Values with NaN or infinities are drawn anyway, as `shown` says, with a warning once per call and key: a
+def note_nonfinite(arr: np.ndarray, where: str, shown: str) -> None:
+    """Values with NaN or infinities are written anyway, as `shown` says, with a warning once per call and key: a
     model's NaN output would otherwise look like a dark pixel or a pause."""
     if where not in _said_nonfinite and not (finite := np.isfinite(arr)).all():
         _said_nonfinite.add(where)
         bad = arr.size - int(finite.sum())
-        log.warning("%s: %d of %d values are NaN or infinite, shown as %s (said once)", where, bad, arr.size, shown)
+        log.warning("%s: %d of %d values are NaN or infinite: %s (said once)", where, bad, arr.size, shown)
 
 
 def _to_uint8(arr: np.ndarray, where: str, value_range: ValueRange | None = None) -> np.ndarray:
@@ -92,7 +92,7 @@ def _to_uint8(arr: np.ndarray, where: str, value_range: ValueRange | None = None
         return np.clip(arr, 0, min(255, np.iinfo(arr.dtype).max)).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
         low, high = float_range(arr) if value_range is None else value_range
-        _note_nonfinite(arr, where, "black (NaN, -inf) and white (+inf)")
+        note_nonfinite(arr, where, "drawn black (NaN, -inf) and white (+inf)")
         out = np.nan_to_num(arr.astype(np.float64), copy=False, nan=low, posinf=high, neginf=low)
         out = (out - low) / (high - low)
         return np.rint(np.clip(out, 0.0, 1.0, out=out) * 255.0).astype(np.uint8)
@@ -438,7 +438,7 @@ def audio_channels(audio, where: str) -> np.ndarray:
         out = arr.astype(np.float32)
     else:
         raise ValueError(f"{where}: cannot read audio of dtype {arr.dtype}; expected float or signed integer samples")
-    _note_nonfinite(out, where, "silence")
+    note_nonfinite(out, where, "played as silence")
     return np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -701,6 +701,8 @@ def subsample_points(
     cols = None if colors is None else _points_last(to_numpy(colors))
     if cols is not None and tuple(cols.shape) != shape:
         raise ValueError(f"{where}: colors of shape {tuple(cols.shape)} do not match points of shape {shape}")
+    if np.issubdtype(pts.dtype, np.floating):
+        note_nonfinite(pts, where, "kept (viewers place or drop such points as they do)")
     pts = pts.reshape(1 if pts.ndim == 2 else shape[0], -1, 3)
     cols = None if cols is None else cols.reshape(pts.shape)
     if pts.shape[1] > max_points:
