@@ -18,6 +18,7 @@ import torch
 import yaml
 
 import mlfab
+import mlfab.run.trainer
 from mlfab.config import SlurmConfig
 from mlfab.errors import SlurmError
 from mlfab.run import invocation, slurm
@@ -758,3 +759,28 @@ def run_as_program(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
         BoringTask.launch(BoringConfig())
     assert isinstance(info.value.code, int)
     return info.value.code
+
+
+@pytest.mark.integration
+def test_sigusr1_during_validate_in_a_slurm_job_says_it_goes_on(
+    fake_slurm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """In a Slurm job mlfab holds SIGUSR1 from the Trainer's start; outside training it did nothing, without a word."""
+    in_task(monkeypatch)
+
+    class Signalled(BoringTask):
+        def validation_step(self, batch: Any, batch_idx: int) -> Any:
+            if batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return super().validation_step(batch, batch_idx)
+
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        task = Signalled(BoringConfig(valid_batches=2))
+        mlfab.run.trainer.build_trainer(task.config, tmp_path / "run", []).validate(task)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    err = capfd.readouterr().err
+    assert "SIGUSR1: only training checkpoints and requeues the job; validate goes on." in err
+    assert "scontrol requeue" not in fake_slurm.read_text()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())

@@ -302,12 +302,16 @@ class GracefulStop(StepFreeCallback):
         self._distributed = False
         self._previous: dict[int, Any] = {}
         self._trainer: pl.Trainer | None = None  # The Trainer training, which the handler asks whether it ended.
+        self._stage: str | None = None  # What the Trainer runs: fit, validate, test or predict.
         if in_slurm_job() and threading.current_thread() is threading.main_thread():
             # Slurm's SIGUSR1 can come before training starts (a short time limit, a slow start), and by default it
             # kills the job: kept until then, it checkpoints and requeues at the first step.
             self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGUSR1 and self._stage not in (None, "fit"):  # Only held in a Slurm job.
+            print(f"\nSIGUSR1: only training checkpoints and requeues the job; {self._stage} goes on.", file=sys.stderr)
+            return
         if signum == signal.SIGUSR1:
             self._save_requested = True
             return
@@ -324,6 +328,10 @@ class GracefulStop(StepFreeCallback):
             file=sys.stderr,
             flush=True,
         )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn ("fit", "validate", ...).
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
