@@ -19,6 +19,8 @@ class BadLazyValue(BoringTask):
         self.log_scalar("broken", lambda: 1 / 0)
         self.log_scalar("fine", state.num_steps)
         self.log_scalar("many", torch.arange(3.0))  # Not one number: no silent mean.
+        self.log_histogram("none", torch.empty(0))  # Nothing to bin: TensorBoard and W&B wrote nothing, silently.
+        self.log_audio("silent", torch.empty(0))  # A 0-frame WAV and a blank spectrogram were written.
         return super().get_loss(batch, state)
 
 
@@ -36,6 +38,10 @@ def test_a_lazy_value_that_raises_is_skipped_with_its_key_and_step(
     many = [r.getMessage() for r in caplog.records if "log_scalar('many', namespace='value')" in r.getMessage()]
     assert many and "a scalar is one number, got a tensor of shape (3,)" in many[0]
     assert "value/many" not in scalars
+    said = [r.getMessage() for r in caplog.records]
+    assert any("log_histogram('none', namespace='value') could not be written at step 0" in m for m in said)
+    assert any("ValueError(\"log_histogram('none'): no values to bin\")" in m for m in said)
+    assert any("ValueError(\"log_audio('silent'): the clip has no samples (shape (0,))\")" in m for m in said)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # Training went on to the end.
 
 
@@ -43,6 +49,23 @@ class StringScalar(BoringTask):
     def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
         self.log_scalar("name", "resnet")
         return super().get_loss(batch, state)
+
+
+@pytest.mark.parametrize("rate", [0, -8000, 22050.5, float("nan"), True, "44100"])
+def test_a_sample_rate_that_no_clip_can_have_is_refused_at_the_call(tmp_path: Path, rate: object) -> None:
+    """It was used only when a logger wrote the clip: `wave.Error` (0, -8000) or W&B's TypeError (a float) stopped
+    the run there without naming the key, and 22050.5 went into the WAV header as 22050."""
+
+    class BadRate(BoringTask):
+        def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+            self.log_audios("clips", torch.zeros(2, 100), sample_rate=rate)  # type: ignore[arg-type]
+            return super().get_loss(batch, state)
+
+    with pytest.raises(ValueError) as info:
+        BadRate.launch(BoringConfig(max_steps=2, exp_dir=str(tmp_path / "run")), argv=[])
+    assert str(info.value) == (
+        f"log_audios('clips'): sample_rate must be a whole number of samples per second >= 1, got {rate!r}"
+    )
 
 
 def test_a_string_given_to_log_scalar_is_refused_at_the_call(tmp_path: Path) -> None:

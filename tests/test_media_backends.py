@@ -159,6 +159,7 @@ def test_nan_and_inf_in_logged_media_are_drawn_and_said(tmp_path: Path, caplog: 
     calls.log_image("fine_image", pixels[:, [0, 2, 5]], keep_resolution=True)
     calls.log_audio("nan_clip", clip)
     calls.log_histogram("nan_histogram", clip)
+    calls.log_histogram("all_nan_histogram", np.full(3, np.nan))
     calls.log_point_cloud("nan_cloud", np.array([[0.0, np.nan, 1.0], [0.0, 0.0, 1.0]], np.float32))
     with caplog.at_level("WARNING", logger="mlfab.logs.media"):
         media = json_line(tmp_path, calls.logs())["media"]
@@ -167,6 +168,8 @@ def test_nan_and_inf_in_logged_media_are_drawn_and_said(tmp_path: Path, caplog: 
     assert gray == [0, 0, 128, 255, 0, 255]
     assert sorted(r.getMessage() for r in caplog.records) == [
         "log_audio('nan_clip'): 1 of 4 values are NaN or infinite: played as silence (said once)",
+        "log_histogram('all_nan_histogram'): 3 of 3 values are NaN or infinite: no histogram for TensorBoard and W&B "
+        "(said once)",
         "log_histogram('nan_histogram'): 1 of 4 values are NaN or infinite: left out of the bins (said once)",
         "log_image('nan_image'): 3 of 6 values are NaN or infinite: drawn black (NaN, -inf) and white (+inf) "
         "(said once)",

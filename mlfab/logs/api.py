@@ -174,6 +174,7 @@ class LogMethods:
                 `log_spectrogram`.
         """
         media.check_channel_mode(channel_select_mode, f"log_audio({key!r})")
+        sample_rate = media.check_sample_rate(sample_rate, f"log_audio({key!r})")
         value = _once(value)
         self._log("audio", key, lambda: Audio(media.normalize_audio(value(), key), sample_rate), namespace)
         if log_spec:
@@ -218,6 +219,7 @@ class LogMethods:
                 `log_spectrograms`.
         """
         media.check_channel_mode(channel_select_mode, f"log_audios({key!r})")
+        sample_rate = media.check_sample_rate(sample_rate, f"log_audios({key!r})")
         value = _once(value)
 
         def make() -> Audio:
@@ -269,6 +271,7 @@ class LogMethods:
                 image (`log_image`).
         """
         media.check_channel_mode(channel_select_mode, f"log_spectrogram({key!r})")
+        sample_rate = media.check_sample_rate(sample_rate, f"log_spectrogram({key!r})")
 
         def make() -> np.ndarray:
             n_fft, hop = _stft_sizes(sample_rate, n_fft_ms, hop_length_ms)
@@ -307,6 +310,7 @@ class LogMethods:
             sample_rate, n_fft_ms, hop_length_ms, channel_select_mode, keep_resolution: As in `log_spectrogram`.
         """
         media.check_channel_mode(channel_select_mode, f"log_spectrograms({key!r})")
+        sample_rate = media.check_sample_rate(sample_rate, f"log_spectrograms({key!r})")
 
         def make() -> np.ndarray:
             where = f"log_spectrograms({key!r})"
@@ -393,11 +397,15 @@ class LogMethods:
 
     def log_histogram(self, key: str, value: Any, *, namespace: str | None = None) -> None:
         """The distribution of a tensor's values (e.g. weights or activations), any shape; NaN and inf are left out
-        of the bins."""
+        of the bins, with a warning (with none left, TensorBoard and W&B write nothing for it; the JSON logger keeps
+        the raw values); an empty one is skipped as a value that cannot be written."""
 
         def make() -> np.ndarray:
-            values = media.to_numpy(resolve(value)).astype(np.float64).reshape(-1)
-            media.note_nonfinite(values, f"log_histogram({key!r})", "left out of the bins")
+            values, where = media.to_numpy(resolve(value)).astype(np.float64).reshape(-1), f"log_histogram({key!r})"
+            if not values.size:  # Skipped, and said, as any value that cannot be written (an empty image too).
+                raise ValueError(f"{where}: no values to bin")
+            binned = "left out of the bins" if np.isfinite(values).any() else "no histogram for TensorBoard and W&B"
+            media.note_nonfinite(values, where, binned)
             return values
 
         self._log("histogram", key, make, namespace)

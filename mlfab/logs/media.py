@@ -13,9 +13,11 @@ methods (mlfab/logs/api.py) pass 0.2's defaults explicitly.
 import io
 import logging
 import math
+import numbers
 import wave
 from bisect import bisect_left
 from functools import cache, lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -432,6 +434,8 @@ def audio_channels(audio, where: str) -> np.ndarray:
             f"{where}: cannot read audio of shape {tuple(arr.shape)}; expected (T,), (C, T) with C <= "
             f"{_MAX_AUDIO_CHANNELS}, or (T, C) with C in 1, 2"
         )
+    if arr.shape[1] == 0:  # (An empty image is refused too.)
+        raise ValueError(f"{where}: the clip has no samples (shape {tuple(to_numpy(audio).shape)})")
     if np.issubdtype(arr.dtype, np.signedinteger):
         out = arr.astype(np.float32) / np.float32(-np.iinfo(arr.dtype).min)
     elif np.issubdtype(arr.dtype, np.floating):
@@ -487,6 +491,15 @@ def stft_frames(milliseconds: float, sample_rate: int) -> int:
     if milliseconds <= 0 or sample_rate <= 0:
         raise ValueError(f"need a positive duration and sample rate, got {milliseconds} ms at {sample_rate} Hz")
     return 2 ** max(0, round(math.log2(milliseconds * sample_rate / 1000)))
+
+
+def check_sample_rate(rate: Any, where: str) -> int:
+    """A whole, positive number of samples per second (16e3 is 16000), checked at the `log_*` call: it is used only
+    when a logger writes the clip, where a WAV header with 0 or 22050.5 Hz stopped the run without naming the key."""
+    real = isinstance(rate, numbers.Real) and not isinstance(rate, bool) and math.isfinite(rate)
+    if not (real and rate == math.floor(rate) and 1 <= rate < 2**31):
+        raise ValueError(f"{where}: sample_rate must be a whole number of samples per second >= 1, got {rate!r}")
+    return math.floor(rate)
 
 
 def check_channel_mode(mode: str, where: str) -> None:
