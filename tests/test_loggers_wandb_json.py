@@ -240,6 +240,19 @@ def test_wandb_logger_offline_every_kind_in_order(tmp_path: Path) -> None:
     assert records[-1].WhichOneof("record_type") == "exit" and records[-1].exit.exit_code == 0
 
 
+@pytest.mark.integration
+def test_wandb_name_and_project_from_the_environment_are_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WANDB_NAME was replaced by the run directory's name without a word (WANDB_PROJECT was honoured)."""
+    monkeypatch.setenv("WANDB_NAME", "from-env")
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    logger = WandbLogger(tmp_path / "my_task" / "run_0")
+    assert (logger.experiment.name, logger.experiment.project) == ("from-env", "env-project")
+    logger.finalize("success")
+    named = WandbLogger(tmp_path / "my_task" / "run_1", name="given", project="given-project")
+    assert (named.experiment.name, named.experiment.project) == ("given", "given-project")  # Arguments win.
+    named.finalize("success")
+
+
 @pytest.mark.unit
 def test_disabled_wandb_accepts_every_call_and_writes_nothing(tmp_path: Path) -> None:
     logger = WandbLogger(tmp_path / "task" / "run_0", mode="disabled")

@@ -204,8 +204,8 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
     Mode: `mode` if given; else WANDB_MODE; else offline when no W&B credentials are configured
     (WANDB_API_KEY or a .netrc entry), online otherwise. An offline or disabled run contacts no server (no
     telemetry, no error reports; see the module docstring) unless WANDB_ERROR_REPORTING is set. Project:
-    `project`, else WANDB_PROJECT, else "mlfab"; name: `<task>/<run_N>` from `exp_dir`. Other keyword arguments go
-    to Lightning's WandbLogger / `wandb.init`.
+    `project`, else WANDB_PROJECT, else "mlfab"; name: `name`, else WANDB_NAME, else `<task>/<run_N>` from
+    `exp_dir`. Other keyword arguments go to Lightning's WandbLogger / `wandb.init`.
     """
 
     def __init__(
@@ -222,7 +222,7 @@ class WandbLogger(MlfabLogger, LightningWandbLogger):
         if resolved is not None:
             kwargs["mode"] = resolved
         super().__init__(
-            name=name or "/".join(exp_dir.resolve().parts[-2:]),
+            name=name or os.environ.get("WANDB_NAME") or "/".join(exp_dir.resolve().parts[-2:]),
             save_dir=str(exp_dir),  # wandb.init(dir=...) writes into <dir>/wandb.
             project=project or os.environ.get("WANDB_PROJECT") or "mlfab",
             **kwargs,
