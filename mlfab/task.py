@@ -47,6 +47,7 @@ from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.dispatch import flush_logs
 from mlfab.loggers.stdout import StdoutLogger
 from mlfab.loggers.tensorboard import TensorboardLogger
+from mlfab.logs import media
 from mlfab.logs.api import LogMethods
 from mlfab.logs.buffer import PREDICT, Cadence, LogBuffer
 from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
@@ -108,6 +109,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._mlfab_loggers: list[Any] = []
         # A buffer per phase (validation may start mid-accumulation), and one for what is logged during predict.
         self._log_buffers = {phase: LogBuffer(phase) for phase in (*PHASES, PREDICT)}
+        media.forget_warnings()  # A new run says each media warning (NaN pixels, ...) once per key again.
         self._bad_data_seen = self._bad_data_asked = False
         self._log_cadence = Cadence()
         self._start_counts()

@@ -18,8 +18,9 @@ from mlfab.loggers.json import JsonLogger
 from mlfab.loggers.wandb import WandbLogger
 from mlfab.logs.api import LogMethods
 from mlfab.logs.buffer import LogBuffer
+from mlfab.logs.media import forget_warnings
 from mlfab.logs.values import Logs
-from mlfab.testing import read_images
+from mlfab.testing import BoringConfig, BoringTask, read_images
 from tests.test_loggers_wandb_json import (  # noqa: F401 (the fixture keeps W&B offline and out of the home dir)
     finished_wandb_run,
     read_lines,
@@ -134,14 +135,23 @@ def test_point_clouds_coordinates_first_read_right_with_three_clouds(tmp_path: P
     np.testing.assert_array_equal(np.load(tmp_path / "json" / media["value/single"]), clouds[0])
 
 
-def test_pil_float_and_16_bit_images_follow_the_array_rules(tmp_path: Path) -> None:
+def test_pil_float_and_16_bit_images_follow_the_array_rules(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Integer pixels above 255 (a 16-bit depth map) are clipped, as documented, and no longer without a word."""
     floats = np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)
     ints = np.array([[0, 100, 200, 300]], np.uint16)
     calls = Calls()
     calls.log_image("f", Image.fromarray(floats), keep_resolution=True)  # Mode "F".
     calls.log_image("i16", Image.fromarray(ints), keep_resolution=True)  # Mode "I;16".
     calls.log_image("i32", Image.fromarray(ints.astype(np.int32)), keep_resolution=True)  # Mode "I".
-    media = json_line(tmp_path, calls.logs())["media"]
+    calls.log_image("fine", ints.clip(0, 255), keep_resolution=True)
+    forget_warnings()  # As a new task does: what an earlier test logged under these keys says nothing here.
+    with caplog.at_level("WARNING", logger="mlfab.logs.media"):
+        media = json_line(tmp_path, calls.logs())["media"]
+        json_line(tmp_path / "again", calls.logs(6))  # Once per call and key.
+    said = "integer values from 0 to 300 are clipped to [0, 255]; pass floats (or divide by the largest value) to see"
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        f"log_image({key!r}): {said} the whole range (said once)" for key in ("i16", "i32")
+    ]
 
     def gray(key: str) -> list[int]:
         return np.asarray(Image.open(tmp_path / "json" / media[f"value/{key}"]))[0, :, 0].tolist()
@@ -161,6 +171,7 @@ def test_nan_and_inf_in_logged_media_are_drawn_and_said(tmp_path: Path, caplog: 
     calls.log_histogram("nan_histogram", clip)
     calls.log_histogram("all_nan_histogram", np.full(3, np.nan))
     calls.log_point_cloud("nan_cloud", np.array([[0.0, np.nan, 1.0], [0.0, 0.0, 1.0]], np.float32))
+    forget_warnings()
     with caplog.at_level("WARNING", logger="mlfab.logs.media"):
         media = json_line(tmp_path, calls.logs())["media"]
         json_line(tmp_path / "again", calls.logs(6))  # Once per call and key.
@@ -177,6 +188,17 @@ def test_nan_and_inf_in_logged_media_are_drawn_and_said(tmp_path: Path, caplog: 
         "they do) (said once)",
         "log_spectrogram('nan_clip_spec'): 1 of 4 values are NaN or infinite: played as silence (said once)",
     ]
+
+
+def test_a_new_task_says_the_media_warnings_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Said once per key per process, a second run in a notebook or sweep said nothing about its own NaN image."""
+    calls = Calls()
+    calls.log_image("nan_image", np.full((2, 2), np.nan, np.float32))
+    with caplog.at_level("WARNING", logger="mlfab.logs.media"):
+        json_line(tmp_path / "first", calls.logs())
+        BoringTask(BoringConfig())  # The next run in this process.
+        json_line(tmp_path / "second", calls.logs())
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["log_image('nan_image')"] * 2
 
 
 def text_rendered(event_dir: Path, tag: str) -> str:

@@ -71,16 +71,35 @@ def float_range(*arrays: np.ndarray) -> ValueRange:
     return low, high
 
 
-_said_nonfinite: set[str] = set()
+_said: set[tuple[str, str]] = set()  # (call and key, what was said): each warning once per key.
+
+
+def forget_warnings() -> None:
+    """Each media warning is said once per key and run: a new task (a new run in this process) says them again."""
+    _said.clear()
 
 
 def note_nonfinite(arr: np.ndarray, where: str, shown: str) -> None:
     """Values with NaN or infinities are written anyway, as `shown` says, with a warning once per call and key: a
     model's NaN output would otherwise look like a dark pixel or a pause."""
-    if where not in _said_nonfinite and not (finite := np.isfinite(arr)).all():
-        _said_nonfinite.add(where)
+    if (where, "nonfinite") not in _said and not (finite := np.isfinite(arr)).all():
+        _said.add((where, "nonfinite"))
         bad = arr.size - int(finite.sum())
         log.warning("%s: %d of %d values are NaN or infinite: %s (said once)", where, bad, arr.size, shown)
+
+
+def _note_clipped(arr: np.ndarray, where: str) -> None:
+    """Integer pixels outside [0, 255] (a 16-bit depth map, a label image with -1) are clipped: said once per key,
+    or a 12-bit image would look like a white square with nothing said."""
+    if (where, "clipped") not in _said and arr.size and (arr.min() < 0 or arr.max() > 255):
+        _said.add((where, "clipped"))
+        log.warning(
+            "%s: integer values from %d to %d are clipped to [0, 255]; pass floats (or divide by the largest value) "
+            "to see the whole range (said once)",
+            where,
+            arr.min(),
+            arr.max(),
+        )
 
 
 def _to_uint8(arr: np.ndarray, where: str, value_range: ValueRange | None = None) -> np.ndarray:
@@ -91,6 +110,7 @@ def _to_uint8(arr: np.ndarray, where: str, value_range: ValueRange | None = None
     if arr.dtype == np.bool_:
         return np.where(arr, np.uint8(255), np.uint8(0))
     if np.issubdtype(arr.dtype, np.integer):
+        _note_clipped(arr, where)
         return np.clip(arr, 0, min(255, np.iinfo(arr.dtype).max)).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
         low, high = float_range(arr) if value_range is None else value_range
