@@ -28,7 +28,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from mlfab._lightning import collect_rng_states, set_rng_states, unrepeated_sampler
 from mlfab.checkpoints import plain_rng_state
-from mlfab.errors import DatasetError
+from mlfab.errors import ConfigError, DatasetError
 from mlfab.loader import MlfabLoader
 
 log = logging.getLogger(__name__)
@@ -447,6 +447,22 @@ def check_dataset(dataset: Any, phase: str, task_name: str) -> Any:
     )
 
 
+WORKERS_PER_CORE = 8  # More dataloader workers per usable core than this is a typo, not a setting.
+
+
+def check_num_workers(num_workers: int) -> None:
+    """A ConfigError for a worker count far above this machine's cores: each worker is a process holding a copy of
+    the dataset, so 100000 of them forked until the machine ran out of memory (torch only warns)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if num_workers > WORKERS_PER_CORE * cores:
+        raise ConfigError(
+            f"num_dataloader_workers={num_workers} is more than {WORKERS_PER_CORE} worker processes per CPU core "
+            f"this process can use ({cores} cores: at most {WORKERS_PER_CORE * cores}); each one is a process with a "
+            f"copy of the dataset. Set num_dataloader_workers to at most the core count ({cores}) or a little above "
+            "for data loading that waits on disk or network."
+        )
+
+
 def build_dataloader(
     dataset: Any,
     *,
@@ -465,6 +481,7 @@ def build_dataloader(
     Each loader draws its shuffling and worker seeds from a generator of its own, never from torch's
     global one, so how often validation runs cannot change the training run's random numbers.
     """
+    check_num_workers(num_workers)
     os.environ[_RANK_ENV], os.environ[_WORLD_ENV] = str(rank), str(world_size)
     own_collate = getattr(dataset, "collate", None)
     collate = Collate(own_collate if callable(own_collate) else None, max_bad_in_a_row, type(dataset).__name__)

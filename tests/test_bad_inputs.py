@@ -289,6 +289,8 @@ FAILURES = [
     (Diverging, ["max_nonfinite_steps_in_a_row=1"], 1, "1 optimizer steps in a row had a non-finite loss", True),
     # Schedule-free AdamW divided by it at the first validation: a ZeroDivisionError traceback after training began.
     (BoringTask, ["betas=[0,0.999]"], 2, "betas=[0.0, 0.999]: the default optimizer, schedule-free AdamW", False),
+    # Each worker a process: 100000 of them forked until the machine ran out of memory, with only torch's warning.
+    (BoringTask, ["num_dataloader_workers=100000"], 2, "num_dataloader_workers=100000 is more than 8 worker", False),
 ]
 
 
