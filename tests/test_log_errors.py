@@ -21,6 +21,7 @@ class BadLazyValue(BoringTask):
         self.log_scalar("many", torch.arange(3.0))  # Not one number: no silent mean.
         self.log_histogram("none", torch.empty(0))  # Nothing to bin: TensorBoard and W&B wrote nothing, silently.
         self.log_audio("silent", torch.empty(0))  # A 0-frame WAV and a blank spectrogram were written.
+        self.log_histogram("complex", torch.ones(3, dtype=torch.complex64))  # Binned .real with a ComplexWarning.
         return super().get_loss(batch, state)
 
 
@@ -41,6 +42,7 @@ def test_a_lazy_value_that_raises_is_skipped_with_its_key_and_step(
     said = [r.getMessage() for r in caplog.records]
     assert any("log_histogram('none', namespace='value') could not be written at step 0" in m for m in said)
     assert any("ValueError(\"log_histogram('none'): no values to bin\")" in m for m in said)
+    assert any("ValueError(\"log_histogram('complex'): cannot bin complex values; log their .abs()" in m for m in said)
     assert any("ValueError(\"log_audio('silent'): the clip has no samples (shape (0,))\")" in m for m in said)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # Training went on to the end.
 

@@ -398,10 +398,13 @@ class LogMethods:
     def log_histogram(self, key: str, value: Any, *, namespace: str | None = None) -> None:
         """The distribution of a tensor's values (e.g. weights or activations), any shape; NaN and inf are left out
         of the bins, with a warning (with none left, TensorBoard and W&B write nothing for it; the JSON logger keeps
-        the raw values); an empty one is skipped as a value that cannot be written."""
+        the raw values); an empty or complex one is skipped as a value that cannot be written."""
 
         def make() -> np.ndarray:
-            values, where = media.to_numpy(resolve(value)).astype(np.float64).reshape(-1), f"log_histogram({key!r})"
+            values, where = media.to_numpy(resolve(value)), f"log_histogram({key!r})"
+            if np.iscomplexobj(values):  # numpy would drop the imaginary part with only a ComplexWarning.
+                raise ValueError(f"{where}: cannot bin complex values; log their .abs(), .angle(), .real or .imag")
+            values = values.astype(np.float64).reshape(-1)
             if not values.size:  # Skipped, and said, as any value that cannot be written (an empty image too).
                 raise ValueError(f"{where}: no values to bin")
             binned = "left out of the bins" if np.isfinite(values).any() else "no histogram for TensorBoard and W&B"
