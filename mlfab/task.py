@@ -111,6 +111,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._log_buffers = {phase: LogBuffer(phase) for phase in (*PHASES, PREDICT)}
         media.forget_warnings()  # A new run says each media warning (NaN pixels, ...) once per key again.
         self._bad_data_seen = self._bad_data_asked = False
+        self._evaluated = [0, 0]  # The batches of the evaluation in progress: evaluated, and failed to collate.
         self._log_cadence = Cadence()
         self._start_counts()
         self._consumed = Consumed()  # Batches trained, so the loader knows which ones are still in flight.
@@ -538,6 +539,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return loss if weight == 1 else loss * weight  # Full steps of equal batches: no extra op on the graph.
 
     def _evaluation_step(self, phase: Phase, batch: Any) -> Tensor | None:
+        self._evaluated[batch is None] += 1
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
             return None
         self._log_buffers[phase].weight = max(1, self.get_num_samples(batch))
@@ -555,6 +557,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def on_test_epoch_end(self) -> None:
         if not task_work_due(self, "on_test_epoch_end"):
             return
+        self._say_if_nothing_evaluated("test")
         self._publish_evaluation("test")
 
     @override
@@ -726,11 +729,21 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def on_validation_epoch_end(self) -> None:
         if not task_work_due(self, "on_validation_epoch_end"):
             return
+        self._say_if_nothing_evaluated("valid")
         if self.trainer.sanity_checking:  # Like Lightning, nothing from the sanity check is logged.
             self._log_buffers["valid"].clear()
             return
         self._num_valid_steps += 1  # Validations done, as 0.2 counted them (one per validation, whatever its batches).
         self._publish_evaluation("valid")
+
+    def _say_if_nothing_evaluated(self, phase: Phase) -> None:
+        """An evaluation whose every batch failed to collate showed its progress and then no values, without a word."""
+        (ran, skipped), self._evaluated = self._evaluated, [0, 0]
+        if skipped and not ran:
+            rank_zero_warn(
+                f"The {phase} run at step {self.weights_step} evaluated none of its batches: all {skipped} failed to "
+                "collate (the warnings above say why), so it has no values to write."
+            )
 
     def _publish_evaluation(self, phase: LogPhase) -> None:
         """An evaluation's scalars go into Lightning's metrics at its epoch end, where `self.log` is allowed and

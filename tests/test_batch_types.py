@@ -287,6 +287,30 @@ def test_a_training_set_whose_every_batch_failed_to_collate_is_not_called_too_sm
     )
 
 
+@pytest.mark.integration
+def test_an_evaluation_whose_every_batch_failed_to_collate_says_so(tmp_path: Path) -> None:
+    """Its progress line came and went, and then no values, without a word beyond the rate-limited skip warnings."""
+
+    class RefusingItems(Forgetful):
+        def collate(self, items: list[Any]) -> Any:
+            raise ValueError("no batch today")
+
+    class Task(BoringTask):
+        def get_dataset(self, phase: mlfab.Phase) -> Any:
+            return super().get_dataset(phase) if phase == "train" else RefusingItems()
+
+    config = BoringConfig(max_steps=4, valid_every_n_steps=2, valid_batches=3, exp_dir=str(tmp_path / "run"))
+    with pytest.warns(UserWarning) as said:
+        Task.launch(config, argv=[])
+    nothing = [str(w.message) for w in said if "evaluated none of its batches" in str(w.message)]
+    assert nothing == [
+        f"The valid run at step {step} evaluated none of its batches: all 3 failed to collate (the warnings above say "
+        "why), so it has no values to write."
+        for step in (1, 2, 4)  # After the first step, then every 2.
+    ]
+    assert "valid/loss/loss" not in read_scalars(tmp_path / "run" / "tensorboard" / "valid")
+
+
 @dataclasses.dataclass(frozen=True)
 class Frozen:
     x: Any
