@@ -762,25 +762,35 @@ def run_as_program(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("fit_first", [False, True])
 def test_sigusr1_during_validate_in_a_slurm_job_says_it_goes_on(
-    fake_slurm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    fit_first: bool,
+    fake_slurm: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """In a Slurm job mlfab holds SIGUSR1 from the Trainer's start; outside training it did nothing, without a word."""
+    """In a Slurm job mlfab holds SIGUSR1 from the Trainer's start; outside training it did nothing, without a word.
+    After a fit in the same Trainer, the fit's end gave SIGUSR1 back to its default, which killed the process."""
     in_task(monkeypatch)
 
     class Signalled(BoringTask):
         def validation_step(self, batch: Any, batch_idx: int) -> Any:
-            if batch_idx == 0:
+            if batch_idx == 0 and self.trainer.state.fn == "validate":
                 os.kill(os.getpid(), signal.SIGUSR1)
             return super().validation_step(batch, batch_idx)
 
     before = signal.getsignal(signal.SIGUSR1)
     try:
-        task = Signalled(BoringConfig(valid_batches=2))
-        mlfab.run.trainer.build_trainer(task.config, tmp_path / "run", []).validate(task)
+        task = Signalled(BoringConfig(valid_batches=2, max_steps=2, valid_every_n_steps=None))
+        trainer = mlfab.run.trainer.build_trainer(task.config, tmp_path / "run", [])
+        if fit_first:
+            trainer.fit(task)
+        saved = sorted((tmp_path / "run" / "checkpoints").glob("*"))
+        trainer.validate(task)
     finally:
         signal.signal(signal.SIGUSR1, before)
     err = capfd.readouterr().err
     assert "SIGUSR1: only training checkpoints and requeues the job; validate goes on." in err
     assert "scontrol requeue" not in fake_slurm.read_text()
-    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+    assert sorted((tmp_path / "run" / "checkpoints").glob("*")) == saved  # No checkpoint for the signal.

@@ -303,9 +303,14 @@ class GracefulStop(StepFreeCallback):
         self._previous: dict[int, Any] = {}
         self._trainer: pl.Trainer | None = None  # The Trainer training, which the handler asks whether it ended.
         self._stage: str | None = None  # What the Trainer runs: fit, validate, test or predict.
-        if in_slurm_job() and threading.current_thread() is threading.main_thread():
-            # Slurm's SIGUSR1 can come before training starts (a short time limit, a slow start), and by default it
-            # kills the job: kept until then, it checkpoints and requeues at the first step.
+        self._hold_sigusr1()
+
+    def _hold_sigusr1(self) -> None:
+        """In a Slurm job SIGUSR1 is held from the Trainer's start to each run's end (a fit, then a test in the same
+        Trainer: from its setup again). Slurm's SIGUSR1 can come before training starts (a short time limit, a slow
+        start), and by default it kills the job: kept until then, it checkpoints and requeues at the first step."""
+        main = threading.current_thread() is threading.main_thread()
+        if in_slurm_job() and main and signal.SIGUSR1 not in self._previous:
             self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -332,6 +337,7 @@ class GracefulStop(StepFreeCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn ("fit", "validate", ...).
+        self._hold_sigusr1()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
