@@ -267,13 +267,16 @@ def test_samples_default_collate_cannot_batch_stop_the_run_at_the_first_batch(
     assert "Traceback" not in message
 
 
+class Refusing(Forgetful):
+    """A map-style dataset whose every batch fails to collate."""
+
+    def collate(self, items: list[Any]) -> Any:
+        raise ValueError("no batch today")
+
+
 @pytest.mark.integration
 def test_a_training_set_whose_every_batch_failed_to_collate_is_not_called_too_small(tmp_path: Path) -> None:
     """Fewer failed batches than max_bad_samples_in_a_row, and none left: "at least batch_size samples" was wrong."""
-
-    class Refusing(Forgetful):
-        def collate(self, items: list[Any]) -> Any:
-            raise ValueError("no batch today")
 
     class Task(BoringTask):
         def get_dataset(self, phase: mlfab.Phase) -> Refusing:
@@ -291,13 +294,9 @@ def test_a_training_set_whose_every_batch_failed_to_collate_is_not_called_too_sm
 def test_an_evaluation_whose_every_batch_failed_to_collate_says_so(tmp_path: Path) -> None:
     """Its progress line came and went, and then no values, without a word beyond the rate-limited skip warnings."""
 
-    class RefusingItems(Forgetful):
-        def collate(self, items: list[Any]) -> Any:
-            raise ValueError("no batch today")
-
     class Task(BoringTask):
         def get_dataset(self, phase: mlfab.Phase) -> Any:
-            return super().get_dataset(phase) if phase == "train" else RefusingItems()
+            return super().get_dataset(phase) if phase == "train" else Refusing()
 
     config = BoringConfig(max_steps=4, valid_every_n_steps=2, valid_batches=3, exp_dir=str(tmp_path / "run"))
     with pytest.warns(UserWarning) as said:
