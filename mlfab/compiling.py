@@ -54,20 +54,29 @@ class Compiled:
         step log the seconds spent so far (they grow when something recompiles; a graph this process compiled
         for another instance of the task's class is reused)."""
         if not self.checked:
-            self.checked = True
-            task._compiled_call_impl = self._compiled
-            if not self.called:
-                raise ConfigError(
-                    f"compile: {type(task).__name__} was never called as self(...) in its first training step, so "
-                    "torch.compile compiled nothing (it compiles the task's forward, which runs when the task is "
-                    "called). Call self(x) in get_loss, or compile submodules yourself (self.net = "
-                    "torch.compile(self.net)) and set compile=false."
-                )
+            self._check_called(task, "training step", "get_loss")
             if task.trainer.is_global_zero:
                 how = ", ".join(f"{k}={v!r}" for k, v in self.options.items()) or "torch's defaults"
                 spent = self._spent()
                 print(f"torch.compile ({how}): {spent:.1f} s compiling in the first step ({COMPILE_S})", flush=True)
         task.log_scalar(_KEY, self._spent, namespace=_NAMESPACE)  # Lazy: read only at the steps a logger writes.
+
+    def evaluated(self, task: Any, phase: str) -> None:
+        """After each batch of a `validate`, `test` or `predict` run (not one inside a fit, which may come before the
+        first training step): the first time, the same check as after the first training step."""
+        if not self.checked:
+            self._check_called(task, f"{phase} batch", "get_prediction" if phase == "predict" else "get_loss")
+
+    def _check_called(self, task: Any, first: str, method: str) -> None:
+        self.checked = True
+        task._compiled_call_impl = self._compiled
+        if not self.called:
+            raise ConfigError(
+                f"compile: {type(task).__name__} was never called as self(...) in its first {first}, so "
+                "torch.compile compiled nothing (it compiles the task's forward, which runs when the task is "
+                f"called). Call self(x) in {method}, or compile submodules yourself (self.net = "
+                "torch.compile(self.net)) and set compile=false."
+            )
 
     def _spent(self) -> float:
         return compile_seconds() - self.start

@@ -543,7 +543,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
             return None
         self._log_buffers[phase].weight = max(1, self.get_num_samples(batch))
-        return self._loss_total(self.get_loss(batch, self.state(phase)), phase, batch)
+        loss = self._loss_total(self.get_loss(batch, self.state(phase)), phase, batch)
+        if self._compiled is not None and self.trainer.state.fn != "fit":
+            self._compiled.evaluated(self, phase)
+        return loss
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
@@ -584,7 +587,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if batch is None:  # It failed to collate: None (see _evaluation_step).
             return None
         self._log_buffers[PREDICT].weight = max(1, self.get_num_samples(batch))
-        return self.get_prediction(batch)
+        prediction = self.get_prediction(batch)
+        if self._compiled is not None:
+            self._compiled.evaluated(self, PREDICT)
+        return prediction
 
     @override
     def on_predict_epoch_end(self) -> None:

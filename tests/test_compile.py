@@ -130,6 +130,24 @@ def test_compile_that_reaches_nothing_stops_at_the_first_step(tmp_path: Path) ->
     assert (tmp_path / "run" / "config.yaml").is_file()  # The run's record stays.
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize(("subcommand", "first"), [("validate", "valid batch"), ("predict", "predict batch")])
+def test_compile_that_reaches_nothing_stops_an_evaluation_at_its_first_batch(
+    subcommand: str, first: str, tmp_path: Path
+) -> None:
+    """Only the first training step checked: `validate --model.config.compile=true` compiled nothing, silently."""
+
+    class NotCalledAnywhere(NotCalled):
+        def get_prediction(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+            return self.layer(batch[0])
+
+    run = tmp_path / "run"
+    NotCalledAnywhere.launch(BoringConfig(exp_dir=str(run), max_steps=2), argv=[])
+    with pytest.raises(mlfab.ConfigError) as e:
+        NotCalledAnywhere.launch(BoringConfig(exp_dir=str(run)), argv=[subcommand, "--model.config.compile=true"])
+    assert f"compile: NotCalledAnywhere was never called as self(...) in its first {first}" in str(e.value)
+
+
 @pytest.mark.slow
 def test_the_parity_benchmarks_compiled_variants_compile_and_train_like_the_raw_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
