@@ -1,6 +1,8 @@
 """Relaunching a run with other settings: each config key is applied or refused, never recorded and ignored; a
 refused relaunch leaves the run's files as they were; checkpoints are written only where an optimizer step ends."""
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import torch
 from torch import Tensor
 
 import mlfab
-from mlfab.testing import BoringConfig, BoringTask
+from mlfab.testing import BoringConfig, BoringTask, read_scalars
 
 pytestmark = pytest.mark.integration
 
@@ -100,6 +102,32 @@ def test_a_max_steps_below_the_runs_step_is_refused_and_the_run_is_untouched(tmp
     assert "Set max_steps=6 or more" in message, message
     assert snapshot(exp) == before
     launch(exp)  # max_steps=6 as before: a relaunch of the finished run, which trains nothing.
+
+
+class StopsAt4(BoringTask):
+    """SIGTERMs itself in its fourth step: it stops there, checkpointed, with no validation of step 4."""
+
+    def on_step_start(self, state: mlfab.State) -> None:
+        if state.num_steps == 3 and self.config.max_steps == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_max_steps_lowered_to_the_runs_step_still_validates_the_final_model(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """The checkpoint, written for a longer run, owed no validation: the relaunch ended at once, with the final
+    validation missing and the change of max_steps neither printed nor logged."""
+    settings = {"valid_every_n_steps": 3, "save_every_n_seconds": None}
+    StopsAt4.launch(BoringConfig(max_steps=4, exp_dir=str(tmp_path / "ref"), **settings), argv=[])  # type: ignore[arg-type]
+    with pytest.raises(SystemExit) as stopped:
+        StopsAt4.launch(BoringConfig(max_steps=8, exp_dir=str(tmp_path / "run"), **settings), argv=[])  # type: ignore[arg-type]
+    assert stopped.value.code == 128 + signal.SIGTERM
+    capfd.readouterr()
+    StopsAt4.launch(BoringConfig(max_steps=4, exp_dir=str(tmp_path / "run"), **settings), argv=[])  # type: ignore[arg-type]
+    assert "Resumed with changed settings: max_steps 8 -> 4\n" in capfd.readouterr().out
+    valid = {name: read_scalars(tmp_path / name / "tensorboard" / "valid")["loss/loss"] for name in ("ref", "run")}
+    assert [step for step, _ in valid["ref"]] == [1, 3, 4]
+    assert valid["run"] == valid["ref"]
 
 
 def test_a_hardware_setting_that_starts_the_same_processes_resumes(tmp_path: Path) -> None:

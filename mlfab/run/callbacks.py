@@ -205,14 +205,19 @@ class ValidationCadence(StepFreeCallback):
             and training
             and (self._due(lightning_data_fetcher(trainer)) or self._final_due(trainer))
         )
-        return {"last_valid_s": self._last_valid_s, "validated": self._validated, "validation_owed": owed}
+        return {
+            "last_valid_s": self._last_valid_s,
+            "validated": self._validated,
+            "validation_owed": owed,
+            "validated_step": self._validated_step,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_valid_s = float(state_dict.get("last_valid_s", 0.0))
         self._validated = bool(state_dict.get("validated", False))
         self._restored = "validated" in state_dict
-        self._owed = bool(state_dict.get("validation_owed", False))
+        self._owed = self._owed or bool(state_dict.get("validation_owed", False))  # (`on_load_checkpoint` came first.)
 
     @override
     def on_load_checkpoint(
@@ -226,10 +231,14 @@ class ValidationCadence(StepFreeCallback):
         `max_steps` reached, it is done after its first iteration, the validation (even one that finds no batch).
         `last.ckpt` is then written after that validation, as an uninterrupted run writes it, so a later relaunch
         does nothing new; the random state, data position and weights are the checkpoint's, so the validation's
-        values are the uninterrupted run's."""
+        values are the uninterrupted run's. A relaunch that lowers `max_steps` to the checkpoint's step, which was
+        not validated, owes that final validation too (the checkpoint was written for a longer run)."""
         state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
         step = int(checkpoint.get("global_step", 0))
-        if state.get("validation_owed") and trainer.enable_validation and 0 < trainer.max_steps <= step:
+        at_max = trainer.enable_validation and 0 < trainer.max_steps <= step
+        if at_max and state.get("validated_step", step) != step:  # (Older checkpoints do not say: as validated.)
+            self._owed = True
+        if at_max and (state.get("validation_owed") or self._owed):
             self._max_steps = trainer.max_steps
             trainer.fit_loop.epoch_loop.max_steps = step + 1
 
