@@ -368,15 +368,21 @@ class CrashOnce(mlfab.testing.BoringTask):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("valid_every", [4, 3])  # At 3, the checkpoint at step 6 comes before its validation.
-def test_steps_written_after_the_checkpoint_before_a_crash_read_once(tmp_path: Path, valid_every: int) -> None:
+@pytest.mark.parametrize(
+    ("valid_every", "save_every"),
+    [(4, 3), (3, 3), (4, None)],  # At 3, the checkpoint at step 6 comes before its validation. None: no checkpoint.
+)
+def test_steps_written_after_the_checkpoint_before_a_crash_read_once(
+    tmp_path: Path, valid_every: int, save_every: int | None
+) -> None:
     """A crash at step 8 after a checkpoint at step 6: the first launch wrote steps 6-7 (and a validation) that the
     resumed run writes again. TensorBoard's reader and a log.jsonl reader that honours its resume line see every
-    step once, with the uninterrupted run's values."""
+    step once, with the uninterrupted run's values. Without a checkpoint the relaunch starts over, and every step
+    it writes was written twice (the restart marker was only written on a resume)."""
     from mlfab.testing import read_scalars
 
     def launch(exp: Path, run_dir: str) -> None:
-        settings = {"max_steps": 10, "save_every_n_steps": 3, "valid_every_n_steps": valid_every}
+        settings = {"max_steps": 10, "save_every_n_steps": save_every, "valid_every_n_steps": valid_every}
         CrashOnce.launch(BoringConfig(**settings, run_dir=run_dir, exp_dir=str(exp)), argv=[])
 
     launch(tmp_path / "once", "once")

@@ -22,11 +22,12 @@ from typing_extensions import override
 
 from mlfab._lightning import SpawnedResult, StepFreeCallback
 from mlfab.config import Config, config_to_yaml, show, to_dict
+from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.dispatch import write_run_info
 from mlfab.run.callbacks import GracefulStop, PredictionWriter, signals_passed_to_spawned
 from mlfab.run.distributed import EXP_DIR_ENV
 from mlfab.run.invocation import command_name, current_command
-from mlfab.run.provenance import atomic_write, launch_count, provenance_text, write_provenance
+from mlfab.run.provenance import atomic_write, launch_count, provenance_text, trained_before, write_provenance
 from mlfab.run.quiet import hardware_line, install_quiet_start
 from mlfab.run.rundir import agreed_exp_dir, new_exp_dir
 from mlfab.run.slurm import submit
@@ -119,6 +120,13 @@ class RunRecords(StepFreeCallback):
         if self.written or not run.writer or not trainer.is_global_zero:
             return
         exp_dir, config_yaml = run.exp_dir, config_to_yaml(self.task.config)
+        if run.subcommand == "fit" and trainer.ckpt_path is None and trained_before(exp_dir):
+            # An earlier launch trained and left no checkpoint (it crashed before the first): this one starts over,
+            # and what that one logged is superseded from step 0, as after a resume (before the run texts at step 0).
+            print(f"Starting over at step 0: no earlier launch into {exp_dir} left a checkpoint.", flush=True)
+            for logger in trainer.loggers:
+                if isinstance(logger, MlfabLogger):
+                    logger.resumed({"train": 0, "valid": 0})
         if not run.keeps_config:
             atomic_write(exp_dir / "config.yaml", run.run_file)
         write_provenance(

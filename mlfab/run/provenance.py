@@ -196,6 +196,12 @@ def launch_count(exp_dir: Path) -> int:
     return len(_read_launches(Path(exp_dir) / "provenance" / "launches.yaml", move_aside=False))
 
 
+def trained_before(exp_dir: Path) -> bool:
+    """Whether an earlier launch of the run trained it (a `fit`; records without a subcommand are fits)."""
+    launches = _read_launches(Path(exp_dir) / "provenance" / "launches.yaml", move_aside=False)
+    return any(isinstance(e, dict) and e.get("subcommand", "fit") == "fit" for e in launches)
+
+
 def rewound_at(exp_dir: Path, checkpoint: Path | str) -> float | None:
     """When the latest `fit` of the run that went on from `checkpoint` started (a rewind to it, or the run's start
     from it), as a POSIX time; None when none did."""
