@@ -312,6 +312,37 @@ def test_trainer_arguments_that_set_a_config_key_set_it(tmp_path: Path, capsys: 
         assert yaml.safe_load(capsys.readouterr().out)["model"]["config"]["valid_batches"] == BoringConfig.valid_batches
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("flag", "rule"),
+    [
+        ("--trainer.gradient_clip_val=-1", "key 'clip_grad_norm': must be a number > 0 or null (got -1.0)"),
+        ("--trainer.max_steps=0", "key 'max_steps': must be an integer >= 1 or null (got 0)"),
+        ("--trainer.limit_val_batches=-3", "key 'valid_batches': must be an integer >= 0 (got -3)"),
+    ],
+)
+def test_trainer_arguments_that_set_a_config_key_are_held_to_its_rule(tmp_path: Path, flag: str, rule: str) -> None:
+    """They skipped the key's range check and went to Lightning as they were: gradient_clip_val=-1 flipped every
+    gradient (training climbed the loss) while config.yaml said clip_grad_norm: 10.0; max_steps=0 trained nothing."""
+    with pytest.raises(mlfab.ConfigError) as info:
+        run_cli(BoringTask, ["fit", f"--model.config.run_dir={tmp_path / 'runs'}", flag])
+    name, _, value = flag.partition("=")
+    assert str(info.value).startswith(f"{name} {float(value) if 'clip' in name or 'limit' in name else int(value)}")
+    assert f"so it is held to its rule: {rule}" in str(info.value)
+    assert not (tmp_path / "runs").exists()  # Refused before the run started.
+
+
+@pytest.mark.integration
+def test_a_file_of_trainer_arguments_is_read_as_the_flags(tmp_path: Path) -> None:
+    """`--trainer FILE` (LightningCLI's file of Trainer arguments) stopped the launch with jsonargparse's NSKeyError
+    for its `__path__` entry."""
+    (tmp_path / "trainer.yaml").write_text("max_steps: 2\nmax_time: '00:01:00:00'\n")
+    exp = fit(tmp_path, f"--trainer={tmp_path / 'trainer.yaml'}")
+    assert run_file(exp)["model"]["config"]["max_steps"] == 2
+    assert run_file(exp)["trainer"] == {"max_time": "00:01:00:00"}
+    assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
 def batches_trained(exp: Path) -> int:
     loops = torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["loops"]["fit_loop"]
     return loops["epoch_loop.batch_progress"]["total"]["completed"]

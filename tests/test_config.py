@@ -484,8 +484,18 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_it_and_its_line(
     twice.write_text("learning_rate: 0.1\nmax_steps: 3\nlearning_rate: 0.5\n")
     run_file = tmp_path / "run.yaml"
     run_file.write_text("model:\n  config:\n    max_steps: 3\n    max_steps: 4\n")
+    model_file = tmp_path / "model.yaml"  # LightningCLI's files of one section (`--model`, `--trainer`): not checked.
+    model_file.write_text("config:\n  max_steps: 3\n  max_steps: 1\n")
+    trainer_file = tmp_path / "trainer.yaml"
+    trainer_file.write_text("max_steps: 3\nmax_steps: 1\n")
     runs = f"run_dir={tmp_path / 'runs'}"
-    for argv in ([str(twice), runs], ["fit", f"--model.config={twice}"], ["fit", "--config", str(run_file)]):
+    for argv in (
+        [str(twice), runs],
+        ["fit", f"--model.config={twice}"],
+        ["fit", "--config", str(run_file)],
+        ["fit", "--model", str(model_file)],
+        ["fit", f"--trainer={trainer_file}"],
+    ):
         with pytest.raises(mlfab.ConfigError, match=r"found the key '(learning_rate|max_steps)' twice: remove one"):
             BoringTask.launch(argv=argv)
     assert not (tmp_path / "runs").exists()

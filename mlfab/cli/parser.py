@@ -237,8 +237,10 @@ class MlfabCLI(LightningCLI):
                 action.help = f"{action.help} [current: {show(value)}]"
 
     def given_keys(self) -> list[str]:  # Dotted: "model.config.batch_size", "trainer.max_steps", "ckpt_path", ...
+        """Without jsonargparse's own `__path__` entries (where `--trainer FILE` or `--model FILE` gave a section)."""
         sub = self.config.subcommand
-        return list(self.given[sub].keys()) if self.given.get(sub) else []
+        keys = self.given[sub].keys() if self.given.get(sub) else []
+        return [k for k in keys if k.rpartition(".")[2] != "__path__"]
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.subcommand
@@ -260,8 +262,15 @@ class MlfabCLI(LightningCLI):
         self.translated: set[str] = set()  # Given as config values: config.yaml records them there only.
         for flag, (key, convert) in SAME_AS_CONFIG.items():
             value = convert(cfg[flag], cfg) if flag in given else SKIP
-            if value is SKIP or [p for p in config_problems(config_cls, {key: value}) if "required" not in p]:
+            # A value the config key cannot hold (an Accelerator object, a list of devices) is the Trainer's alone.
+            if value is SKIP or _key_problems(config_cls, key, value, rules=False):
                 continue
+            # Out of the key's range: Lightning would take it as it is (gradient_clip_val=-1 flips every gradient).
+            if out_of_range := _key_problems(config_cls, key, value):
+                raise ConfigError(
+                    f"--{flag} {show(cfg[flag])} sets the config key {key}, so it is held to its rule: "
+                    + "; ".join(out_of_range)
+                )
             self.translated.add(flag)  # Where the config's key is given later, its value is the Trainer's too.
             if f"model.config.{key}" not in given or self.given_later(flag, key, value):
                 cfg[f"model.config.{key}"] = value
@@ -383,8 +392,9 @@ class MlfabCLI(LightningCLI):
 
 
 def _files_given(args: Sequence[str]) -> list[str]:
-    """The YAML files `--config` / `-c` / `--model.config` arguments name (a value that is no file is left alone)."""
-    flags = ("--config", "-c", "--model.config")
+    """The YAML files the arguments that take a whole section name (`--config`, `-c`, `--model.config`, `--model`,
+    `--trainer`, ...; a value that is no file is left alone)."""
+    flags = ("--config", "-c", "--model.config", "--model", "--trainer", "--data", "--optimizer", "--lr_scheduler")
     named = [arg.partition("=")[2] for arg in args if arg.partition("=")[0] in flags and "=" in arg]
     named += [after for flag, after in zip(args, args[1:], strict=False) if flag in flags]
     return [path for path in named if Path(path).expanduser().is_file()]
@@ -433,6 +443,11 @@ def refuse_ignored_arguments(given: Sequence[str], cfg: Any, args: Sequence[str]
             )
     if problems:
         raise ConfigError("Arguments mlfab would ignore:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _key_problems(config_cls: type, key: str, value: Any, rules: bool = True) -> list[str]:
+    """What is wrong with `value` for the config key `key` (its type; with `rules`, its range too)."""
+    return [p for p in config_problems(config_cls, {key: value}, rules=rules) if "required" not in p]
 
 
 def _batch_count(value: Any) -> Any:
