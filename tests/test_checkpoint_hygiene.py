@@ -637,3 +637,24 @@ def test_validate_of_a_run_trained_without_validation_says_it_would_run_nothing(
         argv=["validate", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--model.config.valid_batches=2"]
     )
     assert [step for step, _ in read_scalars(run / "tensorboard" / "valid")["loss/loss"]] == [6]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("subcommand", "limit"),
+    [("fit", "limit_train_batches"), ("test", "limit_test_batches"), ("predict", "limit_predict_batches")],
+)
+def test_a_subcommand_limited_to_no_batch_is_refused(tmp_path: Path, subcommand: str, limit: str) -> None:
+    """`test --trainer.limit_test_batches 0` ran nothing, wrote no record and said `Finished.`, as if it had tested;
+    `fit --trainer.limit_train_batches 0` said "Finished at step 0"."""
+    run = tmp_path / "run"
+    launch(run)
+    before = sorted(run.rglob("*"))
+    argv = [subcommand, f"--model.config.exp_dir={run}", f"--trainer.{limit}=0"]
+    with pytest.raises(mlfab.ConfigError) as info:
+        BoringTask.launch(argv=argv)
+    assert str(info.value) == (
+        f"{subcommand} would run no batch: --trainer.{limit} is 0. Set --trainer.{limit} to the number of batches to "
+        f"{subcommand} on, or leave it out."
+    )
+    assert sorted(run.rglob("*")) == before  # The run as it was.

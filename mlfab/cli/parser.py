@@ -106,6 +106,15 @@ SAME_AS_CONFIG: dict[str, tuple[str, Any]] = {
 }
 
 
+# The Trainer argument that limits each subcommand's batches.
+LIMITS = {
+    "fit": "limit_train_batches",
+    "validate": "limit_val_batches",
+    "test": "limit_test_batches",
+    "predict": "limit_predict_batches",
+}
+
+
 class ShortFormError(Exception):
     """jsonargparse refused arguments of the short form: `launch` explains it key by key."""
 
@@ -377,10 +386,13 @@ class MlfabCLI(LightningCLI):
                 print(f"Resuming from this run's newest checkpoint, not --ckpt_path {given} ({why}).")
         if own is not None:
             kwargs["ckpt_path"] = own
-        if subcommand == "validate" and self.trainer.limit_val_batches == 0:  # Lightning would skip it, silently.
+        limit = LIMITS[subcommand]
+        if getattr(self.trainer, limit) == 0:  # Lightning would run nothing and end as if it had, silently.
+            why = "valid_batches is 0 (validation off)" if subcommand == "validate" else f"--trainer.{limit} is 0"
             raise ConfigError(
-                "validate would run no batch: valid_batches is 0 (validation off). Set --model.config.valid_batches "
-                "(or --trainer.limit_val_batches) to the number of batches to validate on."
+                f"{subcommand} would run no batch: {why}. Set --trainer.{limit}"
+                + (" (or --model.config.valid_batches)" if subcommand == "validate" else "")
+                + f" to the number of batches to {subcommand} on, or leave it out."
             )
         self.exit_code = execute(self.trainer, subcommand, model, self.run, **kwargs)
 
