@@ -151,6 +151,8 @@ def _files() -> list[tuple[Path, dict[str, Any]]]:
     """The settings files that exist and what each holds, the user file first (writing its default if there is
     none), then ./mlfab.yml."""
     path = settings_path()
+    if path.exists() and not path.is_file():  # (Read as no settings at all, and named as the file to fix.)
+        raise SettingsError(f"The mlfab settings file {path} is not a file: point MLFABRC_PATH at a file, or unset it.")
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,7 +377,8 @@ def _own_variable(key: str, value: Any) -> bool:
 def _directory(key: str) -> Path | None:
     """`directories.<key>` from the settings, else its environment variable; None when neither is set."""
     value, path = _entry(key)
-    if value is not None and not isinstance(value, str | int | float):  # (A number is a directory's name.)
+    # A number is a directory's name; YAML reads `yes`, `off` or `true` as a bool, which would be a folder `True`.
+    if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
         raise SettingsError(
             f"`directories.{key}` in {path} is {value!r}: give one path (a string), or leave it empty to use "
             f"{_ENV_VARS[key]}."

@@ -173,9 +173,20 @@ def test_non_mapping_directories_section_is_a_settings_error(rc: Path) -> None:
         mlfab.get_data_dir()
 
 
+def test_a_settings_path_that_is_a_directory_is_a_settings_error(rc: Path) -> None:
+    """It was read as no settings at all; a missing directory's error then named the directory as the file to edit."""
+    rc.mkdir(parents=True)
+    with pytest.raises(mlfab.SettingsError, match=r"The mlfab settings file .*\.mlfab\.yml is not a file: point MLFAB"):
+        mlfab.get_run_dir()
+
+
 def test_a_directory_that_is_no_path_is_a_settings_error(rc: Path) -> None:
     rc.parent.mkdir(parents=True)
     rc.write_text("directories:\n  data: [/a, /b]\n  run: 7\n")
     with pytest.raises(mlfab.SettingsError, match=r"`directories.data` in .*\.mlfab\.yml is \['/a', '/b'\]: give one"):
         mlfab.get_data_dir()  # Was Path("['/a', '/b']").
     assert mlfab.get_run_dir() == Path("7")  # A number names a directory.
+    for boolean, read in (("yes", True), ("off", False), ("true", True)):  # YAML's: runs went to a folder `True`.
+        rc.write_text(f"directories:\n  run: {boolean}\n")
+        with pytest.raises(mlfab.SettingsError, match=rf"`directories.run` in .* is {read}: give one path"):
+            mlfab.get_run_dir()
