@@ -472,6 +472,12 @@ def test_print_config_prints_the_run_file_layout(tmp_path: Path, capsys: pytest.
         run_cli(BoringTask, ["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out) == printed
     assert not (tmp_path / "work" / "runs").exists()  # Printing starts no run.
+    # jsonargparse's options of the flag were dropped without a word (`skip_null` printed the nulls).
+    refused = r"^--print_config=skip_null: mlfab's --print_config takes no options"
+    with pytest.raises(mlfab.ConfigError, match=refused):
+        run_cli(BoringTask, ["fit", "--print_config=skip_null"])
+    with pytest.raises(mlfab.ConfigError, match=refused):
+        BoringTask.launch(BoringConfig(), argv=["--print_config=skip_null"])  # The short form.
 
 
 @pytest.mark.unit

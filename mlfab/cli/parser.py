@@ -157,7 +157,12 @@ class MlfabCLI(LightningCLI):
         self.short_form, self.launcher = short_form, launcher
         self.exit_code, self.args = 0, args
         # --print_config is answered here, after the checkpoint's config is merged, in config.yaml's layout.
-        rest = [a for a in args[1:] if a.partition("=")[0] != "--print_config"]
+        if options := [a for a in args[1:] if a.startswith("--print_config=")]:
+            raise ConfigError(
+                f"{options[0]}: mlfab's --print_config takes no options (jsonargparse's skip_null, skip_default, ... "
+                "are for its own layout): it prints the run as config.yaml will hold it. Give --print_config alone."
+            )
+        rest = [a for a in args[1:] if a != "--print_config"]
         self.print_run_file, args = len(rest) < len(args) - 1, args[:1] + rest
         kwargs = {sub: {"description": f"{DESCRIPTIONS[sub]} {PRECEDENCE}"} for sub in self.subcommands()}
         super().__init__(
