@@ -213,6 +213,11 @@ class Rule:
 
 
 _OFF = "null turns it off"
+_NO_VARS = "write the path out (run_dir unset uses RUN_DIR or the settings file)"
+
+
+def _no_variable(value: Any) -> bool:
+    return re.search(r"\$[A-Za-z_]", str(value)) is None
 
 RULES: dict[type, dict[str, Rule]] = {
     Config: {
@@ -258,6 +263,9 @@ RULES: dict[type, dict[str, Rule]] = {
         ),
         "num_nodes": Rule(_at_least(1), "an integer >= 1"),
         "seed": Rule(lambda v: _integer(v) and 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+        # A shell expands `$RUN_DIR` on its command line, never in a file: the runs went to a folder `$RUN_DIR`.
+        "exp_dir": Rule(_or_null(_no_variable), "a path without $VARIABLES, which mlfab does not expand", _NO_VARS),
+        "run_dir": Rule(_or_null(_no_variable), "a path without $VARIABLES, which mlfab does not expand", _NO_VARS),
     },
     SlurmConfig: {
         "nodes": Rule(_at_least(1), "an integer >= 1"),

@@ -59,6 +59,8 @@ BAD_VALUES = [
     ("slurm.time=tomorrow", "key 'slurm.time': must be a time limit as sbatch --time takes it"),
     ("slurm.partition=a b", "key 'slurm.partition': must be a partition name without spaces"),
     ("slurm.signal_seconds=0", "key 'slurm.signal_seconds': must be an integer from 1 to 65535"),
+    # From a file no shell expands it: the runs went to a folder named `$RUN_DIR`.
+    ("exp_dir=$RUN_DIR/sub", "key 'exp_dir': must be a path without $VARIABLES, which mlfab does not expand"),
 ]
 TYPE_PROBLEMS = {"betas=[0.9]"}  # jsonargparse refuses these itself: in the fit form its own message names them.
 
