@@ -219,6 +219,7 @@ _NO_VARS = "write the path out (run_dir unset uses RUN_DIR or the settings file)
 def _no_variable(value: Any) -> bool:
     return re.search(r"\$[A-Za-z_]", str(value)) is None
 
+
 RULES: dict[type, dict[str, Rule]] = {
     Config: {
         # null: the task's `get_batch_size()` gives it (mlfab 0.2).

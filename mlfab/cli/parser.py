@@ -87,7 +87,7 @@ SKIP = object()
 # agree with the Trainer. A value the key cannot hold (a fraction of batches, an Accelerator object, a list of
 # devices) is the Trainer's alone.
 SAME_AS_CONFIG: dict[str, tuple[str, Any]] = {
-    "seed_everything": ("seed", lambda v, _: SKIP if v is None or v is False else int(v)),  # `true`: the seed drawn.
+    "seed_everything": ("seed", lambda v, _: SKIP if v is None or v is False else int(v)),  # `true`: Lightning's 0.
     "trainer.max_steps": ("max_steps", lambda v, _: None if v == -1 else v),
     "trainer.accumulate_grad_batches": ("batches_per_step", lambda v, _: v),
     "trainer.gradient_clip_val": (  # Lightning's 0 is no clipping; clipping by value is no norm clipping.
