@@ -188,8 +188,13 @@ def _v02_value_problem(
     try:
         if isinstance(default, str):
             value = str(value)
-        elif not isinstance(value, bool):
-            value = float(value) if isinstance(default, float) else type(default)(int(value))
+        elif isinstance(default, float):
+            value = float(value)
+        elif not isinstance(value, bool):  # Not rounded or truthy: 1337.9 is no seed, 2 no switch.
+            number = float(value)
+            if not number.is_integer() or (isinstance(default, bool) and number not in (0, 1)):
+                raise ValueError(value)
+            value = type(default)(int(number))
     except (TypeError, ValueError):
         kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
         return f"{name} is {written!r}: it must be {kind} (mlfab 0.2's default is {_shown(default)})."

@@ -205,6 +205,13 @@ def test_a_0_2_device_value_that_is_no_boolean_is_refused(rc: Path) -> None:
     rc.write_text(V02_DEVICE.replace("use_fp64: false", "use_fp64: maybe"))
     with pytest.raises(mlfab.SettingsError, match=r"`device.use_fp64` in .* is 'maybe': it must be true or false"):
         mlfab.get_run_dir(missing_ok=True)
+    # Read as int(): 1337.9 was 0.2's default seed 1337 and accepted; 2 was true.
+    rc.write_text(V02_DEVICE.replace("use_fp64: false", "use_fp64: 2"))
+    with pytest.raises(mlfab.SettingsError, match=r"`device.use_fp64` in .* is 2: it must be true or false"):
+        mlfab.get_run_dir(missing_ok=True)
+    rc.write_text(V02_DEVICE.replace("default_random_seed: 1337", "default_random_seed: 1337.9"))
+    with pytest.raises(mlfab.SettingsError, match=r"`experiment.default_random_seed` in .* is 1337.9: it must be an"):
+        mlfab.get_run_dir(missing_ok=True)
 
 
 V02_OTHERS = """\
