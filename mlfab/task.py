@@ -457,7 +457,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                     "reads (Task.launch, the fit subcommand, mlfab.run.trainer.build_trainer). This Trainer has its "
                     "own settings for them, so here they do nothing: pass them as its arguments, or build it with "
                     "build_trainer(config, exp_dir)."
-                )
+                    + (" (valid_batches is the number of batches of an endless validation, test or predict set "
+                       "in any Trainer; of a finite one, Lightning's limit_*_batches decide.)"
+                       if any(u.startswith("valid_batches=") for u in unread) else "")
+                )  # fmt: skip
             if (seed := unseeded(self.config)) is not None:
                 rank_zero_warn(
                     f"{type(self).__name__}'s config sets seed={seed}, but torch's generator was not seeded with it: "

@@ -468,6 +468,16 @@ def test_config_keys_a_trainer_built_elsewhere_does_not_read_are_named(tmp_path:
     assert len(said) == 1
     assert "config sets max_steps=3, save_every_n_steps=2, async_checkpoints=False, which" in said[0]
     assert "learning_rate" not in said[0]  # The task reads that one itself.
+    assert "valid_batches is the number of batches" not in said[0]
+    # valid_batches: the batch count of an endless evaluation set in any Trainer, not of a finite one (the warning
+    # told users to drop a key that set how many batches their validate ran).
+    with pytest.warns(UserWarning) as caught:
+        trainer(tmp_path, max_steps=2).fit(BoringTask(BoringConfig(valid_batches=5)))
+    (said_valid,) = [str(w.message) for w in caught if "only a Trainer built by mlfab" in str(w.message)]
+    assert said_valid.endswith(
+        "(valid_batches is the number of batches of an endless validation, test or predict set in any Trainer; of a "
+        "finite one, Lightning's limit_*_batches decide.)"
+    )
 
     with warnings.catch_warnings(record=True) as quiet:  # The config class's own defaults: nothing to say.
         warnings.simplefilter("always")
