@@ -52,6 +52,14 @@ def wrap_validation_decision(
     return lightning_decision
 
 
+def lightning_validates_now(trainer: pl.Trainer) -> bool:
+    """Lightning's own answer to "validate after the batch that just ended?" (`val_check_interval`,
+    `check_val_every_n_epoch`, a stop), for a Trainer mlfab did not build. Private: the training loop's
+    `_should_check_val_fx` (see `wrap_validation_decision`)."""
+    loop = trainer.fit_loop.epoch_loop
+    return trainer.enable_validation and bool(loop._should_check_val_fx(lightning_data_fetcher(trainer)))
+
+
 def lightning_data_fetcher(trainer: pl.Trainer) -> Any:
     """The fit loop's data fetcher, which Lightning's validation decision takes. Private: `_FitLoop._data_fetcher`."""
     return trainer.fit_loop._data_fetcher

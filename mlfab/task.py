@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from mlfab._lightning import (
     FastFxName,
+    lightning_validates_now,
     metric_step_value,
     precompute_step_signatures,
     publish_metrics,
@@ -701,7 +702,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         last step before EarlyStopping stops, and each validation has the training values of its step)."""
         if self._training_ends():
             return True
-        return self._cadence is not None and self._cadence.validates_now(self.trainer)
+        return self._cadence.validates_now(self.trainer) if self._cadence else lightning_validates_now(self.trainer)
 
     def _training_ends(self) -> bool:
         """Whether the step that just ended is the last (max_steps, or a stop: max_time, a signal, a callback)."""

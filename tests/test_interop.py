@@ -151,7 +151,9 @@ def test_training_values_are_metrics_at_the_steps_mlfab_resolves(tmp_path: Path)
     csv = CSVLogger(str(tmp_path), name="csv", version=0)
     trainer_ = fit_trainer(tmp_path, [], logger=csv, log_every_n_steps=4, max_steps=10)
     trainer_.fit(Lazy(config()))
-    assert calls == [0, 4, 8, 9]  # Only the steps a logger writes (every 4th, and the last).
+    # Only the steps a logger writes: the first, Lightning's own every 4th (3, 7: where its `self.log` values go, so
+    # both share the rows; mlfab wrote at 4 and 8), and the last.
+    assert calls == [0, 3, 7, 9]
     assert float(trainer_.callback_metrics["train/value/expensive"]) == 9.0
     assert "train/loss/loss" in trainer_.logged_metrics and "valid/loss/loss" in trainer_.callback_metrics
 
@@ -160,6 +162,21 @@ def test_training_values_are_metrics_at_the_steps_mlfab_resolves(tmp_path: Path)
     header = rows[0].split(",")
     valid_rows = [r for r in rows[1:] if r.split(",")[header.index("valid/loss/loss")]]
     assert len(valid_rows) == 2 and "epoch" not in header  # Validations after steps 5 and 10.
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_timed_logger_gets_the_step_each_validation_follows_in_a_plain_trainer(tmp_path: Path, stopped: bool) -> None:
+    """Only a Trainer mlfab builds said which steps a validation follows: in one of the user's, a logger with a long
+    write interval never got them, nor the last step before EarlyStopping ended training."""
+    stop = [EarlyStopping(monitor="valid/loss/loss", stopping_threshold=100.0)] if stopped else []
+    logger = mlfab.JsonLogger(tmp_path, log_interval_seconds=1000)
+    fit_trainer(tmp_path, stop, max_steps=6, val_check_interval=2, logger=logger).fit(BoringTask(BoringConfig()))
+    written = [(line["phase"], line["step"]) for line in json_lines(tmp_path) if line["phase"] in ("train", "valid")]
+    if stopped:  # The first validation stops training: step 1 is the last trained.
+        assert written == [("train", 0), ("train", 1), ("valid", 2)]
+    else:
+        expected = [("train", 0), ("train", 1), ("valid", 2), ("train", 3), ("valid", 4), ("train", 5), ("valid", 6)]
+        assert written == expected
 
 
 def test_early_stopping_on_valid_loss_in_a_plain_trainer(tmp_path: Path) -> None:

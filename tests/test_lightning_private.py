@@ -29,6 +29,7 @@ from mlfab._lightning import (
     collect_rng_states,
     file_writer,
     foreach_norm,
+    lightning_validates_now,
     metric_prefix,
     metric_step_value,
     publish_metrics,
@@ -110,6 +111,24 @@ def test_wrap_validation_decision_adds_to_lightnings_own() -> None:
 
     endless_trainer(6, val_check_interval=5, callbacks=[ExtraValidation()]).fit(BoringTask(BoringConfig()))
     assert validated_at == [2, 5]
+
+
+def test_lightning_validates_now_is_lightnings_own_decision() -> None:
+    asked: list[tuple[int, bool]] = []
+    validated_at: list[int] = []
+
+    class Ask(Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            asked.append((trainer.global_step, lightning_validates_now(trainer)))
+
+        def on_validation_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            validated_at.append(trainer.global_step)
+
+    endless_trainer(5, val_check_interval=2, callbacks=[Ask()]).fit(BoringTask(BoringConfig()))
+    assert [step for step, yes in asked if yes] == validated_at == [2, 4]
+    asked.clear()
+    endless_trainer(3, val_check_interval=1, limit_val_batches=0, callbacks=[Ask()]).fit(BoringTask(BoringConfig()))
+    assert asked == [(1, False), (2, False), (3, False)]  # No validation at all.
 
 
 def test_per_step_hooks_are_exactly_the_ones_lightning_calls_every_batch() -> None:

@@ -17,7 +17,7 @@ from mlfab._lightning import metric_prefix
 from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.tensorboard import verbatim, write_summaries
 from mlfab.loggers.wandb import write_wandb
-from mlfab.logs.buffer import Cadence, LogBuffer, due_loggers
+from mlfab.logs.buffer import Cadence, LogBuffer, due_loggers, lightning_logs_at
 from mlfab.logs.values import Kind, Logs
 from mlfab.state import LogPhase
 
@@ -104,7 +104,7 @@ def flush_logs(
         means = publish(phase, *buffer.scalars(step))  # (means, weights)
         values = buffer.resolve(step, scalars=means) if due else {}
     else:
-        wanted = not trainer.loggers and step % max(every_n_steps, 1) == 0
+        wanted = not trainer.loggers and lightning_logs_at(step, every_n_steps)
         values = buffer.resolve(step) if due else {"scalar": buffer.scalars(step)[0]} if wanted else {}
         if due or wanted:
             publish(phase, values.get("scalar", {}), {})

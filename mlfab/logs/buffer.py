@@ -146,6 +146,12 @@ class LogBuffer:
             log.error("%s could not be written at step %d: %d failures so far (%r)", call, step, count, error)
 
 
+def lightning_logs_at(step: int, every_n_steps: int) -> bool:
+    """Whether Lightning writes its own `self.log` values at `step` (its `log_every_n_steps` rule, the step counted
+    from 0): mlfab's values go to a Lightning logger at the same steps, so they share its rows."""
+    return (step + 1) % max(every_n_steps, 1) == 0
+
+
 class Cadence:
     """Decides, per logger and phase, whether this flush is written (the first of each phase always is)."""
 
@@ -162,7 +168,7 @@ class Cadence:
             seconds = interval.get(phase, 0.0) if isinstance(interval, dict) else float(interval)
             due = now - last >= seconds
         else:  # A plain Lightning logger: the Trainer's `log_every_n_steps` for training, every validation run.
-            due = phase != "train" or step % max(every_n_steps, 1) == 0
+            due = phase != "train" or lightning_logs_at(step, every_n_steps)
         if due:
             self._last[key] = now
         return due
