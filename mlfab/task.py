@@ -66,7 +66,7 @@ from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error, 
 from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks
 from mlfab.run.quiet import quiet_log_interval_warning
 from mlfab.run.slurm import job_arguments
-from mlfab.run.trainer import built_by_mlfab, unread_settings, unseeded
+from mlfab.run.trainer import DATA_KEYS, built_by_mlfab, unread_settings, unseeded
 from mlfab.state import PHASES, LogPhase, Phase, State
 
 NUMPY_VALUES = (np.generic, np.ndarray)  # Built once: `self.log` checks every value against it.
@@ -462,6 +462,13 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                        "in any Trainer; of a finite one, Lightning's limit_*_batches decide.)"
                        if any(u.startswith("valid_batches=") for u in unread) else "")
                 )  # fmt: skip
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is not None and (unread := unread_settings(self.config, DATA_KEYS)):
+                rank_zero_warn(
+                    f"{type(self).__name__}'s config sets {', '.join(unread)}, which mlfab's dataloaders read; this "
+                    f"fit takes its data from {type(datamodule).__name__}, whose own dataloaders decide them: unless "
+                    "it reads them from the task's config, they do nothing here."
+                )
             if (seed := unseeded(self.config)) is not None:
                 rank_zero_warn(
                     f"{type(self).__name__}'s config sets seed={seed}, but torch's generator was not seeded with it: "

@@ -505,6 +505,25 @@ def test_config_keys_a_trainer_built_elsewhere_does_not_read_are_named(tmp_path:
     assert not [w for w in quiet if "only a Trainer built by mlfab" in str(w.message)]
 
 
+def test_data_keys_a_datamodule_does_not_read_are_named(tmp_path: Path) -> None:
+    """With a LightningDataModule, batch_size=16 and 2 workers trained on its batches of 4 in this process, silently."""
+
+    class Fours(pl.LightningDataModule):
+        def train_dataloader(self) -> Any:
+            x = torch.randn(8, 4)
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(-1)), batch_size=4)
+
+    config = BoringConfig(batch_size=16, num_dataloader_workers=2, max_steps=None)
+    with pytest.warns(UserWarning) as caught:
+        trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(BoringTask(config), datamodule=Fours())
+    (said,) = [str(w.message) for w in caught if "mlfab's dataloaders read" in str(w.message)]
+    assert said == (
+        "BoringTask's config sets batch_size=16, num_dataloader_workers=2, which mlfab's dataloaders read; this fit "
+        "takes its data from Fours, whose own dataloaders decide them: unless it reads them from the task's config, "
+        "they do nothing here."
+    )
+
+
 def test_a_seed_no_one_seeded_with_is_named_in_any_trainer(tmp_path: Path) -> None:
     """`Task.launch` and the subcommands seed the global generators before building the task; a Trainer of the user's
     own, or `build_trainer`'s, never does: two seeds gave identical draws without a word."""

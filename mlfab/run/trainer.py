@@ -127,12 +127,17 @@ def built_by_mlfab(trainer: pl.Trainer) -> bool:
     return any(isinstance(c, ValidationCadence) for c in trainer.callbacks)  # type: ignore[attr-defined]
 
 
-def unread_settings(config: Config) -> list[str]:
-    """`key=value` of each of `TRAINER_KEYS` (and `exp_dir` / `run_dir`: mlfab's pipeline picks the run directory)
-    that `config` sets to something else than its class's default: what a Trainer built elsewhere would not do."""
+# The config keys only mlfab's dataloaders read (`Task.train_dataloader`, ...): not a LightningDataModule's.
+DATA_KEYS = ("batch_size", "num_dataloader_workers", "max_bad_samples_in_a_row")
+
+
+def unread_settings(config: Config, keys: tuple[str, ...] = (*TRAINER_KEYS, "exp_dir", "run_dir")) -> list[str]:
+    """`key=value` of each of `keys` that `config` sets to something else than its class's default: by default the
+    `TRAINER_KEYS` (and `exp_dir` / `run_dir`: mlfab's pipeline picks the run directory), what a Trainer built
+    elsewhere would not do."""
     out = []
     for f in dataclasses.fields(config):
-        if f.name not in (*TRAINER_KEYS, "exp_dir", "run_dir"):
+        if f.name not in keys:
             continue
         default = field_default(f)
         if default is not dataclasses.MISSING and getattr(config, f.name) != default:
