@@ -152,8 +152,8 @@ def test_training_values_are_metrics_at_the_steps_mlfab_resolves(tmp_path: Path)
     trainer_ = fit_trainer(tmp_path, [], logger=csv, log_every_n_steps=4, max_steps=10)
     trainer_.fit(Lazy(config()))
     # Only the steps a logger writes: the first, Lightning's own every 4th (3, 7: where its `self.log` values go, so
-    # both share the rows; mlfab wrote at 4 and 8), and the last.
-    assert calls == [0, 3, 7, 9]
+    # both share the rows; mlfab wrote at 4 and 8), the step the validation at 5 follows, and the last.
+    assert calls == [0, 3, 4, 7, 9]
     assert float(trainer_.callback_metrics["train/value/expensive"]) == 9.0
     assert "train/loss/loss" in trainer_.logged_metrics and "valid/loss/loss" in trainer_.callback_metrics
 
