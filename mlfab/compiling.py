@@ -62,10 +62,9 @@ class Compiled:
         task.log_scalar(_KEY, self._spent, namespace=_NAMESPACE)  # Lazy: read only at the steps a logger writes.
 
     def evaluated(self, task: Any, phase: str) -> None:
-        """After each batch of a `validate`, `test` or `predict` run (not one inside a fit, which may come before the
-        first training step): the first time, the same check as after the first training step."""
-        if not self.checked:
-            self._check_called(task, f"{phase} batch", "get_prediction" if phase == "predict" else "get_loss")
+        """After the first batch of a `validate`, `test` or `predict` run (not one inside a fit, which may come before
+        the first training step; callers skip it once `checked`): the same check as after the first training step."""
+        self._check_called(task, f"{phase} batch", "get_prediction" if phase == "predict" else "get_loss")
 
     def _check_called(self, task: Any, first: str, method: str) -> None:
         self.checked = True

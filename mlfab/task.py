@@ -110,7 +110,6 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._mlfab_loggers: list[Any] = []
         # A buffer per phase (validation may start mid-accumulation), and one for what is logged during predict.
         self._log_buffers = {phase: LogBuffer(phase) for phase in (*PHASES, PREDICT)}
-        media.forget_warnings()  # A new run says each media warning (NaN pixels, ...) once per key again.
         self._bad_data_seen = self._bad_data_asked = False
         self._evaluated = [0, 0]  # The batches of the evaluation in progress: evaluated, and failed to collate.
         self._log_cadence = Cadence()
@@ -442,6 +441,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def setup(self, stage: str) -> None:
         if not task_work_due(self, "setup"):
             return
+        media.forget_warnings()  # Each run says each media warning (NaN pixels, ...) once per key again.
         # mlfab writes its own values to every logger, and the `self.log` values to its own loggers.
         withhold_from_loggers(self.trainer, self._metric_names, lambda logger: isinstance(logger, MlfabLogger))
         if self.trainer.loggers and all(isinstance(logger, MlfabLogger) for logger in self.trainer.loggers):
@@ -555,7 +555,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             return None
         self._log_buffers[phase].weight = max(1, self.get_num_samples(batch))
         loss = self._loss_total(self.get_loss(batch, self.state(phase)), phase, batch)
-        if self._compiled is not None and self.trainer.state.fn != "fit":
+        if self._compiled is not None and not self._compiled.checked and self.trainer.state.fn != "fit":
             self._compiled.evaluated(self, phase)
         return loss
 
@@ -599,7 +599,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             return None
         self._log_buffers[PREDICT].weight = max(1, self.get_num_samples(batch))
         prediction = self.get_prediction(batch)
-        if self._compiled is not None:
+        if self._compiled is not None and not self._compiled.checked:
             self._compiled.evaluated(self, PREDICT)
         return prediction
 

@@ -4,6 +4,7 @@ skipped with an error naming the `log_*` call, its key and the step, while train
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -73,3 +74,25 @@ def test_a_sample_rate_that_no_clip_can_have_is_refused_at_the_call(tmp_path: Pa
 def test_a_string_given_to_log_scalar_is_refused_at_the_call(tmp_path: Path) -> None:
     with pytest.raises(mlfab.TaskDefinitionError, match=r"log_scalar\('name'\) got the string 'resnet'.*log_string"):
         StringScalar.launch(BoringConfig(max_steps=5, exp_dir=str(tmp_path / "run")), argv=[])
+
+
+class NanImageTask(BoringTask):
+    """Logs a NaN image at every step; at its second step it builds another task, as a callback loading a
+    checkpoint would."""
+
+    def get_loss(self, batch: tuple[Tensor, Tensor], state: mlfab.State) -> Tensor:
+        self.log_image("nan_image", np.full((2, 2), np.nan, np.float32))
+        if state.num_steps == 1:
+            BoringTask(BoringConfig())
+        return super().get_loss(batch, state)
+
+
+def test_each_run_says_the_media_warnings_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Said once per key per process, a second run in a notebook or sweep said nothing about its own NaN image; a
+    task built during a run must not make it say them again."""
+    with caplog.at_level("WARNING", logger="mlfab.logs.media"):
+        for run in ("first", "second"):
+            config = BoringConfig(exp_dir=str(tmp_path / run), max_steps=3, valid_every_n_steps=None)
+            NanImageTask.launch(config, argv=[])
+    said = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "mlfab.logs.media"]
+    assert said == ["log_image('nan_image')"] * 2

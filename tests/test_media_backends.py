@@ -20,7 +20,7 @@ from mlfab.logs.api import LogMethods
 from mlfab.logs.buffer import LogBuffer
 from mlfab.logs.media import forget_warnings
 from mlfab.logs.values import Logs
-from mlfab.testing import BoringConfig, BoringTask, read_images
+from mlfab.testing import read_images
 from tests.test_loggers_wandb_json import (  # noqa: F401 (the fixture keeps W&B offline and out of the home dir)
     finished_wandb_run,
     read_lines,
@@ -188,18 +188,6 @@ def test_nan_and_inf_in_logged_media_are_drawn_and_said(tmp_path: Path, caplog: 
         "they do) (said once)",
         "log_spectrogram('nan_clip_spec'): 1 of 4 values are NaN or infinite: played as silence (said once)",
     ]
-
-
-def test_a_new_task_says_the_media_warnings_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Said once per key per process, a second run in a notebook or sweep said nothing about its own NaN image."""
-    calls = Calls()
-    calls.log_image("nan_image", np.full((2, 2), np.nan, np.float32))
-    forget_warnings()  # What an earlier test in this process logged under this key.
-    with caplog.at_level("WARNING", logger="mlfab.logs.media"):
-        json_line(tmp_path / "first", calls.logs())
-        BoringTask(BoringConfig())  # The next run in this process.
-        json_line(tmp_path / "second", calls.logs())
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["log_image('nan_image')"] * 2
 
 
 def text_rendered(event_dir: Path, tag: str) -> str:

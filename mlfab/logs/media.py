@@ -75,7 +75,8 @@ _said: set[tuple[str, str]] = set()  # (call and key, what was said): each warni
 
 
 def forget_warnings() -> None:
-    """Each media warning is said once per key and run: a new task (a new run in this process) says them again."""
+    """Each media warning is said once per key and run: each run's setup (fit, validate, ... in this process) says
+    them again; building a task (`load_from_checkpoint` during a run, say) does not."""
     _said.clear()
 
 
@@ -91,14 +92,17 @@ def note_nonfinite(arr: np.ndarray, where: str, shown: str) -> None:
 def _note_clipped(arr: np.ndarray, where: str) -> None:
     """Integer pixels outside [0, 255] (a 16-bit depth map, a label image with -1) are clipped: said once per key,
     or a 12-bit image would look like a white square with nothing said."""
-    if (where, "clipped") not in _said and arr.size and (arr.min() < 0 or arr.max() > 255):
+    if (where, "clipped") in _said or not arr.size:
+        return
+    low, high = arr.min(), arr.max()
+    if low < 0 or high > 255:
         _said.add((where, "clipped"))
         log.warning(
             "%s: integer values from %d to %d are clipped to [0, 255]; pass floats (or divide by the largest value) "
             "to see the whole range (said once)",
             where,
-            arr.min(),
-            arr.max(),
+            low,
+            high,
         )
 
 
