@@ -112,6 +112,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._log_buffers = {phase: LogBuffer(phase) for phase in (*PHASES, PREDICT)}
         self._bad_data_seen = self._bad_data_asked = False
         self._evaluated = [0, 0]  # The batches of the evaluation in progress: evaluated, and failed to collate.
+        self._counted: tuple[Any, int] = (None, 0)  # The last batch moved to the device, and its samples.
         self._log_cadence = Cadence()
         self._start_counts()
         self._consumed = Consumed()  # Batches trained, so the loader knows which ones are still in flight.
@@ -173,7 +174,21 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return to_device(batch, device)  # Lightning's move, also of a frozen dataclass (which Lightning refuses).
+        batch = to_device(batch, device)  # Lightning's move, also of a frozen dataclass (which Lightning refuses).
+        if batch is not None:  # Weighed before the batch-start hooks (callbacks' too), which may log for it.
+            self._counted = (batch, self.get_num_samples(batch))
+            if (phase := self._phase()) != "train" or self._accumulates():
+                self._log_buffers[phase].weigh(self._counted[1])
+        return batch
+
+    def _accumulates(self) -> bool:
+        """Whether a training step has several batches: only then can its values come from batches of two sizes."""
+        return self._trainer is not None and self._trainer.accumulate_grad_batches > 1
+
+    def _samples(self, batch: Any) -> int:
+        """`get_num_samples(batch)`, counted once, when the batch was moved to the device (else now)."""
+        counted, samples = self._counted
+        return samples if counted is batch else self.get_num_samples(batch)
 
     def get_num_samples(self, batch: Any) -> int:
         """The number of samples in `batch`, which weighs the scalars logged for it in the mean over a validation
@@ -520,12 +535,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self._consumed.count += 1  # Counted now: checkpoint callbacks run before this task's batch-end hook.
-        samples = self.get_num_samples(batch)  # Not batch_size: a dataset's last batch may be short (as 0.2 counted).
-        if self.trainer.accumulate_grad_batches > 1:  # Only then can a step's values come from batches of two sizes.
-            self._log_buffers["train"].weight = max(1, samples)
+        samples = self._samples(batch)  # Not batch_size: a dataset's last batch may be short (as 0.2 counted).
+        if accumulates := self._accumulates():
+            self._log_buffers["train"].weigh(samples)
         loss = self._loss_total(self.get_loss(batch, self.state("train")), "train", batch)
         self._num_samples += samples * self.trainer.world_size
-        return self._accumulated(loss, max(1, samples)) if self.trainer.accumulate_grad_batches > 1 else loss
+        return self._accumulated(loss, max(1, samples)) if accumulates else loss
 
     def _accumulated(self, loss: Tensor, samples: int) -> Tensor:
         """A batch's loss within a step of k batches, so that the step's update is the gradient of the mean over all
@@ -553,7 +568,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._evaluated[batch is None] += 1
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
             return None
-        self._log_buffers[phase].weight = max(1, self.get_num_samples(batch))
+        self._log_buffers[phase].weigh(self._samples(batch))
         loss = self._loss_total(self.get_loss(batch, self.state(phase)), phase, batch)
         if self._compiled is not None and not self._compiled.checked and self.trainer.state.fn != "fit":
             self._compiled.evaluated(self, phase)
@@ -597,7 +612,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def predict_step(self, batch: Any, batch_idx: int) -> Any:
         if batch is None:  # It failed to collate: None (see _evaluation_step).
             return None
-        self._log_buffers[PREDICT].weight = max(1, self.get_num_samples(batch))
+        self._log_buffers[PREDICT].weigh(self._samples(batch))
         prediction = self.get_prediction(batch)
         if self._compiled is not None and not self._compiled.checked:
             self._compiled.evaluated(self, PREDICT)
@@ -768,6 +783,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         callbacks' and the task's (`_write_evaluation`), so what they log is written with it."""
         buffer = self._log_buffers[phase]
         means, weights = buffer.settle(self.weights_step)  # Held resolved: the write runs no callable again.
+        buffer.weigh(
+            buffer.largest
+        )  # A late value (on_validation_end) weighs as one full batch, however the set split.
         self._evaluation = (weights, self._publish(phase, means, weights))
         if phase == "valid" and self.trainer.state.fn == "fit":  # An error in on_validation_end: written as it ends.
             self._valid_unwritten = functools.partial(self._write_evaluation, "valid", failed=True)

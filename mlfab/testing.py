@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 from dpshdl.dataset import Dataset
-from PIL import Image
+from PIL import Image, ImageSequence
 from torch import Tensor, nn
 
 import mlfab
@@ -71,7 +71,8 @@ class BoringTask(mlfab.Task[BoringConfig]):
 
 
 def write_idx_mnist(root: str | Path, num_train: int = 256, num_test: int = 64, seed: int = 0) -> Path:
-    """Writes `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz` into `root` (dpshdl's MNIST file names).
+    """Writes `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz` into `root` (dpshdl's MNIST file names). dpshdl's
+    `MNIST(root_dir=d)` reads them from `d/mnist`: pass that folder as `root` (else it downloads the real MNIST).
 
     Each image has a bright square whose position depends on its label, so a model can learn it quickly.
     """
@@ -101,15 +102,22 @@ def read_scalars(event_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def read_images(event_dir: str | Path) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """{tag: [(step, HWC uint8 array), ...]} decoded from the TensorBoard event files in a directory."""
+    """{tag: [(step, array), ...]} decoded from the TensorBoard event files in a directory: an image as an HWC RGB
+    uint8 array, a video (an animated GIF there) as a THWC one of its frames."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(event_dir), size_guidance={"images": 0})
     acc.Reload()
     out: dict[str, list[tuple[int, np.ndarray]]] = {}
     for tag in acc.Tags()["images"]:
-        out[tag] = [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)))) for e in acc.Images(tag)]
+        out[tag] = [(e.step, _pixels(Image.open(io.BytesIO(e.encoded_image_string)))) for e in acc.Images(tag)]
     return out
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    """RGB pixels (a palette GIF's too): HWC, or THWC for an animated image."""
+    frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
+    return frames[0] if len(frames) == 1 else np.stack(frames)
 
 
 __all__ = ["BoringConfig", "BoringTask", "RegressionDataset", "read_images", "read_scalars", "write_idx_mnist"]

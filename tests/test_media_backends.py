@@ -96,13 +96,17 @@ def test_an_image_and_a_video_of_one_key_are_both_shown_in_tensorboard(tmp_path:
     """TensorBoard shows a video as an animated image: under the image's tag, the later one hid the other."""
     calls = Calls()
     calls.log_image("sample", np.full((4, 4, 3), 255, np.uint8), keep_resolution=True)
-    calls.log_video("sample", np.zeros((3, 4, 4, 3), np.uint8), fps=4)
+    frames = np.zeros((3, 6, 5, 3), np.uint8)  # THWC (a 4-pixel-high one would read as TCHW with alpha).
+    frames[1, ..., 0] = frames[2] = 255  # Black, red, white.
+    calls.log_video("sample", frames, fps=4)
     logger = mlfab.TensorboardLogger(tmp_path)
     logger.write(calls.logs())
     logger.finalize("success")
     images = read_images(tmp_path / "tensorboard" / "train")
     assert sorted(images) == ["value/sample", "value/sample/video"]
-    assert images["value/sample"][0][1].min() == 255 and images["value/sample/video"][0][1].max() == 0
+    assert images["value/sample"][0][1].shape == (4, 4, 3) and images["value/sample"][0][1].min() == 255
+    video = images["value/sample/video"][0][1]  # RGB frames, not the GIF's palette indices.
+    assert video.shape == (3, 6, 5, 3) and video[:, 0, 0].tolist() == [[0, 0, 0], [255, 0, 0], [255, 255, 255]]
 
 
 def test_json_media_of_keys_differing_only_in_special_characters_do_not_collide(tmp_path: Path) -> None:

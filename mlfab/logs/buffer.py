@@ -61,6 +61,7 @@ class LogBuffer:
         self._pending: dict[Kind, dict[str, Any]] = {}  # Scalars: {tag: [(value, weight), ...]}; others: {tag: value}.
         self.keep_first = phase in ("valid", "test", PREDICT)
         self.weight = 1  # The weight of the scalars added now: the number of samples in the current batch.
+        self.largest = 1  # The largest batch's weight since the buffer was last cleared: one full batch.
         self.failures: dict[tuple[Kind, str], int] = {}  # Values skipped because they could not be written.
 
     def add(self, kind: Kind, tag: str, value: Any) -> None:
@@ -75,12 +76,18 @@ class LogBuffer:
         elif not (self.keep_first and tag in by_tag):
             by_tag[tag] = value
 
+    def weigh(self, samples: int) -> None:
+        """The scalars added from now on are for a batch of `samples` samples (at least 1)."""
+        self.weight = max(1, samples)
+        if self.weight > self.largest:
+            self.largest = self.weight
+
     def __bool__(self) -> bool:
         return bool(self._pending)
 
     def clear(self) -> None:
         self._pending = {}
-        self.weight = 1
+        self.weight = self.largest = 1
 
     def take(self) -> "LogBuffer":
         """A buffer holding what this one held (its failures counted together); this one is left empty."""

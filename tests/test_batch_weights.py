@@ -1,0 +1,85 @@
+"""Each scalar weighs as many samples as the batch it is logged for, also when it is logged before the step's own
+code runs (a callback's `on_*_batch_start`, a `validation_step` override before `super()`); a value logged once the
+evaluation ended (`on_validation_end`) weighs as one full batch. Batches of 4, 4 and 2 samples numbered 0..9 mean 4.5;
+weighted by the previous batch's size they came out 6.39."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+from torch import Tensor
+from torch.utils.data import Dataset, IterableDataset
+
+import mlfab
+from mlfab.testing import BoringConfig, BoringTask
+
+pytestmark = pytest.mark.integration
+
+SAMPLES = 10  # In batches of 4, 4 and 2.
+
+
+def sample(i: int) -> tuple[np.ndarray, np.float32]:
+    return np.full((4,), float(i), np.float32), np.float32(i)
+
+
+class Numbered(Dataset[tuple[np.ndarray, np.float32]]):
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.float32]:
+        return sample(i)
+
+
+class NumberedStream(IterableDataset[tuple[np.ndarray, np.float32]]):
+    """The training set: an iterable one keeps its last, short batch (a map-style one drops it)."""
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.float32]]:
+        return map(sample, range(SAMPLES))
+
+
+class LogsAtBatchStart(pl.Callback):
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        pl_module.log_scalar("callback_y", batch[1].float().mean())
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int, *_: Any
+    ) -> None:
+        pl_module.log_scalar("callback_y", batch[1].float().mean())
+
+
+class Weighed(BoringTask):
+    def set_loggers(self) -> None:
+        self.add_logger(mlfab.JsonLogger(self.exp_dir, log_interval_seconds=0))
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [*super().configure_callbacks(), LogsAtBatchStart()]
+
+    def get_dataset(self, phase: mlfab.Phase) -> Any:
+        return NumberedStream() if phase == "train" else Numbered()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        self.log_scalar("before_super_y", batch[1].float().mean())
+        return super().validation_step(batch, batch_idx)
+
+    def log_valid_step(self, batch: tuple[Tensor, Tensor], output: Any, state: mlfab.State) -> None:
+        self.log_scalar("also_late_y", batch[1].float().mean())
+
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        self.log_scalar("also_late_y", 100.0)
+
+
+def test_values_logged_before_the_step_weigh_as_their_batch(tmp_path: Path) -> None:
+    config = BoringConfig(exp_dir=str(tmp_path), max_steps=1, batch_size=4, valid_every_n_steps=1, valid_batches=3)
+    Weighed.launch(config, argv=["batches_per_step=3"])
+    lines = [json.loads(line) for line in (tmp_path / "json" / "log.jsonl").read_text().splitlines()]
+    (train,) = (line["scalars"] for line in lines if line["phase"] == "train")
+    (valid,) = (line["scalars"] for line in lines if line["phase"] == "valid")
+    assert train["value/callback_y"] == pytest.approx(4.5)
+    assert valid["value/callback_y"] == pytest.approx(4.5)
+    assert valid["value/before_super_y"] == pytest.approx(4.5)
+    assert valid["value/also_late_y"] == pytest.approx((4.5 * SAMPLES + 100.0 * 4) / (SAMPLES + 4))
