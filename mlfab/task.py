@@ -112,7 +112,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._log_buffers = {phase: LogBuffer(phase) for phase in (*PHASES, PREDICT)}
         self._bad_data_seen = self._bad_data_asked = False
         self._evaluated = [0, 0]  # The batches of the evaluation in progress: evaluated, and failed to collate.
-        self._counted: tuple[Any, int] = (None, 0)  # The last batch moved to the device, and its samples.
+        self._counted: list[Any] = [None, 0]  # The last batch moved to the device, and its samples.
         self._log_cadence = Cadence()
         self._start_counts()
         self._consumed = Consumed()  # Batches trained, so the loader knows which ones are still in flight.
@@ -176,7 +176,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         batch = to_device(batch, device)  # Lightning's move, also of a frozen dataclass (which Lightning refuses).
         if batch is not None:  # Weighed before the batch-start hooks (callbacks' too), which may log for it.
-            self._counted = (batch, self.get_num_samples(batch))
+            self._counted[:] = batch, self.get_num_samples(batch)  # (In place: a Module's attributes are slow to set.)
             if (phase := self._phase()) != "train" or self._accumulates():
                 self._log_buffers[phase].weigh(self._counted[1])
         return batch
