@@ -60,6 +60,14 @@ def lightning_validates_now(trainer: pl.Trainer) -> bool:
     return trainer.enable_validation and bool(loop._should_check_val_fx(lightning_data_fetcher(trainer)))
 
 
+def strategy_name(strategy: Any) -> str:
+    """A strategy as Lightning's registry names it (`ddp`, `ddp_spawn`, `ddp_fork`, `fsdp`, ...). Private:
+    `DDPStrategy._start_method`, the one difference between ddp, ddp_spawn and ddp_fork (a single class)."""
+    name = type(strategy).__name__.removesuffix("Strategy").lower()
+    method = getattr(strategy, "_start_method", "popen")
+    return name if method == "popen" else f"{name}_{method}"
+
+
 def lightning_data_fetcher(trainer: pl.Trainer) -> Any:
     """The fit loop's data fetcher, which Lightning's validation decision takes. Private: `_FitLoop._data_fetcher`."""
     return trainer.fit_loop._data_fetcher

@@ -35,6 +35,7 @@ from mlfab._lightning import (
     publish_metrics,
     set_rng_states,
     step_ends,
+    strategy_name,
     unrepeated_sampler,
     withhold_from_loggers,
     wrap_validation_decision,
@@ -450,3 +451,11 @@ def test_spawned_result_rides_on_the_spawn_launchers_extra_results() -> None:
     assert spawned.result == "rank zero's step 0" and float(trainer.callback_metrics["m"]) == 1.0
     plain = pl.Trainer(accelerator="cpu", devices=1, logger=False)
     assert _lightning.SpawnedResult(rank_zeros).install(plain).result is None
+
+
+def test_strategy_name_tells_ddp_spawn_from_ddp() -> None:
+    names = {
+        strategy: strategy_name(pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False).strategy)
+        for strategy in ("ddp", "ddp_spawn", "ddp_fork")
+    }
+    assert names == {"ddp": "ddp", "ddp_spawn": "ddp_spawn", "ddp_fork": "ddp_fork"}

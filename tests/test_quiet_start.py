@@ -145,6 +145,8 @@ def test_line_filter_is_narrow() -> None:
 def test_hardware_line_says_what_the_run_uses() -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     assert hardware_line(trainer) == "Hardware: cpu, 1 device, precision 32-true"
+    spawned = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_checkpointing=False)
+    assert hardware_line(spawned) == "Hardware: cpu, 2 devices, ddp_spawn, precision 32-true"  # Not "ddp".
 
 
 @pytest.mark.unit

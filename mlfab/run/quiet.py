@@ -18,7 +18,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from mlfab._lightning import StepFreeCallback
+from mlfab._lightning import StepFreeCallback, strategy_name
 
 # The loggers Lightning's `rank_zero_info` writes to (lightning.pytorch sets its own when it is imported).
 RANK_ZERO_LOGGERS = (
@@ -88,7 +88,7 @@ def hardware_line(trainer: Any) -> str:
         devices += f" x {trainer.num_nodes} nodes"
     parts = [accelerator, devices]
     if trainer.world_size > 1:
-        parts.append(type(trainer.strategy).__name__.removesuffix("Strategy").lower())
+        parts.append(strategy_name(trainer.strategy))
     return f"Hardware: {', '.join(parts)}, precision {trainer.precision}"
 
 
