@@ -63,7 +63,7 @@ from mlfab.optim import (
 )
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
 from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error, monitored_training_tags
-from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks
+from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks, tags_of_every_rank
 from mlfab.run.quiet import quiet_log_interval_warning
 from mlfab.run.slurm import job_arguments
 from mlfab.run.trainer import DATA_KEYS, built_by_mlfab, unread_settings, unseeded
@@ -396,31 +396,33 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         steps mlfab resolves anyway (a logger writes them), written into the metrics directly (see
         `publish_metrics`), so a lazy value is never computed for Lightning's sake."""
         trainer = self.trainer
-        if trainer.barebones or not means:
-            return means
-        if phase == PREDICT:  # Lightning keeps no metrics in predict (its `self.log` refuses to run there).
-            return mean_over_ranks(trainer, means, weights, self.device)
         own = self._lightning_names  # Lightning's already, from the task's `self.log`.
+        if trainer.barebones or (phase == "train" and not means):
+            return means
         if phase == "train":
             kept = {f"train/{tag}": v for tag, v in means.items() if tag not in own}
             publish_metrics(trainer, {name: torch.tensor(v, dtype=torch.float64) for name, v in kept.items()})
             return means
+        tags = tags_of_every_rank(trainer, means)  # A value only some ranks logged: the mean of theirs.
+        if phase == PREDICT:  # Lightning keeps no metrics in predict (its `self.log` refuses to run there).
+            return mean_over_ranks(trainer, means, weights, self.device, tags=tags)
         dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64.
-        for tag, value in means.items():
-            if tag in own:
-                continue
+        mine = [tag for tag in tags if tag not in own]
+        for tag in mine:
             name = f"{phase}/{tag}"
             self._metric_names.add(name)
-            self.log(
+            self.log(  # Where this rank has none, a weight of 0 (the other ranks' mean).
                 name,
-                torch.tensor(value, dtype=dtype, device=self.device),
+                torch.tensor(means.get(tag, 0.0), dtype=dtype, device=self.device),
                 on_step=False,
                 on_epoch=True,
-                batch_size=float(weights[tag]),  # An int count would be floored when averaged over ranks.
+                batch_size=float(weights.get(tag, 0)),  # An int count would be floored when averaged over ranks.
                 sync_dist=True,
             )
+        if not mine and not own.intersection(means):
+            return means
         computed = trainer.callback_metrics  # Computed (and synchronised) once here, as Lightning would later.
-        out = {tag: float(computed[f"{phase}/{tag}"]) for tag in means if tag not in own}
+        out = {tag: float(computed[f"{phase}/{tag}"]) for tag in mine}
         for tag in own.intersection(means):  # Lightning's reduction; the mean over batches if it made none.
             out[tag] = float(computed.get(f"{tag}_epoch" if tag in self._split_names else tag, means[tag]))
         return out
@@ -805,15 +807,15 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         trainer = self.trainer
 
         def publish(phase: LogPhase, means: dict[str, float], weights: dict[str, Any]) -> dict[str, float]:
-            out = {tag: value for tag, value in published.items() if weights.get(tag) == counts[tag]}
-            late = {tag: value for tag, value in means.items() if tag not in out}  # New, or averaged with new values.
-            if trainer.world_size > 1 and not failed:  # The tags rank zero writes (its loggers write them).
-                tags = trainer.strategy.broadcast(sorted(late), src=0)
-                late = mean_over_ranks(trainer, late, weights, self.device, tags=tags)
+            changed = [tag for tag in means if weights[tag] != counts.get(tag)]  # New, or averaged with new values.
+            if trainer.world_size > 1 and not failed:  # Each rank's whole mean of a tag any rank has new values of.
+                late = mean_over_ranks(trainer, means, weights, self.device, tags=tags_of_every_rank(trainer, changed))
+            else:
+                late = {tag: means[tag] for tag in changed}
             if late and not trainer.barebones:
                 names = {f"{phase}/{tag}": tag for tag in late if tag not in self._lightning_names}
                 publish_metrics(trainer, {n: torch.tensor(late[tag], dtype=torch.float64) for n, tag in names.items()})
-            return out | late
+            return published | late
 
         fitting = phase == "valid" and trainer.state.fn == "fit"
         everywhere = failed or (fitting and self._training_ends())

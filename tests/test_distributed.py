@@ -169,6 +169,7 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str, c
 def test_two_simulated_nodes(tmp_path: Path) -> None:
     script = write_script(tmp_path)
     port = str(free_port())
+    (tmp := tmp_path / "tmp").mkdir()  # Where rank one holds a placeholder until it has rank zero's run directory.
     procs = [
         subprocess.Popen(
             [
@@ -179,7 +180,7 @@ def test_two_simulated_nodes(tmp_path: Path) -> None:
                 "num_nodes=2",
                 f"run_dir={tmp_path / 'runs'}",
             ],
-            env=env_for(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node)),
+            env=env_for(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node), TMPDIR=str(tmp)),
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -191,6 +192,7 @@ def test_two_simulated_nodes(tmp_path: Path) -> None:
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-4000:]
     check_two_ranks(tmp_path, outputs[0][0] + outputs[1][0])
+    assert not list(tmp.glob("mlfab-rank-*")), "rank one left its placeholder run directory behind"
 
 
 def test_torchrun_two_processes(tmp_path: Path) -> None:

@@ -155,6 +155,7 @@ class Predicts(BoringTask):
     def get_prediction(self, batch):
         output = super().get_prediction(batch)
         self.log_scalar("mean_output", lambda: output.mean())
+        self.log_scalar(f"rank_{self.global_rank}_only", float(self.global_rank + 1))  # Not paired with another.
         return output
 
 
@@ -192,6 +193,7 @@ def test_under_ddp_a_predict_scalar_is_the_mean_over_every_ranks_samples(tmp_pat
     (predict,) = [line for line in json_lines(exp) if line["phase"] == "predict"]
     assert predict["step"] == 0
     assert predict["scalars"]["value/mean_output"] == pytest.approx(float(torch.cat(per_rank).mean()), rel=1e-6)
+    assert (predict["scalars"]["value/rank_0_only"], predict["scalars"].get("value/rank_1_only")) == (1.0, 2.0)
 
 
 class ListPredictions(BoringTask):

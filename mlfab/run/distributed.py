@@ -7,9 +7,11 @@ NODE_RANK variables. mlfab adds the two things they leave out: every rank agrees
 and each rank (and each dataloader worker) gets its own share of the data.
 """
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +24,7 @@ from mlfab.run.slurm import shape_mismatch
 log = logging.getLogger(__name__)
 
 EXP_DIR_ENV = "MLFAB_EXP_DIR"  # Set by rank zero so the processes Lightning starts use its run directory.
+PLACEHOLDER_PREFIX = "mlfab-rank-"  # A temporary folder a rank other than zero holds until it has rank zero's.
 
 
 def under_torchrun() -> bool:
@@ -111,8 +114,15 @@ def resolve_hardware(accelerator: str, devices: Any, num_nodes: int, strategy: s
 
 
 def broadcast_exp_dir(trainer: Any, exp_dir: Any) -> Any:
-    """Rank zero's run directory, on every rank (after the process group exists)."""
-    return exp_dir if trainer.world_size == 1 else trainer.strategy.broadcast(exp_dir, src=0)
+    """Rank zero's run directory, on every rank (after the process group exists). The empty placeholder a rank
+    made while it waited for it (`PLACEHOLDER_PREFIX`) is removed."""
+    if trainer.world_size == 1:
+        return exp_dir
+    chosen = trainer.strategy.broadcast(exp_dir, src=0)
+    if Path(exp_dir) != Path(chosen) and Path(exp_dir).name.startswith(PLACEHOLDER_PREFIX):
+        with contextlib.suppress(OSError):  # Only while empty: it was meant to hold nothing.
+            Path(exp_dir).rmdir()
+    return chosen
 
 
 def _missing_accelerator(accelerator: str, available: list[str]) -> str:
@@ -129,20 +139,29 @@ def _missing_accelerator(accelerator: str, available: list[str]) -> str:
     )
 
 
+def tags_of_every_rank(trainer: pl.Trainer, tags: Iterable[str]) -> list[str]:
+    """The tags any rank has, in one order on every rank (one all-gather of their names), so that every rank reduces
+    the same tags in the same order: a value some ranks log (a per-class score of the classes in their batches) was
+    paired with another tag's value by position, or the collectives waited for each other until gloo's timeout."""
+    if trainer.world_size == 1:
+        return sorted(tags)
+    every: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(every, sorted(tags))
+    return sorted(set().union(*every))
+
+
 def mean_over_ranks(
     trainer: pl.Trainer,
     means: dict[str, float],
     weights: dict[str, Any],
     device: torch.device,
-    tags: Sequence[str] | None = None,
+    tags: Sequence[str],
 ) -> dict[str, float]:
     """Each scalar's mean over every rank's samples, from each rank's sample-weighted mean and weight, as Lightning's
-    `self.log(..., batch_size=n, sync_dist=True)` reduces a validation value: one all-reduce of every tag (each rank
-    logs the same tags, as in validation). `tags`: the tags every rank reduces, each rank's missing ones weighing 0
-    (a tag no rank has is left out)."""
+    `self.log(..., batch_size=n, sync_dist=True)` reduces a validation value: one all-reduce of `tags`, the same on
+    every rank (`tags_of_every_rank`), each rank's missing ones weighing 0 (a tag no rank has is left out)."""
     if trainer.world_size == 1:
         return means
-    tags = sorted(means) if tags is None else tags
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64.
     pairs = [[means[t] * float(weights[t]), float(weights[t])] if t in means else [0.0, 0.0] for t in tags]
     sums = trainer.strategy.reduce(torch.tensor(pairs, dtype=dtype, device=device), reduce_op="sum")

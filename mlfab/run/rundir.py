@@ -8,7 +8,7 @@ from pathlib import Path
 from mlfab.checkpoints import intact_checkpoint, remove_stale_temporary_files
 from mlfab.config import Config
 from mlfab.errors import ConfigError
-from mlfab.run.distributed import EXP_DIR_ENV, env_rank_zero
+from mlfab.run.distributed import EXP_DIR_ENV, PLACEHOLDER_PREFIX, env_rank_zero
 from mlfab.settings import default_run_dir, load_settings
 
 
@@ -61,7 +61,7 @@ def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
     if not env_rank_zero():
         if config.exp_dir:
             return Path(config.exp_dir).expanduser().resolve(), False
-        return Path(tempfile.mkdtemp(prefix="mlfab-rank-")), False
+        return Path(tempfile.mkdtemp(prefix=PLACEHOLDER_PREFIX)), False
     return new_exp_dir(task_cls, config), True
 
 
