@@ -188,11 +188,40 @@ def checks_optimizer_reads(configure: Callable[[Any], Any]) -> Callable[[Any], A
             built = configure(task)
         finally:
             task.config, task._building_optimizer = config, False
-        refuse_unread_optimizer_keys(config, reads, type(task).__name__)
+        refuse_unread_optimizer_keys(config, reads | keys_held(config, built), type(task).__name__)
         return built
 
     configure_optimizers._mlfab_checks_reads = True  # type: ignore[attr-defined]
     return configure_optimizers
+
+
+def _optimizers_in(built: Any) -> list[torch.optim.Optimizer]:
+    """The optimizers in what `configure_optimizers` returned (an optimizer, a pair, lists, Lightning's dicts)."""
+    if isinstance(built, torch.optim.Optimizer):
+        return [built]
+    if isinstance(built, dict):
+        return _optimizers_in(built.get("optimizer"))
+    return [o for item in built for o in _optimizers_in(item)] if isinstance(built, list | tuple) else []
+
+
+def _floats(value: Any) -> tuple[float, ...] | None:
+    try:
+        return tuple(float(v) for v in value) if isinstance(value, list | tuple) else (float(value),)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def keys_held(config: Any, built: Any) -> set[str]:
+    """The optimizer keys whose values a built optimizer holds in a parameter group (`lr`, or a scheduler's
+    `initial_lr`; `betas`; `weight_decay`): a rate read in `__init__` and passed on is used, though not read while
+    the optimizer was built."""
+    groups = [group for optimizer in _optimizers_in(built) for group in optimizer.param_groups]
+    fields = {"learning_rate": ("lr", "initial_lr"), "betas": ("betas",), "weight_decay": ("weight_decay",)}
+    return {
+        key
+        for key, names in fields.items()
+        if any(_floats(group.get(name)) == _floats(getattr(config, key)) for group in groups for name in names)
+    }
 
 
 def refuse_unread_optimizer_keys(config: Any, reads: set[str], task: str) -> None:
@@ -205,6 +234,7 @@ def refuse_unread_optimizer_keys(config: Any, reads: set[str], task: str) -> Non
         raise ConfigError(
             f"{given}: {task} builds its own optimizer (build_optimizer / get_optimizer_builder / "
             "configure_optimizers), which does not "
-            f"read {'these keys' if len(unread) > 1 else 'this key'}, so the run would not use the value. Read it "
+            f"read {'these keys' if len(unread) > 1 else 'this key'} while building it, and no parameter group of "
+            "its optimizer holds the value, so the run would not use it. Read it "
             f"there (self.config.{unread[0]}) or leave it at its default."
         )

@@ -320,10 +320,34 @@ def test_an_optimizer_key_an_own_configure_optimizers_does_not_read_is_refused(t
         task.launch(argv=["max_steps=2", "learning_rate=0.5", f"exp_dir={tmp_path / 'run'}"])
     assert str(info.value).startswith(
         f"learning_rate=0.5 (default 0.05): {task.__name__} builds its own optimizer (build_optimizer / "
-        "get_optimizer_builder / configure_optimizers), which does not read this key"
+        "get_optimizer_builder / configure_optimizers), which does not read this key while building it, and no "
+        "parameter group of its optimizer holds the value"
     )
     assert not (tmp_path / "run").exists()
     task.launch(argv=["max_steps=2", f"exp_dir={tmp_path / 'ok'}"])  # At its default: nothing to refuse.
+
+
+class RateReadInInit(BoringTask):
+    """Reads the rate in `__init__`, as Lightning modules often do: not while the optimizer is built."""
+
+    def __init__(self, config: BoringConfig) -> None:
+        super().__init__(config)
+        self.lr = config.learning_rate
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    trained_at: float | None = None
+
+    def on_train_end(self) -> None:
+        (group,) = self.trainer.optimizers[0].param_groups
+        type(self).trained_at = group["lr"]
+
+
+def test_a_rate_read_in_init_and_passed_to_the_optimizer_is_not_refused(tmp_path: Path) -> None:
+    """It was refused as "not read, so the run would not use the value", though the run used it."""
+    RateReadInInit.launch(argv=["max_steps=2", "learning_rate=0.2", f"exp_dir={tmp_path / 'run'}"])
+    assert RateReadInInit.trained_at == 0.2
 
 
 def test_an_own_configure_optimizers_calling_super_is_checked_once_and_trains_at_the_rate_set(tmp_path: Path) -> None:
