@@ -139,7 +139,8 @@ def lightning_optimizers(built: Any, task: str, warmup_steps: int) -> Any:
     groups = [g for g in optimizer.param_groups if "base_lr" in g]
     if groups and warmup_steps:
         raise TaskDefinitionError(
-            f"{task}.build_optimizer returned a learning-rate scheduler for the default optimizer, whose warmup "
+            f"{task} returned a learning-rate scheduler for the default optimizer (from build_optimizer or "
+            f"configure_optimizers), whose warmup "
             f"(warmup_steps={warmup_steps}) also sets the rate. Set warmup_steps=0 and put the warmup in your "
             "schedule, or return the optimizer alone."
         )
@@ -172,8 +173,9 @@ def _plain(value: Any) -> Any:
 
 def checks_optimizer_reads(configure: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """`configure_optimizers` (Task's, or a task's own, wrapped when its class is defined) building the optimizer
-    from a config that records the keys read, then refusing the optimizer keys set that it did not read. An override
-    calling `super().configure_optimizers()` is checked once, as a whole."""
+    from a config that records the keys read, then refusing the optimizer keys set that it did not read, and handing
+    what it returned to `lightning_optimizers`. An override calling `super().configure_optimizers()` is checked once,
+    as a whole."""
     if getattr(configure, "_mlfab_checks_reads", False):
         return configure
 
@@ -189,7 +191,8 @@ def checks_optimizer_reads(configure: Callable[[Any], Any]) -> Callable[[Any], A
         finally:
             task.config, task._building_optimizer = config, False
         refuse_unread_optimizer_keys(config, reads | keys_held(config, built), type(task).__name__)
-        return built
+        # Also what an override returns: a scheduler it adds to the default optimizer takes the rate from its warmup.
+        return lightning_optimizers(built, type(task).__name__, config.warmup_steps)
 
     configure_optimizers._mlfab_checks_reads = True  # type: ignore[attr-defined]
     return configure_optimizers

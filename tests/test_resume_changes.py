@@ -357,6 +357,24 @@ def test_an_own_configure_optimizers_calling_super_is_checked_once_and_trains_at
     assert len(saved["lr_schedulers"]) == 1
 
 
+class DecaysInConfigure(BoringTask):
+    """Lightning's form: a per-step scheduler on mlfab's default optimizer, in an own `configure_optimizers`."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_a_scheduler_added_in_configure_optimizers_sets_the_rate_and_is_refused_beside_warmup(tmp_path: Path) -> None:
+    """The default optimizer's warmup set the rate back after every step: the scheduler decayed it once, then never."""
+    DecaysInConfigure.launch(argv=["max_steps=3", "learning_rate=0.5", "warmup_steps=0", f"exp_dir={tmp_path / 'a'}"])
+    saved = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == 0.5 * 0.5**3
+    with pytest.raises(mlfab.TaskDefinitionError, match=r"DecaysInConfigure returned a learning-rate scheduler"):
+        DecaysInConfigure.launch(argv=["max_steps=3", "warmup_steps=2", f"exp_dir={tmp_path / 'b'}"])
+
+
 def test_a_task_that_hands_its_config_on_while_building_its_optimizer_is_not_refused(tmp_path: Path) -> None:
     """The config the optimizer is built from is still the task's config class (isinstance, dataclasses)."""
     import dataclasses
