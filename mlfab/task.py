@@ -581,6 +581,27 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return self._evaluation_step("valid", batch)
 
     @override
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if task_work_due(self, "on_validation_batch_end"):
+            self._batch_done("valid")
+
+    @override
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if task_work_due(self, "on_test_batch_end"):
+            self._batch_done("test")
+
+    @override
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if task_work_due(self, "on_predict_batch_end"):
+            self._batch_done(PREDICT)
+
+    def _batch_done(self, phase: LogPhase) -> None:
+        """After an evaluation batch and its hooks: what is logged before the next batch is moved (and counted), in
+        an epoch-end hook say, weighs as one full batch (the largest so far), however the set split."""
+        buffer = self._log_buffers[phase]
+        buffer.weigh(buffer.largest)
+
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         return self._evaluation_step("test", batch)
 
@@ -785,9 +806,6 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         callbacks' and the task's (`_write_evaluation`), so what they log is written with it."""
         buffer = self._log_buffers[phase]
         means, weights = buffer.settle(self.weights_step)  # Held resolved: the write runs no callable again.
-        buffer.weigh(
-            buffer.largest
-        )  # A late value (on_validation_end) weighs as one full batch, however the set split.
         self._evaluation = (weights, self._publish(phase, means, weights))
         if phase == "valid" and self.trainer.state.fn == "fit":  # An error in on_validation_end: written as it ends.
             self._valid_unwritten = functools.partial(self._write_evaluation, "valid", failed=True)

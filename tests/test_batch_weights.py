@@ -1,7 +1,7 @@
 """Each scalar weighs as many samples as the batch it is logged for, also when it is logged before the step's own
-code runs (a callback's `on_*_batch_start`, a `validation_step` override before `super()`); a value logged once the
-evaluation ended (`on_validation_end`) weighs as one full batch. Batches of 4, 4 and 2 samples numbered 0..9 mean 4.5;
-weighted by the previous batch's size they came out 6.39."""
+code runs (a callback's `on_*_batch_start`, a `validation_step` override before `super()`); a value logged after the
+evaluation's batches (`on_validation_epoch_end`, `on_validation_end`) weighs as one full batch. Batches of 4, 4 and 2
+samples numbered 0..9 mean 4.5; weighted by the previous batch's size they came out 6.39."""
 
 import json
 from collections.abc import Iterator
@@ -50,6 +50,9 @@ class LogsAtBatchStart(pl.Callback):
     ) -> None:
         pl_module.log_scalar("callback_y", batch[1].float().mean())
 
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        pl_module.log_scalar("epoch_end_y", 100.0)
+
 
 class Weighed(BoringTask):
     def set_loggers(self) -> None:
@@ -67,6 +70,11 @@ class Weighed(BoringTask):
 
     def log_valid_step(self, batch: tuple[Tensor, Tensor], output: Any, state: mlfab.State) -> None:
         self.log_scalar("also_late_y", batch[1].float().mean())
+        self.log_scalar("epoch_end_y", batch[1].float().mean())
+        self.log_scalar("task_epoch_end_y", batch[1].float().mean())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_scalar("task_epoch_end_y", 100.0)
 
     def on_validation_end(self) -> None:
         super().on_validation_end()
@@ -82,4 +90,7 @@ def test_values_logged_before_the_step_weigh_as_their_batch(tmp_path: Path) -> N
     assert train["value/callback_y"] == pytest.approx(4.5)
     assert valid["value/callback_y"] == pytest.approx(4.5)
     assert valid["value/before_super_y"] == pytest.approx(4.5)
-    assert valid["value/also_late_y"] == pytest.approx((4.5 * SAMPLES + 100.0 * 4) / (SAMPLES + 4))
+    late = (4.5 * SAMPLES + 100.0 * 4) / (SAMPLES + 4)  # As one full batch, not the last one (2 samples).
+    assert [valid[f"value/{key}"] for key in ("also_late_y", "epoch_end_y", "task_epoch_end_y")] == [
+        pytest.approx(late)
+    ] * 3
