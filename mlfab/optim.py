@@ -125,27 +125,36 @@ def use_training_weights(checkpoint: dict[str, Any]) -> None:
         checkpoint["optimizer_states"] = saved["train_optimizer_states"]
 
 
+SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def _schedulers_in(built: Any) -> list[Any]:
+    """The schedulers in any of Lightning's `configure_optimizers` forms (a dict, lists of dicts, two lists)."""
+    if isinstance(built, SCHEDULERS):
+        return [built]
+    if isinstance(built, dict):
+        return [s for value in built.values() for s in _schedulers_in(value)]
+    return [s for item in built for s in _schedulers_in(item)] if isinstance(built, list | tuple) else []
+
+
 def lightning_optimizers(built: Any, task: str, warmup_steps: int) -> Any:
-    """What `build_optimizer` returned, as Lightning's `configure_optimizers` takes it: an `(optimizer, scheduler)`
+    """What `build_optimizer` or `configure_optimizers` returned, as Lightning takes it: an `(optimizer, scheduler)`
     pair (mlfab 0.2's) becomes Lightning's dict with the scheduler stepped after every optimizer step; anything else
-    is Lightning's already. A scheduler on mlfab's default optimizer (in either form) replaces its warmup (`warm_up`
-    then leaves the rate to the scheduler), so a config that also asks for warmup steps is refused instead of one of
-    the two being silently overridden."""
+    is Lightning's already (two optimizers, for one, stay two). A scheduler on mlfab's default optimizer (in any
+    form) replaces its warmup (`warm_up` then leaves the rate to the scheduler), so a config that also asks for
+    warmup steps is refused instead of one of the two being silently overridden."""
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.optim.Optimizer):
-        built = {"optimizer": built[0], "lr_scheduler": {"scheduler": built[1], "interval": "step"}}
-    optimizer = built.get("optimizer") if isinstance(built, dict) else None
-    if not isinstance(optimizer, torch.optim.Optimizer) or built.get("lr_scheduler") is None:
-        return built
-    groups = [g for g in optimizer.param_groups if "base_lr" in g]
+        if isinstance(built[1], SCHEDULERS):
+            built = {"optimizer": built[0], "lr_scheduler": {"scheduler": built[1], "interval": "step"}}
+    groups = [g for s in _schedulers_in(built) for g in s.optimizer.param_groups if "base_lr" in g]
     if groups and warmup_steps:
         raise TaskDefinitionError(
             f"{task} returned a learning-rate scheduler for the default optimizer (from build_optimizer or "
-            f"configure_optimizers), whose warmup "
-            f"(warmup_steps={warmup_steps}) also sets the rate. Set warmup_steps=0 and put the warmup in your "
-            "schedule, or return the optimizer alone."
+            f"configure_optimizers), whose warmup (warmup_steps={warmup_steps}) also sets the rate. Set "
+            "warmup_steps=0 and put the warmup in your schedule, or return the optimizer alone."
         )
     for group in groups:
-        del group["base_lr"]  # The scheduler's, from now on.
+        group.pop("base_lr", None)  # The scheduler's, from now on.
     return built
 
 

@@ -358,21 +358,57 @@ def test_an_own_configure_optimizers_calling_super_is_checked_once_and_trains_at
 
 
 class DecaysInConfigure(BoringTask):
-    """Lightning's form: a per-step scheduler on mlfab's default optimizer, in an own `configure_optimizers`."""
+    """A per-step scheduler on mlfab's default optimizer, in an own `configure_optimizers`, in one of Lightning's
+    forms."""
+
+    form = "dict"
 
     def configure_optimizers(self) -> Any:
         optimizer = super().configure_optimizers()
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.5)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = {"scheduler": torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.5), "interval": "step"}
+        if self.form == "lists":
+            return [optimizer], [scheduler]
+        both = {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return [both] if self.form == "list_of_dicts" else both
 
 
-def test_a_scheduler_added_in_configure_optimizers_sets_the_rate_and_is_refused_beside_warmup(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["dict", "lists", "list_of_dicts"])
+def test_a_scheduler_added_in_configure_optimizers_sets_the_rate_and_is_refused_beside_warmup(
+    tmp_path: Path, form: str
+) -> None:
     """The default optimizer's warmup set the rate back after every step: the scheduler decayed it once, then never."""
-    DecaysInConfigure.launch(argv=["max_steps=3", "learning_rate=0.5", "warmup_steps=0", f"exp_dir={tmp_path / 'a'}"])
+    task = type("DecaysInConfigure", (DecaysInConfigure,), {"form": form})
+    task.launch(argv=["max_steps=3", "learning_rate=0.5", "warmup_steps=0", f"exp_dir={tmp_path / 'a'}"])
     saved = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == 0.5 * 0.5**3
     with pytest.raises(mlfab.TaskDefinitionError, match=r"DecaysInConfigure returned a learning-rate scheduler"):
-        DecaysInConfigure.launch(argv=["max_steps=3", "warmup_steps=2", f"exp_dir={tmp_path / 'b'}"])
+        task.launch(argv=["max_steps=3", "warmup_steps=2", f"exp_dir={tmp_path / 'b'}"])
+
+
+class TwoOptimizers(BoringTask):
+    """Lightning's manual optimization (a GAN's two optimizers), returned as a pair."""
+
+    def __init__(self, config: BoringConfig) -> None:
+        super().__init__(config)
+        self.automatic_optimization = False
+        self.other = torch.nn.Linear(2, 2)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.layer.parameters(), lr=0.1), torch.optim.SGD(self.other.parameters(), lr=0.1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        first, _ = self.optimizers()  # type: ignore[misc]
+        loss = self.get_loss(batch, self.state("train"))
+        first.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+
+
+def test_two_optimizers_returned_as_a_pair_are_two_optimizers(tmp_path: Path) -> None:
+    """The pair was read as mlfab 0.2's (optimizer, scheduler): Lightning failed on the second optimizer."""
+    TwoOptimizers.launch(argv=["max_steps=2", "clip_grad_norm=null", f"exp_dir={tmp_path / 'run'}"])
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert len(saved["optimizer_states"]) == 2 and not saved["lr_schedulers"]
 
 
 def test_a_task_that_hands_its_config_on_while_building_its_optimizer_is_not_refused(tmp_path: Path) -> None:
