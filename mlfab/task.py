@@ -62,7 +62,12 @@ from mlfab.optim import (
     warm_up,
 )
 from mlfab.resume import apply_optimizer_changes, check_changes, config_changes, describe
-from mlfab.run.callbacks import ValidationCadence, last_training_ends_on_error, monitored_training_tags
+from mlfab.run.callbacks import (
+    ValidationCadence,
+    first_counts_batches,
+    last_training_ends_on_error,
+    monitored_training_tags,
+)
 from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks, tags_of_every_rank
 from mlfab.run.quiet import quiet_log_interval_warning
 from mlfab.run.slurm import job_arguments
@@ -174,19 +179,22 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        batch = to_device(batch, device)  # Lightning's move, also of a frozen dataclass (which Lightning refuses).
-        if batch is not None:  # Weighed before the batch-start hooks (callbacks' too), which may log for it.
+        return to_device(batch, device)  # Lightning's move, also of a frozen dataclass (which Lightning refuses).
+
+    def _count(self, batch: Any, phase: LogPhase) -> None:
+        """A batch's samples, counted before its batch-start hooks (by `CountsBatches`, the first callback), which
+        may log for it: those values weigh as the batch."""
+        if batch is not None:
             self._counted[:] = batch, self.get_num_samples(batch)  # (In place: a Module's attributes are slow to set.)
-            if (phase := self._phase()) != "train" or self._accumulates():
+            if phase != "train" or self._accumulates():
                 self._log_buffers[phase].weigh(self._counted[1])
-        return batch
 
     def _accumulates(self) -> bool:
         """Whether a training step has several batches: only then can its values come from batches of two sizes."""
         return self._trainer is not None and self._trainer.accumulate_grad_batches > 1
 
     def _samples(self, batch: Any) -> int:
-        """`get_num_samples(batch)`, counted once, when the batch was moved to the device (else now)."""
+        """`get_num_samples(batch)`, counted once, before its batch-start hooks (else now)."""
         counted, samples = self._counted
         return samples if counted is batch else self.get_num_samples(batch)
 
@@ -461,6 +469,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         media.forget_warnings()  # Each run says each media warning (NaN pixels, ...) once per key again.
         # mlfab writes its own values to every logger, and the `self.log` values to its own loggers.
         withhold_from_loggers(self.trainer, self._metric_names, lambda logger: isinstance(logger, MlfabLogger))
+        first_counts_batches(self.trainer)
         if self.trainer.loggers and all(isinstance(logger, MlfabLogger) for logger in self.trainer.loggers):
             quiet_log_interval_warning()  # Lightning's advice to lower log_every_n_steps, which they do not read.
         if self.config.compile is not False and self._compiled is None:  # Once, also when fit is followed by test.

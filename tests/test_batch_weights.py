@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
@@ -41,14 +42,18 @@ class NumberedStream(IterableDataset[tuple[np.ndarray, np.float32]]):
         return map(sample, range(SAMPLES))
 
 
+def labels(batch: Any) -> Tensor:
+    return (batch["y"] if isinstance(batch, dict) else batch[1]).float().mean()
+
+
 class LogsAtBatchStart(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        pl_module.log_scalar("callback_y", batch[1].float().mean())
+        pl_module.log_scalar("callback_y", labels(batch))
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int, *_: Any
     ) -> None:
-        pl_module.log_scalar("callback_y", batch[1].float().mean())
+        pl_module.log_scalar("callback_y", labels(batch))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         pl_module.log_scalar("epoch_end_y", 100.0)
@@ -64,14 +69,14 @@ class Weighed(BoringTask):
     def get_dataset(self, phase: mlfab.Phase) -> Any:
         return NumberedStream() if phase == "train" else Numbered()
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        self.log_scalar("before_super_y", batch[1].float().mean())
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        self.log_scalar("before_super_y", labels(batch))
         return super().validation_step(batch, batch_idx)
 
-    def log_valid_step(self, batch: tuple[Tensor, Tensor], output: Any, state: mlfab.State) -> None:
-        self.log_scalar("also_late_y", batch[1].float().mean())
-        self.log_scalar("epoch_end_y", batch[1].float().mean())
-        self.log_scalar("task_epoch_end_y", batch[1].float().mean())
+    def log_valid_step(self, batch: Any, output: Any, state: mlfab.State) -> None:
+        self.log_scalar("also_late_y", labels(batch))
+        self.log_scalar("epoch_end_y", labels(batch))
+        self.log_scalar("task_epoch_end_y", labels(batch))
 
     def on_validation_epoch_end(self) -> None:
         self.log_scalar("task_epoch_end_y", 100.0)
@@ -81,9 +86,27 @@ class Weighed(BoringTask):
         self.log_scalar("also_late_y", 100.0)
 
 
-def test_values_logged_before_the_step_weigh_as_their_batch(tmp_path: Path) -> None:
+class TransfersItsOwnWay(Weighed):
+    """Moves batches itself (no super()) and turns each into a dict after the move, which get_num_samples reads: the
+    batch was counted inside Task's transfer_batch_to_device, before that, or not at all."""
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return [part.to(device) for part in batch]
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return {"x": batch[0], "y": batch[1]}
+
+    def get_num_samples(self, batch: Any) -> int:
+        return len(batch["y"])
+
+    def get_loss(self, batch: Any, state: mlfab.State) -> Tensor:
+        return super().get_loss((batch["x"], batch["y"]), state)
+
+
+@pytest.mark.parametrize("task", [Weighed, TransfersItsOwnWay])
+def test_values_logged_before_the_step_weigh_as_their_batch(tmp_path: Path, task: type[Weighed]) -> None:
     config = BoringConfig(exp_dir=str(tmp_path), max_steps=1, batch_size=4, valid_every_n_steps=1, valid_batches=3)
-    Weighed.launch(config, argv=["batches_per_step=3"])
+    task.launch(config, argv=["batches_per_step=3"])
     lines = [json.loads(line) for line in (tmp_path / "json" / "log.jsonl").read_text().splitlines()]
     (train,) = (line["scalars"] for line in lines if line["phase"] == "train")
     (valid,) = (line["scalars"] for line in lines if line["phase"] == "valid")

@@ -490,6 +490,40 @@ def signals_passed_to_spawned() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+class CountsBatches(StepFreeCallback):
+    """Has an mlfab task count each batch's samples (`Task._count`) before any other batch-start hook runs (it is
+    the first callback, and callbacks run before the module), on the batch they all get: after every transfer hook,
+    the task's or a LightningDataModule's. A value logged in those hooks then weighs as its batch. In training only
+    under gradient accumulation: a step of one batch has one weight."""
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        pl_module._count(batch, "train")
+
+    @override
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
+        pl_module._count(batch, "valid")
+
+    @override
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
+        pl_module._count(batch, "test")
+
+    @override
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
+        pl_module._count(batch, "predict")
+
+
+def first_counts_batches(trainer: pl.Trainer) -> None:
+    """Makes a `CountsBatches` the first of the Trainer's callbacks (its list, changed in place), and the only one."""
+    callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+    found = [c for c in callbacks if isinstance(c, CountsBatches)]
+    counter = found[0] if found else CountsBatches()
+    callbacks[:] = [counter] + [c for c in callbacks if c not in found]
+    counter.__dict__.pop("on_train_batch_start", None)
+    if trainer.accumulate_grad_batches == 1:
+        counter.on_train_batch_start = None  # type: ignore[assignment,method-assign]  # Lightning skips it.
+
+
 def last_training_ends_on_error(callbacks: list[Any]) -> None:
     """Makes a `TrainingEndsOnError` the last of `callbacks` (a Trainer's list, changed in place), and the only one."""
     found = [c for c in callbacks if isinstance(c, TrainingEndsOnError)]
