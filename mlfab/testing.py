@@ -103,7 +103,7 @@ def read_scalars(event_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 def read_images(event_dir: str | Path) -> dict[str, list[tuple[int, np.ndarray]]]:
     """{tag: [(step, array), ...]} decoded from the TensorBoard event files in a directory: an image as an HWC RGB
-    uint8 array, a video (an animated GIF there) as a THWC one of its frames."""
+    uint8 array, a video (a GIF there) as a THWC one of its frames (the GIF holds a run of equal frames as one)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(event_dir), size_guidance={"images": 0})
@@ -115,9 +115,9 @@ def read_images(event_dir: str | Path) -> dict[str, list[tuple[int, np.ndarray]]
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
-    """RGB pixels (a palette GIF's too): HWC, or THWC for an animated image."""
+    """RGB pixels: HWC of an image (PNG), THWC of a video (GIF, also of one frame)."""
     frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
-    return frames[0] if len(frames) == 1 else np.stack(frames)
+    return np.stack(frames) if image.format == "GIF" else frames[0]
 
 
 __all__ = ["BoringConfig", "BoringTask", "RegressionDataset", "read_images", "read_scalars", "write_idx_mnist"]

@@ -107,6 +107,13 @@ def test_an_image_and_a_video_of_one_key_are_both_shown_in_tensorboard(tmp_path:
     assert images["value/sample"][0][1].shape == (4, 4, 3) and images["value/sample"][0][1].min() == 255
     video = images["value/sample/video"][0][1]  # RGB frames, not the GIF's palette indices.
     assert video.shape == (3, 6, 5, 3) and video[:, 0, 0].tolist() == [[0, 0, 0], [255, 0, 0], [255, 255, 255]]
+    logger = mlfab.TensorboardLogger(tmp_path / "still")
+    still = Calls()
+    still.log_video("still", frames[:1], fps=4)
+    logger.write(still.logs())
+    logger.finalize("success")
+    (_, one), *_ = read_images(tmp_path / "still" / "tensorboard" / "train")["value/still"]
+    assert one.shape == (1, 6, 5, 3)  # A video still, not an image.
 
 
 def test_json_media_of_keys_differing_only_in_special_characters_do_not_collide(tmp_path: Path) -> None:
