@@ -68,7 +68,7 @@ from mlfab.run.callbacks import (
     last_training_ends_on_error,
     monitored_training_tags,
 )
-from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks, tags_of_every_rank
+from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks, union_over_ranks
 from mlfab.run.quiet import quiet_log_interval_warning
 from mlfab.run.slurm import job_arguments
 from mlfab.run.trainer import DATA_KEYS, built_by_mlfab, unread_settings, unseeded
@@ -411,11 +411,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             kept = {f"train/{tag}": v for tag, v in means.items() if tag not in own}
             publish_metrics(trainer, {name: torch.tensor(v, dtype=torch.float64) for name, v in kept.items()})
             return means
-        tags = tags_of_every_rank(trainer, means)  # A value only some ranks logged: the mean of theirs.
+        # A value only some ranks logged: the mean of theirs. Lightning's own on any rank: its reduction, on each.
+        tags, lightnings = union_over_ranks(trainer, means, own.intersection(means))
         if phase == PREDICT:  # Lightning keeps no metrics in predict (its `self.log` refuses to run there).
             return mean_over_ranks(trainer, means, weights, self.device, tags=tags)
         dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64.
-        mine = [tag for tag in tags if tag not in own]
+        mine = [tag for tag in tags if tag not in lightnings]
         for tag in mine:
             name = f"{phase}/{tag}"
             self._metric_names.add(name)
@@ -836,7 +837,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         def publish(phase: LogPhase, means: dict[str, float], weights: dict[str, Any]) -> dict[str, float]:
             changed = [tag for tag in means if weights[tag] != counts.get(tag)]  # New, or averaged with new values.
             if trainer.world_size > 1 and not failed:  # Each rank's whole mean of a tag any rank has new values of.
-                late = mean_over_ranks(trainer, means, weights, self.device, tags=tags_of_every_rank(trainer, changed))
+                (tags,) = union_over_ranks(trainer, changed)
+                late = mean_over_ranks(trainer, means, weights, self.device, tags=tags)
             else:
                 late = {tag: means[tag] for tag in changed}
             if late and not trainer.barebones:

@@ -139,15 +139,17 @@ def _missing_accelerator(accelerator: str, available: list[str]) -> str:
     )
 
 
-def tags_of_every_rank(trainer: pl.Trainer, tags: Iterable[str]) -> list[str]:
-    """The tags any rank has, in one order on every rank (one all-gather of their names), so that every rank reduces
-    the same tags in the same order: a value some ranks log (a per-class score of the classes in their batches) was
-    paired with another tag's value by position, or the collectives waited for each other until gloo's timeout."""
+def union_over_ranks(trainer: pl.Trainer, *names: Iterable[str]) -> list[list[str]]:
+    """Each of `names` (sets of tags) as the union of every rank's, sorted, the same on every rank (one all-gather
+    of them all), so that every rank reduces the same tags in the same order: a value some ranks log (a per-class
+    score of the classes in their batches) was paired with another tag's value by position, or the collectives
+    waited for each other until gloo's timeout."""
+    mine = [sorted(n) for n in names]
     if trainer.world_size == 1:
-        return sorted(tags)
+        return mine
     every: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(every, sorted(tags))
-    return sorted(set().union(*every))
+    torch.distributed.all_gather_object(every, mine)
+    return [sorted(set().union(*(rank[i] for rank in every))) for i in range(len(mine))]
 
 
 def mean_over_ranks(
@@ -159,7 +161,7 @@ def mean_over_ranks(
 ) -> dict[str, float]:
     """Each scalar's mean over every rank's samples, from each rank's sample-weighted mean and weight, as Lightning's
     `self.log(..., batch_size=n, sync_dist=True)` reduces a validation value: one all-reduce of `tags`, the same on
-    every rank (`tags_of_every_rank`), each rank's missing ones weighing 0 (a tag no rank has is left out)."""
+    every rank (`union_over_ranks`), each rank's missing ones weighing 0 (a tag no rank has is left out)."""
     if trainer.world_size == 1:
         return means
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64.
