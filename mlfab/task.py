@@ -117,7 +117,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._log_buffers = {phase: LogBuffer(phase) for phase in (*PHASES, PREDICT)}
         self._bad_data_seen = self._bad_data_asked = False
         self._evaluated = [0, 0]  # The batches of the evaluation in progress: evaluated, and failed to collate.
-        self._counted: list[Any] = [None, 0]  # The last batch moved to the device, and its samples.
+        self._counted: list[Any] = [None, 0]  # The batch counted before its hooks, until its step reads it.
         self._log_cadence = Cadence()
         self._start_counts()
         self._consumed = Consumed()  # Batches trained, so the loader knows which ones are still in flight.
@@ -194,8 +194,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return self._trainer is not None and self._trainer.accumulate_grad_batches > 1
 
     def _samples(self, batch: Any) -> int:
-        """`get_num_samples(batch)`, counted once, before its batch-start hooks (else now)."""
+        """`get_num_samples(batch)`, counted once, before its batch-start hooks (else now). The count lets go of the
+        batch: a training batch is not kept on the device through the validation that follows it."""
         counted, samples = self._counted
+        self._counted[0] = None
         return samples if counted is batch else self.get_num_samples(batch)
 
     def get_num_samples(self, batch: Any) -> int:

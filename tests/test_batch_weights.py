@@ -117,3 +117,11 @@ def test_values_logged_before_the_step_weigh_as_their_batch(tmp_path: Path, task
     assert [valid[f"value/{key}"] for key in ("also_late_y", "epoch_end_y", "task_epoch_end_y")] == [
         pytest.approx(late)
     ] * 3
+
+
+def test_the_counted_batch_is_let_go_once_its_step_read_it() -> None:
+    """The count held the last batch (on the device) through the validation after it, and after the run."""
+    task = Weighed(BoringConfig(batch_size=4, max_steps=2))
+    trainer = pl.Trainer(max_steps=2, accumulate_grad_batches=3, limit_val_batches=1, logger=False)
+    trainer.fit(task)
+    assert task._counted[0] is None
