@@ -155,7 +155,8 @@ class LogBuffer:
 
 def lightning_logs_at(step: int, every_n_steps: int) -> bool:
     """Whether Lightning writes its own `self.log` values at `step` (its `log_every_n_steps` rule, the step counted
-    from 0): mlfab's values go to a Lightning logger at the same steps, so they share its rows."""
+    from 0): mlfab's values go to a Lightning logger at the same steps (in rows of their own: one `log_metrics`
+    call each)."""
     return (step + 1) % max(every_n_steps, 1) == 0
 
 
