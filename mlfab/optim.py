@@ -128,13 +128,13 @@ def use_training_weights(checkpoint: dict[str, Any]) -> None:
 SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
-def _schedulers_in(built: Any) -> list[Any]:
-    """The schedulers in any of Lightning's `configure_optimizers` forms (a dict, lists of dicts, two lists)."""
-    if isinstance(built, SCHEDULERS):
+def _found_in(built: Any, kinds: type | tuple[type, ...]) -> list[Any]:
+    """The optimizers or schedulers (`kinds`) in any of Lightning's `configure_optimizers` forms (one, a pair, a
+    dict, lists of dicts, two lists)."""
+    if isinstance(built, kinds):
         return [built]
-    if isinstance(built, dict):
-        return [s for value in built.values() for s in _schedulers_in(value)]
-    return [s for item in built for s in _schedulers_in(item)] if isinstance(built, list | tuple) else []
+    values = built.values() if isinstance(built, dict) else built if isinstance(built, list | tuple) else ()
+    return [found for value in values for found in _found_in(value, kinds)]
 
 
 def lightning_optimizers(built: Any, task: str, warmup_steps: int) -> Any:
@@ -146,7 +146,7 @@ def lightning_optimizers(built: Any, task: str, warmup_steps: int) -> Any:
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.optim.Optimizer):
         if isinstance(built[1], SCHEDULERS):
             built = {"optimizer": built[0], "lr_scheduler": {"scheduler": built[1], "interval": "step"}}
-    groups = [g for s in _schedulers_in(built) for g in s.optimizer.param_groups if "base_lr" in g]
+    groups = [g for s in _found_in(built, SCHEDULERS) for g in s.optimizer.param_groups if "base_lr" in g]
     if groups and warmup_steps:
         raise TaskDefinitionError(
             f"{task} returned a learning-rate scheduler for the default optimizer (from build_optimizer or "
@@ -207,15 +207,6 @@ def checks_optimizer_reads(configure: Callable[[Any], Any]) -> Callable[[Any], A
     return configure_optimizers
 
 
-def _optimizers_in(built: Any) -> list[torch.optim.Optimizer]:
-    """The optimizers in what `configure_optimizers` returned (an optimizer, a pair, lists, Lightning's dicts)."""
-    if isinstance(built, torch.optim.Optimizer):
-        return [built]
-    if isinstance(built, dict):
-        return _optimizers_in(built.get("optimizer"))
-    return [o for item in built for o in _optimizers_in(item)] if isinstance(built, list | tuple) else []
-
-
 def _floats(value: Any) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in value) if isinstance(value, list | tuple) else (float(value),)
@@ -227,7 +218,7 @@ def keys_held(config: Any, built: Any) -> set[str]:
     """The optimizer keys whose values a built optimizer holds in a parameter group (`lr`, or a scheduler's
     `initial_lr`; `betas`; `weight_decay`): a rate read in `__init__` and passed on is used, though not read while
     the optimizer was built."""
-    groups = [group for optimizer in _optimizers_in(built) for group in optimizer.param_groups]
+    groups = [group for optimizer in _found_in(built, torch.optim.Optimizer) for group in optimizer.param_groups]
     fields = {"learning_rate": ("lr", "initial_lr"), "betas": ("betas",), "weight_decay": ("weight_decay",)}
     return {
         key

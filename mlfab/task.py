@@ -193,12 +193,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         """Whether a training step has several batches: only then can its values come from batches of two sizes."""
         return self._trainer is not None and self._trainer.accumulate_grad_batches > 1
 
-    def _samples(self, batch: Any) -> int:
-        """`get_num_samples(batch)`, counted once, before its batch-start hooks (else now). The count lets go of the
-        batch: a training batch is not kept on the device through the validation that follows it."""
+    def _samples(self, batch: Any, phase: LogPhase | None) -> int:
+        """`get_num_samples(batch)`, counted once, before its batch-start hooks; a batch `CountsBatches` did not see
+        is counted now, and what `phase` logs weighs as it from now on. The count lets go of the batch: a training
+        batch is not kept on the device through the validation that follows it."""
         counted, samples = self._counted
         self._counted[0] = None
-        return samples if counted is batch else self.get_num_samples(batch)
+        if counted is not batch:
+            samples = self.get_num_samples(batch)
+            if phase is not None:
+                self._log_buffers[phase].weigh(samples)
+        return samples
 
     def get_num_samples(self, batch: Any) -> int:
         """The number of samples in `batch`, which weighs the scalars logged for it in the mean over a validation
@@ -549,9 +554,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self._consumed.count += 1  # Counted now: checkpoint callbacks run before this task's batch-end hook.
-        samples = self._samples(batch)  # Not batch_size: a dataset's last batch may be short (as 0.2 counted).
-        if accumulates := self._accumulates():
-            self._log_buffers["train"].weigh(samples)
+        accumulates = self._accumulates()  # Not batch_size: a dataset's last batch may be short (as 0.2 counted).
+        samples = self._samples(batch, "train" if accumulates else None)
         loss = self._loss_total(self.get_loss(batch, self.state("train")), "train", batch)
         self._num_samples += samples * self.trainer.world_size
         return self._accumulated(loss, max(1, samples)) if accumulates else loss
@@ -582,7 +586,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._evaluated[batch is None] += 1
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
             return None
-        self._log_buffers[phase].weigh(self._samples(batch))
+        self._samples(batch, phase)
         loss = self._loss_total(self.get_loss(batch, self.state(phase)), phase, batch)
         if self._compiled is not None and not self._compiled.checked and self.trainer.state.fn != "fit":
             self._compiled.evaluated(self, phase)
@@ -647,7 +651,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def predict_step(self, batch: Any, batch_idx: int) -> Any:
         if batch is None:  # It failed to collate: None (see _evaluation_step).
             return None
-        self._log_buffers[PREDICT].weigh(self._samples(batch))
+        self._samples(batch, PREDICT)
         prediction = self.get_prediction(batch)
         if self._compiled is not None and not self._compiled.checked:
             self._compiled.evaluated(self, PREDICT)
