@@ -125,3 +125,18 @@ def test_the_counted_batch_is_let_go_once_its_step_read_it() -> None:
     trainer = pl.Trainer(max_steps=2, accumulate_grad_batches=3, limit_val_batches=1, logger=False)
     trainer.fit(task)
     assert task._counted[0] is None
+
+
+def test_values_logged_at_batch_start_weigh_as_their_batch_under_an_accumulation_schedule(tmp_path: Path) -> None:
+    """A GradientAccumulationScheduler starts the Trainer at one batch a step and sets its own count at each epoch:
+    the batches' counts are still taken before their batch-start hooks."""
+    task = Weighed(BoringConfig(exp_dir=str(tmp_path), batch_size=4, max_steps=1, valid_every_n_steps=None))
+    schedule = pl.callbacks.GradientAccumulationScheduler({0: 3})
+    logger = mlfab.JsonLogger(tmp_path, log_interval_seconds=0)
+    trainer = pl.Trainer(
+        max_steps=1, callbacks=[schedule], limit_val_batches=0, logger=logger, enable_progress_bar=False
+    )
+    trainer.fit(task)
+    lines = [json.loads(line) for line in (tmp_path / "json" / "log.jsonl").read_text().splitlines()]
+    (train,) = (line["scalars"] for line in lines if line["phase"] == "train")
+    assert train["value/callback_y"] == pytest.approx(4.5)

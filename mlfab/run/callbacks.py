@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, GradientAccumulationScheduler, ModelCheckpoint
 from typing_extensions import override
 
 from mlfab._lightning import (
@@ -514,13 +514,15 @@ class CountsBatches(StepFreeCallback):
 
 
 def first_counts_batches(trainer: pl.Trainer) -> None:
-    """Makes a `CountsBatches` the first of the Trainer's callbacks (its list, changed in place), and the only one."""
+    """Makes a `CountsBatches` the first of the Trainer's callbacks (its list, changed in place), and the only one;
+    its training hook is off where every step is one batch."""
     callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
     found = [c for c in callbacks if isinstance(c, CountsBatches)]
     counter = found[0] if found else CountsBatches()
     callbacks[:] = [counter] + [c for c in callbacks if c not in found]
     counter.__dict__.pop("on_train_batch_start", None)
-    if trainer.accumulate_grad_batches == 1:
+    scheduled = any(isinstance(c, GradientAccumulationScheduler) for c in callbacks)  # It sets the count later.
+    if trainer.accumulate_grad_batches == 1 and not scheduled:
         counter.on_train_batch_start = None  # type: ignore[assignment,method-assign]  # Lightning skips it.
 
 
