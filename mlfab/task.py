@@ -583,6 +583,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return loss if weight == 1 else loss * weight  # Full steps of equal batches: no extra op on the graph.
 
     def _evaluation_step(self, phase: Phase, batch: Any) -> Tensor | None:
+        if self._evaluated == [0, 0]:  # The evaluation's first batch.
+            self._refuse_several_loaders(phase)
         self._evaluated[batch is None] += 1
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
             return None
@@ -807,6 +809,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._num_valid_steps += 1  # Validations done, as 0.2 counted them (one per validation, whatever its batches).
         self._publish_evaluation("valid")
 
+    def _refuse_several_loaders(self, phase: Phase) -> None:
+        """mlfab keeps one value per name and evaluation: the batches of several loaders would be averaged into it."""
+        counts = self.trainer.num_val_batches if phase == "valid" else self.trainer.num_test_batches
+        if len(counts) > 1:
+            hook = "val_dataloader" if phase == "valid" else "test_dataloader"
+            raise TaskDefinitionError(
+                f"The {phase} run has {len(counts)} dataloaders (from {hook}), and mlfab would average their batches "
+                f"into one value per name, reported as each one's. Return one DataLoader (a ConcatDataset of the sets "
+                f"for their mean), or evaluate each set in a run of its own."
+            )
+
     def _say_if_nothing_evaluated(self, phase: Phase) -> None:
         """An evaluation whose every batch failed to collate showed its progress and then no values, without a word."""
         (ran, skipped), self._evaluated = self._evaluated, [0, 0]
@@ -895,6 +908,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if not task_work_due(self, "on_train_end"):
             return
         self._end_training()
+        set_optimizer_mode(self.trainer.optimizers, train=False)  # The trained model: the evaluation weights.
 
     def _end_training(self, failed: bool = False) -> None:
         """`on_training_end`, then what was logged since the last written step (in that hook, or in the step an
@@ -914,10 +928,11 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             rank_zero_warn(f"The values logged as training failed could not be written: {e!r}")
 
     def _evaluation_weights(self, evaluate: bool) -> None:
-        """Schedule-free optimizers: evaluate with their evaluation weights, then go back to the training weights.
-        Not after `validate` / `test` loaded a checkpoint, which holds evaluation weights already (saved in eval
-        mode) and does not restore the optimizer: switching would transform them a second time."""
-        if not self._weights_from_checkpoint:
+        """Schedule-free optimizers: evaluate with their evaluation weights, then, within `fit`, go back to the
+        training weights (after `fit` the task holds the evaluation weights: `on_train_end`). Not after `validate` /
+        `test` loaded a checkpoint, which holds evaluation weights already (saved in eval mode) and does not restore
+        the optimizer: switching would transform them a second time."""
+        if not self._weights_from_checkpoint and (evaluate or self.trainer.state.fn == "fit"):
             set_optimizer_mode(self.trainer.optimizers, train=not evaluate)
 
     @override

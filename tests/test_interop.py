@@ -219,6 +219,53 @@ def test_validate_and_test_after_fit_evaluate_the_evaluation_weights(tmp_path: P
     assert test["test/loss/loss"] == pytest.approx(last, abs=1e-6)
 
 
+def test_after_fit_the_task_holds_the_weights_its_validation_and_checkpoint_hold(tmp_path: Path) -> None:
+    """The trained model is the schedule-free optimizer's evaluation weights: `task(x)` and a `test` in a new Trainer
+    (Lightning's advice after a DDP fit) gave the training weights' numbers, unlike the run's own validation."""
+    task = MapTask(config())
+    trainer_ = fit_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_steps=10)
+    trainer_.fit(task)
+    last = float(trainer_.callback_metrics["valid/loss/loss"])
+    (tested,) = trainer(tmp_path / "new").test(task, verbose=False)
+    assert tested["test/loss/loss"] == pytest.approx(last, abs=1e-6)
+    saved = MapTask.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    x = torch.randn(8, task.config.in_dim)
+    with torch.no_grad():
+        assert torch.allclose(task(x), saved(x), atol=1e-6)
+    (valid,) = trainer_.validate(task, verbose=False)  # And an evaluation after fit leaves them so.
+    assert valid["valid/loss/loss"] == pytest.approx(last, abs=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(task(x), saved(x), atol=1e-6)
+
+
+class TwoValidationSets(pl.LightningDataModule):
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(Samples(64, 0), batch_size=BATCH)
+
+    def val_dataloader(self) -> list[torch.utils.data.DataLoader]:
+        return [torch.utils.data.DataLoader(Samples(n, n), batch_size=BATCH) for n in (3, 5)]
+
+    test_dataloader = val_dataloader
+
+
+class TakesTheLoaderIndex(MapTask):
+    """As Lightning's error for several loaders asks: a `dataloader_idx` argument."""
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
+        return super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
+        return super().test_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("run", ["validate", "test", "fit"])
+def test_several_evaluation_loaders_are_refused_not_averaged_into_one_value(tmp_path: Path, run: str) -> None:
+    """Both loaders' results came out as the mean over their 8 samples, reported as each one's."""
+    trainer_ = fit_trainer(tmp_path, [], max_steps=10)
+    with pytest.raises(mlfab.TaskDefinitionError, match=r"2 dataloaders \(from (val|test)_dataloader\)"):
+        getattr(trainer_, run)(TakesTheLoaderIndex(config()), datamodule=TwoValidationSets())
+
+
 def launch_args(tmp_path: Path, *callback: str) -> list[str]:
     return [
         "fit",
@@ -617,7 +664,7 @@ def test_an_endless_test_set_with_validation_off_is_an_error_not_an_empty_test(t
         trainer(tmp_path).test(BoringTask(BoringConfig(valid_batches=0)))
 
 
-def test_predict_after_fit_uses_the_evaluation_weights_then_goes_back(tmp_path: Path) -> None:
+def test_predict_after_fit_uses_the_evaluation_weights_and_keeps_them(tmp_path: Path) -> None:
     """`trainer.predict(task)` after `trainer.fit(task)` ran the schedule-free optimizer's training weights, unlike
     validate and test (and a checkpoint's weights)."""
     task = BoringTask(BoringConfig(max_steps=5, valid_every_n_steps=None))
@@ -629,7 +676,7 @@ def test_predict_after_fit_uses_the_evaluation_weights_then_goes_back(tmp_path: 
     saved = BoringTask.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     with torch.no_grad():
         assert torch.allclose(predicted, saved(x), atol=1e-5)  # type: ignore[arg-type]
-    # Back to the training weights (the switch there and back rounds in the last bits).
+    # The weights the fit left, the evaluation weights, stay.
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(task.parameters(), training, strict=True))
 
 
