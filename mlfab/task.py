@@ -66,6 +66,7 @@ from mlfab.run.callbacks import (
     ValidationCadence,
     first_counts_batches,
     last_training_ends_on_error,
+    may_accumulate,
     monitored_training_tags,
 )
 from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks, union_over_ranks
@@ -897,7 +898,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             restore_rng_states(self.trainer, self._pending_rng)
             self._pending_rng = None
         self._training_over = self._step_started = False
-        wanted = type(self).on_step_end is not Task.on_step_end or self.trainer.accumulate_grad_batches > 1
+        wanted = type(self).on_step_end is not Task.on_step_end or may_accumulate(self.trainer)
         self._step_losses, self._step_weight = ({} if wanted else None), 0
         self.on_training_start(self.state("train"))
         if self._training_over:  # Called there: no step at all (0.2 asked before each step, the first one too).

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -407,3 +408,14 @@ def test_a_non_finite_loss_in_any_batch_of_an_accumulated_step_skips_it(tmp_path
     config = BoringConfig(max_steps=3, batches_per_step=2, valid_batches=0, exp_dir=str(tmp_path / "run"))
     Kept.launch(config, argv=[])
     assert tasks[0].nonfinite_guard.total == 1 and tasks[0].nonfinite_guard.last_skip == "step 1: loss 'aux' not finite"
+
+
+@pytest.mark.integration
+def test_a_non_finite_loss_in_any_batch_of_a_step_is_seen_under_an_accumulation_schedule(tmp_path: Path) -> None:
+    """A GradientAccumulationScheduler sets the batches per step after the fit started: the step's losses were not
+    kept, and the NaN in step 1's first batch was applied."""
+    task = NanInAStepsFirstBatch(BoringConfig(max_steps=3, valid_every_n_steps=None, exp_dir=str(tmp_path)))
+    schedule = pl.callbacks.GradientAccumulationScheduler({0: 2})
+    trainer = pl.Trainer(max_steps=3, callbacks=[schedule], limit_val_batches=0, logger=False)
+    trainer.fit(task)
+    assert task.nonfinite_guard.total == 1 and task.nonfinite_guard.last_skip == "step 1: loss 'aux' not finite"

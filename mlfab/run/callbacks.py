@@ -513,6 +513,13 @@ class CountsBatches(StepFreeCallback):
         pl_module._count(batch, "predict")
 
 
+def may_accumulate(trainer: pl.Trainer) -> bool:
+    """Whether a step of this fit may take several batches: a GradientAccumulationScheduler sets the Trainer's count
+    at each epoch's start, after the fit's setup and `on_train_start`."""
+    callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+    return trainer.accumulate_grad_batches > 1 or any(isinstance(c, GradientAccumulationScheduler) for c in callbacks)
+
+
 def first_counts_batches(trainer: pl.Trainer) -> None:
     """Makes a `CountsBatches` the first of the Trainer's callbacks (its list, changed in place), and the only one;
     its training hook is off where every step is one batch."""
@@ -521,8 +528,7 @@ def first_counts_batches(trainer: pl.Trainer) -> None:
     counter = found[0] if found else CountsBatches()
     callbacks[:] = [counter] + [c for c in callbacks if c not in found]
     counter.__dict__.pop("on_train_batch_start", None)
-    scheduled = any(isinstance(c, GradientAccumulationScheduler) for c in callbacks)  # It sets the count later.
-    if trainer.accumulate_grad_batches == 1 and not scheduled:
+    if not may_accumulate(trainer):
         counter.on_train_batch_start = None  # type: ignore[assignment,method-assign]  # Lightning skips it.
 
 
