@@ -530,6 +530,18 @@ def field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def away_from_defaults(cls: type, data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The values of config data of `cls` (a script's `launch()` config) that are not its defaults, by dotted key."""
+    fields, types, out = {f.name: f for f in dataclasses.fields(cls)}, field_types(cls), {}
+    for key, value in data.items():
+        sub = dataclass_type(types.get(key))
+        if sub is not None and isinstance(value, Mapping):
+            out.update(away_from_defaults(sub, value, f"{prefix}{key}."))
+        elif key not in fields or _plain(field_default(fields[key])) != _plain(value):
+            out[prefix + key] = value
+    return out
+
+
 def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 

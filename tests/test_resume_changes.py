@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from torch import Tensor
 
 import mlfab
@@ -49,6 +50,25 @@ def test_where_the_run_lives_is_not_a_changed_setting(tmp_path: Path, capfd: pyt
     out = capfd.readouterr().out
     assert "Resuming from" in out
     assert "Resumed with changed settings: max_steps 6 -> 8\n" in out
+
+
+@pytest.mark.parametrize("form", ["key=value", "fit"])
+def test_a_relaunch_into_a_run_keeps_the_runs_values_it_does_not_give(
+    tmp_path: Path, capfd: pytest.CaptureFixture, form: str
+) -> None:
+    """`exp_dir=<run> max_steps=8` set every key it did not repeat back to the script's value (learning_rate 0.05,
+    clip_grad_norm 10.0, valid_every_n_steps 10 here), as a changed setting; `fit --ckpt_path` kept the run's."""
+    exp = tmp_path / "run"
+    first = ["max_steps=6", "learning_rate=0.02", "clip_grad_norm=2.0", "valid_every_n_steps=3", f"exp_dir={exp}"]
+    script = BoringConfig(weight_decay=0.5)  # Away from its default: the script's value, in both launches.
+    Recording.launch(script, argv=first)
+    capfd.readouterr()
+    again = ["max_steps=8", f"exp_dir={exp}"]
+    Recording.launch(script, argv=again if form == "key=value" else ["fit", *(f"--model.config.{a}" for a in again)])
+    assert "Resumed with changed settings: max_steps 6 -> 8\n" in capfd.readouterr().out
+    saved = yaml.safe_load((exp / "config.yaml").read_text())["model"]["config"]
+    keys = ("max_steps", "learning_rate", "clip_grad_norm", "valid_every_n_steps", "weight_decay")
+    assert [saved[k] for k in keys] == [8, 0.02, 2, 3, 0.5]
 
 
 def test_changed_optimizer_settings_reach_the_restored_optimizer(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:

@@ -34,6 +34,7 @@ from mlfab.cli.args import (
 )
 from mlfab.config import (
     MAX_SEED,
+    away_from_defaults,
     build_config,
     config_problems,
     dataclass_type,
@@ -207,19 +208,24 @@ class MlfabCLI(LightningCLI):
             load_yaml(path)
         self.config = parser.parse_args(args)
         cfg = self.config[self.config.subcommand]
-        self.pruned_ckpt_path = None
+        self.pruned_ckpt_path, self.run_config = None, None
         if cfg.get("ckpt_path") is not None:  # Before Lightning reads it, and before any run.
             newest = _went_on_from_pruned(cfg) if self.config.subcommand == "fit" else None
             if newest is None:
                 check_ckpt_path(cfg["ckpt_path"])
             else:  # Lightning reads the config from the checkpoint the run goes on from; `--ckpt_path` comes back next.
                 self.pruned_ckpt_path, cfg["ckpt_path"] = cfg["ckpt_path"], str(newest)
-        elif self.config.subcommand != "fit" and cfg.get("model.config.exp_dir"):
-            # An evaluation into a run evaluates its newest checkpoint (see `_mlfab_run`): as its `--ckpt_path`, so that
-            # Lightning reads the run's config from it, under the values given, not the script's defaults.
-            newest = newest_checkpoint(Path(cfg["model.config.exp_dir"]).expanduser().resolve())
-            if newest is not None:
+        elif cfg.get("model.config.exp_dir"):
+            # Into a run with checkpoints, the run's config is the base under the values given, not the script's
+            # defaults. An evaluation evaluates its newest checkpoint (see `_mlfab_run`): as its `--ckpt_path`, which
+            # Lightning reads the config from. A fit goes on from it: the config of its config.yaml (the checkpoint is
+            # read once, when the fit restores it).
+            exp_dir = Path(cfg["model.config.exp_dir"]).expanduser().resolve()
+            newest = newest_checkpoint(exp_dir)
+            if newest is not None and self.config.subcommand != "fit":
                 cfg["ckpt_path"] = str(newest)
+            elif newest is not None and (exp_dir / "config.yaml").is_file():
+                self.run_config = (load_yaml(exp_dir / "config.yaml").get("model") or {}).get("config")
         seed = cfg.get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:  # Seeded before checks.
             problem = f"key 'seed_everything': must be an integer from 0 to {MAX_SEED} (got {seed})"
@@ -264,6 +270,12 @@ class MlfabCLI(LightningCLI):
         for key in given:
             if key.startswith("model."):  # Lightning put the checkpoint's config over everything; undo that for these.
                 cfg[key] = self.given[sub][key]
+        if self.run_config:  # A fit into a run: its config, under the values given and those the script's launch()
+            cls = self.task_cls.config_class()  # sets away from the defaults (Lightning does not see them).
+            script = away_from_defaults(cls, self.script_config, "model.config.")
+            for key, value in _flatten(cls, self.run_config, "model.config.").items():
+                if key not in given and key not in script and key in cfg:
+                    cfg[key] = value
         ckpt = cfg.get("ckpt_path")
         if ckpt is not None and "model.config.exp_dir" not in given:
             # Not the checkpoint's own exp_dir, which Lightning merged in: an evaluation of a run's checkpoint is
