@@ -323,7 +323,7 @@ def _rule_problem(cls: type, key: str, value: Any, prefix: str, shown: Any) -> s
         ok = False
     if ok:
         return None
-    shown = _plain(shown)  # A tuple as the list it is typed as.
+    shown = plain_data(shown)  # A tuple as the list it is typed as.
     return f"key {prefix + key!r}: must be {rule.must} (got {shown!r})" + (f"; {rule.hint}" if rule.hint else "")
 
 
@@ -412,7 +412,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def to_dict(source: Any) -> dict[str, Any]:
     """A dataclass instance, mapping or YAML path as a plain nested dict."""
     if _is_instance(source) or isinstance(source, Mapping):
-        return _plain(source)
+        return plain_data(source)
     if isinstance(source, str | Path):
         return load_yaml(source)
     raise ConfigError(f"Cannot use {source!r} as a config: give a Config dataclass, a dict or a YAML file path.")
@@ -423,13 +423,13 @@ def _is_instance(value: Any) -> bool:
     return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
     if _is_instance(value):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_data(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain_data(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
@@ -537,7 +537,7 @@ def away_from_defaults(cls: type, data: Mapping[str, Any], prefix: str = "") -> 
         sub = dataclass_type(types.get(key))
         if sub is not None and isinstance(value, Mapping):
             out.update(away_from_defaults(sub, value, f"{prefix}{key}."))
-        elif key not in fields or _plain(field_default(fields[key])) != _plain(value):
+        elif key not in fields or plain_data(field_default(fields[key])) != plain_data(value):
             out[prefix + key] = value
     return out
 

@@ -65,7 +65,9 @@ def test_a_relaunch_into_a_run_keeps_the_runs_values_it_does_not_give(
     capfd.readouterr()
     again = ["max_steps=8", f"exp_dir={exp}"]
     Recording.launch(script, argv=again if form == "key=value" else ["fit", *(f"--model.config.{a}" for a in again)])
-    assert "Resumed with changed settings: max_steps 6 -> 8\n" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "Resumed with changed settings: max_steps 6 -> 8\n" in out
+    assert "Kept this run's learning_rate=0.02, clip_grad_norm=2.0, valid_every_n_steps=3: a relaunch" in out
     saved = yaml.safe_load((exp / "config.yaml").read_text())["model"]["config"]
     keys = ("max_steps", "learning_rate", "clip_grad_norm", "valid_every_n_steps", "weight_decay")
     assert [saved[k] for k in keys] == [8, 0.02, 2, 3, 0.5]

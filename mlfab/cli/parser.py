@@ -43,12 +43,14 @@ from mlfab.config import (
     load_yaml,
     merge,
     merge_sources,
+    plain_data,
     problems_message,
     to_dict,
 )
 from mlfab.errors import ConfigError, MlfabError, report
 from mlfab.loggers.base import MlfabLogger
 from mlfab.optim import OPTIMIZER_CONFIG_KEYS
+from mlfab.resume import PLACES
 from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
@@ -270,11 +272,15 @@ class MlfabCLI(LightningCLI):
         for key in given:
             if key.startswith("model."):  # Lightning put the checkpoint's config over everything; undo that for these.
                 cfg[key] = self.given[sub][key]
+        self.kept_from_run: list[str] = []  # The run's values where the script's launch() has the default.
         if self.run_config:  # A fit into a run: its config, under the values given and those the script's launch()
             cls = self.task_cls.config_class()  # sets away from the defaults (Lightning does not see them).
             script = away_from_defaults(cls, self.script_config, "model.config.")
             for key, value in _flatten(cls, self.run_config, "model.config.").items():
                 if key not in given and key not in script and key in cfg:
+                    now = cfg[key].as_dict() if isinstance(cfg[key], jsonargparse.Namespace) else cfg[key]
+                    if plain_data(now) != plain_data(value) and key.rpartition(".")[2] not in PLACES:
+                        self.kept_from_run.append(f"{key.removeprefix('model.config.')}={show(value)}")
                     cfg[key] = value
         ckpt = cfg.get("ckpt_path")
         if ckpt is not None and "model.config.exp_dir" not in given:
@@ -403,6 +409,11 @@ class MlfabCLI(LightningCLI):
                 print(f"Resuming from this run's newest checkpoint, not --ckpt_path {given} ({why}).")
         if own is not None:
             kwargs["ckpt_path"] = own
+        if self.kept_from_run and self.run.writer:
+            print(
+                f"Kept this run's {', '.join(self.kept_from_run)}: a relaunch changes only the values it gives (the "
+                "script's launch() has the Config's defaults there)."
+            )
         limit = LIMITS[subcommand]
         if getattr(self.trainer, limit) == 0:  # Lightning would run nothing and end as if it had, silently.
             why = "valid_batches is 0 (validation off)" if subcommand == "validate" else f"--trainer.{limit} is 0"
