@@ -76,12 +76,32 @@ def warm_up(optimizers: Iterable[torch.optim.Optimizer]) -> None:
     `schedule_free_adamw`): `base_lr * (k + 1) / linear_warmup_steps` for the optimizer's step count k below
     `linear_warmup_steps`, then `base_lr`, the very numbers schedule-free AdamW's own warmup computes. Done here
     rather than inside the optimizer so that `param_group["lr"]` is the rate applied, as Lightning's
-    LearningRateMonitor and mlfab's `optim/lr` show it. Called at the start of training and after every step."""
+    LearningRateMonitor and mlfab's `optim/lr` show it. Called at the start of training and after every step.
+
+    A rate something else set since (StochasticWeightAveraging, LearningRateFinder, your own code) is theirs from
+    then on; during the warmup, which would overwrite it, it is refused."""
     for opt in optimizers:
         for group in opt.param_groups:
-            if "base_lr" in group:
-                k, n = group.get("k", 0), group["linear_warmup_steps"]
-                group["lr"] = group["base_lr"] * ((k + 1) / n) if k < n else group["base_lr"]
+            if "base_lr" not in group:
+                continue
+            k, n = group.get("k", 0), group["linear_warmup_steps"]
+            if group.get("warmup_lr", group["lr"]) != group["lr"]:
+                if k < n:
+                    raise ConfigError(
+                        f"The default optimizer's learning rate was set to {group['lr']} by something other than its "
+                        "warmup (a callback such as StochasticWeightAveraging or LearningRateFinder, Tuner.lr_find, "
+                        f"or your own code) within the warmup ({k} of warmup_steps={n} steps done), which sets the "
+                        "rate itself. Set warmup_steps=0, or change the rate once the warmup is over."
+                    )
+                del group["base_lr"]  # The rate is theirs from now on.
+            elif k <= n:  # The warmup, and its last rate once: after it, the rate is left alone.
+                group["lr"] = group["warmup_lr"] = warmup_rate(group)
+
+
+def warmup_rate(group: dict[str, Any]) -> float:
+    """The rate of a parameter group of `schedule_free_adamw` at its step count, by its warmup."""
+    k, n = group.get("k", 0), group["linear_warmup_steps"]
+    return group["base_lr"] * ((k + 1) / n) if k < n else group["base_lr"]
 
 
 def set_optimizer_mode(optimizers: Iterable[torch.optim.Optimizer], train: bool) -> None:

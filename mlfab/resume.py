@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mlfab.errors import ConfigError
+from mlfab.optim import warmup_rate
 
 REFUSED = {
     "seed": "the random state restored from the checkpoint continues the streams of the old seed",
@@ -97,6 +98,8 @@ def apply_optimizer_changes(optimizers: Iterable[torch.optim.Optimizer], changes
                 )
                 if own in group:
                     group[own] = tuple(new) if own == "betas" else new
+                if own in ("base_lr", "linear_warmup_steps") and "base_lr" in group:
+                    group["lr"] = group["warmup_lr"] = warmup_rate(group)  # Past the warmup, warm_up leaves it.
 
 
 def describe(changes: Mapping[str, tuple[Any, Any]]) -> str:

@@ -727,3 +727,39 @@ def test_a_checkpoint_monitoring_a_training_metric_is_scored_with_its_own_steps_
     assert sorted(scores) == ["step=2", "step=4", "step=5", "step=6"]  # Step 5's after its validation.
     for name, score in scores.items():  # Step 2's checkpoint follows step index 1: the mean of its two batches.
         assert score == pytest.approx(np.mean(task.step_losses[int(name[5:]) - 1]), rel=1e-6), name
+
+
+class RecordingRates(MapTask):
+    """Records the rate each training step applies (as the optimizer step reads it)."""
+
+    def __init__(self, config: BoringConfig) -> None:
+        super().__init__(config)
+        self.rates: list[float] = []
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+class TenthFrom(pl.Callback):
+    """Divides every group's rate by ten before step `step`, as a hand-written decay or SWA's rate would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = group["lr"] / 10
+
+
+def test_a_rate_set_after_the_warmup_by_a_callback_is_the_rate_applied(tmp_path: Path) -> None:
+    """The warmup set the rate back after every step: a tenth from step 4 lasted one step."""
+    task = RecordingRates(config(learning_rate=0.1, warmup_steps=2, max_steps=6))
+    trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[TenthFrom(4)]).fit(task)
+    assert task.rates == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.01, 0.01], rel=1e-12)
+
+
+def test_a_rate_set_during_the_warmup_by_a_callback_is_refused(tmp_path: Path) -> None:
+    task = RecordingRates(config(learning_rate=0.1, warmup_steps=4, max_steps=6))
+    with pytest.raises(mlfab.ConfigError, match=r"set to 0\.005 .* \(2 of warmup_steps=4 steps done\)"):
+        trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[TenthFrom(1)]).fit(task)

@@ -242,17 +242,18 @@ def test_each_launch_keeps_its_settings_in_the_history(tmp_path: Path) -> None:
 
 def test_a_changed_learning_rate_reaches_old_and_new_parameter_groups_alike() -> None:
     """Groups saved before mlfab did the warmup itself hold schedule-free's `lr`; newer ones `base_lr` (their `lr` is
-    recomputed every step). One of each, in either order: each gets the new value under its own key."""
+    recomputed from it at once: past the warmup nothing else sets it). One of each, in either order: each gets the
+    new value under its own key."""
     from mlfab.resume import apply_optimizer_changes
 
     for old_first in (True, False):
         params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
         opt = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
         old, new = opt.param_groups if old_first else opt.param_groups[::-1]
-        new["base_lr"] = 0.1
+        new.update(base_lr=0.1, linear_warmup_steps=0)
         apply_optimizer_changes([opt], {"learning_rate": (0.1, 0.5)})
-        assert old["lr"] == 0.5
-        assert new["base_lr"] == 0.5 and new["lr"] == 0.1
+        assert old["lr"] == 0.5 and "base_lr" not in old
+        assert new["base_lr"] == 0.5 and new["lr"] == 0.5
 
 
 def test_an_optimizer_change_is_refused_under_the_command_lines_optimizer(tmp_path: Path) -> None:
@@ -464,3 +465,13 @@ def test_an_optimizer_key_whose_default_is_a_factory_is_compared_with_that_defau
     refuse_unread_optimizer_keys(FactoryConfig(betas=[0.5, 0.999]), set(), "FactoryTask")  # type: ignore[arg-type]
     with pytest.raises(mlfab.ConfigError, match=r"^betas=\(0\.1, 0\.2\) \(default \(0\.5, 0\.999\)\): FactoryTask"):
         refuse_unread_optimizer_keys(FactoryConfig(betas=(0.1, 0.2)), set(), "FactoryTask")
+
+
+def test_a_warmup_shortened_past_the_step_gives_the_full_rate_at_once(tmp_path: Path) -> None:
+    """The warmup is left alone once it is over: a relaunch that ends it (100 steps -> 2, at step 6) must set the
+    full rate itself, not keep the restored warmup rate (0.05 * 7 / 100)."""
+    Recording.seen = []
+    launch(tmp_path / "run", warmup_steps=100)
+    launch(tmp_path / "run", warmup_steps=2, max_steps=8)
+    rates = {step: lr for step, _, lr, *_ in Recording.seen}
+    assert rates[5] == pytest.approx(0.05 * 6 / 100) and [rates[6], rates[7]] == [0.05, 0.05]
