@@ -57,14 +57,17 @@ def test_a_relaunch_into_a_run_keeps_the_runs_values_it_does_not_give(
     tmp_path: Path, capfd: pytest.CaptureFixture, form: str
 ) -> None:
     """`exp_dir=<run> max_steps=8` set every key it did not repeat back to the script's value (learning_rate 0.05,
-    clip_grad_norm 10.0, valid_every_n_steps 10 here), as a changed setting; `fit --ckpt_path` kept the run's."""
+    clip_grad_norm 10.0, valid_every_n_steps 10 here), as a changed setting; `fit --ckpt_path` kept the run's. The
+    run's values kept over the script's are named."""
     exp = tmp_path / "run"
     first = ["max_steps=6", "learning_rate=0.02", "clip_grad_norm=2.0", "valid_every_n_steps=3", f"exp_dir={exp}"]
     script = BoringConfig(weight_decay=0.5)  # Away from its default: the script's value, in both launches.
     Recording.launch(script, argv=first)
     capfd.readouterr()
-    again = ["max_steps=8", f"exp_dir={exp}"]
-    Recording.launch(script, argv=again if form == "key=value" else ["fit", *(f"--model.config.{a}" for a in again)])
+    short = ["max_steps=8", f"exp_dir={exp}"]  # The fit form's flag sets max_steps too: nothing of it is kept.
+    Recording.launch(
+        script, argv=short if form == "key=value" else ["fit", "--trainer.max_steps=8", f"--model.config.{short[1]}"]
+    )
     out = capfd.readouterr().out
     assert "Resumed with changed settings: max_steps 6 -> 8\n" in out
     assert "Kept this run's learning_rate=0.02, clip_grad_norm=2.0, valid_every_n_steps=3: a relaunch" in out
@@ -475,3 +478,22 @@ def test_a_warmup_shortened_past_the_step_gives_the_full_rate_at_once(tmp_path: 
     launch(tmp_path / "run", warmup_steps=2, max_steps=8)
     rates = {step: lr for step, _, lr, *_ in Recording.seen}
     assert rates[5] == pytest.approx(0.05 * 6 / 100) and [rates[6], rates[7]] == [0.05, 0.05]
+
+
+def test_a_relaunch_into_a_run_that_leaves_out_its_trainer_arguments_is_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """The run's config is kept, its Trainer arguments cannot be: a run clipped by value went on unclipped (its
+    `clip_grad_norm` null kept, its `--trainer.gradient_clip_*` dropped), without a word."""
+    exp, script = tmp_path / "run", BoringConfig(valid_every_n_steps=None)
+    clip = ["--trainer.gradient_clip_val=0.001", "--trainer.gradient_clip_algorithm=value"]
+    Recording.launch(script, argv=["fit", f"--model.config.exp_dir={exp}", "--model.config.max_steps=2", *clip])
+    before = snapshot(exp)
+    with pytest.raises(mlfab.ConfigError, match=r"does not give: --trainer.gradient_clip_val 0.001, --trainer.gradi"):
+        Recording.launch(script, argv=["fit", f"--model.config.exp_dir={exp}", "--trainer.max_steps=4"])
+    assert snapshot(exp) == before
+    capfd.readouterr()
+    Recording.launch(script, argv=["fit", f"--config={exp / 'config.yaml'}", "--trainer.max_steps=4"])
+    out = capfd.readouterr().out
+    assert "Resumed with changed settings: max_steps 2 -> 4\n" in out and "Kept this run's" not in out
+    assert yaml.safe_load((exp / "config.yaml").read_text())["trainer"]["gradient_clip_algorithm"] == "value"

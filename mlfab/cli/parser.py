@@ -211,6 +211,7 @@ class MlfabCLI(LightningCLI):
         self.config = parser.parse_args(args)
         cfg = self.config[self.config.subcommand]
         self.pruned_ckpt_path, self.run_config = None, None
+        self.run_trainer: dict[str, Any] = {}  # The Trainer arguments a fit into a run was started with.
         if cfg.get("ckpt_path") is not None:  # Before Lightning reads it, and before any run.
             newest = _went_on_from_pruned(cfg) if self.config.subcommand == "fit" else None
             if newest is None:
@@ -227,7 +228,9 @@ class MlfabCLI(LightningCLI):
             if newest is not None and self.config.subcommand != "fit":
                 cfg["ckpt_path"] = str(newest)
             elif newest is not None and (exp_dir / "config.yaml").is_file():
-                self.run_config = (load_yaml(exp_dir / "config.yaml").get("model") or {}).get("config")
+                run_file = load_yaml(exp_dir / "config.yaml")
+                self.run_config = (run_file.get("model") or {}).get("config")
+                self.run_trainer = run_file.get("trainer") or {}
         seed = cfg.get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:  # Seeded before checks.
             problem = f"key 'seed_everything': must be an integer from 0 to {MAX_SEED} (got {seed})"
@@ -275,9 +278,11 @@ class MlfabCLI(LightningCLI):
         self.kept_from_run: list[str] = []  # The run's values where the script's launch() has the default.
         if self.run_config:  # A fit into a run: its config, under the values given and those the script's launch()
             cls = self.task_cls.config_class()  # sets away from the defaults (Lightning does not see them).
+            self._refuse_trainer_arguments_left_out(given)
             script = away_from_defaults(cls, self.script_config, "model.config.")
+            flagged = {f"model.config.{key}" for flag, (key, _) in SAME_AS_CONFIG.items() if flag in given}
             for key, value in _flatten(cls, self.run_config, "model.config.").items():
-                if key not in given and key not in script and key in cfg:
+                if key not in given and key not in flagged and key not in script and key in cfg:
                     now = cfg[key].as_dict() if isinstance(cfg[key], jsonargparse.Namespace) else cfg[key]
                     if plain_data(now) != plain_data(value) and key.rpartition(".")[2] not in PLACES:
                         self.kept_from_run.append(f"{key.removeprefix('model.config.')}={show(value)}")
@@ -392,6 +397,20 @@ class MlfabCLI(LightningCLI):
                 if key not in ("logger", "callbacks", "plugins"):
                     settings[key] = values[key]
             return self.trainer_class(**{**settings, **kwargs})
+
+    def _refuse_trainer_arguments_left_out(self, given: list[str]) -> None:
+        """A fit into a run keeps the run's config, but cannot rebuild its Trainer arguments (callbacks, clipping by
+        value...) from its file: one the run was started with and the relaunch leaves out is refused, not dropped."""
+        left_out = [
+            k for k in self.run_trainer if not any(g == f"trainer.{k}" or g.startswith(f"trainer.{k}.") for g in given)
+        ]
+        if left_out:
+            shown = ", ".join(f"--trainer.{k} {show(self.run_trainer[k])}" for k in left_out)
+            raise ConfigError(
+                f"This run was started with Trainer arguments the relaunch does not give: {shown}. Give them again, "
+                "or relaunch with the run's file (`--config <exp_dir>/config.yaml`, or the file as the first argument "
+                "in the key=value form), which holds them."
+            )
 
     def _mlfab_run(self, subcommand: str, model: Any, kwargs: dict[str, Any]) -> None:
         """The run, for any subcommand: into a run directory with checkpoints, without `--ckpt_path`, a fit resumes
