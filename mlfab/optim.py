@@ -79,10 +79,11 @@ def warm_up(optimizers: Iterable[torch.optim.Optimizer]) -> None:
     LearningRateMonitor and mlfab's `optim/lr` show it. Called at the start of training and after every step.
 
     A rate something else set since (StochasticWeightAveraging, LearningRateFinder, your own code) is theirs from
-    then on; during the warmup, which would overwrite it, it is refused."""
+    then on (`warmup_lr` None), until a relaunch changes `learning_rate` or `warmup_steps`; during the warmup, which
+    would overwrite it, it is refused."""
     for opt in optimizers:
         for group in opt.param_groups:
-            if "base_lr" not in group:
+            if "base_lr" not in group or ("warmup_lr" in group and group["warmup_lr"] is None):
                 continue
             k, n = group.get("k", 0), group["linear_warmup_steps"]
             if group.get("warmup_lr", group["lr"]) != group["lr"]:
@@ -93,7 +94,7 @@ def warm_up(optimizers: Iterable[torch.optim.Optimizer]) -> None:
                         f"or your own code) within the warmup ({k} of warmup_steps={n} steps done), which sets the "
                         "rate itself. Set warmup_steps=0, or change the rate once the warmup is over."
                     )
-                del group["base_lr"]  # The rate is theirs from now on.
+                group["warmup_lr"] = None  # The rate is theirs from now on.
             elif k <= n:  # The warmup, and its last rate once: after it, the rate is left alone.
                 group["lr"] = group["warmup_lr"] = warmup_rate(group)
 

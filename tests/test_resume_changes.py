@@ -497,3 +497,25 @@ def test_a_relaunch_into_a_run_that_leaves_out_its_trainer_arguments_is_refused(
     out = capfd.readouterr().out
     assert "Resumed with changed settings: max_steps 2 -> 4\n" in out and "Kept this run's" not in out
     assert yaml.safe_load((exp / "config.yaml").read_text())["trainer"]["gradient_clip_algorithm"] == "value"
+
+
+def test_a_warmup_change_on_resume_takes_the_rate_back_from_a_callback() -> None:
+    """A rate a callback set after the warmup is the callback's; a relaunch that changes `warmup_steps` was
+    reported as applied and changed nothing."""
+    from mlfab.optim import warm_up
+    from mlfab.resume import apply_optimizer_changes
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    group = opt.param_groups[0]
+    group.update(base_lr=0.1, linear_warmup_steps=2, k=2)
+    warm_up([opt])  # The warmup's end: the full rate.
+    group.update(k=3, lr=0.02)  # A callback's rate, kept after the next steps.
+    warm_up([opt])
+    group["k"] = 4
+    warm_up([opt])
+    assert group["lr"] == 0.02
+    apply_optimizer_changes([opt], {"warmup_steps": (2, 8)})
+    assert group["lr"] == pytest.approx(0.1 * 5 / 8)
+    group["k"] = 5
+    warm_up([opt])
+    assert group["lr"] == pytest.approx(0.1 * 6 / 8)
