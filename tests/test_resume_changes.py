@@ -519,3 +519,22 @@ def test_a_warmup_change_on_resume_takes_the_rate_back_from_a_callback() -> None
     group["k"] = 5
     warm_up([opt])
     assert group["lr"] == pytest.approx(0.1 * 6 / 8)
+
+
+class CountsValidation(BoringTask):
+    batches = 0
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        CountsValidation.batches += 1
+        return super().validation_step(batch, batch_idx)
+
+
+def test_an_evaluation_into_a_run_takes_the_scripts_values_away_from_the_defaults(tmp_path: Path) -> None:
+    """As a fit into the run does: the checkpoint's valid_batches (3) replaced the script's launch() value (1)."""
+    exp = tmp_path / "run"
+    CountsValidation.launch(
+        BoringConfig(valid_every_n_steps=None), argv=[f"exp_dir={exp}", "max_steps=2", "valid_batches=3"]
+    )
+    CountsValidation.batches = 0
+    CountsValidation.launch(BoringConfig(valid_batches=1), argv=["validate", f"--model.config.exp_dir={exp}"])
+    assert CountsValidation.batches == 1

@@ -210,7 +210,8 @@ class MlfabCLI(LightningCLI):
             load_yaml(path)
         self.config = parser.parse_args(args)
         cfg = self.config[self.config.subcommand]
-        self.pruned_ckpt_path, self.run_config = None, None
+        self.pruned_ckpt_path = None
+        self.run_config: dict[str, Any] | None = None  # Into a run: its config, where Lightning does not lay it.
         self.run_trainer: dict[str, Any] = {}  # The Trainer arguments a fit into a run was started with.
         if cfg.get("ckpt_path") is not None:  # Before Lightning reads it, and before any run.
             newest = _went_on_from_pruned(cfg) if self.config.subcommand == "fit" else None
@@ -226,7 +227,7 @@ class MlfabCLI(LightningCLI):
             exp_dir = Path(cfg["model.config.exp_dir"]).expanduser().resolve()
             newest = newest_checkpoint(exp_dir)
             if newest is not None and self.config.subcommand != "fit":
-                cfg["ckpt_path"] = str(newest)
+                cfg["ckpt_path"], self.run_config = str(newest), {}  # (The checkpoint's config: Lightning's to lay.)
             elif newest is not None and (exp_dir / "config.yaml").is_file():
                 run_file = load_yaml(exp_dir / "config.yaml")
                 self.run_config = (run_file.get("model") or {}).get("config")
@@ -276,11 +277,14 @@ class MlfabCLI(LightningCLI):
             if key.startswith("model."):  # Lightning put the checkpoint's config over everything; undo that for these.
                 cfg[key] = self.given[sub][key]
         self.kept_from_run: list[str] = []  # The run's values where the script's launch() has the default.
-        if self.run_config:  # A fit into a run: its config, under the values given and those the script's launch()
-            cls = self.task_cls.config_class()  # sets away from the defaults (Lightning does not see them).
+        if self.run_config is not None:  # Into a run: its config, under the values given and those the script's
+            cls = self.task_cls.config_class()  # launch() sets away from the defaults.
             self._refuse_trainer_arguments_left_out(given)
             script = away_from_defaults(cls, self.script_config, "model.config.")
             flagged = {f"model.config.{key}" for flag, (key, _) in SAME_AS_CONFIG.items() if flag in given}
+            for key, value in script.items():  # (An evaluation's: Lightning laid the checkpoint's config over them.)
+                if key not in given and key not in flagged and key in cfg:
+                    cfg[key] = value
             for key, value in _flatten(cls, self.run_config, "model.config.").items():
                 if key not in given and key not in flagged and key not in script and key in cfg:
                     now = cfg[key].as_dict() if isinstance(cfg[key], jsonargparse.Namespace) else cfg[key]
