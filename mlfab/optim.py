@@ -83,20 +83,32 @@ def warm_up(optimizers: Iterable[torch.optim.Optimizer]) -> None:
     would overwrite it, it is refused."""
     for opt in optimizers:
         for group in opt.param_groups:
-            if "base_lr" not in group or ("warmup_lr" in group and group["warmup_lr"] is None):
+            if "base_lr" not in group or group.get("warmup_lr", 0.0) is None:
                 continue
-            k, n = group.get("k", 0), group["linear_warmup_steps"]
-            if group.get("warmup_lr", group["lr"]) != group["lr"]:
-                if k < n:
-                    raise ConfigError(
-                        f"The default optimizer's learning rate was set to {group['lr']} by something other than its "
-                        "warmup (a callback such as StochasticWeightAveraging or LearningRateFinder, Tuner.lr_find, "
-                        f"or your own code) within the warmup ({k} of warmup_steps={n} steps done), which sets the "
-                        "rate itself. Set warmup_steps=0, or change the rate once the warmup is over."
-                    )
+            if _rate_taken(group):
                 group["warmup_lr"] = None  # The rate is theirs from now on.
-            elif k <= n:  # The warmup, and its last rate once: after it, the rate is left alone.
+            elif group.get("k", 0) <= group["linear_warmup_steps"]:  # The warmup, and its last rate once.
                 group["lr"] = group["warmup_lr"] = warmup_rate(group)
+
+
+def refuse_rate_taken_within_warmup(optimizer: torch.optim.Optimizer) -> None:
+    """Before each step: a rate set by something other than the warmup, within the warmup, is refused before any
+    step applies it (the warmup would overwrite it after the step)."""
+    for group in optimizer.param_groups:
+        k, n = group.get("k", 0), group.get("linear_warmup_steps", 0)
+        if k < n and _rate_taken(group):
+            raise ConfigError(
+                f"The default optimizer's learning rate was set to {group['lr']} by something other than its "
+                "warmup (a callback such as StochasticWeightAveraging or LearningRateFinder, Tuner.lr_find, "
+                f"or your own code) within the warmup ({k} of warmup_steps={n} steps done), which sets the "
+                "rate itself. Set warmup_steps=0, or change the rate once the warmup is over."
+            )
+
+
+def _rate_taken(group: dict[str, Any]) -> bool:
+    """Whether a parameter group's rate was set since the warmup last set it (and is not already someone else's)."""
+    last = group.get("warmup_lr", group["lr"])
+    return "base_lr" in group and last is not None and last != group["lr"]
 
 
 def warmup_rate(group: dict[str, Any]) -> float:

@@ -55,6 +55,7 @@ from mlfab.nonfinite import NonFiniteGuard, SkipStep, loss_parts
 from mlfab.optim import (
     checks_optimizer_reads,
     lightning_optimizers,
+    refuse_rate_taken_within_warmup,
     save_in_eval_mode,
     schedule_free_adamw,
     set_optimizer_mode,
@@ -686,6 +687,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        refuse_rate_taken_within_warmup(optimizer)
         groups = optimizer.param_groups
         self.log_scalar("lr", groups[0]["lr"], namespace="optim")  # The rate this step applies.
         for i in range(1, len(groups)):

@@ -761,5 +761,6 @@ def test_a_rate_set_after_the_warmup_by_a_callback_is_the_rate_applied(tmp_path:
 
 def test_a_rate_set_during_the_warmup_by_a_callback_is_refused(tmp_path: Path) -> None:
     task = RecordingRates(config(learning_rate=0.1, warmup_steps=4, max_steps=6))
-    with pytest.raises(mlfab.ConfigError, match=r"set to 0\.005 .* \(2 of warmup_steps=4 steps done\)"):
+    with pytest.raises(mlfab.ConfigError, match=r"set to 0\.005 .* \(1 of warmup_steps=4 steps done\)"):
         trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[TenthFrom(1)]).fit(task)
+    assert task.rates == [0.025]  # Refused before a step applied it.
