@@ -3,6 +3,7 @@ refused relaunch leaves the run's files as they were; checkpoints are written on
 
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -538,3 +539,29 @@ def test_an_evaluation_into_a_run_takes_the_scripts_values_away_from_the_default
     CountsValidation.batches = 0
     CountsValidation.launch(BoringConfig(valid_batches=1), argv=["validate", f"--model.config.exp_dir={exp}"])
     assert CountsValidation.batches == 1
+
+
+@dataclass(kw_only=True)
+class WithExtra(BoringConfig):
+    extra: int = mlfab.field(1, help="A key a later version of the code drops")
+
+
+class Older(mlfab.Task[WithExtra]):
+    def __init__(self, config: WithExtra) -> None:
+        super().__init__(config)
+        self.layer = torch.nn.Linear(config.in_dim, 1)
+
+    get_dataset, get_loss, forward = BoringTask.get_dataset, BoringTask.get_loss, BoringTask.forward
+
+
+@pytest.mark.parametrize("form", ["key=value", "fit"])
+def test_a_relaunch_into_a_run_whose_keys_the_config_no_longer_declares_is_refused(tmp_path: Path, form: str) -> None:
+    """The run's config.yaml held `extra: 3`; relaunched by code whose Config has no `extra`, the run went on without
+    it and the relaunch said nothing (a checkpoint's config with such a key is refused by the parser)."""
+    exp = tmp_path / "run"
+    Older.launch(WithExtra(max_steps=2, valid_every_n_steps=None), argv=["extra=3", f"exp_dir={exp}"])
+    before = snapshot(exp)
+    args = ["max_steps=4", f"exp_dir={exp}"] if form == "key=value" else ["fit", f"--model.config.exp_dir={exp}"]
+    with pytest.raises(mlfab.ConfigError, match=r"config.yaml holds extra, which BoringConfig no longer declares"):
+        Recording.launch(BoringConfig(max_steps=4, valid_every_n_steps=None), argv=args)
+    assert snapshot(exp) == before

@@ -285,7 +285,14 @@ class MlfabCLI(LightningCLI):
             for key, value in script.items():  # (An evaluation's: Lightning laid the checkpoint's config over them.)
                 if key not in given and key not in flagged and key in cfg:
                     cfg[key] = value
-            for key, value in _flatten(cls, self.run_config, "model.config.").items():
+            run_values = _flatten(cls, self.run_config, "model.config.")
+            if gone := [key.removeprefix("model.config.") for key in run_values if key not in cfg]:
+                raise ConfigError(
+                    f"This run's config.yaml holds {', '.join(gone)}, which {cls.__name__} no longer declares, so the "
+                    "relaunch cannot keep it. Declare it again, or delete it from the run's config.yaml (its "
+                    "provenance/ folder keeps each launch's copy) to go on without it."
+                )
+            for key, value in run_values.items():
                 if key not in given and key not in flagged and key not in script and key in cfg:
                     now = cfg[key].as_dict() if isinstance(cfg[key], jsonargparse.Namespace) else cfg[key]
                     if plain_data(now) != plain_data(value) and key.rpartition(".")[2] not in PLACES:
