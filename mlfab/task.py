@@ -668,6 +668,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         first batch, as for validation."""
         if not task_work_due(self, "on_predict_epoch_end"):
             return
+        if self._log_buffers[PREDICT]:
+            self._refuse_several_loaders(PREDICT)
         self._flush_logs(PREDICT, self.weights_step)
 
     @override
@@ -812,11 +814,14 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._num_valid_steps += 1  # Validations done, as 0.2 counted them (one per validation, whatever its batches).
         self._publish_evaluation("valid")
 
-    def _refuse_several_loaders(self, phase: Phase) -> None:
-        """mlfab keeps one value per name and evaluation: the batches of several loaders would be averaged into it."""
-        counts = self.trainer.num_val_batches if phase == "valid" else self.trainer.num_test_batches
+    def _refuse_several_loaders(self, phase: LogPhase) -> None:
+        """mlfab keeps one value per name and evaluation: the batches of several loaders would be averaged into it.
+        Refused at the first batch of mlfab's own step, else (a step of the task's own, predict) where the values
+        logged over them are about to be written."""
+        loader = {"valid": "val", "test": "test"}.get(phase, "predict")
+        counts = getattr(self.trainer, f"num_{loader}_batches")
         if len(counts) > 1:
-            hook = "val_dataloader" if phase == "valid" else "test_dataloader"
+            hook = f"{loader}_dataloader"
             raise TaskDefinitionError(
                 f"The {phase} run has {len(counts)} dataloaders (from {hook}), and mlfab would average their batches "
                 f"into one value per name, reported as each one's. Return one DataLoader (a ConcatDataset of the sets "
@@ -837,6 +842,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         `on_validation_end` (ModelCheckpoint, EarlyStopping) reads them; it is written once that hook has run, the
         callbacks' and the task's (`_write_evaluation`), so what they log is written with it."""
         buffer = self._log_buffers[phase]
+        if buffer:
+            self._refuse_several_loaders(phase)
         means, weights = buffer.settle(self.weights_step)  # Held resolved: the write runs no callable again.
         self._evaluation = (weights, self._publish(phase, means, weights))
         if phase == "valid" and self.trainer.state.fn == "fit":  # An error in on_validation_end: written as it ends.

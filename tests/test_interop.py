@@ -257,13 +257,41 @@ class TakesTheLoaderIndex(MapTask):
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
         return super().test_step(batch, batch_idx)
 
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        return super().predict_step(batch, batch_idx)
 
-@pytest.mark.parametrize("run", ["validate", "test", "fit"])
-def test_several_evaluation_loaders_are_refused_not_averaged_into_one_value(tmp_path: Path, run: str) -> None:
-    """Both loaders' results came out as the mean over their 8 samples, reported as each one's."""
+
+class OwnSteps(MapTask):
+    """Steps of its own (no super()) that log with mlfab: each loader's index, and a value during predict."""
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.log_scalar("loader", float(dataloader_idx))
+
+    test_step = validation_step
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        self.log_scalar("loader", float(dataloader_idx))
+        return batch_idx
+
+
+class TwoSets(TwoValidationSets):
+    predict_dataloader = TwoValidationSets.val_dataloader
+
+
+@pytest.mark.parametrize("task", [TakesTheLoaderIndex, OwnSteps])
+@pytest.mark.parametrize("run", ["validate", "test", "fit", "predict"])
+def test_several_evaluation_loaders_are_refused_not_averaged_into_one_value(
+    tmp_path: Path, run: str, task: type[MapTask]
+) -> None:
+    """Both loaders' results came out as the mean over their 8 samples, reported as each one's (`loader` 0.625 for
+    both); a step of the task's own, and predict, were not refused at all."""
     trainer_ = fit_trainer(tmp_path, [], max_steps=10)
-    with pytest.raises(mlfab.TaskDefinitionError, match=r"2 dataloaders \(from (val|test)_dataloader\)"):
-        getattr(trainer_, run)(TakesTheLoaderIndex(config()), datamodule=TwoValidationSets())
+    if run == "predict" and task is TakesTheLoaderIndex:  # Nothing logged: each loader's predictions, as Lightning's.
+        predictions = trainer_.predict(task(config()), datamodule=TwoSets())
+        assert [[len(p) for p in loader] for loader in predictions] == [[3], [5]]  # type: ignore[union-attr]
+        return
+    with pytest.raises(mlfab.TaskDefinitionError, match=r"2 dataloaders \(from (val|test|predict)_dataloader\)"):
+        getattr(trainer_, run)(task(config()), datamodule=TwoSets())
 
 
 def launch_args(tmp_path: Path, *callback: str) -> list[str]:
