@@ -92,8 +92,8 @@ def warm_up(optimizers: Iterable[torch.optim.Optimizer]) -> None:
 
 
 def refuse_rate_taken_within_warmup(optimizer: torch.optim.Optimizer) -> None:
-    """Before each step: a rate set by something other than the warmup, within the warmup, is refused before any
-    step applies it (the warmup would overwrite it after the step)."""
+    """Before each update (after the `on_before_optimizer_step` hooks): a rate set by something other than the
+    warmup, within the warmup, is refused before any step applies it (the warmup would overwrite it after the step)."""
     for group in optimizer.param_groups:
         k, n = group.get("k", 0), group.get("linear_warmup_steps", 0)
         if k < n and _rate_taken(group):

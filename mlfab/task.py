@@ -676,6 +676,14 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
     ) -> None:
+        # Called by Lightning after the step's closure and the `on_before_optimizer_step` hooks, before the update:
+        # what sets the rate (a callback, `get_loss`...) has done so.
+        refuse_rate_taken_within_warmup(optimizer)
+        groups = optimizer.param_groups
+        self.log_scalar("lr", groups[0]["lr"], namespace="optim")  # The rate this step applies.
+        for i in range(1, len(groups)):
+            if groups[i]["lr"] != groups[0]["lr"]:  # A group with a rate of its own (a GAN's two networks).
+                self.log_scalar(f"lr_pg{i}", groups[i]["lr"], namespace="optim")
         # fp16 loss scaling skips steps with inf gradients itself; there only the loss is checked.
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # 16-mixed, not 16-true.
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -689,12 +697,6 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        refuse_rate_taken_within_warmup(optimizer)
-        groups = optimizer.param_groups
-        self.log_scalar("lr", groups[0]["lr"], namespace="optim")  # The rate this step applies.
-        for i in range(1, len(groups)):
-            if groups[i]["lr"] != groups[0]["lr"]:  # A group with a rate of its own (a GAN's two networks).
-                self.log_scalar(f"lr_pg{i}", groups[i]["lr"], namespace="optim")
         try:
             optimizer.step(closure=optimizer_closure)
         except SkipStep:  # Raised before the optimizer changed anything.

@@ -768,6 +768,16 @@ class RecordingRates(MapTask):
         self.rates.append(optimizer.param_groups[0]["lr"])
 
 
+class Weights(pl.Callback):
+    """Keeps a copy of the weights each training step starts from."""
+
+    def __init__(self, weights: list[Tensor]) -> None:
+        self.weights = weights
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.weights.append(pl_module.layer.weight.detach().clone())
+
+
 class TenthFrom(pl.Callback):
     """Divides every group's rate by ten before step `step`, as a hand-written decay or SWA's rate would."""
 
@@ -780,15 +790,37 @@ class TenthFrom(pl.Callback):
                 group["lr"] = group["lr"] / 10
 
 
-def test_a_rate_set_after_the_warmup_by_a_callback_is_the_rate_applied(tmp_path: Path) -> None:
-    """The warmup set the rate back after every step: a tenth from step 4 lasted one step."""
+class TenthJustBeforeTheUpdate(TenthFrom):
+    """The same, in the last hook before the optimizer's update (after the step's backward)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        super().on_train_batch_start(trainer, pl_module, None, 0)
+
+
+@pytest.mark.parametrize("callback", [TenthFrom, TenthJustBeforeTheUpdate])
+def test_a_rate_set_after_the_warmup_by_a_callback_is_the_rate_applied(
+    tmp_path: Path, callback: type[TenthFrom]
+) -> None:
+    """The warmup set the rate back after every step: a tenth from step 4 lasted one step. `optim/lr` is the rate
+    applied (it was read before `on_before_optimizer_step`)."""
     task = RecordingRates(config(learning_rate=0.1, warmup_steps=2, max_steps=6))
-    trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[TenthFrom(4)]).fit(task)
-    assert task.rates == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.01, 0.01], rel=1e-12)
+    json_logger = mlfab.JsonLogger(tmp_path / "json", log_interval_seconds=0.0)
+    trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[callback(4)], logger=json_logger).fit(task)
+    expected = [0.05, 0.1, 0.1, 0.1, 0.01, 0.01]
+    assert task.rates == pytest.approx(expected, rel=1e-12)
+    logged = [line["scalars"]["optim/lr"] for line in json_lines(tmp_path / "json") if "step" in line]
+    assert logged == pytest.approx(expected, rel=1e-12)
 
 
-def test_a_rate_set_during_the_warmup_by_a_callback_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("callback", [TenthFrom, TenthJustBeforeTheUpdate])
+def test_a_rate_set_during_the_warmup_by_a_callback_is_refused(tmp_path: Path, callback: type[TenthFrom]) -> None:
+    """Set in `on_before_optimizer_step`, it was applied: the warmup saw it after the step, and gave way to it."""
     task = RecordingRates(config(learning_rate=0.1, warmup_steps=4, max_steps=6))
+    weights: list[Tensor] = []
     with pytest.raises(mlfab.ConfigError, match=r"set to 0\.005 .* \(1 of warmup_steps=4 steps done\)"):
-        trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[TenthFrom(1)]).fit(task)
-    assert task.rates == [0.025]  # Refused before a step applied it.
+        trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[callback(1), Weights(weights)]).fit(task)
+    assert task.rates[0] == 0.025 and len(task.rates) <= 2  # Refused before a step applied it (the task's hook
+    assert torch.equal(weights[-1], task.layer.weight)  # runs after the callback's): the weights of step 1.
