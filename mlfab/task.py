@@ -919,8 +919,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def on_train_end(self) -> None:
         if not task_work_due(self, "on_train_end"):
             return
-        self._end_training()
-        set_optimizer_mode(self.trainer.optimizers, train=False)  # The trained model: the evaluation weights.
+        self._end_training()  # The task holds the evaluation weights already (`CountsBatches.on_train_end`).
 
     def _end_training(self, failed: bool = False) -> None:
         """`on_training_end`, then what was logged since the last written step (in that hook, or in the step an

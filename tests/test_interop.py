@@ -238,6 +238,39 @@ def test_after_fit_the_task_holds_the_weights_its_validation_and_checkpoint_hold
         assert torch.allclose(task(x), saved(x), atol=1e-6)
 
 
+class RestoresWeightsAtTheEnd(pl.Callback):
+    """Sets the weights when training ends, as StochasticWeightAveraging (its average) or a best-weights restore do."""
+
+    weight = torch.full((1, 4), 0.25)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.task = pl_module
+        with torch.no_grad():
+            pl_module.layer.weight.copy_(self.weight)
+
+
+@pytest.mark.parametrize("built_by", ["user", "mlfab"])
+def test_weights_a_callback_sets_when_training_ends_are_the_ones_the_task_holds(tmp_path: Path, built_by: str) -> None:
+    """Lightning runs the callbacks' `on_train_end` before the task's, whose switch to the evaluation weights then
+    moved theirs (StochasticWeightAveraging's average was off by 0.03). mlfab's `last.ckpt` keeps the run's own
+    weights, for an exact resume."""
+    callback = RestoresWeightsAtTheEnd()
+    task = MapTask(config(max_steps=6, valid_every_n_steps=None))
+    if built_by == "user":
+        fit_trainer(tmp_path, [callback], max_steps=6).fit(task)
+    else:
+        mlfab.run.trainer.build_trainer(task.config, tmp_path, loggers=[], extra_callbacks=[callback]).fit(task)
+        saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["layer.weight"]
+        assert not torch.equal(saved, callback.weight)
+    assert torch.equal(task.layer.weight, callback.weight)
+    (valid,) = fit_trainer(tmp_path / "new", []).validate(task, verbose=False)  # Evaluated as they are.
+    samples = Samples(NUM_VALID, 1)
+    x, y = (torch.tensor(np.stack(column)) for column in zip(*(samples[i] for i in range(NUM_VALID)), strict=True))
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(task(x), y)
+    assert valid["valid/loss/loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
 class TwoValidationSets(pl.LightningDataModule):
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(Samples(64, 0), batch_size=BATCH)

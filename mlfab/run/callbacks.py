@@ -27,6 +27,7 @@ from mlfab._lightning import (
     wrap_validation_decision,
 )
 from mlfab.loggers.stdout import StdoutLogger
+from mlfab.optim import set_optimizer_mode
 from mlfab.run.slurm import after_signal_checkpoint, in_slurm_job
 
 
@@ -285,10 +286,11 @@ class FinalCheckpoint(StepFreeCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.save_checkpoint(self.path, weights_only=False)
+        trainer.save_checkpoint(self.path, weights_only=False)  # With the training weights: resumed exactly.
         if trainer.is_global_zero:
             end_live_lines(trainer)  # The loggers' `finalize`, which also ends it, comes after this callback.
             print(f"Saved checkpoint {self.path}", flush=True)
+        set_optimizer_mode(trainer.optimizers, train=False)  # See `CountsBatches.on_train_end`.
 
 
 class GracefulStop(StepFreeCallback):
@@ -512,6 +514,15 @@ class CountsBatches(StepFreeCallback):
     def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
         pl_module._count(batch, "predict")
 
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        """The trained task holds the evaluation weights (of a schedule-free optimizer) before any other callback's
+        `on_train_end`, so one that sets weights there (StochasticWeightAveraging's average, a best-weights restore)
+        has the last word; mlfab's final checkpoint, next in order, switches once it has saved the training weights."""
+        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+        if not any(isinstance(c, FinalCheckpoint) for c in callbacks):
+            set_optimizer_mode(trainer.optimizers, train=False)
+
 
 def may_accumulate(trainer: pl.Trainer) -> bool:
     """Whether a step of this fit may take several batches: a GradientAccumulationScheduler sets the Trainer's count
@@ -521,12 +532,13 @@ def may_accumulate(trainer: pl.Trainer) -> bool:
 
 
 def first_counts_batches(trainer: pl.Trainer) -> None:
-    """Makes a `CountsBatches` the first of the Trainer's callbacks (its list, changed in place), and the only one;
-    its training hook is off where every step is one batch."""
+    """Makes a `CountsBatches` the first of the Trainer's callbacks (its list, changed in place), and the only one,
+    followed by mlfab's `FinalCheckpoint`; its training hook is off where every step is one batch."""
     callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
     found = [c for c in callbacks if isinstance(c, CountsBatches)]
     counter = found[0] if found else CountsBatches()
-    callbacks[:] = [counter] + [c for c in callbacks if c not in found]
+    final = [c for c in callbacks if isinstance(c, FinalCheckpoint)]  # Second: see `CountsBatches.on_train_end`.
+    callbacks[:] = [counter, *final] + [c for c in callbacks if c not in found and c not in final]
     counter.__dict__.pop("on_train_batch_start", None)
     if not may_accumulate(trainer):
         counter.on_train_batch_start = None  # type: ignore[assignment,method-assign]  # Lightning skips it.
