@@ -218,6 +218,33 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     check_two_ranks(tmp_path, proc.stdout)
 
 
+def test_torchrun_with_a_config_of_another_shape_is_refused_before_any_run(tmp_path: Path) -> None:
+    """`devices=4` under a torchrun of 2 processes would be dropped for torchrun's shape, config.yaml keeping it."""
+    script = write_script(tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(script),
+            "accelerator=cpu",
+            "devices=4",
+            f"run_dir={tmp_path / 'runs'}",
+        ],
+        env=env_for(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    refusal = "devices=4 disagrees with torchrun, which started 2 process(es) per node on 1 node(s)"
+    assert proc.stderr.count(refusal) == 2
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_test_subcommand_gives_each_rank_its_own_batches_of_an_endless_set(tmp_path: Path) -> None:
     script = write_script(tmp_path)
     proc = subprocess.run(
