@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -520,6 +521,30 @@ def test_a_warmup_change_on_resume_takes_the_rate_back_from_a_callback() -> None
     group["k"] = 5
     warm_up([opt])
     assert group["lr"] == pytest.approx(0.1 * 6 / 8)
+
+
+class LowersTheRateAtStep3(Recording):
+    """A callback of its own sets the rate to 0.001 before step 3 (the warmup of 2 steps is over)."""
+
+    def configure_callbacks(self) -> list[Any]:
+        class Lower(pl.Callback):
+            def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+                if trainer.global_step == 3:
+                    trainer.optimizers[0].param_groups[0]["lr"] = 0.001
+
+        return [Lower()]
+
+
+def test_a_relaunch_that_changes_the_rate_takes_it_back_from_a_callback(tmp_path: Path) -> None:
+    """Stopped at step 5 under the callback's rate, the run relaunched with `learning_rate=0.2` kept training at
+    0.001 (the new rate recorded in config.yaml and reported as applied)."""
+    Recording.seen = []
+    exp = tmp_path / "run"
+    LowersTheRateAtStep3.launch(BoringConfig(warmup_steps=2, learning_rate=0.1, max_steps=5, exp_dir=str(exp)), argv=[])
+    assert [round(lr, 6) for _, _, lr, _, _ in Recording.seen] == [0.05, 0.1, 0.1, 0.001, 0.001]
+    Recording.seen = []
+    LowersTheRateAtStep3.launch(BoringConfig(warmup_steps=2, learning_rate=0.2, max_steps=8, exp_dir=str(exp)), argv=[])
+    assert [(step, round(lr, 6)) for step, _, lr, _, _ in Recording.seen] == [(5, 0.2), (6, 0.2), (7, 0.2)]
 
 
 class CountsValidation(BoringTask):
