@@ -189,7 +189,8 @@ SUPER_REQUIRED = {
     "optimizer_step": "it warms the learning rate up (without it the rate stays at its first warmup value) and "
     "skips a step whose loss or gradient is not finite",
     "configure_gradient_clipping": "besides clipping, it checks the step's losses and gradients and skips a step "
-    "where one is not finite (without it, NaN steps are applied)",
+    "where one is not finite (without it, NaN steps are applied), logs the rate the step applies (optim/lr) and "
+    "refuses a rate set within the warmup",
 }
 
 

@@ -119,6 +119,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._log_buffers = {phase: LogBuffer(phase) for phase in (*PHASES, PREDICT)}
         self._bad_data_seen = self._bad_data_asked = False
         self._evaluated = [0, 0]  # The batches of the evaluation in progress: evaluated, and failed to collate.
+        # Where an evaluation has several dataloaders: the loader each tag was logged from, the batch's loader, and
+        # how many there are (`_watch_loaders`); None where it has one.
+        self._loader_of: list[Any] = [None, 0, 1]
         self._counted: list[Any] = [None, 0]  # The batch counted before its hooks, until its step reads it.
         self._log_cadence = Cadence()
         self._start_counts()
@@ -126,6 +129,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._nonfinite = NonFiniteGuard(config.max_nonfinite_steps_in_a_row)
         self._compiled: Compiled | None = None  # The `compile` key, applied at setup.
         self._last_losses: dict[str, Tensor] = {}
+        self._rate_logged = [False]  # Whether this optimizer step's rate is logged yet.
         # The sum of this step's batches' losses, each weighted by its samples, for the non-finite check and
         # on_step_end (kept only where a step has several batches or on_step_end is overridden).
         self._step_losses: dict[str, Tensor] | None = None
@@ -183,9 +187,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return to_device(batch, device)  # Lightning's move, also of a frozen dataclass (which Lightning refuses).
 
-    def _count(self, batch: Any, phase: LogPhase) -> None:
+    def _count(self, batch: Any, phase: LogPhase, batch_idx: int = 0, loader: int = 0) -> None:
         """A batch's samples, counted before its batch-start hooks (by `CountsBatches`, the first callback), which
-        may log for it: those values weigh as the batch."""
+        may log for it: those values weigh as the batch. Also the batch's dataloader, where there are several."""
+        self._loader_of[1] = loader
         if batch is not None:
             self._counted[:] = batch, self.get_num_samples(batch)  # (In place: a Module's attributes are slow to set.)
             if phase != "train" or self._accumulates():
@@ -337,7 +342,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return PREDICT if stage is RunningStage.PREDICTING else "valid"
 
     def _log(self, kind: str, key: str, value: Any, namespace: str | None) -> None:
-        self._log_buffers[self._phase()].add(kind, f"{namespace or self.default_namespace}/{key}", value)
+        phase, tag = self._phase(), f"{namespace or self.default_namespace}/{key}"
+        if self._loader_of[0] is not None and phase != "train":
+            self._refuse_tag_of_several_loaders(phase, tag, key)
+        self._log_buffers[phase].add(kind, tag, value)
 
     @override
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
@@ -359,8 +367,11 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         to_loggers = args[1] if len(args) > 1 else kwargs.get("logger")
         if name in self._metric_names or to_loggers is False or self._trainer is None or self.trainer.sanity_checking:
             return
-        self._lightning_names.add(name)
         phase = self._phase()
+        added = args[8] if len(args) > 8 else kwargs.get("add_dataloader_idx", True)
+        if self._loader_of[0] is not None and phase != "train" and added:  # Lightning's name for each loader's value.
+            name = f"{name}/dataloader_idx_{self._loader_of[1]}"
+        self._lightning_names.add(name)
         if phase != "train" and (args[2] if len(args) > 2 else kwargs.get("on_step")):
             self._split_names.add(name)
         if isinstance(value, Tensor):
@@ -585,7 +596,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return loss if weight == 1 else loss * weight  # Full steps of equal batches: no extra op on the graph.
 
     def _evaluation_step(self, phase: Phase, batch: Any) -> Tensor | None:
-        if self._evaluated == [0, 0]:  # The evaluation's first batch.
+        if self._loader_of[0] is not None:
             self._refuse_several_loaders(phase)
         self._evaluated[batch is None] += 1
         if batch is None:  # It failed to collate (`mlfab.data.Collate` logged why): skipped, as in training.
@@ -668,8 +679,6 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         first batch, as for validation."""
         if not task_work_due(self, "on_predict_epoch_end"):
             return
-        if self._log_buffers[PREDICT]:
-            self._refuse_several_loaders(PREDICT)
         self._flush_logs(PREDICT, self.weights_step)
 
     @override
@@ -679,11 +688,13 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         # Called by Lightning after the step's closure and the `on_before_optimizer_step` hooks, before the update:
         # what sets the rate (a callback, `get_loss`...) has done so.
         refuse_rate_taken_within_warmup(optimizer)
-        groups = optimizer.param_groups
-        self.log_scalar("lr", groups[0]["lr"], namespace="optim")  # The rate this step applies.
-        for i in range(1, len(groups)):
-            if groups[i]["lr"] != groups[0]["lr"]:  # A group with a rate of its own (a GAN's two networks).
-                self.log_scalar(f"lr_pg{i}", groups[i]["lr"], namespace="optim")
+        if not self._rate_logged[0]:  # Once a step: LBFGS runs the closure (and this) several times.
+            self._rate_logged[0] = True
+            groups = optimizer.param_groups
+            self.log_scalar("lr", groups[0]["lr"], namespace="optim")  # The rate this step applies.
+            for i in range(1, len(groups)):
+                if groups[i]["lr"] != groups[0]["lr"]:  # A group with a rate of its own (a GAN's two networks).
+                    self.log_scalar(f"lr_pg{i}", groups[i]["lr"], namespace="optim")
         # fp16 loss scaling skips steps with inf gradients itself; there only the loss is checked.
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # 16-mixed, not 16-true.
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -697,6 +708,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        self._rate_logged[0] = False
         try:
             optimizer.step(closure=optimizer_closure)
         except SkipStep:  # Raised before the optimizer changed anything.
@@ -816,18 +828,34 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._num_valid_steps += 1  # Validations done, as 0.2 counted them (one per validation, whatever its batches).
         self._publish_evaluation("valid")
 
-    def _refuse_several_loaders(self, phase: LogPhase) -> None:
-        """mlfab keeps one value per name and evaluation: the batches of several loaders would be averaged into it.
-        Refused at the first batch of mlfab's own step, else (a step of the task's own, predict) where the values
-        logged over them are about to be written."""
-        loader = {"valid": "val", "test": "test"}.get(phase, "predict")
-        counts = getattr(self.trainer, f"num_{loader}_batches")
-        if len(counts) > 1:
-            hook = f"{loader}_dataloader"
+    def _watch_loaders(self, phase: LogPhase) -> None:
+        """At an evaluation's start: whether it has several dataloaders, whose values mlfab must keep apart."""
+        loop = {"valid": "val", "test": "test"}.get(phase, "predict")
+        counts = getattr(self.trainer, f"num_{loop}_batches")
+        self._loader_of[:] = {} if len(counts) > 1 else None, 0, len(counts)
+
+    def _refuse_several_loaders(self, phase: Phase) -> None:
+        """mlfab's own step keeps one loss (and one value per name) per evaluation: several loaders would be averaged
+        into it, reported as each one's."""
+        step = "validation_step" if phase == "valid" else "test_step"
+        raise TaskDefinitionError(
+            f"The {phase} run has {self._loader_of[2]} dataloaders, and mlfab's {step} would average their batches "
+            "into one value per name, reported as each one's. Give one DataLoader (a ConcatDataset of the sets for "
+            f"their mean), evaluate each set in a run of its own, or write {step}(self, batch, batch_idx, "
+            "dataloader_idx) of your own that logs each loader's values under names of their own."
+        )
+
+    def _refuse_tag_of_several_loaders(self, phase: LogPhase, tag: str, key: str) -> None:
+        """A name logged with mlfab from two loaders of one evaluation: its values would be averaged into one."""
+        tags, loader = self._loader_of[0], self._loader_of[1]
+        first = tags.setdefault(tag, loader)
+        if first != loader:
             raise TaskDefinitionError(
-                f"The {phase} run has {len(counts)} dataloaders (from {hook}), and mlfab would average their batches "
-                f"into one value per name, reported as each one's. Return one DataLoader (a ConcatDataset of the sets "
-                f"for their mean), or evaluate each set in a run of its own."
+                f"{tag} was logged from dataloaders {first} and {loader} of the {phase} run: mlfab keeps one value per "
+                "name and run, so it would average them into one, reported as each one's. Log each loader's under a "
+                f'name of its own (f"{key}_{{dataloader_idx}}"), '
+                + ("" if phase == PREDICT else "use Lightning's self.log (which names each loader's value), ")
+                + "or give one DataLoader."
             )
 
     def _say_if_nothing_evaluated(self, phase: Phase) -> None:
@@ -844,8 +872,6 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         `on_validation_end` (ModelCheckpoint, EarlyStopping) reads them; it is written once that hook has run, the
         callbacks' and the task's (`_write_evaluation`), so what they log is written with it."""
         buffer = self._log_buffers[phase]
-        if buffer:
-            self._refuse_several_loaders(phase)
         means, weights = buffer.settle(self.weights_step)  # Held resolved: the write runs no callable again.
         self._evaluation = (weights, self._publish(phase, means, weights))
         if phase == "valid" and self.trainer.state.fn == "fit":  # An error in on_validation_end: written as it ends.
@@ -949,6 +975,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     @override
     def on_validation_model_eval(self) -> None:
         super().on_validation_model_eval()
+        self._watch_loaders("valid")
         self._evaluation_weights(True)
 
     @override
@@ -960,6 +987,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     @override
     def on_test_model_eval(self) -> None:
         super().on_test_model_eval()
+        self._watch_loaders("test")
         self._evaluation_weights(True)
 
     @override
@@ -971,6 +999,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     @override
     def on_predict_model_eval(self) -> None:
         super().on_predict_model_eval()
+        self._watch_loaders(PREDICT)
         self._evaluation_weights(True)
 
     @override

@@ -295,36 +295,65 @@ class TakesTheLoaderIndex(MapTask):
 
 
 class OwnSteps(MapTask):
-    """Steps of its own (no super()) that log with mlfab: each loader's index, and a value during predict."""
+    """Steps of its own (no super()) that log with mlfab: each loader's index, under one name or a name per loader;
+    and Lightning's own `self.log` of each batch's error."""
+
+    per_loader = False
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.log_scalar("loader", float(dataloader_idx))
+        x, y = batch
+        self.log_scalar(f"loader_{dataloader_idx}" if self.per_loader else "loader", float(dataloader_idx))
+        self.log("error", (self(x) - y).abs().mean(), batch_size=len(y))
 
     test_step = validation_step
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
-        self.log_scalar("loader", float(dataloader_idx))
+        self.log_scalar(f"loader_{dataloader_idx}" if self.per_loader else "loader", float(dataloader_idx))
         return batch_idx
+
+
+class OwnStepsNamePerLoader(OwnSteps):
+    per_loader = True
 
 
 class TwoSets(TwoValidationSets):
     predict_dataloader = TwoValidationSets.val_dataloader
 
 
-@pytest.mark.parametrize("task", [TakesTheLoaderIndex, OwnSteps])
 @pytest.mark.parametrize("run", ["validate", "test", "fit", "predict"])
-def test_several_evaluation_loaders_are_refused_not_averaged_into_one_value(
-    tmp_path: Path, run: str, task: type[MapTask]
-) -> None:
+def test_several_evaluation_loaders_are_refused_where_mlfab_would_average_them(tmp_path: Path, run: str) -> None:
     """Both loaders' results came out as the mean over their 8 samples, reported as each one's (`loader` 0.625 for
-    both); a step of the task's own, and predict, were not refused at all."""
+    both). Refused at the first batch of mlfab's own step, at the log call of a name logged from a second loader."""
     trainer_ = fit_trainer(tmp_path, [], max_steps=10)
-    if run == "predict" and task is TakesTheLoaderIndex:  # Nothing logged: each loader's predictions, as Lightning's.
-        predictions = trainer_.predict(task(config()), datamodule=TwoSets())
+    if run == "predict":  # mlfab's predict step logs nothing: each loader's predictions, as Lightning's.
+        predictions = trainer_.predict(TakesTheLoaderIndex(config()), datamodule=TwoSets())
         assert [[len(p) for p in loader] for loader in predictions] == [[3], [5]]  # type: ignore[union-attr]
+    else:
+        step = "validation_step" if run != "test" else "test_step"
+        with pytest.raises(mlfab.TaskDefinitionError, match=rf"2 dataloaders, and mlfab's {step} would average"):
+            getattr(trainer_, run)(TakesTheLoaderIndex(config()), datamodule=TwoSets())
+    phase = {"validate": "valid", "fit": "valid"}.get(run, run)
+    with pytest.raises(
+        mlfab.TaskDefinitionError, match=rf"value/loader was logged from dataloaders 0 and 1 of the {phase} "
+    ):
+        getattr(fit_trainer(tmp_path / "own", [], max_steps=10), run)(OwnSteps(config()), datamodule=TwoSets())
+
+
+@pytest.mark.parametrize("run", ["validate", "test", "predict"])
+def test_own_steps_over_several_loaders_keep_each_loaders_values_apart(tmp_path: Path, run: str) -> None:
+    """A name per loader was refused with the rest; Lightning's `self.log` per-loader values were averaged into one
+    value in mlfab's loggers (32.67 for 12.56 and 44.74)."""
+    task, json_dir = OwnStepsNamePerLoader(config()), tmp_path / "json"
+    trainer_ = fit_trainer(tmp_path, [], max_steps=10, logger=mlfab.JsonLogger(json_dir, log_interval_seconds=0))
+    results = getattr(trainer_, run)(task, datamodule=TwoSets())
+    (line,) = [line for line in json_lines(json_dir) if line.get("phase") == run.replace("validate", "valid")]
+    assert line["scalars"]["value/loader_0"] == 0 and line["scalars"]["value/loader_1"] == 1
+    if run == "predict":
         return
-    with pytest.raises(mlfab.TaskDefinitionError, match=r"2 dataloaders \(from (val|test|predict)_dataloader\)"):
-        getattr(trainer_, run)(task(config()), datamodule=TwoSets())
+    for i, result in enumerate(results):  # Lightning's own per-loader values, written as they are by mlfab.
+        name = f"error/dataloader_idx_{i}"
+        assert line["scalars"][name] == pytest.approx(result[name], rel=1e-6)
+    assert results[0]["error/dataloader_idx_0"] != pytest.approx(results[1]["error/dataloader_idx_1"])
 
 
 def launch_args(tmp_path: Path, *callback: str) -> list[str]:
@@ -857,3 +886,16 @@ def test_a_rate_set_during_the_warmup_by_a_callback_is_refused(tmp_path: Path, c
         trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[callback(1), Weights(weights)]).fit(task)
     assert task.rates[0] == 0.025 and len(task.rates) <= 2  # Refused before a step applied it (the task's hook
     assert torch.equal(weights[-1], task.layer.weight)  # runs after the callback's): the weights of step 1.
+
+
+class WithLBFGS(MapTask):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+
+def test_the_rate_is_logged_once_a_step_under_an_optimizer_that_runs_its_closure_several_times(tmp_path: Path) -> None:
+    """LBFGS runs the closure 3 times a step: the rate was logged 3 times and averaged (0.10000000000000002)."""
+    json_logger = mlfab.JsonLogger(tmp_path / "json", log_interval_seconds=0.0)
+    trainer(tmp_path, max_steps=3, limit_val_batches=0, logger=json_logger).fit(WithLBFGS(config(max_steps=3)))
+    rates = [line["scalars"]["optim/lr"] for line in json_lines(tmp_path / "json") if "step" in line]
+    assert rates == [0.1, 0.1, 0.1]

@@ -504,15 +504,15 @@ class CountsBatches(StepFreeCallback):
 
     @override
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
-        pl_module._count(batch, "valid")
+        pl_module._count(batch, "valid", *args)
 
     @override
     def on_test_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
-        pl_module._count(batch, "test")
+        pl_module._count(batch, "test", *args)
 
     @override
     def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, *args: Any) -> None:
-        pl_module._count(batch, "predict")
+        pl_module._count(batch, "predict", *args)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
