@@ -218,6 +218,31 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     check_two_ranks(tmp_path, proc.stdout)
 
 
+OWN_TRAINER = """
+import os
+from pathlib import Path
+import lightning.pytorch as pl
+from mlfab.testing import BoringConfig, BoringTask
+task = BoringTask(BoringConfig(max_steps=4))
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False, limit_val_batches=2,
+                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+trainer.fit(task)
+(result,) = trainer.validate(task, verbose=False)
+Path(os.environ["OUT_DIR"], f"rank{trainer.global_rank}.txt").write_text(str(result["valid/loss/loss"]))
+"""
+
+
+def test_a_task_in_a_two_process_trainer_of_the_users_trains(tmp_path: Path) -> None:
+    """It crashed in setup on every rank: `TypeError: expected str, bytes or os.PathLike object, not NoneType`."""
+    script = tmp_path / "own_trainer.py"
+    script.write_text(OWN_TRAINER)
+    (tmp_path / "out").mkdir()
+    proc = run_ddp(tmp_path, script, [])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = [float((tmp_path / "out" / f"rank{rank}.txt").read_text()) for rank in (0, 1)]
+    assert losses[0] == losses[1]  # Validated on both ranks' batches: the mean over ranks, on each.
+
+
 def test_torchrun_with_a_config_of_another_shape_is_refused_before_any_run(tmp_path: Path) -> None:
     """`devices=4` under a torchrun of 2 processes would be dropped for torchrun's shape, config.yaml keeping it."""
     script = write_script(tmp_path)

@@ -119,6 +119,8 @@ def broadcast_exp_dir(trainer: Any, exp_dir: Any) -> Any:
     if trainer.world_size == 1:
         return exp_dir
     chosen = trainer.strategy.broadcast(exp_dir, src=0)
+    if exp_dir is None or chosen is None:  # A Trainer of the user's: no run directory.
+        return chosen
     if Path(exp_dir) != Path(chosen) and Path(exp_dir).name.startswith(PLACEHOLDER_PREFIX):
         with contextlib.suppress(OSError):  # Only while empty: it was meant to hold nothing.
             Path(exp_dir).rmdir()
