@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from dpshdl.dataset import Dataset as DpshdlDataset
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, default_collate, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
 from mlfab._lightning import collect_rng_states, set_rng_states, unrepeated_sampler
@@ -517,9 +517,12 @@ def build_dataloader(
         dataset = MapStateful(dataset)
     if not is_train and world_size > 1:
         kwargs["sampler"] = _evaluation_split(dataset, rank, world_size)
-    loader = loader_cls(dataset, shuffle=is_train, drop_last=is_train, **kwargs)
-    if is_train:  # The order from a generator of its own: the loader's also seeds each new iterator, and a resumed
-        loader.sampler.generator = torch.Generator().manual_seed(seed + 3)  # run draws those in another order.
+    if is_train and world_size > 1:  # Each epoch's order from the seed and the epoch alone, so a resume (which skips
+        # what the epoch drew) draws it again: Lightning's own wraps a sampler whose generator is not restored.
+        kwargs["sampler"] = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed + 3, drop_last=True)
+    loader = loader_cls(dataset, shuffle=is_train and world_size == 1, drop_last=is_train, **kwargs)
+    if is_train and world_size == 1:  # The order from a generator of its own: the loader's also seeds each new
+        loader.sampler.generator = torch.Generator().manual_seed(seed + 3)  # iterator, which a resume draws again.
     return loader
 
 

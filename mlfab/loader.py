@@ -54,6 +54,7 @@ class MlfabLoader(StatefulDataLoader):
         self._replay: list[Any] = []
         self.skipped_batches = 0
         self._ever_produced = False
+        self._epoch_ran_out = [False]  # Whether the pass in progress ran out (see `_keep_sampler_epoch`).
 
     @override
     def __iter__(self) -> Iterator[Any]:
@@ -61,7 +62,32 @@ class MlfabLoader(StatefulDataLoader):
         # loader's seeds come from its own generator; a dataset's `__iter__` may use the global ones) is drawn
         # before a resumed run restores the global generators' states.
         replay, self._replay = self._replay, []
+        self._epoch_ran_out[0] = False
         return self._batches(replay, super().__iter__())
+
+    def _keep_sampler_epoch(self, saved: int | None) -> None:
+        """A distributed sampler draws each epoch's order from the epoch Lightning gives it (`set_epoch`). A checkpoint
+        written where a fit stopped mid-epoch (max_steps, a signal) counts that epoch as done, so its resume would draw
+        the rest of the epoch, and each one after, in the next one's order. From a resume on, the sampler's epochs
+        follow the saved one: Lightning's first after it is the saved one's, and so on."""
+        sampler = self._epoch_sampler()
+        if saved is None or sampler is None:
+            return
+        shift: list[int] = []
+        own = type(sampler).set_epoch
+
+        def set_epoch(epoch: int) -> None:
+            shift[:] = shift or [saved - epoch]
+            own(sampler, epoch + shift[0])
+
+        sampler.epoch, sampler.set_epoch = saved, set_epoch
+
+    def _epoch_sampler(self) -> Any:
+        """The sampler with an epoch (a distributed one, in the batch sampler or the loader), or None."""
+        for sampler in (getattr(self.batch_sampler, "sampler", None), self.sampler):
+            if isinstance(getattr(sampler, "epoch", None), int):
+                return sampler
+        return None
 
     def _batches(self, replay: list[Any], inner: Iterator[Any]) -> Iterator[Any]:
         for batch in replay:
@@ -73,6 +99,7 @@ class MlfabLoader(StatefulDataLoader):
                 skipped += 1
                 continue
             yield self._note(batch)
+        self._epoch_ran_out[0] = True
         if not self._ever_produced:  # Lightning would start a new epoch forever. (A resumed epoch may be empty.)
             name = type(getattr(self.dataset, "dataset", self.dataset)).__name__
             raise DatasetError(
@@ -98,6 +125,8 @@ class MlfabLoader(StatefulDataLoader):
     def state_dict(self) -> dict[str, Any]:
         in_flight = [stored(batch) for batch in self.in_flight()]
         own = {"loader": super().state_dict(), "in_flight": in_flight, "skipped": self.skipped_batches}
+        if (sampler := self._epoch_sampler()) is not None:  # The epoch of the samples drawn next.
+            own["sampler_epoch"] = sampler.epoch + self._epoch_ran_out[0]
         if not _distributed():
             return own
         everyone: list[Any] = [None] * dist.get_world_size()
@@ -113,6 +142,7 @@ class MlfabLoader(StatefulDataLoader):
         super().load_state_dict(state_dict["loader"])
         self._replay = [restored(batch) for batch in state_dict.get("in_flight", [])]
         self.skipped_batches = int(state_dict.get("skipped", 0))
+        self._keep_sampler_epoch(state_dict.get("sampler_epoch"))
         self._ever_produced = True  # It trained before it was saved.
         self._yielded = self.consumed.count = 0
         self._recent.clear()

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -166,6 +167,23 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path, dataset: str, strategy: str, c
     assert proc.stdout.count("torch.compile (torch's defaults): ") == (compile == "true")
 
 
+def test_a_map_style_set_resumed_under_ddp_draws_the_uninterrupted_runs_batches(tmp_path: Path) -> None:
+    """A fit stopped mid-epoch (here by max_steps) saved its epoch as done: the resumed run drew the rest of the epoch,
+    and every epoch after, in the next epoch's order (other samples, some twice). Stopped twice, across an epoch's end
+    (4 batches an epoch per rank)."""
+    args = ["accelerator=cpu", "devices=2", "batch_size=32", "valid_every_n_steps=null"]
+    steps: dict[str, list[Any]] = {}
+    for name, stops in (("uninterrupted", [10]), ("resumed", [3, 6, 10])):
+        (base := tmp_path / name).mkdir()
+        script = write_script(base)
+        for max_steps in stops:
+            proc = run_ddp(base, script, [*args, f"max_steps={max_steps}", f"exp_dir={base / 'run'}"], DATASET="map")
+            assert proc.returncode == 0, proc.stderr[-4000:]
+        steps[name] = [read_rank(base, "train", rank) for rank in (0, 1)]
+    assert [[step for step, _, _ in rank] for rank in steps["resumed"]] == [list(range(10))] * 2
+    assert steps["resumed"] == steps["uninterrupted"]  # Each step's samples and loss, on each rank.
+
+
 def test_two_simulated_nodes(tmp_path: Path) -> None:
     script = write_script(tmp_path)
     port = str(free_port())
@@ -221,6 +239,7 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
 OWN_TRAINER = """
 import os
 from pathlib import Path
+from typing import Any
 import lightning.pytorch as pl
 from mlfab.testing import BoringConfig, BoringTask
 task = BoringTask(BoringConfig(max_steps=4))
