@@ -8,6 +8,7 @@ logs written once, validation scalars averaged over ranks.
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -260,6 +261,48 @@ def test_a_task_in_a_two_process_trainer_of_the_users_trains(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr[-4000:]
     losses = [float((tmp_path / "out" / f"rank{rank}.txt").read_text()) for rank in (0, 1)]
     assert losses[0] == losses[1]  # Validated on both ranks' batches: the mean over ranks, on each.
+
+
+UNEVEN_RANKS = """
+import sys, time
+from mlfab.testing import BoringConfig, BoringTask
+
+class Uneven(BoringTask):
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        time.sleep(0.2 if self.global_rank == 1 else 0.02)  # Rank one's steps end later, by its clock.
+
+Uneven.launch(BoringConfig(max_steps=12, valid_every_n_steps=None), argv=sys.argv[1:])
+"""
+
+
+def test_a_cadence_in_seconds_under_ddp_is_decided_alike_on_every_rank(tmp_path: Path) -> None:
+    """Each rank asked its own clock whether to validate: the ranks went into different collectives and hung for
+    good (a SIGTERM did nothing)."""
+    script = tmp_path / "uneven.py"
+    script.write_text(UNEVEN_RANKS)
+    args = [
+        "accelerator=cpu",
+        "devices=2",
+        "valid_every_n_seconds=0.3",
+        "save_every_n_seconds=0.5",
+        f"exp_dir={tmp_path}/run",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the run hung") from None
+    assert proc.returncode == 0, err[-4000:]
+    assert "Finished at step 12/12" in out and out.count("[valid] step") >= 3
 
 
 def test_torchrun_with_a_config_of_another_shape_is_refused_before_any_run(tmp_path: Path) -> None:

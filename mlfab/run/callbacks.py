@@ -106,6 +106,10 @@ class ValidationCadence(StepFreeCallback):
         self._max_steps: int | None = None  # The Trainer's max_steps, while the fit loop is let start past it.
 
     @property
+    def _timed(self) -> bool:
+        return self.every_n_seconds is not None or self.first_n_seconds is not None
+
+    @property
     def owed(self) -> bool:
         """Whether the resumed run validates first: its checkpoint was written before a validation still due."""
         return self._owed
@@ -114,9 +118,10 @@ class ValidationCadence(StepFreeCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.monotonic()
 
-        def clock() -> float:  # An mlfab task's training clock; else this session's.
-            elapsed = getattr(pl_module, "elapsed_time_s", None)
-            return elapsed if isinstance(elapsed, float) else time.monotonic() - start
+        def clock() -> float:  # An mlfab task's training clock; else this session's. Rank zero's on every rank: each
+            elapsed = getattr(pl_module, "elapsed_time_s", None)  # deciding by its own went into other collectives.
+            now = elapsed if isinstance(elapsed, float) else time.monotonic() - start
+            return trainer.strategy.broadcast(now, src=0) if trainer.world_size > 1 else now
 
         self._trainer, self._clock = trainer, clock
         # Resumed from a checkpoint without this state (written by another Trainer): the first validation happened.
@@ -154,7 +159,7 @@ class ValidationCadence(StepFreeCallback):
             return self.first_n_seconds is None or self._clock() >= self.first_n_seconds
         if not step_ends(trainer) or trainer.limit_val_batches == 0:
             return False
-        now = self._clock()
+        now = self._clock() if self._timed else 0.0  # (A collective under DDP: only where a cadence needs it.)
         if self.first_n_seconds is not None and now < self.first_n_seconds:
             return False
         if not self._validated:
@@ -194,7 +199,7 @@ class ValidationCadence(StepFreeCallback):
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._trainer is not None and not trainer.sanity_checking:
-            self._last_valid_s, self._validated, self._owed = self._clock(), True, False
+            self._last_valid_s, self._validated, self._owed = self._clock() if self._timed else 0.0, True, False
             self._validated_step = trainer.global_step
 
     @override
