@@ -297,7 +297,8 @@ def test_sigterm_to_a_ddp_process_group_checkpoints_and_resumes_exactly(
 ) -> None:
     """Two CPU ranks (gloo) with two dataloader workers each: both ranks get the signal and stop at the same step."""
     ddp = ("accelerator=cpu", "devices=2", "strategy=ddp", "num_dataloader_workers=2")
-    interrupt_and_resume(tmp_path, tmp_path_factory, signal.SIGTERM, *ddp, ranks=2)
+    first = interrupt_and_resume(tmp_path, tmp_path_factory, signal.SIGTERM, *ddp, ranks=2)
+    assert first.output().count("SIGTERM: stopping after this step") == 1  # Said by rank zero (each rank got it).
 
 
 STUCK = """

@@ -342,6 +342,8 @@ class GracefulStop(StepFreeCallback):
         trainer = self._trainer
         ended = trainer is not None and (trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step)
         what = "training has ended; its final validation and checkpoint finish" if ended else "stopping after this step"
+        if trainer is not None and not trainer.is_global_zero:  # A group's signal reaches every rank: said once.
+            return
         print(
             f"\n{signal.Signals(signum).name}: {what}"
             + ("" if ended else " and saving a checkpoint")
