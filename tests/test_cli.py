@@ -142,6 +142,9 @@ def test_help_applies_yaml_files_and_marks_required(tmp_path: Path, capsys: pyte
         (["bach_size=3"], ["unknown key 'bach_size'; did you mean 'batch_size'?"]),
         (["model.hiden=3"], ["unknown key 'model.hiden'; did you mean 'model.hidden'?"]),
         (["model.depth=deep"], ["key 'model.depth': expected int (got 'deep')"]),
+        # A prefix of one key was that key (argparse's abbreviations): batches_per_step=4, silently.
+        (["batches=4"], ["unknown key 'batches'; did you mean"]),
+        (["max_step=3"], ["unknown key 'max_step'; did you mean 'max_steps'"]),
     ],
 )
 def test_config_errors_name_key_expected_type_and_value(tmp_path: Path, args: list[str], expected: list[str]) -> None:
@@ -544,6 +547,9 @@ def test_fit_errors_name_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert "unrecognized arguments: --model.config.bach_size 3" in err
     assert "did you mean --model.config.batch_size" in err
+    with pytest.raises(SystemExit):  # A prefix of one flag is not that flag.
+        run_cli(BoringTask, ["fit", "--model.config.batches", "4", "--trainer.max_step", "2"])
+    assert "unrecognized arguments: --model.config.batches 4 --trainer.max_step 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_cli(RequiredTask, ["fit"])
     assert "model.config.width" in capsys.readouterr().err

@@ -131,6 +131,11 @@ class MlfabArgumentParser(LightningArgumentParser):
 
     short_form = False  # Set by MlfabCLI: a refusal is then explained by `launch` instead of printed.
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A flag is its whole name: argparse took a prefix (`--model.config.batches 4`, `batches=4`) for the one key
+        # it starts (batches_per_step), silently.
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if self.short_form:
             raise ShortFormError(message)
