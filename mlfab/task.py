@@ -369,7 +369,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             return
         phase = self._phase()
         added = args[8] if len(args) > 8 else kwargs.get("add_dataloader_idx", True)
-        if self._loader_of[0] is not None and phase != "train" and added:  # Lightning's name for each loader's value.
+        if self._loader_of[0] is not None and self._loader_of[1] is not None and phase != "train" and added:
             name = f"{name}/dataloader_idx_{self._loader_of[1]}"
         self._lightning_names.add(name)
         if phase != "train" and (args[2] if len(args) > 2 else kwargs.get("on_step")):
@@ -453,7 +453,9 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         computed = trainer.callback_metrics  # Computed (and synchronised) once here, as Lightning would later.
         out = {tag: float(computed[f"{phase}/{tag}"]) for tag in mine}
         for tag in own.intersection(means):  # Lightning's reduction; the mean over batches if it made none.
-            out[tag] = float(computed.get(f"{tag}_epoch" if tag in self._split_names else tag, means[tag]))
+            name, per_loader, loader = tag.partition("/dataloader_idx_")  # Lightning: `x_epoch/dataloader_idx_0`.
+            epoch_name = f"{name}_epoch{per_loader}{loader}" if tag in self._split_names else tag
+            out[tag] = float(computed.get(epoch_name, means[tag]))
         return out
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -631,6 +633,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         an epoch-end hook say, weighs as one full batch (the largest so far), however the set split."""
         buffer = self._log_buffers[phase]
         buffer.weigh(buffer.largest)
+        self._loader_of[1] = None  # Between batches (an epoch-end hook): no loader's, as Lightning names it.
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> Tensor | None:
@@ -848,7 +851,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def _refuse_tag_of_several_loaders(self, phase: LogPhase, tag: str, key: str) -> None:
         """A name logged with mlfab from two loaders of one evaluation: its values would be averaged into one."""
         tags, loader = self._loader_of[0], self._loader_of[1]
-        first = tags.setdefault(tag, loader)
+        first = tags.setdefault(tag, loader) if loader is not None else None  # (Not in an epoch-end hook.)
         if first != loader:
             raise TaskDefinitionError(
                 f"{tag} was logged from dataloaders {first} and {loader} of the {phase} run: mlfab keeps one value per "

@@ -313,7 +313,22 @@ class OwnSteps(MapTask):
 
 
 class OwnStepsNamePerLoader(OwnSteps):
+    """Also Lightning's own reductions per loader (the step values and the epoch's max), and a value logged at the
+    epoch's end (no loader's)."""
+
     per_loader = True
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().validation_step(batch, batch_idx, dataloader_idx)
+        for value in (1.0, 5.0 + dataloader_idx):
+            self.log("peak", value, on_step=True, on_epoch=True, reduce_fx="max")
+
+    test_step = validation_step
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("at_end", 7.0)
+
+    on_test_epoch_end = on_validation_epoch_end
 
 
 class TwoSets(TwoValidationSets):
@@ -353,6 +368,8 @@ def test_own_steps_over_several_loaders_keep_each_loaders_values_apart(tmp_path:
     for i, result in enumerate(results):  # Lightning's own per-loader values, written as they are by mlfab.
         name = f"error/dataloader_idx_{i}"
         assert line["scalars"][name] == pytest.approx(result[name], rel=1e-6)
+        assert line["scalars"][f"peak/dataloader_idx_{i}"] == result[f"peak_epoch/dataloader_idx_{i}"] == 5 + i
+    assert line["scalars"]["at_end"] == 7  # Not `at_end/dataloader_idx_1`, the last batch's loader.
     assert results[0]["error/dataloader_idx_0"] != pytest.approx(results[1]["error/dataloader_idx_1"])
 
 
