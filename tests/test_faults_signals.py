@@ -217,6 +217,9 @@ def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(
 ) -> None:
     first = interrupt_and_resume(tmp_path, tmp_path_factory, signal.SIGTERM, f"num_dataloader_workers={workers}")
     assert "SIGTERM: stopping after this step" in first.output()
+    assert (
+        f"stopped by SIGTERM: to go on from it, relaunch into this run (exp_dir={tmp_path / 'run'}," in first.output()
+    )
 
 
 def test_ctrl_c_in_a_terminal_stops_cleanly_and_resumes_exactly(

@@ -521,8 +521,10 @@ def test_a_stop_in_the_last_step_leaves_the_final_validation_to_the_relaunch(fak
     last = exp_dir / "checkpoints" / "last.ckpt"
     assert (
         "The final model is not validated yet: the signal came in the last step, and the checkpoint comes first. "
-        f"Relaunch the same command to run that validation: it resumes from {last}, validates" in done.stderr
+        f"Relaunch into this run (exp_dir={exp_dir}) to run that validation: it resumes from {last}, validates"
+        in done.stderr
     )
+    assert f"  stopped by SIGTERM: to go on from it, relaunch into this run (exp_dir={exp_dir}," in done.stdout
     assert valid_steps(exp_dir) == [1]
     for _ in range(2):
         again = job_signalled(tmp_path)[1]

@@ -407,9 +407,9 @@ class GracefulStop(StepFreeCallback):
             if last and trainer.is_global_zero and trainer.limit_val_batches != 0:
                 print(
                     "The final model is not validated yet: the signal came in the last step, and the checkpoint comes "
-                    "first. Relaunch the same command to run that validation: it resumes from "
-                    f"{Path(trainer.default_root_dir) / 'checkpoints' / 'last.ckpt'}, validates, logs it into this "
-                    "run and ends.",
+                    f"first. Relaunch into this run (exp_dir={trainer.default_root_dir}) to run that validation: it "
+                    f"resumes from {Path(trainer.default_root_dir) / 'checkpoints' / 'last.ckpt'}, validates, logs it "
+                    "into this run and ends.",
                     file=sys.stderr,
                     flush=True,
                 )

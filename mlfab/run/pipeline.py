@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,11 @@ def finish_text(trainer: Any, subcommand: str, outcome: Outcome, exp_dir: Path) 
     if last.is_file():
         lines.append(f"  last checkpoint: {last}")
     lines += [f"  best checkpoint ({monitor}={score:.6g}): {path}" for monitor, score, path in outcome.best]
+    if outcome.stopped_by is not None and last.is_file():  # A command with `run_dir` would start a new run.
+        lines.append(
+            f"  stopped by {signal.Signals(outcome.stopped_by).name}: to go on from it, relaunch into this run "
+            f"(exp_dir={exp_dir}, or --model.config.exp_dir in the fit form)"
+        )
     return "\n".join(lines)
 
 
