@@ -579,6 +579,19 @@ class Older(mlfab.Task[WithExtra]):
     get_dataset, get_loss, forward = BoringTask.get_dataset, BoringTask.get_loss, BoringTask.forward
 
 
+class OlderLater(mlfab.Task[BoringConfig]):
+    """The same task in a later version of the code, whose Config has no `extra`."""
+
+    def __init__(self, config: BoringConfig) -> None:
+        super().__init__(config)
+        self.layer = torch.nn.Linear(config.in_dim, 1)
+
+    get_dataset, get_loss, forward = BoringTask.get_dataset, BoringTask.get_loss, BoringTask.forward
+
+
+OlderLater.__name__ = OlderLater.__qualname__ = "Older"
+
+
 @pytest.mark.parametrize("form", ["key=value", "fit"])
 def test_a_relaunch_into_a_run_whose_keys_the_config_no_longer_declares_is_refused(tmp_path: Path, form: str) -> None:
     """The run's config.yaml held `extra: 3`; relaunched by code whose Config has no `extra`, the run went on without
@@ -588,5 +601,22 @@ def test_a_relaunch_into_a_run_whose_keys_the_config_no_longer_declares_is_refus
     before = snapshot(exp)
     args = ["max_steps=4", f"exp_dir={exp}"] if form == "key=value" else ["fit", f"--model.config.exp_dir={exp}"]
     with pytest.raises(mlfab.ConfigError, match=r"config.yaml holds extra, which BoringConfig no longer declares"):
+        OlderLater.launch(BoringConfig(max_steps=4, valid_every_n_steps=None), argv=args)
+    assert snapshot(exp) == before
+
+
+@pytest.mark.parametrize("form", ["exp_dir", "fit", "test --ckpt_path"])
+def test_a_run_of_another_task_is_refused_as_such(tmp_path: Path, form: str) -> None:
+    """It was refused key by key, as if the Config had changed ("holds extra, which BoringConfig no longer declares
+    ... delete it"), or with the parser's whole usage; the run's files untouched."""
+    exp = tmp_path / "run"
+    Older.launch(WithExtra(max_steps=2, valid_every_n_steps=None), argv=[f"exp_dir={exp}"])
+    before = snapshot(exp)
+    args = {
+        "exp_dir": [f"exp_dir={exp}"],
+        "fit": ["fit", f"--model.config.exp_dir={exp}"],
+        "test --ckpt_path": ["test", f"--ckpt_path={exp / 'checkpoints' / 'last.ckpt'}"],
+    }[form]
+    with pytest.raises(mlfab.CheckpointError, match=r"is a run of Older, not of Recording: point it at a run of Reco"):
         Recording.launch(BoringConfig(max_steps=4, valid_every_n_steps=None), argv=args)
     assert snapshot(exp) == before

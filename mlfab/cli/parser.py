@@ -55,7 +55,7 @@ from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
 from mlfab.run.provenance import rewound_at
-from mlfab.run.rundir import checkpoint_run, newest_checkpoint
+from mlfab.run.rundir import checkpoint_run, newest_checkpoint, refuse_other_tasks_run
 from mlfab.run.slurm import in_slurm_job
 from mlfab.run.trainer import resolve_precision, trainer_settings
 
@@ -219,6 +219,8 @@ class MlfabCLI(LightningCLI):
         self.run_config: dict[str, Any] | None = None  # Into a run: its config, where Lightning does not lay it.
         self.run_trainer: dict[str, Any] = {}  # The Trainer arguments a fit into a run was started with.
         if cfg.get("ckpt_path") is not None:  # Before Lightning reads it, and before any run.
+            if (run := checkpoint_run(cfg["ckpt_path"])) is not None:
+                refuse_other_tasks_run(run, self.task_cls, f"--ckpt_path {cfg['ckpt_path']}")
             newest = _went_on_from_pruned(cfg) if self.config.subcommand == "fit" else None
             if newest is None:
                 check_ckpt_path(cfg["ckpt_path"])
@@ -230,6 +232,7 @@ class MlfabCLI(LightningCLI):
             # Lightning reads the config from. A fit goes on from it: the config of its config.yaml (the checkpoint is
             # read once, when the fit restores it).
             exp_dir = Path(cfg["model.config.exp_dir"]).expanduser().resolve()
+            refuse_other_tasks_run(exp_dir, self.task_cls, f"exp_dir {exp_dir}")
             newest = newest_checkpoint(exp_dir)
             if newest is not None and self.config.subcommand != "fit":
                 cfg["ckpt_path"], self.run_config = str(newest), {}  # (The checkpoint's config: Lightning's to lay.)

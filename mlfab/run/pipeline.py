@@ -30,7 +30,7 @@ from mlfab.run.distributed import EXP_DIR_ENV
 from mlfab.run.invocation import command_name, current_command
 from mlfab.run.provenance import atomic_write, launch_count, provenance_text, trained_before, write_provenance
 from mlfab.run.quiet import hardware_line, install_quiet_start
-from mlfab.run.rundir import agreed_exp_dir, new_exp_dir
+from mlfab.run.rundir import RUN_FILE_HEADER, agreed_exp_dir, new_exp_dir
 from mlfab.run.slurm import submit
 from mlfab.run.trainer import trainer_kwargs
 
@@ -56,7 +56,7 @@ def run_file_text(task_cls: type, config: Config, trainer: dict[str, Any], path:
     if module == "__main__" and cmd.startswith("python -m "):
         module = cmd.removeprefix("python -m ")
     lines = [
-        f"# mlfab run config of {task_cls.__qualname__}: the config and the Trainer arguments given explicitly.",
+        RUN_FILE_HEADER.format(task_cls.__qualname__),
         "# Train again with the same settings:",
     ]
     if cmd != "mlfab":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlfab.checkpoints import intact_checkpoint, remove_stale_temporary_files
 from mlfab.config import Config
-from mlfab.errors import ConfigError
+from mlfab.errors import CheckpointError, ConfigError
 from mlfab.run.distributed import EXP_DIR_ENV, PLACEHOLDER_PREFIX, env_rank_zero
 from mlfab.settings import default_run_dir, load_settings
 
@@ -63,6 +63,26 @@ def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
             return Path(config.exp_dir).expanduser().resolve(), False
         return Path(tempfile.mkdtemp(prefix=PLACEHOLDER_PREFIX)), False
     return new_exp_dir(task_cls, config), True
+
+
+RUN_FILE_HEADER = "# mlfab run config of {}: the config and the Trainer arguments given explicitly."
+
+
+def refuse_other_tasks_run(run: Path, task_cls: type, given: str) -> None:
+    """A run (its config.yaml's first line names the task class) of another task is refused before anything reads
+    its config, which would be refused key by key as if the task's Config had changed."""
+    try:
+        with (run / "config.yaml").open() as f:
+            first = f.readline().rstrip("\n")
+    except OSError:
+        return
+    prefix, _, suffix = RUN_FILE_HEADER.partition("{}")
+    name = first.removeprefix(prefix).removesuffix(suffix)
+    if first.startswith(prefix) and first.endswith(suffix) and name != task_cls.__qualname__:
+        raise CheckpointError(
+            f"{given} is a run of {name}, not of {task_cls.__qualname__}: point it at a run of "
+            f"{task_cls.__qualname__}, or start a new run."
+        )
 
 
 def checkpoint_run(ckpt_path: str | Path) -> Path | None:
