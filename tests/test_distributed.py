@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +304,54 @@ def test_a_cadence_in_seconds_under_ddp_is_decided_alike_on_every_rank(tmp_path:
         raise AssertionError("the run hung") from None
     assert proc.returncode == 0, err[-4000:]
     assert "Finished at step 12/12" in out and out.count("[valid] step") >= 3
+
+
+ONE_RANK_SIGNALLED = """
+import os, sys, time
+from mlfab.testing import BoringConfig, BoringTask
+
+class Slow(BoringTask):
+    def on_train_start(self):
+        with open(f"{os.environ['OUT_DIR']}/pid{self.global_rank}", "w") as f:
+            f.write(str(os.getpid()))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        time.sleep(0.1)
+
+Slow.launch(BoringConfig(max_steps=400, valid_every_n_steps=None), argv=sys.argv[1:])
+"""
+
+
+def test_a_signal_to_one_rank_stops_every_rank_and_is_said_with_its_exit_code(tmp_path: Path) -> None:
+    """SIGTERM to rank one alone stopped the run without a word, with exit code 0 (rank zero had no signal)."""
+    script = tmp_path / "one_rank.py"
+    script.write_text(ONE_RANK_SIGNALLED)
+    (tmp_path / "out").mkdir()
+    args = ["accelerator=cpu", "devices=2", f"exp_dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(600):
+            if (tmp_path / "out" / "pid1").exists():
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.kill(int((tmp_path / "out" / "pid1").read_text()), signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-4000:]
+    assert err.count("SIGTERM (to another rank): stopping after this step and saving a checkpoint.") == 1
+    assert "stopped by SIGTERM: to go on from it, relaunch into this run" in out
+    assert "Finished at step 400/400" not in out
 
 
 def test_torchrun_with_a_config_of_another_shape_is_refused_before_any_run(tmp_path: Path) -> None:

@@ -384,10 +384,20 @@ class GracefulStop(StepFreeCallback):
         stop, save = self.signal_received is not None, self._save_requested
         if not (stop or save or self._distributed):
             return
-        if trainer.world_size > 1:  # Every rank must act at the same step: one all-reduce for both flags.
-            flags = torch.tensor([float(stop), float(save)], device=trainer.strategy.root_device)
+        if trainer.world_size > 1:  # Every rank must act at the same step: one all-reduce for the signal and save.
+            flags = torch.tensor([float(self.signal_received or 0), float(save)], device=trainer.strategy.root_device)
             flags = trainer.strategy.reduce(flags, reduce_op="max")
             stop, save = bool(flags[0]), bool(flags[1])
+            if (
+                stop and self.signal_received is None
+            ):  # Another rank's signal (rank zero did not say it): its exit code.
+                self.signal_received = int(flags[0])
+                if trainer.is_global_zero:
+                    name = signal.Signals(self.signal_received).name
+                    print(
+                        f"\n{name} (to another rank): stopping after this step and saving a checkpoint.",
+                        file=sys.stderr,
+                    )
         last = 0 < trainer.max_steps <= trainer.global_step  # Training ends at this step anyway.
         if save:  # (Also with a stop in the same step: a Slurm job is still requeued, from this checkpoint.)
             self._save_requested = False
