@@ -916,3 +916,13 @@ def test_the_rate_is_logged_once_a_step_under_an_optimizer_that_runs_its_closure
     trainer(tmp_path, max_steps=3, limit_val_batches=0, logger=json_logger).fit(WithLBFGS(config(max_steps=3)))
     rates = [line["scalars"]["optim/lr"] for line in json_lines(tmp_path / "json") if "step" in line]
     assert rates == [0.1, 0.1, 0.1]
+
+
+def test_a_periodic_checkpoint_at_an_epochs_last_step_is_written_at_that_step(tmp_path: Path) -> None:
+    """8 batches an epoch, save_every_n_steps=4: Lightning put off step 8's save to a validation it expected after the
+    epoch's last batch; mlfab ran none there, so the file was lost (and written at step 10's final validation)."""
+    exp = tmp_path / "run"
+    MapTask.launch(config(max_steps=10, save_every_n_steps=4, valid_every_n_steps=None, exp_dir=str(exp)), argv=[])
+    periodic = sorted(p.name for p in (exp / "checkpoints").glob("step_*.ckpt"))
+    assert periodic == ["step_00000004.ckpt", "step_00000008.ckpt"]
+    assert torch.load(exp / "checkpoints" / "step_00000008.ckpt", weights_only=True)["global_step"] == 8

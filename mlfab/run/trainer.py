@@ -95,6 +95,9 @@ def trainer_callbacks(config: Config, exp_dir: Path) -> list[Any]:
             # one written past the one resumed from): overwrite it rather than add `-v1`. (The `-v1` every resume
             # wrote came from saves mid-accumulation, which PeriodicCheckpoint no longer makes.)
             enable_version_counter=False,
+            # Saved where the cadence says, epoch end or not: Lightning otherwise puts off a save at an epoch's last
+            # batch until a validation it expects to follow, which mlfab's cadence need not run (the file was lost).
+            save_on_train_epoch_end=True,
             **cadence,
         )
 
