@@ -4,6 +4,7 @@ import json
 import os
 import pwd
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -189,8 +190,12 @@ def test_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
     class OtherTask(mlfab.testing.BoringTask):
         pass
 
-    with pytest.raises(mlfab.MlfabError, match=r"was written by task mlfab.testing.BoringTask, not .*OtherTask"):
+    with pytest.raises(mlfab.MlfabError, match=r"is a run of BoringTask, not of .*OtherTask: point it at a run of"):
         OtherTask.launch(BoringConfig(exp_dir=str(tmp_path / "run")), argv=[])
+    loose = tmp_path / "loose.ckpt"  # Outside a run: the checkpoint itself names its task.
+    shutil.copy(tmp_path / "run" / "checkpoints" / "last.ckpt", loose)
+    with pytest.raises(mlfab.MlfabError, match=r"was written by task mlfab.testing.BoringTask, not .*OtherTask"):
+        OtherTask.launch(BoringConfig(exp_dir=str(tmp_path / "other")), argv=["fit", f"--ckpt_path={loose}"])
 
 
 @pytest.mark.integration
