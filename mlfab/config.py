@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import jsonargparse
 import yaml
+from lightning.pytorch.strategies import StrategyRegistry
 
 from mlfab.errors import ConfigError
 
@@ -258,6 +259,11 @@ RULES: dict[type, dict[str, Rule]] = {
             "e.g. compile='{mode: max-autotune}'; modes: " + ", ".join(m for m in COMPILE_MODES if m),
         ),
         "accelerator": Rule(lambda v: v in ACCELERATORS, "one of " + ", ".join(ACCELERATORS)),
+        "strategy": Rule(  # Read when checked: a strategy a user registers counts.
+            lambda v: v == "auto" or v in StrategyRegistry.available_strategies(),
+            "auto or a strategy name Lightning knows (ddp, ddp_spawn, fsdp, deepspeed, ...: "
+            "lightning.pytorch.strategies.StrategyRegistry)",
+        ),
         "devices": Rule(
             lambda v: (_integer(v) and v >= 1) or _matches(_DEVICES)(v),
             "a number >= 1, auto, or GPU indices like '0,1'",

@@ -145,6 +145,8 @@ def test_help_applies_yaml_files_and_marks_required(tmp_path: Path, capsys: pyte
         # A prefix of one key was that key (argparse's abbreviations): batches_per_step=4, silently.
         (["batches=4"], ["unknown key 'batches'; did you mean"]),
         (["max_step=3"], ["unknown key 'max_step'; did you mean 'max_steps'"]),
+        # Lightning's own traceback ("You selected an invalid strategy name"), naming no key.
+        (["strategy=dpp"], ["key 'strategy': must be auto or a strategy name Lightning knows (ddp, ddp_spawn,"]),
     ],
 )
 def test_config_errors_name_key_expected_type_and_value(tmp_path: Path, args: list[str], expected: list[str]) -> None:
