@@ -127,3 +127,18 @@ def test_help_lists_fields_with_help_text(capsys: pytest.CaptureFixture[str]) ->
     out = " ".join(capsys.readouterr().out.split())
     assert "--model.config.batch_size BATCH_SIZE Samples per batch (type: int, default: 8)" in out
     assert "Validate every N seconds of wall-clock time" in out
+
+
+@pytest.mark.integration
+def test_an_evaluation_without_weights_says_it_evaluates_an_untrained_task(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """`test` with no --ckpt_path and no run of checkpoints printed chance-level numbers without a word."""
+    BoringTask.launch(BoringConfig(), argv=["test", f"--model.config.run_dir={tmp_path}"])
+    err = capfd.readouterr().err
+    assert "Note: test evaluates BoringTask as its __init__ built it: no --ckpt_path, and " in err
+    exp = tmp_path / "trained"
+    BoringTask.launch(BoringConfig(max_steps=2, valid_every_n_steps=None), argv=[f"exp_dir={exp}"])
+    capfd.readouterr()
+    BoringTask.launch(BoringConfig(), argv=["test", f"--model.config.exp_dir={exp}"])
+    assert "Note: test evaluates" not in capfd.readouterr().err

@@ -447,6 +447,14 @@ class MlfabCLI(LightningCLI):
                 print(f"Resuming from this run's newest checkpoint, not --ckpt_path {given} ({why}).")
         if own is not None:
             kwargs["ckpt_path"] = own
+        if subcommand != "fit" and kwargs.get("ckpt_path") is None and self.run.writer:  # Chance-level numbers.
+            print(
+                f"Note: {subcommand} evaluates {type(model).__name__} as its __init__ built it: no --ckpt_path, and "
+                f"{self.run.exp_dir} has no checkpoint, so its weights are untrained unless __init__ loads them. "
+                "Give --ckpt_path <file>, or --model.config.exp_dir <run> of a trained run.",
+                file=sys.stderr,
+                flush=True,
+            )
         if self.kept_from_run and self.run.writer:
             print(
                 f"Kept this run's {', '.join(self.kept_from_run)}: a relaunch changes only the values it gives (the "
