@@ -71,6 +71,11 @@ class DigitsClassification(mlfab.Task[Config]):
         self.log_step(batch, yhat_bc, state)
         return F.cross_entropy(yhat_bc, y_b)
 
+    def get_prediction(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """What `predict` returns: each digit's predicted class."""
+        x_bhw, _ = batch
+        return self((x_bhw.float() / 255.0).unsqueeze(1)).argmax(-1)
+
     def log_valid_step(self, batch: tuple[Tensor, Tensor], output: Tensor, state: mlfab.State) -> None:
         (x_bhw, y_b), yhat_bc = batch, output
         self.log_scalar("accuracy", lambda: (yhat_bc.argmax(-1) == y_b).float().mean())

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import mlfab
@@ -96,6 +97,14 @@ def test_offline_example_reaches_accuracy(tmp_path: Path) -> None:
     assert f"Run directory: {exp}" in proc.stdout
     accuracy = read_scalars(exp / "tensorboard" / "valid")["value/accuracy"]
     assert accuracy[-1][0] == 300 and accuracy[-1][1] >= 0.95
+
+    # `predict` on the run (the README's command form): each digit's class (it crashed on the raw images).
+    predict = [sys.executable, "-m", "examples.digits", "predict", f"--model.config.exp_dir={exp}"]
+    proc = subprocess.run(predict, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (saved,) = (exp / "predictions").glob("*.pt")
+    labels = torch.cat(torch.load(saved, weights_only=False)["predictions"])
+    assert labels.dtype == torch.int64 and 0 <= int(labels.min()) and int(labels.max()) <= 9 and len(labels) > 100
 
 
 @pytest.mark.integration

@@ -35,6 +35,12 @@ def test_seed_mnist_trains_and_logs_loss_and_images(tmp_path: Path, monkeypatch:
     assert picture.shape[1] > picture.shape[0] > 200
     assert (exp / "checkpoints" / "last.ckpt").is_file()
 
+    # The example has no get_prediction: the default feeds the model the loader's raw uint8 images, and the error
+    # says which hook prepares them (it was a bare 100-line traceback).
+    with pytest.raises(RuntimeError) as info:
+        MnistClassification.launch(Config(batch_size=16), argv=["predict", f"--model.config.exp_dir={exp}"])
+    assert "override MnistClassification.get_prediction(batch) to prepare the batch" in " ".join(info.value.__notes__)
+
 
 @pytest.mark.integration
 def test_missing_mnist_says_which_files_to_place_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
