@@ -620,3 +620,12 @@ def test_a_run_of_another_task_is_refused_as_such(tmp_path: Path, form: str) -> 
     with pytest.raises(mlfab.CheckpointError, match=r"is a run of Older, not of Recording: point it at a run of Reco"):
         Recording.launch(BoringConfig(max_steps=4, valid_every_n_steps=None), argv=args)
     assert snapshot(exp) == before
+
+
+def test_a_typo_in_a_runs_config_yaml_is_named_with_the_key_it_is_close_to(tmp_path: Path) -> None:
+    exp = tmp_path / "run"
+    launch(exp, max_steps=2, learning_rate=0.02)
+    path = exp / "config.yaml"
+    path.write_text(path.read_text().replace("    learning_rate: 0.02\n", "    learning_rat: 0.02\n"))
+    with pytest.raises(mlfab.ConfigError, match=r"holds learning_rat, which .* Or fix it there: learning_rat \(a typo"):
+        launch(exp, max_steps=4)
