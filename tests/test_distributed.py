@@ -215,25 +215,17 @@ def test_two_simulated_nodes(tmp_path: Path) -> None:
     assert not list(tmp.glob("mlfab-rank-*")), "rank one left its placeholder run directory behind"
 
 
-def test_torchrun_two_processes(tmp_path: Path) -> None:
+def torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The distributed script under `torchrun --nproc_per_node=2`, with `args`."""
     script = write_script(tmp_path)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            str(script),
-            "accelerator=cpu",
-            f"run_dir={tmp_path / 'runs'}",
-        ],
-        env=env_for(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    args = (str(script), "accelerator=cpu", *args, f"run_dir={tmp_path / 'runs'}")
+    env = env_for(tmp_path)
+    return subprocess.run([*run, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    proc = torchrun(tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_two_ranks(tmp_path, proc.stdout)
 
@@ -264,6 +256,21 @@ def test_a_task_in_a_two_process_trainer_of_the_users_trains(tmp_path: Path) -> 
     assert losses[0] == losses[1]  # Validated on both ranks' batches: the mean over ranks, on each.
 
 
+def start_ddp(tmp_path: Path, text: str, *args: str) -> subprocess.Popen[str]:
+    """The script `text`, started on 2 CPU processes into `<tmp_path>/run`, in a process group of its own."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return subprocess.Popen(
+        [sys.executable, str(script), "accelerator=cpu", "devices=2", f"exp_dir={tmp_path / 'run'}", *args],
+        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 UNEVEN_RANKS = """
 import sys, time
 from mlfab.testing import BoringConfig, BoringTask
@@ -279,24 +286,7 @@ Uneven.launch(BoringConfig(max_steps=12, valid_every_n_steps=None), argv=sys.arg
 def test_a_cadence_in_seconds_under_ddp_is_decided_alike_on_every_rank(tmp_path: Path) -> None:
     """Each rank asked its own clock whether to validate: the ranks went into different collectives and hung for
     good (a SIGTERM did nothing)."""
-    script = tmp_path / "uneven.py"
-    script.write_text(UNEVEN_RANKS)
-    args = [
-        "accelerator=cpu",
-        "devices=2",
-        "valid_every_n_seconds=0.3",
-        "save_every_n_seconds=0.5",
-        f"exp_dir={tmp_path}/run",
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args],
-        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_ddp(tmp_path, UNEVEN_RANKS, "valid_every_n_seconds=0.3", "save_every_n_seconds=0.5")
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -324,19 +314,8 @@ Slow.launch(BoringConfig(max_steps=400, valid_every_n_steps=None), argv=sys.argv
 
 def test_a_signal_to_one_rank_stops_every_rank_and_is_said_with_its_exit_code(tmp_path: Path) -> None:
     """SIGTERM to rank one alone stopped the run without a word, with exit code 0 (rank zero had no signal)."""
-    script = tmp_path / "one_rank.py"
-    script.write_text(ONE_RANK_SIGNALLED)
     (tmp_path / "out").mkdir()
-    args = ["accelerator=cpu", "devices=2", f"exp_dir={tmp_path / 'run'}"]
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args],
-        env=env_for(tmp_path, MASTER_PORT=str(free_port())),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_ddp(tmp_path, ONE_RANK_SIGNALLED)
     try:
         for _ in range(600):
             if (tmp_path / "out" / "pid1").exists():
@@ -356,25 +335,7 @@ def test_a_signal_to_one_rank_stops_every_rank_and_is_said_with_its_exit_code(tm
 
 def test_torchrun_with_a_config_of_another_shape_is_refused_before_any_run(tmp_path: Path) -> None:
     """`devices=4` under a torchrun of 2 processes would be dropped for torchrun's shape, config.yaml keeping it."""
-    script = write_script(tmp_path)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            str(script),
-            "accelerator=cpu",
-            "devices=4",
-            f"run_dir={tmp_path / 'runs'}",
-        ],
-        env=env_for(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = torchrun(tmp_path, "devices=4")
     assert proc.returncode != 0
     refusal = "devices=4 disagrees with torchrun, which started 2 process(es) per node on 1 node(s)"
     assert proc.stderr.count(refusal) == 2
