@@ -260,7 +260,7 @@ RULES: dict[type, dict[str, Rule]] = {
         ),
         "accelerator": Rule(lambda v: v in ACCELERATORS, "one of " + ", ".join(ACCELERATORS)),
         "strategy": Rule(  # Read when checked: a strategy a user registers counts.
-            lambda v: v == "auto" or v in StrategyRegistry.available_strategies(),
+            lambda v: v.lower() == "auto" or v.lower() in StrategyRegistry.available_strategies(),  # As Lightning.
             "auto or a strategy name Lightning knows (ddp, ddp_spawn, fsdp, deepspeed, ...: "
             "lightning.pytorch.strategies.StrategyRegistry)",
         ),

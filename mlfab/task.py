@@ -228,11 +228,13 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         """What `predict` returns for a batch (Lightning's `predict_step` calls it): by default the model's output
         for the batch's inputs, `self(batch[0])` for a tuple or list batch (inputs first, then targets, as an
         `(x, y)` dataset gives them) and `self(batch)` for any other. Override it for anything else."""
+        first = isinstance(batch, tuple | list)
         try:
-            return self(batch[0] if isinstance(batch, tuple | list) else batch)
+            return self(batch[0] if first else batch)
         except Exception as e:  # The batch as the loader gives it: the task's own preparation is in its get_loss.
-            e.add_note(f"(In Task.get_prediction's default, self(batch[0]): override {type(self).__name__}."
-                       "get_prediction(batch) to prepare the batch as get_loss does.)")  # fmt: skip
+            call = "self(batch[0])" if first else "self(batch)"
+            e.add_note(f"(In Task.get_prediction's default, {call}: override {type(self).__name__}.get_prediction("
+                       "batch) to prepare the batch as get_loss does.)")  # fmt: skip
             raise
 
     def set_loggers(self) -> None:

@@ -506,3 +506,10 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_it_and_its_line(
     (tmp_path / "rc.yml").write_text("directories:\n  run: /a\n  run: /b\n")
     with pytest.raises(mlfab.SettingsError, match=r"found the key 'run' twice"):
         mlfab.get_run_dir()
+
+
+@pytest.mark.parametrize(("strategy", "refused"), [("DDP", False), ("Auto", False), ("fsdp", False), ("dpp", True)])
+def test_a_strategy_is_any_name_lightning_knows_in_any_case(strategy: str, refused: bool) -> None:
+    """Lightning lowercases the name: `strategy=DDP` trained before the rule and was refused by its first version."""
+    problems = mlfab.config.value_problems(mlfab.Config(batch_size=8, strategy=strategy))
+    assert bool(problems) == refused, problems

@@ -629,3 +629,20 @@ def test_a_typo_in_a_runs_config_yaml_is_named_with_the_key_it_is_close_to(tmp_p
     path.write_text(path.read_text().replace("    learning_rate: 0.02\n", "    learning_rat: 0.02\n"))
     with pytest.raises(mlfab.ConfigError, match=r"holds learning_rat, which .* Or fix it there: learning_rat \(a typo"):
         launch(exp, max_steps=4)
+
+
+def test_a_run_of_the_same_task_class_moved_into_a_function_resumes(tmp_path: Path) -> None:
+    """The run check compared the whole qualname: `make.<locals>.Older` was refused as another task."""
+    exp = tmp_path / "run"
+    Older.launch(WithExtra(max_steps=2, valid_every_n_steps=None), argv=[f"exp_dir={exp}"])
+
+    def make() -> type[Older]:
+        class Older(globals()["Older"]):  # type: ignore[misc,valid-type]
+            pass
+
+        return Older
+
+    moved = make()
+    assert moved.__qualname__.endswith("<locals>.Older")
+    moved.launch(WithExtra(max_steps=4, valid_every_n_steps=None), argv=[f"exp_dir={exp}"])
+    assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -78,7 +78,8 @@ def refuse_other_tasks_run(run: Path, task_cls: type, given: str) -> None:
         return
     prefix, _, suffix = RUN_FILE_HEADER.partition("{}")
     name = first.removeprefix(prefix).removesuffix(suffix)
-    if first.startswith(prefix) and first.endswith(suffix) and name != task_cls.__qualname__:
+    own = task_cls.__qualname__.rsplit(".", 1)[-1]  # The class's own name, as the checkpoint's check compares it:
+    if first.startswith(prefix) and first.endswith(suffix) and name.rsplit(".", 1)[-1] != own:  # moved, it is one.
         raise CheckpointError(
             f"{given} is a run of {name}, not of {task_cls.__qualname__}: point it at a run of "
             f"{task_cls.__qualname__}, or start a new run."
