@@ -667,6 +667,17 @@ def test_an_init_without_the_config_annotation_reads_the_declared_config(
         (["--trainer.default_root_dir=elsewhere"], r"--trainer.default_root_dir: a run keeps everything"),
         (["--trainer.enable_checkpointing=false"], r"--trainer.enable_checkpointing: mlfab writes last.ckpt"),
         (["--trainer.gradient_clip_algorithm=value"], r"gradient_clip_algorithm value needs --trainer.gradient_cl"),
+        # Lightning clips nothing at 0 or below; a clip_grad_norm given with value clipping was set to null.
+        (["--trainer.gradient_clip_algorithm=value", "--trainer.gradient_clip_val=0"], r"_val 0.0 with clipping by v"),
+        (["--trainer.gradient_clip_algorithm=value", "--trainer.gradient_clip_val=-1"], r"_val -1.0 with clipping b"),
+        (
+            [
+                "--trainer.gradient_clip_algorithm=value",
+                "--trainer.gradient_clip_val=0.5",
+                "--model.config.clip_grad_norm=2",
+            ],
+            r"clip_grad_norm 2.0 with --trainer.gradient_clip_algorithm value: a step is clipped by norm",
+        ),
         (["--optimizer=SGD", "--optimizer.lr=0.1", "--model.config.learning_rate=0.5"], r"learning_rate with --opti"),
         (["--trainer.log_every_n_steps=1"], r"--trainer.log_every_n_steps: mlfab's loggers write every log_int"),
     ],

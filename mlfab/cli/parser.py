@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import functools
 import io
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePath
@@ -520,10 +521,23 @@ def refuse_ignored_arguments(given: Sequence[str], cfg: Any, args: Sequence[str]
             "--trainer.enable_checkpointing: mlfab writes last.ckpt when training ends and the checkpoints of "
             "save_every_n_steps / save_every_n_seconds (null turns each off); set those instead"
         )
-    if cfg.get("trainer.gradient_clip_algorithm") == "value" and "trainer.gradient_clip_val" not in given:
+    by_value = cfg.get("trainer.gradient_clip_algorithm") == "value"
+    if by_value and "trainer.gradient_clip_val" not in given:
         problems.append(
             "--trainer.gradient_clip_algorithm value needs --trainer.gradient_clip_val, the value to clip at "
             "(clip_grad_norm is a gradient norm, which value clipping does not use)"
+        )
+    clip = cfg.get("trainer.gradient_clip_val")
+    positive = isinstance(clip, int | float) and 0 < clip < math.inf
+    if by_value and "trainer.gradient_clip_val" in given and not positive:
+        problems.append(  # Lightning clips nothing at 0 or below, silently.
+            f"--trainer.gradient_clip_val {clip} with clipping by value: must be a number > 0 (the largest gradient "
+            "entry kept)"
+        )
+    if by_value and "model.config.clip_grad_norm" in given and cfg.get("model.config.clip_grad_norm") is not None:
+        problems.append(  # It was set to null, silently: one clipping or the other.
+            f"clip_grad_norm {cfg['model.config.clip_grad_norm']} with --trainer.gradient_clip_algorithm value: a "
+            "step is clipped by norm (mlfab) or by value (Lightning), not both; drop one of them"
         )
     if any(k == "optimizer" or k.startswith("optimizer.") for k in given):
         typed = [k for k in OPTIMIZER_CONFIG_KEYS if any(a.split("=")[0] == f"--model.config.{k}" for a in args)]
