@@ -73,12 +73,20 @@ class NonFiniteGuard:
         with_grad = [p for p in params if p.grad is not None]
         values = [v.detach() for v in losses.values()]
         self.grad_norm = None
+        # fp16 gradients' norms in float32: a norm over 65504 of finite entries was inf (the step skipped, or every
+        # gradient zeroed by clipping). Others as they are (bf16's range is float32's).
+        half = any(p.grad.dtype == torch.float16 for p in with_grad if p.grad is not None)
         if with_grad and max_norm:  # The total norm clipping computes is not finite when any gradient is not.
-            self.grad_norm = norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+            if half:
+                norm = torch.nn.utils.get_total_norm([p.grad.float() for p in with_grad if p.grad is not None])
+                torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+            self.grad_norm = norm
             if check_grads:
                 values.append(norm)
         elif with_grad and check_grads:
-            grads = [g for p in with_grad if (g := p.grad) is not None]  # All of them: the filter is for mypy.
+            grads = [g.float() if half else g for p in with_grad if (g := p.grad) is not None]  # (Filter: for mypy.)
             norms: tuple[Tensor, ...] | list[Tensor] = foreach_norm(grads)
             if any(n.device != norms[0].device for n in norms):  # Parameters spread over devices.
                 norms = [n.to(norms[0].device) for n in norms]

@@ -226,6 +226,13 @@ def test_the_finiteness_check_finds_each_bad_part_and_ignores_an_overflowing_sum
             pytest.fail(f"finite fp16 gradients whose fp16 sum overflows were skipped as {guard.last_reason}")
         assert guard.in_a_row == 0  # Counted as a good step ...
         assert [p.grad.item() for p in half if p.grad is not None] == [60000.0, 60000.0]  # ... its gradients kept.
+    # One fp16 gradient of finite entries whose norm (94862) is past fp16's 65504: skipped as "the gradient", or
+    # (clipped) every entry zeroed; its norm is taken in float32.
+    big = torch.nn.Parameter(torch.zeros(100_000, dtype=torch.float16))
+    big.grad = torch.full_like(big, 300.0)
+    guard.clip_and_check([big], {"loss": torch.tensor(1.0)}, max_norm)
+    expected = 300.0 if max_norm is None else 300.0 * max_norm / (300.0 * 100_000**0.5)
+    assert float(big.grad.float().mean()) == pytest.approx(expected, rel=1e-3)
 
 
 def fp16_trainer(tmp_path: Path, scaler: torch.amp.GradScaler, clip: float | None) -> "pl.Trainer":
