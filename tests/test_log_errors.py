@@ -20,6 +20,8 @@ class BadLazyValue(BoringTask):
         self.log_scalar("broken", lambda: 1 / 0)
         self.log_scalar("fine", state.num_steps)
         self.log_scalar("many", torch.arange(3.0))  # Not one number: no silent mean.
+        self.log_scalar("np_many", np.arange(3.0))  # numpy's own error, not mlfab's.
+        self.log_scalar("np_one", np.array([2.5]))  # One number, as torch.tensor([2.5]) is: it was skipped.
         self.log_histogram("none", torch.empty(0))  # Nothing to bin: TensorBoard and W&B wrote nothing, silently.
         self.log_audio("silent", torch.empty(0))  # A 0-frame WAV and a blank spectrogram were written.
         self.log_histogram("complex", torch.ones(3, dtype=torch.complex64))  # Binned .real with a ComplexWarning.
@@ -38,8 +40,11 @@ def test_a_lazy_value_that_raises_is_skipped_with_its_key_and_step(
     scalars = read_scalars(tmp_path / "run" / "tensorboard" / "train")
     assert "value/fine" in scalars and "value/broken" not in scalars  # The rest of the step is written.
     many = [r.getMessage() for r in caplog.records if "log_scalar('many', namespace='value')" in r.getMessage()]
-    assert many and "a scalar is one number, got a tensor of shape (3,)" in many[0]
+    assert many and "a scalar is one number, got a Tensor of shape (3,)" in many[0]
     assert "value/many" not in scalars
+    np_many = [r.getMessage() for r in caplog.records if "log_scalar('np_many', namespace='value')" in r.getMessage()]
+    assert np_many and "a scalar is one number, got a ndarray of shape (3,)" in np_many[0]
+    assert {value for _, value in scalars["value/np_one"]} == {2.5}  # At each step written.
     said = [r.getMessage() for r in caplog.records]
     assert any("log_histogram('none', namespace='value') could not be written at step 0" in m for m in said)
     assert any("ValueError(\"log_histogram('none'): no values to bin\")" in m for m in said)

@@ -339,6 +339,20 @@ def test_a_log_interval_for_an_unknown_phase_is_refused_naming_the_phases() -> N
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(-5, "train: -5"), (float("nan"), "train: nan"), ({"valid": None}, "valid: None"), ({"train": "5"}, "train: '5'")],
+)
+def test_a_log_interval_that_is_no_number_of_seconds_is_refused(seconds: object, shown: str) -> None:
+    """None (a dict's phase) crashed the run at its second validation; NaN wrote nothing but the first and last."""
+    with pytest.raises(
+        ValueError, match=rf"JsonLogger\(log_interval_seconds=...\) got {shown}: each interval is a fin"
+    ):
+        mlfab.JsonLogger("unused", log_interval_seconds=seconds)  # type: ignore[arg-type]
+    assert mlfab.JsonLogger("unused", log_interval_seconds=np.float32(0.5)).log_interval_seconds["train"] == 0.5
+
+
+@pytest.mark.unit
 def test_a_log_interval_dict_without_train_keeps_the_loggers_training_interval(tmp_path: Path) -> None:
     """`{"valid": 30}` meant to change validation alone set training's interval to 0: every step was written and
     every lazy value computed every step."""

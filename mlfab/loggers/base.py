@@ -4,6 +4,8 @@ Write your own by subclassing `PlainLogger` (exported as `mlfab.PlainLogger`) an
 """
 
 import inspect
+import math
+import numbers
 from abc import ABC, abstractmethod
 from typing import Any, get_args
 
@@ -28,7 +30,14 @@ class MlfabLogger(ABC):
         """A number sets `train`; a dict sets the phases it names. `train` not named keeps the logger's default
         (its `log_interval_seconds` default: a dict of other phases does not make it write every step); the
         other phases default to 0 (every evaluation is written)."""
-        given: dict[LogPhase, float] = seconds if isinstance(seconds, dict) else {"train": float(seconds)}
+        given: dict[LogPhase, float] = seconds if isinstance(seconds, dict) else {"train": seconds}
+        bad = {k: v for k, v in given.items() if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0}
+        if bad or any(math.isinf(v) for v in given.values()):  # None crashed at a later write; NaN wrote nothing.
+            shown = ", ".join(f"{phase}: {value!r}" for phase, value in (bad or given).items())
+            raise ValueError(
+                f"{type(self).__name__}(log_interval_seconds=...) got {shown}: each interval is a finite number of "
+                "seconds >= 0 (0 writes every step)."
+            )
         if unknown := sorted(map(str, set(given) - set(get_args(LogPhase)))):  # A typo would silently do nothing.
             raise ValueError(
                 f"{type(self).__name__}(log_interval_seconds=...) got phase(s) {', '.join(map(repr, unknown))}; "
@@ -36,6 +45,7 @@ class MlfabLogger(ABC):
             )
         param = inspect.signature(type(self).__init__).parameters.get("log_interval_seconds")
         train = param.default if param is not None and isinstance(param.default, int | float) else 2.0
+        given = {phase: float(value) for phase, value in given.items()}
         self.log_interval_seconds = dict.fromkeys(get_args(LogPhase), 0.0) | {"train": float(train)} | given
 
     @abstractmethod

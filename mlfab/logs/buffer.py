@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from mlfab.errors import TaskDefinitionError
@@ -41,12 +42,13 @@ PREDICT: LogPhase = "predict"
 
 def _to_float(value: Any) -> float:
     value = resolve(value)
-    if isinstance(value, torch.Tensor) and value.numel() != 1:
+    count = value.numel() if isinstance(value, torch.Tensor) else np.size(value) if isinstance(value, np.ndarray) else 1
+    if count != 1:
         raise ValueError(
-            f"a scalar is one number, got a tensor of shape {tuple(value.shape)}: reduce it first (e.g. .mean()), "
-            "or log it with log_histogram"
+            f"a scalar is one number, got a {type(value).__name__} of shape {tuple(value.shape)}: reduce it first "
+            "(e.g. .mean()), or log it with log_histogram"
         )
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
+    return float(value.item() if isinstance(value, torch.Tensor | np.ndarray | np.generic) else value)
 
 
 class LogBuffer:
