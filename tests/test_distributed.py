@@ -233,8 +233,8 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
 OWN_TRAINER = """
 import os
 from pathlib import Path
-from typing import Any
 import lightning.pytorch as pl
+import torch
 from mlfab.testing import BoringConfig, BoringTask
 task = BoringTask(BoringConfig(max_steps=4))
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False, limit_val_batches=2,
@@ -242,6 +242,7 @@ trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, 
 trainer.fit(task)
 (result,) = trainer.validate(task, verbose=False)
 Path(os.environ["OUT_DIR"], f"rank{trainer.global_rank}.txt").write_text(str(result["valid/loss/loss"]))
+torch.distributed.destroy_process_group()  # As torch asks: without it, gloo's threads at exit could abort the process.
 """
 
 
