@@ -750,3 +750,18 @@ def test_a_flag_in_the_short_form_is_refused_saying_what_to_type(flag: str, says
         short_form_args(BoringTask, ["max_steps=4", flag])
     assert says.format(cmd=command_name()) in str(info.value)
     assert "trainer.trainer" not in str(info.value) and "config.trainer" not in str(info.value)
+
+
+@pytest.mark.unit
+def test_an_unknown_key_from_a_yaml_file_names_the_file(tmp_path: Path) -> None:
+    """The problem named the key alone: with several files, the user had to search them for it."""
+    (tmp_path / "good.yaml").write_text("max_steps: 2\n")
+    (tmp_path / "typo.yaml").write_text("max_stpes: 5\nmodel:\n  hiden: 3\n")
+    with pytest.raises(mlfab.ConfigError) as info:
+        NestedTask.launch(
+            NestedConfig(), argv=[str(tmp_path / "good.yaml"), str(tmp_path / "typo.yaml"), "bach_size=3"]
+        )
+    problems = str(info.value).splitlines()
+    assert f"  - unknown key 'max_stpes'; did you mean 'max_steps'? (in {tmp_path / 'typo.yaml'})" in problems
+    assert f"  - unknown key 'model.hiden'; did you mean 'model.hidden'? (in {tmp_path / 'typo.yaml'})" in problems
+    assert "  - unknown key 'bach_size'; did you mean 'batch_size'?" in problems  # Typed: no file.

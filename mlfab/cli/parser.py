@@ -13,8 +13,9 @@ import difflib
 import functools
 import io
 import math
+import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -25,6 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mlfab.checkpoints import check_ckpt_path, saved_at
 from mlfab.cli.args import (
+    PASSED_ON,
     SUBCOMMANDS,
     args_into_whole_values,
     config_file_args,
@@ -685,15 +687,18 @@ def launch(task_cls: type["Task"], *configs: Any, launcher: Any = None, argv: li
     else:
         asks_help = any(a.partition("=")[0] in ("-h", "--help") for a in argv)
         into_values = [] if asks_help else args_into_whole_values(task_cls.config_class(), argv)
-        args, values = short_form_args(task_cls, [a for a in argv if a not in into_values])
+        short = [a for a in argv if a not in into_values]
+        args, values = short_form_args(task_cls, short)
+        # The file that gave each of `values` (None for a `key=value`), for its problems to name it.
+        files = [None if "=" in a else a for a in short if a.partition("=")[0] not in PASSED_ON]
         if into_values:  # Explained with every other problem of the config given.
-            raise ConfigError(_explain(task_cls, configs, values, None, into_values))
+            raise ConfigError(_explain(task_cls, configs, values, None, into_values, files))
         if "--help" in args or "-h" in args:
             print(short_form_usage())
         try:
             code = run_cli(task_cls, ["fit", *args], configs, launcher, short_form=True)
         except ShortFormError as e:
-            raise ConfigError(_explain(task_cls, configs, values, str(e))) from None
+            raise ConfigError(_explain(task_cls, configs, values, str(e), files=files)) from None
     if code:
         raise SystemExit(code)
 
@@ -704,6 +709,7 @@ def _explain(
     values: list[dict[str, Any]],
     said: str | None,
     into_values: Sequence[str] = (),
+    files: Sequence[str | None] = (),
 ) -> str:
     """jsonargparse refused the short form's arguments (it `said` why), or mlfab refused `key=value` arguments
     `into_values` (`args_into_whole_values`) before it parsed them: every problem, by the key as typed, when they
@@ -715,13 +721,29 @@ def _explain(
         whole_value_problem(config_cls, key, raw, given, flag=False)
         for key, _, raw in (arg.partition("=") for arg in into_values)
     ]
-    problems += config_problems(config_cls, given)
+    problems += [_in_file(problem, values, files) for problem in config_problems(config_cls, given)]
     hint = f"See `{command_name()} --help` for what each argument takes."
     if said is not None and problems and not config_problems(config_cls, given, rules=False):
         problems.append(f"{said} ({hint})")  # Values out of range, and a refusal they do not explain.
     if problems:
         return problems_message(config_cls.__name__, problems)
     return f"{said}\n{hint}"
+
+
+def _in_file(problem: str, values: Sequence[Mapping[str, Any]], files: Sequence[str | None]) -> str:
+    """An unknown key's problem, naming the YAML file that gave it (the last one, as the last value wins)."""
+    unknown = re.match(r"unknown key '([^']+)'", problem)
+    for data, file in reversed(list(zip(values, files, strict=False))):
+        if unknown is None or file is None:
+            continue
+        for part in unknown.group(1).split("."):
+            data = data.get(part, _MISSING) if isinstance(data, Mapping) else _MISSING
+        if data is not _MISSING:
+            return f"{problem} (in {file})"
+    return problem
+
+
+_MISSING = object()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
