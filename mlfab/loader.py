@@ -54,7 +54,7 @@ class MlfabLoader(StatefulDataLoader):
         self._replay: list[Any] = []
         self.skipped_batches = 0
         self._ever_produced = False
-        self._epoch_ran_out = [False]  # Whether the pass in progress ran out (see `_keep_sampler_epoch`).
+        self._epoch_ran_out = False  # Whether the pass in progress ran out (see `state_dict`).
 
     @override
     def __iter__(self) -> Iterator[Any]:
@@ -62,7 +62,7 @@ class MlfabLoader(StatefulDataLoader):
         # loader's seeds come from its own generator; a dataset's `__iter__` may use the global ones) is drawn
         # before a resumed run restores the global generators' states.
         replay, self._replay = self._replay, []
-        self._epoch_ran_out[0] = False
+        self._epoch_ran_out = False
         return self._batches(replay, super().__iter__())
 
     def _keep_sampler_epoch(self, saved: int | None) -> None:
@@ -99,7 +99,7 @@ class MlfabLoader(StatefulDataLoader):
                 skipped += 1
                 continue
             yield self._note(batch)
-        self._epoch_ran_out[0] = True
+        self._epoch_ran_out = True
         if not self._ever_produced:  # Lightning would start a new epoch forever. (A resumed epoch may be empty.)
             name = type(getattr(self.dataset, "dataset", self.dataset)).__name__
             raise DatasetError(
@@ -126,7 +126,7 @@ class MlfabLoader(StatefulDataLoader):
         in_flight = [stored(batch) for batch in self.in_flight()]
         own = {"loader": super().state_dict(), "in_flight": in_flight, "skipped": self.skipped_batches}
         if (sampler := self._epoch_sampler()) is not None:  # The epoch of the samples drawn next.
-            own["sampler_epoch"] = sampler.epoch + self._epoch_ran_out[0]
+            own["sampler_epoch"] = sampler.epoch + self._epoch_ran_out
         if not _distributed():
             return own
         everyone: list[Any] = [None] * dist.get_world_size()

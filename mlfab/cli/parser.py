@@ -733,8 +733,10 @@ def _explain(
 def _in_file(problem: str, values: Sequence[Mapping[str, Any]], files: Sequence[str | None]) -> str:
     """An unknown key's problem, naming the YAML file that gave it (the last one, as the last value wins)."""
     unknown = re.match(r"unknown key '([^']+)'", problem)
-    for data, file in reversed(list(zip(values, files, strict=False))):
-        if unknown is None or file is None:
+    if unknown is None:
+        return problem
+    for data, file in reversed(list(zip(values, files, strict=True))):
+        if file is None:
             continue
         for part in unknown.group(1).split("."):
             data = data.get(part, _MISSING) if isinstance(data, Mapping) else _MISSING
