@@ -600,7 +600,7 @@ def test_a_relaunch_into_a_run_whose_keys_the_config_no_longer_declares_is_refus
     Older.launch(WithExtra(max_steps=2, valid_every_n_steps=None), argv=["extra=3", f"exp_dir={exp}"])
     before = snapshot(exp)
     args = ["max_steps=4", f"exp_dir={exp}"] if form == "key=value" else ["fit", f"--model.config.exp_dir={exp}"]
-    with pytest.raises(mlfab.ConfigError, match=r"config.yaml holds extra, which BoringConfig no longer declares"):
+    with pytest.raises(mlfab.ConfigError, match=r"holds keys BoringConfig does not declare \(unknown key 'extra'"):
         OlderLater.launch(BoringConfig(max_steps=4, valid_every_n_steps=None), argv=args)
     assert snapshot(exp) == before
 
@@ -627,7 +627,7 @@ def test_a_typo_in_a_runs_config_yaml_is_named_with_the_key_it_is_close_to(tmp_p
     launch(exp, max_steps=2, learning_rate=0.02)
     path = exp / "config.yaml"
     path.write_text(path.read_text().replace("    learning_rate: 0.02\n", "    learning_rat: 0.02\n"))
-    with pytest.raises(mlfab.ConfigError, match=r"holds learning_rat, which .* Or fix it there: learning_rat \(a typo"):
+    with pytest.raises(mlfab.ConfigError, match=r"\(unknown key 'learning_rat'; did you mean 'learning_rate'\?\)"):
         launch(exp, max_steps=4)
 
 

@@ -297,17 +297,11 @@ class MlfabCLI(LightningCLI):
                 if key not in given and key not in flagged and key in cfg:
                     cfg[key] = value
             run_values = _flatten(cls, self.run_config, "model.config.")
-            if gone := [key for key in run_values if key not in cfg]:
-                known = [key for key in cfg.keys() if key.startswith("model.config.")]
-                close = {key: difflib.get_close_matches(key, known, n=1, cutoff=0.8) for key in gone}
-                shown = [k.removeprefix("model.config.") for k in gone]
-                typos = [f"{k.removeprefix('model.config.')} (a typo of {c[0].removeprefix('model.config.')}?)"
-                         for k, c in close.items() if c]  # fmt: skip
-                raise ConfigError(
-                    f"This run's config.yaml holds {', '.join(shown)}, which {cls.__name__} no longer declares, so the "
-                    "relaunch cannot keep it. Declare it again, or delete it from the run's config.yaml (its "
-                    "provenance/ folder keeps each launch's copy) to go on without it."
-                    + (f" Or fix it there: {', '.join(typos)}." if typos else "")
+            if gone := [p for p in config_problems(cls, self.run_config, rules=False) if p.startswith("unknown key")]:
+                raise ConfigError(  # (Each with its close matches, as a typo there would be.)
+                    f"This run's config.yaml holds keys {cls.__name__} does not declare ({'; '.join(gone)}), so the "
+                    "relaunch cannot keep them. Declare them again, fix a typo there, or delete them from the run's "
+                    "config.yaml (its provenance/ folder keeps each launch's copy) to go on without them."
                 )
             for key, value in run_values.items():
                 if key not in given and key not in flagged and key not in script and key in cfg:
