@@ -765,3 +765,28 @@ def test_an_unknown_key_from_a_yaml_file_names_the_file(tmp_path: Path) -> None:
     assert f"  - unknown key 'max_stpes'; did you mean 'max_steps'? (in {tmp_path / 'typo.yaml'})" in problems
     assert f"  - unknown key 'model.hiden'; did you mean 'model.hidden'? (in {tmp_path / 'typo.yaml'})" in problems
     assert "  - unknown key 'bach_size'; did you mean 'batch_size'?" in problems  # Typed: no file.
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("form", ["--config", "--model.config", "--model.config="])
+def test_an_unknown_key_in_a_yaml_file_of_fit_names_the_file_and_its_close_match(
+    form: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fit` said only "does not accept option 'model.config.bach_size'": which file, and what was meant, the user
+    had to work out (the `key=value` form says both)."""
+    body = "bach_size: 3\n" if form.startswith("--model.config") else "model:\n  config:\n    bach_size: 3\n"
+    (tmp_path / "good.yaml").write_text("max_steps: 2\n" if form.startswith("--model.config") else "trainer: {}\n")
+    (tmp_path / "typo.yaml").write_text(body)
+    flag = form.rstrip("=")
+    files = [
+        f"{flag}={tmp_path / name}" if form.endswith("=") else f"{flag} {tmp_path / name}"
+        for name in ("good.yaml", "typo.yaml")
+    ]
+    with pytest.raises(SystemExit) as info:
+        run_cli(BoringTask, ["fit", *" ".join(files).split(" ")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"does not accept option 'model.config.bach_size' (in {tmp_path / 'typo.yaml'}); "
+        "did you mean model.config.batch_size?" in err
+    )

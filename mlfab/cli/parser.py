@@ -133,6 +133,7 @@ class MlfabArgumentParser(LightningArgumentParser):
     """Lightning's parser; an unrecognized flag also gets the closest known flags as suggestions."""
 
     short_form = False  # Set by MlfabCLI: a refusal is then explained by `launch` instead of printed.
+    given_args: list[str] = []  # Set by MlfabCLI before parsing.
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # A flag is its whole name: argparse took a prefix (`--model.config.batches 4`, `batches=4`) for the one key
@@ -149,6 +150,13 @@ class MlfabArgumentParser(LightningArgumentParser):
                 close = difflib.get_close_matches(token.partition("=")[0], known, n=3, cutoff=0.8)
                 if token.startswith("--") and close:
                     message += f"\n  {token}: did you mean {' or '.join(close)}?"
+        elif unknown := re.search(r"does not accept option '([^']+)'", message):  # A key in a YAML file given.
+            parser = getattr(ex, "subcommand_parser", None) or self
+            known = [o[2:] for o in parser._option_string_actions if o.startswith("--")]
+            close = difflib.get_close_matches(unknown[1], known, n=3, cutoff=0.8)
+            files = [path for flag, path in _section_files(self.given_args) if unknown[1] in _keys_in(flag, path)]
+            message += f" (in {', '.join(files)})" if files else ""
+            message += f"; did you mean {' or '.join(close)}?" if close else ""
         super().error(message, ex)
 
 
@@ -216,6 +224,7 @@ class MlfabCLI(LightningCLI):
             refuse_flags_into_whole_values(self.task_cls.config_class(), args, self.script_config)
         for path in _files_given(args):  # jsonargparse reads them as PyYAML does: a key given twice, the last.
             load_yaml(path)
+        parser.given_args = list(args)  # type: ignore[attr-defined]  # (For `error` to name the file of a key.)
         self.config = parser.parse_args(args)
         cfg = self.config[self.config.subcommand]
         self.pruned_ckpt_path = None
@@ -480,13 +489,33 @@ class MlfabCLI(LightningCLI):
         raise AttributeError(name)
 
 
-def _files_given(args: Sequence[str]) -> list[str]:
-    """The YAML files the arguments that take a whole section name (`--config`, `-c`, `--model.config`, `--model`,
-    `--trainer`, ...; a value that is no file is left alone)."""
+def _section_files(args: Sequence[str]) -> list[tuple[str, str]]:
+    """(flag, file) of each YAML file an argument that takes a whole section names (`--config`, `-c`,
+    `--model.config`, `--model`, `--trainer`, ...; a value that is no file is left alone)."""
     flags = ("--config", "-c", "--model.config", "--model", "--trainer", "--data", "--optimizer", "--lr_scheduler")
-    named = [arg.partition("=")[2] for arg in args if arg.partition("=")[0] in flags and "=" in arg]
-    named += [after for flag, after in zip(args, args[1:], strict=False) if flag in flags]
-    return [path for path in named if Path(path).expanduser().is_file()]
+    named = [arg.partition("=")[::2] for arg in args if arg.partition("=")[0] in flags and "=" in arg]
+    named += [(flag, after) for flag, after in zip(args, args[1:], strict=False) if flag in flags]
+    return [(flag, path) for flag, path in named if Path(path).expanduser().is_file()]
+
+
+def _files_given(args: Sequence[str]) -> list[str]:
+    return [path for _, path in _section_files(args)]
+
+
+def _keys_in(flag: str, path: str) -> set[str]:
+    """The dotted keys a section file given with `flag` sets, as the subcommand's parser names them."""
+    prefix = "" if flag in ("--config", "-c") else flag[2:] + "."
+    try:
+        data = load_yaml(path)
+    except ConfigError:  # (Read once already, by `parse_arguments`.)
+        return set()
+    keys, todo = set(), [(prefix, data)]
+    while todo:
+        at, value = todo.pop()
+        if isinstance(value, dict):
+            todo += [(f"{at}{key}.", sub) for key, sub in value.items()]
+        keys.add(at.rstrip("."))
+    return keys
 
 
 def refuse_flags_into_whole_values(config_cls: type, args: Sequence[str], script_config: dict[str, Any]) -> None:
