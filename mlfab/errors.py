@@ -64,7 +64,8 @@ def report(error: MlfabError, run_dir: Path | None = None) -> int:
     if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
         sys.stderr.write(text)
     where = f"\n(traceback in {logged})" if logged is not None else ""
-    print(f"error: {_message(error)}{where}", file=sys.stderr, flush=True)
+    notes = "".join(f"\n{note}" for note in getattr(error, "__notes__", ()))  # What mlfab added on its way up.
+    print(f"error: {_message(error)}{notes}{where}", file=sys.stderr, flush=True)
     return exit_code(error)
 
 

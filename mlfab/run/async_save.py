@@ -25,8 +25,9 @@ killed at the same point leaves: the previous checkpoints intact. How it behaves
   tensors instead of CUDA ones). When the copy would not fit in the memory the system has available, that save
   is written synchronously, saying so.
 - A failed background write is printed when it happens and raised (the CheckpointError mlfab gives for a failed
-  save, or the original exception) by the next save, or when the Trainer tears down (the end of `fit`, also after an
-  exception: then it is printed and the first exception goes on). Files removed in the meantime (ModelCheckpoint's
+  save, or the original exception) by the next save, once that save is written (at once: the state since is kept),
+  or when the Trainer tears down (the end of `fit`, also after an exception: then it is printed and the first
+  exception goes on). Files removed in the meantime (ModelCheckpoint's
   `save_top_k`) are removed after the write, in order, and not at all when it failed.
 - A task overriding mlfab 0.2's `on_before_save_ckpt` / `on_after_save_ckpt` gets synchronous saves, its hooks
   around each write as before (`on_after_save_ckpt` promises the file is on disk), saying so once.
@@ -127,14 +128,22 @@ class BackgroundCheckpointIO(CheckpointIO):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
-        self.wait()  # One write at a time; raises the error of the previous one.
-        try:
-            self._save(checkpoint, path, storage_options)
+        self._wait_for_jobs()  # One write at a time.
+        failed, self._error = self._error, None
+        try:  # After a failed write, this one at once, before that error stops the run: the state since is kept.
+            self._save(checkpoint, path, storage_options, at_once=failed is not None)
+        except BaseException as e:
+            if failed is not None:
+                e.add_note(f"(An earlier checkpoint had failed in the background: {failed})")
+            raise
         finally:
             self._staging.finish()
+        if failed is not None:
+            failed.add_note(f"The state at the next save was written to {path} first: relaunch to go on from it.")
+            raise failed
 
-    def _save(self, checkpoint: dict[str, Any], path: Path, storage_options: Any) -> None:
-        if self.background(path) and self._sync_reason is None:
+    def _save(self, checkpoint: dict[str, Any], path: Path, storage_options: Any, at_once: bool) -> None:
+        if self.background(path) and self._sync_reason is None and not at_once:
             needed = tensor_bytes(checkpoint) - self._staging.reusable_bytes()
             available = available_memory()
             if available is None or needed < 0.8 * available:
@@ -147,7 +156,7 @@ class BackgroundCheckpointIO(CheckpointIO):
                 f"does not fit in memory): its copy would take {human_bytes(needed)} more memory, and the system has "
                 f"{human_bytes(available)} available.",
             )
-        elif self.background(path):
+        elif self.background(path) and not at_once:
             self._tell("hooks", f"Checkpoints are written synchronously (async_checkpoints): {self._sync_reason}.")
         before, after = self._hooks or (None, None)
         if before is not None:
@@ -226,7 +235,7 @@ class BackgroundCheckpointIO(CheckpointIO):
                 )
                 print(
                     f"Checkpoint {path} could not be {what} in the background: {e} Training stops at the next save "
-                    "or when it ends.",
+                    "(written first) or when it ends.",
                     file=sys.stderr,
                     flush=True,
                 )
