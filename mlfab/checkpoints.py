@@ -61,7 +61,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if path.parent not in self._cleaned:  # Also where no run start looked (a --ckpt_path from elsewhere).
             self._cleaned.add(path.parent)
             remove_stale_temporary_files(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temporary_file(path)
         writer: HashingWriter | None = None
         try:
             with os.fdopen(fd, "wb") as f:
@@ -241,7 +241,7 @@ def write_checksum(path: Path, digest: str) -> None:
     """`<name>.sha256` beside the checkpoint, in `sha256sum`'s format, written atomically. A failure only warns:
     the checkpoint is intact, it just loads unchecked."""
     target = checksum_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temporary_file(target)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(f"{digest}  {path.name}\n")
@@ -251,6 +251,18 @@ def write_checksum(path: Path, digest: str) -> None:
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         print(f"Saved {path}, but could not write its checksum {target.name} ({e}).", file=sys.stderr, flush=True)
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # Read once, at import: setting it to read it is not thread-safe.
+
+
+def temporary_file(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new `.<name>.*.tmp` beside `path`, to be renamed onto it, with the mode a plain `open` gives
+    (0644 under the usual umask): `mkstemp`'s 0600 would make the run's files unreadable to the user's group."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
 
 
 def expected_digest(path: Path) -> str | None:

@@ -658,3 +658,29 @@ def test_a_subcommand_limited_to_no_batch_is_refused(tmp_path: Path, subcommand:
         f"{subcommand} on, or leave it out."
     )
     assert sorted(run.rglob("*")) == before  # The run as it was.
+
+
+@pytest.mark.integration
+def test_the_runs_files_have_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    """Checkpoints, their checksums, config.yaml and provenance were 0600 (a temporary file's mode, kept by the
+    rename) where the event files beside them were 0644: the user's group could not read the run."""
+    code = (
+        "import os, sys; os.umask(0o027)\n"
+        "from mlfab.testing import BoringConfig, BoringTask\n"
+        "BoringTask.launch(BoringConfig(valid_every_n_steps=None, save_every_n_seconds=None), argv=sys.argv[1:])\n"
+    )
+    run = tmp_path / "run"
+    args = [sys.executable, "-c", code, "max_steps=4", "save_every_n_steps=2", f"exp_dir={run}"]
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in run.rglob("*") if p.is_file()}
+    for name in (
+        "config.yaml",
+        "checkpoints/last.ckpt",
+        "checkpoints/last.ckpt.sha256",
+        "checkpoints/step_00000004.ckpt",
+    ):
+        assert name in files
+    assert any(name.startswith("provenance/") for name in files) and any("tfevents" in name for name in files)
+    assert {name: mode for name, mode in files.items() if mode != oct(0o640)} == {}

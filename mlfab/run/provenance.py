@@ -14,12 +14,13 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mlfab.checkpoints import temporary_file
 
 GIT_TIMEOUT_S = 5.0
 
@@ -98,7 +99,7 @@ def task_source(task_cls: type) -> tuple[str, str] | None:
 def atomic_write(path: Path, text: str) -> None:
     """Write through a temporary file and `os.replace`, so a crash never leaves a half-written record."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary_file(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
