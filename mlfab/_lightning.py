@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loops.evaluation_loop import RestartStage as EvaluationRestartStage
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import Tensor
 from torch._dynamo.callback import on_compile_end, on_compile_start
 from typing_extensions import override
@@ -263,6 +264,12 @@ def collect_rng_states(include_cuda: bool) -> dict[str, Any]:
 def set_rng_states(states: dict[str, Any]) -> None:
     """Restores what `collect_rng_states` returned. Private: `lightning.fabric.utilities.seed._set_rng_states`."""
     _set_rng_states(states)
+
+
+# A classmethod that refuses to be called on an instance, as Lightning's `LightningModule.load_from_checkpoint` is (it
+# returns a new module, which users called on an instance expecting it to load in place): mlfab's override keeps that.
+# Private: `lightning.pytorch.utilities.model_helpers._restricted_classmethod`.
+restricted_classmethod = _restricted_classmethod
 
 
 def unrepeated_sampler(dataset: Any, num_replicas: int, rank: int) -> UnrepeatedDistributedSampler:

@@ -13,7 +13,7 @@ import numbers
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Generic
 
 import lightning.pytorch as pl
@@ -32,11 +32,20 @@ from mlfab._lightning import (
     metric_step_value,
     precompute_step_signatures,
     publish_metrics,
+    restricted_classmethod,
     step_ends,
     uploads_checkpoints,
     withhold_from_loggers,
 )
-from mlfab.checkpoints import around_saves, check_compatible, gather_rng_states, restore_rng_states, task_id
+from mlfab.checkpoints import (
+    around_saves,
+    check_compatible,
+    checksum_error,
+    damage,
+    gather_rng_states,
+    restore_rng_states,
+    task_id,
+)
 from mlfab.cli.parser import launch
 from mlfab.compiling import Compiled
 from mlfab.config import Config, ConfigT, build_config, check_config, to_dict
@@ -1098,6 +1107,16 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     # ----------------------------------------------------------------------------------------------------------------
     # Running.
+
+    @restricted_classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's, with the checkpoint checked first as a resume checks it (its `.sha256`, or a complete file):
+        a damaged file loaded silently, with wrong weights."""
+        if isinstance(checkpoint_path, str | PurePath) and Path(checkpoint_path).expanduser().is_file():
+            path = Path(checkpoint_path).expanduser()
+            if (problem := damage(path)) is not None:
+                raise checksum_error(path, problem)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @classmethod
     def launch(

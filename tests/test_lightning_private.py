@@ -427,6 +427,12 @@ def test_unrepeated_sampler_splits_without_repeats_and_lightning_keeps_it() -> N
     assert isinstance(DataLoader(range(9), sampler=unrepeated_sampler(range(9), 2, 1)).sampler, DistributedSampler)
 
 
+def test_restricted_classmethod_is_what_lightning_decorates_load_from_checkpoint_with() -> None:
+    """mlfab's `Task.load_from_checkpoint` (checks tested in tests/test_checkpoint_hygiene.py) keeps Lightning's guard."""
+    assert isinstance(pl.LightningModule.__dict__["load_from_checkpoint"], _lightning.restricted_classmethod)
+    assert isinstance(mlfab.Task.__dict__["load_from_checkpoint"], _lightning.restricted_classmethod)
+
+
 def rank_zeros(trainer: pl.Trainer) -> str:
     return f"rank zero's step {trainer.global_step}"
 
