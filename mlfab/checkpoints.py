@@ -310,12 +310,18 @@ def file_sha256(path: Path) -> str:
 
 
 def checksum_problem(path: Path) -> str | None:
-    """What is wrong with a checkpoint by its checksum file, or None when it matches or there is none."""
+    """What is wrong with a checkpoint by its checksum file, or None when it matches or there is none. A checksum
+    file that cannot be read is what is damaged (hand-edited, copied badly), not the checkpoint: that one is then
+    checked as one without a checksum is, saying so."""
     expected = expected_digest(path)
     if expected is None:
         return None
     if expected.startswith("unreadable"):
-        return f"its checksum file {checksum_path(path).name} is {expected}"
+        say_once(
+            f"The checksum file {checksum_path(path)} is {expected}: {path.name} is checked only for being a complete "
+            "torch checkpoint. (The next save of that name writes a new checksum.)"
+        )
+        return None
     actual = file_sha256(path)
     if actual == expected:
         return None
@@ -328,8 +334,8 @@ def checksum_problem(path: Path) -> str | None:
 def damage(path: Path) -> str | None:
     """Why a checkpoint file is damaged (checksum mismatch; without a checksum, not a complete zip file, as a
     truncated one is not), or None when it looks intact. Reads the file once for its hash."""
-    problem = checksum_problem(path)
-    if problem is not None or expected_digest(path) is not None:
+    problem, expected = checksum_problem(path), expected_digest(path)
+    if problem is not None or (expected is not None and not expected.startswith("unreadable")):
         return problem
     try:
         with zipfile.ZipFile(path) as z:
@@ -384,6 +390,17 @@ def remove_stale_temporary_files(ckpt_dir: Path) -> list[Path]:
     return removed
 
 
+said: set[str] = set()  # Emptied at each launch (`run_cli`).
+
+
+def say_once(message: str) -> None:
+    """On stderr, once per launch: a relaunch looks for the checkpoint to go on from both when it parses its
+    arguments and when the run starts."""
+    if message not in said:
+        said.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
 def intact_checkpoint(ckpt_dir: Path, announce: bool = True) -> Path | None:
     """The newest checkpoint in a directory that is not damaged (`damage`); when newer ones are, says which and
     why. None when there is no checkpoint; a CheckpointError when every one is damaged."""
@@ -394,12 +411,10 @@ def intact_checkpoint(ckpt_dir: Path, announce: bool = True) -> Path | None:
         if problem is None:
             if bad and announce:
                 which = ", ".join(f"{p} ({why})" for p, why in bad)
-                print(
+                say_once(
                     f"Checkpoint{'s' if len(bad) > 1 else ''} {which} {'are' if len(bad) > 1 else 'is'} corrupt or "
-                    f"truncated: resuming from {path}, the newest intact checkpoint, instead. (Left in place; "
-                    "the next save of the same name replaces it.)",
-                    file=sys.stderr,
-                    flush=True,
+                    f"truncated: using {path}, the newest intact checkpoint, instead. (Left in place; the next save "
+                    "of the same name replaces it.)"
                 )
             return path
         bad.append((path, problem))

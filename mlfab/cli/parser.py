@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mlfab.checkpoints import check_ckpt_path, saved_at
+from mlfab.checkpoints import check_ckpt_path, said, saved_at
 from mlfab.cli.args import (
     PASSED_ON,
     SUBCOMMANDS,
@@ -662,6 +662,7 @@ def run_cli(
             f"Unknown launcher {launcher!r}: use None (train here, on the devices the config asks for; torchrun and "
             "multi-node environments are detected) or 'slurm'."
         )
+    said.clear()  # Each launch says again what it finds (a damaged checkpoint, ...), once.
     script, file_args, _ = script_sources(task_cls, configs)
     if _has_unknown_keys(task_cls.config_class(), script):  # jsonargparse could not even take them as defaults.
         problems = [p for p in config_problems(task_cls.config_class(), script) if not p.startswith("missing required")]
