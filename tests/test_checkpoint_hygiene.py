@@ -708,3 +708,47 @@ def test_a_damaged_checksum_file_beside_an_intact_checkpoint_does_not_throw_that
     assert f"Resuming from {last}\n" in out + err  # Not from the older step_00000006.ckpt.
     assert torch.load(last, weights_only=True)["global_step"] == 8 and damage(last) is None
     assert BoringTask.load_from_checkpoint(last).weights_step == 8
+
+
+SLOW_SCRIPT = """
+import sys, time
+from mlfab import testing
+from mlfab.testing import BoringConfig
+
+class BoringTask(testing.BoringTask):  # The same task, slower.
+    def on_step_end(self, state, loss_dict):
+        if state.num_steps == 2:
+            print("training", flush=True)
+        time.sleep(0.05)
+
+BoringTask.launch(BoringConfig(valid_every_n_steps=None, save_every_n_seconds=None), argv=sys.argv[1:])
+"""
+
+
+@pytest.mark.integration
+def test_a_second_fit_into_a_run_that_is_training_is_refused(tmp_path: Path) -> None:
+    """Both trained into one directory: the second's checkpoints overwrote the first's, their logs were mixed, and
+    both said they finished."""
+    run = tmp_path / "run"
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    args = [sys.executable, str(script), "max_steps=100000", "save_every_n_steps=5", f"exp_dir={run}"]
+    first = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None
+        if "training\n" not in iter(first.stdout.readline, ""):  # Reads up to that line (or the end: a failure).
+            pytest.fail(first.communicate(timeout=60)[1][-3000:])
+        config_yaml = (run / "config.yaml").read_text()
+        with pytest.raises(mlfab.ConfigError, match=rf"Another process is training in the run {re.escape(str(run))}"):
+            launch(run)
+        assert (run / "config.yaml").read_text() == config_yaml  # Nothing of the refused launch written.
+        with pytest.raises(mlfab.ConfigError, match="Another process is training"):  # Also in the fit form.
+            launch(run, "fit", "--trainer.max_steps=3")
+    finally:
+        first.terminate()
+        first.wait(60)
+    assert first.returncode == 128 + 15  # Stopped by its SIGTERM, with a checkpoint, not by the refused launches.
+    stopped_at = int(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"])
+    launch(run, max_steps=stopped_at + 2)  # Once it ended, a relaunch goes on from it.
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped_at + 2

@@ -428,7 +428,7 @@ def test_unrepeated_sampler_splits_without_repeats_and_lightning_keeps_it() -> N
 
 
 def test_restricted_classmethod_is_what_lightning_decorates_load_from_checkpoint_with() -> None:
-    """mlfab's `Task.load_from_checkpoint` (checks tested in tests/test_checkpoint_hygiene.py) keeps Lightning's guard."""
+    """mlfab's `Task.load_from_checkpoint` (its checks: tests/test_checkpoint_hygiene.py) keeps Lightning's guard."""
     assert isinstance(pl.LightningModule.__dict__["load_from_checkpoint"], _lightning.restricted_classmethod)
     assert isinstance(mlfab.Task.__dict__["load_from_checkpoint"], _lightning.restricted_classmethod)
 

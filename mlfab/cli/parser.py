@@ -58,7 +58,7 @@ from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
 from mlfab.run.provenance import rewound_at
-from mlfab.run.rundir import checkpoint_run, newest_checkpoint, refuse_other_tasks_run
+from mlfab.run.rundir import checkpoint_run, let_go_of_run_dirs, newest_checkpoint, refuse_other_tasks_run
 from mlfab.run.slurm import in_slurm_job
 from mlfab.run.trainer import resolve_precision, trainer_settings
 
@@ -672,6 +672,8 @@ def run_cli(
         return MlfabCLI(task_cls, args, script, short_form=short_form, launcher=launcher).exit_code
     except Submitted:
         return 0
+    finally:
+        let_go_of_run_dirs()
 
 
 def _has_unknown_keys(cls: type, data: dict[str, Any]) -> bool:

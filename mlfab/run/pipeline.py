@@ -30,7 +30,7 @@ from mlfab.run.distributed import EXP_DIR_ENV
 from mlfab.run.invocation import command_name, current_command
 from mlfab.run.provenance import atomic_write, launch_count, provenance_text, trained_before, write_provenance
 from mlfab.run.quiet import hardware_line, install_quiet_start
-from mlfab.run.rundir import RUN_FILE_HEADER, agreed_exp_dir, new_exp_dir
+from mlfab.run.rundir import RUN_FILE_HEADER, agreed_exp_dir, hold_run_dir, new_exp_dir
 from mlfab.run.slurm import submit
 from mlfab.run.trainer import trainer_kwargs
 
@@ -77,6 +77,8 @@ def prepare_run(
     `exp_dir`), and leave its config.yaml as training wrote it."""
     existed = _exists(task.config.exp_dir)
     exp_dir, writer = agreed_exp_dir(type(task), task.config)
+    if writer and subcommand == "fit":
+        hold_run_dir(exp_dir)
     install_quiet_start(exp_dir / "checkpoints")  # Before the Trainer is built: it prints tips and hardware lines.
     task._exp_dir = exp_dir
     with forgotten_if_refused(exp_dir, writer and not existed):

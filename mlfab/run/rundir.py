@@ -1,14 +1,19 @@
 """Run directories: `<run_dir>/<snake_case task name>/run_<N>`, one per run, agreed on by every rank."""
 
+import errno
+import fcntl
 import os
 import re
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from mlfab.checkpoints import intact_checkpoint, remove_stale_temporary_files
 from mlfab.config import Config
 from mlfab.errors import CheckpointError, ConfigError
 from mlfab.run.distributed import EXP_DIR_ENV, PLACEHOLDER_PREFIX, env_rank_zero
+from mlfab.run.slurm import in_slurm_job
 from mlfab.settings import default_run_dir, load_settings
 
 
@@ -63,6 +68,48 @@ def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
             return Path(config.exp_dir).expanduser().resolve(), False
         return Path(tempfile.mkdtemp(prefix=PLACEHOLDER_PREFIX)), False
     return new_exp_dir(task_cls, config), True
+
+
+_held: dict[Path, int] = {}  # Run directories this process trains in: their open descriptors, which hold the lock.
+REQUEUED_WAIT_S = 120.0  # How long a Slurm job waits for the job it replaces to let go of the run.
+
+
+def hold_run_dir(exp_dir: Path) -> None:
+    """Takes the run directory's lock (`flock` on the directory: no file is added, and the kernel lets go when the
+    process ends, also when killed) for this process's training in it; a second `fit` into the same run while one
+    trains there is refused: both would write the same checkpoints and mix their logs. A Slurm job waits a while
+    (the job it was requeued from may still be exiting). Where the file system has no locks, nothing is held."""
+    if exp_dir in _held:
+        return
+    fd = os.open(exp_dir, os.O_RDONLY)
+    deadline = time.monotonic() + (REQUEUED_WAIT_S if in_slurm_job() else 0.0)
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _held[exp_dir] = fd
+            return
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # No locks on this file system.
+                os.close(fd)
+                return
+        if time.monotonic() >= deadline:
+            os.close(fd)
+            raise ConfigError(
+                f"Another process is training in the run {exp_dir} (it holds the run directory's lock): two fits "
+                "into one run would overwrite each other's checkpoints and mix their logs. Wait for it to end (or "
+                "stop it), or set exp_dir to another directory."
+            )
+        if not told:
+            told = True
+            print(f"Waiting for another process training in {exp_dir} to end ...", file=sys.stderr, flush=True)
+        time.sleep(1.0)
+
+
+def let_go_of_run_dirs() -> None:
+    """Releases the locks `hold_run_dir` took (at the end of each launch)."""
+    while _held:
+        os.close(_held.popitem()[1])
 
 
 RUN_FILE_HEADER = "# mlfab run config of {}: the config and the Trainer arguments given explicitly."
