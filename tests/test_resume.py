@@ -146,7 +146,7 @@ def test_corrupt_checkpoint_names_the_file_and_the_good_one(tmp_path: Path, caps
     assert not (tmp_path / "other").exists()
     launch_boring(tmp_path, max_steps=8)  # Chosen by the relaunch: the newest intact one is used instead, saying so.
     assert re.search(
-        r"last.ckpt \(.*\) is corrupt or truncated: resuming from .*step_00000006.ckpt", capsys.readouterr().err
+        r"last.ckpt \(.*\) is corrupt or truncated: using .*step_00000006.ckpt", capsys.readouterr().err
     )
 
 

@@ -133,9 +133,10 @@ class BackgroundCheckpointIO(CheckpointIO):
         try:  # After a failed write, this one at once, before that error stops the run: the state since is kept.
             self._save(checkpoint, path, storage_options, at_once=failed is not None)
         except BaseException as e:
-            if failed is not None:
-                e.add_note(f"(An earlier checkpoint had failed in the background: {failed})")
-            raise
+            if failed is None:
+                raise
+            failed.add_note(f"The next save, {path}, failed too: {e}")
+            raise failed from e
         finally:
             self._staging.finish()
         if failed is not None:

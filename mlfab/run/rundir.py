@@ -109,7 +109,9 @@ def hold_run_dir(exp_dir: Path) -> None:
 def let_go_of_run_dirs() -> None:
     """Releases the locks `hold_run_dir` took (at the end of each launch)."""
     while _held:
-        os.close(_held.popitem()[1])
+        fd = _held.popitem()[1]
+        fcntl.flock(fd, fcntl.LOCK_UN)  # Also for the dataloader workers forked meanwhile, which share the descriptor.
+        os.close(fd)
 
 
 RUN_FILE_HEADER = "# mlfab run config of {}: the config and the Trainer arguments given explicitly."
