@@ -527,9 +527,14 @@ def _config_diff(saved: dict[str, Any], task: pl.LightningModule) -> str:
     return ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k))
 
 
-def gather_rng_states(trainer: Any) -> list[dict[str, Any]]:
-    """The global random states of every rank (torch, CUDA, numpy, random), indexed by global rank."""
-    own = plain_rng_state(collect_rng_states(include_cuda=torch.cuda.is_available()))
+def own_rng_state() -> dict[str, Any]:
+    """This process's global random states (torch, CUDA, numpy, random), as a checkpoint stores them."""
+    return plain_rng_state(collect_rng_states(include_cuda=torch.cuda.is_available()))
+
+
+def gather_rng_states(trainer: Any, own: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The global random states of every rank, indexed by global rank: each one's `own` (taken earlier), or now."""
+    own = own if own is not None else own_rng_state()
     if trainer.world_size == 1 or not torch.distributed.is_initialized():
         return [own]
     everyone: list[Any] = [None] * trainer.world_size

@@ -43,6 +43,7 @@ from mlfab.checkpoints import (
     checksum_error,
     damage,
     gather_rng_states,
+    own_rng_state,
     restore_rng_states,
     task_id,
 )
@@ -158,6 +159,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._weights_from_checkpoint = False  # Evaluation weights loaded for validate/test: no mode switch.
         self._checkpoint_step = 0  # The step of those weights, which their evaluation is logged at.
         self._pending_rng: list[dict[str, Any]] | None = None
+        self._rng_at_end: dict[str, Any] | None = None  # The random state where training ended.
         self._resume_changes: dict[str, tuple[Any, Any]] = {}  # Config changes since the checkpoint we resume from.
         self._optimizer_args: dict[str, Any] | None = None  # The command line's --optimizer / --lr_scheduler.
 
@@ -780,6 +782,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                     self.on_step_end(self.state("train"), mean or {k: v.detach() for k, v in self._last_losses.items()})
             if self._training_over:
                 self.trainer.should_stop = True
+            if self._training_ends():  # Before the final validation, whose draws the run it ends never made.
+                self._rng_at_end = own_rng_state()
             if self._compiled is not None:
                 self._compiled.step_ended(self)
             everywhere = self._written_everywhere()
@@ -935,7 +939,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         self._cadence = next((c for c in callbacks if isinstance(c, ValidationCadence)), None)  # Once, not every step.
         self._monitored = monitored_training_tags(self.trainer)
-        self._step_samples = None  # (A fit that failed mid-step left its own.)
+        self._step_samples, self._rng_at_end = None, None  # (A fit that failed mid-step left its own.)
         set_optimizer_mode(self.trainer.optimizers, train=True)
         if self._resume_changes:  # After Lightning restored the optimizer state, which holds the old values.
             apply_optimizer_changes(self.trainer.optimizers, self._resume_changes)
@@ -1047,7 +1051,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             "num_valid_steps": self._num_valid_steps,
             "start_time_s": self._start_time_s,
             "elapsed_time_s": self.elapsed_time_s,
-            "rng": gather_rng_states(self.trainer),  # Every rank's, so each resumes its own stream.
+            # Every rank's, so each resumes its own stream; as it was where training ended, for `last.ckpt`.
+            "rng": gather_rng_states(self.trainer, self._rng_at_end),
             "nonfinite": self._nonfinite.state_dict(),
             "optimizer_args": self._optimizer_args,
             "saved_at": time.time(),  # Orders the run's checkpoints where file times were lost (a copied run).

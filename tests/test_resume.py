@@ -145,9 +145,7 @@ def test_corrupt_checkpoint_names_the_file_and_the_good_one(tmp_path: Path, caps
         mlfab.testing.BoringTask.launch(argv=["fit", *given])  # Given: refused.
     assert not (tmp_path / "other").exists()
     launch_boring(tmp_path, max_steps=8)  # Chosen by the relaunch: the newest intact one is used instead, saying so.
-    assert re.search(
-        r"last.ckpt \(.*\) is corrupt or truncated: using .*step_00000006.ckpt", capsys.readouterr().err
-    )
+    assert re.search(r"last.ckpt \(.*\) is corrupt or truncated: using .*step_00000006.ckpt", capsys.readouterr().err)
 
 
 class Pair(tuple):
@@ -412,3 +410,32 @@ def test_steps_written_after_the_checkpoint_before_a_crash_read_once(
         once = read_scalars(tmp_path / "once" / "tensorboard" / phase)["loss/loss"]
         assert read_scalars(tmp_path / "crashed" / "tensorboard" / phase)["loss/loss"] == once
     assert [step for step, _ in once] == [1, *range(valid_every, 11, valid_every), *([10] if 10 % valid_every else [])]
+
+
+class NoisyEverywhere(MapStyle):
+    """Draws from the global generator in every phase (noise in the loss: a diffusion model's, say)."""
+
+    def get_loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: mlfab.State) -> torch.Tensor:
+        loss = mlfab.testing.BoringTask.get_loss(self, batch, state) + torch.randn(()) * 0.1
+        if state.phase == "train":
+            MapStyle.losses[state.num_steps] = loss.item()
+        return loss
+
+
+@pytest.mark.integration
+def test_a_resume_after_max_steps_draws_the_random_numbers_the_uninterrupted_run_draws(tmp_path: Path) -> None:
+    """`last.ckpt` held the random state after the final validation, which the uninterrupted run did not run at that
+    step: every random number after the resume was another."""
+
+    def launch(exp_dir: Path, max_steps: int) -> dict[int, float]:
+        MapStyle.losses = {}
+        config = BoringConfig(
+            exp_dir=str(exp_dir), max_steps=max_steps, valid_every_n_steps=4, save_every_n_seconds=None
+        )
+        NoisyEverywhere.launch(config, argv=[])
+        return MapStyle.losses
+
+    expected = launch(tmp_path / "ref", 12)
+    launch(tmp_path / "run", 6)  # Its final validation draws noise; the reference validates at 4 and 8.
+    got = launch(tmp_path / "run", 12)
+    assert got == {step: expected[step] for step in range(6, 12)}
