@@ -181,3 +181,19 @@ def test_a_finite_half_precision_loss_is_not_taken_for_a_non_finite_one_under_ba
     HalfPrecisionLoss.launch(config, argv=[])
     assert "nonfinite/skipped_steps" not in read_scalars(tmp_path / "tensorboard" / "train")
     assert [v for _, v in read_scalars(tmp_path / "tensorboard" / "train")["loss/loss"]] == [30000.0, 30000.0]
+
+
+class EmptyEvaluation(BoringTask):
+    def get_dataset(self, phase: mlfab.Phase) -> Any:
+        return TensorDataset(torch.zeros(0, 4), torch.zeros(0)) if phase != "train" else super().get_dataset(phase)
+
+
+def test_an_evaluation_set_with_no_samples_is_an_error_naming_it(tmp_path: Path) -> None:
+    """Every validation was skipped with Lightning's generic warning: the run trained without a validation curve."""
+    config = BoringConfig(exp_dir=str(tmp_path / "run"), max_steps=3, valid_every_n_steps=1)
+    with pytest.raises(mlfab.DatasetError, match=r"get_dataset\('valid'\) has no samples.*valid_batches=0"):
+        EmptyEvaluation.launch(config, argv=[])
+    EmptyEvaluation.launch(config, argv=["exp_dir=" + str(tmp_path / "none"), "valid_batches=0"])  # Said: fine.
+    assert (tmp_path / "none" / "checkpoints" / "last.ckpt").is_file()
+    with pytest.raises(mlfab.DatasetError, match=r"get_dataset\('test'\) has no samples"):
+        EmptyEvaluation.launch(config, argv=["test", f"--model.config.exp_dir={tmp_path / 'none'}"])
