@@ -510,8 +510,8 @@ def build_dataloader(
     if not is_train and len(dataset) == 0:  # Lightning only warns, and every evaluation would be skipped.
         limit = "valid_batches=0 (no validation)" if phase == "valid" else f"no {phase} subcommand"
         raise DatasetError(
-            f"get_dataset({phase!r}) has no samples, so there would be nothing to evaluate. Check it (a split or filter "
-            f"that keeps nothing?), or run with {limit}."
+            f"get_dataset({phase!r}) has no samples, so there would be nothing to evaluate. Check it (a split or "
+            f"filter that keeps nothing?), or run with {limit}."
         )
     if is_train and len(dataset) // world_size < batch_size:
         per_process = f" ({len(dataset) // world_size} per process)" if world_size > 1 else ""

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch.distributed as dist
+from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
@@ -125,6 +126,8 @@ class MlfabLoader(StatefulDataLoader):
     def state_dict(self) -> dict[str, Any]:
         in_flight = [stored(batch) for batch in self.in_flight()]
         own = {"loader": super().state_dict(), "in_flight": in_flight, "skipped": self.skipped_batches}
+        if (length := self._length()) is not None:  # The position counts samples of a map-style set of this length.
+            own["length"] = length
         if (sampler := self._epoch_sampler()) is not None:  # The epoch of the samples drawn next.
             own["sampler_epoch"] = sampler.epoch + self._epoch_ran_out
         if not _distributed():
@@ -139,13 +142,29 @@ class MlfabLoader(StatefulDataLoader):
             ranks = state_dict["ranks"]
             rank = dist.get_rank() if _distributed() else 0
             state_dict = ranks[rank if rank < len(ranks) else 0]
-        super().load_state_dict(state_dict["loader"])
-        self._replay = [restored(batch) for batch in state_dict.get("in_flight", [])]
         self.skipped_batches = int(state_dict.get("skipped", 0))
         self._keep_sampler_epoch(state_dict.get("sampler_epoch"))
+        super().load_state_dict(state_dict["loader"])
+        self._replay = [restored(batch) for batch in state_dict.get("in_flight", [])]
+        saved, now = state_dict.get("length"), self._length()
+        if saved is not None and saved != now and (not _distributed() or dist.get_rank() == 0):  # (Alike on all.)
+            print(
+                f"The training set has {now} samples, {saved} when the checkpoint was written: the rest of the epoch "
+                "it was saved in is drawn from the new set at the saved position (so some of its samples come again "
+                "in that epoch, others not at all); each later epoch is the new set's, whole.",
+                file=sys.stderr,
+                flush=True,
+            )
         self._ever_produced = True  # It trained before it was saved.
         self._yielded = self.consumed.count = 0
         self._recent.clear()
+
+    def _length(self) -> int | None:
+        """The number of samples of a map-style training set (an iterable's position is its own to keep)."""
+        try:
+            return None if isinstance(self.dataset, IterableDataset) else len(self.dataset)
+        except TypeError:  # A map-style set without a length.
+            return None
 
     def bad_samples(self) -> int:
         """Samples skipped because loading them raised, over all workers (as last reported)."""

@@ -439,3 +439,49 @@ def test_a_resume_after_max_steps_draws_the_random_numbers_the_uninterrupted_run
     launch(tmp_path / "run", 6)  # Its final validation draws noise; the reference validates at 4 and 8.
     got = launch(tmp_path / "run", 12)
     assert got == {step: expected[step] for step in range(6, 12)}
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Sample i is (i as a feature row, i): each batch says which samples it holds."""
+
+    count = 40
+
+    def __len__(self) -> int:
+        return Numbered.count
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.full((4,), float(i)), torch.tensor(float(i))
+
+
+class SeesNumbers(mlfab.testing.BoringTask):
+    seen: list[list[int]] = []
+
+    def get_dataset(self, phase: mlfab.Phase) -> Numbered:
+        return Numbered()
+
+    def get_loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: mlfab.State) -> torch.Tensor:
+        if state.phase == "train":
+            SeesNumbers.seen.append([int(i) for i in batch[1]])
+        return super().get_loss((batch[0] * 0.01, batch[1] * 0.01), state)
+
+
+@pytest.mark.integration
+def test_a_resume_into_a_training_set_of_another_length_says_what_it_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved position of the old set's epoch was applied to the new set without a word: of that epoch's rest,
+    some samples came again and others never."""
+    config = BoringConfig(
+        exp_dir=str(tmp_path / "run"), batch_size=4, valid_every_n_steps=None, save_every_n_seconds=None
+    )
+    SeesNumbers.launch(config, argv=["max_steps=3"])  # 3 batches of a 40-sample epoch (10 batches).
+    capsys.readouterr()
+    SeesNumbers.launch(config, argv=["max_steps=5"])  # The same set: nothing said.
+    assert "The training set has" not in capsys.readouterr().err
+    monkeypatch.setattr(Numbered, "count", 20)  # Data removed before the relaunch.
+    SeesNumbers.seen = []
+    SeesNumbers.launch(config, argv=["max_steps=11"])
+    err = capsys.readouterr().err
+    assert "The training set has 20 samples, 40 when the checkpoint was written: the rest of the epoch" in err
+    # The epoch it was saved in had 5 batches done, all the new set has: the next epoch is the new set's, whole.
+    assert sorted(i for batch in SeesNumbers.seen[:5] for i in batch) == list(range(20))
