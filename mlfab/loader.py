@@ -56,6 +56,8 @@ class MlfabLoader(StatefulDataLoader):
         self.skipped_batches = 0
         self._ever_produced = False
         self._epoch_ran_out = False  # Whether the pass in progress ran out (see `state_dict`).
+        self._cut = False  # Whether Lightning ended the epoch before the pass (see `epoch_ends_here`).
+        self._pass_over = False  # Whether the pass a resume restored was abandoned there.
 
     @override
     def __iter__(self) -> Iterator[Any]:
@@ -63,8 +65,11 @@ class MlfabLoader(StatefulDataLoader):
         # loader's seeds come from its own generator; a dataset's `__iter__` may use the global ones) is drawn
         # before a resumed run restores the global generators' states.
         replay, self._replay = self._replay, []
-        self._epoch_ran_out = False
-        return self._batches(replay, super().__iter__())
+        self._epoch_ran_out = self._cut = False
+        inner = super().__iter__()
+        if self._pass_over:  # Saved where an epoch ended before its pass did (`epoch_ends_here`).
+            self._pass_over, inner, replay = False, iter(()), []
+        return self._batches(replay, inner)
 
     def _keep_sampler_epoch(self, saved: int | None) -> None:
         """A distributed sampler draws each epoch's order from the epoch Lightning gives it (`set_epoch`). A checkpoint
@@ -117,6 +122,18 @@ class MlfabLoader(StatefulDataLoader):
         self._yielded += 1
         return batch
 
+    def epoch_ends_here(self) -> None:
+        """Lightning ends its epoch with the batch just started; where this pass has more (`limit_train_batches`), the
+        pass is abandoned: a batch fetched ahead is never trained on, and the next epoch is a new pass. A checkpoint
+        written from now on says so (`cut`): its resume, which first goes on with the pass it was saved in, as with
+        one that ran out, finds that pass over instead of training the rest of it."""
+        if self._epoch_ran_out:
+            return
+        self._cut = True
+        if self._yielded > self.consumed.count + 1:  # The batch fetched ahead, beside the one about to be trained.
+            self._yielded -= 1
+            self._recent.pop()
+
     def in_flight(self) -> list[Any]:
         """Batches produced but not yet trained on (normally the one Lightning prefetched)."""
         pending = self._yielded - self.consumed.count
@@ -126,6 +143,8 @@ class MlfabLoader(StatefulDataLoader):
     def state_dict(self) -> dict[str, Any]:
         in_flight = [stored(batch) for batch in self.in_flight()]
         own = {"loader": super().state_dict(), "in_flight": in_flight, "skipped": self.skipped_batches}
+        if self._cut:
+            own["cut"] = True
         if (length := self._length()) is not None:  # The position counts samples of a map-style set of this length.
             own["length"] = length
         if (sampler := self._epoch_sampler()) is not None:  # The epoch of the samples drawn next.
@@ -146,6 +165,7 @@ class MlfabLoader(StatefulDataLoader):
         self._keep_sampler_epoch(state_dict.get("sampler_epoch"))
         super().load_state_dict(state_dict["loader"])
         self._replay = [restored(batch) for batch in state_dict.get("in_flight", [])]
+        self._pass_over = bool(state_dict.get("cut"))
         saved, now = state_dict.get("length"), self._length()
         if saved is not None and saved != now and (not _distributed() or dist.get_rank() == 0):  # (Alike on all.)
             print(

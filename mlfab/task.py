@@ -768,6 +768,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             self._step_started = True
             if type(self).on_step_start is not Task.on_step_start:  # A State costs ~3 us: only when overridden.
                 self.on_step_start(self.state("train"))
+        if batch_idx + 1 == self.trainer.num_training_batches and isinstance(
+            self.trainer.train_dataloader, MlfabLoader
+        ):
+            self.trainer.train_dataloader.epoch_ends_here()  # (Where `limit_train_batches` ends it before the data.)
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -485,3 +485,24 @@ def test_a_resume_into_a_training_set_of_another_length_says_what_it_does(
     assert "The training set has 20 samples, 40 when the checkpoint was written: the rest of the epoch" in err
     # The epoch it was saved in had 5 batches done, all the new set has: the next epoch is the new set's, whole.
     assert sorted(i for batch in SeesNumbers.seen[:5] for i in batch) == list(range(20))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop_at", [5, 7])  # At an epoch's end (5 batches), and inside the next one.
+def test_epochs_cut_short_by_limit_train_batches_resume_exactly(tmp_path: Path, workers: int, stop_at: int) -> None:
+    """A resume at the end of an epoch `limit_train_batches` cut short trained on the batch Lightning had fetched
+    ahead, and then went on with that abandoned pass: every later step's samples were off by one batch."""
+
+    def launch(exp_dir: Path, max_steps: int) -> list[list[int]]:
+        SeesNumbers.seen = []
+        config = BoringConfig(exp_dir=str(exp_dir), batch_size=4, valid_every_n_steps=None, save_every_n_seconds=None)
+        args = ["fit", f"--model.config.max_steps={max_steps}", f"--model.config.num_dataloader_workers={workers}"]
+        args.append("--trainer.limit_train_batches=5")
+        SeesNumbers.launch(config, argv=args)
+        return SeesNumbers.seen
+
+    expected = launch(tmp_path / "ref", 13)
+    assert len(expected) == 13 and len({i for batch in expected[:5] for i in batch}) == 20  # (One pass's batches.)
+    launch(tmp_path / "run", stop_at)
+    assert launch(tmp_path / "run", 13) == expected[stop_at:]
