@@ -332,6 +332,58 @@ class DpshdlIterable(IterableDataset):
         load_worker_rng_state(state)
 
 
+class IterableStateful(IterableDataset):
+    """A torch IterableDataset without a `state_dict` of its own, as the training loader sees it, so that a resume
+    goes on where the stream was, with the random numbers it drew: its state is the random states at the start of
+    the pass in progress (the generators it holds, the process's global ones) and the samples drawn since. A resume
+    sets those states and draws that many samples again, dropping them (the pass must yield the same samples in
+    the same order from the same random states; a `state_dict` / `load_state_dict` of the dataset's own avoids the
+    replay). Each (rank, worker) keeps its own."""
+
+    replays = True  # (What MlfabLoader tells on a resume.)
+
+    def __init__(self, dataset: IterableDataset) -> None:
+        self.dataset = dataset
+        self._start: dict[str, Any] = {}
+        self._drawn = 0
+        self._pending: dict[str, Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # Not set yet (unpickling in a worker): no recursion.
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            load_dataset_state(self.dataset, pending["start"]["dataset"])
+            set_rng_states(plain_rng_state(pending["start"]["global_rng"], inverse=True))
+        self._start = {
+            "dataset": dataset_state(self.dataset),
+            "global_rng": plain_rng_state(collect_rng_states(include_cuda=False)),
+        }
+        samples, self._drawn = iter(self.dataset), 0
+        for _ in range(pending["drawn"] if pending is not None else 0):
+            if next(samples, _END) is _END:
+                break
+            self._drawn += 1
+        return self._samples(samples)
+
+    def _samples(self, samples: Iterator[Any]) -> Iterator[Any]:
+        for sample in samples:
+            self._drawn += 1
+            yield sample
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self._start, "drawn": self._drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state  # Applied when the resumed pass starts (in its worker).
+
+
+_END = object()
+
+
 class MapStateful(TorchDataset):
     """A map-style training dataset as the dataloader sees it, so that exact resume restores what augmentation draws
     from, as `DpshdlIterable` does for streams: the generators the dataset holds (or its own `state_dict`), and each
@@ -504,7 +556,10 @@ def build_dataloader(
     if isinstance(dataset, DpshdlDataset):
         return loader_cls(DpshdlIterable(dataset, max_bad_in_a_row), **kwargs)
     if isinstance(dataset, IterableDataset):
-        return loader_cls(dataset, **kwargs)
+        own_state = callable(getattr(dataset, "state_dict", None)) and callable(
+            getattr(dataset, "load_state_dict", None)
+        )
+        return loader_cls(IterableStateful(dataset) if is_train and not own_state else dataset, **kwargs)
     # Map-style: shuffle for training, full equal-size batches so accumulation matches one big batch;
     # validation sees the same leading batches every time, so its curve is comparable over time.
     if not is_train and len(dataset) == 0:  # Lightning only warns, and every evaluation would be skipped.

@@ -166,6 +166,15 @@ class MlfabLoader(StatefulDataLoader):
         super().load_state_dict(state_dict["loader"])
         self._replay = [restored(batch) for batch in state_dict.get("in_flight", [])]
         self._pass_over = bool(state_dict.get("cut"))
+        if getattr(self.dataset, "replays", False) and (not _distributed() or dist.get_rank() == 0):
+            name = type(getattr(self.dataset, "dataset", self.dataset)).__name__
+            print(
+                f"The training set ({name}) has no state_dict: the resume draws again the samples of the pass in "
+                "progress it had drawn, and drops them (right where each pass yields the same samples in the same "
+                "order; a state_dict / load_state_dict of its own goes on without drawing them).",
+                file=sys.stderr,
+                flush=True,
+            )
         saved, now = state_dict.get("length"), self._length()
         if saved is not None and saved != now and (not _distributed() or dist.get_rank() == 0):  # (Alike on all.)
             print(

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -506,3 +507,46 @@ def test_epochs_cut_short_by_limit_train_batches_resume_exactly(tmp_path: Path, 
     assert len(expected) == 13 and len({i for batch in expected[:5] for i in batch}) == 20  # (One pass's batches.)
     launch(tmp_path / "run", stop_at)
     assert launch(tmp_path / "run", 13) == expected[stop_at:]
+
+
+class FiniteNoisyStream(torch.utils.data.IterableDataset):
+    """30 samples a pass, each with noise from the global generator of the worker (or process) that reads it."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index, count = mlfab.worker_shard()
+        for i in range(index, 30, count):
+            yield torch.full((4,), float(i)) + torch.rand(4), torch.tensor(float(i))
+
+
+class SeesStream(mlfab.testing.BoringTask):
+    seen: list[list[float]] = []
+
+    def get_dataset(self, phase: mlfab.Phase) -> FiniteNoisyStream:
+        return FiniteNoisyStream()
+
+    def get_loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: mlfab.State) -> torch.Tensor:
+        if state.phase == "train":
+            SeesStream.seen.append([round(float(v), 6) for v in batch[0][:, 0]])
+        return super().get_loss((batch[0] * 0.01, batch[1] * 0.01), state)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop_at", [3, 20])  # In the first pass, and in the third.
+def test_a_finite_stream_without_a_state_of_its_own_resumes_with_its_random_numbers(
+    tmp_path: Path, workers: int, stop_at: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its resume re-ran the pass from the worker's fresh seed: the samples were right, their noise another's
+    after the first pass (persistent workers carry their generators from pass to pass)."""
+
+    def launch(exp_dir: Path, max_steps: int) -> list[list[float]]:
+        SeesStream.seen = []
+        config = BoringConfig(exp_dir=str(exp_dir), batch_size=4, valid_every_n_steps=None, save_every_n_seconds=None)
+        SeesStream.launch(config, argv=[f"max_steps={max_steps}", f"num_dataloader_workers={workers}"])
+        return SeesStream.seen
+
+    expected = launch(tmp_path / "ref", 26)
+    launch(tmp_path / "run", stop_at)
+    capsys.readouterr()
+    assert launch(tmp_path / "run", 26) == expected[stop_at:]
+    assert "The training set (FiniteNoisyStream) has no state_dict: the resume draws again" in capsys.readouterr().err
