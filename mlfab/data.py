@@ -25,6 +25,7 @@ from dpshdl.dataset import Dataset as DpshdlDataset
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, default_collate, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
+from typing_extensions import override
 
 from mlfab._lightning import collect_rng_states, set_rng_states, unrepeated_sampler
 from mlfab.checkpoints import plain_rng_state
@@ -528,7 +529,7 @@ def build_dataloader(
     rank: int = 0,
     world_size: int = 1,
 ) -> DataLoader:
-    """The training loader is resumable (see `mlfab.loader`); validation loaders are plain DataLoaders.
+    """The training loader is resumable (see `mlfab.loader`); evaluation loaders are `EvaluationLoader`s.
 
     Each loader draws its shuffling and worker seeds from a generator of its own, never from torch's
     global one, so how often validation runs cannot change the training run's random numbers.
@@ -543,14 +544,14 @@ def build_dataloader(
         "num_workers": num_workers,
         "collate_fn": collate,
         "pin_memory": pin_memory,
-        "persistent_workers": num_workers > 0,
+        "persistent_workers": num_workers > 0 and is_train,  # (Evaluations: see `EvaluationLoader`.)
         "worker_init_fn": worker_init if num_workers > 0 else None,
         # Its own stream per phase and rank: workers' seeds (their torch, numpy and random streams) derive from it.
         # Map-style data still shuffles the same way on every rank, as Lightning's distributed sampler must to split
         # that one order by rank: its order comes from its own seed (PL_GLOBAL_SEED), not from this generator.
         "generator": torch.Generator().manual_seed(seed + (0 if is_train else 1) + 2 * rank),
     }
-    loader_cls: Any = DataLoader
+    loader_cls: Any = EvaluationLoader
     if is_train:
         loader_cls, kwargs["consumed"] = MlfabLoader, consumed
     if isinstance(dataset, DpshdlDataset):
@@ -585,6 +586,19 @@ def build_dataloader(
     if is_train and world_size == 1:  # The order from a generator of its own: the loader's also seeds each new
         loader.sampler.generator = torch.Generator().manual_seed(seed + 3)  # iterator, which a resume draws again.
     return loader
+
+
+class EvaluationLoader(DataLoader):
+    """An evaluation's DataLoader: each pass starts its workers afresh, from the same seeds (its generator set back to
+    its seed), so every evaluation draws the same random numbers in them, whatever came before: a resumed run's
+    evaluations are the uninterrupted run's, and their curve moves with the model only. (Without workers the data
+    draws from the process's own generators, which a checkpoint keeps.)"""
+
+    @override
+    def __iter__(self) -> Any:
+        if self.num_workers > 0 and self.generator is not None:
+            self.generator.manual_seed(self.generator.initial_seed())
+        return super().__iter__()
 
 
 def _evaluation_split(dataset: Any, rank: int, world_size: int) -> Any:

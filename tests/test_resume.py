@@ -550,3 +550,35 @@ def test_a_finite_stream_without_a_state_of_its_own_resumes_with_its_random_numb
     capsys.readouterr()
     assert launch(tmp_path / "run", 26) == expected[stop_at:]
     assert "The training set (FiniteNoisyStream) has no state_dict: the resume draws again" in capsys.readouterr().err
+
+
+class NoisyValidation(torch.utils.data.Dataset):
+    """A validation set whose samples get noise from the global generator of the worker that reads them."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(4, generator=torch.Generator().manual_seed(i)) + torch.rand(4)
+        return x, x.sum()
+
+
+class ValidatesNoisily(MapStyle):
+    def get_dataset(self, phase: mlfab.Phase) -> torch.utils.data.Dataset:
+        return NoisyValidation() if phase == "valid" else ThirtyTwo()
+
+
+@pytest.mark.integration
+def test_validations_with_workers_after_a_resume_are_the_uninterrupted_runs(tmp_path: Path) -> None:
+    """The workers of the validation set kept their generators from one validation to the next, and a resumed run's
+    new ones started over: its validations drew the first validations' noise again."""
+
+    def launch(exp_dir: Path, max_steps: int) -> list[tuple[int, float]]:
+        config = BoringConfig(exp_dir=str(exp_dir), max_steps=max_steps, valid_every_n_steps=2, valid_batches=2)
+        ValidatesNoisily.launch(config, argv=["num_dataloader_workers=2", "save_every_n_seconds=null"])
+        return mlfab.testing.read_scalars(exp_dir / "tensorboard" / "valid")["loss/loss"]
+
+    expected = dict(launch(tmp_path / "ref", 10))
+    launch(tmp_path / "run", 5)
+    resumed = {step: value for step, value in launch(tmp_path / "run", 10) if step > 5}
+    assert resumed == {step: value for step, value in expected.items() if step > 5} and len(resumed) >= 2
