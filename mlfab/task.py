@@ -490,6 +490,13 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             explain_dataset_failure(e, type(self).__name__, phase)
             raise
         dataset = check_dataset(dataset, phase, type(self).__name__)
+        own = next((name for name in ("collate", "collate_fn") if callable(getattr(self, name, None))), None)
+        if own is not None and not callable(getattr(dataset, "collate", None)):
+            raise TaskDefinitionError(
+                f"{type(self).__name__}.{own} would never be called: mlfab collates with the `collate` of the dataset "
+                f"get_dataset({phase!r}) returns ({type(dataset).__name__} has none), else torch's default_collate. "
+                f"Move it onto the dataset, or give the dataset `collate = self.{own}`."
+            )
         return build_dataloader(
             dataset,
             phase=phase,

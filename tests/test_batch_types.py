@@ -431,3 +431,40 @@ def test_a_run_of_batches_of_its_own_type_resumes_exactly(tmp_path: Path, kind: 
     launch("resumed", 2)
     launch("resumed", 4)  # Goes on from step 2, with the batch Lightning had fetched for step 2 replayed first.
     assert losses["resumed"] == losses["whole"]
+
+
+class PlainNumbers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.full((4,), float(i)), torch.tensor(float(i))
+
+
+class CollatesOnTheTask(BoringTask):
+    """A `collate` written on the task, where Lightning users put data hooks: mlfab never called it."""
+
+    def collate(self, items: list[Any]) -> Any:
+        xs, ys = zip(*items, strict=True)
+        return torch.stack(xs) * 0, torch.stack(ys)
+
+    def get_dataset(self, phase: mlfab.Phase) -> Any:
+        return PlainNumbers()
+
+
+class HandsItOver(CollatesOnTheTask):
+    def get_dataset(self, phase: mlfab.Phase) -> Any:
+        dataset = PlainNumbers()
+        dataset.collate = self.collate  # type: ignore[attr-defined]
+        return dataset
+
+
+@pytest.mark.integration
+def test_a_collate_on_the_task_is_refused_unless_the_dataset_takes_it(tmp_path: Path) -> None:
+    config = BoringConfig(exp_dir=str(tmp_path / "run"), max_steps=2, valid_every_n_steps=None)
+    with pytest.raises(
+        mlfab.TaskDefinitionError, match=r"CollatesOnTheTask.collate would never be called.*PlainNumbers has none"
+    ):
+        CollatesOnTheTask.launch(config, argv=[])
+    HandsItOver.launch(config, argv=["exp_dir=" + str(tmp_path / "handed")])
+    assert (tmp_path / "handed" / "checkpoints" / "last.ckpt").is_file()
