@@ -333,7 +333,29 @@ class DpshdlIterable(IterableDataset):
         load_worker_rng_state(state)
 
 
-class IterableStateful(IterableDataset):
+class Forwarding:
+    """What a wrapper of the user's dataset (`self.dataset`) passes on to it: attributes read and written, other than
+    the wrapper's `own`, and `len()` (a length Lightning counts batches by)."""
+
+    own: tuple[str, ...] = ("dataset",)
+    dataset: Any
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # Not set yet (unpickling in a worker): no recursion.
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.own:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.dataset, name, value)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # A TypeError for a set without a length, as `len` of the set itself.
+
+
+class IterableStateful(Forwarding, IterableDataset):
     """A torch IterableDataset without a `state_dict` of its own, as the training loader sees it, so that a resume
     goes on where the stream was, with the random numbers it drew: its state is the random states at the start of
     the pass in progress (the generators it holds, the process's global ones) and the samples drawn since. A resume
@@ -342,17 +364,13 @@ class IterableStateful(IterableDataset):
     replay). Each (rank, worker) keeps its own."""
 
     replays = True  # (What MlfabLoader tells on a resume.)
+    own = ("dataset", "_start", "_drawn", "_pending")
 
     def __init__(self, dataset: IterableDataset) -> None:
         self.dataset = dataset
         self._start: dict[str, Any] = {}
         self._drawn = 0
         self._pending: dict[str, Any] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # Not set yet (unpickling in a worker): no recursion.
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def __iter__(self) -> Iterator[Any]:
         pending, self._pending = self._pending, None
@@ -385,7 +403,7 @@ class IterableStateful(IterableDataset):
 _END = object()
 
 
-class MapStateful(TorchDataset):
+class MapStateful(Forwarding, TorchDataset):
     """A map-style training dataset as the dataloader sees it, so that exact resume restores what augmentation draws
     from, as `DpshdlIterable` does for streams: the generators the dataset holds (or its own `state_dict`), and each
     dataloader worker's global random states (torch, numpy, random). torchdata's StatefulDataLoader saves and
@@ -395,16 +413,8 @@ class MapStateful(TorchDataset):
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def __getitem__(self, index: Any) -> Any:
         return self.dataset[index]
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "dataset":  # Not set yet (unpickling in a worker): no recursion.
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def state_dict(self) -> dict[str, Any]:
         return worker_rng_state({"dataset": dataset_state(self.dataset)})

@@ -582,3 +582,27 @@ def test_validations_with_workers_after_a_resume_are_the_uninterrupted_runs(tmp_
     launch(tmp_path / "run", 5)
     resumed = {step: value for step, value in launch(tmp_path / "run", 10) if step > 5}
     assert resumed == {step: value for step, value in expected.items() if step > 5} and len(resumed) >= 2
+
+
+class SizedStream(FiniteNoisyStream):
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return 30
+
+
+@pytest.mark.unit
+def test_the_wrapper_that_keeps_a_streams_state_passes_on_its_length_and_attributes() -> None:
+    """The wrapper hid the stream's length (Lightning then refused `limit_train_batches=0.5`) and kept the attributes
+    set on it for itself."""
+    from mlfab.data import build_dataloader
+
+    stream, numbers = SizedStream(), Numbered()
+    for dataset in (stream, numbers):
+        loader = build_dataloader(dataset, phase="train", batch_size=4, num_workers=0)
+        assert len(loader.dataset) == len(dataset) and len(loader) == (8 if dataset is stream else 10)
+        loader.dataset.epoch = 5
+        assert dataset.epoch == 5 and loader.dataset.epoch == 5  # type: ignore[union-attr]
+    with pytest.raises(TypeError):  # A stream without a length has none through the wrapper either.
+        len(build_dataloader(FiniteNoisyStream(), phase="train", batch_size=4, num_workers=0).dataset)
