@@ -19,6 +19,7 @@ from typing import Any, Generic
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from dpshdl.dataset import Dataset as DpshdlDataset
 from lightning.fabric.utilities.data import has_len
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_warn
@@ -490,13 +491,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             explain_dataset_failure(e, type(self).__name__, phase)
             raise
         dataset = check_dataset(dataset, phase, type(self).__name__)
-        own = next((name for name in ("collate", "collate_fn") if callable(getattr(self, name, None))), None)
-        if own is not None and not callable(getattr(dataset, "collate", None)):
-            raise TaskDefinitionError(
-                f"{type(self).__name__}.{own} would never be called: mlfab collates with the `collate` of the dataset "
-                f"get_dataset({phase!r}) returns ({type(dataset).__name__} has none), else torch's default_collate. "
-                f"Move it onto the dataset, or give the dataset `collate = self.{own}`."
-            )
+        self._check_own_collate(dataset, phase)
         return build_dataloader(
             dataset,
             phase=phase,
@@ -509,6 +504,24 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             rank=self.global_rank,
             world_size=self.trainer.world_size if self._trainer is not None else 1,
         )
+
+    def _check_own_collate(self, dataset: Any, phase: str) -> None:
+        """A `collate` written on the task is refused unless the dataset collates with it: mlfab collates with the
+        dataset's own (`Collate`), and would never call it."""
+        own = next((name for name in ("collate", "collate_fn") if callable(getattr(self, name, None))), None)
+        if own is None:
+            return
+        used = getattr(dataset, "collate", None)
+        if getattr(used, "__func__", None) is DpshdlDataset.collate:  # dpshdl's default, which every dataset has.
+            used = None
+        if used != getattr(self, own):
+            name, kind = type(self).__name__, type(dataset).__name__
+            which = f"{kind}'s own collate is used" if callable(used) else f"{kind} has none: the default is used"
+            raise TaskDefinitionError(
+                f"{name}.{own} would never be called: mlfab collates the batches of get_dataset({phase!r}) with the "
+                f"dataset's `collate` ({which}). Move it onto the dataset, or hand it over: `dataset.collate = "
+                f"self.{own}`."
+            )
 
     @override
     def setup(self, stage: str) -> None:

@@ -466,5 +466,9 @@ def test_a_collate_on_the_task_is_refused_unless_the_dataset_takes_it(tmp_path: 
         mlfab.TaskDefinitionError, match=r"CollatesOnTheTask.collate would never be called.*PlainNumbers has none"
     ):
         CollatesOnTheTask.launch(config, argv=[])
+    for dataset, which in ((RegressionDataset(4), "RegressionDataset has none"), (Forgetful(), "Forgetful's own")):
+        task = type("Collating", (CollatesOnTheTask,), {"get_dataset": lambda self, phase, d=dataset: d})
+        with pytest.raises(mlfab.TaskDefinitionError, match=rf"Collating.collate would never be called.*\({which}"):
+            task.launch(config, argv=[])  # A dpshdl set (which always has dpshdl's collate), a set with its own.
     HandsItOver.launch(config, argv=["exp_dir=" + str(tmp_path / "handed")])
     assert (tmp_path / "handed" / "checkpoints" / "last.ckpt").is_file()
