@@ -17,9 +17,9 @@ import hashlib
 import os
 import pickle
 import re
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -253,16 +253,16 @@ def write_checksum(path: Path, digest: str) -> None:
         print(f"Saved {path}, but could not write its checksum {target.name} ({e}).", file=sys.stderr, flush=True)
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # Read once, at import: setting it to read it is not thread-safe.
-
-
 def temporary_file(path: Path) -> tuple[int, str]:
-    """(fd, name) of a new `.<name>.*.tmp` beside `path`, to be renamed onto it, with the mode a plain `open` gives
-    (0644 under the usual umask): `mkstemp`'s 0600 would make the run's files unreadable to the user's group."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)
-    return fd, tmp
+    """(fd, name) of a new `.<name>.<random>.tmp` beside `path`, to be renamed onto it, with the mode a plain `open`
+    gives under the umask of the moment (`mkstemp`'s 0600 made the run's files unreadable to the user's group)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:  # (One in 2**48.)
+            continue
 
 
 def expected_digest(path: Path) -> str | None:

@@ -670,8 +670,9 @@ def test_the_runs_files_have_the_mode_the_umask_gives(tmp_path: Path) -> None:
     """Checkpoints, their checksums, config.yaml and provenance were 0600 (a temporary file's mode, kept by the
     rename) where the event files beside them were 0644: the user's group could not read the run."""
     code = (
-        "import os, sys; os.umask(0o027)\n"
+        "import os, sys\n"
         "from mlfab.testing import BoringConfig, BoringTask\n"
+        "os.umask(0o027)  # After the import, as a script sets it.\n"
         "BoringTask.launch(BoringConfig(valid_every_n_steps=None, save_every_n_seconds=None), argv=sys.argv[1:])\n"
     )
     run = tmp_path / "run"
