@@ -70,35 +70,43 @@ def agreed_exp_dir(task_cls: type, config: Config) -> tuple[Path, bool]:
     return new_exp_dir(task_cls, config), True
 
 
-_held: dict[Path, int] = {}  # Run directories this process trains in: their open descriptors, which hold the lock.
-REQUEUED_WAIT_S = 120.0  # How long a Slurm job waits for the job it replaces to let go of the run.
+_held: dict[Path, int] = {}  # Run directories this process trains in: the open lock files that hold their locks.
+LOCK_FILE = ".lock"
+REQUEUED_WAIT_S = 120.0  # How long a Slurm job waits for the job it was requeued from to let go of the run.
 
 
 def hold_run_dir(exp_dir: Path) -> None:
-    """Takes the run directory's lock (`flock` on the directory: no file is added, and the kernel lets go when the
-    process ends, also when killed) for this process's training in it; a second `fit` into the same run while one
-    trains there is refused: both would write the same checkpoints and mix their logs. A Slurm job waits a while
-    (the job it was requeued from may still be exiting). Where the file system has no locks, nothing is held."""
+    """Takes the run's lock (a POSIX lock on `<exp_dir>/.lock`: the kernel lets go when the process ends, also when
+    killed; processes it forks do not hold it; NFS servers keep it across machines) for this process's training in
+    it; a second `fit` into the same run while one trains there is refused: both would write the same checkpoints
+    and mix their logs. A Slurm job waits a while (the job it was requeued from may still be exiting). Where the file
+    system has no locks, that is said, and nothing is held."""
     if exp_dir in _held:
         return
-    fd = os.open(exp_dir, os.O_RDONLY)
+    fd = os.open(exp_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     deadline = time.monotonic() + (REQUEUED_WAIT_S if in_slurm_job() else 0.0)
     told = False
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _held[exp_dir] = fd
             return
         except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # No locks on this file system.
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
                 os.close(fd)
+                print(
+                    f"The run {exp_dir} cannot be locked ({e.strerror}): a second fit into it while this one trains "
+                    "would not be refused.",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
         if time.monotonic() >= deadline:
             os.close(fd)
             raise ConfigError(
-                f"Another process is training in the run {exp_dir} (it holds the run directory's lock): two fits "
-                "into one run would overwrite each other's checkpoints and mix their logs. Wait for it to end (or "
-                "stop it), or set exp_dir to another directory."
+                f"Another process is training in the run {exp_dir} (it holds {exp_dir / LOCK_FILE}): two fits into "
+                "one run would overwrite each other's checkpoints and mix their logs. Wait for it to end (or stop "
+                "it), or set exp_dir to another directory."
             )
         if not told:
             told = True
@@ -109,9 +117,7 @@ def hold_run_dir(exp_dir: Path) -> None:
 def let_go_of_run_dirs() -> None:
     """Releases the locks `hold_run_dir` took (at the end of each launch)."""
     while _held:
-        fd = _held.popitem()[1]
-        fcntl.flock(fd, fcntl.LOCK_UN)  # Also for the dataloader workers forked meanwhile, which share the descriptor.
-        os.close(fd)
+        os.close(_held.popitem()[1])  # (Closing the file lets go of its lock.)
 
 
 RUN_FILE_HEADER = "# mlfab run config of {}: the config and the Trainer arguments given explicitly."
