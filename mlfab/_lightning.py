@@ -272,6 +272,20 @@ def set_rng_states(states: dict[str, Any]) -> None:
 restricted_classmethod = _restricted_classmethod
 
 
+def loader_states(checkpoint: dict[str, Any]) -> list[Any] | None:
+    """The training loaders' states a checkpoint holds. Lightning restores them only into a fit that restarts an
+    epoch (or trains by steps), not after an epoch that finished (`max_epochs`), whose next epoch it starts afresh:
+    `restarts_an_epoch` says which. Private: the layout of Lightning's checkpoints,
+    `loops.fit_loop.state_dict.combined_loader`."""
+    return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+
+
+def restarts_an_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the fit Lightning resumes restores its loaders' states (`loader_states`). Private: `_FitLoop.restarting`
+    as its checkpoint restore set it (`_load_combined_loader_states` reads it)."""
+    return trainer.fit_loop.restarting
+
+
 def unrepeated_sampler(dataset: Any, num_replicas: int, rank: int) -> UnrepeatedDistributedSampler:
     """Rank `rank`'s share of a map-style dataset in order (`rank`, `rank + num_replicas`, ...), no sample repeated.
     Lightning's own for `predict`, from `lightning.pytorch.overrides` (undocumented): a DistributedSampler, so

@@ -58,6 +58,7 @@ class MlfabLoader(StatefulDataLoader):
         self._epoch_ran_out = False  # Whether the pass in progress ran out (see `state_dict`).
         self._cut = False  # Whether Lightning ended the epoch before the pass (see `epoch_ends_here`).
         self._pass_over = False  # Whether the pass a resume restored was abandoned there.
+        self._next_pass_now = False  # The same, where the resumed fit starts the next epoch at once.
 
     @override
     def __iter__(self) -> Iterator[Any]:
@@ -69,6 +70,8 @@ class MlfabLoader(StatefulDataLoader):
         inner = super().__iter__()
         if self._pass_over:  # Saved where an epoch ended before its pass did (`epoch_ends_here`).
             self._pass_over, inner, replay = False, iter(()), []
+        elif self._next_pass_now:  # The same, and Lightning starts the next epoch at once: its pass, from there.
+            self._next_pass_now, inner, replay = False, super().__iter__(), []
         return self._batches(replay, inner)
 
     def _keep_sampler_epoch(self, saved: int | None) -> None:
@@ -156,16 +159,19 @@ class MlfabLoader(StatefulDataLoader):
         return {"ranks": everyone}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], next_pass: bool = False) -> None:
+        """`next_pass`: the fit resumed starts its next epoch at once (Lightning's loop restarts no epoch, after one
+        that finished: mlfab restores the state itself), so the pass it was saved in is over."""
         if "ranks" in state_dict:  # Written by several processes (a resume needs as many: Task refuses other counts).
             ranks = state_dict["ranks"]
             rank = dist.get_rank() if _distributed() else 0
             state_dict = ranks[rank if rank < len(ranks) else 0]
         self.skipped_batches = int(state_dict.get("skipped", 0))
-        self._keep_sampler_epoch(state_dict.get("sampler_epoch"))
+        cut, epoch = bool(state_dict.get("cut")), state_dict.get("sampler_epoch")
+        self._keep_sampler_epoch(epoch + 1 if next_pass and cut and epoch is not None else epoch)
         super().load_state_dict(state_dict["loader"])
         self._replay = [restored(batch) for batch in state_dict.get("in_flight", [])]
-        self._pass_over = bool(state_dict.get("cut"))
+        self._pass_over, self._next_pass_now = cut and not next_pass, cut and next_pass
         if getattr(self.dataset, "replays", False) and (not _distributed() or dist.get_rank() == 0):
             name = type(getattr(self.dataset, "dataset", self.dataset)).__name__
             print(

@@ -30,9 +30,11 @@ from typing_extensions import override
 from mlfab._lightning import (
     FastFxName,
     lightning_validates_now,
+    loader_states,
     metric_step_value,
     precompute_step_signatures,
     publish_metrics,
+    restarts_an_epoch,
     restricted_classmethod,
     step_ends,
     uploads_checkpoints,
@@ -160,6 +162,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         self._weights_from_checkpoint = False  # Evaluation weights loaded for validate/test: no mode switch.
         self._checkpoint_step = 0  # The step of those weights, which their evaluation is logged at.
         self._pending_rng: list[dict[str, Any]] | None = None
+        self._loader_states: list[Any] | None = None  # The training loader's, from the checkpoint resumed from.
         self._rng_at_end: dict[str, Any] | None = None  # The random state where training ended.
         self._resume_changes: dict[str, tuple[Any, Any]] = {}  # Config changes since the checkpoint we resume from.
         self._optimizer_args: dict[str, Any] | None = None  # The command line's --optimizer / --lr_scheduler.
@@ -584,7 +587,11 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return self._dataloader("train")
+        loader = self._dataloader("train")
+        states, self._loader_states = self._loader_states, None
+        if states and isinstance(loader, MlfabLoader) and not restarts_an_epoch(self.trainer):
+            loader.load_state_dict(states[0], next_pass=True)  # The next epoch's pass, as the uninterrupted run's.
+        return loader
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -834,8 +841,17 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         return self._cadence.validates_now(self.trainer) if self._cadence else lightning_validates_now(self.trainer)
 
     def _training_ends(self) -> bool:
-        """Whether the step that just ended is the last (max_steps, or a stop: max_time, a signal, a callback)."""
-        return self.trainer.should_stop or 0 < self.trainer.max_steps <= self.global_step
+        """Whether the step that just ended is the last (max_steps, the last batch of max_epochs, or a stop:
+        max_time, a signal, a callback)."""
+        trainer = self.trainer
+        if trainer.should_stop or 0 < trainer.max_steps <= self.global_step:
+            return True
+        epochs, loop = trainer.max_epochs, trainer.fit_loop.epoch_loop
+        return (
+            epochs is not None
+            and 0 < epochs <= trainer.current_epoch + 1
+            and (loop.batch_progress.is_last_batch or loop.batch_idx + 1 >= trainer.num_training_batches)
+        )
 
     def _log_bad_data(self, ask: bool = False, check_every_n_steps: int = 50) -> None:
         """How many samples and batches the data pipeline skipped: once any were, logged lazily on every step. Skipped
@@ -1106,6 +1122,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             # Restored when training starts: Lightning builds the dataloaders in between, and `get_dataset` or a
             # dataset may draw from the global generators there, as the uninterrupted run did before step 0.
             self._pending_rng = saved.get("rng")
+            self._loader_states = loader_states(checkpoint)  # For Lightning to restore, or `train_dataloader`.
         else:  # The file's evaluation weights, for `validate` / `test` / `predict` (or `load_from_checkpoint`).
             self._weights_from_checkpoint = True
             self._checkpoint_step = int(checkpoint.get("global_step", 0))

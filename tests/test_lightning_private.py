@@ -433,6 +433,38 @@ def test_restricted_classmethod_is_what_lightning_decorates_load_from_checkpoint
     assert isinstance(mlfab.Task.__dict__["load_from_checkpoint"], _lightning.restricted_classmethod)
 
 
+def test_loader_states_and_restarts_an_epoch_read_what_lightning_restores(tmp_path: Path) -> None:
+    """`loader_states` finds the training loader's state in a checkpoint, and `restarts_an_epoch` is False after a
+    fit that finished its epochs, where Lightning leaves the state unrestored (mlfab restores it: tests/test_resume.py,
+    test_a_run_relaunched_with_more_epochs_goes_on_as_the_uninterrupted_run)."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    class Stateful(BoringModel):
+        def train_dataloader(self) -> Any:
+            return StatefulDataLoader(torch.randn(8, 32), batch_size=2)
+
+    def fit(epochs: int, ckpt: Any = None) -> pl.Trainer:
+        trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0)  # fmt: skip
+        trainer.fit(Stateful(), ckpt_path=ckpt)
+        return trainer
+
+    fit(1).save_checkpoint(tmp_path / "done.ckpt")
+    states = _lightning.loader_states(torch.load(tmp_path / "done.ckpt", weights_only=False))
+    assert isinstance(states, list) and len(states) == 1 and "_num_yielded" in str(states[0])
+    seen: list[bool] = []
+    original = Stateful.train_dataloader
+
+    def recording(self: Any) -> Any:
+        seen.append(_lightning.restarts_an_epoch(self.trainer))
+        return original(self)
+
+    Stateful.train_dataloader = recording  # type: ignore[method-assign]
+    fit(2, tmp_path / "done.ckpt")
+    assert seen == [False]  # The first epoch finished: Lightning starts the next afresh.
+
+
 def rank_zeros(trainer: pl.Trainer) -> str:
     return f"rank zero's step {trainer.global_step}"
 

@@ -606,3 +606,22 @@ def test_the_wrapper_that_keeps_a_streams_state_passes_on_its_length_and_attribu
         assert dataset.epoch == 5 and loader.dataset.epoch == 5  # type: ignore[union-attr]
     with pytest.raises(TypeError):  # A stream without a length has none through the wrapper either.
         len(build_dataloader(FiniteNoisyStream(), phase="train", batch_size=4, num_workers=0).dataset)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_relaunched_with_more_epochs_goes_on_as_the_uninterrupted_run(tmp_path: Path, workers: int) -> None:
+    """After a fit that ended with its epochs (max_epochs), Lightning restores no loader state: the next epoch drew
+    the first epoch's order again, and `last.ckpt` held the random states after the final validation."""
+
+    def launch(exp_dir: Path, epochs: int) -> dict[int, float]:
+        MapStyle.losses = {}
+        config = BoringConfig(exp_dir=str(exp_dir), max_steps=None, valid_every_n_steps=3, save_every_n_seconds=None)
+        args = ["fit", f"--trainer.max_epochs={epochs}", f"--model.config.num_dataloader_workers={workers}"]
+        NoisyEverywhere.launch(config, argv=args)  # 4 batches an epoch, noise in every phase's loss.
+        return MapStyle.losses
+
+    expected = launch(tmp_path / "ref", 4)
+    assert sorted(expected) == list(range(16))
+    launch(tmp_path / "run", 2)
+    assert launch(tmp_path / "run", 4) == {step: expected[step] for step in range(8, 16)}
