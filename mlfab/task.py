@@ -43,7 +43,6 @@ from mlfab._lightning import (
 from mlfab.checkpoints import (
     around_saves,
     check_compatible,
-    checksum_error,
     damage,
     gather_rng_states,
     own_rng_state,
@@ -55,7 +54,7 @@ from mlfab.compiling import Compiled
 from mlfab.config import Config, ConfigT, build_config, check_config, to_dict
 from mlfab.data import DpshdlIterable, build_dataloader, check_dataset, explain_dataset_failure, to_device
 from mlfab.declaration import find_config_class, prepare_subclass, task_work_due
-from mlfab.errors import ConfigError, TaskDefinitionError
+from mlfab.errors import CheckpointError, ConfigError, TaskDefinitionError
 from mlfab.loader import Consumed, MlfabLoader
 from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.dispatch import flush_logs
@@ -1161,7 +1160,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if isinstance(checkpoint_path, str | PurePath) and Path(checkpoint_path).expanduser().is_file():
             path = Path(checkpoint_path).expanduser()
             if (problem := damage(path)) is not None:
-                raise checksum_error(path, problem)
+                raise CheckpointError(f"Checkpoint {path} is corrupt or truncated: {problem}. Load another one.")
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @classmethod

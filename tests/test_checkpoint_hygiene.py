@@ -112,8 +112,11 @@ def test_flipped_bytes_are_skipped_on_resume_and_refused_when_given(
     with pytest.raises(mlfab.CheckpointError, match=rf"{re.escape(str(last))} is corrupt or truncated: its sha256"):
         launch(tmp_path / "other", "fit", f"--ckpt_path={last}")
     capsys.readouterr()
-    with pytest.raises(mlfab.CheckpointError, match=rf"{re.escape(str(last))} is corrupt or truncated: its sha256"):
+    with pytest.raises(
+        mlfab.CheckpointError, match=rf"{re.escape(str(last))} is corrupt or truncated: its sha256"
+    ) as e:
         BoringTask.load_from_checkpoint(last)  # For inference, as the README shows: it loaded the damaged weights.
+    assert str(e.value).endswith("Load another one.")  # No advice in a resume's terms (--ckpt_path, a relaunch).
     with pytest.raises(TypeError, match="class"):  # Still Lightning's guard against a call on an instance.
         BoringTask(BoringConfig()).load_from_checkpoint(run / "checkpoints" / "step_00000006.ckpt")
     assert BoringTask.load_from_checkpoint(str(run / "checkpoints" / "step_00000006.ckpt")).weights_step == 6
