@@ -646,3 +646,16 @@ def test_a_run_of_the_same_task_class_moved_into_a_function_resumes(tmp_path: Pa
     assert moved.__qualname__.endswith("<locals>.Older")
     moved.launch(WithExtra(max_steps=4, valid_every_n_steps=None), argv=[f"exp_dir={exp}"])
     assert torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_settings_manual_optimization_cannot_apply_are_refused_by_their_config_keys(tmp_path: Path) -> None:
+    """Lightning refused the default clip_grad_norm naming `Trainer(gradient_clip_val=10.0)`, an argument the user
+    never gave; a warmup never advanced (the rate stayed at a hundredth of learning_rate, silently)."""
+    with pytest.raises(mlfab.ConfigError) as e:
+        TwoOptimizers.launch(argv=["max_steps=2", "batches_per_step=2", "warmup_steps=3", f"exp_dir={tmp_path / 'a'}"])
+    problems = str(e.value).splitlines()
+    assert "(automatic_optimization=False: its training_step steps the optimizers) (3 problem(s)):" in problems[0]
+    assert problems[1].startswith("  - key 'clip_grad_norm' (or --trainer.gradient_clip_val): set it to null")
+    assert problems[2].startswith("  - key 'batches_per_step': set it to 1")
+    assert problems[3].startswith("  - key 'warmup_steps': set it to 0")
+    assert not (tmp_path / "a").exists()  # Refused before the run started.

@@ -60,7 +60,7 @@ from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, p
 from mlfab.run.provenance import rewound_at
 from mlfab.run.rundir import checkpoint_run, let_go_of_run_dirs, newest_checkpoint, refuse_other_tasks_run
 from mlfab.run.slurm import in_slurm_job
-from mlfab.run.trainer import resolve_precision, trainer_settings
+from mlfab.run.trainer import refuse_under_manual_optimization, resolve_precision, trainer_settings
 
 if TYPE_CHECKING:
     from mlfab.task import Task
@@ -427,6 +427,7 @@ class MlfabCLI(LightningCLI):
             for key in trainer_given:
                 if key not in ("logger", "callbacks", "plugins"):
                     settings[key] = values[key]
+            refuse_under_manual_optimization(task, settings)
             return self.trainer_class(**{**settings, **kwargs})
 
     def _refuse_trainer_arguments_left_out(self, given: list[str]) -> None:

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mlfab._lightning import no_profiler
 from mlfab.checkpoints import AtomicCheckpointIO, periodic_name
-from mlfab.config import Config, field_default
+from mlfab.config import Config, field_default, problems_message
 from mlfab.errors import ConfigError
 from mlfab.run.async_save import BackgroundCheckpointIO
 from mlfab.run.callbacks import (
@@ -207,3 +207,24 @@ def trainer_settings(
 
 def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callbacks: Sequence[Any] = ()) -> Any:
     return pl.Trainer(**trainer_settings(config, exp_dir, loggers, extra_callbacks))
+
+
+def refuse_under_manual_optimization(task: Any, settings: dict[str, Any]) -> None:
+    """Under Lightning's manual optimization (`automatic_optimization = False`) the task's `training_step` steps its
+    optimizers itself: the settings mlfab applies around an automatic step would be refused by Lightning naming
+    Trainer arguments the user never gave, or never apply. All of them at once, named as the config names them."""
+    if task.automatic_optimization:
+        return
+    problems = []
+    if settings.get("gradient_clip_val") is not None:
+        problems.append(
+            "key 'clip_grad_norm' (or --trainer.gradient_clip_val): set it to null and clip in training_step "
+            "(self.clip_gradients(optimizer, gradient_clip_val=...))"
+        )
+    if (settings.get("accumulate_grad_batches") or 1) > 1:
+        problems.append("key 'batches_per_step': set it to 1 and accumulate in training_step")
+    if getattr(task.config, "warmup_steps", 0):
+        problems.append("key 'warmup_steps': set it to 0 and set the rate in training_step (nothing would warm up)")
+    if problems:
+        name = f"{type(task).__name__} (automatic_optimization=False: its training_step steps the optimizers)"
+        raise ConfigError(problems_message(name, problems))
