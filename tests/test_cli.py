@@ -680,6 +680,7 @@ def test_an_init_without_the_config_annotation_reads_the_declared_config(
         ),
         (["--optimizer=SGD", "--optimizer.lr=0.1", "--model.config.learning_rate=0.5"], r"learning_rate with --opti"),
         (["--trainer.log_every_n_steps=1"], r"--trainer.log_every_n_steps: mlfab's loggers write every log_int"),
+        (["--lr_scheduler=StepLR", "--lr_scheduler.step_size=1"], r"--lr_scheduler without --optimizer: Lightning's"),
     ],
 )
 def test_arguments_mlfab_would_ignore_are_refused(tmp_path: Path, args: list[str], message: str) -> None:

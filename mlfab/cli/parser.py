@@ -565,7 +565,13 @@ def refuse_ignored_arguments(given: Sequence[str], cfg: Any, args: Sequence[str]
             f"clip_grad_norm {cfg['model.config.clip_grad_norm']} with --trainer.gradient_clip_algorithm value: a "
             "step is clipped by norm (mlfab) or by value (Lightning), not both; drop one of them"
         )
-    if any(k == "optimizer" or k.startswith("optimizer.") for k in given):
+    optimizer = any(k == "optimizer" or k.startswith("optimizer.") for k in given)
+    if not optimizer and any(k == "lr_scheduler" or k.startswith("lr_scheduler.") for k in given):
+        problems.append(  # Lightning's CLI attaches it only to an optimizer it builds itself, and drops it silently.
+            "--lr_scheduler without --optimizer: Lightning's command line attaches a scheduler only to the optimizer "
+            "--optimizer builds; give --optimizer too, or return (optimizer, scheduler) from build_optimizer"
+        )
+    if optimizer:
         typed = [k for k in OPTIMIZER_CONFIG_KEYS if any(a.split("=")[0] == f"--model.config.{k}" for a in args)]
         if typed:
             problems.append(
