@@ -587,6 +587,14 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     @override
     def train_dataloader(self) -> DataLoader:
         loader = self._dataloader("train")
+        epochly = [type(c.scheduler).__name__ for c in self.trainer.lr_scheduler_configs if c.interval == "epoch"]
+        if epochly and not has_len(loader):  # Lightning steps it at an epoch's end, which never comes: silently.
+            raise ConfigError(
+                f"The learning-rate scheduler {epochly[0]} steps once an epoch (interval 'epoch', Lightning's "
+                f"default), and the training set of {type(self).__name__} is endless: it would never step. Return "
+                "it as {'scheduler': ..., 'interval': 'step'} in Lightning's dict from build_optimizer or "
+                "configure_optimizers (the rate then changes every `frequency` steps)."
+            )
         states, self._loader_states = self._loader_states, None
         if states and isinstance(loader, MlfabLoader) and not restarts_an_epoch(self.trainer):
             loader.load_state_dict(states[0], next_pass=True)  # The next epoch's pass, as the uninterrupted run's.

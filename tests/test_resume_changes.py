@@ -659,3 +659,19 @@ def test_settings_manual_optimization_cannot_apply_are_refused_by_their_config_k
     assert problems[2].startswith("  - key 'batches_per_step': set it to 1")
     assert problems[3].startswith("  - key 'warmup_steps': set it to 0")
     assert not (tmp_path / "a").exists()  # Refused before the run started.
+
+
+class DecaysEachEpoch(BoringTask):
+    """An epoch-interval scheduler over BoringTask's endless dpshdl set."""
+
+    def build_optimizer(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.config.learning_rate)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def test_a_scheduler_stepped_each_epoch_of_an_endless_set_is_refused(tmp_path: Path) -> None:
+    """It never stepped: the rate stayed where it began, silently."""
+    with pytest.raises(mlfab.ConfigError, match=r"StepLR steps once an epoch .* endless: it would never step"):
+        DecaysEachEpoch.launch(argv=["max_steps=3", f"exp_dir={tmp_path / 'a'}"])
+    assert not (tmp_path / "a" / "config.yaml").exists()  # Refused before the run started.
