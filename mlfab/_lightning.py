@@ -272,6 +272,18 @@ def set_rng_states(states: dict[str, Any]) -> None:
 restricted_classmethod = _restricted_classmethod
 
 
+UNITERATED = "Please call `iter(combined_loader)` first."
+
+
+def hidden_by_teardown(error: BaseException) -> BaseException | None:
+    """The error Lightning's teardown hid, if it did: where the training loader failed as its iterator was made (a
+    dataset whose `__iter__` raises), the fit loop's teardown asks the loader's length and raises a RuntimeError of its
+    own, with the user's error only as its context. Private: that message, `CombinedLoader.__len__`'s."""
+    if isinstance(error, RuntimeError) and str(error) == UNITERATED and error.__context__ is not None:
+        return error.__context__
+    return None
+
+
 def loader_states(checkpoint: dict[str, Any]) -> list[Any] | None:
     """The training loaders' states a checkpoint holds. Lightning restores them only into a fit that restarts an
     epoch (or trains by steps), not after an epoch that finished (`max_epochs`), whose next epoch it starts afresh:

@@ -465,6 +465,24 @@ def test_loader_states_and_restarts_an_epoch_read_what_lightning_restores(tmp_pa
     assert seen == [False]  # The first epoch finished: Lightning starts the next afresh.
 
 
+def test_hidden_by_teardown_finds_the_error_lightnings_teardown_hid() -> None:
+    """`hidden_by_teardown` (behaviour in a real run: tests/test_resume.py, a stream that fails to start) matches the
+    message `CombinedLoader.__len__` raises before its iterator is made."""
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+    with pytest.raises(RuntimeError) as raised:
+        len(CombinedLoader([range(3)]))
+    assert str(raised.value) == _lightning.UNITERATED
+    try:
+        try:
+            raise FileNotFoundError("shard")
+        except FileNotFoundError:
+            len(CombinedLoader([range(3)]))
+    except RuntimeError as e:
+        assert isinstance(_lightning.hidden_by_teardown(e), FileNotFoundError)
+    assert _lightning.hidden_by_teardown(RuntimeError("other")) is None
+
+
 def rank_zeros(trainer: pl.Trainer) -> str:
     return f"rank zero's step {trainer.global_step}"
 

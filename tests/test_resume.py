@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -625,3 +626,22 @@ def test_a_run_relaunched_with_more_epochs_goes_on_as_the_uninterrupted_run(tmp_
     assert sorted(expected) == list(range(16))
     launch(tmp_path / "run", 2)
     assert launch(tmp_path / "run", 4) == {step: expected[step] for step in range(8, 16)}
+
+
+class MissingShard(torch.utils.data.IterableDataset):
+    def __iter__(self) -> Iterator[Any]:
+        raise FileNotFoundError("shard-0003.tar is missing")
+
+
+class ReadsMissingShard(mlfab.testing.BoringTask):
+    def get_dataset(self, phase: mlfab.Phase) -> Any:
+        return MissingShard()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_that_fails_to_start_raises_its_own_error(tmp_path: Path, workers: int) -> None:
+    """Lightning's teardown raised "Please call `iter(combined_loader)` first." in its place."""
+    config = BoringConfig(exp_dir=str(tmp_path / "run"), max_steps=2)
+    with pytest.raises(FileNotFoundError, match="shard-0003.tar is missing"):
+        ReadsMissingShard.launch(config, argv=[f"num_dataloader_workers={workers}"])

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import yaml
 from typing_extensions import override
 
-from mlfab._lightning import SpawnedResult, StepFreeCallback
+from mlfab._lightning import SpawnedResult, StepFreeCallback, hidden_by_teardown
 from mlfab.config import Config, config_to_yaml, show, to_dict
 from mlfab.loggers.base import MlfabLogger
 from mlfab.loggers.dispatch import write_run_info
@@ -178,12 +178,14 @@ def execute(trainer: Any, subcommand: str, task: "Task", run: Run, ckpt_path: An
     try:
         with signals_passed_to_spawned() if spawned.spawns else contextlib.nullcontext():
             getattr(trainer, subcommand)(task, ckpt_path=ckpt_path, **kwargs)
-    except BaseException:
+    except BaseException as e:
         # Under a spawn-based strategy rank zero's copy of `records` wrote them (see SpawnedResult): the new
         # launch entry says so.
         records.written = records.written or (run.writer and launch_count(exp_dir) > launches)
         if run.writer and not records.written:  # Refused before it started: the directory as it was.
             forget_launch(exp_dir, run.created, kept)
+        if (original := hidden_by_teardown(e)) is not None:
+            raise original from None
         raise
     finally:
         if run.writer:
