@@ -284,18 +284,28 @@ def hidden_by_teardown(error: BaseException) -> BaseException | None:
     return None
 
 
-def loader_states(checkpoint: dict[str, Any]) -> list[Any] | None:
-    """The training loaders' states a checkpoint holds. Lightning restores them only into a fit that restarts an
-    epoch (or trains by steps), not after an epoch that finished (`max_epochs`), whose next epoch it starts afresh:
-    `restarts_an_epoch` says which. Private: the layout of Lightning's checkpoints,
-    `loops.fit_loop.state_dict.combined_loader`."""
-    return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
-
-
-def restarts_an_epoch(trainer: pl.Trainer) -> bool:
-    """Whether the fit Lightning resumes restores its loaders' states (`loader_states`). Private: `_FitLoop.restarting`
-    as its checkpoint restore set it (`_load_combined_loader_states` reads it)."""
-    return trainer.fit_loop.restarting
+def next_epoch_from_here(checkpoint: dict[str, Any], pass_ended: Callable[[Any], bool]) -> list[Any] | None:
+    """For a checkpoint written once its epoch had finished (training ended with an epoch's last batch: `max_steps`, a
+    signal, `max_epochs`; `pass_ended(loader state)` says where an epoch limit, not the data, ended it): the training
+    loaders' states, which mlfab restores itself as of the next epoch's pass, taken out of the checkpoint, whose
+    epoch loop is set to start that epoch; None for any other checkpoint, which Lightning restores as it is.
+    Lightning resumes such a checkpoint into a loop that runs the finished epoch once more, empty, and counts it
+    (`current_epoch` one ahead: `max_epochs` then ends the run an epoch early), or, training by epochs, restores no
+    loader state at all (the next epoch drew the first one's order). (A fit that `max_steps` stopped mid-epoch counts
+    that epoch as finished too: its loop state alone cannot tell.) Private: the layout of Lightning's loop state in
+    its checkpoints (`loops.fit_loop`: `epoch_progress`, `epoch_loop.batch_progress`, `state_dict.combined_loader`)."""
+    fit = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = fit.get("epoch_progress", {}).get("total", {}), fit.get("epoch_loop.batch_progress", {})
+    counts = [epochs.get(k) for k in ("ready", "started", "processed", "completed")]
+    states = fit.get("state_dict", {}).get("combined_loader") or []
+    if not (counts[0] and len(set(counts)) == 1 and batches.get("current", {}).get("ready")):
+        return None
+    if not (batches.get("is_last_batch") or (len(states) == 1 and pass_ended(states[0]))):
+        return None
+    batches["current"] = dict.fromkeys(batches["current"], 0)
+    batches["is_last_batch"] = False
+    fit["state_dict"]["combined_loader"] = []
+    return states
 
 
 def unrepeated_sampler(dataset: Any, num_replicas: int, rank: int) -> UnrepeatedDistributedSampler:

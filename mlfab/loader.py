@@ -194,6 +194,11 @@ class MlfabLoader(StatefulDataLoader):
         self._yielded = self.consumed.count = 0
         self._recent.clear()
 
+    @staticmethod
+    def pass_ended(state: dict[str, Any]) -> bool:
+        """Whether a `state_dict` was saved where Lightning ended the epoch before the pass (`epoch_ends_here`)."""
+        return bool((state.get("ranks") or [state])[0].get("cut"))
+
     def _length(self) -> int | None:
         """The number of samples of a map-style training set (an iterable's position is its own to keep)."""
         try:

@@ -30,11 +30,10 @@ from typing_extensions import override
 from mlfab._lightning import (
     FastFxName,
     lightning_validates_now,
-    loader_states,
     metric_step_value,
+    next_epoch_from_here,
     precompute_step_signatures,
     publish_metrics,
-    restarts_an_epoch,
     restricted_classmethod,
     step_ends,
     uploads_checkpoints,
@@ -596,8 +595,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                 "configure_optimizers (the rate then changes every `frequency` steps)."
             )
         states, self._loader_states = self._loader_states, None
-        if states and isinstance(loader, MlfabLoader) and not restarts_an_epoch(self.trainer):
-            loader.load_state_dict(states[0], next_pass=True)  # The next epoch's pass, as the uninterrupted run's.
+        if states and isinstance(loader, MlfabLoader):  # The next epoch's pass, as the uninterrupted run's.
+            loader.load_state_dict(states[0], next_pass=True)
         return loader
 
     @override
@@ -1003,7 +1002,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                     logger.resumed(steps)
         if self._pending_rng is not None:
             restore_rng_states(self.trainer, self._pending_rng)
-            self._pending_rng = None
+            self._pending_rng, self._rng_at_end = None, own_rng_state()  # Where training ended, until it goes on.
         self._training_over = self._step_started = False
         wanted = type(self).on_step_end is not Task.on_step_end or may_accumulate(self.trainer)
         self._step_losses, self._step_weight = ({} if wanted else None), 0
@@ -1129,7 +1128,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             # Restored when training starts: Lightning builds the dataloaders in between, and `get_dataset` or a
             # dataset may draw from the global generators there, as the uninterrupted run did before step 0.
             self._pending_rng = saved.get("rng")
-            self._loader_states = loader_states(checkpoint)  # For Lightning to restore, or `train_dataloader`.
+            # For `train_dataloader`, where Lightning would not restore them as they are.
+            self._loader_states = next_epoch_from_here(checkpoint, MlfabLoader.pass_ended)
         else:  # The file's evaluation weights, for `validate` / `test` / `predict` (or `load_from_checkpoint`).
             self._weights_from_checkpoint = True
             self._checkpoint_step = int(checkpoint.get("global_step", 0))

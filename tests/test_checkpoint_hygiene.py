@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -750,6 +751,10 @@ def test_a_second_fit_into_a_run_that_is_training_is_refused(tmp_path: Path) -> 
         assert (run / "config.yaml").read_text() == config_yaml  # Nothing of the refused launch written.
         with pytest.raises(mlfab.ConfigError, match="Another process is training"):  # Also in the fit form.
             launch(run, "fit", "--trainer.max_steps=3")
+        deadline = time.monotonic() + 60
+        while newest_checkpoint(run) is None:  # (A loaded machine may not have written its first one yet.)
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
     finally:
         first.kill()  # Its main process alone: its workers outlive it for a few seconds.
         first.wait(60)

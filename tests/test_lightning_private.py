@@ -433,36 +433,33 @@ def test_restricted_classmethod_is_what_lightning_decorates_load_from_checkpoint
     assert isinstance(mlfab.Task.__dict__["load_from_checkpoint"], _lightning.restricted_classmethod)
 
 
-def test_loader_states_and_restarts_an_epoch_read_what_lightning_restores(tmp_path: Path) -> None:
-    """`loader_states` finds the training loader's state in a checkpoint, and `restarts_an_epoch` is False after a
-    fit that finished its epochs, where Lightning leaves the state unrestored (mlfab restores it: tests/test_resume.py,
-    test_a_run_relaunched_with_more_epochs_goes_on_as_the_uninterrupted_run)."""
+def test_next_epoch_from_here_keeps_lightning_from_counting_a_finished_epoch_twice(tmp_path: Path) -> None:
+    """Lightning resumes a checkpoint written once its epoch finished into a loop that runs that epoch again, empty,
+    and counts it: `next_epoch_from_here` makes it start the next epoch, and hands over the loader state (the data
+    of the resume: tests/test_resume.py, ..._relaunched_with_more_epochs_... and ..._resume_exactly)."""
     from lightning.pytorch.demos.boring_classes import BoringModel
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     class Stateful(BoringModel):
         def train_dataloader(self) -> Any:
-            return StatefulDataLoader(torch.randn(8, 32), batch_size=2)
+            return StatefulDataLoader(torch.randn(8, 32), batch_size=2)  # 4 batches an epoch.
 
-    def fit(epochs: int, ckpt: Any = None) -> pl.Trainer:
-        trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    def fit(steps: int, ckpt: Any = None) -> pl.Trainer:
+        trainer = pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                              enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0)  # fmt: skip
         trainer.fit(Stateful(), ckpt_path=ckpt)
         return trainer
 
-    fit(1).save_checkpoint(tmp_path / "done.ckpt")
-    states = _lightning.loader_states(torch.load(tmp_path / "done.ckpt", weights_only=False))
+    fit(4).save_checkpoint(tmp_path / "epoch_done.ckpt")  # Training ended with its first epoch.
+    assert fit(8, tmp_path / "epoch_done.ckpt").current_epoch == 3  # Lightning's count: one epoch too many.
+    checkpoint = torch.load(tmp_path / "epoch_done.ckpt", weights_only=False)
+    states = _lightning.next_epoch_from_here(checkpoint, lambda state: False)
     assert isinstance(states, list) and len(states) == 1 and "_num_yielded" in str(states[0])
-    seen: list[bool] = []
-    original = Stateful.train_dataloader
-
-    def recording(self: Any) -> Any:
-        seen.append(_lightning.restarts_an_epoch(self.trainer))
-        return original(self)
-
-    Stateful.train_dataloader = recording  # type: ignore[method-assign]
-    fit(2, tmp_path / "done.ckpt")
-    assert seen == [False]  # The first epoch finished: Lightning starts the next afresh.
+    torch.save(checkpoint, tmp_path / "next_epoch.ckpt")
+    assert fit(8, tmp_path / "next_epoch.ckpt").current_epoch == 2
+    fit(2).save_checkpoint(tmp_path / "mid_epoch.ckpt")
+    mid_epoch = torch.load(tmp_path / "mid_epoch.ckpt", weights_only=False)
+    assert _lightning.next_epoch_from_here(mid_epoch, lambda state: False) is None  # Lightning's own resume.
 
 
 def test_hidden_by_teardown_finds_the_error_lightnings_teardown_hid() -> None:
