@@ -645,3 +645,29 @@ def test_a_stream_that_fails_to_start_raises_its_own_error(tmp_path: Path, worke
     config = BoringConfig(exp_dir=str(tmp_path / "run"), max_steps=2)
     with pytest.raises(FileNotFoundError, match="shard-0003.tar is missing"):
         ReadsMissingShard.launch(config, argv=[f"num_dataloader_workers={workers}"])
+
+
+class CountsEpochs(MapStyle):
+    epochs: dict[int, int] = {}
+
+    def get_loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: mlfab.State) -> torch.Tensor:
+        if state.phase == "train":
+            CountsEpochs.epochs[state.num_steps] = self.current_epoch
+        return super().get_loss(batch, state)
+
+
+@pytest.mark.integration
+def test_a_resume_at_an_epochs_end_counts_the_epochs_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Lightning ran the finished epoch once more, empty, and counted it: every later epoch was one ahead, and a
+    `max_epochs` ended the run an epoch early."""
+
+    def launch(exp_dir: Path, max_steps: int) -> tuple[dict[int, int], dict[int, float]]:
+        CountsEpochs.epochs, MapStyle.losses = {}, {}
+        config = BoringConfig(exp_dir=str(exp_dir), max_steps=max_steps, valid_every_n_steps=None)
+        CountsEpochs.launch(config, argv=["fit", "--model.config.save_every_n_seconds=null", "--trainer.max_epochs=3"])
+        return CountsEpochs.epochs, MapStyle.losses
+
+    epochs, losses = launch(tmp_path / "ref", 100)  # 4 batches an epoch: max_epochs ends it at 12 steps.
+    assert sorted(epochs) == list(range(12)) and epochs[11] == 2
+    launch(tmp_path / "run", 4)  # At the first epoch's end.
+    assert launch(tmp_path / "run", 100) == ({s: epochs[s] for s in range(4, 12)}, {s: losses[s] for s in range(4, 12)})

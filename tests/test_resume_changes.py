@@ -337,7 +337,8 @@ class CallsSuper(BoringTask):
 
     def configure_optimizers(self) -> Any:
         optimizer = super().configure_optimizers()
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 100)}
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 100)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 @pytest.mark.parametrize("task", [LightningOptimizer, MixedIn])
