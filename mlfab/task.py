@@ -11,6 +11,7 @@ import functools
 import inspect
 import numbers
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePath
@@ -1000,6 +1001,15 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             for logger in self.trainer.loggers:
                 if isinstance(logger, MlfabLogger):
                     logger.resumed(steps)
+            plateau = [c for c in self.trainer.lr_scheduler_configs if c.reduce_on_plateau and c.interval == "step"]
+            if plateau and not validated:  # Lightning's, after the validation the resume runs first.
+                print(
+                    f"This run resumes at step {self.global_step}, which was to validate: after that validation "
+                    f"Lightning steps {type(plateau[0].scheduler).__name__} once more than the uninterrupted run did, "
+                    "so the rate may differ from here on. Resume from a checkpoint of another step to avoid it.",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if self._pending_rng is not None:
             restore_rng_states(self.trainer, self._pending_rng)
             self._pending_rng, self._rng_at_end = None, own_rng_state()  # Where training ended, until it goes on.

@@ -676,3 +676,38 @@ def test_a_scheduler_stepped_each_epoch_of_an_endless_set_is_refused(tmp_path: P
     with pytest.raises(mlfab.ConfigError, match=r"StepLR steps once an epoch .* endless: it would never step"):
         DecaysEachEpoch.launch(argv=["max_steps=3", f"exp_dir={tmp_path / 'a'}"])
     assert not (tmp_path / "a" / "config.yaml").exists()  # Refused before the run started.
+
+
+class PlateauEachStep(BoringTask):
+    """ReduceLROnPlateau on the validation loss, stepped every step; SIGTERM to itself in its sixth step."""
+
+    stop = True
+
+    def build_optimizer(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.config.learning_rate)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": plateau, "interval": "step", "monitor": "valid/loss/loss"},
+        }
+
+    def get_loss(self, batch: Any, state: mlfab.State) -> Any:
+        if state.phase == "train" and state.num_steps == 5 and PlateauEachStep.stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().get_loss(batch, state)
+
+
+def test_a_resume_at_a_step_to_validate_says_lightning_steps_a_plateau_scheduler_once_more(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning steps a plateau scheduler after the validation the resume runs first, which the uninterrupted run
+    had stepped it for already: the rate halved once more, silently."""
+    args = ["max_steps=12", "valid_every_n_steps=3", "save_every_n_seconds=null", f"exp_dir={tmp_path / 'run'}"]
+    with pytest.raises(SystemExit):
+        PlateauEachStep.launch(argv=args)
+    monkeypatch.setattr(PlateauEachStep, "stop", False)
+    capsys.readouterr()
+    PlateauEachStep.launch(argv=args)
+    assert "This run resumes at step 6, which was to validate: after that validation Lightning steps " in (
+        capsys.readouterr().err
+    )
