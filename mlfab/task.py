@@ -85,7 +85,7 @@ from mlfab.run.callbacks import (
 from mlfab.run.distributed import broadcast_exp_dir, mean_over_ranks, union_over_ranks
 from mlfab.run.quiet import quiet_log_interval_warning
 from mlfab.run.slurm import job_arguments
-from mlfab.run.trainer import DATA_KEYS, built_by_mlfab, unread_settings, unseeded
+from mlfab.run.trainer import DATA_KEYS, built_by_mlfab, refuse_under_manual_optimization, unread_settings, unseeded
 from mlfab.state import PHASES, LogPhase, Phase, State
 
 NUMPY_VALUES = (np.generic, np.ndarray)  # Built once: `self.log` checks every value against it.
@@ -537,7 +537,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             quiet_log_interval_warning()  # Lightning's advice to lower log_every_n_steps, which they do not read.
         if self.config.compile is not False and self._compiled is None:  # Once, also when fit is followed by test.
             self._compiled = Compiled(self, self.config.compile, self.trainer.strategy.root_device.type)
-        if stage == "fit":
+        if stage == "fit":  # (Again: a task may turn automatic optimization off after the Trainer was built.)
+            trainer = self.trainer
+            clipping = {"gradient_clip_val": trainer.gradient_clip_val}
+            refuse_under_manual_optimization(
+                self, {**clipping, "accumulate_grad_batches": trainer.accumulate_grad_batches}
+            )
             # Lightning tells callbacks, not modules, of an exception: this one calls `on_training_end` then. Added
             # here rather than in `configure_callbacks`, which a task may override without calling super.
             last_training_ends_on_error(self.trainer.callbacks)  # type: ignore[attr-defined]
@@ -588,12 +593,15 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
     def train_dataloader(self) -> DataLoader:
         loader = self._dataloader("train")
         epochly = [type(c.scheduler).__name__ for c in self.trainer.lr_scheduler_configs if c.interval == "epoch"]
-        if epochly and not has_len(loader):  # Lightning steps it at an epoch's end, which never comes: silently.
+        endless = not has_len(loader) and not isinstance(self.trainer.limit_train_batches, int)  # (An int: epochs.)
+        if epochly and endless:  # Lightning steps it at an epoch's end, which never comes: silently.
             raise ConfigError(
                 f"The learning-rate scheduler {epochly[0]} steps once an epoch (interval 'epoch', Lightning's "
                 f"default), and the training set of {type(self).__name__} is endless: it would never step. Return "
                 "it as {'scheduler': ..., 'interval': 'step'} in Lightning's dict from build_optimizer or "
-                "configure_optimizers (the rate then changes every `frequency` steps)."
+                "configure_optimizers (the rate then changes every `frequency` steps; a --lr_scheduler is Lightning's "
+                "'epoch' one: build it there instead), or give --trainer.limit_train_batches, a number of batches an "
+                "epoch."
             )
         states, self._loader_states = self._loader_states, None
         if states and isinstance(loader, MlfabLoader):  # The next epoch's pass, as the uninterrupted run's.
@@ -800,6 +808,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
             return
         if not self._step_started:
             self._step_started = True
+            if self._rng_at_end is not None:  # Resumed (see on_train_start), and training goes on.
+                self._rng_at_end = None
             if type(self).on_step_start is not Task.on_step_start:  # A State costs ~3 us: only when overridden.
                 self.on_step_start(self.state("train"))
         if batch_idx + 1 == self.trainer.num_training_batches and isinstance(
@@ -820,8 +830,8 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                     self.on_step_end(self.state("train"), mean or {k: v.detach() for k, v in self._last_losses.items()})
             if self._training_over:
                 self.trainer.should_stop = True
-            if self._training_ends():  # Before the final validation, whose draws the run it ends never made.
-                self._rng_at_end = own_rng_state()
+            if self._training_ends() and not self._due_anyway():  # Before a final validation that a longer run
+                self._rng_at_end = own_rng_state()  # would not make at this step (its draws would be the resume's).
             if self._compiled is not None:
                 self._compiled.step_ended(self)
             everywhere = self._written_everywhere()
@@ -846,6 +856,10 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self._training_ends():
             return True
         return self._cadence.validates_now(self.trainer) if self._cadence else lightning_validates_now(self.trainer)
+
+    def _due_anyway(self) -> bool:
+        """Whether the step that just ended was to validate whether or not training ends there."""
+        return self._cadence.due_now(self.trainer) if self._cadence else lightning_validates_now(self.trainer)
 
     def _training_ends(self) -> bool:
         """Whether the step that just ended is the last (max_steps, the last batch of max_epochs, or a stop:

@@ -22,7 +22,7 @@ import mlfab
 from mlfab import checkpoints
 from mlfab.checkpoints import AtomicCheckpointIO, check_ckpt_path, checksum_path, damage, unreadable
 from mlfab.cli import parser as cli_parser
-from mlfab.run.rundir import newest_checkpoint
+from mlfab.run.rundir import newest_checkpoint, run_dirs_held
 from mlfab.testing import BoringConfig, BoringTask, read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -763,3 +763,22 @@ def test_a_second_fit_into_a_run_that_is_training_is_refused(tmp_path: Path) -> 
     stopped_at = int(torch.load(newest, weights_only=True)["global_step"])
     launch(run, max_steps=stopped_at + 2)  # At once, a relaunch goes on from it.
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped_at + 2
+
+
+class LaunchesAnother(BoringTask):
+    """Launches a small fit of another run from inside its own (an evaluation of a baseline, say)."""
+
+    held_after: list[Path] = []
+
+    def on_step_end(self, state: mlfab.State, loss_dict: dict[str, torch.Tensor]) -> None:
+        if state.num_steps == 2:
+            BoringTask.launch(BoringConfig(max_steps=1, valid_every_n_steps=None), argv=[f"exp_dir={self.exp_dir}-b"])
+            LaunchesAnother.held_after = sorted(run_dirs_held())
+
+
+@pytest.mark.integration
+def test_a_launch_inside_a_fit_keeps_that_fits_run_locked(tmp_path: Path) -> None:
+    """The inner launch's end let go of every lock the process held, the outer fit's too."""
+    LaunchesAnother.launch(BoringConfig(max_steps=3, valid_every_n_steps=None), argv=[f"exp_dir={tmp_path / 'a'}"])
+    assert LaunchesAnother.held_after == [tmp_path / "a"]
+    assert run_dirs_held() == set()

@@ -671,3 +671,25 @@ def test_a_resume_at_an_epochs_end_counts_the_epochs_as_the_uninterrupted_run(tm
     assert sorted(epochs) == list(range(12)) and epochs[11] == 2
     launch(tmp_path / "run", 4)  # At the first epoch's end.
     assert launch(tmp_path / "run", 100) == ({s: epochs[s] for s in range(4, 12)}, {s: losses[s] for s in range(4, 12)})
+
+
+@pytest.mark.integration
+def test_resumes_chained_through_validation_steps_and_periodic_checkpoints_draw_the_uninterrupted_runs_numbers(
+    tmp_path: Path,
+) -> None:
+    """A fit ending on a step that validates anyway saved the random states from before that validation; a resumed
+    fit's periodic checkpoints saved the random states it resumed with."""
+
+    def launch(exp_dir: Path, max_steps: int) -> dict[int, float]:
+        MapStyle.losses = {}
+        config = BoringConfig(exp_dir=str(exp_dir), max_steps=max_steps, valid_every_n_steps=2, save_every_n_steps=3)
+        NoisyEverywhere.launch(config, argv=["save_every_n_seconds=null"])
+        return MapStyle.losses
+
+    expected = launch(tmp_path / "ref", 12)
+    launch(tmp_path / "run", 4)  # Ends on a step the cadence validates at (2, 4, ...).
+    assert launch(tmp_path / "run", 8) == {step: expected[step] for step in range(4, 8)}
+    for ckpt in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):  # A crash: only the resumed fit's step 6 is left.
+        if ckpt.name != "step_00000006.ckpt":
+            ckpt.unlink()
+    assert launch(tmp_path / "run", 12) == {step: expected[step] for step in range(6, 12)}

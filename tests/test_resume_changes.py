@@ -711,3 +711,26 @@ def test_a_resume_at_a_step_to_validate_says_lightning_steps_a_plateau_scheduler
     assert "This run resumes at step 6, which was to validate: after that validation Lightning steps " in (
         capsys.readouterr().err
     )
+
+
+def test_a_scheduler_stepped_each_epoch_of_an_endless_set_cut_into_epochs_steps(tmp_path: Path) -> None:
+    """With --trainer.limit_train_batches (a number of batches) an endless set has epochs: not refused."""
+    argv = ["fit", "--model.config.max_steps=7", f"--model.config.exp_dir={tmp_path / 'run'}"]
+    DecaysEachEpoch.launch(argv=[*argv, "--trainer.limit_train_batches=3"])
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.5**2)  # Two epochs ended.
+
+
+class TurnsManualInSetup(TwoOptimizers):
+    def __init__(self, config: BoringConfig) -> None:
+        super().__init__(config)
+        self.automatic_optimization = True
+
+    def setup(self, stage: str) -> None:
+        self.automatic_optimization = False
+        super().setup(stage)
+
+
+def test_manual_optimization_turned_on_after_the_trainer_was_built_is_checked_too(tmp_path: Path) -> None:
+    with pytest.raises(mlfab.ConfigError, match=r"key 'warmup_steps': set it to 0"):
+        TurnsManualInSetup.launch(argv=["max_steps=2", "clip_grad_norm=null", "warmup_steps=3", f"exp_dir={tmp_path}"])

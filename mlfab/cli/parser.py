@@ -58,7 +58,13 @@ from mlfab.run.distributed import resolve_hardware
 from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
 from mlfab.run.provenance import rewound_at
-from mlfab.run.rundir import checkpoint_run, let_go_of_run_dirs, newest_checkpoint, refuse_other_tasks_run
+from mlfab.run.rundir import (
+    checkpoint_run,
+    let_go_of_run_dirs,
+    newest_checkpoint,
+    refuse_other_tasks_run,
+    run_dirs_held,
+)
 from mlfab.run.slurm import in_slurm_job
 from mlfab.run.trainer import refuse_under_manual_optimization, resolve_precision, trainer_settings
 
@@ -675,12 +681,13 @@ def run_cli(
         problems = [p for p in config_problems(task_cls.config_class(), script) if not p.startswith("missing required")]
         raise ConfigError(problems_message(f"{task_cls.__name__}.launch", problems))
     args = [args[0], *file_args, *args[1:]]
+    held = run_dirs_held()  # By a fit this launch runs inside (a task launching another): kept.
     try:
         return MlfabCLI(task_cls, args, script, short_form=short_form, launcher=launcher).exit_code
     except Submitted:
         return 0
     finally:
-        let_go_of_run_dirs()
+        let_go_of_run_dirs(keep=held)
 
 
 def _has_unknown_keys(cls: type, data: dict[str, Any]) -> bool:

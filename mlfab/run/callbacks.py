@@ -149,6 +149,10 @@ class ValidationCadence(StepFreeCallback):
             self._decided = (trainer.global_step, decision)
         return decision
 
+    def due_now(self, trainer: pl.Trainer) -> bool:
+        """Whether the step that just ended was to validate by the cadence, whether or not training ends there."""
+        return self._due(lightning_data_fetcher(trainer))
+
     def _due(self, data_fetcher: Any) -> bool:
         """Whether the step that just ended was to validate (asked after its last batch), whether or not training is
         stopping. Nothing is due before `first_n_seconds` of training time (the final validation, `_final`, is)."""

@@ -7,6 +7,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from mlfab.checkpoints import intact_checkpoint, remove_stale_temporary_files
@@ -114,10 +115,15 @@ def hold_run_dir(exp_dir: Path) -> None:
         time.sleep(1.0)
 
 
-def let_go_of_run_dirs() -> None:
-    """Releases the locks `hold_run_dir` took (at the end of each launch)."""
-    while _held:
-        os.close(_held.popitem()[1])  # (Closing the file lets go of its lock.)
+def run_dirs_held() -> set[Path]:
+    return set(_held)
+
+
+def let_go_of_run_dirs(keep: Collection[Path] = ()) -> None:
+    """Releases the locks `hold_run_dir` took, but those in `keep` (at the end of each launch: the ones a launch
+    inside it took, not those of a fit it runs in)."""
+    for exp_dir in [d for d in _held if d not in keep]:
+        os.close(_held.pop(exp_dir))  # (Closing the file lets go of its lock.)
 
 
 RUN_FILE_HEADER = "# mlfab run config of {}: the config and the Trainer arguments given explicitly."
