@@ -38,6 +38,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _say(message: str) -> None:
+    """On stderr, once for the run: by rank zero (every rank finds the same)."""
+    if not _distributed() or dist.get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
 class Consumed:
     """How many batches the training loop finished; shared between the task and its loader."""
 
@@ -172,23 +178,19 @@ class MlfabLoader(StatefulDataLoader):
         super().load_state_dict(state_dict["loader"])
         self._replay = [restored(batch) for batch in state_dict.get("in_flight", [])]
         self._pass_over, self._next_pass_now = cut and not next_pass, cut and next_pass
-        if getattr(self.dataset, "replays", False) and (not _distributed() or dist.get_rank() == 0):
+        if getattr(type(self.dataset), "replays", False):  # (The wrapper's, not an attribute of the user's set.)
             name = type(getattr(self.dataset, "dataset", self.dataset)).__name__
-            print(
+            _say(
                 f"The training set ({name}) has no state_dict: the resume draws again the samples of the pass in "
                 "progress it had drawn, and drops them (right where each pass yields the same samples in the same "
-                "order; a state_dict / load_state_dict of its own goes on without drawing them).",
-                file=sys.stderr,
-                flush=True,
+                "order; a state_dict / load_state_dict of its own goes on without drawing them)."
             )
         saved, now = state_dict.get("length"), self._length()
-        if saved is not None and saved != now and (not _distributed() or dist.get_rank() == 0):  # (Alike on all.)
-            print(
+        if saved is not None and saved != now:
+            _say(
                 f"The training set has {now} samples, {saved} when the checkpoint was written: the rest of the epoch "
                 "it was saved in is drawn from the new set at the saved position (so some of its samples come again "
-                "in that epoch, others not at all); each later epoch is the new set's, whole.",
-                file=sys.stderr,
-                flush=True,
+                "in that epoch, others not at all); each later epoch is the new set's, whole."
             )
         self._ever_produced = True  # It trained before it was saved.
         self._yielded = self.consumed.count = 0

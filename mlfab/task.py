@@ -538,11 +538,7 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         if self.config.compile is not False and self._compiled is None:  # Once, also when fit is followed by test.
             self._compiled = Compiled(self, self.config.compile, self.trainer.strategy.root_device.type)
         if stage == "fit":  # (Again: a task may turn automatic optimization off after the Trainer was built.)
-            trainer = self.trainer
-            clipping = {"gradient_clip_val": trainer.gradient_clip_val}
-            refuse_under_manual_optimization(
-                self, {**clipping, "accumulate_grad_batches": trainer.accumulate_grad_batches}
-            )
+            refuse_under_manual_optimization(self, self.trainer.gradient_clip_val, self.trainer.accumulate_grad_batches)
             # Lightning tells callbacks, not modules, of an exception: this one calls `on_training_end` then. Added
             # here rather than in `configure_callbacks`, which a task may override without calling super.
             last_training_ends_on_error(self.trainer.callbacks)  # type: ignore[attr-defined]
@@ -830,11 +826,12 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
                     self.on_step_end(self.state("train"), mean or {k: v.detach() for k, v in self._last_losses.items()})
             if self._training_over:
                 self.trainer.should_stop = True
-            if self._training_ends() and not self._due_anyway():  # Before a final validation that a longer run
-                self._rng_at_end = own_rng_state()  # would not make at this step (its draws would be the resume's).
+            ends = self._training_ends()
+            if ends and not self._due_anyway():  # Before a final validation that a longer run would not make at
+                self._rng_at_end = own_rng_state()  # this step (its draws would be the resume's).
             if self._compiled is not None:
                 self._compiled.step_ended(self)
-            everywhere = self._written_everywhere()
+            everywhere = self._written_everywhere(ends)
             self._log_bad_data(ask=everywhere)
             self._flush_logs("train", self.global_step - 1, everywhere=everywhere)
 
@@ -849,11 +846,11 @@ class Task(FastFxName, LogMethods, pl.LightningModule, Generic[ConfigT]):  # Fas
         uploading = [type(lg).__name__ for lg in self.trainer.loggers if uploads_checkpoints(lg)]
         return f"{uploading[0]} uploads each checkpoint (log_model) as soon as it is saved" if uploading else None
 
-    def _written_everywhere(self) -> bool:
-        """Whether the step that just ended is written to every logger, whatever its cadence: the last step
-        (max_steps, or a stop: max_time, a signal, a callback) and a step a validation follows (so that also the
-        last step before EarlyStopping stops, and each validation has the training values of its step)."""
-        if self._training_ends():
+    def _written_everywhere(self, ends: bool) -> bool:
+        """Whether the step that just ended is written to every logger, whatever its cadence: the last step (`ends`:
+        `_training_ends`) and a step a validation follows (so that also the last step before EarlyStopping stops,
+        and each validation has the training values of its step)."""
+        if ends:
             return True
         return self._cadence.validates_now(self.trainer) if self._cadence else lightning_validates_now(self.trainer)
 

@@ -433,7 +433,9 @@ class MlfabCLI(LightningCLI):
             for key in trainer_given:
                 if key not in ("logger", "callbacks", "plugins"):
                     settings[key] = values[key]
-            refuse_under_manual_optimization(task, settings)
+            refuse_under_manual_optimization(
+                task, settings.get("gradient_clip_val"), settings.get("accumulate_grad_batches")
+            )
             return self.trainer_class(**{**settings, **kwargs})
 
     def _refuse_trainer_arguments_left_out(self, given: list[str]) -> None:

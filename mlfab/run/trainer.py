@@ -209,19 +209,19 @@ def build_trainer(config: Config, exp_dir: Path, loggers: list[Any], extra_callb
     return pl.Trainer(**trainer_settings(config, exp_dir, loggers, extra_callbacks))
 
 
-def refuse_under_manual_optimization(task: Any, settings: dict[str, Any]) -> None:
+def refuse_under_manual_optimization(task: Any, clip: Any, accumulate: Any) -> None:
     """Under Lightning's manual optimization (`automatic_optimization = False`) the task's `training_step` steps its
     optimizers itself: the settings mlfab applies around an automatic step would be refused by Lightning naming
     Trainer arguments the user never gave, or never apply. All of them at once, named as the config names them."""
     if task.automatic_optimization:
         return
     problems = []
-    if settings.get("gradient_clip_val") is not None:
+    if clip is not None:  # The Trainer's gradient_clip_val.
         problems.append(
             "key 'clip_grad_norm' (or --trainer.gradient_clip_val): set it to null and clip in training_step "
             "(self.clip_gradients(optimizer, gradient_clip_val=...))"
         )
-    if (settings.get("accumulate_grad_batches") or 1) > 1:
+    if (accumulate or 1) > 1:  # Its accumulate_grad_batches.
         problems.append("key 'batches_per_step': set it to 1 and accumulate in training_step")
     if getattr(task.config, "warmup_steps", 0):
         problems.append("key 'warmup_steps': set it to 0 and set the rate in training_step (nothing would warm up)")
