@@ -54,7 +54,7 @@ from mlfab.errors import ConfigError, MlfabError, report
 from mlfab.loggers.base import MlfabLogger
 from mlfab.optim import OPTIMIZER_CONFIG_KEYS
 from mlfab.resume import PLACES
-from mlfab.run.distributed import resolve_hardware
+from mlfab.run.distributed import end_process_group, process_group_exists, resolve_hardware
 from mlfab.run.invocation import command_name
 from mlfab.run.pipeline import Run, RunRecords, execute, forgotten_if_refused, prepare_run, show, submit_to_slurm
 from mlfab.run.provenance import rewound_at
@@ -684,12 +684,14 @@ def run_cli(
         raise ConfigError(problems_message(f"{task_cls.__name__}.launch", problems))
     args = [args[0], *file_args, *args[1:]]
     held = run_dirs_held()  # By a fit this launch runs inside (a task launching another): kept.
+    grouped = process_group_exists()
     try:
         return MlfabCLI(task_cls, args, script, short_form=short_form, launcher=launcher).exit_code
     except Submitted:
         return 0
     finally:
         let_go_of_run_dirs(keep=held)
+        end_process_group(existed=grouped)
 
 
 def _has_unknown_keys(cls: type, data: dict[str, Any]) -> bool:

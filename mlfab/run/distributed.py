@@ -170,3 +170,16 @@ def mean_over_ranks(
     pairs = [[means[t] * float(weights[t]), float(weights[t])] if t in means else [0.0, 0.0] for t in tags]
     sums = trainer.strategy.reduce(torch.tensor(pairs, dtype=dtype, device=device), reduce_op="sum")
     return {tag: float(total / weight) for tag, (total, weight) in zip(tags, sums.tolist(), strict=True) if weight}
+
+
+def process_group_exists() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def end_process_group(existed: bool) -> None:
+    """Ends the process group a launch's run made (Lightning's DDP strategy leaves it, for a Trainer used again):
+    left to the interpreter's exit, gloo's threads could abort the process after the run succeeded ("terminate
+    called without an active exception", exit code -6), as torch warns. One that existed before the launch (a user's
+    own) is theirs."""
+    if not existed and process_group_exists():
+        torch.distributed.destroy_process_group()
